@@ -1,0 +1,58 @@
+/* Every limit, flag and reason code of the data plane, in one place. */
+#ifndef LB_CONSTS_H
+#define LB_CONSTS_H
+
+/* Sizes are set by the loader at compile time (-D...); these are the defaults. */
+#ifndef LB_RING_SIZE
+#define LB_RING_SIZE 65537 /* Maglev lookup table slots per VIP: a prime */
+#endif
+#ifndef LB_MAX_VIPS
+#define LB_MAX_VIPS 256
+#endif
+#ifndef LB_MAX_BACKENDS
+#define LB_MAX_BACKENDS 4096
+#endif
+#ifndef LB_CONN_TABLE_SIZE
+#define LB_CONN_TABLE_SIZE 1048576
+#endif
+#ifndef LB_MAX_ROUTES
+#define LB_MAX_ROUTES 16384
+#endif
+#ifndef LB_MAX_IFACES
+#define LB_MAX_IFACES 64
+#endif
+#ifndef LB_PIN_DIR
+#define LB_PIN_DIR "/sys/fs/bpf/lb/default"
+#endif
+
+/* Backend id 0 never names a backend: an empty Maglev slot holds it. */
+#define LB_NO_BACKEND 0
+
+/* vip_meta.flags */
+#define LB_VIP_ACTIVE (1U << 0)
+
+/* flow_entry.flags */
+#define LB_FLOW_REPLY (1U << 0) /* entry keyed by the backend's reply 5-tuple */
+
+/* Forwarding modes (vip_meta.mode) */
+#define LB_MODE_NAT 0
+
+/* Why the program did what it did: one per-CPU counter each. Names are
+ * mirrored in lb/structs.py (REASONS) and checked by a test. */
+enum lb_reason {
+	LB_FWD_NAT = 0,           /* client -> VIP, rewritten to a backend */
+	LB_FWD_REPLY,             /* backend -> client, rewritten back to the VIP */
+	LB_PASS_NOT_IP,           /* not IPv4: ARP, LLDP, ... */
+	LB_PASS_NOT_VIP,          /* IPv4 but not for a VIP nor a reply from a backend */
+	LB_PASS_IP_OPTIONS,       /* IPv4 header with options */
+	LB_PASS_FRAGMENT,         /* IPv4 fragment */
+	LB_PASS_UNSUPPORTED_L4,   /* not TCP or UDP */
+	LB_PASS_NEIGH_UNRESOLVED, /* rewritten, handed to the kernel to resolve the next hop's MAC */
+	LB_PASS_EGRESS_UNMANAGED, /* rewritten, egress interface has no XDP redirect slot */
+	LB_PASS_MALFORMED,        /* truncated or inconsistent headers: the kernel decides */
+	LB_DROP_NO_BACKEND,       /* VIP has no backend to send to */
+	LB_DROP_NO_ROUTE,         /* no route to the chosen backend or the client */
+	LB_REASON_MAX,
+};
+
+#endif

@@ -1,0 +1,33 @@
+/* Every map of the data plane, all pinned under LB_PIN_DIR so that they
+ * outlive the process that loaded them (bcc adopts a pin that exists). */
+#ifndef LB_MAPS_H
+#define LB_MAPS_H
+
+#include "consts.h"
+#include "structs.h"
+
+#define PIN(name) LB_PIN_DIR "/" #name
+
+/* (address, port, protocol) -> VIP id and flags */
+BPF_TABLE_PINNED("hash", struct vip_key, struct vip_info, vips, LB_MAX_VIPS, PIN(vips));
+/* VIP id -> the VIP itself, for rewriting replies */
+BPF_TABLE_PINNED("array", __u32, struct vip_meta, vip_meta, LB_MAX_VIPS, PIN(vip_meta));
+/* VIP id * LB_RING_SIZE + slot -> backend id: one Maglev table per VIP */
+BPF_TABLE_PINNED("array", __u32, __u32, maglev, LB_MAX_VIPS * LB_RING_SIZE, PIN(maglev));
+/* backend id -> backend */
+BPF_TABLE_PINNED("array", __u32, struct backend, backends, LB_MAX_BACKENDS, PIN(backends));
+/* backend (address, port, protocol) -> number of VIPs using it: gates the reply lookup */
+BPF_TABLE_PINNED("hash", struct endpoint, __u32, reply_sources, LB_MAX_BACKENDS, PIN(reply_sources));
+/* 5-tuple -> backend; forward entries by the client's tuple, reply entries by the backend's */
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_entry, conn_table, LB_CONN_TABLE_SIZE, PIN(conn_table));
+/* destination prefix -> next hop, mirrored from the kernel's routes and neighbours */
+BPF_TABLE_PINNED("lpm_trie", struct route_key, struct next_hop, routes, LB_MAX_ROUTES, PIN(routes), BPF_F_NO_PREALLOC);
+/* redirect slot -> egress ifindex, and ifindex -> slot */
+BPF_XDP_REDIRECT_MAP("devmap:" PIN(tx_ports), int, tx_ports, LB_MAX_IFACES);
+BPF_TABLE_PINNED("hash", __u32, __u32, if_slots, LB_MAX_IFACES, PIN(if_slots));
+/* per-CPU counters */
+BPF_TABLE_PINNED("percpu_array", __u32, struct lb_counters, vip_stats, LB_MAX_VIPS, PIN(vip_stats));
+BPF_TABLE_PINNED("percpu_array", __u32, struct lb_counters, backend_stats, LB_MAX_BACKENDS, PIN(backend_stats));
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, reason_stats, LB_REASON_MAX, PIN(reason_stats));
+
+#endif

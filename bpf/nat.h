@@ -1,0 +1,53 @@
+/* NAT rewrites: one address and one port, checksums updated incrementally. */
+#ifndef LB_NAT_H
+#define LB_NAT_H
+
+#include "csum.h"
+#include "parse.h"
+
+/* A UDP checksum that computes to zero is sent as all ones (RFC 768). */
+static __always_inline void l4_csum_replace4(struct packet *pkt, __be32 from, __be32 to)
+{
+	if (pkt->l4_check) {
+		lb_csum_replace4(pkt->l4_check, from, to);
+		if (pkt->proto == IPPROTO_UDP && *pkt->l4_check == 0)
+			*pkt->l4_check = 0xffff;
+	}
+}
+
+static __always_inline void l4_csum_replace2(struct packet *pkt, __be16 from, __be16 to)
+{
+	if (pkt->l4_check) {
+		lb_csum_replace2(pkt->l4_check, from, to);
+		if (pkt->proto == IPPROTO_UDP && *pkt->l4_check == 0)
+			*pkt->l4_check = 0xffff;
+	}
+}
+
+/* client -> VIP becomes client -> backend */
+static __always_inline void nat_rewrite_destination(struct packet *pkt, const struct backend *be)
+{
+	__be32 old_addr = pkt->ip4->daddr, new_addr = be->addr.w[3];
+	__be16 old_port = pkt->l4_ports[1], new_port = be->port;
+
+	pkt->ip4->daddr = new_addr;
+	lb_csum_replace4(&pkt->ip4->check, old_addr, new_addr);
+	l4_csum_replace4(pkt, old_addr, new_addr);
+	pkt->l4_ports[1] = new_port;
+	l4_csum_replace2(pkt, old_port, new_port);
+}
+
+/* backend -> client becomes VIP -> client */
+static __always_inline void nat_rewrite_source(struct packet *pkt, const struct vip_meta *vip)
+{
+	__be32 old_addr = pkt->ip4->saddr, new_addr = vip->addr.w[3];
+	__be16 old_port = pkt->l4_ports[0], new_port = vip->port;
+
+	pkt->ip4->saddr = new_addr;
+	lb_csum_replace4(&pkt->ip4->check, old_addr, new_addr);
+	l4_csum_replace4(pkt, old_addr, new_addr);
+	pkt->l4_ports[0] = new_port;
+	l4_csum_replace2(pkt, old_port, new_port);
+}
+
+#endif

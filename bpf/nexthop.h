@@ -1,0 +1,47 @@
+/* Where a rewritten packet goes next. The control plane's mirror of the
+ * kernel's routes and neighbours (the routes map, looked up in lb.c) comes
+ * first; the kernel FIB is the fallback. */
+#ifndef LB_NEXTHOP_H
+#define LB_NEXTHOP_H
+
+#include <linux/bpf.h>
+#include "parse.h"
+
+enum nh_result {
+	NH_FOUND,      /* *nh is usable */
+	NH_KERNEL,     /* neighbour unresolved: let the kernel forward (it resolves and queues) */
+	NH_NO_ROUTE,
+};
+
+/* Ask the kernel's FIB for the next hop to dst (the route mirror missed). */
+static __always_inline int fib_next_hop(struct xdp_md *ctx, const struct packet *pkt,
+					const union lb_addr *dst, struct next_hop *nh)
+{
+	struct bpf_fib_lookup fib = {};
+
+	fib.family = 2; /* AF_INET */
+	fib.l4_protocol = pkt->proto;
+	fib.tot_len = bpf_ntohs(pkt->ip4->tot_len);
+	fib.ifindex = ctx->ingress_ifindex;
+	fib.ipv4_src = pkt->ip4->saddr;
+	fib.ipv4_dst = dst->w[3];
+	int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		nh->ifindex = fib.ifindex;
+		__builtin_memcpy(nh->smac, fib.smac, 6);
+		__builtin_memcpy(nh->dmac, fib.dmac, 6);
+		return NH_FOUND;
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return NH_KERNEL;
+	return NH_NO_ROUTE;
+}
+
+static __always_inline void write_macs(struct packet *pkt, const struct next_hop *nh)
+{
+	__builtin_memcpy(pkt->eth->h_source, nh->smac, 6);
+	__builtin_memcpy(pkt->eth->h_dest, nh->dmac, 6);
+}
+
+#endif

@@ -1,0 +1,93 @@
+/* Every struct shared with user space. lb/structs.py mirrors each one with
+ * ctypes; tests/test_structs.py compiles this header and checks the layouts. */
+#ifndef LB_STRUCTS_H
+#define LB_STRUCTS_H
+
+#include <linux/types.h>
+
+/* One address type for IPv4 and IPv6: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d). */
+union lb_addr {
+	__u8 b[16];
+	__be32 w[4];
+};
+
+/* vips map key: what a client sends to */
+struct vip_key {
+	union lb_addr addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* vips map value */
+struct vip_info {
+	__u32 id;
+	__u32 flags;
+};
+
+/* vip_meta array, by VIP id: what a reply's source is rewritten back to */
+struct vip_meta {
+	union lb_addr addr;
+	__be16 port;
+	__u8 proto;
+	__u8 mode;
+	__u32 flags;
+};
+
+/* backends array, by backend id */
+struct backend {
+	union lb_addr addr;
+	__be16 port;
+	__u16 pad;
+	__u32 flags;
+};
+
+/* reply_sources hash key: a backend's address as it appears in its replies */
+struct endpoint {
+	union lb_addr addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* Where a packet leaves: egress interface and the MACs to write. */
+struct next_hop {
+	__u32 ifindex; /* 0: not resolved */
+	__u8 smac[6];
+	__u8 dmac[6];
+};
+
+/* routes LPM trie key: prefixlen counts bits of the (IPv4-mapped) address */
+struct route_key {
+	__u32 prefixlen;
+	union lb_addr addr;
+};
+
+/* conn_table key: a 5-tuple as seen on the wire */
+struct flow_key {
+	union lb_addr src;
+	union lb_addr dst;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* conn_table value: the flow's backend and its cached next hop */
+struct flow_entry {
+	__u32 backend_id;
+	__u32 vip_id;
+	__u32 flags;
+	struct next_hop nh;
+};
+
+/* per-CPU counters, per VIP and per backend */
+struct lb_counters {
+	__u64 packets;
+	__u64 bytes;
+	__u64 reply_packets;
+	__u64 reply_bytes;
+	__u64 new_flows;
+};
+
+#endif

@@ -1,0 +1,74 @@
+"""Maglev lookup table population (Eisenbud et al., NSDI 2016, section 3.4), with weights.
+
+Deterministic across processes and hosts: a backend's permutation depends only on
+its key (for example "10.0.0.2:80") and the table size, never on Python's hash()."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+DEFAULT_RING_SIZE = 65537
+
+
+@dataclass(frozen=True)
+class MaglevBackend:
+    key: str  # stable identity, hashed for the permutation
+    weight: int = 1
+
+
+def _offset_skip(key: str, size: int) -> tuple[int, int]:
+    digest = hashlib.blake2b(key.encode(), digest_size=16, person=b"lb-maglev").digest()
+    h1 = int.from_bytes(digest[:8], "little")
+    h2 = int.from_bytes(digest[8:], "little")
+    return h1 % size, h2 % (size - 1) + 1
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+def build_table(backends: list[MaglevBackend], size: int = DEFAULT_RING_SIZE) -> list[int]:
+    """Fill `size` slots with indexes into `backends` (-1 when there is none to use).
+
+    Each backend walks its own permutation of the slots and claims the next free one
+    in turn; a backend of weight w takes w turns for every max-weight turn, so its
+    share of slots is proportional to its weight. Weight 0 takes no slots."""
+    if not is_prime(size):
+        raise ValueError(f"Maglev table size must be a prime, got {size}")
+    used = [i for i, b in enumerate(backends) if b.weight > 0]
+    table = [-1] * size
+    if not used:
+        return table
+    order = sorted(used, key=lambda i: backends[i].key)
+    perms = [_offset_skip(backends[i].key, size) for i in order]
+    weights = [backends[i].weight for i in order]
+    max_weight = max(weights)
+    credit = [0] * len(order)
+    nexts = [0] * len(order)
+    filled = 0
+    while True:
+        for j, i in enumerate(order):
+            credit[j] += weights[j]
+            if credit[j] < max_weight:
+                continue
+            credit[j] -= max_weight
+            offset, skip = perms[j]
+            n = nexts[j]
+            slot = (offset + n * skip) % size
+            while table[slot] >= 0:
+                n += 1
+                slot = (offset + n * skip) % size
+            table[slot] = i
+            nexts[j] = n + 1
+            filled += 1
+            if filled == size:
+                return table

@@ -1,0 +1,151 @@
+"""Typed access to the data plane's pinned maps."""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+from lb import bpfsys
+from lb.structs import (Backend, Endpoint, FlowEntry, FlowKey, LbCounters, NextHop, RouteKey, VipInfo, VipKey,
+                        VipMeta)
+
+U32 = ctypes.c_uint32
+U64 = ctypes.c_uint64
+I32 = ctypes.c_int32
+
+
+class MapLayoutError(RuntimeError):
+    """A pinned map does not have the layout this version of lb expects."""
+
+
+class BpfMap:
+    """One pinned map, with ctypes key and value types checked against the kernel's view."""
+
+    def __init__(self, path: str, key_type: type, value_type: type):
+        self.path = path
+        self.key_type = key_type
+        self.value_type = value_type
+        self.fd = bpfsys.obj_get(path)
+        info = bpfsys.map_info(self.fd)
+        self.max_entries = info.max_entries
+        self.percpu = info.type in bpfsys.PERCPU_TYPES
+        if info.key_size != ctypes.sizeof(key_type) or info.value_size != ctypes.sizeof(value_type):
+            os.close(self.fd)
+            raise MapLayoutError(
+                f"{path}: key/value sizes {info.key_size}/{info.value_size} differ from this lb's "
+                f"{ctypes.sizeof(key_type)}/{ctypes.sizeof(value_type)}; detach and attach again")
+        self.ncpus = bpfsys.possible_cpus() if self.percpu else 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _value_buffer(self):
+        if self.percpu:
+            return (self.value_type * self.ncpus)()
+        return self.value_type()
+
+    def get(self, key):
+        """The value, a list of per-CPU values for per-CPU maps, or None."""
+        value = self._value_buffer()
+        if not bpfsys.map_lookup(self.fd, key, value):
+            return None
+        return list(value) if self.percpu else value
+
+    def set(self, key, value) -> None:
+        bpfsys.map_update(self.fd, key, value)
+
+    def delete(self, key) -> bool:
+        return bpfsys.map_delete(self.fd, key)
+
+    def keys(self) -> Iterator:
+        key, next_key = None, self.key_type()
+        while bpfsys.map_next_key(self.fd, key, next_key):
+            yield next_key
+            key, next_key = next_key, self.key_type()
+
+    def items(self) -> Iterator[tuple]:
+        for key in self.keys():
+            value = self.get(key)
+            if value is not None:
+                yield key, value
+
+    def set_many(self, keys: list, values: list) -> None:
+        """Write many entries in one BPF_MAP_UPDATE_BATCH call."""
+        if not keys:
+            return
+        karr = (self.key_type * len(keys))(*keys)
+        varr = (self.value_type * len(values))(*values)
+        bpfsys.map_update_batch(self.fd, karr, varr, len(keys))
+
+    def read_range(self, start: int, count: int) -> list[int]:
+        """Values of keys start..start+count-1 of a u32-keyed array of scalars, batched."""
+        out: list[int] = []
+        chunk = 8192
+        keys = (U32 * chunk)()
+        values = (self.value_type * chunk)()
+        for base in range(start, start + count, chunk):
+            n = min(chunk, start + count - base)
+            # The batch cursor is the last key already read: start after base - 1.
+            in_batch = U32(base - 1) if base else None
+            out_batch = U32()
+            got, _ = bpfsys.map_lookup_batch(self.fd, keys, values, n, in_batch, out_batch)
+            if got != n:
+                raise bpfsys.BpfError(5, f"{self.path}: read {got} of {n} entries at {base}")
+            out.extend(v.value if hasattr(v, "value") else v for v in values[:n])
+        return out
+
+
+# Every map of bpf/maps.h: name -> (key type, value type).
+MAP_TYPES: dict[str, tuple[type, type]] = {
+    "vips": (VipKey, VipInfo),
+    "vip_meta": (U32, VipMeta),
+    "maglev": (U32, U32),
+    "backends": (U32, Backend),
+    "reply_sources": (Endpoint, U32),
+    "conn_table": (FlowKey, FlowEntry),
+    "routes": (RouteKey, NextHop),
+    "tx_ports": (I32, I32),
+    "if_slots": (U32, U32),
+    "vip_stats": (U32, LbCounters),
+    "backend_stats": (U32, LbCounters),
+    "reason_stats": (U32, U64),
+}
+
+
+@dataclass
+class DataPlaneMaps:
+    """All pinned maps of one data plane, opened from its pin directory."""
+
+    pin_dir: str
+    maps: dict[str, BpfMap]
+
+    @classmethod
+    def open(cls, pin_dir: str) -> "DataPlaneMaps":
+        opened: dict[str, BpfMap] = {}
+        try:
+            for name, (key_type, value_type) in MAP_TYPES.items():
+                opened[name] = BpfMap(os.path.join(pin_dir, name), key_type, value_type)
+        except BaseException:
+            for m in opened.values():
+                m.close()
+            raise
+        return cls(pin_dir, opened)
+
+    def __getattr__(self, name: str) -> BpfMap:
+        try:
+            return self.__dict__["maps"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+
+    def __enter__(self) -> "DataPlaneMaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,137 @@
+"""ctypes mirrors of bpf/structs.h and the reason codes of bpf/consts.h.
+
+tests/test_structs.py compiles the C header and checks every size and offset here."""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class LbAddr(ctypes.Structure):
+    """union lb_addr: 16 bytes, IPv4 stored IPv4-mapped (::ffff:a.b.c.d)."""
+
+    _fields_ = [("b", ctypes.c_uint8 * 16)]
+
+    @classmethod
+    def of(cls, address: IPAddress) -> "LbAddr":
+        if address.version == 4:
+            packed = b"\0" * 10 + b"\xff\xff" + address.packed
+        else:
+            packed = address.packed
+        return cls.from_buffer_copy(packed)
+
+    def address(self) -> IPAddress:
+        v6 = ipaddress.IPv6Address(bytes(self.b))
+        return v6.ipv4_mapped or v6
+
+
+class VipKey(ctypes.Structure):
+    _fields_ = [("addr", LbAddr), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class VipInfo(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class VipMeta(ctypes.Structure):
+    _fields_ = [
+        ("addr", LbAddr),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("mode", ctypes.c_uint8),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class Backend(ctypes.Structure):
+    _fields_ = [("addr", LbAddr), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("flags", ctypes.c_uint32)]
+
+
+class Endpoint(ctypes.Structure):
+    _fields_ = [("addr", LbAddr), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class NextHop(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("smac", ctypes.c_uint8 * 6), ("dmac", ctypes.c_uint8 * 6)]
+
+
+class RouteKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", LbAddr)]
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [
+        ("src", LbAddr),
+        ("dst", LbAddr),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class FlowEntry(ctypes.Structure):
+    _fields_ = [
+        ("backend_id", ctypes.c_uint32),
+        ("vip_id", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("nh", NextHop),
+    ]
+
+
+class LbCounters(ctypes.Structure):
+    _fields_ = [
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("reply_packets", ctypes.c_uint64),
+        ("reply_bytes", ctypes.c_uint64),
+        ("new_flows", ctypes.c_uint64),
+    ]
+
+
+# Every struct above and the C name it mirrors.
+C_STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "union lb_addr": LbAddr,
+    "struct vip_key": VipKey,
+    "struct vip_info": VipInfo,
+    "struct vip_meta": VipMeta,
+    "struct backend": Backend,
+    "struct endpoint": Endpoint,
+    "struct next_hop": NextHop,
+    "struct route_key": RouteKey,
+    "struct flow_key": FlowKey,
+    "struct flow_entry": FlowEntry,
+    "struct lb_counters": LbCounters,
+}
+
+# enum lb_reason, in order: the value is the index.
+REASONS: tuple[str, ...] = (
+    "LB_FWD_NAT",
+    "LB_FWD_REPLY",
+    "LB_PASS_NOT_IP",
+    "LB_PASS_NOT_VIP",
+    "LB_PASS_IP_OPTIONS",
+    "LB_PASS_FRAGMENT",
+    "LB_PASS_UNSUPPORTED_L4",
+    "LB_PASS_NEIGH_UNRESOLVED",
+    "LB_PASS_EGRESS_UNMANAGED",
+    "LB_PASS_MALFORMED",
+    "LB_DROP_NO_BACKEND",
+    "LB_DROP_NO_ROUTE",
+)
+
+# Flags and constants of bpf/consts.h used from Python.
+VIP_ACTIVE = 1 << 0
+FLOW_REPLY = 1 << 0
+MODE_NAT = 0
+NO_BACKEND = 0
+
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+
+
+def be16(port: int) -> int:
+    """A port as the C side stores it: network byte order in a __be16."""
+    return socket.htons(port)
