@@ -1,0 +1,1 @@
+"""lb control plane: desired state, reconciler, CLI."""

@@ -1,0 +1,179 @@
+"""lbctl: the operator's command line. Thin: parse, call the Controller, print.
+
+Errors are one line on stderr: exit 2 for bad input, 1 for anything else."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+from control.errors import InputError, LbError
+from control.model import MODES
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see: {self.prog.split()[0]} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
+def _weight(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number 0-65535, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lbctl", description="Manage the lb XDP load balancer of this network namespace.")
+    p.add_argument("--state", default=os.environ.get("LBCTL_STATE"),
+                   help="desired-state file (default: /var/lib/lb/NETNS.db; env LBCTL_STATE)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("attach", help="load the data plane and attach it to interfaces")
+    a.add_argument("interfaces", nargs="+", metavar="IFACE")
+    a.add_argument("--xdp-mode", choices=("native", "generic"), default="native",
+                   help="native (driver) XDP, or generic (slower, works everywhere)")
+    a.add_argument("--ring-size", type=_positive, default=65537, help="Maglev table slots per VIP (a prime)")
+    a.add_argument("--max-vips", type=_positive, default=256)
+    a.add_argument("--max-backends", type=_positive, default=4096)
+    a.add_argument("--conn-table-size", type=_positive, default=1 << 20)
+
+    sub.add_parser("detach", help="detach the data plane and remove its pins (the VIPs stay configured)")
+
+    v = sub.add_parser("add-vip", help="add a VIP: ADDR:PORT/tcp|udp")
+    v.add_argument("vip", metavar="VIP")
+    v.add_argument("--mode", choices=MODES, default="nat")
+    v = sub.add_parser("remove-vip", help="remove a VIP and all its backends")
+    v.add_argument("vip", metavar="VIP")
+
+    b = sub.add_parser("add-backend", help="add a backend ADDR[:PORT] to a VIP")
+    b.add_argument("vip", metavar="VIP")
+    b.add_argument("backend", metavar="BACKEND")
+    b.add_argument("--weight", type=_weight, default=1)
+    b = sub.add_parser("remove-backend", help="remove a backend from a VIP (established flows go on)")
+    b.add_argument("vip", metavar="VIP")
+    b.add_argument("backend", metavar="BACKEND")
+
+    for name, text in (("list", "show VIPs and backends"), ("stats", "show packet counters")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _table(rows: list[list[Any]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def format_list(data: dict[str, Any]) -> str:
+    dp = data["dataplane"]
+    lines = ["data plane: " + ("not attached" if dp is None else
+                               ", ".join(f"{i['name']} ({i['mode']})" for i in dp["interfaces"]))]
+    if not data["vips"]:
+        lines.append("no VIPs")
+        return "\n".join(lines)
+    rows: list[list[Any]] = [["VIP", "MODE", "BACKEND", "WEIGHT"]]
+    for v in data["vips"]:
+        rows.append([v["vip"], v["mode"], "-" if not v["backends"] else "", ""])
+        rows.extend(["", "", b["backend"], b["weight"]] for b in v["backends"])
+    lines.append(_table(rows))
+    return "\n".join(lines)
+
+
+def format_stats(data: dict[str, Any]) -> str:
+    cols = ("packets", "bytes", "reply_packets", "reply_bytes", "new_flows")
+    rows: list[list[Any]] = [["VIP", "BACKEND", *(c.upper() for c in cols)]]
+    for v in data["vips"]:
+        rows.append([v["vip"], "(all)", *(v[c] for c in cols)])
+        for b in v["backends"]:
+            name = b["backend"] + ("" if b["active"] else " (removed)")
+            rows.append(["", name, *(b[c] for c in cols)])
+    reasons: list[list[Any]] = [["REASON", "PACKETS"], *([k, n] for k, n in data["reasons"].items())]
+    return _table(rows) + "\n\n" + _table(reasons)
+
+
+def format_change(command: str, r: dict[str, Any]) -> str:
+    match command:
+        case "attach":
+            return (f"attached to {', '.join(r['attached'])} ({r['mode']} XDP); maps pinned in {r['pin_dir']}; "
+                    f"{r['vips']} VIP(s) restored")
+        case "detach":
+            return f"detached from {', '.join(r['detached']) or 'no interface'}"
+        case "add-vip":
+            return f"added VIP {r['vip']} ({r['mode']})"
+        case "remove-vip":
+            return f"removed VIP {r['removed']}"
+        case "add-backend":
+            return f"added backend {r['backend']} to {r['vip']} (weight {r['weight']})"
+        case "remove-backend":
+            return f"removed backend {r['removed']} from {r['vip']}; its established flows go on"
+    return ""
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from control.service import Controller  # after argument errors, which need none of it
+    from lb.loader import DataPlaneConfig
+
+    if os.geteuid() != 0:
+        raise LbError("lbctl needs root (CAP_BPF and CAP_NET_ADMIN)")
+    ctl = Controller.open(args.state)
+    match args.command:
+        case "attach":
+            try:
+                config = DataPlaneConfig(ring_size=args.ring_size, max_vips=args.max_vips,
+                                         max_backends=args.max_backends, conn_table_size=args.conn_table_size)
+            except ValueError as e:
+                raise InputError(str(e)) from None
+            return ctl.attach(args.interfaces, args.xdp_mode, config)
+        case "detach":
+            return ctl.detach()
+        case "add-vip":
+            return ctl.add_vip(args.vip, args.mode)
+        case "remove-vip":
+            return ctl.remove_vip(args.vip)
+        case "add-backend":
+            return ctl.add_backend(args.vip, args.backend, args.weight)
+        case "remove-backend":
+            return ctl.remove_backend(args.vip, args.backend)
+        case "list":
+            return ctl.list()
+        case "stats":
+            return ctl.stats()
+    raise InputError(f"unknown command {args.command!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = run(args)
+    except InputError as e:
+        print(f"lbctl: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (LbError, OSError, RuntimeError) as e:
+        print(f"lbctl: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    elif args.command == "list":
+        print(format_list(result))
+    elif args.command == "stats":
+        print(format_stats(result))
+    else:
+        print(format_change(args.command, result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Errors written for operators. The CLI prints one line and exits 2 for InputError, 1 otherwise."""
+
+
+class LbError(Exception):
+    """Something went wrong; the message says what, in the operator's terms."""
+
+
+class InputError(LbError):
+    """The request is malformed, names something unknown, or conflicts with what exists."""

@@ -1,0 +1,152 @@
+"""Turn a change of desired State into the minimal set of map updates.
+
+The maps hold what the old State describes; apply(old, new) writes only what
+differs, in an order that never lets a packet see a half-built VIP: backends
+and metadata first, then the Maglev table, then the VIP key itself (and the
+reverse when removing). If any write fails, the maps are brought back to `old`."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+
+from control.model import State, VipState
+from lb.maglev import MaglevBackend, build_table
+from lb.maps import U32, DataPlaneMaps
+from lb.structs import (MODE_NAT, NO_BACKEND, PROTOCOLS, VIP_ACTIVE, Backend, Endpoint, LbAddr, LbCounters,
+                        VipInfo, VipKey, VipMeta, be16)
+
+MODE_CODES = {"nat": MODE_NAT}
+
+
+def _key(struct: ctypes.Structure) -> bytes:
+    return bytes(struct)
+
+
+def vip_key(v: VipState) -> VipKey:
+    return VipKey(addr=LbAddr.of(v.vip.address), port=be16(v.vip.port), proto=PROTOCOLS[v.vip.proto])
+
+
+@dataclass
+class MapContents:
+    """What the small maps hold for one State (the Maglev tables are built on demand)."""
+
+    vips: dict[bytes, tuple[VipKey, VipInfo]] = field(default_factory=dict)
+    vip_meta: dict[int, VipMeta] = field(default_factory=dict)
+    backends: dict[int, Backend] = field(default_factory=dict)
+    reply_sources: dict[bytes, tuple[Endpoint, int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, state: State) -> "MapContents":
+        c = cls()
+        for v in state.vips:
+            key = vip_key(v)
+            c.vips[_key(key)] = (key, VipInfo(id=v.id, flags=0))
+            c.vip_meta[v.id] = VipMeta(addr=key.addr, port=key.port, proto=key.proto, mode=MODE_CODES[v.mode],
+                                       flags=VIP_ACTIVE)
+            for b in v.backends:  # retired ones too: their established flows go on
+                addr = LbAddr.of(b.address.address)
+                c.backends[b.id] = Backend(addr=addr, port=be16(b.address.port), flags=1)
+                ep = Endpoint(addr=addr, port=be16(b.address.port), proto=key.proto)
+                _, count = c.reply_sources.get(_key(ep), (ep, 0))
+                c.reply_sources[_key(ep)] = (ep, count + 1)
+        return c
+
+
+def maglev_table(v: VipState | None, ring_size: int) -> list[int]:
+    """Backend ids of a VIP's Maglev table (NO_BACKEND where none)."""
+    if v is None:
+        return [NO_BACKEND] * ring_size
+    active = v.active_backends()
+    index = build_table([MaglevBackend(str(b.address), b.weight) for b in active], ring_size)
+    return [active[i].id if i >= 0 else NO_BACKEND for i in index]
+
+
+def _maglev_inputs(v: VipState | None) -> list[tuple[str, int, int]]:
+    return sorted((str(b.address), b.weight, b.id) for b in v.active_backends()) if v else []
+
+
+@dataclass
+class ApplyReport:
+    writes: dict[str, int] = field(default_factory=dict)
+    slots_changed: dict[str, int] = field(default_factory=dict)  # per VIP
+
+    def count(self, map_name: str, n: int = 1) -> None:
+        self.writes[map_name] = self.writes.get(map_name, 0) + n
+
+
+class Reconciler:
+    def __init__(self, maps: DataPlaneMaps, ring_size: int):
+        self.maps = maps
+        self.ring_size = ring_size
+
+    def apply(self, old: State, new: State) -> ApplyReport:
+        report = ApplyReport()
+        try:
+            self._apply(old, new, report)
+        except BaseException:
+            self._apply(new, old, ApplyReport())
+            raise
+        return report
+
+    def _apply(self, old: State, new: State, report: ApplyReport) -> None:
+        before, after = MapContents.of(old), MapContents.of(new)
+        m = self.maps
+
+        for k in before.vips.keys() - after.vips.keys():
+            m.vips.delete(before.vips[k][0])
+            report.count("vips")
+        for bid, be in after.backends.items():
+            if bid not in before.backends or bytes(before.backends[bid]) != bytes(be):
+                if bid not in before.backends:
+                    self._reset_counters("backend_stats", bid)
+                m.backends.set(U32(bid), be)
+                report.count("backends")
+        for k, (ep, n) in after.reply_sources.items():
+            if before.reply_sources.get(k, (None, 0))[1] != n:
+                m.reply_sources.set(ep, U32(n))
+                report.count("reply_sources")
+        for vid, meta in after.vip_meta.items():
+            if vid not in before.vip_meta or bytes(before.vip_meta[vid]) != bytes(meta):
+                if vid not in before.vip_meta:
+                    self._reset_counters("vip_stats", vid)
+                m.vip_meta.set(U32(vid), meta)
+                report.count("vip_meta")
+
+        old_vips = {v.id: v for v in old.vips}
+        new_vips = {v.id: v for v in new.vips}
+        for vid in sorted(old_vips.keys() | new_vips.keys()):
+            o, n = old_vips.get(vid), new_vips.get(vid)
+            if o is not None and n is not None and o.vip == n.vip and _maglev_inputs(o) == _maglev_inputs(n):
+                continue
+            changed = self._write_table(vid, n)
+            report.count("maglev", changed)
+            report.slots_changed[str((n or o).vip)] = changed
+
+        for k, (key, info) in after.vips.items():
+            if k not in before.vips or bytes(before.vips[k][1]) != bytes(info):
+                m.vips.set(key, info)
+                report.count("vips")
+        for k in before.reply_sources.keys() - after.reply_sources.keys():
+            m.reply_sources.delete(before.reply_sources[k][0])
+            report.count("reply_sources")
+        for bid in before.backends.keys() - after.backends.keys():
+            m.backends.set(U32(bid), Backend())
+            report.count("backends")
+        for vid in before.vip_meta.keys() - after.vip_meta.keys():
+            m.vip_meta.set(U32(vid), VipMeta())
+            report.count("vip_meta")
+
+    def _write_table(self, vip_id: int, v: VipState | None) -> int:
+        """Write the slots of one VIP's Maglev table that differ from the map; returns how many."""
+        base = vip_id * self.ring_size
+        current = self.maps.maglev.read_range(base, self.ring_size)
+        wanted = maglev_table(v, self.ring_size)
+        diff = [i for i in range(self.ring_size) if current[i] != wanted[i]]
+        self.maps.maglev.set_many([U32(base + i) for i in diff], [U32(wanted[i]) for i in diff])
+        return len(diff)
+
+    def _reset_counters(self, map_name: str, index: int) -> None:
+        """A reused id starts from zero."""
+        m = self.maps.maps[map_name]
+        zeros = (LbCounters * m.ncpus)()
+        m.set(U32(index), zeros)

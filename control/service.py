@@ -1,0 +1,279 @@
+"""What lbctl can do, as plain methods: the CLI (and later the daemon's API) call these.
+
+Every change runs in one store transaction: validate, update the maps, save.
+Bad input raises InputError before anything is written; a failed map update is
+rolled back by the Reconciler; a failed save rolls the maps back too."""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from pyroute2 import IPRoute
+
+from control.errors import InputError, LbError
+from control.model import (MODES, BackendAddress, BackendState, DataPlaneState, Interface, State, VipAddress,
+                           VipState)
+from control.reconcile import Reconciler
+from control.routes import sync_routes
+from control.store import SqliteStore, Store
+from lb import loader
+from lb.bpfsys import prog_id
+from lb.maps import I32, U32, DataPlaneMaps
+from lb.pins import Instance
+from lb.structs import REASONS
+
+T = TypeVar("T")
+MAX_WEIGHT = 65535
+
+
+def _ifindex(ipr: IPRoute, name: str) -> int:
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise InputError(f"unknown interface {name!r} in this network namespace")
+    return found[0]
+
+
+@dataclass
+class Controller:
+    instance: Instance
+    store: Store
+
+    @classmethod
+    def open(cls, state_path: str | None = None) -> "Controller":
+        instance = Instance.current()
+        return cls(instance, SqliteStore(state_path or instance.state_path()))
+
+    # --- the data plane itself -------------------------------------------------
+
+    def attach(self, ifnames: list[str], mode: str, config: loader.DataPlaneConfig) -> dict[str, Any]:
+        if mode not in loader.XDP_MODES:
+            raise InputError(f"unknown XDP mode {mode!r} (expected native or generic)")
+        if len(set(ifnames)) != len(ifnames):
+            raise InputError("an interface is named twice")
+        with IPRoute() as ipr:
+            ifaces = [Interface(name, _ifindex(ipr, name), mode) for name in ifnames]
+        if len(ifaces) > 64:
+            raise InputError("at most 64 interfaces")
+        with self.store.transaction() as state:
+            dp = state.dataplane
+            if dp is not None and dp.netns_ino == self.instance.netns_ino and self._pins_alive(dp):
+                names = ", ".join(i.name for i in dp.interfaces)
+                raise InputError(f"already attached to {names}; run 'lbctl detach' first")
+            pin_dir = self.instance.pin_dir()
+            loader.unpin_all(pin_dir)  # leftovers of a data plane this state no longer knows
+            prog_fd = loader.load_and_pin(config, pin_dir)
+            done: list[Interface] = []
+            try:
+                for iface in ifaces:
+                    loader.attach_xdp(iface.ifindex, iface.name, prog_fd, mode)
+                    done.append(iface)
+                with DataPlaneMaps.open(pin_dir) as maps:
+                    for slot, iface in enumerate(ifaces):
+                        maps.tx_ports.set(I32(slot), I32(iface.ifindex))
+                        maps.if_slots.set(U32(iface.ifindex), U32(slot))
+                    sync_routes(maps, {i.ifindex for i in ifaces})
+                    Reconciler(maps, config.ring_size).apply(State(), state)
+            except BaseException:
+                for iface in done:
+                    loader.detach_xdp(iface.ifindex, mode)
+                loader.unpin_all(pin_dir)
+                raise
+            finally:
+                os.close(prog_fd)
+            state.dataplane = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict())
+            return {"attached": [i.name for i in ifaces], "mode": mode, "pin_dir": pin_dir, "vips": len(state.vips)}
+
+    def detach(self) -> dict[str, Any]:
+        with self.store.transaction() as state:
+            dp = state.dataplane
+            if dp is None:
+                raise InputError("the data plane is not attached")
+            self._check_netns(dp)
+            ours = self._program_id(dp)
+            detached = []
+            for iface in dp.interfaces:
+                try:
+                    attached = loader.attached_prog_id(iface.ifindex)
+                except Exception:
+                    continue  # the interface is gone
+                if attached and (ours is None or attached == ours):
+                    loader.detach_xdp(iface.ifindex, iface.mode)
+                    detached.append(iface.name)
+            loader.unpin_all(dp.pin_dir)
+            state.dataplane = None
+            return {"detached": detached}
+
+    # --- VIPs and backends -----------------------------------------------------
+
+    def add_vip(self, vip_text: str, mode: str = "nat") -> dict[str, Any]:
+        vip = VipAddress.parse(vip_text)
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
+
+        def change(state: State) -> dict[str, Any]:
+            if state.vip(vip) is not None:
+                raise InputError(f"VIP {vip} already exists")
+            used = {v.id for v in state.vips}
+            limit = state.dataplane.config["max_vips"]
+            free = next((i for i in range(limit) if i not in used), None)
+            if free is None:
+                raise InputError(f"VIP limit reached ({limit}); attach with a larger --max-vips")
+            state.vips.append(VipState(vip, free, mode))
+            return {"vip": str(vip), "id": free, "mode": mode}
+
+        return self._change(change)
+
+    def remove_vip(self, vip_text: str) -> dict[str, Any]:
+        vip = VipAddress.parse(vip_text)
+
+        def change(state: State) -> dict[str, Any]:
+            state.vips.remove(state.require_vip(vip))
+            return {"removed": str(vip)}
+
+        return self._change(change)
+
+    def add_backend(self, vip_text: str, backend_text: str, weight: int = 1) -> dict[str, Any]:
+        vip = VipAddress.parse(vip_text)
+        backend = BackendAddress.parse(backend_text, vip)
+        if not 0 <= weight <= MAX_WEIGHT:
+            raise InputError(f"weight {weight} is out of range 0-{MAX_WEIGHT}")
+        if backend.address.version != vip.address.version:
+            raise InputError(f"backend {backend} and VIP {vip} are of different IP versions")
+
+        def change(state: State) -> dict[str, Any]:
+            v = state.require_vip(vip)
+            if v.backend(backend) is not None:
+                raise InputError(f"backend {backend} already exists in VIP {vip}")
+            retired = next((b for b in v.backends if b.address == backend), None)
+            if retired is not None:  # back again: its established flows keep their id
+                retired.retired_at, retired.weight = None, weight
+                return {"vip": str(vip), "backend": str(backend), "id": retired.id, "weight": weight}
+            bid = self._allocate_backend_id(state)
+            v.backends.append(BackendState(backend, bid, weight))
+            return {"vip": str(vip), "backend": str(backend), "id": bid, "weight": weight}
+
+        return self._change(change)
+
+    def remove_backend(self, vip_text: str, backend_text: str) -> dict[str, Any]:
+        vip = VipAddress.parse(vip_text)
+        backend = BackendAddress.parse(backend_text, vip)
+
+        def change(state: State) -> dict[str, Any]:
+            b = state.require_vip(vip).backend(backend)
+            if b is None:
+                raise InputError(f"unknown backend {backend} in VIP {vip}")
+            b.retired_at = time.time()
+            return {"vip": str(vip), "removed": str(backend)}
+
+        return self._change(change)
+
+    # --- reading ---------------------------------------------------------------
+
+    def list(self) -> dict[str, Any]:
+        state = self.store.read()
+        dp = state.dataplane
+        return {
+            "dataplane": None if dp is None else {
+                "interfaces": [{"name": i.name, "mode": i.mode} for i in dp.interfaces],
+                "pin_dir": dp.pin_dir,
+                **dp.config,
+            },
+            "vips": [
+                {
+                    "vip": str(v.vip),
+                    "mode": v.mode,
+                    "backends": [{"backend": str(b.address), "weight": b.weight} for b in v.active_backends()],
+                }
+                for v in sorted(state.vips, key=lambda v: v.vip)
+            ],
+        }
+
+    def stats(self) -> dict[str, Any]:
+        state = self.store.read()
+        dp = self._require_attached(state)
+        with DataPlaneMaps.open(dp.pin_dir) as maps:
+            def total(map_name: str, index: int) -> dict[str, int]:
+                per_cpu = maps.maps[map_name].get(U32(index)) or []
+                fields = ("packets", "bytes", "reply_packets", "reply_bytes", "new_flows")
+                return {f: sum(getattr(c, f) for c in per_cpu) for f in fields}
+
+            vips = []
+            for v in sorted(state.vips, key=lambda v: v.vip):
+                backends = [{"backend": str(b.address), "active": b.active, **total("backend_stats", b.id)}
+                            for b in v.backends]
+                vips.append({"vip": str(v.vip), **total("vip_stats", v.id), "backends": backends})
+            reasons = {}
+            for code, name in enumerate(REASONS):
+                per_cpu = maps.reason_stats.get(U32(code)) or []
+                reasons[name.removeprefix("LB_").lower()] = sum(per_cpu)
+        return {"vips": vips, "reasons": reasons}
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _change(self, change: Callable[[State], T]) -> T:
+        """Run `change` on the stored State and bring the maps along, all or nothing."""
+        applied: tuple[str, int, State, State] | None = None
+        try:
+            with self.store.transaction() as state:
+                dp = self._require_attached(state)
+                old = copy.deepcopy(state)
+                result = change(state)
+                with DataPlaneMaps.open(dp.pin_dir) as maps:
+                    sync_routes(maps, {i.ifindex for i in dp.interfaces})
+                    Reconciler(maps, dp.config["ring_size"]).apply(old, state)
+                applied = (dp.pin_dir, dp.config["ring_size"], old, copy.deepcopy(state))
+            return result
+        except BaseException:
+            if applied is not None:  # the save failed after the maps changed: undo them
+                pin_dir, ring_size, old, new = applied
+                with DataPlaneMaps.open(pin_dir) as maps:
+                    Reconciler(maps, ring_size).apply(new, old)
+            raise
+
+    def _require_attached(self, state: State) -> DataPlaneState:
+        dp = state.dataplane
+        if dp is None:
+            raise InputError("the data plane is not attached; run 'lbctl attach IFACE' first")
+        self._check_netns(dp)
+        if not self._pins_alive(dp):
+            raise LbError(f"the data plane's pins in {dp.pin_dir} are gone (was the host rebooted?); "
+                          f"run 'lbctl detach' and 'lbctl attach' again")
+        return dp
+
+    def _check_netns(self, dp: DataPlaneState) -> None:
+        if dp.netns_ino != self.instance.netns_ino:
+            raise InputError(f"this state belongs to a data plane in another network namespace "
+                             f"(netns inode {dp.netns_ino}); run lbctl inside that namespace")
+
+    @staticmethod
+    def _pins_alive(dp: DataPlaneState) -> bool:
+        return os.path.exists(os.path.join(dp.pin_dir, loader.PROGRAM_PIN))
+
+    @staticmethod
+    def _program_id(dp: DataPlaneState) -> int | None:
+        try:
+            fd = loader.pinned_program(dp.pin_dir)
+        except OSError:
+            return None
+        try:
+            return prog_id(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _allocate_backend_id(state: State) -> int:
+        """The lowest free id; when all are taken, the one retired longest ago."""
+        limit = state.dataplane.config["max_backends"]
+        used = {b.id for v in state.vips for b in v.backends}
+        free = next((i for i in range(1, limit) if i not in used), None)
+        if free is not None:
+            return free
+        retired = [(b.retired_at, b.id, v) for v in state.vips for b in v.backends if not b.active]
+        if not retired:
+            raise InputError(f"backend limit reached ({limit - 1}); attach with a larger --max-backends")
+        _, bid, owner = min(retired, key=lambda r: r[0])
+        owner.backends = [b for b in owner.backends if b.id != bid]
+        return bid

@@ -1,0 +1,1 @@
+"""The lab: network namespaces, veth pairs, packet drivers, real clients and servers."""

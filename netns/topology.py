@@ -1,0 +1,128 @@
+"""A lab network: one client, one load balancer and N backends, each in its own
+network namespace, joined by veth pairs (client <-> LB, LB <-> each backend).
+
+    client 198.18.0.2 --- 198.18.0.1 [LB] 198.18.i.1 --- 198.18.i.2 backend i
+
+The client reaches the VIP range (198.19.0.0/24) through the LB; backends
+reply through it. Addresses are from 198.18.0.0/15, the range RFC 2544 sets
+aside for benchmarks. Names carry a per-run prefix; `with Lab.build(...)`
+always tears everything down."""
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from pyroute2 import NetNS, netns
+from pyroute2.ethtool import Ethtool
+
+from netns.nsenter import in_netns, write_sysctl
+
+VIP_NETWORK = ipaddress.ip_network("198.19.0.0/24")
+
+
+def run_prefix() -> str:
+    """Unique per run: two runs on one machine never share a name."""
+    return f"lb{os.getpid() % 100000}{secrets.token_hex(2)}"
+
+
+@dataclass(frozen=True)
+class Host:
+    """One end of a lab link: a namespace, its interface and address, and its side of the LB."""
+
+    ns: str
+    ifname: str
+    address: ipaddress.IPv4Address
+    mac: str
+    lb_ifname: str  # the LB's interface on this link
+    lb_address: ipaddress.IPv4Address
+    lb_mac: str
+
+
+@dataclass
+class Lab:
+    prefix: str
+    lb_ns: str
+    client: Host
+    backends: list[Host]
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def lb_interfaces(self) -> list[str]:
+        return [self.client.lb_ifname] + [b.lb_ifname for b in self.backends]
+
+    def vip(self, index: int = 1) -> ipaddress.IPv4Address:
+        return VIP_NETWORK[index]
+
+    @classmethod
+    @contextlib.contextmanager
+    def build(cls, n_backends: int = 3, prefix: str | None = None) -> Iterator["Lab"]:
+        prefix = prefix or run_prefix()
+        lab = cls(prefix, f"{prefix}-lb", None, [])  # type: ignore[arg-type]
+        try:
+            lab._create(n_backends)
+            yield lab
+        finally:
+            lab.teardown()
+
+    def _create(self, n_backends: int) -> None:
+        self._add_ns(self.lb_ns)
+        write_sysctl(self.lb_ns, "net.ipv4.ip_forward", "1")
+        # Replies leave the LB with the VIP as source, which no LB route points back to.
+        for key in ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"):
+            write_sysctl(self.lb_ns, key, "0")
+        self.client = self._link("client", "to-client", 0)
+        self.backends = [self._link(f"b{i}", f"to-b{i}", i) for i in range(1, n_backends + 1)]
+        with NetNS(self.client.ns) as ipr:
+            ipr.route("add", dst=str(VIP_NETWORK), gateway=str(self.client.lb_address))
+
+    def _add_ns(self, name: str) -> None:
+        netns.create(name)
+        self.namespaces.append(name)
+        with NetNS(name) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+    def _link(self, role: str, lb_ifname: str, subnet: int) -> Host:
+        """A namespace for `role`, linked to the LB by a veth pair on 198.18.<subnet>.0/24."""
+        ns = f"{self.prefix}-{role}"
+        self._add_ns(ns)
+        host_ip = ipaddress.ip_address(f"198.18.{subnet}.2")
+        lb_ip = ipaddress.ip_address(f"198.18.{subnet}.1")
+        with NetNS(self.lb_ns) as ipr:
+            ipr.link("add", ifname=lb_ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+            idx = ipr.link_lookup(ifname=lb_ifname)[0]
+            ipr.addr("add", index=idx, address=str(lb_ip), prefixlen=24)
+            ipr.link("set", index=idx, state="up")
+            lb_mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+        write_sysctl(self.lb_ns, f"net.ipv4.conf.{lb_ifname}.rp_filter", "0")
+        with NetNS(ns) as ipr:
+            idx = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=idx, address=str(host_ip), prefixlen=24)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst="default", gateway=str(lb_ip))
+            mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+        self._prepare_peer(ns, "eth0")
+        return Host(ns, "eth0", host_ip, mac, lb_ifname, lb_ip, lb_mac)
+
+    @staticmethod
+    def _prepare_peer(ns: str, ifname: str) -> None:
+        """A veth end that XDP redirects into must have GRO on (or its own XDP program),
+        and the lab's hosts send full checksums, as a NIC puts them on the wire."""
+        with in_netns(ns):
+            with contextlib.closing(Ethtool()) as ethtool:
+                features = ethtool.get_features(ifname)
+                for name in ("rx-gro",):
+                    features.features[name].enable = True
+                for name in ("tx-checksum-ip-generic",):
+                    if name in features.features:
+                        features.features[name].enable = False
+                ethtool.set_features(ifname, features)
+
+    def teardown(self) -> None:
+        for name in reversed(self.namespaces):
+            with contextlib.suppress(Exception):
+                netns.remove(name)
+        self.namespaces.clear()

@@ -1,0 +1,156 @@
+"""Real servers and clients in lab namespaces: HTTP over TCP, and UDP echo.
+
+Each server answers with its own name, so a client can tell which backend
+served it. Servers run on threads of this process; their sockets live in the
+backend's namespace (see nsenter)."""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import http.server
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from netns.nsenter import in_netns, socket_in
+
+
+class _NamedHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: one TCP connection, many requests
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        body = self.server.name.encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves its own name (getfqdn): not in a lab namespace.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "lab", self.server_address[1]
+
+
+@dataclass
+class Servers:
+    """HTTP and UDP echo servers, one of each per namespace, answering with a name."""
+
+    http_port: int = 8080
+    udp_port: int = 5353
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _http: list[_HTTPServer] = field(default_factory=list)
+    _udp: list[socket.socket] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, ns: str, name: str) -> None:
+        with in_netns(ns):
+            server = _HTTPServer(("0.0.0.0", self.http_port), _NamedHandler)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        server.name = name  # type: ignore[attr-defined]
+        udp.bind(("0.0.0.0", self.udp_port))
+        udp.settimeout(0.2)
+        self._http.append(server)
+        self._udp.append(udp)
+        for target, args in ((server.serve_forever, (0.1,)), (self._udp_echo, (udp, name))):
+            t = threading.Thread(target=target, args=args, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _udp_echo(self, sock: socket.socket, name: str) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = sock.recvfrom(2048)
+            except (socket.timeout, OSError):
+                continue
+            sock.sendto(name.encode() + b" " + data, peer)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for s in self._http:
+            s.shutdown()
+            s.server_close()
+        for t in self._threads:
+            t.join(timeout=5)
+        for u in self._udp:
+            u.close()
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, hosts: dict[str, str], **ports: int) -> Iterator["Servers"]:
+        """hosts: namespace -> name to answer with."""
+        servers = cls(**ports)
+        try:
+            for ns, name in hosts.items():
+                servers.start(ns, name)
+            yield servers
+        finally:
+            servers.stop()
+
+
+class NetnsHTTPConnection(http.client.HTTPConnection):
+    """An HTTP/1.1 client connection made from inside namespace `ns`."""
+
+    def __init__(self, ns: str, host: str, port: int, timeout: float = 5.0):
+        super().__init__(host, port, timeout=timeout)
+        self.ns = ns
+
+    def connect(self) -> None:
+        with in_netns(self.ns):
+            self.sock = socket.create_connection((self.host, self.port), self.timeout)
+
+    def get_text(self, path: str = "/") -> str:
+        self.request("GET", path)
+        response = self.getresponse()
+        body = response.read().decode()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {body}")
+        return body
+
+
+def http_get(ns: str, host: str, port: int, timeout: float = 5.0) -> str:
+    """One request on a new connection; returns the body (the serving backend's name)."""
+    conn = NetnsHTTPConnection(ns, host, port, timeout)
+    try:
+        return conn.get_text()
+    finally:
+        conn.close()
+
+
+def udp_request(ns: str, host: str, port: int, payload: bytes, timeout: float = 2.0, attempts: int = 3) -> bytes:
+    """Send a datagram and wait for the answer, retrying a bounded number of times."""
+    sock = socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(timeout)
+        for _ in range(attempts):
+            sock.sendto(payload, (host, port))
+            try:
+                return sock.recvfrom(2048)[0]
+            except socket.timeout:
+                continue
+        raise TimeoutError(f"no UDP answer from {host}:{port} after {attempts} attempts")
+    finally:
+        sock.close()
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """Poll until predicate() is truthy; returns its value, raises TimeoutError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
