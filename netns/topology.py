@@ -13,13 +13,15 @@ import contextlib
 import ipaddress
 import os
 import secrets
+import socket
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from pyroute2 import NetNS, netns
 from pyroute2.ethtool import Ethtool
 
-from netns.nsenter import in_netns, write_sysctl
+from netns.nsenter import in_netns, socket_in, write_sysctl
 
 VIP_NETWORK = ipaddress.ip_network("198.19.0.0/24")
 
@@ -120,6 +122,27 @@ class Lab:
                     if name in features.features:
                         features.features[name].enable = False
                 ethtool.set_features(ifname, features)
+
+    def resolve_neighbours(self, timeout: float = 5.0) -> None:
+        """Have the LB learn every host's MAC (as traffic would), polling until it has."""
+        hosts = [self.client, *self.backends]
+        sock = socket_in(self.lb_ns, socket.AF_INET, socket.SOCK_DGRAM)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                with NetNS(self.lb_ns) as ipr:
+                    known = {n.get_attr("NDA_DST") for n in ipr.get_neighbours(family=socket.AF_INET)
+                             if n.get_attr("NDA_LLADDR") and n["state"] & 0x9E}  # a usable MAC (NUD_VALID but NOARP)
+                missing = [h for h in hosts if str(h.address) not in known]
+                if not missing:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"LB did not resolve {[str(h.address) for h in missing]}")
+                for h in missing:
+                    sock.sendto(b"arp", (str(h.address), 9))
+                time.sleep(0.05)
+        finally:
+            sock.close()
 
     def teardown(self) -> None:
         for name in reversed(self.namespaces):
