@@ -30,12 +30,13 @@ def _parse_port(text: str, original: str) -> int:
 
 
 def _split(text: str) -> tuple[IPAddress, str | None, str | None]:
-    m = _ENDPOINT.match(text.strip())
+    stripped = text.strip()
+    if not stripped.startswith("[") and stripped.split("/")[0].count(":") > 1:
+        raise InputError(f"{text!r}: write IPv6 addresses in brackets, as in [2001:db8::1]:80/tcp")
+    m = _ENDPOINT.match(stripped)
     if not m:
         raise InputError(f"{text!r}: expected ADDR:PORT/PROTO, with IPv6 in brackets: [2001:db8::1]:80/tcp")
     raw_addr = m.group("v6") or m.group("v4")
-    if m.group("v4") and ":" in raw_addr:
-        raise InputError(f"{text!r}: write IPv6 addresses in brackets, as [{raw_addr}]")
     return _parse_address(raw_addr, text), m.group("port"), m.group("proto")
 
 

@@ -1,0 +1,92 @@
+"""Bad input to every lbctl command: one line on stderr, exit 2, nothing changed."""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator
+
+import pytest
+
+from lb.maps import DataPlaneMaps
+from netns.topology import Lab
+from tests.conftest import lab_with_lb, run_lbctl
+
+VIP = "198.19.0.1:80/tcp"
+BACKEND = "198.18.1.2:8080"
+
+
+@pytest.fixture(scope="module")
+def configured(lab: Lab) -> Lab:
+    run_lbctl(lab.lb_ns, "add-vip", VIP)
+    run_lbctl(lab.lb_ns, "add-backend", VIP, BACKEND)
+    return lab
+
+
+def snapshot(lab: Lab) -> tuple[str, str]:
+    """The stored state as lbctl shows it, and a digest of the maps' contents."""
+    listed = run_lbctl(lab.lb_ns, "list", "--json")
+    pin_dir = listed.json()["dataplane"]["pin_dir"]
+    ring = listed.json()["dataplane"]["ring_size"]
+    digest = hashlib.sha256()
+    with DataPlaneMaps.open(pin_dir) as maps:
+        for name in ("vips", "backends", "reply_sources", "vip_meta", "tx_ports", "if_slots"):
+            for key, value in sorted((bytes(k), bytes(v)) for k, v in maps.maps[name].items()):
+                digest.update(key + value)
+        digest.update(str(maps.maglev.read_range(0, 2 * ring)).encode())
+    return listed.stdout, digest.hexdigest()
+
+
+BAD_INPUT = [
+    ("attach", "no-such-if"),
+    ("attach", "to-client"),  # already attached
+    ("attach", "to-client", "--xdp-mode", "turbo"),
+    ("attach", "to-client", "--ring-size", "65536"),
+    ("add-vip", "198.19.0.300:80/tcp"),
+    ("add-vip", "198.19.0.2:99999/tcp"),
+    ("add-vip", "198.19.0.2:80/sctp"),
+    ("add-vip", "198.19.0.2/tcp"),
+    ("add-vip", "2001:db8::1:80/tcp"),
+    ("add-vip", VIP),  # exists
+    ("add-vip", "198.19.0.2:80/tcp", "--mode", "teleport"),
+    ("remove-vip", "198.19.0.9:80/tcp"),
+    ("remove-vip", "not-an-address"),
+    ("add-backend", "198.19.0.9:80/tcp", BACKEND),  # unknown VIP
+    ("add-backend", VIP, "198.18.1.300"),
+    ("add-backend", VIP, "198.18.1.3:0"),
+    ("add-backend", VIP, BACKEND),  # exists
+    ("add-backend", VIP, "198.18.2.2:8080/udp"),
+    ("add-backend", VIP, "198.18.2.2", "--weight", "70000"),
+    ("add-backend", VIP, "198.18.2.2", "--weight", "-1"),
+    ("add-backend", VIP, "[2001:db8::2]:8080"),  # IP version mismatch
+    ("remove-backend", VIP, "198.18.3.2:8080"),
+    ("remove-backend", "198.19.0.9:80/tcp", BACKEND),
+    ("frobnicate",),
+]
+
+
+@pytest.mark.parametrize("args", BAD_INPUT, ids=lambda a: " ".join(a))
+def test_bad_input_is_refused_cleanly(configured, args):
+    before = snapshot(configured)
+    result = run_lbctl(configured.lb_ns, *args, check=False)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lbctl"), result.stderr
+    assert result.stdout == ""
+    assert snapshot(configured) == before
+
+
+@pytest.fixture(scope="module")
+def bare_lab() -> Iterator[Lab]:
+    with lab_with_lb(1, attach=False) as lab:
+        yield lab
+
+
+@pytest.mark.parametrize("args", [
+    ("add-vip", VIP), ("remove-vip", VIP), ("add-backend", VIP, BACKEND), ("remove-backend", VIP, BACKEND),
+    ("stats",), ("detach",),
+], ids=lambda a: a[0])
+def test_commands_need_an_attached_data_plane(bare_lab, args):
+    result = run_lbctl(bare_lab.lb_ns, *args, check=False)
+    assert result.returncode == 2
+    assert "not attached" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    listed = run_lbctl(bare_lab.lb_ns, "list", "--json").json()
+    assert listed == {"dataplane": None, "vips": []}

@@ -1,0 +1,45 @@
+"""Parsing operator input: addresses as operators write them, and clear refusals."""
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from control.errors import InputError
+from control.model import BackendAddress, VipAddress
+
+
+@pytest.mark.parametrize("text, address, port, proto", [
+    ("10.0.0.1:80/tcp", "10.0.0.1", 80, "tcp"),
+    ("10.0.0.1:53/UDP", "10.0.0.1", 53, "udp"),
+    ("[2001:db8::1]:443/tcp", "2001:db8::1", 443, "tcp"),
+])
+def test_vip_parses(text, address, port, proto):
+    vip = VipAddress.parse(text)
+    assert (vip.address, vip.port, vip.proto) == (ipaddress.ip_address(address), port, proto)
+    assert VipAddress.parse(str(vip)) == vip
+
+
+@pytest.mark.parametrize("text, words", [
+    ("10.0.0.300:80/tcp", "not an IP address"),
+    ("10.0.0.1:0/tcp", "out of range"),
+    ("10.0.0.1:65536/tcp", "out of range"),
+    ("10.0.0.1:http/tcp", "not a number"),
+    ("10.0.0.1:80/sctp", "unknown protocol"),
+    ("10.0.0.1/tcp", "needs a port"),
+    ("10.0.0.1:80", "needs a protocol"),
+    ("2001:db8::1:80/tcp", "brackets"),
+    ("", "expected ADDR:PORT/PROTO"),
+])
+def test_vip_refused_with_reason(text, words):
+    with pytest.raises(InputError, match=words):
+        VipAddress.parse(text)
+
+
+def test_backend_without_port_keeps_the_vips_port():
+    vip = VipAddress.parse("10.0.0.1:80/tcp")
+    assert BackendAddress.parse("10.0.1.2", vip) == BackendAddress(ipaddress.ip_address("10.0.1.2"), 80)
+    assert BackendAddress.parse("10.0.1.2:8080", vip).port == 8080
+    assert str(BackendAddress.parse("[2001:db8::2]:8080", vip)) == "[2001:db8::2]:8080"
+    with pytest.raises(InputError, match="without /tcp"):
+        BackendAddress.parse("10.0.1.2:8080/tcp", vip)

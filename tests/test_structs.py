@@ -1,0 +1,66 @@
+"""bpf/structs.h and bpf/consts.h against their Python mirrors: sizes, offsets, reason codes."""
+from __future__ import annotations
+
+import ctypes
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lb import structs
+from lb.loader import BPF_DIR
+
+
+def _c_program() -> str:
+    lines = ["#include <stdio.h>", "#include <stddef.h>", '#include "structs.h"', '#include "consts.h"',
+             "int main(void) {"]
+    for c_name, py in structs.C_STRUCTS.items():
+        lines.append(f'printf("{c_name} size %zu\\n", sizeof({c_name}));')
+        for field, _ in py._fields_:
+            if c_name == "union lb_addr":
+                continue  # the mirror names one view of the union
+            lines.append(f'printf("{c_name}.{field} %zu\\n", offsetof({c_name}, {field}));')
+    for name in structs.REASONS:
+        lines.append(f'printf("{name} %d\\n", (int){name});')
+    lines.append('printf("LB_REASON_MAX %d\\n", (int)LB_REASON_MAX);')
+    lines.append('printf("LB_VIP_ACTIVE %u\\nLB_FLOW_REPLY %u\\nLB_NO_BACKEND %u\\n", LB_VIP_ACTIVE, LB_FLOW_REPLY, LB_NO_BACKEND);')
+    lines.append("return 0; }")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def c_layout(tmp_path_factory) -> dict[str, int]:
+    d: Path = tmp_path_factory.mktemp("layout")
+    (d / "layout.c").write_text(_c_program())
+    subprocess.run(["gcc", f"-I{BPF_DIR}", "-o", str(d / "layout"), str(d / "layout.c")], check=True)
+    out = subprocess.run([str(d / "layout")], check=True, capture_output=True, text=True).stdout
+    return {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in out.splitlines()}
+
+
+@pytest.mark.parametrize("c_name", list(structs.C_STRUCTS))
+def test_struct_layout_matches_c(c_layout, c_name):
+    py = structs.C_STRUCTS[c_name]
+    assert ctypes.sizeof(py) == c_layout[f"{c_name} size"]
+    if c_name != "union lb_addr":
+        for field, _ in py._fields_:
+            assert getattr(py, field).offset == c_layout[f"{c_name}.{field}"], field
+
+
+def test_reason_codes_match_c(c_layout):
+    assert [c_layout[name] for name in structs.REASONS] == list(range(len(structs.REASONS)))
+    assert c_layout["LB_REASON_MAX"] == len(structs.REASONS)
+
+
+def test_flags_match_c(c_layout):
+    assert c_layout["LB_VIP_ACTIVE"] == structs.VIP_ACTIVE
+    assert c_layout["LB_FLOW_REPLY"] == structs.FLOW_REPLY
+    assert c_layout["LB_NO_BACKEND"] == structs.NO_BACKEND
+
+
+def test_ipv4_addresses_are_stored_ipv4_mapped():
+    import ipaddress
+    a = structs.LbAddr.of(ipaddress.ip_address("198.19.0.1"))
+    assert bytes(a) == bytes(10) + b"\xff\xff" + bytes([198, 19, 0, 1])
+    assert a.address() == ipaddress.ip_address("198.19.0.1")
+    v6 = ipaddress.ip_address("2001:db8::1")
+    assert structs.LbAddr.of(v6).address() == v6
