@@ -1,0 +1,72 @@
+"""make demo: a lab with a client, an LB and three backends; lbctl sets up a VIP;
+real HTTP and UDP clients go through it; the shares and counters are printed."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from netns.topology import Lab
+from netns.traffic import Servers, http_get, udp_request
+
+LBCTL = str(Path(sys.executable).parent / "lbctl")
+
+
+def lbctl(ns: str, *args: str) -> str:
+    print(f"$ ip netns exec {ns} lbctl {' '.join(args)}")
+    proc = subprocess.run(["ip", "netns", "exec", ns, LBCTL, *args], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise SystemExit(f"demo: lbctl failed: {proc.stderr.strip()}")
+    if proc.stdout.strip():
+        print(proc.stdout.rstrip())
+    return proc.stdout
+
+
+def shares(title: str, counts: Counter) -> None:
+    total = sum(counts.values())
+    print(f"\n{title}: {total} in all")
+    for name, n in sorted(counts.items()):
+        print(f"  {name:<4} {n:>5}  {100 * n / total:5.1f}%  {'#' * round(40 * n / total)}")
+
+
+def main() -> None:
+    requests = int(os.environ.get("DEMO_REQUESTS", "300"))
+    with Lab.build(3) as lab:
+        print(f"lab {lab.prefix}: client {lab.client.address}, LB in {lab.lb_ns}, "
+              f"backends {', '.join(str(b.address) for b in lab.backends)}\n")
+        names = {b.ns: f"b{i}" for i, b in enumerate(lab.backends, 1)}
+        try:
+            lbctl(lab.lb_ns, "attach", *lab.lb_interfaces)
+            http_vip, udp_vip = f"{lab.vip(1)}:80/tcp", f"{lab.vip(1)}:53/udp"
+            lbctl(lab.lb_ns, "add-vip", http_vip)
+            lbctl(lab.lb_ns, "add-vip", udp_vip)
+            for b in lab.backends:
+                lbctl(lab.lb_ns, "add-backend", http_vip, f"{b.address}:8080")
+                lbctl(lab.lb_ns, "add-backend", udp_vip, f"{b.address}:5353")
+            lbctl(lab.lb_ns, "list")
+            with Servers.running(names):
+                http = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(requests))
+                shares(f"HTTP requests to {http_vip}, one new TCP connection each", http)
+                udp = Counter(udp_request(lab.client.ns, str(lab.vip(1)), 53, b"q").split(b" ")[0].decode()
+                              for _ in range(requests // 5))
+                shares(f"UDP requests to {udp_vip}", udp)
+                print()
+                lbctl(lab.lb_ns, "remove-backend", http_vip, f"{lab.backends[0].address}:8080")
+                http = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(requests // 3))
+                shares(f"HTTP after removing b1 from {http_vip}", http)
+            print()
+            lbctl(lab.lb_ns, "stats")
+        finally:
+            with contextlib.suppress(SystemExit):
+                lbctl(lab.lb_ns, "detach")
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(f"/var/lib/lb/{lab.lb_ns}.db{suffix}")
+    print("\nlab torn down")
+
+
+if __name__ == "__main__":
+    main()
