@@ -53,6 +53,14 @@ if ! mountpoint -q /sys/fs/bpf; then
 	mount -t bpf bpf /sys/fs/bpf
 fi
 
+# `ip netns exec` replaces /sys, hiding /sys/fs/bpf: lb reaches the same bpffs
+# through a bind mount under /run, which every `ip netns exec` call keeps.
+if ! mountpoint -q /run/lb/bpffs; then
+	say "bind-mounting /sys/fs/bpf at /run/lb/bpffs (stays visible inside 'ip netns exec')"
+	mkdir -p /run/lb/bpffs
+	mount --bind /sys/fs/bpf /run/lb/bpffs
+fi
+
 # bcc's Python module lives in Debian's dist-packages: the venv must see system site-packages.
 if [ ! -x .venv/bin/python ]; then
 	say "creating .venv from /usr/bin/python3 (with system site-packages, for bcc)"
