@@ -24,30 +24,30 @@ static __always_inline void l4_csum_replace2(struct packet *pkt, __be16 from, __
 	}
 }
 
+/* Replace one address and one port, keeping the IP and L4 checksums right. */
+static __always_inline void nat_rewrite(struct packet *pkt, __be32 *addr, __be16 *port,
+					__be32 new_addr, __be16 new_port)
+{
+	__be32 old_addr = *addr;
+	__be16 old_port = *port;
+
+	*addr = new_addr;
+	lb_csum_replace4(&pkt->ip4->check, old_addr, new_addr);
+	l4_csum_replace4(pkt, old_addr, new_addr);
+	*port = new_port;
+	l4_csum_replace2(pkt, old_port, new_port);
+}
+
 /* client -> VIP becomes client -> backend */
 static __always_inline void nat_rewrite_destination(struct packet *pkt, const struct backend *be)
 {
-	__be32 old_addr = pkt->ip4->daddr, new_addr = be->addr.w[3];
-	__be16 old_port = pkt->l4_ports[1], new_port = be->port;
-
-	pkt->ip4->daddr = new_addr;
-	lb_csum_replace4(&pkt->ip4->check, old_addr, new_addr);
-	l4_csum_replace4(pkt, old_addr, new_addr);
-	pkt->l4_ports[1] = new_port;
-	l4_csum_replace2(pkt, old_port, new_port);
+	nat_rewrite(pkt, &pkt->ip4->daddr, &pkt->l4_ports[1], be->addr.w[3], be->port);
 }
 
 /* backend -> client becomes VIP -> client */
 static __always_inline void nat_rewrite_source(struct packet *pkt, const struct vip_meta *vip)
 {
-	__be32 old_addr = pkt->ip4->saddr, new_addr = vip->addr.w[3];
-	__be16 old_port = pkt->l4_ports[0], new_port = vip->port;
-
-	pkt->ip4->saddr = new_addr;
-	lb_csum_replace4(&pkt->ip4->check, old_addr, new_addr);
-	l4_csum_replace4(pkt, old_addr, new_addr);
-	pkt->l4_ports[0] = new_port;
-	l4_csum_replace2(pkt, old_port, new_port);
+	nat_rewrite(pkt, &pkt->ip4->saddr, &pkt->l4_ports[0], vip->addr.w[3], vip->port);
 }
 
 #endif

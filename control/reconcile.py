@@ -95,22 +95,12 @@ class Reconciler:
         for k in before.vips.keys() - after.vips.keys():
             m.vips.delete(before.vips[k][0])
             report.count("vips")
-        for bid, be in after.backends.items():
-            if bid not in before.backends or bytes(before.backends[bid]) != bytes(be):
-                if bid not in before.backends:
-                    self._reset_counters("backend_stats", bid)
-                m.backends.set(U32(bid), be)
-                report.count("backends")
+        self._write_by_id("backends", "backend_stats", before.backends, after.backends, report)
         for k, (ep, n) in after.reply_sources.items():
             if before.reply_sources.get(k, (None, 0))[1] != n:
                 m.reply_sources.set(ep, U32(n))
                 report.count("reply_sources")
-        for vid, meta in after.vip_meta.items():
-            if vid not in before.vip_meta or bytes(before.vip_meta[vid]) != bytes(meta):
-                if vid not in before.vip_meta:
-                    self._reset_counters("vip_stats", vid)
-                m.vip_meta.set(U32(vid), meta)
-                report.count("vip_meta")
+        self._write_by_id("vip_meta", "vip_stats", before.vip_meta, after.vip_meta, report)
 
         old_vips = {v.id: v for v in old.vips}
         new_vips = {v.id: v for v in new.vips}
@@ -135,6 +125,17 @@ class Reconciler:
         for vid in before.vip_meta.keys() - after.vip_meta.keys():
             m.vip_meta.set(U32(vid), VipMeta())
             report.count("vip_meta")
+
+    def _write_by_id(self, map_name: str, stats_name: str, before: dict[int, ctypes.Structure],
+                     after: dict[int, ctypes.Structure], report: ApplyReport) -> None:
+        """Write the array entries that are new or changed; a new id's counters start from zero."""
+        for index, value in after.items():
+            if index in before and bytes(before[index]) == bytes(value):
+                continue
+            if index not in before:
+                self._reset_counters(stats_name, index)
+            self.maps.maps[map_name].set(U32(index), value)
+            report.count(map_name)
 
     def _write_table(self, vip_id: int, v: VipState | None) -> int:
         """Write the slots of one VIP's Maglev table that differ from the map; returns how many."""

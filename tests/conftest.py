@@ -73,5 +73,13 @@ def backend_name(ns: str) -> str:
     return ns.rsplit("-", 1)[1]
 
 
+def add_vip_with_backends(lab: Lab, vip: str, backend_port: int) -> str:
+    """Add `vip` with every lab backend behind it on `backend_port`; returns the VIP."""
+    run_lbctl(lab.lb_ns, "add-vip", vip)
+    for b in lab.backends:
+        run_lbctl(lab.lb_ns, "add-backend", vip, f"{b.address}:{backend_port}")
+    return vip
+
+
 def lbctl(lab: Lab):
     return lambda *args, check=True: run_lbctl(lab.lb_ns, *args, check=check)

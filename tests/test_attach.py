@@ -7,7 +7,7 @@ from collections import Counter
 from pyroute2 import NetNS
 
 from netns.traffic import Servers, http_get, udp_request
-from tests.conftest import backend_name, lab_with_lb, run_lbctl
+from tests.conftest import add_vip_with_backends, backend_name, lab_with_lb, run_lbctl
 
 
 def xdp_prog_ids(ns: str, ifnames: list[str]) -> dict[str, int]:
@@ -37,10 +37,7 @@ def test_first_packet_to_an_unresolved_neighbour_is_not_lost():
 
 def test_detach_removes_program_and_pins_and_attach_restores_vips():
     with lab_with_lb(2) as lab, Servers.running({b.ns: backend_name(b.ns) for b in lab.backends}):
-        vip = f"{lab.vip(1)}:80/tcp"
-        run_lbctl(lab.lb_ns, "add-vip", vip)
-        for b in lab.backends:
-            run_lbctl(lab.lb_ns, "add-backend", vip, f"{b.address}:8080")
+        add_vip_with_backends(lab, f"{lab.vip(1)}:80/tcp", 8080)
         pin_dir = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]["pin_dir"]
         assert all(xdp_prog_ids(lab.lb_ns, lab.lb_interfaces).values())
         assert os.path.isdir(pin_dir)
@@ -58,10 +55,7 @@ def test_detach_removes_program_and_pins_and_attach_restores_vips():
 def test_generic_xdp_mode_balances_too():
     with lab_with_lb(2, True, "--xdp-mode", "generic") as lab, \
             Servers.running({b.ns: backend_name(b.ns) for b in lab.backends}):
-        vip = f"{lab.vip(1)}:80/tcp"
-        run_lbctl(lab.lb_ns, "add-vip", vip)
-        for b in lab.backends:
-            run_lbctl(lab.lb_ns, "add-backend", vip, str(b.address) + ":8080")
+        add_vip_with_backends(lab, f"{lab.vip(1)}:80/tcp", 8080)
         assert run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]["interfaces"][0]["mode"] == "generic"
         served = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20))
         assert set(served) == {backend_name(b.ns) for b in lab.backends}

@@ -12,19 +12,15 @@ from lb.flowhash import maglev_slot
 from lb.maps import U32, DataPlaneMaps
 from netns.packets import capture, send_frame
 from netns.traffic import NetnsHTTPConnection, http_get, udp_request
-from tests.conftest import backend_name, lbctl
+from tests.conftest import add_vip_with_backends, backend_name, lbctl
 
 
 @pytest.fixture(scope="module")
 def http_vip(lab, servers):
     """VIP 198.19.0.1:80/tcp over the three backends' HTTP servers on :8080."""
-    run = lbctl(lab)
-    vip = f"{lab.vip(1)}:80/tcp"
-    run("add-vip", vip)
-    for b in lab.backends:
-        run("add-backend", vip, f"{b.address}:8080")
+    vip = add_vip_with_backends(lab, f"{lab.vip(1)}:80/tcp", 8080)
     yield vip
-    run("remove-vip", vip)
+    lbctl(lab)("remove-vip", vip)
 
 
 def test_http_requests_through_vip_reach_every_backend(lab, http_vip):
@@ -40,11 +36,7 @@ def test_new_connections_spread_evenly(lab, http_vip):
 
 
 def test_udp_request_response_through_vip(lab, servers):
-    run = lbctl(lab)
-    vip = f"{lab.vip(2)}:53/udp"
-    run("add-vip", vip)
-    for b in lab.backends:
-        run("add-backend", vip, f"{b.address}:5353")
+    vip = add_vip_with_backends(lab, f"{lab.vip(2)}:53/udp", 5353)
     try:
         names = set()
         for i in range(30):
@@ -54,15 +46,12 @@ def test_udp_request_response_through_vip(lab, servers):
             names.add(name.decode())
         assert names == {backend_name(b.ns) for b in lab.backends}
     finally:
-        run("remove-vip", vip)
+        lbctl(lab)("remove-vip", vip)
 
 
 def test_removed_backend_keeps_established_connections(lab, servers):
     run = lbctl(lab)
-    vip = f"{lab.vip(3)}:80/tcp"
-    run("add-vip", vip)
-    for b in lab.backends:
-        run("add-backend", vip, f"{b.address}:8080")
+    vip = add_vip_with_backends(lab, f"{lab.vip(3)}:80/tcp", 8080)
     conns = [NetnsHTTPConnection(lab.client.ns, str(lab.vip(3)), 80) for _ in range(30)]
     try:
         first = [c.get_text() for c in conns]
@@ -104,47 +93,52 @@ def rewritten(frame: bytes) -> bytes:
     return bytes(Ether(bytes(pkt)))
 
 
+def exchange(sender, receiver, frame, match) -> bytes:
+    """Send `frame` from one lab host and return the first matching frame the other receives."""
+    with capture(receiver.ns, receiver.ifname) as cap:
+        send_frame(sender.ns, sender.ifname, bytes(frame))
+        got = cap.next(match)
+    assert got is not None, f"nothing matching arrived at {receiver.ns}"
+    return got
+
+
+def assert_frame(got: bytes, want) -> None:
+    want_bytes = rewritten(bytes(want))
+    assert got == want_bytes, f"\n got {got.hex()}\nwant {want_bytes.hex()}"
+    assert got == rewritten(got)  # its checksums are valid
+
+
 @pytest.mark.parametrize("l4", ["tcp", "udp"])
 def test_packets_rewritten_byte_for_byte(lab, http_vip, l4):
     lab.resolve_neighbours()
     vip = lab.vip(1) if l4 == "tcp" else lab.vip(4)
     if l4 == "udp":
-        run = lbctl(lab)
-        run("add-vip", f"{vip}:53/udp")
-        for b in lab.backends:
-            run("add-backend", f"{vip}:53/udp", f"{b.address}:5353")
+        add_vip_with_backends(lab, f"{vip}:53/udp", 5353)
     try:
         sport, vport = 41000, (80 if l4 == "tcp" else 53)
         proto = socket.IPPROTO_TCP if l4 == "tcp" else socket.IPPROTO_UDP
-        l4hdr = (TCP(sport=sport, dport=vport, flags="S", seq=1234) if l4 == "tcp"
-                 else UDP(sport=sport, dport=vport))
+        layer = TCP if l4 == "tcp" else UDP
+        tcp_fields = dict(flags="S", seq=1234) if l4 == "tcp" else {}
         client = lab.client
-        request = Ether(src=client.mac, dst=client.lb_mac) / IP(src=str(client.address), dst=str(vip), ttl=61) / l4hdr / b"hello"
         backend, bport = expected_backend(lab, vip, sport, vport, proto)
 
-        with capture(backend.ns, backend.ifname) as cap:
-            send_frame(client.ns, client.ifname, bytes(request))
-            got = cap.next(lambda f: IP in Ether(f) and Ether(f)[IP].src == str(client.address))
-        assert got is not None, "the rewritten packet did not reach the expected backend"
+        request = (Ether(src=client.mac, dst=client.lb_mac) / IP(src=str(client.address), dst=str(vip), ttl=61)
+                   / layer(sport=sport, dport=vport, **tcp_fields) / b"hello")
+        got = exchange(client, backend, request, lambda f: IP in Ether(f) and Ether(f)[IP].src == str(client.address))
         want = request.copy()
         want[Ether].src, want[Ether].dst = backend.lb_mac, backend.mac
         want[IP].dst = str(backend.address)
-        want[l4.upper()].dport = bport
-        assert got == rewritten(bytes(want)), f"\n got {got.hex()}\nwant {rewritten(bytes(want)).hex()}"
-        assert got == rewritten(got)  # checksums valid
+        want[layer].dport = bport
+        assert_frame(got, want)
 
-        reply_l4 = (TCP(sport=bport, dport=sport, flags="SA", seq=99, ack=1235) if l4 == "tcp"
-                    else UDP(sport=bport, dport=sport))
-        reply = Ether(src=backend.mac, dst=backend.lb_mac) / IP(src=str(backend.address), dst=str(client.address), ttl=64) / reply_l4 / b"world"
-        with capture(client.ns, client.ifname) as cap:
-            send_frame(backend.ns, backend.ifname, bytes(reply))
-            got = cap.next(lambda f: IP in Ether(f) and Ether(f)[IP].dst == str(client.address))
-        assert got is not None, "the reply did not reach the client"
+        reply = (Ether(src=backend.mac, dst=backend.lb_mac) / IP(src=str(backend.address), dst=str(client.address))
+                 / layer(sport=bport, dport=sport, **tcp_fields) / b"world")
+        got = exchange(backend, client, reply, lambda f: IP in Ether(f) and Ether(f)[IP].dst == str(client.address))
         want = reply.copy()
         want[Ether].src, want[Ether].dst = client.lb_mac, client.mac
         want[IP].src = str(vip)
-        want[l4.upper()].sport = vport
-        assert got == rewritten(bytes(want)), f"\n got {got.hex()}\nwant {rewritten(bytes(want)).hex()}"
+        want[layer].sport = vport
+        assert_frame(got, want)
     finally:
         if l4 == "udp":
             lbctl(lab)("remove-vip", f"{vip}:53/udp")
