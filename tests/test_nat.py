@@ -108,17 +108,17 @@ def assert_frame(got: bytes, want) -> None:
     assert got == rewritten(got)  # its checksums are valid
 
 
-@pytest.mark.parametrize("l4", ["tcp", "udp"])
+@pytest.mark.parametrize("l4", ["tcp", "udp", "udp-without-checksum"])
 def test_packets_rewritten_byte_for_byte(lab, http_vip, l4):
     lab.resolve_neighbours()
     vip = lab.vip(1) if l4 == "tcp" else lab.vip(4)
-    if l4 == "udp":
+    if l4 != "tcp":
         add_vip_with_backends(lab, f"{vip}:53/udp", 5353)
     try:
         sport, vport = 41000, (80 if l4 == "tcp" else 53)
         proto = socket.IPPROTO_TCP if l4 == "tcp" else socket.IPPROTO_UDP
         layer = TCP if l4 == "tcp" else UDP
-        tcp_fields = dict(flags="S", seq=1234) if l4 == "tcp" else {}
+        tcp_fields = {"tcp": dict(flags="S", seq=1234), "udp": {}, "udp-without-checksum": dict(chksum=0)}[l4]
         client = lab.client
         backend, bport = expected_backend(lab, vip, sport, vport, proto)
 
@@ -140,7 +140,7 @@ def test_packets_rewritten_byte_for_byte(lab, http_vip, l4):
         want[layer].sport = vport
         assert_frame(got, want)
     finally:
-        if l4 == "udp":
+        if l4 != "tcp":
             lbctl(lab)("remove-vip", f"{vip}:53/udp")
 
 
