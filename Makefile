@@ -1,13 +1,17 @@
 # lb: every target that needs the toolchain runs `setup` first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo fuzz clean
 
 setup:
 	@bash setup.sh
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Differential fuzzing of the data plane against its reference model, full budget.
+fuzz: setup
+	LB_FUZZ_EXAMPLES=$${LB_FUZZ_EXAMPLES:-100000} $(PY) -m pytest -q tests/test_fuzz.py
 
 demo: setup
 	$(PY) -m netns.demo

@@ -34,6 +34,9 @@
 /* flow_entry.flags */
 #define LB_FLOW_REPLY (1U << 0) /* entry keyed by the backend's reply 5-tuple */
 
+/* probe_meta.magic: "lbpr" */
+#define LB_PROBE_MAGIC 0x6c627072U
+
 /* Forwarding modes (vip_meta.mode) */
 #define LB_MODE_NAT 0
 

@@ -10,13 +10,18 @@
 #include "nat.h"
 #include "nexthop.h"
 
-static __always_inline int verdict(enum lb_reason reason, int action)
+/* Count why, and tell a probe (lbctl test-packet) when it asks through the
+ * packet's metadata; real traffic carries no metadata, so this costs one compare. */
+static __always_inline int verdict(struct xdp_md *ctx, enum lb_reason reason, int action)
 {
 	__u32 key = reason;
 	__u64 *count = reason_stats.lookup(&key);
+	struct probe_meta *probe = (void *)(long)ctx->data_meta;
 
 	if (count)
 		*count += 1;
+	if ((void *)(probe + 1) <= (void *)(long)ctx->data && probe->magic == LB_PROBE_MAGIC)
+		probe->reason = reason;
 	return action;
 }
 
@@ -80,15 +85,15 @@ static __always_inline int forward(struct xdp_md *ctx, struct packet *pkt, struc
 		int rc = resolve_next_hop(ctx, pkt, dst, &flow->nh);
 
 		if (rc == NH_KERNEL)
-			return verdict(LB_PASS_NEIGH_UNRESOLVED, XDP_PASS);
+			return verdict(ctx, LB_PASS_NEIGH_UNRESOLVED, XDP_PASS);
 		if (rc == NH_NO_ROUTE)
-			return verdict(LB_DROP_NO_ROUTE, XDP_DROP);
+			return verdict(ctx, LB_DROP_NO_ROUTE, XDP_DROP);
 	}
 	int action = transmit(ctx, pkt, &flow->nh);
 
 	if (action < 0)
-		return verdict(LB_PASS_EGRESS_UNMANAGED, XDP_PASS);
-	return verdict(ok, action);
+		return verdict(ctx, LB_PASS_EGRESS_UNMANAGED, XDP_PASS);
+	return verdict(ctx, ok, action);
 }
 
 /* A new flow: pick a backend on the VIP's Maglev table, remember the choice
@@ -133,7 +138,7 @@ static __always_inline int to_backend(struct xdp_md *ctx, struct packet *pkt, co
 		is_new = 1;
 	}
 	if (!flow || !be)
-		return verdict(LB_DROP_NO_BACKEND, XDP_DROP);
+		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
 
 	__u32 vip_id = vip->id, backend_id = flow->backend_id;
 
@@ -151,12 +156,12 @@ static __always_inline int to_client(struct xdp_md *ctx, struct packet *pkt)
 	struct flow_entry *flow = conn_table.lookup(&key);
 
 	if (!flow || !(flow->flags & LB_FLOW_REPLY))
-		return verdict(LB_PASS_NOT_VIP, XDP_PASS);
+		return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
 	__u32 vip_id = flow->vip_id, backend_id = flow->backend_id;
 	struct vip_meta *vip = vip_meta.lookup(&vip_id);
 
 	if (!vip || !(vip->flags & LB_VIP_ACTIVE))
-		return verdict(LB_PASS_NOT_VIP, XDP_PASS);
+		return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
 	count(vip_stats.lookup(&vip_id), pkt->len, 1, 0);
 	count(backend_stats.lookup(&backend_id), pkt->len, 1, 0);
 	nat_rewrite_source(pkt, vip);
@@ -169,7 +174,7 @@ int xdp_lb(struct xdp_md *ctx)
 	int rc = parse_packet(ctx, &pkt);
 
 	if (rc != LB_PARSE_OK)
-		return verdict(rc, XDP_PASS);
+		return verdict(ctx, rc, XDP_PASS);
 
 	struct vip_key vkey = { .addr = pkt.dst, .port = pkt.dport, .proto = pkt.proto };
 	struct vip_info *vip = vips.lookup(&vkey);
@@ -181,5 +186,5 @@ int xdp_lb(struct xdp_md *ctx)
 
 	if (reply_sources.lookup(&source))
 		return to_client(ctx, &pkt);
-	return verdict(LB_PASS_NOT_VIP, XDP_PASS);
+	return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
 }

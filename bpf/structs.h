@@ -90,4 +90,11 @@ struct lb_counters {
 	__u64 new_flows;
 };
 
+/* XDP metadata a probe (BPF_PROG_TEST_RUN) puts before the packet: the
+ * program writes the reason of its verdict into it. */
+struct probe_meta {
+	__u32 magic; /* LB_PROBE_MAGIC */
+	__u32 reason;
+};
+
 #endif

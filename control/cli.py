@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("list", "show VIPs and backends"), ("stats", "show packet counters")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--json", action="store_true", help="print JSON")
+
+    t = sub.add_parser("test-packet", help="run one packet through the loaded program and show what it does "
+                                           "(a packet to a VIP creates its flow, as real traffic would)")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("hex", nargs="?", metavar="HEX", help="the frame, from the Ethernet header, in hex")
+    src.add_argument("--pcap", metavar="FILE", help="take the first frame of a pcap file")
+    t.add_argument("--ingress", metavar="IFACE", help="interface it arrives on (default: the first attached)")
+    t.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
@@ -121,6 +129,37 @@ def format_change(command: str, r: dict[str, Any]) -> str:
     return ""
 
 
+def read_frame(args: argparse.Namespace) -> bytes:
+    if args.pcap:
+        from scapy.utils import rdpcap
+        try:
+            frames = rdpcap(args.pcap, count=1)
+        except (OSError, Exception) as e:
+            raise InputError(f"cannot read {args.pcap}: {e}") from None
+        if not frames:
+            raise InputError(f"{args.pcap} holds no packet")
+        return bytes(frames[0])
+    text = "".join(args.hex.split()).removeprefix("0x")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise InputError("the packet is not valid hex") from None
+
+
+def format_test_packet(r: dict[str, Any]) -> str:
+    from scapy.layers import inet  # noqa: F401  (binds IP, TCP, UDP into Ether for decoding)
+    from scapy.layers.l2 import Ether
+    decoded = Ether(bytes.fromhex(r["packet_hex"])).show(dump=True)
+    return "\n".join([
+        f"action:  {r['action']}",
+        f"reason:  {r['reason'] or 'unknown'}",
+        f"backend: {r['backend'] or '-'}",
+        f"ingress: {r['ingress']}",
+        f"output:  {r['packet_hex']}",
+        decoded.rstrip(),
+    ])
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from control.service import Controller  # after argument errors, which need none of it
     from lb.loader import DataPlaneConfig
@@ -150,6 +189,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return ctl.list()
         case "stats":
             return ctl.stats()
+        case "test-packet":
+            return ctl.test_packet(read_frame(args), args.ingress)
     raise InputError(f"unknown command {args.command!r}")
 
 
@@ -170,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_list(result))
     elif args.command == "stats":
         print(format_stats(result))
+    elif args.command == "test-packet":
+        print(format_test_packet(result))
     else:
         print(format_change(args.command, result))
     return 0

@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 from pyroute2 import IPRoute
 
 from control.errors import InputError, LbError
-from control.model import (MODES, BackendAddress, BackendState, DataPlaneState, Interface, State, VipAddress,
+from control.model import (MODES, BackendAddress, format_endpoint, BackendState, DataPlaneState, Interface, State, VipAddress,
                            VipState)
 from control.reconcile import Reconciler
 from control.routes import sync_routes
@@ -23,7 +23,8 @@ from lb import loader
 from lb.bpfsys import prog_id
 from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
-from lb.structs import REASONS
+from lb.probe import probe
+from lb.structs import REASONS, LbAddr
 
 T = TypeVar("T")
 MAX_WEIGHT = 65535
@@ -210,6 +211,27 @@ class Controller:
                 per_cpu = maps.reason_stats.get(U32(code)) or []
                 reasons[name.removeprefix("LB_").lower()] = sum(per_cpu)
         return {"vips": vips, "reasons": reasons}
+
+    def test_packet(self, frame: bytes, ingress: str | None = None) -> dict[str, Any]:
+        """Run one packet through the loaded program; see lb/probe.py."""
+        state = self.store.read()
+        dp = self._require_attached(state)
+        ifname = ingress or dp.interfaces[0].name
+        with IPRoute() as ipr:
+            ifindex = _ifindex(ipr, ifname)
+        if len(frame) < 14:
+            raise InputError(f"a packet needs at least an Ethernet header (14 bytes), got {len(frame)}")
+        prog_fd = loader.pinned_program(dp.pin_dir)
+        try:
+            result = probe(prog_fd, frame, ifindex)
+        finally:
+            os.close(prog_fd)
+        backend = None
+        if result.backend is not None:
+            addr, port = result.backend
+            backend = format_endpoint(LbAddr.from_buffer_copy(addr).address(), port)
+        return {"action": result.action, "packet_hex": result.packet.hex(), "backend": backend,
+                "reason": result.reason, "ingress": ifname}
 
     # --- helpers ---------------------------------------------------------------
 

@@ -31,16 +31,20 @@ def _final(h: int, length: int) -> int:
     return h ^ (h >> 16)
 
 
-def flow_hash(src: IPAddress, dst: IPAddress, sport: int, dport: int, proto: int) -> int:
-    """Words as a little-endian CPU loads them from the packet, as the C code does."""
+def flow_hash_raw(src: bytes, dst: bytes, sport: int, dport: int, proto: int) -> int:
+    """src and dst as 16-byte lb_addr; words as a little-endian CPU loads them, as the C code does."""
     h = SEED
     for addr in (src, dst):
-        for word in struct.unpack("<4I", bytes(LbAddr.of(addr))):
+        for word in struct.unpack("<4I", addr):
             h = _mix(h, word)
     sport_le, dport_le = struct.unpack("<HH", struct.pack(">HH", sport, dport))
     h = _mix(h, (sport_le << 16) | dport_le)
     h = _mix(h, proto)
     return _final(h, 40)
+
+
+def flow_hash(src: IPAddress, dst: IPAddress, sport: int, dport: int, proto: int) -> int:
+    return flow_hash_raw(bytes(LbAddr.of(src)), bytes(LbAddr.of(dst)), sport, dport, proto)
 
 
 def maglev_slot(src: IPAddress, dst: IPAddress, sport: int, dport: int, proto: int, ring_size: int) -> int:

@@ -92,6 +92,10 @@ class LbCounters(ctypes.Structure):
     ]
 
 
+class ProbeMeta(ctypes.Structure):
+    _fields_ = [("magic", ctypes.c_uint32), ("reason", ctypes.c_uint32)]
+
+
 # Every struct above and the C name it mirrors.
 C_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "union lb_addr": LbAddr,
@@ -105,6 +109,7 @@ C_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "struct flow_key": FlowKey,
     "struct flow_entry": FlowEntry,
     "struct lb_counters": LbCounters,
+    "struct probe_meta": ProbeMeta,
 }
 
 # enum lb_reason, in order: the value is the index.
@@ -128,6 +133,7 @@ VIP_ACTIVE = 1 << 0
 FLOW_REPLY = 1 << 0
 MODE_NAT = 0
 NO_BACKEND = 0
+PROBE_MAGIC = 0x6C627072
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 

@@ -26,6 +26,11 @@ from netns.nsenter import in_netns, socket_in, write_sysctl
 VIP_NETWORK = ipaddress.ip_network("198.19.0.0/24")
 
 
+def lab_mac(subnet: int, host: int) -> str:
+    """MAC of host .<host> on lab link 198.18.<subnet>.0/24."""
+    return f"02:00:00:00:{subnet:02x}:{host:02x}"
+
+
 def run_prefix() -> str:
     """Unique per run: two runs on one machine never share a name."""
     return f"lb{os.getpid() % 100000}{secrets.token_hex(2)}"
@@ -94,7 +99,9 @@ class Lab:
         host_ip = ipaddress.ip_address(f"198.18.{subnet}.2")
         lb_ip = ipaddress.ip_address(f"198.18.{subnet}.1")
         with NetNS(self.lb_ns) as ipr:
-            ipr.link("add", ifname=lb_ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+            # Fixed MACs (02: locally administered) make packet fixtures literal.
+            ipr.link("add", ifname=lb_ifname, kind="veth", address=lab_mac(subnet, 1),
+                     peer={"ifname": "eth0", "net_ns_fd": ns, "address": lab_mac(subnet, 2)})
             idx = ipr.link_lookup(ifname=lb_ifname)[0]
             ipr.addr("add", index=idx, address=str(lb_ip), prefixlen=24)
             ipr.link("set", index=idx, state="up")

@@ -23,7 +23,8 @@ def _c_program() -> str:
     for name in structs.REASONS:
         lines.append(f'printf("{name} %d\\n", (int){name});')
     lines.append('printf("LB_REASON_MAX %d\\n", (int)LB_REASON_MAX);')
-    lines.append('printf("LB_VIP_ACTIVE %u\\nLB_FLOW_REPLY %u\\nLB_NO_BACKEND %u\\n", LB_VIP_ACTIVE, LB_FLOW_REPLY, LB_NO_BACKEND);')
+    lines.append('printf("LB_VIP_ACTIVE %u\\nLB_FLOW_REPLY %u\\nLB_NO_BACKEND %u\\nLB_PROBE_MAGIC %u\\n", '
+                 'LB_VIP_ACTIVE, LB_FLOW_REPLY, LB_NO_BACKEND, LB_PROBE_MAGIC);')
     lines.append("return 0; }")
     return "\n".join(lines)
 
@@ -55,6 +56,7 @@ def test_flags_match_c(c_layout):
     assert c_layout["LB_VIP_ACTIVE"] == structs.VIP_ACTIVE
     assert c_layout["LB_FLOW_REPLY"] == structs.FLOW_REPLY
     assert c_layout["LB_NO_BACKEND"] == structs.NO_BACKEND
+    assert c_layout["LB_PROBE_MAGIC"] == structs.PROBE_MAGIC
 
 
 def test_ipv4_addresses_are_stored_ipv4_mapped():

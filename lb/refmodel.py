@@ -1,0 +1,294 @@
+"""An executable specification of the data plane (bpf/lb.c) in pure Python.
+
+Given the same tables (a snapshot of the maps) and the same packet, it returns
+the same action, output bytes and reason as the BPF program; the conformance
+tests and the fuzzer hold the program to it. It follows the C step for step,
+checksum arithmetic included (incremental, RFC 1624, as csum.h does it)."""
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from lb import structs
+from lb.flowhash import flow_hash_raw
+from lb.maps import U32, DataPlaneMaps
+
+V4_MAPPED = bytes(10) + b"\xff\xff"
+ETH_P_IP, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x8100, 0x88A8
+TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+
+
+@dataclass(frozen=True)
+class NextHop:
+    ifindex: int = 0
+    smac: bytes = bytes(6)
+    dmac: bytes = bytes(6)
+
+
+@dataclass
+class Flow:
+    backend_id: int
+    vip_id: int
+    flags: int
+    nh: NextHop = field(default_factory=NextHop)
+
+
+@dataclass
+class Parsed:
+    l3: int        # offset of the IPv4 header
+    l4: int        # offset of the TCP/UDP header
+    src: bytes     # 16-byte lb_addr
+    dst: bytes
+    sport: int
+    dport: int
+    proto: int
+    check_off: int | None  # offset of the L4 checksum, None for UDP without one
+
+
+# fib(dst lb_addr, packet, ingress ifindex) -> ("found", NextHop) | ("kernel", None) | ("none", None)
+FibLookup = Callable[[bytes, Parsed, bytes, int], tuple[str, NextHop | None]]
+FlowKey = tuple[bytes, bytes, int, int, int]
+
+
+@dataclass
+class Tables:
+    """The maps' contents, in plain Python. Ports are host-order ints of the wire value."""
+
+    ring_size: int
+    max_vips: int
+    max_backends: int
+    vips: dict[tuple[bytes, int, int], int]                 # (addr, port, proto) -> VIP id
+    vip_meta: dict[int, tuple[bytes, int, int]]             # id -> (addr, port, flags)
+    maglev: dict[int, list[int]]                            # VIP id -> ring of backend ids
+    backends: dict[int, tuple[bytes, int]]                  # id -> (addr, port); absent = zeroed
+    reply_sources: set[tuple[bytes, int, int]]
+    conn: dict[FlowKey, Flow]
+    routes: list[tuple[int, bytes, NextHop]]                # (prefixlen, addr, next hop)
+    if_slots: dict[int, int]
+
+    @classmethod
+    def snapshot(cls, maps: DataPlaneMaps, ring_size: int) -> "Tables":
+        ntohs = socket.ntohs
+        vips = {(bytes(k.addr), ntohs(k.port), k.proto): v.id for k, v in maps.vips.items()}
+        meta = {}
+        for vid in set(vips.values()):
+            m = maps.vip_meta.get(U32(vid))
+            meta[vid] = (bytes(m.addr), ntohs(m.port), m.flags)
+        maglev = {vid: maps.maglev.read_range(vid * ring_size, ring_size) for vid in set(vips.values())}
+        backends = {k.value: (bytes(v.addr), ntohs(v.port)) for k, v in maps.backends.items() if v.flags}
+        return cls(
+            ring_size=ring_size, max_vips=maps.vip_meta.max_entries, max_backends=maps.backends.max_entries,
+            vips=vips, vip_meta=meta, maglev=maglev, backends=backends,
+            reply_sources={(bytes(k.addr), ntohs(k.port), k.proto) for k in maps.reply_sources.keys()},
+            conn={(bytes(k.src), bytes(k.dst), ntohs(k.sport), ntohs(k.dport), k.proto):
+                  Flow(v.backend_id, v.vip_id, v.flags, _nh(v.nh)) for k, v in maps.conn_table.items()},
+            routes=[(k.prefixlen, bytes(k.addr), _nh(v)) for k, v in maps.routes.items()],
+            if_slots={k.value: v.value for k, v in maps.if_slots.items()},
+        )
+
+
+def _nh(nh: structs.NextHop) -> NextHop:
+    return NextHop(nh.ifindex, bytes(nh.smac), bytes(nh.dmac))
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    action: str
+    packet: bytes
+    reason: str
+    backend: tuple[bytes, int] | None = None
+
+
+# --- checksums, as bpf/csum.h computes them ------------------------------------------
+
+def _fold(s: int) -> int:
+    s = (s & 0xFFFF) + (s >> 16)
+    return (s & 0xFFFF) + (s >> 16)
+
+
+def csum_replace(check: int, old: bytes, new: bytes) -> int:
+    """RFC 1624 eqn. 3 over 16-bit words (byte-order independent)."""
+    s = ~check & 0xFFFF
+    for i in range(0, len(old), 2):
+        s += ~int.from_bytes(old[i:i + 2], "big") & 0xFFFF
+    for i in range(0, len(new), 2):
+        s += int.from_bytes(new[i:i + 2], "big")
+    return ~_fold(s) & 0xFFFF
+
+
+def _reason(name: str) -> str:
+    return name.removeprefix("LB_").lower()
+
+
+class DataPlaneModel:
+    def __init__(self, tables: Tables, fib: FibLookup):
+        self.t = tables
+        self.fib = fib
+
+    # --- parse.h ------------------------------------------------------------------------
+    @staticmethod
+    def parse(frame: bytes) -> Parsed | str:
+        if len(frame) < 14:
+            return "LB_PASS_MALFORMED"
+        proto = int.from_bytes(frame[12:14], "big")
+        off = 14
+        if proto in (ETH_P_8021Q, ETH_P_8021AD):
+            if len(frame) < 18:
+                return "LB_PASS_MALFORMED"
+            proto = int.from_bytes(frame[16:18], "big")
+            off = 18
+        if proto != ETH_P_IP:
+            return "LB_PASS_NOT_IP"
+        if len(frame) < off + 20:
+            return "LB_PASS_MALFORMED"
+        version, ihl = frame[off] >> 4, frame[off] & 0xF
+        if version != 4 or ihl < 5:
+            return "LB_PASS_MALFORMED"
+        if ihl != 5:
+            return "LB_PASS_IP_OPTIONS"
+        if int.from_bytes(frame[off + 6:off + 8], "big") & 0x3FFF:
+            return "LB_PASS_FRAGMENT"
+        l4proto = frame[off + 9]
+        src, dst = V4_MAPPED + frame[off + 12:off + 16], V4_MAPPED + frame[off + 16:off + 20]
+        l4 = off + 20
+        if l4proto == TCP:
+            if len(frame) < l4 + 20:
+                return "LB_PASS_MALFORMED"
+            check_off: int | None = l4 + 16
+        elif l4proto == UDP:
+            if len(frame) < l4 + 8:
+                return "LB_PASS_MALFORMED"
+            check_off = l4 + 6 if frame[l4 + 6:l4 + 8] != b"\0\0" else None
+        else:
+            return "LB_PASS_UNSUPPORTED_L4"
+        sport, dport = struct.unpack_from(">HH", frame, l4)
+        return Parsed(off, l4, src, dst, sport, dport, l4proto, check_off)
+
+    # --- lb.c -----------------------------------------------------------------------------
+    def process(self, frame: bytes, ingress_ifindex: int) -> ModelResult:
+        p = self.parse(frame)
+        if isinstance(p, str):
+            return ModelResult("XDP_PASS", frame, _reason(p))
+        pkt = bytearray(frame)
+        vip_id = self.t.vips.get((p.dst, p.dport, p.proto))
+        if vip_id is not None:
+            return self._to_backend(pkt, p, vip_id, ingress_ifindex)
+        if (p.src, p.sport, p.proto) in self.t.reply_sources:
+            return self._to_client(pkt, p, ingress_ifindex)
+        return ModelResult("XDP_PASS", frame, "pass_not_vip")
+
+    def _backend(self, backend_id: int) -> tuple[bytes, int] | None:
+        if backend_id >= self.t.max_backends:
+            return None
+        return self.t.backends.get(backend_id, (bytes(16), 0))
+
+    def _to_backend(self, pkt: bytearray, p: Parsed, vip_id: int, ingress: int) -> ModelResult:
+        key = (p.src, p.dst, p.sport, p.dport, p.proto)
+        flow = self.t.conn.get(key)
+        if flow is not None:
+            be = self._backend(flow.backend_id)
+        else:
+            slot = flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto) % self.t.ring_size
+            ring = self.t.maglev.get(vip_id)
+            backend_id = ring[slot] if ring is not None and vip_id < self.t.max_vips else structs.NO_BACKEND
+            be = self._backend(backend_id) if backend_id != structs.NO_BACKEND else None
+            if be is None:
+                return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
+            self.t.conn[key] = Flow(backend_id, vip_id, 0)
+            self.t.conn[(be[0], p.src, be[1], p.sport, p.proto)] = Flow(backend_id, vip_id, structs.FLOW_REPLY)
+            flow = self.t.conn[key]
+        if be is None:
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
+        self._nat(pkt, p, p.l3 + 16, p.l4 + 2, be[0][12:], be[1])
+        return self._forward(pkt, p, flow, be[0], ingress, "fwd_nat", be)
+
+    def _to_client(self, pkt: bytearray, p: Parsed, ingress: int) -> ModelResult:
+        flow = self.t.conn.get((p.src, p.dst, p.sport, p.dport, p.proto))
+        if flow is None or not flow.flags & structs.FLOW_REPLY:
+            return ModelResult("XDP_PASS", bytes(pkt), "pass_not_vip")
+        meta = self.t.vip_meta.get(flow.vip_id)
+        if meta is None or not meta[2] & structs.VIP_ACTIVE:
+            return ModelResult("XDP_PASS", bytes(pkt), "pass_not_vip")
+        self._nat(pkt, p, p.l3 + 12, p.l4, meta[0][12:], meta[1])
+        return self._forward(pkt, p, flow, p.dst, ingress, "fwd_reply", (p.src, p.sport))
+
+    # --- nat.h: address first, then port, checksums after each ---------------------------------
+    def _nat(self, pkt: bytearray, p: Parsed, addr_off: int, port_off: int, new_addr: bytes, new_port: int) -> None:
+        old_addr = bytes(pkt[addr_off:addr_off + 4])
+        old_port = bytes(pkt[port_off:port_off + 2])
+        new_port_b = new_port.to_bytes(2, "big")
+        pkt[addr_off:addr_off + 4] = new_addr
+        self._replace_check(pkt, p.l3 + 10, old_addr, new_addr, udp_zero_fix=False)
+        if p.check_off is not None:
+            self._replace_check(pkt, p.check_off, old_addr, new_addr, udp_zero_fix=p.proto == UDP)
+        pkt[port_off:port_off + 2] = new_port_b
+        if p.check_off is not None:
+            self._replace_check(pkt, p.check_off, old_port, new_port_b, udp_zero_fix=p.proto == UDP)
+
+    @staticmethod
+    def _replace_check(pkt: bytearray, off: int, old: bytes, new: bytes, udp_zero_fix: bool) -> None:
+        check = csum_replace(int.from_bytes(pkt[off:off + 2], "big"), old, new)
+        if udp_zero_fix and check == 0:
+            check = 0xFFFF
+        pkt[off:off + 2] = check.to_bytes(2, "big")
+
+    # --- nexthop.h and transmit -----------------------------------------------------------------
+    def _forward(self, pkt: bytearray, p: Parsed, flow: Flow, dst: bytes, ingress: int, ok: str,
+                 backend: tuple[bytes, int]) -> ModelResult:
+        if not flow.nh.ifindex:
+            verdict, nh = self._resolve(dst, p, bytes(pkt), ingress)
+            if verdict == "kernel":
+                return ModelResult("XDP_PASS", bytes(pkt), "pass_neigh_unresolved", backend)
+            if verdict == "none":
+                return ModelResult("XDP_DROP", bytes(pkt), "drop_no_route", backend)
+            flow.nh = nh
+        nh = flow.nh
+        pkt[0:6], pkt[6:12] = nh.dmac, nh.smac
+        if nh.ifindex == ingress:
+            return ModelResult("XDP_TX", bytes(pkt), ok, backend)
+        if nh.ifindex not in self.t.if_slots:
+            return ModelResult("XDP_PASS", bytes(pkt), "pass_egress_unmanaged", backend)
+        return ModelResult("XDP_REDIRECT", bytes(pkt), ok, backend)
+
+    def _resolve(self, dst: bytes, p: Parsed, pkt: bytes, ingress: int) -> tuple[str, NextHop | None]:
+        best: tuple[int, NextHop] | None = None
+        target = int.from_bytes(dst, "big")
+        for plen, addr, nh in self.t.routes:
+            mask = ((1 << plen) - 1) << (128 - plen) if plen else 0
+            if target & mask == int.from_bytes(addr, "big") & mask and (best is None or plen > best[0]):
+                best = (plen, nh)
+        if best is not None and best[1].ifindex:
+            return "found", best[1]
+        return self.fib(dst, p, pkt, ingress)
+
+
+def kernel_fib(ipr) -> FibLookup:
+    """The kernel's FIB as bpf_fib_lookup() sees it, read with pyroute2 (an IPRoute in the LB's namespace)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    nud_valid = 0x80 | 0x40 | 0x02 | 0x10 | 0x04 | 0x08
+
+    def lookup(dst: bytes, p: Parsed, pkt: bytes, ingress: int) -> tuple[str, NextHop | None]:
+        address = socket.inet_ntoa(dst[12:])
+        try:
+            route = ipr.route("get", dst=address)[0]
+        except NetlinkError:
+            return "none", None
+        if route["type"] != 1:  # RTN_UNICAST
+            return "none", None
+        oif = route.get_attr("RTA_OIF")
+        link = ipr.get_links(oif)[0]
+        tot_len = int.from_bytes(pkt[p.l3 + 2:p.l3 + 4], "big")
+        if tot_len > link.get_attr("IFLA_MTU"):
+            return "none", None
+        hop = route.get_attr("RTA_GATEWAY") or address
+        for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=oif):
+            if n.get_attr("NDA_DST") == hop and n["state"] & nud_valid and n.get_attr("NDA_LLADDR"):
+                smac = bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
+                dmac = bytes.fromhex(n.get_attr("NDA_LLADDR").replace(":", ""))
+                return "found", NextHop(oif, smac, dmac)
+        return "kernel", None
+
+    return lookup

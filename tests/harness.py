@@ -1,0 +1,96 @@
+"""Run packets through the loaded BPF program and the reference model side by side."""
+from __future__ import annotations
+
+import contextlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pyroute2 import NetNS
+from scapy.compat import raw
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.packet import Raw
+
+from lb import loader
+from lb.maps import DataPlaneMaps
+from lb.probe import Probe, probe
+from lb.refmodel import DataPlaneModel, ModelResult, Tables, kernel_fib
+from netns.nsenter import in_netns
+from netns.topology import Lab
+from tests.conftest import lab_with_lb, run_lbctl
+
+FIXTURES = Path(__file__).parent / "fixtures" / "packets.toml"
+
+
+def load_fixtures() -> dict:
+    with open(FIXTURES, "rb") as f:
+        return tomllib.load(f)
+
+
+def expression_names(lab: Lab) -> dict:
+    """What a fixture's scapy expression may name."""
+    b1, b2 = lab.backends[:2]
+    return {
+        "Ether": Ether, "Dot1Q": Dot1Q, "ARP": ARP, "IP": IP, "IPOption_NOP": IPOption_NOP, "IPv6": IPv6,
+        "TCP": TCP, "UDP": UDP, "ICMP": ICMP, "Raw": Raw, "raw": raw,
+        "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address),
+        "VIP1": str(lab.vip(1)), "VIP2": str(lab.vip(2)),
+        "CLIENT_MAC": lab.client.mac, "B1_MAC": b1.mac, "LB_CLIENT_MAC": lab.client.lb_mac, "LB_B1_MAC": b1.lb_mac,
+    }
+
+
+def evaluate(expression: str, names: dict) -> bytes:
+    return bytes(eval(expression, {"__builtins__": {}}, names))  # fixtures are the project's own data
+
+
+@dataclass
+class Harness:
+    lab: Lab
+    prog_fd: int
+    maps: DataPlaneMaps
+    model: DataPlaneModel
+    ifindex: dict[str, int]  # "client", "b1", ... -> the LB's interface
+
+    def run(self, frame: bytes, ingress: str) -> tuple[Probe, ModelResult]:
+        ifindex = self.ifindex[ingress]
+        expected = self.model.process(frame, ifindex)
+        with in_netns(self.lab.lb_ns):
+            actual = probe(self.prog_fd, frame, ifindex)
+        return actual, expected
+
+
+@contextlib.contextmanager
+def configured_harness(config: dict) -> Iterator[Harness]:
+    """A lab with two backends, the data plane attached and `config` ([config] of the fixtures) applied."""
+    with lab_with_lb(2, True, "--conn-table-size", "262144") as lab:
+        lab.resolve_neighbours()  # so the route mirror knows every host, as after real traffic
+        for v in config["vips"]:
+            run_lbctl(lab.lb_ns, "add-vip", v["vip"])
+            for b in v["backends"]:
+                run_lbctl(lab.lb_ns, "add-backend", v["vip"], b)
+        listed = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]
+        prog_fd = loader.pinned_program(listed["pin_dir"])
+        with DataPlaneMaps.open(listed["pin_dir"]) as maps, NetNS(lab.lb_ns) as ipr:
+            ifindex = {"client": ipr.link_lookup(ifname=lab.client.lb_ifname)[0]}
+            ifindex.update({b.ns.rsplit("-", 1)[1]: ipr.link_lookup(ifname=b.lb_ifname)[0] for b in lab.backends})
+            model = DataPlaneModel(Tables.snapshot(maps, listed["ring_size"]), kernel_fib(ipr))
+            try:
+                yield Harness(lab, prog_fd, maps, model, ifindex)
+            finally:
+                import os
+                os.close(prog_fd)
+
+
+def disagreement(frame: bytes, actual: Probe, expected: ModelResult) -> str:
+    """A report with the packet as a scapy expression, ready for the fixture table."""
+    return (f"program and model disagree on\n  packet = \"{Ether(frame).command()}\"\n"
+            f"  program: {actual.action} {actual.reason} {actual.packet.hex()}\n"
+            f"  model:   {expected.action} {expected.reason} {expected.packet.hex()}")
+
+
+def agree(actual: Probe, expected: ModelResult) -> bool:
+    return (actual.action, actual.packet, actual.reason, actual.backend) == \
+        (expected.action, expected.packet, expected.reason, expected.backend)
