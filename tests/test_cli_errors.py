@@ -59,6 +59,11 @@ BAD_INPUT = [
     ("add-backend", VIP, "[2001:db8::2]:8080"),  # IP version mismatch
     ("remove-backend", VIP, "198.18.3.2:8080"),
     ("remove-backend", "198.19.0.9:80/tcp", BACKEND),
+    ("test-packet", "zz"),
+    ("test-packet", "0011223344"),  # shorter than an Ethernet header
+    ("test-packet", "--pcap", "/nonexistent.pcap"),
+    ("test-packet", "00" * 60, "--ingress", "no-such-if"),
+    ("test-packet",),
     ("frobnicate",),
 ]
 
