@@ -77,75 +77,81 @@ static __always_inline int transmit(struct xdp_md *ctx, struct packet *pkt, cons
 	return tx_ports.redirect_map(*slot, 0);
 }
 
-/* Send a rewritten packet towards dst, caching the next hop in the flow. */
-static __always_inline int forward(struct xdp_md *ctx, struct packet *pkt, struct flow_entry *flow,
-				   const union lb_addr *dst, enum lb_reason ok)
+/* *nh is a cache (a flow's or a backend's next hop): fill it when empty. */
+static __always_inline int ensure_next_hop(struct xdp_md *ctx, const struct packet *pkt,
+					   const union lb_addr *dst, struct next_hop *nh)
 {
-	if (!flow->nh.ifindex) {
-		int rc = resolve_next_hop(ctx, pkt, dst, &flow->nh);
+	if (nh->ifindex)
+		return NH_FOUND;
+	return resolve_next_hop(ctx, pkt, dst, nh);
+}
 
-		if (rc == NH_KERNEL)
-			return verdict(ctx, LB_PASS_NEIGH_UNRESOLVED, XDP_PASS);
-		if (rc == NH_NO_ROUTE)
-			return verdict(ctx, LB_DROP_NO_ROUTE, XDP_DROP);
-	}
-	int action = transmit(ctx, pkt, &flow->nh);
+/* Send a rewritten packet by the outcome of its next-hop resolution. */
+static __always_inline int send(struct xdp_md *ctx, struct packet *pkt, const struct next_hop *nh,
+				int resolved, enum lb_reason ok)
+{
+	if (resolved == NH_KERNEL)
+		return verdict(ctx, LB_PASS_NEIGH_UNRESOLVED, XDP_PASS);
+	if (resolved == NH_NO_ROUTE)
+		return verdict(ctx, LB_DROP_NO_ROUTE, XDP_DROP);
+
+	int action = transmit(ctx, pkt, nh);
 
 	if (action < 0)
 		return verdict(ctx, LB_PASS_EGRESS_UNMANAGED, XDP_PASS);
 	return verdict(ctx, ok, action);
 }
 
-/* A new flow: pick a backend on the VIP's Maglev table, remember the choice
- * for both directions. */
-static __always_inline struct flow_entry *new_flow(struct packet *pkt, struct flow_key *key,
-						   const struct vip_info *vip, struct backend **be_out)
+/* A new flow: pick a backend on the VIP's Maglev table and remember the
+ * choice for both directions, with the backend's next hop already in it. */
+static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, struct flow_key *key,
+				    const struct vip_info *vip)
 {
 	__u32 slot = vip->id * LB_RING_SIZE + flow_hash(&pkt->src, &pkt->dst, pkt->sport, pkt->dport, pkt->proto) % LB_RING_SIZE;
-	__u32 *backend_id = maglev.lookup(&slot);
+	__u32 *picked = maglev.lookup(&slot);
 
-	if (!backend_id || *backend_id == LB_NO_BACKEND)
-		return NULL;
-	struct backend *be = backends.lookup(backend_id);
+	if (!picked || *picked == LB_NO_BACKEND)
+		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
+	__u32 backend_id = *picked, vip_id = vip->id;
+	struct backend *be = backends.lookup(&backend_id);
+	struct next_hop *be_nh = backend_nh.lookup(&backend_id);
 
-	if (!be)
-		return NULL;
-	struct flow_entry entry = { .backend_id = *backend_id, .vip_id = vip->id };
+	if (!be || !be_nh)
+		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
+	int resolved = ensure_next_hop(ctx, pkt, &be->addr, be_nh);
+	struct flow_entry entry = { .backend_id = backend_id, .vip_id = vip_id, .nh = *be_nh };
+	struct flow_entry reply = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_REPLY };
 	struct flow_key reply_key = {
 		.src = be->addr, .dst = pkt->src, .sport = be->port, .dport = pkt->sport, .proto = pkt->proto,
 	};
 
 	conn_table.update(key, &entry);
-	entry.flags = LB_FLOW_REPLY;
-	conn_table.update(&reply_key, &entry);
-	*be_out = be;
-	return conn_table.lookup(key);
+	conn_table.update(&reply_key, &reply);
+	count(vip_stats.lookup(&vip_id), pkt->len, 0, 1);
+	count(backend_stats.lookup(&backend_id), pkt->len, 0, 1);
+	nat_rewrite_destination(pkt, be);
+	return send(ctx, pkt, &entry.nh, resolved, LB_FWD_NAT);
 }
 
 static __always_inline int to_backend(struct xdp_md *ctx, struct packet *pkt, const struct vip_info *vip)
 {
 	struct flow_key key = {};
-	struct backend *be = NULL;
-	int is_new = 0;
 
 	flow_key_of(&key, pkt);
 	struct flow_entry *flow = conn_table.lookup(&key);
 
-	if (flow) {
-		be = backends.lookup(&flow->backend_id);
-	} else {
-		flow = new_flow(pkt, &key, vip, &be);
-		is_new = 1;
-	}
-	if (!flow || !be)
-		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
+	if (!flow)
+		return new_flow(ctx, pkt, &key, vip);
 
 	__u32 vip_id = vip->id, backend_id = flow->backend_id;
+	struct backend *be = backends.lookup(&backend_id);
 
-	count(vip_stats.lookup(&vip_id), pkt->len, 0, is_new);
-	count(backend_stats.lookup(&backend_id), pkt->len, 0, is_new);
+	if (!be)
+		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
+	count(vip_stats.lookup(&vip_id), pkt->len, 0, 0);
+	count(backend_stats.lookup(&backend_id), pkt->len, 0, 0);
 	nat_rewrite_destination(pkt, be);
-	return forward(ctx, pkt, flow, &be->addr, LB_FWD_NAT);
+	return send(ctx, pkt, &flow->nh, ensure_next_hop(ctx, pkt, &be->addr, &flow->nh), LB_FWD_NAT);
 }
 
 static __always_inline int to_client(struct xdp_md *ctx, struct packet *pkt)
@@ -165,7 +171,7 @@ static __always_inline int to_client(struct xdp_md *ctx, struct packet *pkt)
 	count(vip_stats.lookup(&vip_id), pkt->len, 1, 0);
 	count(backend_stats.lookup(&backend_id), pkt->len, 1, 0);
 	nat_rewrite_source(pkt, vip);
-	return forward(ctx, pkt, flow, &pkt->dst, LB_FWD_REPLY);
+	return send(ctx, pkt, &flow->nh, ensure_next_hop(ctx, pkt, &pkt->dst, &flow->nh), LB_FWD_REPLY);
 }
 
 int xdp_lb(struct xdp_md *ctx)

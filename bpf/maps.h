@@ -16,6 +16,8 @@ BPF_TABLE_PINNED("array", __u32, struct vip_meta, vip_meta, LB_MAX_VIPS, PIN(vip
 BPF_TABLE_PINNED("array", __u32, __u32, maglev, LB_MAX_VIPS * LB_RING_SIZE, PIN(maglev));
 /* backend id -> backend */
 BPF_TABLE_PINNED("array", __u32, struct backend, backends, LB_MAX_BACKENDS, PIN(backends));
+/* backend id -> its next hop, cached by the data plane, cleared by the control plane when routes change */
+BPF_TABLE_PINNED("array", __u32, struct next_hop, backend_nh, LB_MAX_BACKENDS, PIN(backend_nh));
 /* backend (address, port, protocol) -> number of VIPs using it: gates the reply lookup */
 BPF_TABLE_PINNED("hash", struct endpoint, __u32, reply_sources, LB_MAX_BACKENDS, PIN(reply_sources));
 /* 5-tuple -> backend; forward entries by the client's tuple, reply entries by the backend's */

@@ -148,6 +148,9 @@ class State:
                 return v
         return None
 
+    def backend_ids(self) -> set[int]:
+        return {b.id for v in self.vips for b in v.backends}
+
     def require_vip(self, vip: VipAddress) -> VipState:
         found = self.vip(vip)
         if found is None:

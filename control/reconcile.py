@@ -13,7 +13,7 @@ from control.model import State, VipState
 from lb.maglev import MaglevBackend, build_table
 from lb.maps import U32, DataPlaneMaps
 from lb.structs import (MODE_NAT, NO_BACKEND, PROTOCOLS, VIP_ACTIVE, Backend, Endpoint, LbAddr, LbCounters,
-                        VipInfo, VipKey, VipMeta, be16)
+                        NextHop, VipInfo, VipKey, VipMeta, be16)
 
 MODE_CODES = {"nat": MODE_NAT}
 
@@ -134,6 +134,8 @@ class Reconciler:
                 continue
             if index not in before:
                 self._reset_counters(stats_name, index)
+            if map_name == "backends":  # a new or moved backend: its cached next hop is stale
+                self.maps.backend_nh.set(U32(index), NextHop())
             self.maps.maps[map_name].set(U32(index), value)
             report.count(map_name)
 

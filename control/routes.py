@@ -11,7 +11,7 @@ import socket
 
 from pyroute2 import IPRoute
 
-from lb.maps import DataPlaneMaps
+from lb.maps import U32, DataPlaneMaps
 from lb.structs import LbAddr, NextHop, RouteKey
 
 # NUD states whose lladdr can be used to send
@@ -59,8 +59,11 @@ def kernel_next_hops(ifindexes: set[int]) -> dict[bytes, tuple[RouteKey, NextHop
     return out
 
 
-def sync_routes(maps: DataPlaneMaps, ifindexes: set[int]) -> int:
-    """Make the routes map equal to the kernel's view; returns the number of writes."""
+def sync_routes(maps: DataPlaneMaps, ifindexes: set[int], backend_ids: set[int]) -> int:
+    """Make the routes map equal to the kernel's view; returns the number of writes.
+
+    When anything changed, the backends' cached next hops are cleared: the data
+    plane resolves them again on their next new flow."""
     wanted = kernel_next_hops(ifindexes)
     current = {bytes(k): (RouteKey.from_buffer_copy(k), v) for k, v in maps.routes.items()}
     writes = 0
@@ -72,4 +75,7 @@ def sync_routes(maps: DataPlaneMaps, ifindexes: set[int]) -> int:
         if k not in current or bytes(current[k][1]) != bytes(nh):
             maps.routes.set(key, nh)
             writes += 1
+    if writes:
+        for backend_id in backend_ids:
+            maps.backend_nh.set(U32(backend_id), NextHop())
     return writes

@@ -75,7 +75,7 @@ class Controller:
                     for slot, iface in enumerate(ifaces):
                         maps.tx_ports.set(I32(slot), I32(iface.ifindex))
                         maps.if_slots.set(U32(iface.ifindex), U32(slot))
-                    sync_routes(maps, {i.ifindex for i in ifaces})
+                    sync_routes(maps, {i.ifindex for i in ifaces}, state.backend_ids())
                     Reconciler(maps, config.ring_size).apply(State(), state)
             except BaseException:
                 for iface in done:
@@ -244,7 +244,7 @@ class Controller:
                 old = copy.deepcopy(state)
                 result = change(state)
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
-                    sync_routes(maps, {i.ifindex for i in dp.interfaces})
+                    sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids() | old.backend_ids())
                     Reconciler(maps, dp.config["ring_size"]).apply(old, state)
                 applied = (dp.pin_dir, dp.config["ring_size"], old, copy.deepcopy(state))
             return result

@@ -104,6 +104,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "vip_meta": (U32, VipMeta),
     "maglev": (U32, U32),
     "backends": (U32, Backend),
+    "backend_nh": (U32, NextHop),
     "reply_sources": (Endpoint, U32),
     "conn_table": (FlowKey, FlowEntry),
     "routes": (RouteKey, NextHop),

@@ -63,6 +63,7 @@ class Tables:
     vip_meta: dict[int, tuple[bytes, int, int]]             # id -> (addr, port, flags)
     maglev: dict[int, list[int]]                            # VIP id -> ring of backend ids
     backends: dict[int, tuple[bytes, int]]                  # id -> (addr, port); absent = zeroed
+    backend_nh: dict[int, NextHop]                          # id -> cached next hop; absent = none yet
     reply_sources: set[tuple[bytes, int, int]]
     conn: dict[FlowKey, Flow]
     routes: list[tuple[int, bytes, NextHop]]                # (prefixlen, addr, next hop)
@@ -78,9 +79,10 @@ class Tables:
             meta[vid] = (bytes(m.addr), ntohs(m.port), m.flags)
         maglev = {vid: maps.maglev.read_range(vid * ring_size, ring_size) for vid in set(vips.values())}
         backends = {k.value: (bytes(v.addr), ntohs(v.port)) for k, v in maps.backends.items() if v.flags}
+        backend_nh = {k.value: _nh(v) for k, v in maps.backend_nh.items() if v.ifindex}
         return cls(
             ring_size=ring_size, max_vips=maps.vip_meta.max_entries, max_backends=maps.backends.max_entries,
-            vips=vips, vip_meta=meta, maglev=maglev, backends=backends,
+            vips=vips, vip_meta=meta, maglev=maglev, backends=backends, backend_nh=backend_nh,
             reply_sources={(bytes(k.addr), ntohs(k.port), k.proto) for k in maps.reply_sources.keys()},
             conn={(bytes(k.src), bytes(k.dst), ntohs(k.sport), ntohs(k.dport), k.proto):
                   Flow(v.backend_id, v.vip_id, v.flags, _nh(v.nh)) for k, v in maps.conn_table.items()},
@@ -187,22 +189,29 @@ class DataPlaneModel:
     def _to_backend(self, pkt: bytearray, p: Parsed, vip_id: int, ingress: int) -> ModelResult:
         key = (p.src, p.dst, p.sport, p.dport, p.proto)
         flow = self.t.conn.get(key)
-        if flow is not None:
-            be = self._backend(flow.backend_id)
-        else:
-            slot = flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto) % self.t.ring_size
-            ring = self.t.maglev.get(vip_id)
-            backend_id = ring[slot] if ring is not None and vip_id < self.t.max_vips else structs.NO_BACKEND
-            be = self._backend(backend_id) if backend_id != structs.NO_BACKEND else None
-            if be is None:
-                return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
-            self.t.conn[key] = Flow(backend_id, vip_id, 0)
-            self.t.conn[(be[0], p.src, be[1], p.sport, p.proto)] = Flow(backend_id, vip_id, structs.FLOW_REPLY)
-            flow = self.t.conn[key]
+        if flow is None:
+            return self._new_flow(pkt, p, key, vip_id, ingress)
+        be = self._backend(flow.backend_id)
         if be is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
         self._nat(pkt, p, p.l3 + 16, p.l4 + 2, be[0][12:], be[1])
-        return self._forward(pkt, p, flow, be[0], ingress, "fwd_nat", be)
+        resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
+        return self._send(pkt, flow.nh, resolved, ingress, "fwd_nat", be)
+
+    def _new_flow(self, pkt: bytearray, p: Parsed, key: FlowKey, vip_id: int, ingress: int) -> ModelResult:
+        slot = flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto) % self.t.ring_size
+        ring = self.t.maglev.get(vip_id)
+        backend_id = ring[slot] if ring is not None and vip_id < self.t.max_vips else structs.NO_BACKEND
+        be = self._backend(backend_id) if backend_id != structs.NO_BACKEND else None
+        if be is None:
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
+        resolved, nh = self._ensure_next_hop(self.t.backend_nh.get(backend_id, NextHop()), be[0], p, pkt, ingress)
+        if nh.ifindex:
+            self.t.backend_nh[backend_id] = nh
+        self.t.conn[key] = Flow(backend_id, vip_id, 0, nh)
+        self.t.conn[(be[0], p.src, be[1], p.sport, p.proto)] = Flow(backend_id, vip_id, structs.FLOW_REPLY)
+        self._nat(pkt, p, p.l3 + 16, p.l4 + 2, be[0][12:], be[1])
+        return self._send(pkt, nh, resolved, ingress, "fwd_nat", be)
 
     def _to_client(self, pkt: bytearray, p: Parsed, ingress: int) -> ModelResult:
         flow = self.t.conn.get((p.src, p.dst, p.sport, p.dport, p.proto))
@@ -212,7 +221,8 @@ class DataPlaneModel:
         if meta is None or not meta[2] & structs.VIP_ACTIVE:
             return ModelResult("XDP_PASS", bytes(pkt), "pass_not_vip")
         self._nat(pkt, p, p.l3 + 12, p.l4, meta[0][12:], meta[1])
-        return self._forward(pkt, p, flow, p.dst, ingress, "fwd_reply", (p.src, p.sport))
+        resolved, flow.nh = self._ensure_next_hop(flow.nh, p.dst, p, pkt, ingress)
+        return self._send(pkt, flow.nh, resolved, ingress, "fwd_reply", (p.src, p.sport))
 
     # --- nat.h: address first, then port, checksums after each ---------------------------------
     def _nat(self, pkt: bytearray, p: Parsed, addr_off: int, port_off: int, new_addr: bytes, new_port: int) -> None:
@@ -235,16 +245,20 @@ class DataPlaneModel:
         pkt[off:off + 2] = check.to_bytes(2, "big")
 
     # --- nexthop.h and transmit -----------------------------------------------------------------
-    def _forward(self, pkt: bytearray, p: Parsed, flow: Flow, dst: bytes, ingress: int, ok: str,
-                 backend: tuple[bytes, int]) -> ModelResult:
-        if not flow.nh.ifindex:
-            verdict, nh = self._resolve(dst, p, bytes(pkt), ingress)
-            if verdict == "kernel":
-                return ModelResult("XDP_PASS", bytes(pkt), "pass_neigh_unresolved", backend)
-            if verdict == "none":
-                return ModelResult("XDP_DROP", bytes(pkt), "drop_no_route", backend)
-            flow.nh = nh
-        nh = flow.nh
+    def _ensure_next_hop(self, nh: NextHop, dst: bytes, p: Parsed, pkt: bytearray,
+                         ingress: int) -> tuple[str, NextHop]:
+        """A cached next hop, or a freshly resolved one (the cache stays empty unless found)."""
+        if nh.ifindex:
+            return "found", nh
+        verdict, found = self._resolve(dst, p, bytes(pkt), ingress)
+        return verdict, found if verdict == "found" else nh
+
+    def _send(self, pkt: bytearray, nh: NextHop, resolved: str, ingress: int, ok: str,
+              backend: tuple[bytes, int]) -> ModelResult:
+        if resolved == "kernel":
+            return ModelResult("XDP_PASS", bytes(pkt), "pass_neigh_unresolved", backend)
+        if resolved == "none":
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_no_route", backend)
         pkt[0:6], pkt[6:12] = nh.dmac, nh.smac
         if nh.ifindex == ingress:
             return ModelResult("XDP_TX", bytes(pkt), ok, backend)
