@@ -1,7 +1,7 @@
 # lb: every target that needs the toolchain runs `setup` first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup test demo fuzz clean
+.PHONY: setup test demo fuzz bench clean
 
 setup:
 	@bash setup.sh
@@ -12,6 +12,10 @@ test: setup
 # Differential fuzzing of the data plane against its reference model, full budget.
 fuzz: setup
 	LB_FUZZ_EXAMPLES=$${LB_FUZZ_EXAMPLES:-100000} $(PY) -m pytest -q tests/test_fuzz.py
+
+# Benchmarks (about 5 minutes): bench/results.json, docs/*.png, a summary with PASS/FAIL.
+bench: setup
+	$(PY) -m bench
 
 demo: setup
 	$(PY) -m netns.demo

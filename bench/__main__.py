@@ -1,0 +1,142 @@
+"""make bench: every benchmark in one run, against baselines measured in the same run.
+
+Writes bench/results.json and docs/*.png, and prints a summary with PASS/FAIL
+against bench/targets.json. Options come from the environment:
+LB_BENCH_QUICK=1 runs a short version (for a smoke test, not for figures)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import control, endtoend, perpacket
+from lb import loader
+from netns.nsenter import in_netns
+from netns.topology import Lab
+
+ROOT = Path(__file__).resolve().parent.parent
+LBCTL = str(Path(sys.executable).parent / "lbctl")
+QUICK = os.environ.get("LB_BENCH_QUICK") == "1"
+
+
+def lbctl(ns: str, *args: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, LBCTL, *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+@contextlib.contextmanager
+def bench_lab():
+    with Lab.build(3) as lab:
+        try:
+            lbctl(lab.lb_ns, "attach", *lab.lb_interfaces)
+            for vip, port in ((f"{lab.vip(1)}:80/tcp", 8080), (f"{lab.vip(1)}:53/udp", 5353)):
+                lbctl(lab.lb_ns, "add-vip", vip)
+                for b in lab.backends:
+                    lbctl(lab.lb_ns, "add-backend", vip, f"{b.address}:{port}")
+            lab.resolve_neighbours()
+            lbctl(lab.lb_ns, "add-vip", f"{lab.vip(2)}:80/tcp")  # any change refreshes the route mirror
+            yield lab, json.loads(lbctl(lab.lb_ns, "list", "--json"))["dataplane"]["pin_dir"]
+        finally:
+            with contextlib.suppress(Exception):
+                lbctl(lab.lb_ns, "detach")
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(f"/var/lib/lb/{lab.lb_ns}.db{suffix}")
+
+
+def verdicts(results: dict, targets: dict) -> list[tuple[str, float, str, float, bool]]:
+    """(what, measured, comparison, target, passed) for every target."""
+    rows = []
+    for path, limit in targets["perpacket_net_ns"].items():
+        v = results["perpacket"][path]["median_ns"]
+        rows.append((f"per-packet {path} (ns)", v, "<=", limit, v <= limit))
+    e = targets["endtoend"]
+    r = results["endtoend"]
+    rows.append(("rate xdp/nftables", r["rate"]["xdp_over_nft"], ">=", e["xdp_over_nft_rate"],
+                 r["rate"]["xdp_over_nft"] >= e["xdp_over_nft_rate"]))
+    rows.append(("rate xdp/bare redirect", r["rate"]["xdp_over_redirect"], ">=", e["xdp_over_redirect_rate"],
+                 r["rate"]["xdp_over_redirect"] >= e["xdp_over_redirect_rate"]))
+    cpu = r["cpu"]["xdp_over_nft_ratio"]["median"]
+    rows.append(("CPU/packet xdp/nftables", cpu, "<=", e["cpu_xdp_over_nft"], cpu <= e["cpu_xdp_over_nft"]))
+    c = targets["control"]
+    m = results["control"]["maglev_build_ms"]["1000"]["median"]
+    rows.append(("Maglev build, 1,000 backends (ms)", m, "<=", c["maglev_build_ms_1000"], m <= c["maglev_build_ms_1000"]))
+    a = results["control"]["lbctl_add_backend_ms"]["median"]
+    rows.append(("lbctl add-backend (ms)", a, "<=", c["lbctl_add_backend_ms"], a <= c["lbctl_add_backend_ms"]))
+    return rows
+
+
+def main() -> None:
+    targets = json.loads((ROOT / "bench" / "targets.json").read_text())
+    results: dict[str, Any] = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
+                                           "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+                               "quick": QUICK}
+    started = time.monotonic()
+    with bench_lab() as (lab, pin_dir):
+        lb_prog = loader.pinned_program(pin_dir)
+        baselines = perpacket.load_baselines()
+
+        log("per-packet cost (BPF_PROG_TEST_RUN, net of XDP_DROP)")
+        with in_netns(lab.lb_ns):
+            cases, drop = perpacket.lab_cases(lab, lb_prog, baselines)
+            results["perpacket"] = perpacket.measure(cases, drop, rounds=5, blocks=8 if QUICK else 40, progress=log)
+
+            log("scaling: connection-table hit while cycling over N established flows")
+            hit = next(c for c in cases if c.name == "hit")
+            scaling = []
+            for n in (1_000, 10_000, 100_000) if QUICK else (1_000, 10_000, 100_000, 400_000):
+                scaling.append(perpacket.Case(str(n), lb_prog, hit.frame, hit.ingress_ifindex, "XDP_REDIRECT",
+                                              vary=True, flow_base=0x4000000 + n * 16, flow_mod=n, warmup_calls=n))
+            results["scaling"] = {"flows": perpacket.measure(scaling, drop, rounds=3, blocks=5 if QUICK else 20,
+                                                             progress=log)}
+            results["scaling"]["flows"].pop("xdp_drop_floor")
+
+        log("end to end: generator -> LB -> backends (lb XDP, nftables DNAT, bare redirect)")
+        bench = endtoend.build(lab, pin_dir)
+        results["endtoend"] = endtoend.run(bench, reps=2 if QUICK else 5,
+                                           rate_packets=1_000_000 if QUICK else 3_000_000,
+                                           cpu_pps=300_000, cpu_seconds=3 if QUICK else 10, progress=log)
+
+        log("control plane")
+        results["control"] = {
+            "maglev_build_ms": control.maglev_build_ms(),
+            "lbctl_add_backend_ms": control.lbctl_add_backend_ms(lab.lb_ns, f"{lab.vip(1)}:80/tcp", "198.18.1.9:8080",
+                                                                 runs=5 if QUICK else 10),
+            "daemon_api_add_backend_ms": None,  # the daemon comes with issue 5
+            "apply_1000_vips_s": None,
+        }
+
+    rows = verdicts(results, targets)
+    results["targets"] = [{"what": w, "measured": round(v, 3), "target": f"{op} {t}", "pass": ok}
+                          for w, v, op, t, ok in rows]
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    from bench.plots import plot_all
+    written = plot_all(results, targets, ROOT / "docs")
+
+    log(f"\nresults in bench/results.json, plots: {', '.join(written)} ({results['elapsed_s']} s)\n")
+    width = max(len(r[0]) for r in rows)
+    for what, value, op, target, ok in rows:
+        log(f"  {what:<{width}}  {value:>10.3f}  target {op} {target:<8}  {'PASS' if ok else 'FAIL'}")
+    pp = results["perpacket"]
+    log("\n  per-packet net ns, median [min-max]: " + ", ".join(
+        f"{k} {v['median_ns']:.0f} [{v['min_ns']:.0f}-{v['max_ns']:.0f}]" for k, v in pp.items() if "min_ns" in v))
+    e = results["endtoend"]
+    log("  delivered Mpps: " + ", ".join(f"{k} {v['median'] / 1e6:.2f}" for k, v in e["rate"].items()
+                                         if isinstance(v, dict)))
+    log(f"  CPU ns/packet at 300 kpps: xdp_lb {e['cpu']['xdp_lb']['median']:.0f}, "
+        f"nftables {e['cpu']['nftables']['median']:.0f}")
+
+
+if __name__ == "__main__":
+    main()

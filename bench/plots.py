@@ -1,0 +1,71 @@
+"""PNG plots of bench/results.json under docs/."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bench.perpacket import KATRAN_NS  # noqa: E402
+
+
+def _bars(ax, labels, values, errors=None, color="tab:blue", offset=0.0, width=0.38, label=None):
+    xs = [i + offset for i in range(len(labels))]
+    ax.bar(xs, values, width, yerr=errors, color=color, label=label, capsize=3)
+    return xs
+
+
+def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    pp = results["perpacket"]
+    paths = ["hit", "hit_100k", "new_flow", "not_vip"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ours = [pp[p]["median_ns"] for p in paths]
+    err = [[pp[p]["median_ns"] - pp[p]["min_ns"] for p in paths], [pp[p]["max_ns"] - pp[p]["median_ns"] for p in paths]]
+    _bars(ax, paths, ours, err, "tab:blue", -0.2, label="lb (this run)")
+    _bars(ax, paths, [KATRAN_NS[p] for p in paths], None, "tab:gray", 0.2, label="Katran (same method)")
+    for i, p in enumerate(paths):
+        ax.hlines(targets["perpacket_net_ns"][p], i - 0.4, i + 0.4, colors="tab:red", linestyles="dashed",
+                  label="target" if i == 0 else None)
+    ax.set_xticks(range(len(paths)), paths)
+    ax.set_ylabel("net ns per packet (minus XDP_DROP)")
+    ax.set_title("Per-packet cost, BPF_PROG_TEST_RUN, IPv4")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "perpacket.png", dpi=110)
+    written.append("docs/perpacket.png")
+    plt.close(fig)
+
+    e2e = results["endtoend"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4))
+    names = ["xdp_lb", "nftables", "bare_redirect"]
+    rate = [e2e["rate"][n]["median"] / 1e6 for n in names]
+    a1.bar(names, rate, color=["tab:blue", "tab:orange", "tab:gray"])
+    a1.set_ylabel("Mpps delivered to the backends")
+    a1.set_title("Full speed, 60-byte UDP, 1,024 flows")
+    cpu_names = ["xdp_lb", "nftables"]
+    a2.bar(cpu_names, [e2e["cpu"][n]["median"] for n in cpu_names], color=["tab:blue", "tab:orange"])
+    a2.set_ylabel("CPU ns per forwarded packet")
+    a2.set_title(f"CPU at {e2e['cpu']['offered_pps'] // 1000} kpps")
+    fig.tight_layout()
+    fig.savefig(out_dir / "endtoend.png", dpi=110)
+    written.append("docs/endtoend.png")
+    plt.close(fig)
+
+    sc = results["scaling"]["flows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = sorted(int(k) for k in sc)
+    ax.plot(xs, [sc[str(x)]["median_ns"] for x in xs], marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("established flows cycled over")
+    ax.set_ylabel("net ns per packet (connection-table hit)")
+    ax.set_title("Hit cost as the connection table fills")
+    fig.tight_layout()
+    fig.savefig(out_dir / "scaling.png", dpi=110)
+    written.append("docs/scaling.png")
+    plt.close(fig)
+    return written
