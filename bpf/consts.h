@@ -34,6 +34,13 @@
 /* flow_entry.flags */
 #define LB_FLOW_REPLY (1U << 0) /* entry keyed by the backend's reply 5-tuple */
 
+/* backend.flags */
+#define LB_BACKEND_IN_USE (1U << 0)
+#define LB_BACKEND_SHARED (1U << 1) /* its endpoint serves several VIPs: flows need reply entries */
+
+/* reply_source.flags */
+#define LB_REPLY_SHARED (1U << 0) /* endpoint behind several VIPs: find the VIP by the reply entry */
+
 /* probe_meta.magic: "lbpr" */
 #define LB_PROBE_MAGIC 0x6c627072U
 

@@ -103,7 +103,7 @@ static __always_inline int send(struct xdp_md *ctx, struct packet *pkt, const st
 }
 
 /* A new flow: pick a backend on the VIP's Maglev table and remember the
- * choice for both directions, with the backend's next hop already in it. */
+ * choice, with the backend's next hop already in it. */
 static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, struct flow_key *key,
 				    const struct vip_info *vip)
 {
@@ -120,13 +120,17 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, stru
 		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
 	int resolved = ensure_next_hop(ctx, pkt, &be->addr, be_nh);
 	struct flow_entry entry = { .backend_id = backend_id, .vip_id = vip_id, .nh = *be_nh };
-	struct flow_entry reply = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_REPLY };
-	struct flow_key reply_key = {
-		.src = be->addr, .dst = pkt->src, .sport = be->port, .dport = pkt->sport, .proto = pkt->proto,
-	};
 
 	conn_table.update(key, &entry);
-	conn_table.update(&reply_key, &reply);
+	if (be->flags & LB_BACKEND_SHARED) {
+		/* Its replies cannot name the VIP by themselves: remember the flow by them too. */
+		struct flow_entry reply = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_REPLY };
+		struct flow_key reply_key = {
+			.src = be->addr, .dst = pkt->src, .sport = be->port, .dport = pkt->sport, .proto = pkt->proto,
+		};
+
+		conn_table.update(&reply_key, &reply);
+	}
 	count(vip_stats.lookup(&vip_id), pkt->len, 0, 1);
 	count(backend_stats.lookup(&backend_id), pkt->len, 0, 1);
 	nat_rewrite_destination(pkt, be);
@@ -154,7 +158,49 @@ static __always_inline int to_backend(struct xdp_md *ctx, struct packet *pkt, co
 	return send(ctx, pkt, &flow->nh, ensure_next_hop(ctx, pkt, &be->addr, &flow->nh), LB_FWD_NAT);
 }
 
-static __always_inline int to_client(struct xdp_md *ctx, struct packet *pkt)
+static __always_inline int same_endpoint(const struct backend *be, const struct packet *pkt)
+{
+	return be->port == pkt->sport && be->addr.w[0] == pkt->src.w[0] && be->addr.w[1] == pkt->src.w[1] &&
+	       be->addr.w[2] == pkt->src.w[2] && be->addr.w[3] == pkt->src.w[3];
+}
+
+static __always_inline struct vip_meta *active_vip(__u32 vip_id)
+{
+	struct vip_meta *vip = vip_meta.lookup(&vip_id);
+
+	if (!vip || !(vip->flags & LB_VIP_ACTIVE))
+		return NULL;
+	return vip;
+}
+
+/* The flow a backend's reply belongs to, for an endpoint that serves one
+ * VIP: the client's own flow (found by its tuple towards that VIP), and
+ * only if that flow went to this very backend. */
+static __always_inline struct flow_entry *own_reply_flow(const struct packet *pkt, __u32 vip_id,
+							 struct vip_meta **vip_out)
+{
+	struct vip_meta *vip = active_vip(vip_id);
+
+	if (!vip)
+		return NULL;
+	struct flow_key key = {
+		.src = pkt->dst, .dst = vip->addr, .sport = pkt->dport, .dport = vip->port, .proto = pkt->proto,
+	};
+	struct flow_entry *flow = conn_table.lookup(&key);
+
+	if (!flow)
+		return NULL;
+	__u32 backend_id = flow->backend_id;
+	struct backend *be = backends.lookup(&backend_id);
+
+	if (!be || !same_endpoint(be, pkt))
+		return NULL;
+	*vip_out = vip;
+	return flow;
+}
+
+/* For an endpoint shared by several VIPs, the flow's reply entry names the VIP. */
+static __always_inline struct flow_entry *shared_reply_flow(const struct packet *pkt, struct vip_meta **vip_out)
 {
 	struct flow_key key = {};
 
@@ -162,16 +208,29 @@ static __always_inline int to_client(struct xdp_md *ctx, struct packet *pkt)
 	struct flow_entry *flow = conn_table.lookup(&key);
 
 	if (!flow || !(flow->flags & LB_FLOW_REPLY))
+		return NULL;
+	struct vip_meta *vip = active_vip(flow->vip_id);
+
+	if (!vip)
+		return NULL;
+	*vip_out = vip;
+	return flow;
+}
+
+static __always_inline int to_client(struct xdp_md *ctx, struct packet *pkt, const struct reply_source *rs)
+{
+	struct vip_meta *vip = NULL;
+	struct flow_entry *flow = rs->flags & LB_REPLY_SHARED ? shared_reply_flow(pkt, &vip)
+							      : own_reply_flow(pkt, rs->vip_id, &vip);
+
+	if (!flow || !vip)
 		return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
 	__u32 vip_id = flow->vip_id, backend_id = flow->backend_id;
-	struct vip_meta *vip = vip_meta.lookup(&vip_id);
 
-	if (!vip || !(vip->flags & LB_VIP_ACTIVE))
-		return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
 	count(vip_stats.lookup(&vip_id), pkt->len, 1, 0);
 	count(backend_stats.lookup(&backend_id), pkt->len, 1, 0);
 	nat_rewrite_source(pkt, vip);
-	return send(ctx, pkt, &flow->nh, ensure_next_hop(ctx, pkt, &pkt->dst, &flow->nh), LB_FWD_REPLY);
+	return send(ctx, pkt, &flow->reply_nh, ensure_next_hop(ctx, pkt, &pkt->dst, &flow->reply_nh), LB_FWD_REPLY);
 }
 
 int xdp_lb(struct xdp_md *ctx)
@@ -189,8 +248,9 @@ int xdp_lb(struct xdp_md *ctx)
 		return to_backend(ctx, &pkt, vip);
 
 	struct endpoint source = { .addr = pkt.src, .port = pkt.sport, .proto = pkt.proto };
+	struct reply_source *rs = reply_sources.lookup(&source);
 
-	if (reply_sources.lookup(&source))
-		return to_client(ctx, &pkt);
+	if (rs)
+		return to_client(ctx, &pkt, rs);
 	return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
 }

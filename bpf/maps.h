@@ -18,9 +18,9 @@ BPF_TABLE_PINNED("array", __u32, __u32, maglev, LB_MAX_VIPS * LB_RING_SIZE, PIN(
 BPF_TABLE_PINNED("array", __u32, struct backend, backends, LB_MAX_BACKENDS, PIN(backends));
 /* backend id -> its next hop, cached by the data plane, cleared by the control plane when routes change */
 BPF_TABLE_PINNED("array", __u32, struct next_hop, backend_nh, LB_MAX_BACKENDS, PIN(backend_nh));
-/* backend (address, port, protocol) -> number of VIPs using it: gates the reply lookup */
-BPF_TABLE_PINNED("hash", struct endpoint, __u32, reply_sources, LB_MAX_BACKENDS, PIN(reply_sources));
-/* 5-tuple -> backend; forward entries by the client's tuple, reply entries by the backend's */
+/* backend (address, port, protocol) -> the VIP its replies are rewritten to */
+BPF_TABLE_PINNED("hash", struct endpoint, struct reply_source, reply_sources, LB_MAX_BACKENDS, PIN(reply_sources));
+/* 5-tuple -> backend: by the client's tuple; also by the backend's reply tuple for shared backends */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_entry, conn_table, LB_CONN_TABLE_SIZE, PIN(conn_table));
 /* destination prefix -> next hop, mirrored from the kernel's routes and neighbours */
 BPF_TABLE_PINNED("lpm_trie", struct route_key, struct next_hop, routes, LB_MAX_ROUTES, PIN(routes), BPF_F_NO_PREALLOC);

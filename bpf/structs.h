@@ -42,12 +42,18 @@ struct backend {
 	__u32 flags;
 };
 
-/* reply_sources hash key: a backend's address as it appears in its replies */
+/* reply_sources hash key: a backend's endpoint as it appears in its replies */
 struct endpoint {
 	union lb_addr addr;
 	__be16 port;
 	__u8 proto;
 	__u8 pad;
+};
+
+/* reply_sources value: the VIP a backend endpoint serves, unless it is shared */
+struct reply_source {
+	__u32 vip_id;
+	__u32 flags;
 };
 
 /* Where a packet leaves: egress interface and the MACs to write. */
@@ -73,12 +79,13 @@ struct flow_key {
 	__u8 pad[3];
 };
 
-/* conn_table value: the flow's backend and its cached next hop */
+/* conn_table value: the flow's backend and the cached next hops of both directions */
 struct flow_entry {
 	__u32 backend_id;
-	__u32 vip_id;
-	__u32 flags;
-	struct next_hop nh;
+	__u16 vip_id;
+	__u16 flags;
+	struct next_hop nh;       /* towards the backend */
+	struct next_hop reply_nh; /* towards the client */
 };
 
 /* per-CPU counters, per VIP and per backend */

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from control.model import State, VipState
 from lb.maglev import MaglevBackend, build_table
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import (MODE_NAT, NO_BACKEND, PROTOCOLS, VIP_ACTIVE, Backend, Endpoint, LbAddr, LbCounters,
-                        NextHop, VipInfo, VipKey, VipMeta, be16)
+from lb.structs import (BACKEND_IN_USE, BACKEND_SHARED, MODE_NAT, NO_BACKEND, PROTOCOLS, REPLY_SHARED, VIP_ACTIVE,
+                        Backend, Endpoint, LbAddr, LbCounters, NextHop, ReplySource, VipInfo, VipKey, VipMeta, be16)
 
 MODE_CODES = {"nat": MODE_NAT}
 
@@ -33,22 +33,29 @@ class MapContents:
     vips: dict[bytes, tuple[VipKey, VipInfo]] = field(default_factory=dict)
     vip_meta: dict[int, VipMeta] = field(default_factory=dict)
     backends: dict[int, Backend] = field(default_factory=dict)
-    reply_sources: dict[bytes, tuple[Endpoint, int]] = field(default_factory=dict)
+    reply_sources: dict[bytes, tuple[Endpoint, ReplySource]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, state: State) -> "MapContents":
         c = cls()
+        serving: dict[bytes, set[int]] = {}  # backend endpoint -> the VIPs it serves
+        members: list[tuple[int, Endpoint]] = []  # backend id -> its endpoint
         for v in state.vips:
             key = vip_key(v)
             c.vips[_key(key)] = (key, VipInfo(id=v.id, flags=0))
             c.vip_meta[v.id] = VipMeta(addr=key.addr, port=key.port, proto=key.proto, mode=MODE_CODES[v.mode],
                                        flags=VIP_ACTIVE)
             for b in v.backends:  # retired ones too: their established flows go on
-                addr = LbAddr.of(b.address.address)
-                c.backends[b.id] = Backend(addr=addr, port=be16(b.address.port), flags=1)
-                ep = Endpoint(addr=addr, port=be16(b.address.port), proto=key.proto)
-                _, count = c.reply_sources.get(_key(ep), (ep, 0))
-                c.reply_sources[_key(ep)] = (ep, count + 1)
+                ep = Endpoint(addr=LbAddr.of(b.address.address), port=be16(b.address.port), proto=key.proto)
+                serving.setdefault(_key(ep), set()).add(v.id)
+                members.append((b.id, ep))
+        for bid, ep in members:
+            vip_ids = serving[_key(ep)]
+            shared = len(vip_ids) > 1
+            c.reply_sources[_key(ep)] = (ep, ReplySource(vip_id=0 if shared else min(vip_ids),
+                                                         flags=REPLY_SHARED if shared else 0))
+            c.backends[bid] = Backend(addr=ep.addr, port=ep.port,
+                                      flags=BACKEND_IN_USE | (BACKEND_SHARED if shared else 0))
         return c
 
 
@@ -96,9 +103,9 @@ class Reconciler:
             m.vips.delete(before.vips[k][0])
             report.count("vips")
         self._write_by_id("backends", "backend_stats", before.backends, after.backends, report)
-        for k, (ep, n) in after.reply_sources.items():
-            if before.reply_sources.get(k, (None, 0))[1] != n:
-                m.reply_sources.set(ep, U32(n))
+        for k, (ep, rs) in after.reply_sources.items():
+            if k not in before.reply_sources or bytes(before.reply_sources[k][1]) != bytes(rs):
+                m.reply_sources.set(ep, rs)
                 report.count("reply_sources")
         self._write_by_id("vip_meta", "vip_stats", before.vip_meta, after.vip_meta, report)
 

@@ -40,6 +40,8 @@ class DataPlaneConfig:
     def __post_init__(self) -> None:
         if not is_prime(self.ring_size):
             raise ValueError(f"ring size must be a prime, got {self.ring_size}")
+        if self.max_vips > 65536:
+            raise ValueError("at most 65,536 VIPs (a flow records its VIP in 16 bits)")
         if self.max_vips * self.ring_size >= 2**32:
             raise ValueError("max VIPs x ring size must fit in 32 bits")
 

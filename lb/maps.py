@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from lb import bpfsys
-from lb.structs import (Backend, Endpoint, FlowEntry, FlowKey, LbCounters, NextHop, RouteKey, VipInfo, VipKey,
-                        VipMeta)
+from lb.structs import (Backend, Endpoint, FlowEntry, FlowKey, LbCounters, NextHop, ReplySource, RouteKey, VipInfo,
+                        VipKey, VipMeta)
 
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
@@ -105,7 +105,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "maglev": (U32, U32),
     "backends": (U32, Backend),
     "backend_nh": (U32, NextHop),
-    "reply_sources": (Endpoint, U32),
+    "reply_sources": (Endpoint, ReplySource),
     "conn_table": (FlowKey, FlowEntry),
     "routes": (RouteKey, NextHop),
     "tx_ports": (I32, I32),

@@ -33,6 +33,7 @@ class Flow:
     vip_id: int
     flags: int
     nh: NextHop = field(default_factory=NextHop)
+    reply_nh: NextHop = field(default_factory=NextHop)
 
 
 @dataclass
@@ -62,9 +63,9 @@ class Tables:
     vips: dict[tuple[bytes, int, int], int]                 # (addr, port, proto) -> VIP id
     vip_meta: dict[int, tuple[bytes, int, int]]             # id -> (addr, port, flags)
     maglev: dict[int, list[int]]                            # VIP id -> ring of backend ids
-    backends: dict[int, tuple[bytes, int]]                  # id -> (addr, port); absent = zeroed
+    backends: dict[int, tuple[bytes, int, int]]             # id -> (addr, port, flags); absent = zeroed
     backend_nh: dict[int, NextHop]                          # id -> cached next hop; absent = none yet
-    reply_sources: set[tuple[bytes, int, int]]
+    reply_sources: dict[tuple[bytes, int, int], tuple[int, int]]  # endpoint -> (VIP id, flags)
     conn: dict[FlowKey, Flow]
     routes: list[tuple[int, bytes, NextHop]]                # (prefixlen, addr, next hop)
     if_slots: dict[int, int]
@@ -78,14 +79,16 @@ class Tables:
             m = maps.vip_meta.get(U32(vid))
             meta[vid] = (bytes(m.addr), ntohs(m.port), m.flags)
         maglev = {vid: maps.maglev.read_range(vid * ring_size, ring_size) for vid in set(vips.values())}
-        backends = {k.value: (bytes(v.addr), ntohs(v.port)) for k, v in maps.backends.items() if v.flags}
+        backends = {k.value: (bytes(v.addr), ntohs(v.port), v.flags) for k, v in maps.backends.items() if v.flags}
         backend_nh = {k.value: _nh(v) for k, v in maps.backend_nh.items() if v.ifindex}
         return cls(
             ring_size=ring_size, max_vips=maps.vip_meta.max_entries, max_backends=maps.backends.max_entries,
             vips=vips, vip_meta=meta, maglev=maglev, backends=backends, backend_nh=backend_nh,
-            reply_sources={(bytes(k.addr), ntohs(k.port), k.proto) for k in maps.reply_sources.keys()},
+            reply_sources={(bytes(k.addr), ntohs(k.port), k.proto): (v.vip_id, v.flags)
+                           for k, v in maps.reply_sources.items()},
             conn={(bytes(k.src), bytes(k.dst), ntohs(k.sport), ntohs(k.dport), k.proto):
-                  Flow(v.backend_id, v.vip_id, v.flags, _nh(v.nh)) for k, v in maps.conn_table.items()},
+                  Flow(v.backend_id, v.vip_id, v.flags, _nh(v.nh), _nh(v.reply_nh))
+                  for k, v in maps.conn_table.items()},
             routes=[(k.prefixlen, bytes(k.addr), _nh(v)) for k, v in maps.routes.items()],
             if_slots={k.value: v.value for k, v in maps.if_slots.items()},
         )
@@ -177,14 +180,15 @@ class DataPlaneModel:
         vip_id = self.t.vips.get((p.dst, p.dport, p.proto))
         if vip_id is not None:
             return self._to_backend(pkt, p, vip_id, ingress_ifindex)
-        if (p.src, p.sport, p.proto) in self.t.reply_sources:
-            return self._to_client(pkt, p, ingress_ifindex)
+        source = self.t.reply_sources.get((p.src, p.sport, p.proto))
+        if source is not None:
+            return self._to_client(pkt, p, source, ingress_ifindex)
         return ModelResult("XDP_PASS", frame, "pass_not_vip")
 
-    def _backend(self, backend_id: int) -> tuple[bytes, int] | None:
+    def _backend(self, backend_id: int) -> tuple[bytes, int, int] | None:
         if backend_id >= self.t.max_backends:
             return None
-        return self.t.backends.get(backend_id, (bytes(16), 0))
+        return self.t.backends.get(backend_id, (bytes(16), 0, 0))
 
     def _to_backend(self, pkt: bytearray, p: Parsed, vip_id: int, ingress: int) -> ModelResult:
         key = (p.src, p.dst, p.sport, p.dport, p.proto)
@@ -196,7 +200,7 @@ class DataPlaneModel:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
         self._nat(pkt, p, p.l3 + 16, p.l4 + 2, be[0][12:], be[1])
         resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
-        return self._send(pkt, flow.nh, resolved, ingress, "fwd_nat", be)
+        return self._send(pkt, flow.nh, resolved, ingress, "fwd_nat", be[:2])
 
     def _new_flow(self, pkt: bytearray, p: Parsed, key: FlowKey, vip_id: int, ingress: int) -> ModelResult:
         slot = flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto) % self.t.ring_size
@@ -209,20 +213,39 @@ class DataPlaneModel:
         if nh.ifindex:
             self.t.backend_nh[backend_id] = nh
         self.t.conn[key] = Flow(backend_id, vip_id, 0, nh)
-        self.t.conn[(be[0], p.src, be[1], p.sport, p.proto)] = Flow(backend_id, vip_id, structs.FLOW_REPLY)
+        if be[2] & structs.BACKEND_SHARED:
+            self.t.conn[(be[0], p.src, be[1], p.sport, p.proto)] = Flow(backend_id, vip_id, structs.FLOW_REPLY)
         self._nat(pkt, p, p.l3 + 16, p.l4 + 2, be[0][12:], be[1])
-        return self._send(pkt, nh, resolved, ingress, "fwd_nat", be)
+        return self._send(pkt, nh, resolved, ingress, "fwd_nat", be[:2])
 
-    def _to_client(self, pkt: bytearray, p: Parsed, ingress: int) -> ModelResult:
-        flow = self.t.conn.get((p.src, p.dst, p.sport, p.dport, p.proto))
-        if flow is None or not flow.flags & structs.FLOW_REPLY:
-            return ModelResult("XDP_PASS", bytes(pkt), "pass_not_vip")
-        meta = self.t.vip_meta.get(flow.vip_id)
+    def _reply_flow(self, p: Parsed, source: tuple[int, int]) -> tuple[Flow, tuple[bytes, int, int]] | None:
+        vip_id, flags = source
+        if flags & structs.REPLY_SHARED:
+            flow = self.t.conn.get((p.src, p.dst, p.sport, p.dport, p.proto))
+            if flow is None or not flow.flags & structs.FLOW_REPLY:
+                return None
+            vip_id = flow.vip_id
+        meta = self.t.vip_meta.get(vip_id)
         if meta is None or not meta[2] & structs.VIP_ACTIVE:
+            return None
+        if flags & structs.REPLY_SHARED:
+            return flow, meta
+        flow = self.t.conn.get((p.dst, meta[0], p.dport, meta[1], p.proto))
+        if flow is None:
+            return None
+        be = self._backend(flow.backend_id)
+        if be is None or (be[0], be[1]) != (p.src, p.sport):
+            return None
+        return flow, meta
+
+    def _to_client(self, pkt: bytearray, p: Parsed, source: tuple[int, int], ingress: int) -> ModelResult:
+        found = self._reply_flow(p, source)
+        if found is None:
             return ModelResult("XDP_PASS", bytes(pkt), "pass_not_vip")
+        flow, meta = found
         self._nat(pkt, p, p.l3 + 12, p.l4, meta[0][12:], meta[1])
-        resolved, flow.nh = self._ensure_next_hop(flow.nh, p.dst, p, pkt, ingress)
-        return self._send(pkt, flow.nh, resolved, ingress, "fwd_reply", (p.src, p.sport))
+        resolved, flow.reply_nh = self._ensure_next_hop(flow.reply_nh, p.dst, p, pkt, ingress)
+        return self._send(pkt, flow.reply_nh, resolved, ingress, "fwd_reply", (p.src, p.sport))
 
     # --- nat.h: address first, then port, checksums after each ---------------------------------
     def _nat(self, pkt: bytearray, p: Parsed, addr_off: int, port_off: int, new_addr: bytes, new_port: int) -> None:

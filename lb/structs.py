@@ -54,6 +54,10 @@ class Endpoint(ctypes.Structure):
     _fields_ = [("addr", LbAddr), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
 
 
+class ReplySource(ctypes.Structure):
+    _fields_ = [("vip_id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
 class NextHop(ctypes.Structure):
     _fields_ = [("ifindex", ctypes.c_uint32), ("smac", ctypes.c_uint8 * 6), ("dmac", ctypes.c_uint8 * 6)]
 
@@ -76,9 +80,10 @@ class FlowKey(ctypes.Structure):
 class FlowEntry(ctypes.Structure):
     _fields_ = [
         ("backend_id", ctypes.c_uint32),
-        ("vip_id", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
+        ("vip_id", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
         ("nh", NextHop),
+        ("reply_nh", NextHop),
     ]
 
 
@@ -104,6 +109,7 @@ C_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "struct vip_meta": VipMeta,
     "struct backend": Backend,
     "struct endpoint": Endpoint,
+    "struct reply_source": ReplySource,
     "struct next_hop": NextHop,
     "struct route_key": RouteKey,
     "struct flow_key": FlowKey,
@@ -131,6 +137,9 @@ REASONS: tuple[str, ...] = (
 # Flags and constants of bpf/consts.h used from Python.
 VIP_ACTIVE = 1 << 0
 FLOW_REPLY = 1 << 0
+BACKEND_IN_USE = 1 << 0
+BACKEND_SHARED = 1 << 1
+REPLY_SHARED = 1 << 0
 MODE_NAT = 0
 NO_BACKEND = 0
 PROBE_MAGIC = 0x6C627072

@@ -37,7 +37,7 @@ def expression_names(lab: Lab) -> dict:
         "Ether": Ether, "Dot1Q": Dot1Q, "ARP": ARP, "IP": IP, "IPOption_NOP": IPOption_NOP, "IPv6": IPv6,
         "TCP": TCP, "UDP": UDP, "ICMP": ICMP, "Raw": Raw, "raw": raw,
         "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address),
-        "VIP1": str(lab.vip(1)), "VIP2": str(lab.vip(2)),
+        "VIP1": str(lab.vip(1)), "VIP2": str(lab.vip(2)), "VIP3": str(lab.vip(3)),
         "CLIENT_MAC": lab.client.mac, "B1_MAC": b1.mac, "LB_CLIENT_MAC": lab.client.lb_mac, "LB_B1_MAC": b1.lb_mac,
     }
 

@@ -22,6 +22,7 @@ CONFIG = {"vips": [
     {"vip": "198.19.0.1:80/tcp", "backends": ["198.18.1.2:8080", "198.18.2.2:8080"]},
     {"vip": "198.19.0.1:53/udp", "backends": ["198.18.1.2:5353", "198.18.2.2:5353"]},
     {"vip": "198.19.0.2:80/tcp", "backends": []},
+    {"vip": "198.19.0.3:80/tcp", "backends": ["198.18.2.2:8080"]},  # b2:8080 serves two VIPs
 ]}
 SEEN: set[str] = set()  # reasons reached, to check the fuzzer explores
 
@@ -44,7 +45,8 @@ def packets(draw) -> tuple[bytes, str]:
     proto = draw(st.sampled_from(["tcp", "udp", "udp0", "icmp", "other"]))
     service_port = 80 if proto == "tcp" else 53
     if scenario == "to-vip":
-        src, dst = draw(st.sampled_from(["198.18.0.2", "198.18.0.7"])), draw(st.sampled_from(["198.19.0.1", "198.19.0.2"]))
+        src = draw(st.sampled_from(["198.18.0.2", "198.18.0.7"]))
+        dst = draw(st.sampled_from(["198.19.0.1", "198.19.0.2", "198.19.0.3"]))
         sport, dport = draw(client_ports), draw(st.sampled_from([service_port, service_port, 81]))
         ingress = "client"
     elif scenario == "reply":

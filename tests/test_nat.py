@@ -69,6 +69,18 @@ def test_removed_backend_keeps_established_connections(lab, servers):
         run("remove-vip", vip)
 
 
+def test_backend_shared_by_two_vips_answers_as_each(lab, servers):
+    """The same backend endpoint behind two VIPs: each client's replies come from the VIP it used."""
+    vips = [add_vip_with_backends(lab, f"{lab.vip(i)}:80/tcp", 8080) for i in (5, 6)]
+    try:
+        for i in (5, 6):
+            served = Counter(http_get(lab.client.ns, str(lab.vip(i)), 80) for _ in range(15))
+            assert set(served) == {backend_name(b.ns) for b in lab.backends}
+    finally:
+        for vip in vips:
+            lbctl(lab)("remove-vip", vip)
+
+
 def expected_backend(lab, vip_addr, sport, dport, proto):
     """The backend the data plane must pick: flow hash -> Maglev slot -> backend id -> address."""
     state = lbctl(lab)("list", "--json").json()

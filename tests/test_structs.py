@@ -11,6 +11,14 @@ from lb import structs
 from lb.loader import BPF_DIR
 
 
+# Constants of bpf/consts.h and their Python mirrors.
+FLAGS = {
+    "LB_VIP_ACTIVE": structs.VIP_ACTIVE, "LB_FLOW_REPLY": structs.FLOW_REPLY, "LB_NO_BACKEND": structs.NO_BACKEND,
+    "LB_PROBE_MAGIC": structs.PROBE_MAGIC, "LB_BACKEND_IN_USE": structs.BACKEND_IN_USE,
+    "LB_BACKEND_SHARED": structs.BACKEND_SHARED, "LB_REPLY_SHARED": structs.REPLY_SHARED,
+}
+
+
 def _c_program() -> str:
     lines = ["#include <stdio.h>", "#include <stddef.h>", '#include "structs.h"', '#include "consts.h"',
              "int main(void) {"]
@@ -23,8 +31,8 @@ def _c_program() -> str:
     for name in structs.REASONS:
         lines.append(f'printf("{name} %d\\n", (int){name});')
     lines.append('printf("LB_REASON_MAX %d\\n", (int)LB_REASON_MAX);')
-    lines.append('printf("LB_VIP_ACTIVE %u\\nLB_FLOW_REPLY %u\\nLB_NO_BACKEND %u\\nLB_PROBE_MAGIC %u\\n", '
-                 'LB_VIP_ACTIVE, LB_FLOW_REPLY, LB_NO_BACKEND, LB_PROBE_MAGIC);')
+    for name in FLAGS:
+        lines.append(f'printf("{name} %u\\n", (unsigned){name});')
     lines.append("return 0; }")
     return "\n".join(lines)
 
@@ -52,11 +60,9 @@ def test_reason_codes_match_c(c_layout):
     assert c_layout["LB_REASON_MAX"] == len(structs.REASONS)
 
 
-def test_flags_match_c(c_layout):
-    assert c_layout["LB_VIP_ACTIVE"] == structs.VIP_ACTIVE
-    assert c_layout["LB_FLOW_REPLY"] == structs.FLOW_REPLY
-    assert c_layout["LB_NO_BACKEND"] == structs.NO_BACKEND
-    assert c_layout["LB_PROBE_MAGIC"] == structs.PROBE_MAGIC
+@pytest.mark.parametrize("name", FLAGS)
+def test_flags_match_c(c_layout, name):
+    assert c_layout[name] == FLAGS[name]
 
 
 def test_ipv4_addresses_are_stored_ipv4_mapped():
