@@ -18,9 +18,9 @@
 #ifndef LB_MAX_ROUTES
 #define LB_MAX_ROUTES 16384
 #endif
-#ifndef LB_MAX_IFACES
-#define LB_MAX_IFACES 64
-#endif
+/* The DEVMAP is indexed by ifindex itself (no lookup on the way out): an
+ * interface with a larger ifindex cannot be attached. */
+#define LB_MAX_IFINDEX 65536
 #ifndef LB_PIN_DIR
 #define LB_PIN_DIR "/sys/fs/bpf/lb/default"
 #endif

@@ -62,19 +62,13 @@ static __always_inline int resolve_next_hop(struct xdp_md *ctx, const struct pac
 }
 
 /* XDP_TX back out of the ingress interface, XDP_REDIRECT through the DEVMAP
- * otherwise; -1 when the egress interface has no redirect slot. */
+ * otherwise; XDP_PASS when the egress interface is not one of the LB's. */
 static __always_inline int transmit(struct xdp_md *ctx, struct packet *pkt, const struct next_hop *nh)
 {
 	write_macs(pkt, nh);
 	if (nh->ifindex == ctx->ingress_ifindex)
 		return XDP_TX;
-
-	__u32 ifindex = nh->ifindex;
-	__u32 *slot = if_slots.lookup(&ifindex);
-
-	if (!slot)
-		return -1;
-	return tx_ports.redirect_map(*slot, 0);
+	return tx_ports.redirect_map(nh->ifindex, XDP_PASS);
 }
 
 /* *nh is a cache (a flow's or a backend's next hop): fill it when empty. */
@@ -97,7 +91,7 @@ static __always_inline int send(struct xdp_md *ctx, struct packet *pkt, const st
 
 	int action = transmit(ctx, pkt, nh);
 
-	if (action < 0)
+	if (action == XDP_PASS)
 		return verdict(ctx, LB_PASS_EGRESS_UNMANAGED, XDP_PASS);
 	return verdict(ctx, ok, action);
 }

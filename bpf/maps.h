@@ -24,9 +24,8 @@ BPF_TABLE_PINNED("hash", struct endpoint, struct reply_source, reply_sources, LB
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_entry, conn_table, LB_CONN_TABLE_SIZE, PIN(conn_table));
 /* destination prefix -> next hop, mirrored from the kernel's routes and neighbours */
 BPF_TABLE_PINNED("lpm_trie", struct route_key, struct next_hop, routes, LB_MAX_ROUTES, PIN(routes), BPF_F_NO_PREALLOC);
-/* redirect slot -> egress ifindex, and ifindex -> slot */
-BPF_XDP_REDIRECT_MAP("devmap:" PIN(tx_ports), int, tx_ports, LB_MAX_IFACES);
-BPF_TABLE_PINNED("hash", __u32, __u32, if_slots, LB_MAX_IFACES, PIN(if_slots));
+/* ifindex -> ifindex, for each interface the LB sends out of with XDP_REDIRECT */
+BPF_XDP_REDIRECT_MAP("devmap:" PIN(tx_ports), int, tx_ports, LB_MAX_IFINDEX);
 /* per-CPU counters */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_counters, vip_stats, LB_MAX_VIPS, PIN(vip_stats));
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_counters, backend_stats, LB_MAX_BACKENDS, PIN(backend_stats));

@@ -24,7 +24,7 @@ from lb.bpfsys import prog_id
 from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
 from lb.probe import probe
-from lb.structs import REASONS, LbAddr
+from lb.structs import MAX_IFINDEX, REASONS, LbAddr
 
 T = TypeVar("T")
 MAX_WEIGHT = 65535
@@ -56,8 +56,9 @@ class Controller:
             raise InputError("an interface is named twice")
         with IPRoute() as ipr:
             ifaces = [Interface(name, _ifindex(ipr, name), mode) for name in ifnames]
-        if len(ifaces) > 64:
-            raise InputError("at most 64 interfaces")
+        for iface in ifaces:
+            if iface.ifindex >= MAX_IFINDEX:
+                raise InputError(f"{iface.name}: ifindex {iface.ifindex} is above the data plane's limit {MAX_IFINDEX - 1}")
         with self.store.transaction() as state:
             dp = state.dataplane
             if dp is not None and dp.netns_ino == self.instance.netns_ino and self._pins_alive(dp):
@@ -72,9 +73,8 @@ class Controller:
                     loader.attach_xdp(iface.ifindex, iface.name, prog_fd, mode)
                     done.append(iface)
                 with DataPlaneMaps.open(pin_dir) as maps:
-                    for slot, iface in enumerate(ifaces):
-                        maps.tx_ports.set(I32(slot), I32(iface.ifindex))
-                        maps.if_slots.set(U32(iface.ifindex), U32(slot))
+                    for iface in ifaces:
+                        maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
                     sync_routes(maps, {i.ifindex for i in ifaces}, state.backend_ids())
                     Reconciler(maps, config.ring_size).apply(State(), state)
             except BaseException:

@@ -109,7 +109,6 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "conn_table": (FlowKey, FlowEntry),
     "routes": (RouteKey, NextHop),
     "tx_ports": (I32, I32),
-    "if_slots": (U32, U32),
     "vip_stats": (U32, LbCounters),
     "backend_stats": (U32, LbCounters),
     "reason_stats": (U32, U64),

@@ -68,7 +68,7 @@ class Tables:
     reply_sources: dict[tuple[bytes, int, int], tuple[int, int]]  # endpoint -> (VIP id, flags)
     conn: dict[FlowKey, Flow]
     routes: list[tuple[int, bytes, NextHop]]                # (prefixlen, addr, next hop)
-    if_slots: dict[int, int]
+    tx_ports: set[int]                                      # ifindexes the DEVMAP redirects to
 
     @classmethod
     def snapshot(cls, maps: DataPlaneMaps, ring_size: int) -> "Tables":
@@ -90,7 +90,7 @@ class Tables:
                   Flow(v.backend_id, v.vip_id, v.flags, _nh(v.nh), _nh(v.reply_nh))
                   for k, v in maps.conn_table.items()},
             routes=[(k.prefixlen, bytes(k.addr), _nh(v)) for k, v in maps.routes.items()],
-            if_slots={k.value: v.value for k, v in maps.if_slots.items()},
+            tx_ports={v.value for _, v in maps.tx_ports.items() if v.value},
         )
 
 
@@ -285,7 +285,7 @@ class DataPlaneModel:
         pkt[0:6], pkt[6:12] = nh.dmac, nh.smac
         if nh.ifindex == ingress:
             return ModelResult("XDP_TX", bytes(pkt), ok, backend)
-        if nh.ifindex not in self.t.if_slots:
+        if nh.ifindex not in self.t.tx_ports:
             return ModelResult("XDP_PASS", bytes(pkt), "pass_egress_unmanaged", backend)
         return ModelResult("XDP_REDIRECT", bytes(pkt), ok, backend)
 

@@ -28,7 +28,7 @@ def snapshot(lab: Lab) -> tuple[str, str]:
     ring = listed.json()["dataplane"]["ring_size"]
     digest = hashlib.sha256()
     with DataPlaneMaps.open(pin_dir) as maps:
-        for name in ("vips", "backends", "reply_sources", "vip_meta", "tx_ports", "if_slots"):
+        for name in ("vips", "backends", "reply_sources", "vip_meta", "routes"):
             for key, value in sorted((bytes(k), bytes(v)) for k, v in maps.maps[name].items()):
                 digest.update(key + value)
         digest.update(str(maps.maglev.read_range(0, 2 * ring)).encode())
