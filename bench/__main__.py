@@ -134,8 +134,8 @@ def main() -> None:
     e = results["endtoend"]
     log("  delivered Mpps: " + ", ".join(f"{k} {v['median'] / 1e6:.2f}" for k, v in e["rate"].items()
                                          if isinstance(v, dict)))
-    log(f"  CPU ns/packet at 300 kpps: xdp_lb {e['cpu']['xdp_lb']['median']:.0f}, "
-        f"nftables {e['cpu']['nftables']['median']:.0f}")
+    log("  CPU ns/packet at 300 kpps: " + ", ".join(
+        f"{n} {e['cpu'][n]['median']:.0f}" for n in ("xdp_lb", "nftables", "bare_redirect")))
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def build(lab: Lab, pin_dir: str) -> Bench:
 def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: float, progress=print) -> dict:
     rng = random.Random(2)
     rates: dict[str, list[dict]] = {n: [] for n in ("xdp_lb", "nftables", "bare_redirect")}
-    cpu: dict[str, list[dict]] = {n: [] for n in ("xdp_lb", "nftables", "ingress_drop")}
+    cpu: dict[str, list[dict]] = {n: [] for n in ("xdp_lb", "nftables", "bare_redirect", "ingress_drop")}
     for rep in range(reps):
         for name in rng.sample(list(rates), len(rates)):
             rates[name].append(bench.rate(name, rate_packets))
@@ -181,7 +181,7 @@ def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: f
     out: dict = {"rate": {n: med([r["delivered_pps"] for r in v]) | {"lost_max": max(r["lost"] for r in v)}
                           for n, v in rates.items()}}
     # Per repetition: (busy(config) - busy(ingress drop)) / delivered(config)
-    ns_per_packet: dict[str, list[float]] = {"xdp_lb": [], "nftables": []}
+    ns_per_packet: dict[str, list[float]] = {"xdp_lb": [], "nftables": [], "bare_redirect": []}
     for i in range(reps):
         base = cpu["ingress_drop"][i]["busy_s"]
         for name in ns_per_packet:

@@ -47,8 +47,8 @@ def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
     a1.bar(names, rate, color=["tab:blue", "tab:orange", "tab:gray"])
     a1.set_ylabel("Mpps delivered to the backends")
     a1.set_title("Full speed, 60-byte UDP, 1,024 flows")
-    cpu_names = ["xdp_lb", "nftables"]
-    a2.bar(cpu_names, [e2e["cpu"][n]["median"] for n in cpu_names], color=["tab:blue", "tab:orange"])
+    cpu_names = ["xdp_lb", "nftables", "bare_redirect"]
+    a2.bar(cpu_names, [e2e["cpu"][n]["median"] for n in cpu_names], color=["tab:blue", "tab:orange", "tab:gray"])
     a2.set_ylabel("CPU ns per forwarded packet")
     a2.set_title(f"CPU at {e2e['cpu']['offered_pps'] // 1000} kpps")
     fig.tight_layout()
