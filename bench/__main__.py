@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import control, endtoend, perpacket
+from bench import control, endtoend, perpacket, scaling
 from lb import loader
 from netns.nsenter import in_netns
 from netns.topology import Lab
@@ -38,7 +38,7 @@ def log(message: str) -> None:
 def bench_lab():
     with Lab.build(3) as lab:
         try:
-            lbctl(lab.lb_ns, "attach", *lab.lb_interfaces)
+            lbctl(lab.lb_ns, "attach", *lab.lb_interfaces, "--max-vips", "1024")
             for vip, port in ((f"{lab.vip(1)}:80/tcp", 8080), (f"{lab.vip(1)}:53/udp", 5353)):
                 lbctl(lab.lb_ns, "add-vip", vip)
                 for b in lab.backends:
@@ -93,13 +93,20 @@ def main() -> None:
 
             log("scaling: connection-table hit while cycling over N established flows")
             hit = next(c for c in cases if c.name == "hit")
-            scaling = []
+            flow_cases = []
             for n in (1_000, 10_000, 100_000) if QUICK else (1_000, 10_000, 100_000, 400_000):
-                scaling.append(perpacket.Case(str(n), lb_prog, hit.frame, hit.ingress_ifindex, "XDP_REDIRECT",
+                flow_cases.append(perpacket.Case(str(n), lb_prog, hit.frame, hit.ingress_ifindex, "XDP_REDIRECT",
                                               vary=True, flow_base=0x4000000 + n * 16, flow_mod=n, warmup_calls=n))
-            results["scaling"] = {"flows": perpacket.measure(scaling, drop, rounds=3, blocks=5 if QUICK else 20,
+            results["scaling"] = {"flows": perpacket.measure(flow_cases, drop, rounds=3, blocks=5 if QUICK else 20,
                                                              progress=log)}
             results["scaling"]["flows"].pop("xdp_drop_floor")
+
+            log("scaling: backends per VIP, and VIPs")
+            results["scaling"].update(scaling.run(
+                lab, lb_prog, drop, steps_backends=(2, 10) if QUICK else (2, 10, 100),
+                steps_vips=(10, 100) if QUICK else (10, 100, 1000), progress=log))
+        results["memory"] = {"maps_bytes": scaling.map_memory(pin_dir),
+                             "config": "1M-entry connection table, 1,024 VIPs x 65,537 Maglev slots, 4,096 backends"}
 
         log("end to end: generator -> LB -> backends (lb XDP, nftables DNAT, bare redirect)")
         bench = endtoend.build(lab, pin_dir)
@@ -124,6 +131,8 @@ def main() -> None:
     from bench.plots import plot_all
     written = plot_all(results, targets, ROOT / "docs")
 
+    log(f"  map memory: {results['memory']['maps_bytes']['total'] / 2**20:.0f} MiB "
+        f"({results['memory']['config']})")
     log(f"\nresults in bench/results.json, plots: {', '.join(written)} ({results['elapsed_s']} s)\n")
     width = max(len(r[0]) for r in rows)
     for what, value, op, target, ok in rows:

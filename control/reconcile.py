@@ -151,7 +151,7 @@ class Reconciler:
         base = vip_id * self.ring_size
         current = self.maps.maglev.read_range(base, self.ring_size)
         wanted = maglev_table(v, self.ring_size)
-        diff = [i for i in range(self.ring_size) if current[i] != wanted[i]]
+        diff = [i for i, (have, want) in enumerate(zip(current, wanted)) if have != want]
         self.maps.maglev.set_many([U32(base + i) for i in diff], [U32(wanted[i]) for i in diff])
         return len(diff)
 

@@ -53,7 +53,8 @@ def build_table(backends: list[MaglevBackend], size: int = DEFAULT_RING_SIZE) ->
     weights = [backends[i].weight for i in order]
     max_weight = max(weights)
     credit = [0] * len(order)
-    nexts = [0] * len(order)
+    slots = [offset for offset, _ in perms]  # each backend's next candidate slot
+    skips = [skip for _, skip in perms]
     filled = 0
     while True:
         for j, i in enumerate(order):
@@ -61,14 +62,14 @@ def build_table(backends: list[MaglevBackend], size: int = DEFAULT_RING_SIZE) ->
             if credit[j] < max_weight:
                 continue
             credit[j] -= max_weight
-            offset, skip = perms[j]
-            n = nexts[j]
-            slot = (offset + n * skip) % size
-            while table[slot] >= 0:
-                n += 1
-                slot = (offset + n * skip) % size
+            slot, skip = slots[j], skips[j]
+            while table[slot] >= 0:  # walk this backend's permutation to a free slot
+                slot += skip
+                if slot >= size:
+                    slot -= size
             table[slot] = i
-            nexts[j] = n + 1
+            slot += skip
+            slots[j] = slot - size if slot >= size else slot
             filled += 1
             if filled == size:
                 return table

@@ -37,6 +37,14 @@ class BpfMap:
                 f"{ctypes.sizeof(key_type)}/{ctypes.sizeof(value_type)}; detach and attach again")
         self.ncpus = bpfsys.possible_cpus() if self.percpu else 1
 
+    def memlock(self) -> int:
+        """Bytes of kernel memory charged to this map (from /proc/self/fdinfo)."""
+        with open(f"/proc/self/fdinfo/{self.fd}") as f:
+            for line in f:
+                if line.startswith("memlock:"):
+                    return int(line.split()[1])
+        return 0
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -94,7 +102,7 @@ class BpfMap:
             got, _ = bpfsys.map_lookup_batch(self.fd, keys, values, n, in_batch, out_batch)
             if got != n:
                 raise bpfsys.BpfError(5, f"{self.path}: read {got} of {n} entries at {base}")
-            out.extend(v.value if hasattr(v, "value") else v for v in values[:n])
+            out.extend(values[:n])  # ctypes gives plain ints for an array of scalars
         return out
 
 
