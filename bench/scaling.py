@@ -27,36 +27,41 @@ def _paths(lab: Lab, lb_prog: int, vip: str, client_if: int, flow_base: int) -> 
             Case("new_flow", lb_prog, frame, client_if, "XDP_REDIRECT", "fwd_nat", vary=True, flow_base=flow_base)]
 
 
-def run(lab: Lab, lb_prog: int, drop: Case, steps_backends: tuple[int, ...], steps_vips: tuple[int, ...],
-        progress=print) -> dict:
-    """Call inside the LB's namespace."""
+def backends(lab: Lab, lb_prog: int, drop: Case, steps: tuple[int, ...], progress=print) -> dict:
+    """Hit and new-flow cost of one VIP as its backends grow in number. Call inside the LB's namespace."""
     client_if = socket.if_nametoindex(lab.client.lb_ifname)
     ctl = Controller.open()
-    out: dict[str, dict] = {"backends_per_vip": {}, "vips": {}}
-
     vip = "198.19.0.50:80/tcp"
     ctl.add_vip(vip)
-    added = 0
-    for i, target in enumerate(steps_backends):
-        while added < target:
+    out, added = {}, 0
+    for i, target in enumerate(steps):
+        while added < target:  # same hosts, new ports: every backend has a resolved next hop
             host = lab.backends[added % len(lab.backends)]
             ctl.add_backend(vip, f"{host.address}:{9000 + added}")
             added += 1
-        r = measure(_paths(lab, lb_prog, "198.19.0.50", client_if, 0x3000000 + i * 0x100000), drop,
-                    rounds=3, blocks=10, progress=lambda m: None)
-        out["backends_per_vip"][str(target)] = {k: r[k]["median_ns"] for k in ("hit", "new_flow")}
-        progress(f"  {target} backends: hit {r['hit']['median_ns']:.0f}, new flow {r['new_flow']['median_ns']:.0f}")
-
-    vips = len(ctl.list()["vips"])
-    for i, target in enumerate(steps_vips):
-        while vips < target:
-            ctl.add_vip(f"198.19.{1 + vips // 250}.{vips % 250 + 1}:80/tcp")
-            vips += 1
-        r = measure(_paths(lab, lb_prog, str(lab.vip(1)), client_if, 0x5000000 + i * 0x100000), drop,
-                    rounds=3, blocks=10, progress=lambda m: None)
-        out["vips"][str(vips)] = {k: r[k]["median_ns"] for k in ("hit", "new_flow")}
-        progress(f"  {vips} VIPs: hit {r['hit']['median_ns']:.0f}, new flow {r['new_flow']['median_ns']:.0f}")
+        out[str(target)] = _measure(lab, lb_prog, drop, "198.19.0.50", client_if, 0x3000000 + i * 0x100000)
+        progress(f"  {target} backends: " + ", ".join(f"{k} {v:.0f}" for k, v in out[str(target)].items()))
+    ctl.remove_vip(vip)
     return out
+
+
+def vips(lab: Lab, lb_prog: int, drop: Case, steps: tuple[int, ...], progress=print) -> dict:
+    """Hit and new-flow cost of one VIP as the number of VIPs grows. Call inside the LB's namespace."""
+    client_if = socket.if_nametoindex(lab.client.lb_ifname)
+    ctl = Controller.open()
+    count, out = len(ctl.list()["vips"]), {}
+    for i, target in enumerate(steps):
+        while count < target:
+            ctl.add_vip(f"198.19.{1 + count // 250}.{count % 250 + 1}:80/tcp")
+            count += 1
+        out[str(count)] = _measure(lab, lb_prog, drop, str(lab.vip(1)), client_if, 0x5000000 + i * 0x100000)
+        progress(f"  {count} VIPs: " + ", ".join(f"{k} {v:.0f}" for k, v in out[str(count)].items()))
+    return out
+
+
+def _measure(lab: Lab, lb_prog: int, drop: Case, vip: str, client_if: int, flow_base: int) -> dict[str, float]:
+    r = measure(_paths(lab, lb_prog, vip, client_if, flow_base), drop, rounds=3, blocks=10, progress=lambda m: None)
+    return {k: r[k]["median_ns"] for k in ("hit", "new_flow")}
 
 
 def map_memory(pin_dir: str) -> dict[str, int]:

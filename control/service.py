@@ -246,7 +246,7 @@ class Controller:
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
                     sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids() | old.backend_ids())
                     Reconciler(maps, dp.config["ring_size"]).apply(old, state)
-                applied = (dp.pin_dir, dp.config["ring_size"], old, copy.deepcopy(state))
+                applied = (dp.pin_dir, dp.config["ring_size"], old, state)  # not changed after this
             return result
         except BaseException:
             if applied is not None:  # the save failed after the maps changed: undo them
