@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -77,6 +78,8 @@ def verdicts(results: dict, targets: dict) -> list[tuple[str, float, str, float,
 
 
 def main() -> None:
+    # A stopped run still tears its lab down: SIGTERM unwinds like an exception.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     targets = json.loads((ROOT / "bench" / "targets.json").read_text())
     results: dict[str, Any] = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                                            "date": time.strftime("%Y-%m-%d %H:%M:%S")},

@@ -31,6 +31,15 @@
 /* vip_meta.flags */
 #define LB_VIP_ACTIVE (1U << 0)
 
+/* vip_info.flags */
+#define LB_VIP_HASH_SOURCE (1U << 0) /* pick the backend by the client's address alone (session affinity) */
+
+/* lb_config.flags */
+#define LB_CFG_ANY_PORT (1U << 0) /* some VIP takes every port: look up port 0 too */
+
+/* An ICMP echo reply leaves with this TTL. */
+#define LB_ICMP_TTL 64
+
 /* flow_entry.flags */
 #define LB_FLOW_REPLY (1U << 0) /* entry keyed by the backend's reply 5-tuple */
 
@@ -52,16 +61,21 @@
 enum lb_reason {
 	LB_FWD_NAT = 0,           /* client -> VIP, rewritten to a backend */
 	LB_FWD_REPLY,             /* backend -> client, rewritten back to the VIP */
+	LB_TX_ICMP_ECHO,          /* ICMP echo request to a VIP, answered here */
 	LB_PASS_NOT_IP,           /* not IPv4: ARP, LLDP, ... */
 	LB_PASS_NOT_VIP,          /* IPv4 but not for a VIP nor a reply from a backend */
-	LB_PASS_IP_OPTIONS,       /* IPv4 header with options */
-	LB_PASS_FRAGMENT,         /* IPv4 fragment */
-	LB_PASS_UNSUPPORTED_L4,   /* not TCP or UDP */
+	LB_PASS_IP_OPTIONS,       /* IPv4 header with options, not to a VIP */
+	LB_PASS_FRAGMENT,         /* IPv4 fragment, not to a VIP */
+	LB_PASS_UNSUPPORTED_L4,   /* not TCP, UDP or ICMP, not to a VIP */
 	LB_PASS_NEIGH_UNRESOLVED, /* rewritten, handed to the kernel to resolve the next hop's MAC */
 	LB_PASS_EGRESS_UNMANAGED, /* rewritten, egress interface has no XDP redirect slot */
-	LB_PASS_MALFORMED,        /* truncated or inconsistent headers: the kernel decides */
+	LB_PASS_MALFORMED,        /* truncated or inconsistent headers, not to a VIP */
 	LB_DROP_NO_BACKEND,       /* VIP has no backend to send to */
 	LB_DROP_NO_ROUTE,         /* no route to the chosen backend or the client */
+	LB_DROP_IP_OPTIONS,       /* to a VIP: IPv4 options are not balanced */
+	LB_DROP_FRAGMENT,         /* to a VIP: fragments are not balanced */
+	LB_DROP_UNSUPPORTED_L4,   /* to a VIP: not TCP or UDP (nor an ICMP echo request) */
+	LB_DROP_MALFORMED,        /* to a VIP: truncated or inconsistent headers */
 	LB_REASON_MAX,
 };
 

@@ -9,6 +9,7 @@
 #include "hash.h"
 #include "nat.h"
 #include "nexthop.h"
+#include "icmp.h"
 
 /* Count why, and tell a probe (lbctl test-packet) when it asks through the
  * packet's metadata; real traffic carries no metadata, so this costs one compare. */
@@ -101,7 +102,10 @@ static __always_inline int send(struct xdp_md *ctx, struct packet *pkt, const st
 static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, struct flow_key *key,
 				    const struct vip_info *vip)
 {
-	__u32 slot = vip->id * LB_RING_SIZE + flow_hash(&pkt->src, &pkt->dst, pkt->sport, pkt->dport, pkt->proto) % LB_RING_SIZE;
+	union lb_addr none = {};
+	__u32 hash = vip->flags & LB_VIP_HASH_SOURCE ? flow_hash(&pkt->src, &none, 0, 0, 0)
+						     : flow_hash(&pkt->src, &pkt->dst, pkt->sport, pkt->dport, pkt->proto);
+	__u32 slot = vip->id * LB_RING_SIZE + hash % LB_RING_SIZE;
 	__u32 *picked = maglev.lookup(&slot);
 
 	if (!picked || *picked == LB_NO_BACKEND)
@@ -152,10 +156,11 @@ static __always_inline int to_backend(struct xdp_md *ctx, struct packet *pkt, co
 	return send(ctx, pkt, &flow->nh, ensure_next_hop(ctx, pkt, &be->addr, &flow->nh), LB_FWD_NAT);
 }
 
+/* Is the packet's source this backend? (port 0: the backend keeps the client's port) */
 static __always_inline int same_endpoint(const struct backend *be, const struct packet *pkt)
 {
-	return be->port == pkt->sport && be->addr.w[0] == pkt->src.w[0] && be->addr.w[1] == pkt->src.w[1] &&
-	       be->addr.w[2] == pkt->src.w[2] && be->addr.w[3] == pkt->src.w[3];
+	return (be->port == pkt->sport || !be->port) && be->addr.w[0] == pkt->src.w[0] &&
+	       be->addr.w[1] == pkt->src.w[1] && be->addr.w[2] == pkt->src.w[2] && be->addr.w[3] == pkt->src.w[3];
 }
 
 static __always_inline struct vip_meta *active_vip(__u32 vip_id)
@@ -177,8 +182,10 @@ static __always_inline struct flow_entry *own_reply_flow(const struct packet *pk
 
 	if (!vip)
 		return NULL;
+	/* A VIP that takes every port kept the client's destination port. */
 	struct flow_key key = {
-		.src = pkt->dst, .dst = vip->addr, .sport = pkt->dport, .dport = vip->port, .proto = pkt->proto,
+		.src = pkt->dst, .dst = vip->addr, .sport = pkt->dport, .dport = vip->port ? vip->port : pkt->sport,
+		.proto = pkt->proto,
 	};
 	struct flow_entry *flow = conn_table.lookup(&key);
 
@@ -211,14 +218,17 @@ static __always_inline struct flow_entry *shared_reply_flow(const struct packet 
 	return flow;
 }
 
-static __always_inline int to_client(struct xdp_md *ctx, struct packet *pkt, const struct reply_source *rs)
+static __always_inline struct flow_entry *reply_flow(const struct packet *pkt, const struct reply_source *rs,
+						     struct vip_meta **vip)
 {
-	struct vip_meta *vip = NULL;
-	struct flow_entry *flow = rs->flags & LB_REPLY_SHARED ? shared_reply_flow(pkt, &vip)
-							      : own_reply_flow(pkt, rs->vip_id, &vip);
+	if (rs->flags & LB_REPLY_SHARED)
+		return shared_reply_flow(pkt, vip);
+	return own_reply_flow(pkt, rs->vip_id, vip);
+}
 
-	if (!flow || !vip)
-		return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
+static __always_inline int to_client(struct xdp_md *ctx, struct packet *pkt, struct flow_entry *flow,
+				     const struct vip_meta *vip)
+{
 	__u32 vip_id = flow->vip_id, backend_id = flow->backend_id;
 
 	count(vip_stats.lookup(&vip_id), pkt->len, 1, 0);
@@ -227,13 +237,56 @@ static __always_inline int to_client(struct xdp_md *ctx, struct packet *pkt, con
 	return send(ctx, pkt, &flow->reply_nh, ensure_next_hop(ctx, pkt, &pkt->dst, &flow->reply_nh), LB_FWD_REPLY);
 }
 
+static __always_inline int is_vip_address(const union lb_addr *addr)
+{
+	return vip_addrs.lookup((union lb_addr *)addr) != NULL;
+}
+
+static __always_inline int any_port_vips(void)
+{
+	__u32 zero = 0;
+	struct lb_config *config = lb_config.lookup(&zero);
+
+	return config && (config->flags & LB_CFG_ANY_PORT);
+}
+
+/* What the program cannot balance it drops when it was meant for a VIP, and
+ * passes to the kernel otherwise. */
+static __always_inline int unbalanceable(struct xdp_md *ctx, const struct packet *pkt, int reason)
+{
+	if (!pkt->ip4 || !is_vip_address(&pkt->dst))
+		return verdict(ctx, reason, XDP_PASS);
+	switch (reason) {
+	case LB_PASS_IP_OPTIONS:
+		return verdict(ctx, LB_DROP_IP_OPTIONS, XDP_DROP);
+	case LB_PASS_FRAGMENT:
+		return verdict(ctx, LB_DROP_FRAGMENT, XDP_DROP);
+	case LB_PASS_UNSUPPORTED_L4:
+		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, XDP_DROP);
+	default:
+		return verdict(ctx, LB_DROP_MALFORMED, XDP_DROP);
+	}
+}
+
+static __always_inline int handle_icmp(struct xdp_md *ctx, struct packet *pkt)
+{
+	if (!is_vip_address(&pkt->dst))
+		return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
+	if (pkt->icmp->type != ICMP_ECHO)
+		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, XDP_DROP);
+	icmp_echo_reply(pkt);
+	return verdict(ctx, LB_TX_ICMP_ECHO, XDP_TX);
+}
+
 int xdp_lb(struct xdp_md *ctx)
 {
 	struct packet pkt = {};
 	int rc = parse_packet(ctx, &pkt);
 
 	if (rc != LB_PARSE_OK)
-		return verdict(ctx, rc, XDP_PASS);
+		return unbalanceable(ctx, &pkt, rc);
+	if (pkt.icmp)
+		return handle_icmp(ctx, &pkt);
 
 	struct vip_key vkey = { .addr = pkt.dst, .port = pkt.dport, .proto = pkt.proto };
 	struct vip_info *vip = vips.lookup(&vkey);
@@ -241,10 +294,28 @@ int xdp_lb(struct xdp_md *ctx)
 	if (vip)
 		return to_backend(ctx, &pkt, vip);
 
+	int any_port = any_port_vips();
+
+	if (any_port) {
+		vkey.port = 0;
+		vip = vips.lookup(&vkey);
+		if (vip)
+			return to_backend(ctx, &pkt, vip);
+	}
+
+	/* A reply from a backend? Its endpoint names the VIP; a backend of a VIP
+	 * of every port is listed under port 0, and is tried second. */
 	struct endpoint source = { .addr = pkt.src, .port = pkt.sport, .proto = pkt.proto };
 	struct reply_source *rs = reply_sources.lookup(&source);
+	struct vip_meta *reply_vip = NULL;
+	struct flow_entry *flow = rs ? reply_flow(&pkt, rs, &reply_vip) : NULL;
 
-	if (rs)
-		return to_client(ctx, &pkt, rs);
+	if (!flow && any_port) {
+		source.port = 0;
+		rs = reply_sources.lookup(&source);
+		flow = rs ? reply_flow(&pkt, rs, &reply_vip) : NULL;
+	}
+	if (flow && reply_vip)
+		return to_client(ctx, &pkt, flow, reply_vip);
 	return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
 }

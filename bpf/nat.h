@@ -24,7 +24,8 @@ static __always_inline void l4_csum_replace2(struct packet *pkt, __be16 from, __
 	}
 }
 
-/* Replace one address and one port, keeping the IP and L4 checksums right. */
+/* Replace one address and one port (port 0: keep it, as for a VIP that
+ * takes every port), keeping the IP and L4 checksums right. */
 static __always_inline void nat_rewrite(struct packet *pkt, __be32 *addr, __be16 *port,
 					__be32 new_addr, __be16 new_port)
 {
@@ -34,6 +35,8 @@ static __always_inline void nat_rewrite(struct packet *pkt, __be32 *addr, __be16
 	*addr = new_addr;
 	lb_csum_replace4(&pkt->ip4->check, old_addr, new_addr);
 	l4_csum_replace4(pkt, old_addr, new_addr);
+	if (!new_port)
+		return;
 	*port = new_port;
 	l4_csum_replace2(pkt, old_port, new_port);
 }

@@ -7,6 +7,7 @@
 #include <linux/in.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
+#include <linux/icmp.h>
 #include "structs.h"
 #include "consts.h"
 
@@ -21,8 +22,9 @@ struct vlan_hdr {
 struct packet {
 	struct ethhdr *eth;
 	struct iphdr *ip4;
-	__be16 *l4_ports; /* [0] source, [1] destination */
+	__be16 *l4_ports; /* [0] source, [1] destination (TCP and UDP) */
 	__u16 *l4_check;  /* NULL: UDP without checksum */
+	struct icmphdr *icmp;
 	union lb_addr src;
 	union lb_addr dst;
 	__be16 sport;
@@ -68,6 +70,12 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 
 	if ((void *)(ip4 + 1) > data_end)
 		return LB_PASS_MALFORMED;
+	/* From here the addresses are known: the caller can tell whether a
+	 * packet it cannot balance was meant for a VIP. */
+	pkt->ip4 = ip4;
+	pkt->proto = ip4->protocol;
+	addr_from_ipv4(&pkt->src, ip4->saddr);
+	addr_from_ipv4(&pkt->dst, ip4->daddr);
 	if (ip4->version != 4 || ip4->ihl < 5)
 		return LB_PASS_MALFORMED;
 	if (ip4->ihl != 5)
@@ -75,10 +83,6 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 	/* any fragment: MF set or a non-zero offset */
 	if (ip4->frag_off & bpf_htons(0x3fff))
 		return LB_PASS_FRAGMENT;
-	pkt->ip4 = ip4;
-	pkt->proto = ip4->protocol;
-	addr_from_ipv4(&pkt->src, ip4->saddr);
-	addr_from_ipv4(&pkt->dst, ip4->daddr);
 	cursor = ip4 + 1;
 
 	if (ip4->protocol == IPPROTO_TCP) {
@@ -95,6 +99,13 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 			return LB_PASS_MALFORMED;
 		pkt->l4_ports = (__be16 *)udp;
 		pkt->l4_check = udp->check ? &udp->check : NULL;
+	} else if (ip4->protocol == IPPROTO_ICMP) {
+		struct icmphdr *icmp = cursor;
+
+		if ((void *)(icmp + 1) > data_end)
+			return LB_PASS_MALFORMED;
+		pkt->icmp = icmp;
+		return LB_PARSE_OK;
 	} else {
 		return LB_PASS_UNSUPPORTED_L4;
 	}

@@ -97,6 +97,16 @@ struct lb_counters {
 	__u64 new_flows;
 };
 
+/* lb_config array, one entry: switches the control plane sets */
+struct lb_config {
+	__u32 flags;
+};
+
+/* vip_addrs hash value, by address: how many VIPs use it */
+struct vip_addr {
+	__u32 vips;
+};
+
 /* XDP metadata a probe (BPF_PROG_TEST_RUN) puts before the packet: the
  * program writes the reason of its verdict into it. */
 struct probe_meta {

@@ -10,7 +10,7 @@ import sys
 from typing import Any, NoReturn
 
 from control.errors import InputError, LbError
-from control.model import MODES
+from control.model import HASHES, MODES
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -51,9 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("detach", help="detach the data plane and remove its pins (the VIPs stay configured)")
 
-    v = sub.add_parser("add-vip", help="add a VIP: ADDR:PORT/tcp|udp")
+    v = sub.add_parser("add-vip", help="add a VIP: ADDR:PORT/tcp|udp, or ADDR/tcp|udp for every port")
     v.add_argument("vip", metavar="VIP")
     v.add_argument("--mode", choices=MODES, default="nat")
+    v.add_argument("--hash", choices=HASHES, default="flow",
+                   help="what picks the backend: the whole flow (default), or the client's address alone "
+                        "(session affinity)")
     v = sub.add_parser("remove-vip", help="remove a VIP and all its backends")
     v.add_argument("vip", metavar="VIP")
 
@@ -119,7 +122,7 @@ def format_change(command: str, r: dict[str, Any]) -> str:
         case "detach":
             return f"detached from {', '.join(r['detached']) or 'no interface'}"
         case "add-vip":
-            return f"added VIP {r['vip']} ({r['mode']})"
+            return f"added VIP {r['vip']} ({r['mode']}, hash on {r['hash']})"
         case "remove-vip":
             return f"removed VIP {r['removed']}"
         case "add-backend":
@@ -178,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         case "detach":
             return ctl.detach()
         case "add-vip":
-            return ctl.add_vip(args.vip, args.mode)
+            return ctl.add_vip(args.vip, args.mode, args.hash)
         case "remove-vip":
             return ctl.remove_vip(args.vip)
         case "add-backend":

@@ -9,6 +9,7 @@ from control.errors import InputError
 from lb.structs import IPAddress, PROTOCOLS
 
 MODES = ("nat",)
+HASHES = ("flow", "source")  # source: session affinity on the client's address
 
 _ENDPOINT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^:/\[\]]+))(?::(?P<port>[^/]*))?(?:/(?P<proto>.*))?$")
 
@@ -41,12 +42,15 @@ def _split(text: str) -> tuple[IPAddress, str | None, str | None]:
 
 
 def format_endpoint(address: IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+    """ADDR:PORT, IPv6 in brackets; port 0 (every port) is left out."""
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"{host}:{port}" if port else host
 
 
 @dataclass(frozen=True, order=True)
 class VipAddress:
-    """What clients connect to: 10.0.0.1:80/tcp or [2001:db8::1]:80/tcp."""
+    """What clients connect to: 10.0.0.1:80/tcp, [2001:db8::1]:80/tcp, or 10.0.0.1/tcp
+    for every port (port 0)."""
 
     address: IPAddress
     port: int
@@ -55,14 +59,17 @@ class VipAddress:
     @classmethod
     def parse(cls, text: str) -> "VipAddress":
         address, port, proto = _split(text)
-        if port is None:
-            raise InputError(f"{text!r}: a VIP needs a port, as in {format_endpoint(address, 80)}/tcp")
         if proto is None:
-            raise InputError(f"{text!r}: a VIP needs a protocol, as in {format_endpoint(address, int(port) if port.isdigit() else 80)}/tcp")
+            raise InputError(f"{text!r}: a VIP needs a protocol, as in {format_endpoint(address, 80)}/tcp "
+                             f"(or {format_endpoint(address, 0)}/tcp for every port)")
         proto = proto.lower()
         if proto not in PROTOCOLS:
             raise InputError(f"{text!r}: unknown protocol {proto!r} (expected one of: {', '.join(PROTOCOLS)})")
-        return cls(address, _parse_port(port, text), proto)
+        return cls(address, 0 if port is None else _parse_port(port, text), proto)
+
+    @property
+    def any_port(self) -> bool:
+        return self.port == 0
 
     def __str__(self) -> str:
         return f"{format_endpoint(self.address, self.port)}/{self.proto}"
@@ -70,7 +77,8 @@ class VipAddress:
 
 @dataclass(frozen=True, order=True)
 class BackendAddress:
-    """Where a VIP's traffic goes: 10.0.0.2:8080, or 10.0.0.2 to keep the VIP's port."""
+    """Where a VIP's traffic goes: 10.0.0.2:8080, or 10.0.0.2 to keep the VIP's port (for a VIP
+    of every port, the client's: port 0)."""
 
     address: IPAddress
     port: int
@@ -82,6 +90,9 @@ class BackendAddress:
             raise InputError(f"{text!r}: a backend takes the VIP's protocol; write ADDR[:PORT] without /{proto}")
         if port is None:
             return cls(address, vip.port)
+        if vip.any_port:
+            raise InputError(f"{text!r}: VIP {vip} takes every port, so its backends keep the client's port; "
+                             f"write the backend without a port")
         return cls(address, _parse_port(port, text))
 
     def __str__(self) -> str:
@@ -107,6 +118,7 @@ class VipState:
     id: int
     mode: str = "nat"
     backends: list[BackendState] = field(default_factory=list)
+    hash: str = "flow"
 
     def backend(self, address: BackendAddress) -> BackendState | None:
         for b in self.backends:

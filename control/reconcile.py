@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from control.model import State, VipState
 from lb.maglev import MaglevBackend, build_table
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import (BACKEND_IN_USE, BACKEND_SHARED, MODE_NAT, NO_BACKEND, PROTOCOLS, REPLY_SHARED, VIP_ACTIVE,
-                        Backend, Endpoint, LbAddr, LbCounters, NextHop, ReplySource, VipInfo, VipKey, VipMeta, be16)
+from lb.structs import (BACKEND_IN_USE, BACKEND_SHARED, CFG_ANY_PORT, MODE_NAT, NO_BACKEND, PROTOCOLS, REPLY_SHARED,
+                        VIP_ACTIVE, VIP_HASH_SOURCE, Backend, Endpoint, LbAddr, LbConfig, LbCounters, NextHop,
+                        ReplySource, VipAddr, VipInfo, VipKey, VipMeta, be16)
 
 MODE_CODES = {"nat": MODE_NAT}
 
@@ -31,6 +32,8 @@ class MapContents:
     """What the small maps hold for one State (the Maglev tables are built on demand)."""
 
     vips: dict[bytes, tuple[VipKey, VipInfo]] = field(default_factory=dict)
+    vip_addrs: dict[bytes, tuple[LbAddr, VipAddr]] = field(default_factory=dict)
+    config: LbConfig = field(default_factory=LbConfig)
     vip_meta: dict[int, VipMeta] = field(default_factory=dict)
     backends: dict[int, Backend] = field(default_factory=dict)
     reply_sources: dict[bytes, tuple[Endpoint, ReplySource]] = field(default_factory=dict)
@@ -42,7 +45,11 @@ class MapContents:
         members: list[tuple[int, Endpoint]] = []  # backend id -> its endpoint
         for v in state.vips:
             key = vip_key(v)
-            c.vips[_key(key)] = (key, VipInfo(id=v.id, flags=0))
+            c.vips[_key(key)] = (key, VipInfo(id=v.id, flags=VIP_HASH_SOURCE if v.hash == "source" else 0))
+            addr = c.vip_addrs.get(_key(key.addr), (key.addr, VipAddr(0)))
+            c.vip_addrs[_key(key.addr)] = (key.addr, VipAddr(addr[1].vips + 1))
+            if v.vip.any_port:
+                c.config.flags |= CFG_ANY_PORT
             c.vip_meta[v.id] = VipMeta(addr=key.addr, port=key.port, proto=key.proto, mode=MODE_CODES[v.mode],
                                        flags=VIP_ACTIVE)
             for b in v.backends:  # retired ones too: their established flows go on
@@ -103,11 +110,12 @@ class Reconciler:
             m.vips.delete(before.vips[k][0])
             report.count("vips")
         self._write_by_id("backends", "backend_stats", before.backends, after.backends, report)
-        for k, (ep, rs) in after.reply_sources.items():
-            if k not in before.reply_sources or bytes(before.reply_sources[k][1]) != bytes(rs):
-                m.reply_sources.set(ep, rs)
-                report.count("reply_sources")
+        self._write_keyed("reply_sources", before.reply_sources, after.reply_sources, report)
         self._write_by_id("vip_meta", "vip_stats", before.vip_meta, after.vip_meta, report)
+        self._write_keyed("vip_addrs", before.vip_addrs, after.vip_addrs, report)
+        if bytes(before.config) != bytes(after.config) and after.config.flags & ~before.config.flags:
+            m.lb_config.set(U32(0), after.config)  # switches on before the VIPs that need them
+            report.count("lb_config")
 
         old_vips = {v.id: v for v in old.vips}
         new_vips = {v.id: v for v in new.vips}
@@ -123,6 +131,12 @@ class Reconciler:
             if k not in before.vips or bytes(before.vips[k][1]) != bytes(info):
                 m.vips.set(key, info)
                 report.count("vips")
+        if bytes(before.config) != bytes(after.config) and not after.config.flags & ~before.config.flags:
+            m.lb_config.set(U32(0), after.config)  # switches off after the VIPs that needed them
+            report.count("lb_config")
+        for k in before.vip_addrs.keys() - after.vip_addrs.keys():
+            m.vip_addrs.delete(before.vip_addrs[k][0])
+            report.count("vip_addrs")
         for k in before.reply_sources.keys() - after.reply_sources.keys():
             m.reply_sources.delete(before.reply_sources[k][0])
             report.count("reply_sources")
@@ -132,6 +146,14 @@ class Reconciler:
         for vid in before.vip_meta.keys() - after.vip_meta.keys():
             m.vip_meta.set(U32(vid), VipMeta())
             report.count("vip_meta")
+
+    def _write_keyed(self, map_name: str, before: dict[bytes, tuple], after: dict[bytes, tuple],
+                     report: ApplyReport) -> None:
+        """Write the hash entries that are new or changed."""
+        for k, (key, value) in after.items():
+            if k not in before or bytes(before[k][1]) != bytes(value):
+                self.maps.maps[map_name].set(key, value)
+                report.count(map_name)
 
     def _write_by_id(self, map_name: str, stats_name: str, before: dict[int, ctypes.Structure],
                      after: dict[int, ctypes.Structure], report: ApplyReport) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 from pyroute2 import IPRoute
 
 from control.errors import InputError, LbError
-from control.model import (MODES, BackendAddress, format_endpoint, BackendState, DataPlaneState, Interface, State, VipAddress,
+from control.model import (HASHES, MODES, BackendAddress, format_endpoint, BackendState, DataPlaneState, Interface, State, VipAddress,
                            VipState)
 from control.reconcile import Reconciler
 from control.routes import sync_routes
@@ -109,10 +109,12 @@ class Controller:
 
     # --- VIPs and backends -----------------------------------------------------
 
-    def add_vip(self, vip_text: str, mode: str = "nat") -> dict[str, Any]:
+    def add_vip(self, vip_text: str, mode: str = "nat", hash_on: str = "flow") -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
+        if hash_on not in HASHES:
+            raise InputError(f"unknown hash {hash_on!r} (expected one of: {', '.join(HASHES)})")
 
         def change(state: State) -> dict[str, Any]:
             if state.vip(vip) is not None:
@@ -122,8 +124,8 @@ class Controller:
             free = next((i for i in range(limit) if i not in used), None)
             if free is None:
                 raise InputError(f"VIP limit reached ({limit}); attach with a larger --max-vips")
-            state.vips.append(VipState(vip, free, mode))
-            return {"vip": str(vip), "id": free, "mode": mode}
+            state.vips.append(VipState(vip, free, mode, hash=hash_on))
+            return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on}
 
         return self._change(change)
 
@@ -186,6 +188,7 @@ class Controller:
                 {
                     "vip": str(v.vip),
                     "mode": v.mode,
+                    "hash": v.hash,
                     "backends": [{"backend": str(b.address), "weight": b.weight} for b in v.active_backends()],
                 }
                 for v in sorted(state.vips, key=lambda v: v.vip)

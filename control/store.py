@@ -38,6 +38,7 @@ def state_to_doc(state: State) -> dict[str, Any]:
                 "vip": str(v.vip),
                 "id": v.id,
                 "mode": v.mode,
+                "hash": v.hash,
                 "backends": [
                     {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
                      "retired_at": b.retired_at}
@@ -59,7 +60,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
                          b["retired_at"])
             for b in v["backends"]
         ]
-        vips.append(VipState(vip, v["id"], v["mode"], backends))
+        vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow")))
     dataplane = None
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],

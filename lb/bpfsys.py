@@ -8,9 +8,12 @@ import ctypes
 import errno
 import os
 import platform
+import struct
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_XDP = 6
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
@@ -202,6 +205,32 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         total += int(hi or lo) - int(lo) + 1
     return total
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+    ]
+
+
+def load_xdp_return(action: int, name: bytes = b"xdp_return") -> int:
+    """Load the smallest XDP program, `return action;` (no compiler needed); returns its fd."""
+    # r0 = action (BPF_ALU64 | BPF_MOV | BPF_K); exit (BPF_JMP | BPF_EXIT)
+    insns = struct.pack("<BBhi", 0xB7, 0, 0, action) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = _ProgLoadAttr(prog_type=BPF_PROG_TYPE_XDP, insn_cnt=2, insns=ctypes.addressof(code),
+                         license=ctypes.addressof(license), prog_name=name[:15])
+    return bpf(BPF_PROG_LOAD, attr, "load XDP program")
 
 
 class ProgInfo(ctypes.Structure):

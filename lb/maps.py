@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from lb import bpfsys
-from lb.structs import (Backend, Endpoint, FlowEntry, FlowKey, LbCounters, NextHop, ReplySource, RouteKey, VipInfo,
-                        VipKey, VipMeta)
+from lb.structs import (Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, NextHop, ReplySource,
+                        RouteKey, VipAddr, VipInfo, VipKey, VipMeta)
 
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
@@ -109,6 +109,8 @@ class BpfMap:
 # Every map of bpf/maps.h: name -> (key type, value type).
 MAP_TYPES: dict[str, tuple[type, type]] = {
     "vips": (VipKey, VipInfo),
+    "vip_addrs": (LbAddr, VipAddr),
+    "lb_config": (U32, LbConfig),
     "vip_meta": (U32, VipMeta),
     "maglev": (U32, U32),
     "backends": (U32, Backend),

@@ -17,7 +17,7 @@ from lb.maps import U32, DataPlaneMaps
 
 V4_MAPPED = bytes(10) + b"\xff\xff"
 ETH_P_IP, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x8100, 0x88A8
-TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+TCP, UDP, ICMP = socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_ICMP
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,9 @@ class Tables:
     ring_size: int
     max_vips: int
     max_backends: int
-    vips: dict[tuple[bytes, int, int], int]                 # (addr, port, proto) -> VIP id
+    vips: dict[tuple[bytes, int, int], tuple[int, int]]     # (addr, port, proto) -> (VIP id, flags)
+    vip_addrs: set[bytes]                                   # addresses of VIPs
+    any_port: bool                                          # some VIP takes every port
     vip_meta: dict[int, tuple[bytes, int, int]]             # id -> (addr, port, flags)
     maglev: dict[int, list[int]]                            # VIP id -> ring of backend ids
     backends: dict[int, tuple[bytes, int, int]]             # id -> (addr, port, flags); absent = zeroed
@@ -73,17 +75,20 @@ class Tables:
     @classmethod
     def snapshot(cls, maps: DataPlaneMaps, ring_size: int) -> "Tables":
         ntohs = socket.ntohs
-        vips = {(bytes(k.addr), ntohs(k.port), k.proto): v.id for k, v in maps.vips.items()}
+        vips = {(bytes(k.addr), ntohs(k.port), k.proto): (v.id, v.flags) for k, v in maps.vips.items()}
+        ids = {vid for vid, _ in vips.values()}
         meta = {}
-        for vid in set(vips.values()):
+        for vid in ids:
             m = maps.vip_meta.get(U32(vid))
             meta[vid] = (bytes(m.addr), ntohs(m.port), m.flags)
-        maglev = {vid: maps.maglev.read_range(vid * ring_size, ring_size) for vid in set(vips.values())}
+        maglev = {vid: maps.maglev.read_range(vid * ring_size, ring_size) for vid in ids}
+        config = maps.lb_config.get(U32(0))
         backends = {k.value: (bytes(v.addr), ntohs(v.port), v.flags) for k, v in maps.backends.items() if v.flags}
         backend_nh = {k.value: _nh(v) for k, v in maps.backend_nh.items() if v.ifindex}
         return cls(
             ring_size=ring_size, max_vips=maps.vip_meta.max_entries, max_backends=maps.backends.max_entries,
-            vips=vips, vip_meta=meta, maglev=maglev, backends=backends, backend_nh=backend_nh,
+            vips=vips, vip_addrs={bytes(k) for k in maps.vip_addrs.keys()},
+            any_port=bool(config.flags & structs.CFG_ANY_PORT), vip_meta=meta, maglev=maglev, backends=backends, backend_nh=backend_nh,
             reply_sources={(bytes(k.addr), ntohs(k.port), k.proto): (v.vip_id, v.flags)
                            for k, v in maps.reply_sources.items()},
             conn={(bytes(k.src), bytes(k.dst), ntohs(k.sport), ntohs(k.dport), k.proto):
@@ -134,76 +139,112 @@ class DataPlaneModel:
 
     # --- parse.h ------------------------------------------------------------------------
     @staticmethod
-    def parse(frame: bytes) -> Parsed | str:
+    def parse(frame: bytes) -> Parsed | tuple[str, bytes | None]:
+        """A Parsed packet, or (the reason it cannot be balanced, its destination if known)."""
         if len(frame) < 14:
-            return "LB_PASS_MALFORMED"
+            return "LB_PASS_MALFORMED", None
         proto = int.from_bytes(frame[12:14], "big")
         off = 14
         if proto in (ETH_P_8021Q, ETH_P_8021AD):
             if len(frame) < 18:
-                return "LB_PASS_MALFORMED"
+                return "LB_PASS_MALFORMED", None
             proto = int.from_bytes(frame[16:18], "big")
             off = 18
         if proto != ETH_P_IP:
-            return "LB_PASS_NOT_IP"
+            return "LB_PASS_NOT_IP", None
         if len(frame) < off + 20:
-            return "LB_PASS_MALFORMED"
+            return "LB_PASS_MALFORMED", None
+        src, dst = V4_MAPPED + frame[off + 12:off + 16], V4_MAPPED + frame[off + 16:off + 20]
         version, ihl = frame[off] >> 4, frame[off] & 0xF
         if version != 4 or ihl < 5:
-            return "LB_PASS_MALFORMED"
+            return "LB_PASS_MALFORMED", dst
         if ihl != 5:
-            return "LB_PASS_IP_OPTIONS"
+            return "LB_PASS_IP_OPTIONS", dst
         if int.from_bytes(frame[off + 6:off + 8], "big") & 0x3FFF:
-            return "LB_PASS_FRAGMENT"
+            return "LB_PASS_FRAGMENT", dst
         l4proto = frame[off + 9]
-        src, dst = V4_MAPPED + frame[off + 12:off + 16], V4_MAPPED + frame[off + 16:off + 20]
         l4 = off + 20
-        if l4proto == TCP:
-            if len(frame) < l4 + 20:
-                return "LB_PASS_MALFORMED"
-            check_off: int | None = l4 + 16
-        elif l4proto == UDP:
-            if len(frame) < l4 + 8:
-                return "LB_PASS_MALFORMED"
-            check_off = l4 + 6 if frame[l4 + 6:l4 + 8] != b"\0\0" else None
-        else:
-            return "LB_PASS_UNSUPPORTED_L4"
+        need = {TCP: 20, UDP: 8, ICMP: 8}.get(l4proto)
+        if need is None:
+            return "LB_PASS_UNSUPPORTED_L4", dst
+        if len(frame) < l4 + need:
+            return "LB_PASS_MALFORMED", dst
+        if l4proto == ICMP:
+            return Parsed(off, l4, src, dst, 0, 0, l4proto, l4 + 2)
+        check_off: int | None = l4 + 16 if l4proto == TCP else l4 + 6
+        if l4proto == UDP and frame[l4 + 6:l4 + 8] == b"\0\0":
+            check_off = None
         sport, dport = struct.unpack_from(">HH", frame, l4)
         return Parsed(off, l4, src, dst, sport, dport, l4proto, check_off)
 
     # --- lb.c -----------------------------------------------------------------------------
     def process(self, frame: bytes, ingress_ifindex: int) -> ModelResult:
         p = self.parse(frame)
-        if isinstance(p, str):
-            return ModelResult("XDP_PASS", frame, _reason(p))
+        if isinstance(p, tuple):
+            return self._unbalanceable(frame, *p)
         pkt = bytearray(frame)
-        vip_id = self.t.vips.get((p.dst, p.dport, p.proto))
-        if vip_id is not None:
-            return self._to_backend(pkt, p, vip_id, ingress_ifindex)
-        source = self.t.reply_sources.get((p.src, p.sport, p.proto))
-        if source is not None:
-            return self._to_client(pkt, p, source, ingress_ifindex)
+        if p.proto == ICMP:
+            return self._icmp(pkt, p)
+        vip = self.t.vips.get((p.dst, p.dport, p.proto))
+        if vip is None and self.t.any_port:
+            vip = self.t.vips.get((p.dst, 0, p.proto))
+        if vip is not None:
+            return self._to_backend(pkt, p, vip, ingress_ifindex)
+        found = None
+        for port in (p.sport, 0) if self.t.any_port else (p.sport,):
+            source = self.t.reply_sources.get((p.src, port, p.proto))
+            found = self._reply_flow(p, source) if source is not None else None
+            if found is not None:
+                return self._to_client(pkt, p, found, ingress_ifindex)
         return ModelResult("XDP_PASS", frame, "pass_not_vip")
+
+    def _unbalanceable(self, frame: bytes, reason: str, dst: bytes | None) -> ModelResult:
+        if dst is None or dst not in self.t.vip_addrs:
+            return ModelResult("XDP_PASS", frame, _reason(reason))
+        drop = {"LB_PASS_IP_OPTIONS": "drop_ip_options", "LB_PASS_FRAGMENT": "drop_fragment",
+                "LB_PASS_UNSUPPORTED_L4": "drop_unsupported_l4"}.get(reason, "drop_malformed")
+        return ModelResult("XDP_DROP", frame, drop)
+
+    def _icmp(self, pkt: bytearray, p: Parsed) -> ModelResult:
+        """icmp.h: echo requests to a VIP address are answered; other ICMP to a VIP is dropped."""
+        if p.dst not in self.t.vip_addrs:
+            return ModelResult("XDP_PASS", bytes(pkt), "pass_not_vip")
+        if pkt[p.l4] != 8:  # ICMP_ECHO
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_unsupported_l4")
+        pkt[0:6], pkt[6:12] = pkt[6:12], pkt[0:6]
+        ip = p.l3
+        pkt[ip + 12:ip + 16], pkt[ip + 16:ip + 20] = pkt[ip + 16:ip + 20], pkt[ip + 12:ip + 16]
+        old_ttl = bytes(pkt[ip + 8:ip + 10])
+        pkt[ip + 8] = structs.ICMP_TTL
+        self._replace_check(pkt, ip + 10, old_ttl, bytes(pkt[ip + 8:ip + 10]), udp_zero_fix=False)
+        old_type = bytes(pkt[p.l4:p.l4 + 2])
+        pkt[p.l4] = 0  # ICMP_ECHOREPLY
+        self._replace_check(pkt, p.l4 + 2, old_type, bytes(pkt[p.l4:p.l4 + 2]), udp_zero_fix=False)
+        return ModelResult("XDP_TX", bytes(pkt), "tx_icmp_echo")
 
     def _backend(self, backend_id: int) -> tuple[bytes, int, int] | None:
         if backend_id >= self.t.max_backends:
             return None
         return self.t.backends.get(backend_id, (bytes(16), 0, 0))
 
-    def _to_backend(self, pkt: bytearray, p: Parsed, vip_id: int, ingress: int) -> ModelResult:
+    def _to_backend(self, pkt: bytearray, p: Parsed, vip: tuple[int, int], ingress: int) -> ModelResult:
         key = (p.src, p.dst, p.sport, p.dport, p.proto)
         flow = self.t.conn.get(key)
         if flow is None:
-            return self._new_flow(pkt, p, key, vip_id, ingress)
+            return self._new_flow(pkt, p, key, vip, ingress)
         be = self._backend(flow.backend_id)
         if be is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
         self._nat(pkt, p, p.l3 + 16, p.l4 + 2, be[0][12:], be[1])
         resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
-        return self._send(pkt, flow.nh, resolved, ingress, "fwd_nat", be[:2])
+        return self._send(pkt, flow.nh, resolved, ingress, "fwd_nat", (be[0], be[1] or p.dport))
 
-    def _new_flow(self, pkt: bytearray, p: Parsed, key: FlowKey, vip_id: int, ingress: int) -> ModelResult:
-        slot = flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto) % self.t.ring_size
+    def _new_flow(self, pkt: bytearray, p: Parsed, key: FlowKey, vip: tuple[int, int], ingress: int) -> ModelResult:
+        vip_id, flags = vip
+        if flags & structs.VIP_HASH_SOURCE:
+            slot = flow_hash_raw(p.src, bytes(16), 0, 0, 0) % self.t.ring_size
+        else:
+            slot = flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto) % self.t.ring_size
         ring = self.t.maglev.get(vip_id)
         backend_id = ring[slot] if ring is not None and vip_id < self.t.max_vips else structs.NO_BACKEND
         be = self._backend(backend_id) if backend_id != structs.NO_BACKEND else None
@@ -216,7 +257,7 @@ class DataPlaneModel:
         if be[2] & structs.BACKEND_SHARED:
             self.t.conn[(be[0], p.src, be[1], p.sport, p.proto)] = Flow(backend_id, vip_id, structs.FLOW_REPLY)
         self._nat(pkt, p, p.l3 + 16, p.l4 + 2, be[0][12:], be[1])
-        return self._send(pkt, nh, resolved, ingress, "fwd_nat", be[:2])
+        return self._send(pkt, nh, resolved, ingress, "fwd_nat", (be[0], be[1] or p.dport))
 
     def _reply_flow(self, p: Parsed, source: tuple[int, int]) -> tuple[Flow, tuple[bytes, int, int]] | None:
         vip_id, flags = source
@@ -230,18 +271,16 @@ class DataPlaneModel:
             return None
         if flags & structs.REPLY_SHARED:
             return flow, meta
-        flow = self.t.conn.get((p.dst, meta[0], p.dport, meta[1], p.proto))
+        flow = self.t.conn.get((p.dst, meta[0], p.dport, meta[1] or p.sport, p.proto))
         if flow is None:
             return None
         be = self._backend(flow.backend_id)
-        if be is None or (be[0], be[1]) != (p.src, p.sport):
+        if be is None or be[0] != p.src or be[1] not in (p.sport, 0):
             return None
         return flow, meta
 
-    def _to_client(self, pkt: bytearray, p: Parsed, source: tuple[int, int], ingress: int) -> ModelResult:
-        found = self._reply_flow(p, source)
-        if found is None:
-            return ModelResult("XDP_PASS", bytes(pkt), "pass_not_vip")
+    def _to_client(self, pkt: bytearray, p: Parsed, found: tuple[Flow, tuple[bytes, int, int]],
+                   ingress: int) -> ModelResult:
         flow, meta = found
         self._nat(pkt, p, p.l3 + 12, p.l4, meta[0][12:], meta[1])
         resolved, flow.reply_nh = self._ensure_next_hop(flow.reply_nh, p.dst, p, pkt, ingress)
@@ -256,6 +295,8 @@ class DataPlaneModel:
         self._replace_check(pkt, p.l3 + 10, old_addr, new_addr, udp_zero_fix=False)
         if p.check_off is not None:
             self._replace_check(pkt, p.check_off, old_addr, new_addr, udp_zero_fix=p.proto == UDP)
+        if not new_port:  # port 0: the VIP takes every port, the port stays
+            return
         pkt[port_off:port_off + 2] = new_port_b
         if p.check_off is not None:
             self._replace_check(pkt, p.check_off, old_port, new_port_b, udp_zero_fix=p.proto == UDP)

@@ -97,6 +97,14 @@ class LbCounters(ctypes.Structure):
     ]
 
 
+class LbConfig(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32)]
+
+
+class VipAddr(ctypes.Structure):
+    _fields_ = [("vips", ctypes.c_uint32)]
+
+
 class ProbeMeta(ctypes.Structure):
     _fields_ = [("magic", ctypes.c_uint32), ("reason", ctypes.c_uint32)]
 
@@ -116,12 +124,15 @@ C_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "struct flow_entry": FlowEntry,
     "struct lb_counters": LbCounters,
     "struct probe_meta": ProbeMeta,
+    "struct lb_config": LbConfig,
+    "struct vip_addr": VipAddr,
 }
 
 # enum lb_reason, in order: the value is the index.
 REASONS: tuple[str, ...] = (
     "LB_FWD_NAT",
     "LB_FWD_REPLY",
+    "LB_TX_ICMP_ECHO",
     "LB_PASS_NOT_IP",
     "LB_PASS_NOT_VIP",
     "LB_PASS_IP_OPTIONS",
@@ -132,10 +143,17 @@ REASONS: tuple[str, ...] = (
     "LB_PASS_MALFORMED",
     "LB_DROP_NO_BACKEND",
     "LB_DROP_NO_ROUTE",
+    "LB_DROP_IP_OPTIONS",
+    "LB_DROP_FRAGMENT",
+    "LB_DROP_UNSUPPORTED_L4",
+    "LB_DROP_MALFORMED",
 )
 
 # Flags and constants of bpf/consts.h used from Python.
 VIP_ACTIVE = 1 << 0
+VIP_HASH_SOURCE = 1 << 0
+CFG_ANY_PORT = 1 << 0
+ICMP_TTL = 64
 FLOW_REPLY = 1 << 0
 BACKEND_IN_USE = 1 << 0
 BACKEND_SHARED = 1 << 1
@@ -146,6 +164,7 @@ PROBE_MAGIC = 0x6C627072
 MAX_IFINDEX = 65536
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+HASHES = ("flow", "source")
 
 
 def be16(port: int) -> int:

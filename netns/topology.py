@@ -21,9 +21,12 @@ from typing import Iterator
 from pyroute2 import NetNS, netns
 from pyroute2.ethtool import Ethtool
 
+from lb import bpfsys
 from netns.nsenter import in_netns, socket_in, write_sysctl
 
 VIP_NETWORK = ipaddress.ip_network("198.19.0.0/24")
+XDP_PASS = 2
+XDP_DRV_MODE = 1 << 2
 
 
 def lab_mac(subnet: int, host: int) -> str:
@@ -118,8 +121,16 @@ class Lab:
 
     @staticmethod
     def _prepare_peer(ns: str, ifname: str) -> None:
-        """A veth end that XDP redirects into must have GRO on (or its own XDP program),
-        and the lab's hosts send full checksums, as a NIC puts them on the wire."""
+        """A veth end takes frames that XDP sends into it only with GRO on (XDP_REDIRECT) or an
+        XDP program of its own (XDP_TX): the lab's hosts get both, a program that passes all.
+        And they send full checksums, as a NIC puts them on the wire."""
+        prog = bpfsys.load_xdp_return(XDP_PASS, b"lab_pass")
+        try:
+            with NetNS(ns) as ipr:
+                idx = ipr.link_lookup(ifname=ifname)[0]
+                ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", prog), ("IFLA_XDP_FLAGS", XDP_DRV_MODE)]})
+        finally:
+            os.close(prog)
         with in_netns(ns):
             with contextlib.closing(Ethtool()) as ethtool:
                 features = ethtool.get_features(ifname)

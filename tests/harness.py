@@ -37,8 +37,9 @@ def expression_names(lab: Lab) -> dict:
         "Ether": Ether, "Dot1Q": Dot1Q, "ARP": ARP, "IP": IP, "IPOption_NOP": IPOption_NOP, "IPv6": IPv6,
         "TCP": TCP, "UDP": UDP, "ICMP": ICMP, "Raw": Raw, "raw": raw,
         "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address),
-        "VIP1": str(lab.vip(1)), "VIP2": str(lab.vip(2)), "VIP3": str(lab.vip(3)),
+        **{f"VIP{i}": str(lab.vip(i)) for i in range(1, 6)},
         "CLIENT_MAC": lab.client.mac, "B1_MAC": b1.mac, "LB_CLIENT_MAC": lab.client.lb_mac, "LB_B1_MAC": b1.lb_mac,
+        "B2_MAC": b2.mac, "LB_B2_MAC": b2.lb_mac,
     }
 
 
@@ -68,7 +69,7 @@ def configured_harness(config: dict) -> Iterator[Harness]:
     with lab_with_lb(2, True, "--conn-table-size", "262144") as lab:
         lab.resolve_neighbours()  # so the route mirror knows every host, as after real traffic
         for v in config["vips"]:
-            run_lbctl(lab.lb_ns, "add-vip", v["vip"])
+            run_lbctl(lab.lb_ns, "add-vip", v["vip"], "--hash", v.get("hash", "flow"))
             for b in v["backends"]:
                 run_lbctl(lab.lb_ns, "add-backend", v["vip"], b)
         listed = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]

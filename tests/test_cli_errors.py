@@ -12,12 +12,14 @@ from tests.conftest import lab_with_lb, run_lbctl
 
 VIP = "198.19.0.1:80/tcp"
 BACKEND = "198.18.1.2:8080"
+ANY_PORT_VIP = "198.19.0.8/tcp"
 
 
 @pytest.fixture(scope="module")
 def configured(lab: Lab) -> Lab:
     run_lbctl(lab.lb_ns, "add-vip", VIP)
     run_lbctl(lab.lb_ns, "add-backend", VIP, BACKEND)
+    run_lbctl(lab.lb_ns, "add-vip", ANY_PORT_VIP)
     return lab
 
 
@@ -43,7 +45,8 @@ BAD_INPUT = [
     ("add-vip", "198.19.0.300:80/tcp"),
     ("add-vip", "198.19.0.2:99999/tcp"),
     ("add-vip", "198.19.0.2:80/sctp"),
-    ("add-vip", "198.19.0.2/tcp"),
+    ("add-vip", "198.19.0.2:80"),
+    ("add-vip", "198.19.0.2:80/tcp", "--hash", "random"),
     ("add-vip", "2001:db8::1:80/tcp"),
     ("add-vip", VIP),  # exists
     ("add-vip", "198.19.0.2:80/tcp", "--mode", "teleport"),
@@ -57,6 +60,7 @@ BAD_INPUT = [
     ("add-backend", VIP, "198.18.2.2", "--weight", "70000"),
     ("add-backend", VIP, "198.18.2.2", "--weight", "-1"),
     ("add-backend", VIP, "[2001:db8::2]:8080"),  # IP version mismatch
+    ("add-backend", ANY_PORT_VIP, BACKEND),  # a VIP of every port: backends keep the client's port
     ("remove-backend", VIP, "198.18.3.2:8080"),
     ("remove-backend", "198.19.0.9:80/tcp", BACKEND),
     ("test-packet", "zz"),

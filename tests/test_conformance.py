@@ -22,9 +22,11 @@ def harness() -> Iterator[Harness]:
 @pytest.mark.parametrize("case", FIXTURES["case"], ids=[c["name"] for c in FIXTURES["case"]])
 def test_fixture(harness: Harness, case: dict):
     names = expression_names(harness.lab)
+    backends = set()
     for setup in case.get("setup", []):
         actual, expected = harness.run(evaluate(setup, names), case["ingress"])
         assert agree(actual, expected), disagreement(evaluate(setup, names), actual, expected)
+        backends.add(actual.backend)
     frame = bytes.fromhex(case["hex"]) if "hex" in case else evaluate(case["packet"], names)
 
     actual, expected = harness.run(frame, case["ingress"])
@@ -32,14 +34,19 @@ def test_fixture(harness: Harness, case: dict):
     assert agree(actual, expected), disagreement(frame, actual, expected)
     assert actual.action == case["action"]
     assert actual.reason == case["reason"]
+    if case["output"] == "model":  # the table says which backend: the model, which agreed, knows
+        backends.add(actual.backend)
+        assert len(backends) == 1, "flows of one client went to different backends"
+        return
     want = frame if case["output"] == "unchanged" else evaluate(case["output"], names)
     assert actual.packet.hex() == want.hex()
 
 
 def test_fixture_table_covers_every_reason_it_can_reach_today():
     reasons = {c["reason"] for c in FIXTURES["case"]}
-    assert {"fwd_nat", "fwd_reply", "pass_not_ip", "pass_not_vip", "pass_ip_options", "pass_fragment",
-            "pass_unsupported_l4", "pass_malformed", "drop_no_backend"} <= reasons
+    assert {"fwd_nat", "fwd_reply", "tx_icmp_echo", "pass_not_ip", "pass_not_vip", "pass_ip_options",
+            "pass_fragment", "pass_unsupported_l4", "pass_malformed", "drop_no_backend", "drop_ip_options",
+            "drop_fragment", "drop_unsupported_l4", "drop_malformed"} <= reasons
 
 
 def test_lbctl_test_packet_reports_what_the_program_does(harness: Harness, tmp_path):

@@ -23,6 +23,8 @@ CONFIG = {"vips": [
     {"vip": "198.19.0.1:53/udp", "backends": ["198.18.1.2:5353", "198.18.2.2:5353"]},
     {"vip": "198.19.0.2:80/tcp", "backends": []},
     {"vip": "198.19.0.3:80/tcp", "backends": ["198.18.2.2:8080"]},  # b2:8080 serves two VIPs
+    {"vip": "198.19.0.4/tcp", "backends": ["198.18.1.2", "198.18.2.2"]},  # every port
+    {"vip": "198.19.0.5:53/udp", "backends": ["198.18.1.2:5353", "198.18.2.2:5353"], "hash": "source"},
 ]}
 SEEN: set[str] = set()  # reasons reached, to check the fuzzer explores
 
@@ -46,13 +48,13 @@ def packets(draw) -> tuple[bytes, str]:
     service_port = 80 if proto == "tcp" else 53
     if scenario == "to-vip":
         src = draw(st.sampled_from(["198.18.0.2", "198.18.0.7"]))
-        dst = draw(st.sampled_from(["198.19.0.1", "198.19.0.2", "198.19.0.3"]))
-        sport, dport = draw(client_ports), draw(st.sampled_from([service_port, service_port, 81]))
+        dst = draw(st.sampled_from(["198.19.0.1", "198.19.0.2", "198.19.0.3", "198.19.0.4", "198.19.0.5"]))
+        sport, dport = draw(client_ports), draw(st.sampled_from([service_port, service_port, 81, 2222]))
         ingress = "client"
     elif scenario == "reply":
         b = draw(st.sampled_from([1, 2]))
         src, dst = f"198.18.{b}.2", "198.18.0.2"
-        sport, dport = draw(st.sampled_from([8080 if proto == "tcp" else 5353, 22])), draw(client_ports)
+        sport, dport = draw(st.sampled_from([8080 if proto == "tcp" else 5353, 22, 2222])), draw(client_ports)
         ingress = f"b{b}"
     else:
         src, dst, sport, dport = draw(addresses), draw(addresses), draw(ports), draw(ports)
@@ -65,7 +67,7 @@ def packets(draw) -> tuple[bytes, str]:
     l4 = {"tcp": lambda: TCP(sport=sport, dport=dport, flags=draw(st.sampled_from(["S", "A", "PA", "FA", "R"]))),
           "udp": lambda: UDP(sport=sport, dport=dport),
           "udp0": lambda: UDP(sport=sport, dport=dport, chksum=0),
-          "icmp": lambda: ICMP(),
+          "icmp": lambda: ICMP(type=draw(st.sampled_from([8, 8, 0, 3, 13])), id=draw(st.integers(0, 65535))),
           "other": lambda: Raw(b"\x00" * 8)}[proto]()
     if proto == "other":
         ip.proto = draw(st.sampled_from([47, 132, 50]))
@@ -92,4 +94,5 @@ def test_program_and_model_agree_on_any_packet(harness: Harness, packet):
 
 
 def test_fuzzer_reached_the_main_paths():
-    assert {"fwd_nat", "fwd_reply", "pass_not_vip", "drop_no_backend", "pass_malformed"} <= SEEN, SEEN
+    assert {"fwd_nat", "fwd_reply", "tx_icmp_echo", "pass_not_vip", "drop_no_backend", "pass_malformed",
+            "drop_fragment", "drop_unsupported_l4"} <= SEEN, SEEN

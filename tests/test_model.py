@@ -26,7 +26,6 @@ def test_vip_parses(text, address, port, proto):
     ("10.0.0.1:65536/tcp", "out of range"),
     ("10.0.0.1:http/tcp", "not a number"),
     ("10.0.0.1:80/sctp", "unknown protocol"),
-    ("10.0.0.1/tcp", "needs a port"),
     ("10.0.0.1:80", "needs a protocol"),
     ("2001:db8::1:80/tcp", "brackets"),
     ("", "expected ADDR:PORT/PROTO"),
@@ -34,6 +33,15 @@ def test_vip_parses(text, address, port, proto):
 def test_vip_refused_with_reason(text, words):
     with pytest.raises(InputError, match=words):
         VipAddress.parse(text)
+
+
+def test_vip_without_port_takes_every_port_and_its_backends_keep_the_clients():
+    vip = VipAddress.parse("10.0.0.1/tcp")
+    assert vip.any_port and vip.port == 0 and str(vip) == "10.0.0.1/tcp"
+    assert str(VipAddress.parse("[2001:db8::1]/udp")) == "[2001:db8::1]/udp"
+    assert BackendAddress.parse("10.0.1.2", vip).port == 0
+    with pytest.raises(InputError, match="keep the client's port"):
+        BackendAddress.parse("10.0.1.2:8080", vip)
 
 
 def test_backend_without_port_keeps_the_vips_port():

@@ -5,11 +5,12 @@ import socket
 from collections import Counter
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from lb.flowhash import maglev_slot
 from lb.maps import U32, DataPlaneMaps
+from netns.nsenter import socket_in
 from netns.packets import capture, send_frame
 from netns.traffic import NetnsHTTPConnection, http_get, udp_request
 from tests.conftest import add_vip_with_backends, backend_name, lbctl
@@ -79,6 +80,49 @@ def test_backend_shared_by_two_vips_answers_as_each(lab, servers):
     finally:
         for vip in vips:
             lbctl(lab)("remove-vip", vip)
+
+
+def test_vip_of_every_port_forwards_tcp_and_udp_keeping_the_port(lab, servers):
+    vips = [f"{lab.vip(7)}/tcp", f"{lab.vip(7)}/udp"]
+    for vip in vips:
+        lbctl(lab)("add-vip", vip)
+        for b in lab.backends:
+            lbctl(lab)("add-backend", vip, str(b.address))
+    try:
+        served = Counter(http_get(lab.client.ns, str(lab.vip(7)), 8080) for _ in range(30))
+        assert set(served) == {backend_name(b.ns) for b in lab.backends}
+        answer = udp_request(lab.client.ns, str(lab.vip(7)), 5353, b"any port")
+        assert answer.endswith(b" any port")
+    finally:
+        for vip in vips:
+            lbctl(lab)("remove-vip", vip)
+
+
+def test_session_affinity_keeps_a_client_on_one_backend(lab, servers):
+    vip = f"{lab.vip(8)}:80/tcp"
+    lbctl(lab)("add-vip", vip, "--hash", "source")
+    for b in lab.backends:
+        lbctl(lab)("add-backend", vip, f"{b.address}:8080")
+    try:
+        served = Counter(http_get(lab.client.ns, str(lab.vip(8)), 80) for _ in range(30))
+        assert len(served) == 1 and sum(served.values()) == 30
+    finally:
+        lbctl(lab)("remove-vip", vip)
+
+
+def test_ping_to_a_vip_is_answered_by_the_data_plane(lab, http_vip):
+    request = ICMP(type=8, id=0x4C42, seq=7) / b"are you there"
+    sock = socket_in(lab.client.ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        sock.settimeout(2)
+        before = lbctl(lab)("stats", "--json").json()["reasons"]["tx_icmp_echo"]
+        sock.sendto(bytes(request), (str(lab.vip(1)), 0))
+        reply = IP(sock.recv(2048))
+        assert reply.src == str(lab.vip(1)) and reply[ICMP].type == 0
+        assert (reply[ICMP].id, reply[ICMP].seq, bytes(reply[ICMP].payload)) == (0x4C42, 7, b"are you there")
+        assert lbctl(lab)("stats", "--json").json()["reasons"]["tx_icmp_echo"] == before + 1
+    finally:
+        sock.close()
 
 
 def expected_backend(lab, vip_addr, sport, dport, proto):
