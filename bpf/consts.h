@@ -62,17 +62,17 @@ enum lb_reason {
 	LB_FWD_NAT = 0,           /* client -> VIP, rewritten to a backend */
 	LB_FWD_REPLY,             /* backend -> client, rewritten back to the VIP */
 	LB_TX_ICMP_ECHO,          /* ICMP echo request to a VIP, answered here */
-	LB_PASS_NOT_IP,           /* not IPv4: ARP, LLDP, ... */
-	LB_PASS_NOT_VIP,          /* IPv4 but not for a VIP nor a reply from a backend */
-	LB_PASS_IP_OPTIONS,       /* IPv4 header with options, not to a VIP */
-	LB_PASS_FRAGMENT,         /* IPv4 fragment, not to a VIP */
+	LB_PASS_NOT_IP,           /* neither IPv4 nor IPv6: ARP, LLDP, ... */
+	LB_PASS_NOT_VIP,          /* IP but not for a VIP nor a reply from a backend */
+	LB_PASS_IP_OPTIONS,       /* IPv4 options or IPv6 extension headers, not to a VIP */
+	LB_PASS_FRAGMENT,         /* IPv4 or IPv6 fragment, not to a VIP */
 	LB_PASS_UNSUPPORTED_L4,   /* not TCP, UDP or ICMP, not to a VIP */
 	LB_PASS_NEIGH_UNRESOLVED, /* rewritten, handed to the kernel to resolve the next hop's MAC */
 	LB_PASS_EGRESS_UNMANAGED, /* rewritten, egress interface has no XDP redirect slot */
 	LB_PASS_MALFORMED,        /* truncated or inconsistent headers, not to a VIP */
 	LB_DROP_NO_BACKEND,       /* VIP has no backend to send to */
 	LB_DROP_NO_ROUTE,         /* no route to the chosen backend or the client */
-	LB_DROP_IP_OPTIONS,       /* to a VIP: IPv4 options are not balanced */
+	LB_DROP_IP_OPTIONS,       /* to a VIP: IPv4 options and IPv6 extension headers are not balanced */
 	LB_DROP_FRAGMENT,         /* to a VIP: fragments are not balanced */
 	LB_DROP_UNSUPPORTED_L4,   /* to a VIP: not TCP or UDP (nor an ICMP echo request) */
 	LB_DROP_MALFORMED,        /* to a VIP: truncated or inconsistent headers */

@@ -124,7 +124,8 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, stru
 		/* Its replies cannot name the VIP by themselves: remember the flow by them too. */
 		struct flow_entry reply = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_REPLY };
 		struct flow_key reply_key = {
-			.src = be->addr, .dst = pkt->src, .sport = be->port, .dport = pkt->sport, .proto = pkt->proto,
+			.src = be->addr, .dst = pkt->src, .sport = be->port ? be->port : pkt->dport,
+			.dport = pkt->sport, .proto = pkt->proto,
 		};
 
 		conn_table.update(&reply_key, &reply);
@@ -254,7 +255,7 @@ static __always_inline int any_port_vips(void)
  * passes to the kernel otherwise. */
 static __always_inline int unbalanceable(struct xdp_md *ctx, const struct packet *pkt, int reason)
 {
-	if (!pkt->ip4 || !is_vip_address(&pkt->dst))
+	if (!pkt->ip_version || !is_vip_address(&pkt->dst))
 		return verdict(ctx, reason, XDP_PASS);
 	switch (reason) {
 	case LB_PASS_IP_OPTIONS:
@@ -270,9 +271,9 @@ static __always_inline int unbalanceable(struct xdp_md *ctx, const struct packet
 
 static __always_inline int handle_icmp(struct xdp_md *ctx, struct packet *pkt)
 {
-	if (!is_vip_address(&pkt->dst))
+	if (icmp_is_neighbour_discovery(pkt) || !is_vip_address(&pkt->dst))
 		return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
-	if (pkt->icmp->type != ICMP_ECHO)
+	if (!icmp_is_echo_request(pkt))
 		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, XDP_DROP);
 	icmp_echo_reply(pkt);
 	return verdict(ctx, LB_TX_ICMP_ECHO, XDP_TX);

@@ -19,12 +19,19 @@ static __always_inline int fib_next_hop(struct xdp_md *ctx, const struct packet 
 {
 	struct bpf_fib_lookup fib = {};
 
-	fib.family = 2; /* AF_INET */
 	fib.l4_protocol = pkt->proto;
-	fib.tot_len = bpf_ntohs(pkt->ip4->tot_len);
 	fib.ifindex = ctx->ingress_ifindex;
-	fib.ipv4_src = pkt->ip4->saddr;
-	fib.ipv4_dst = dst->w[3];
+	if (pkt->ip_version == 6) {
+		fib.family = 10; /* AF_INET6 */
+		fib.tot_len = bpf_ntohs(pkt->ip6->payload_len) + sizeof(struct ipv6hdr);
+		__builtin_memcpy(fib.ipv6_src, &pkt->ip6->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, dst, 16);
+	} else {
+		fib.family = 2; /* AF_INET */
+		fib.tot_len = bpf_ntohs(pkt->ip4->tot_len);
+		fib.ipv4_src = pkt->ip4->saddr;
+		fib.ipv4_dst = dst->w[3];
+	}
 	int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {

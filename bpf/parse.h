@@ -4,6 +4,8 @@
 
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/icmpv6.h>
 #include <linux/in.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
@@ -21,10 +23,12 @@ struct vlan_hdr {
 /* What the program needs of a packet, parsed once. */
 struct packet {
 	struct ethhdr *eth;
-	struct iphdr *ip4;
+	struct iphdr *ip4;   /* set when ip_version is 4 */
+	struct ipv6hdr *ip6; /* set when ip_version is 6 */
+	__u8 ip_version;     /* 0 until the addresses are known; a scalar the verifier can follow */
 	__be16 *l4_ports; /* [0] source, [1] destination (TCP and UDP) */
 	__u16 *l4_check;  /* NULL: UDP without checksum */
-	struct icmphdr *icmp;
+	struct icmphdr *icmp;     /* ICMP, or ICMPv6 (same first four bytes) */
 	union lb_addr src;
 	union lb_addr dst;
 	__be16 sport;
@@ -39,6 +43,60 @@ static __always_inline void addr_from_ipv4(union lb_addr *a, __be32 v4)
 	a->w[1] = 0;
 	a->w[2] = bpf_htonl(0x0000ffff);
 	a->w[3] = v4;
+}
+
+/* TCP, UDP or the ICMP of the IP version (icmp_proto) at cursor. */
+static __always_inline int parse_l4(struct packet *pkt, void *cursor, void *data_end, __u8 icmp_proto)
+{
+	if (pkt->proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = cursor;
+
+		if ((void *)(tcp + 1) > data_end)
+			return LB_PASS_MALFORMED;
+		pkt->l4_ports = (__be16 *)tcp;
+		pkt->l4_check = &tcp->check;
+	} else if (pkt->proto == IPPROTO_UDP) {
+		struct udphdr *udp = cursor;
+
+		if ((void *)(udp + 1) > data_end)
+			return LB_PASS_MALFORMED;
+		pkt->l4_ports = (__be16 *)udp;
+		pkt->l4_check = udp->check ? &udp->check : NULL;
+	} else if (pkt->proto == icmp_proto) {
+		struct icmphdr *icmp = cursor;
+
+		if ((void *)(icmp + 1) > data_end)
+			return LB_PASS_MALFORMED;
+		pkt->icmp = icmp;
+		return LB_PARSE_OK;
+	} else {
+		return LB_PASS_UNSUPPORTED_L4;
+	}
+	pkt->sport = pkt->l4_ports[0];
+	pkt->dport = pkt->l4_ports[1];
+	return LB_PARSE_OK;
+}
+
+/* IPv6 without extension headers: a fragment header is a fragment, any
+ * other extension header counts as options. */
+static __always_inline int parse_ipv6(struct packet *pkt, void *cursor, void *data_end)
+{
+	struct ipv6hdr *ip6 = cursor;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return LB_PASS_MALFORMED;
+	pkt->ip6 = ip6;
+	pkt->ip_version = 6;
+	pkt->proto = ip6->nexthdr;
+	__builtin_memcpy(&pkt->src, &ip6->saddr, 16);
+	__builtin_memcpy(&pkt->dst, &ip6->daddr, 16);
+	if (ip6->version != 6)
+		return LB_PASS_MALFORMED;
+	if (ip6->nexthdr == IPPROTO_FRAGMENT)
+		return LB_PASS_FRAGMENT;
+	if (ip6->nexthdr == IPPROTO_HOPOPTS || ip6->nexthdr == IPPROTO_ROUTING || ip6->nexthdr == IPPROTO_DSTOPTS)
+		return LB_PASS_IP_OPTIONS;
+	return parse_l4(pkt, ip6 + 1, data_end, IPPROTO_ICMPV6);
 }
 
 /* Returns LB_PARSE_OK, or the reason the packet is not ours to balance. */
@@ -63,6 +121,8 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 		proto = vlan->encap_proto;
 		cursor = vlan + 1;
 	}
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return parse_ipv6(pkt, cursor, data_end);
 	if (proto != bpf_htons(ETH_P_IP))
 		return LB_PASS_NOT_IP;
 
@@ -73,6 +133,7 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 	/* From here the addresses are known: the caller can tell whether a
 	 * packet it cannot balance was meant for a VIP. */
 	pkt->ip4 = ip4;
+	pkt->ip_version = 4;
 	pkt->proto = ip4->protocol;
 	addr_from_ipv4(&pkt->src, ip4->saddr);
 	addr_from_ipv4(&pkt->dst, ip4->daddr);
@@ -83,35 +144,7 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 	/* any fragment: MF set or a non-zero offset */
 	if (ip4->frag_off & bpf_htons(0x3fff))
 		return LB_PASS_FRAGMENT;
-	cursor = ip4 + 1;
-
-	if (ip4->protocol == IPPROTO_TCP) {
-		struct tcphdr *tcp = cursor;
-
-		if ((void *)(tcp + 1) > data_end)
-			return LB_PASS_MALFORMED;
-		pkt->l4_ports = (__be16 *)tcp;
-		pkt->l4_check = &tcp->check;
-	} else if (ip4->protocol == IPPROTO_UDP) {
-		struct udphdr *udp = cursor;
-
-		if ((void *)(udp + 1) > data_end)
-			return LB_PASS_MALFORMED;
-		pkt->l4_ports = (__be16 *)udp;
-		pkt->l4_check = udp->check ? &udp->check : NULL;
-	} else if (ip4->protocol == IPPROTO_ICMP) {
-		struct icmphdr *icmp = cursor;
-
-		if ((void *)(icmp + 1) > data_end)
-			return LB_PASS_MALFORMED;
-		pkt->icmp = icmp;
-		return LB_PARSE_OK;
-	} else {
-		return LB_PASS_UNSUPPORTED_L4;
-	}
-	pkt->sport = pkt->l4_ports[0];
-	pkt->dport = pkt->l4_ports[1];
-	return LB_PARSE_OK;
+	return parse_l4(pkt, ip4 + 1, data_end, IPPROTO_ICMP);
 }
 
 #endif

@@ -47,7 +47,7 @@ def format_endpoint(address: IPAddress, port: int) -> str:
     return f"{host}:{port}" if port else host
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class VipAddress:
     """What clients connect to: 10.0.0.1:80/tcp, [2001:db8::1]:80/tcp, or 10.0.0.1/tcp
     for every port (port 0)."""
@@ -71,11 +71,15 @@ class VipAddress:
     def any_port(self) -> bool:
         return self.port == 0
 
+    def sort_key(self) -> tuple[int, int, int, str]:
+        """IPv4 before IPv6, then by address, port, protocol (addresses of two versions do not compare)."""
+        return self.address.version, int(self.address), self.port, self.proto
+
     def __str__(self) -> str:
         return f"{format_endpoint(self.address, self.port)}/{self.proto}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class BackendAddress:
     """Where a VIP's traffic goes: 10.0.0.2:8080, or 10.0.0.2 to keep the VIP's port (for a VIP
     of every port, the client's: port 0)."""

@@ -7,6 +7,7 @@ reverse when removing). If any write fails, the maps are brought back to `old`."
 from __future__ import annotations
 
 import ctypes
+import socket
 from dataclasses import dataclass, field
 
 from control.model import State, VipState
@@ -41,7 +42,9 @@ class MapContents:
     @classmethod
     def of(cls, state: State) -> "MapContents":
         c = cls()
-        serving: dict[bytes, set[int]] = {}  # backend endpoint -> the VIPs it serves
+        # Which VIPs each backend endpoint's replies may belong to. A backend of a VIP of
+        # every port (port 0) overlaps with every port of its address.
+        by_host: dict[tuple[bytes, int], list[tuple[int, int]]] = {}  # (addr, proto) -> [(port, VIP id)]
         members: list[tuple[int, Endpoint]] = []  # backend id -> its endpoint
         for v in state.vips:
             key = vip_key(v)
@@ -54,10 +57,11 @@ class MapContents:
                                        flags=VIP_ACTIVE)
             for b in v.backends:  # retired ones too: their established flows go on
                 ep = Endpoint(addr=LbAddr.of(b.address.address), port=be16(b.address.port), proto=key.proto)
-                serving.setdefault(_key(ep), set()).add(v.id)
+                by_host.setdefault((bytes(ep.addr), ep.proto), []).append((b.address.port, v.id))
                 members.append((b.id, ep))
         for bid, ep in members:
-            vip_ids = serving[_key(ep)]
+            port = socket.ntohs(ep.port)
+            vip_ids = {vid for p, vid in by_host[(bytes(ep.addr), ep.proto)] if p == port or not p or not port}
             shared = len(vip_ids) > 1
             c.reply_sources[_key(ep)] = (ep, ReplySource(vip_id=0 if shared else min(vip_ids),
                                                          flags=REPLY_SHARED if shared else 0))

@@ -191,7 +191,7 @@ class Controller:
                     "hash": v.hash,
                     "backends": [{"backend": str(b.address), "weight": b.weight} for b in v.active_backends()],
                 }
-                for v in sorted(state.vips, key=lambda v: v.vip)
+                for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
             ],
         }
 
@@ -205,7 +205,7 @@ class Controller:
                 return {f: sum(getattr(c, f) for c in per_cpu) for f in fields}
 
             vips = []
-            for v in sorted(state.vips, key=lambda v: v.vip):
+            for v in sorted(state.vips, key=lambda v: v.vip.sort_key()):
                 backends = [{"backend": str(b.address), "active": b.active, **total("backend_stats", b.id)}
                             for b in v.backends]
                 vips.append({"vip": str(v.vip), **total("vip_stats", v.id), "backends": backends})

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from lb.refmodel import ICMP, DataPlaneModel, Parsed
+from lb.refmodel import ICMP, ICMPV6, DataPlaneModel, Parsed
 from lb.structs import PROBE_MAGIC, REASONS, ProbeMeta
 from lb.testrun import run_xdp
 
@@ -24,7 +24,7 @@ class Probe:
 def backend_of(before: bytes, after: bytes) -> tuple[bytes, int] | None:
     """The backend a NAT rewrite involved: the new destination, or the source a reply came from."""
     p_in, p_out = DataPlaneModel.parse(before), DataPlaneModel.parse(after)
-    if not isinstance(p_in, Parsed) or not isinstance(p_out, Parsed) or p_in.proto == ICMP:
+    if not isinstance(p_in, Parsed) or not isinstance(p_out, Parsed) or p_in.proto in (ICMP, ICMPV6):
         return None
     if (p_in.dst, p_in.dport) != (p_out.dst, p_out.dport):
         return p_out.dst, p_out.dport

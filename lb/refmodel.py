@@ -16,8 +16,9 @@ from lb.flowhash import flow_hash_raw
 from lb.maps import U32, DataPlaneMaps
 
 V4_MAPPED = bytes(10) + b"\xff\xff"
-ETH_P_IP, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x8100, 0x88A8
-TCP, UDP, ICMP = socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_ICMP
+ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
+TCP, UDP, ICMP, ICMPV6 = socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_ICMP, 58
+IPV6_FRAGMENT, IPV6_OPTION_HEADERS = 44, (0, 43, 60)  # hop-by-hop, routing, destination options
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,15 @@ class Flow:
 
 @dataclass
 class Parsed:
-    l3: int        # offset of the IPv4 header
-    l4: int        # offset of the TCP/UDP header
+    l3: int        # offset of the IP header
+    l4: int        # offset of the TCP/UDP/ICMP header
     src: bytes     # 16-byte lb_addr
     dst: bytes
     sport: int
     dport: int
     proto: int
     check_off: int | None  # offset of the L4 checksum, None for UDP without one
+    version: int = 4
 
 
 # fib(dst lb_addr, packet, ingress ifindex) -> ("found", NextHop) | ("kernel", None) | ("none", None)
@@ -150,6 +152,8 @@ class DataPlaneModel:
                 return "LB_PASS_MALFORMED", None
             proto = int.from_bytes(frame[16:18], "big")
             off = 18
+        if proto == ETH_P_IPV6:
+            return DataPlaneModel._parse_ipv6(frame, off)
         if proto != ETH_P_IP:
             return "LB_PASS_NOT_IP", None
         if len(frame) < off + 20:
@@ -162,20 +166,38 @@ class DataPlaneModel:
             return "LB_PASS_IP_OPTIONS", dst
         if int.from_bytes(frame[off + 6:off + 8], "big") & 0x3FFF:
             return "LB_PASS_FRAGMENT", dst
-        l4proto = frame[off + 9]
-        l4 = off + 20
-        need = {TCP: 20, UDP: 8, ICMP: 8}.get(l4proto)
+        return DataPlaneModel._parse_l4(frame, off, off + 20, frame[off + 9], src, dst, 4)
+
+    @staticmethod
+    def _parse_ipv6(frame: bytes, off: int) -> Parsed | tuple[str, bytes | None]:
+        if len(frame) < off + 40:
+            return "LB_PASS_MALFORMED", None
+        src, dst = frame[off + 8:off + 24], frame[off + 24:off + 40]
+        nexthdr = frame[off + 6]
+        if frame[off] >> 4 != 6:
+            return "LB_PASS_MALFORMED", dst
+        if nexthdr == IPV6_FRAGMENT:
+            return "LB_PASS_FRAGMENT", dst
+        if nexthdr in IPV6_OPTION_HEADERS:
+            return "LB_PASS_IP_OPTIONS", dst
+        return DataPlaneModel._parse_l4(frame, off, off + 40, nexthdr, src, dst, 6)
+
+    @staticmethod
+    def _parse_l4(frame: bytes, l3: int, l4: int, proto: int, src: bytes, dst: bytes,
+                  version: int) -> Parsed | tuple[str, bytes | None]:
+        icmp = ICMP if version == 4 else ICMPV6
+        need = {TCP: 20, UDP: 8, icmp: 8}.get(proto)
         if need is None:
             return "LB_PASS_UNSUPPORTED_L4", dst
         if len(frame) < l4 + need:
             return "LB_PASS_MALFORMED", dst
-        if l4proto == ICMP:
-            return Parsed(off, l4, src, dst, 0, 0, l4proto, l4 + 2)
-        check_off: int | None = l4 + 16 if l4proto == TCP else l4 + 6
-        if l4proto == UDP and frame[l4 + 6:l4 + 8] == b"\0\0":
+        if proto == icmp:
+            return Parsed(l3, l4, src, dst, 0, 0, proto, l4 + 2, version)
+        check_off: int | None = l4 + 16 if proto == TCP else l4 + 6
+        if proto == UDP and frame[l4 + 6:l4 + 8] == b"\0\0":
             check_off = None
         sport, dport = struct.unpack_from(">HH", frame, l4)
-        return Parsed(off, l4, src, dst, sport, dport, l4proto, check_off)
+        return Parsed(l3, l4, src, dst, sport, dport, proto, check_off, version)
 
     # --- lb.c -----------------------------------------------------------------------------
     def process(self, frame: bytes, ingress_ifindex: int) -> ModelResult:
@@ -183,7 +205,7 @@ class DataPlaneModel:
         if isinstance(p, tuple):
             return self._unbalanceable(frame, *p)
         pkt = bytearray(frame)
-        if p.proto == ICMP:
+        if p.proto in (ICMP, ICMPV6):
             return self._icmp(pkt, p)
         vip = self.t.vips.get((p.dst, p.dport, p.proto))
         if vip is None and self.t.any_port:
@@ -206,19 +228,25 @@ class DataPlaneModel:
         return ModelResult("XDP_DROP", frame, drop)
 
     def _icmp(self, pkt: bytearray, p: Parsed) -> ModelResult:
-        """icmp.h: echo requests to a VIP address are answered; other ICMP to a VIP is dropped."""
-        if p.dst not in self.t.vip_addrs:
+        """icmp.h: echo requests to a VIP address are answered; other ICMP to a VIP is dropped;
+        IPv6 neighbour discovery is the kernel's."""
+        v6 = p.version == 6
+        if (v6 and 133 <= pkt[p.l4] <= 137) or p.dst not in self.t.vip_addrs:
             return ModelResult("XDP_PASS", bytes(pkt), "pass_not_vip")
-        if pkt[p.l4] != 8:  # ICMP_ECHO
+        if pkt[p.l4] != (128 if v6 else 8):
             return ModelResult("XDP_DROP", bytes(pkt), "drop_unsupported_l4")
         pkt[0:6], pkt[6:12] = pkt[6:12], pkt[0:6]
         ip = p.l3
-        pkt[ip + 12:ip + 16], pkt[ip + 16:ip + 20] = pkt[ip + 16:ip + 20], pkt[ip + 12:ip + 16]
-        old_ttl = bytes(pkt[ip + 8:ip + 10])
-        pkt[ip + 8] = structs.ICMP_TTL
-        self._replace_check(pkt, ip + 10, old_ttl, bytes(pkt[ip + 8:ip + 10]), udp_zero_fix=False)
+        if v6:
+            pkt[ip + 8:ip + 24], pkt[ip + 24:ip + 40] = pkt[ip + 24:ip + 40], pkt[ip + 8:ip + 24]
+            pkt[ip + 7] = structs.ICMP_TTL
+        else:
+            pkt[ip + 12:ip + 16], pkt[ip + 16:ip + 20] = pkt[ip + 16:ip + 20], pkt[ip + 12:ip + 16]
+            old_ttl = bytes(pkt[ip + 8:ip + 10])
+            pkt[ip + 8] = structs.ICMP_TTL
+            self._replace_check(pkt, ip + 10, old_ttl, bytes(pkt[ip + 8:ip + 10]), udp_zero_fix=False)
         old_type = bytes(pkt[p.l4:p.l4 + 2])
-        pkt[p.l4] = 0  # ICMP_ECHOREPLY
+        pkt[p.l4] = 129 if v6 else 0  # echo reply
         self._replace_check(pkt, p.l4 + 2, old_type, bytes(pkt[p.l4:p.l4 + 2]), udp_zero_fix=False)
         return ModelResult("XDP_TX", bytes(pkt), "tx_icmp_echo")
 
@@ -235,7 +263,7 @@ class DataPlaneModel:
         be = self._backend(flow.backend_id)
         if be is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
-        self._nat(pkt, p, p.l3 + 16, p.l4 + 2, be[0][12:], be[1])
+        self._nat(pkt, p, self._addr_off(p, "dst"), p.l4 + 2, be[0], be[1])
         resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
         return self._send(pkt, flow.nh, resolved, ingress, "fwd_nat", (be[0], be[1] or p.dport))
 
@@ -255,8 +283,9 @@ class DataPlaneModel:
             self.t.backend_nh[backend_id] = nh
         self.t.conn[key] = Flow(backend_id, vip_id, 0, nh)
         if be[2] & structs.BACKEND_SHARED:
-            self.t.conn[(be[0], p.src, be[1], p.sport, p.proto)] = Flow(backend_id, vip_id, structs.FLOW_REPLY)
-        self._nat(pkt, p, p.l3 + 16, p.l4 + 2, be[0][12:], be[1])
+            self.t.conn[(be[0], p.src, be[1] or p.dport, p.sport, p.proto)] = Flow(backend_id, vip_id,
+                                                                                   structs.FLOW_REPLY)
+        self._nat(pkt, p, self._addr_off(p, "dst"), p.l4 + 2, be[0], be[1])
         return self._send(pkt, nh, resolved, ingress, "fwd_nat", (be[0], be[1] or p.dport))
 
     def _reply_flow(self, p: Parsed, source: tuple[int, int]) -> tuple[Flow, tuple[bytes, int, int]] | None:
@@ -282,24 +311,39 @@ class DataPlaneModel:
     def _to_client(self, pkt: bytearray, p: Parsed, found: tuple[Flow, tuple[bytes, int, int]],
                    ingress: int) -> ModelResult:
         flow, meta = found
-        self._nat(pkt, p, p.l3 + 12, p.l4, meta[0][12:], meta[1])
+        self._nat(pkt, p, self._addr_off(p, "src"), p.l4, meta[0], meta[1])
         resolved, flow.reply_nh = self._ensure_next_hop(flow.reply_nh, p.dst, p, pkt, ingress)
         return self._send(pkt, flow.reply_nh, resolved, ingress, "fwd_reply", (p.src, p.sport))
 
     # --- nat.h: address first, then port, checksums after each ---------------------------------
+    @staticmethod
+    def _addr_off(p: Parsed, which: str) -> int:
+        if p.version == 6:
+            return p.l3 + (8 if which == "src" else 24)
+        return p.l3 + (12 if which == "src" else 16)
+
     def _nat(self, pkt: bytearray, p: Parsed, addr_off: int, port_off: int, new_addr: bytes, new_port: int) -> None:
-        old_addr = bytes(pkt[addr_off:addr_off + 4])
-        old_port = bytes(pkt[port_off:port_off + 2])
-        new_port_b = new_port.to_bytes(2, "big")
-        pkt[addr_off:addr_off + 4] = new_addr
-        self._replace_check(pkt, p.l3 + 10, old_addr, new_addr, udp_zero_fix=False)
-        if p.check_off is not None:
-            self._replace_check(pkt, p.check_off, old_addr, new_addr, udp_zero_fix=p.proto == UDP)
+        """nat.h: the address (IPv4: IP checksum, then L4; IPv6: L4 word by word), then the port."""
+        udp_fix = p.proto == UDP
+        if p.version == 6:
+            for i in range(0, 16, 4):
+                old_word = bytes(pkt[addr_off + i:addr_off + i + 4])
+                pkt[addr_off + i:addr_off + i + 4] = new_addr[i:i + 4]
+                if p.check_off is not None:
+                    self._replace_check(pkt, p.check_off, old_word, new_addr[i:i + 4], udp_zero_fix=udp_fix)
+        else:
+            old_addr = bytes(pkt[addr_off:addr_off + 4])
+            pkt[addr_off:addr_off + 4] = new_addr[12:]
+            self._replace_check(pkt, p.l3 + 10, old_addr, new_addr[12:], udp_zero_fix=False)
+            if p.check_off is not None:
+                self._replace_check(pkt, p.check_off, old_addr, new_addr[12:], udp_zero_fix=udp_fix)
         if not new_port:  # port 0: the VIP takes every port, the port stays
             return
+        old_port = bytes(pkt[port_off:port_off + 2])
+        new_port_b = new_port.to_bytes(2, "big")
         pkt[port_off:port_off + 2] = new_port_b
         if p.check_off is not None:
-            self._replace_check(pkt, p.check_off, old_port, new_port_b, udp_zero_fix=p.proto == UDP)
+            self._replace_check(pkt, p.check_off, old_port, new_port_b, udp_zero_fix=udp_fix)
 
     @staticmethod
     def _replace_check(pkt: bytearray, off: int, old: bytes, new: bytes, udp_zero_fix: bool) -> None:
@@ -349,20 +393,24 @@ def kernel_fib(ipr) -> FibLookup:
     nud_valid = 0x80 | 0x40 | 0x02 | 0x10 | 0x04 | 0x08
 
     def lookup(dst: bytes, p: Parsed, pkt: bytes, ingress: int) -> tuple[str, NextHop | None]:
-        address = socket.inet_ntoa(dst[12:])
+        family = socket.AF_INET6 if p.version == 6 else socket.AF_INET
+        address = socket.inet_ntop(family, dst if p.version == 6 else dst[12:])
         try:
-            route = ipr.route("get", dst=address)[0]
+            route = ipr.route("get", dst=address, family=family)[0]
         except NetlinkError:
             return "none", None
         if route["type"] != 1:  # RTN_UNICAST
             return "none", None
         oif = route.get_attr("RTA_OIF")
         link = ipr.get_links(oif)[0]
-        tot_len = int.from_bytes(pkt[p.l3 + 2:p.l3 + 4], "big")
+        if p.version == 6:
+            tot_len = int.from_bytes(pkt[p.l3 + 4:p.l3 + 6], "big") + 40
+        else:
+            tot_len = int.from_bytes(pkt[p.l3 + 2:p.l3 + 4], "big")
         if tot_len > link.get_attr("IFLA_MTU"):
             return "none", None
         hop = route.get_attr("RTA_GATEWAY") or address
-        for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=oif):
+        for n in ipr.get_neighbours(family=family, ifindex=oif):
             if n.get_attr("NDA_DST") == hop and n["state"] & nud_valid and n.get_attr("NDA_LLADDR"):
                 smac = bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
                 dmac = bytes.fromhex(n.get_attr("NDA_LLADDR").replace(":", ""))

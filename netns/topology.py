@@ -2,10 +2,11 @@
 network namespace, joined by veth pairs (client <-> LB, LB <-> each backend).
 
     client 198.18.0.2 --- 198.18.0.1 [LB] 198.18.i.1 --- 198.18.i.2 backend i
+           2001:2:0:0::2   2001:2:0:0::1   2001:2:0:i::1   2001:2:0:i::2
 
-The client reaches the VIP range (198.19.0.0/24) through the LB; backends
-reply through it. Addresses are from 198.18.0.0/15, the range RFC 2544 sets
-aside for benchmarks. Names carry a per-run prefix; `with Lab.build(...)`
+The client reaches the VIP ranges (198.19.0.0/24, 2001:2:0:ff::/64) through
+the LB; backends reply through it. Addresses are from the ranges set aside for
+benchmarks: 198.18.0.0/15 (RFC 2544) and 2001:2::/48 (RFC 5180). Names carry a per-run prefix; `with Lab.build(...)`
 always tears everything down."""
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from lb import bpfsys
 from netns.nsenter import in_netns, socket_in, write_sysctl
 
 VIP_NETWORK = ipaddress.ip_network("198.19.0.0/24")
+VIP6_NETWORK = ipaddress.ip_network("2001:2:0:ff::/64")
+IFA_F_NODAD = 0x02  # lab addresses are usable at once
 XDP_PASS = 2
 XDP_DRV_MODE = 1 << 2
 
@@ -50,6 +53,8 @@ class Host:
     lb_ifname: str  # the LB's interface on this link
     lb_address: ipaddress.IPv4Address
     lb_mac: str
+    address6: ipaddress.IPv6Address
+    lb_address6: ipaddress.IPv6Address
 
 
 @dataclass
@@ -67,6 +72,9 @@ class Lab:
     def vip(self, index: int = 1) -> ipaddress.IPv4Address:
         return VIP_NETWORK[index]
 
+    def vip6(self, index: int = 1) -> ipaddress.IPv6Address:
+        return VIP6_NETWORK[index]
+
     @classmethod
     @contextlib.contextmanager
     def build(cls, n_backends: int = 3, prefix: str | None = None) -> Iterator["Lab"]:
@@ -81,6 +89,7 @@ class Lab:
     def _create(self, n_backends: int) -> None:
         self._add_ns(self.lb_ns)
         write_sysctl(self.lb_ns, "net.ipv4.ip_forward", "1")
+        write_sysctl(self.lb_ns, "net.ipv6.conf.all.forwarding", "1")
         # Replies leave the LB with the VIP as source, which no LB route points back to.
         for key in ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"):
             write_sysctl(self.lb_ns, key, "0")
@@ -88,6 +97,7 @@ class Lab:
         self.backends = [self._link(f"b{i}", f"to-b{i}", i) for i in range(1, n_backends + 1)]
         with NetNS(self.client.ns) as ipr:
             ipr.route("add", dst=str(VIP_NETWORK), gateway=str(self.client.lb_address))
+            ipr.route("add", dst=str(VIP6_NETWORK), gateway=str(self.client.lb_address6))
 
     def _add_ns(self, name: str) -> None:
         netns.create(name)
@@ -101,23 +111,28 @@ class Lab:
         self._add_ns(ns)
         host_ip = ipaddress.ip_address(f"198.18.{subnet}.2")
         lb_ip = ipaddress.ip_address(f"198.18.{subnet}.1")
+        host_ip6 = ipaddress.ip_address(f"2001:2:0:{subnet:x}::2")
+        lb_ip6 = ipaddress.ip_address(f"2001:2:0:{subnet:x}::1")
         with NetNS(self.lb_ns) as ipr:
             # Fixed MACs (02: locally administered) make packet fixtures literal.
             ipr.link("add", ifname=lb_ifname, kind="veth", address=lab_mac(subnet, 1),
                      peer={"ifname": "eth0", "net_ns_fd": ns, "address": lab_mac(subnet, 2)})
             idx = ipr.link_lookup(ifname=lb_ifname)[0]
             ipr.addr("add", index=idx, address=str(lb_ip), prefixlen=24)
+            ipr.addr("add", index=idx, address=str(lb_ip6), prefixlen=64, flags=IFA_F_NODAD)
             ipr.link("set", index=idx, state="up")
             lb_mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
         write_sysctl(self.lb_ns, f"net.ipv4.conf.{lb_ifname}.rp_filter", "0")
         with NetNS(ns) as ipr:
             idx = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=idx, address=str(host_ip), prefixlen=24)
+            ipr.addr("add", index=idx, address=str(host_ip6), prefixlen=64, flags=IFA_F_NODAD)
             ipr.link("set", index=idx, state="up")
             ipr.route("add", dst="default", gateway=str(lb_ip))
+            ipr.route("add", dst="::/0", gateway=str(lb_ip6), family=socket.AF_INET6)
             mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
         self._prepare_peer(ns, "eth0")
-        return Host(ns, "eth0", host_ip, mac, lb_ifname, lb_ip, lb_mac)
+        return Host(ns, "eth0", host_ip, mac, lb_ifname, lb_ip, lb_mac, host_ip6, lb_ip6)
 
     @staticmethod
     def _prepare_peer(ns: str, ifname: str) -> None:
@@ -142,25 +157,27 @@ class Lab:
                 ethtool.set_features(ifname, features)
 
     def resolve_neighbours(self, timeout: float = 5.0) -> None:
-        """Have the LB learn every host's MAC (as traffic would), polling until it has."""
-        hosts = [self.client, *self.backends]
-        sock = socket_in(self.lb_ns, socket.AF_INET, socket.SOCK_DGRAM)
+        """Have the LB learn every host's MAC, IPv4 and IPv6 (as traffic would), polling until it has."""
+        wanted = {str(a) for h in (self.client, *self.backends) for a in (h.address, h.address6)}
+        socks = {4: socket_in(self.lb_ns, socket.AF_INET, socket.SOCK_DGRAM),
+                 6: socket_in(self.lb_ns, socket.AF_INET6, socket.SOCK_DGRAM)}
         deadline = time.monotonic() + timeout
         try:
             while True:
                 with NetNS(self.lb_ns) as ipr:
-                    known = {n.get_attr("NDA_DST") for n in ipr.get_neighbours(family=socket.AF_INET)
+                    known = {str(ipaddress.ip_address(n.get_attr("NDA_DST"))) for n in ipr.get_neighbours()
                              if n.get_attr("NDA_LLADDR") and n["state"] & 0x9E}  # a usable MAC (NUD_VALID but NOARP)
-                missing = [h for h in hosts if str(h.address) not in known]
+                missing = sorted(wanted - known)
                 if not missing:
                     return
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"LB did not resolve {[str(h.address) for h in missing]}")
-                for h in missing:
-                    sock.sendto(b"arp", (str(h.address), 9))
+                    raise TimeoutError(f"LB did not resolve {missing}")
+                for address in missing:
+                    socks[ipaddress.ip_address(address).version].sendto(b"resolve", (address, 9))
                 time.sleep(0.05)
         finally:
-            sock.close()
+            for sock in socks.values():
+                sock.close()
 
     def teardown(self) -> None:
         for name in reversed(self.namespaces):

@@ -36,6 +36,7 @@ class _NamedHandler(http.server.BaseHTTPRequestHandler):
 class _HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    address_family = socket.AF_INET6  # bound to "::": IPv4 and IPv6 clients alike
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves its own name (getfqdn): not in a lab namespace.
@@ -56,10 +57,10 @@ class Servers:
 
     def start(self, ns: str, name: str) -> None:
         with in_netns(ns):
-            server = _HTTPServer(("0.0.0.0", self.http_port), _NamedHandler)
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            server = _HTTPServer(("::", self.http_port), _NamedHandler)
+            udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         server.name = name  # type: ignore[attr-defined]
-        udp.bind(("0.0.0.0", self.udp_port))
+        udp.bind(("::", self.udp_port))
         udp.settimeout(0.2)
         self._http.append(server)
         self._udp.append(udp)
@@ -130,7 +131,8 @@ def http_get(ns: str, host: str, port: int, timeout: float = 5.0) -> str:
 
 def udp_request(ns: str, host: str, port: int, payload: bytes, timeout: float = 2.0, attempts: int = 3) -> bytes:
     """Send a datagram and wait for the answer, retrying a bounded number of times."""
-    sock = socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket_in(ns, family, socket.SOCK_DGRAM)
     try:
         sock.settimeout(timeout)
         for _ in range(attempts):

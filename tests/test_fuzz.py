@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
+from scapy.layers.inet6 import ICMPv6Unknown, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 
@@ -25,6 +26,8 @@ CONFIG = {"vips": [
     {"vip": "198.19.0.3:80/tcp", "backends": ["198.18.2.2:8080"]},  # b2:8080 serves two VIPs
     {"vip": "198.19.0.4/tcp", "backends": ["198.18.1.2", "198.18.2.2"]},  # every port
     {"vip": "198.19.0.5:53/udp", "backends": ["198.18.1.2:5353", "198.18.2.2:5353"], "hash": "source"},
+    {"vip": "[2001:2:0:ff::1]:80/tcp", "backends": ["[2001:2:0:1::2]:8080", "[2001:2:0:2::2]:8080"]},
+    {"vip": "[2001:2:0:ff::1]:53/udp", "backends": ["[2001:2:0:1::2]:5353"]},
 ]}
 SEEN: set[str] = set()  # reasons reached, to check the fuzzer explores
 
@@ -33,6 +36,12 @@ SEEN: set[str] = set()  # reasons reached, to check the fuzzer explores
 def harness() -> Iterator[Harness]:
     with configured_harness(CONFIG) as h:
         yield h
+
+
+def as_ipv6(v4: str) -> str:
+    """The lab's IPv6 twin of an IPv4 address: 198.18.N.H -> 2001:2:0:N::H, 198.19.0.H -> 2001:2:0:ff::H."""
+    a, b, n, h = (int(x) for x in v4.split("."))
+    return f"2001:2:0:{n:x}::{h:x}" if (a, b) == (198, 18) else f"2001:2:0:ff::{h:x}"
 
 
 addresses = st.sampled_from(["198.18.0.2", "198.18.1.2", "198.18.2.2", "198.19.0.1", "198.19.0.2", "198.19.0.9"])
@@ -59,18 +68,30 @@ def packets(draw) -> tuple[bytes, str]:
     else:
         src, dst, sport, dport = draw(addresses), draw(addresses), draw(ports), draw(ports)
         ingress = draw(st.sampled_from(["client", "b1", "b2"]))
-    ip = IP(src=src, dst=dst, ttl=draw(st.integers(1, 255)), id=draw(st.integers(0, 65535)))
-    if draw(st.integers(0, 15)) == 0:
-        ip.options = [IPOption_NOP()] * 4
-    if draw(st.integers(0, 15)) == 0:
-        ip.flags, ip.frag = draw(st.sampled_from([("MF", 0), (0, 64), ("MF", 8)]))
+    v6 = draw(st.integers(0, 3)) == 0
+    if v6:  # the same scenario on the IPv6 side of the lab
+        src, dst = as_ipv6(src), as_ipv6(dst)
+        ip = IPv6(src=src, dst=dst, hlim=draw(st.integers(1, 255)))
+        if draw(st.integers(0, 15)) == 0:
+            ip = ip / draw(st.sampled_from([IPv6ExtHdrFragment(m=1), IPv6ExtHdrHopByHop()]))
+    else:
+        ip = IP(src=src, dst=dst, ttl=draw(st.integers(1, 255)), id=draw(st.integers(0, 65535)))
+        if draw(st.integers(0, 15)) == 0:
+            ip.options = [IPOption_NOP()] * 4
+        if draw(st.integers(0, 15)) == 0:
+            ip.flags, ip.frag = draw(st.sampled_from([("MF", 0), (0, 64), ("MF", 8)]))
+    icmp_type = draw(st.sampled_from([8, 8, 0, 3, 13] if not v6 else [128, 128, 129, 1, 135]))
     l4 = {"tcp": lambda: TCP(sport=sport, dport=dport, flags=draw(st.sampled_from(["S", "A", "PA", "FA", "R"]))),
           "udp": lambda: UDP(sport=sport, dport=dport),
           "udp0": lambda: UDP(sport=sport, dport=dport, chksum=0),
-          "icmp": lambda: ICMP(type=draw(st.sampled_from([8, 8, 0, 3, 13])), id=draw(st.integers(0, 65535))),
+          "icmp": lambda: (ICMPv6Unknown(type=icmp_type) if v6 else ICMP(type=icmp_type, id=draw(st.integers(0, 65535)))),
           "other": lambda: Raw(b"\x00" * 8)}[proto]()
     if proto == "other":
-        ip.proto = draw(st.sampled_from([47, 132, 50]))
+        other = draw(st.sampled_from([47, 132, 50]))
+        if v6:
+            ip.lastlayer().nh = other
+        else:
+            ip.proto = other
     eth = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01")
     frame = eth / (Dot1Q(vlan=draw(st.integers(1, 4094))) / ip if draw(st.integers(0, 15)) == 0 else ip)
     data = bytearray(bytes(frame / l4 / Raw(draw(st.binary(max_size=64)))))

@@ -110,6 +110,23 @@ def test_session_affinity_keeps_a_client_on_one_backend(lab, servers):
         lbctl(lab)("remove-vip", vip)
 
 
+def test_ipv6_vip_balances_tcp_and_udp_end_to_end(lab, servers):
+    lab.resolve_neighbours()
+    tcp_vip, udp_vip = f"[{lab.vip6(1)}]:80/tcp", f"[{lab.vip6(1)}]:53/udp"
+    for vip, port in ((tcp_vip, 8080), (udp_vip, 5353)):
+        lbctl(lab)("add-vip", vip)
+        for b in lab.backends:
+            lbctl(lab)("add-backend", vip, f"[{b.address6}]:{port}")
+    try:
+        served = Counter(http_get(lab.client.ns, str(lab.vip6(1)), 80) for _ in range(30))
+        assert set(served) == {backend_name(b.ns) for b in lab.backends}
+        names = {udp_request(lab.client.ns, str(lab.vip6(1)), 53, f"q{i}".encode()).split(b" ")[0] for i in range(30)}
+        assert names == {backend_name(b.ns).encode() for b in lab.backends}
+    finally:
+        for vip in (tcp_vip, udp_vip):
+            lbctl(lab)("remove-vip", vip)
+
+
 def test_ping_to_a_vip_is_answered_by_the_data_plane(lab, http_vip):
     request = ICMP(type=8, id=0x4C42, seq=7) / b"are you there"
     sock = socket_in(lab.client.ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
