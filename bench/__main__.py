@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,17 +17,16 @@ from typing import Any
 
 from bench import control, endtoend, perpacket, scaling
 from lb import loader
+from netns.lbctl import forget, run_lbctl
 from netns.nsenter import in_netns
 from netns.topology import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
-LBCTL = str(Path(sys.executable).parent / "lbctl")
 QUICK = os.environ.get("LB_BENCH_QUICK") == "1"
 
 
 def lbctl(ns: str, *args: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", ns, LBCTL, *args], check=True, capture_output=True,
-                          text=True).stdout
+    return run_lbctl(ns, *args).stdout
 
 
 def log(message: str) -> None:
@@ -48,11 +46,7 @@ def bench_lab():
             lbctl(lab.lb_ns, "add-vip", f"{lab.vip(2)}:80/tcp")  # any change refreshes the route mirror
             yield lab, json.loads(lbctl(lab.lb_ns, "list", "--json"))["dataplane"]["pin_dir"]
         finally:
-            with contextlib.suppress(Exception):
-                lbctl(lab.lb_ns, "detach")
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(f"/var/lib/lb/{lab.lb_ns}.db{suffix}")
+            forget(lab.lb_ns)
 
 
 def verdicts(results: dict, targets: dict) -> list[tuple[str, float, str, float, bool]]:
@@ -105,9 +99,10 @@ def main() -> None:
                                                              progress=log)}
             results["scaling"]["flows"].pop("xdp_drop_floor")
 
-            log("scaling: backends per VIP")
-            results["scaling"]["backends_per_vip"] = scaling.backends(
-                lab, lb_prog, drop, (2, 10) if QUICK else (2, 10, 100), progress=log)
+
+        log("scaling: backends per VIP")
+        results["scaling"]["backends_per_vip"] = scaling.backends(
+            lab, lb_prog, drop, (2, 10) if QUICK else (2, 10, 100), progress=log)
 
         log("control plane")
         vip = f"{lab.vip(1)}:80/tcp"
@@ -132,9 +127,8 @@ def main() -> None:
         lbctl(lab.lb_ns, "detach")
         lbctl(lab.lb_ns, "attach", *lab.lb_interfaces, "--max-vips", "1024")
         lb_prog = loader.pinned_program(pin_dir)
-        with in_netns(lab.lb_ns):
-            results["scaling"]["vips"] = scaling.vips(lab, lb_prog, drop, (10, 100) if QUICK else (10, 100, 1000),
-                                                      progress=log)
+        results["scaling"]["vips"] = scaling.vips(lab, lb_prog, drop, (10, 100) if QUICK else (10, 100, 1000),
+                                                  progress=log)
         results["control"]["lbctl_add_backend_ms_at_1000_vips"] = control.lbctl_add_backend_ms(
             lab.lb_ns, vip, "198.18.1.9:8080", runs=runs)
         results["memory"]["1024_vips"] = {"maps_bytes": scaling.map_memory(pin_dir),

@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 from lb.maglev import MaglevBackend, build_table
-
-LBCTL = str(Path(sys.executable).parent / "lbctl")
+from netns.lbctl import LBCTL
 
 
 def summary(values: list[float]) -> dict[str, float]:

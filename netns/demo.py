@@ -2,27 +2,22 @@
 real HTTP and UDP clients go through it; the shares and counters are printed."""
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
+from netns.lbctl import forget, run_lbctl
 from netns.topology import Lab
 from netns.traffic import Servers, http_get, udp_request
-
-LBCTL = str(Path(sys.executable).parent / "lbctl")
 
 
 def lbctl(ns: str, *args: str) -> str:
     print(f"$ ip netns exec {ns} lbctl {' '.join(args)}")
-    proc = subprocess.run(["ip", "netns", "exec", ns, LBCTL, *args], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        raise SystemExit(f"demo: lbctl failed: {proc.stderr.strip()}")
-    if proc.stdout.strip():
-        print(proc.stdout.rstrip())
-    return proc.stdout
+    result = run_lbctl(ns, *args, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"demo: lbctl failed: {result.stderr.strip()}")
+    if result.stdout.strip():
+        print(result.stdout.rstrip())
+    return result.stdout
 
 
 def shares(title: str, counts: Counter) -> None:
@@ -60,11 +55,7 @@ def main() -> None:
             print()
             lbctl(lab.lb_ns, "stats")
         finally:
-            with contextlib.suppress(SystemExit):
-                lbctl(lab.lb_ns, "detach")
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(f"/var/lib/lb/{lab.lb_ns}.db{suffix}")
+            forget(lab.lb_ns)
     print("\nlab torn down")
 
 

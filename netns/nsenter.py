@@ -11,6 +11,8 @@ import socket
 import threading
 from typing import Iterator
 
+from pyroute2 import IPRoute
+
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -35,6 +37,17 @@ def in_netns(name: str) -> Iterator[None]:
     finally:
         os.close(target)
         os.close(own)
+
+
+@contextlib.contextmanager
+def netlink_in(name: str) -> Iterator[IPRoute]:
+    """An IPRoute whose netlink socket lives in namespace `name` (made from this thread, moved there)."""
+    with in_netns(name):
+        ipr = IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
 
 
 def socket_in(name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:

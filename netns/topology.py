@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from pyroute2 import NetNS, netns
+from pyroute2 import netns
 from pyroute2.ethtool import Ethtool
 
 from lb import bpfsys
-from netns.nsenter import in_netns, socket_in, write_sysctl
+from netns.nsenter import in_netns, netlink_in, socket_in, write_sysctl
 
 VIP_NETWORK = ipaddress.ip_network("198.19.0.0/24")
 VIP6_NETWORK = ipaddress.ip_network("2001:2:0:ff::/64")
@@ -95,14 +95,14 @@ class Lab:
             write_sysctl(self.lb_ns, key, "0")
         self.client = self._link("client", "to-client", 0)
         self.backends = [self._link(f"b{i}", f"to-b{i}", i) for i in range(1, n_backends + 1)]
-        with NetNS(self.client.ns) as ipr:
+        with netlink_in(self.client.ns) as ipr:
             ipr.route("add", dst=str(VIP_NETWORK), gateway=str(self.client.lb_address))
             ipr.route("add", dst=str(VIP6_NETWORK), gateway=str(self.client.lb_address6))
 
     def _add_ns(self, name: str) -> None:
         netns.create(name)
         self.namespaces.append(name)
-        with NetNS(name) as ipr:
+        with netlink_in(name) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 
     def _link(self, role: str, lb_ifname: str, subnet: int) -> Host:
@@ -113,7 +113,7 @@ class Lab:
         lb_ip = ipaddress.ip_address(f"198.18.{subnet}.1")
         host_ip6 = ipaddress.ip_address(f"2001:2:0:{subnet:x}::2")
         lb_ip6 = ipaddress.ip_address(f"2001:2:0:{subnet:x}::1")
-        with NetNS(self.lb_ns) as ipr:
+        with netlink_in(self.lb_ns) as ipr:
             # Fixed MACs (02: locally administered) make packet fixtures literal.
             ipr.link("add", ifname=lb_ifname, kind="veth", address=lab_mac(subnet, 1),
                      peer={"ifname": "eth0", "net_ns_fd": ns, "address": lab_mac(subnet, 2)})
@@ -123,7 +123,7 @@ class Lab:
             ipr.link("set", index=idx, state="up")
             lb_mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
         write_sysctl(self.lb_ns, f"net.ipv4.conf.{lb_ifname}.rp_filter", "0")
-        with NetNS(ns) as ipr:
+        with netlink_in(ns) as ipr:
             idx = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=idx, address=str(host_ip), prefixlen=24)
             ipr.addr("add", index=idx, address=str(host_ip6), prefixlen=64, flags=IFA_F_NODAD)
@@ -141,7 +141,7 @@ class Lab:
         And they send full checksums, as a NIC puts them on the wire."""
         prog = bpfsys.load_xdp_return(XDP_PASS, b"lab_pass")
         try:
-            with NetNS(ns) as ipr:
+            with netlink_in(ns) as ipr:
                 idx = ipr.link_lookup(ifname=ifname)[0]
                 ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", prog), ("IFLA_XDP_FLAGS", XDP_DRV_MODE)]})
         finally:
@@ -164,8 +164,10 @@ class Lab:
         deadline = time.monotonic() + timeout
         try:
             while True:
-                with NetNS(self.lb_ns) as ipr:
-                    known = {str(ipaddress.ip_address(n.get_attr("NDA_DST"))) for n in ipr.get_neighbours()
+                with netlink_in(self.lb_ns) as ipr:
+                    known = {str(ipaddress.ip_address(n.get_attr("NDA_DST")))
+                             for family in (socket.AF_INET, socket.AF_INET6)
+                             for n in ipr.get_neighbours(family=family)
                              if n.get_attr("NDA_LLADDR") and n["state"] & 0x9E}  # a usable MAC (NUD_VALID but NOARP)
                 missing = sorted(wanted - known)
                 if not missing:
@@ -173,7 +175,8 @@ class Lab:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"LB did not resolve {missing}")
                 for address in missing:
-                    socks[ipaddress.ip_address(address).version].sendto(b"resolve", (address, 9))
+                    with contextlib.suppress(OSError):  # a route still coming up: try again next round
+                        socks[ipaddress.ip_address(address).version].sendto(b"resolve", (address, 9))
                 time.sleep(0.05)
         finally:
             for sock in socks.values():

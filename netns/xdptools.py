@@ -9,11 +9,10 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import NetNS
 
 from lb import bpfsys
 from lb.testrun import XdpMd
-from netns.nsenter import in_netns
+from netns.nsenter import in_netns, netlink_in
 
 BPF_DIR = Path(__file__).parent / "bpf"
 LIVE_FRAMES = 1 << 1
@@ -26,16 +25,21 @@ def _compile(name: str, cflags: list[str] | None = None):
     return BPF(src_file=str(BPF_DIR / name), cflags=cflags or [])
 
 
+def _set_xdp(ns: str, ifname: str, prog_fd: int) -> None:
+    # Netlink from this thread, moved into the namespace (see nsenter): a socket made there stays there.
+    with netlink_in(ns) as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise LookupError(f"no interface {ifname} in namespace {ns}")
+        ipr.link("set", index=found[0], xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", XDP_DRV_MODE)]})
+
+
 def attach(ns: str, ifname: str, prog_fd: int) -> None:
-    with NetNS(ns) as ipr:
-        idx = ipr.link_lookup(ifname=ifname)[0]
-        ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", XDP_DRV_MODE)]})
+    _set_xdp(ns, ifname, prog_fd)
 
 
 def detach(ns: str, ifname: str) -> None:
-    with NetNS(ns) as ipr:
-        idx = ipr.link_lookup(ifname=ifname)[0]
-        ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", XDP_DRV_MODE)]})
+    _set_xdp(ns, ifname, -1)
 
 
 class Sink:
@@ -71,7 +75,7 @@ class BareRedirect:
         self.out_pass = Sink(ns, out_ifname, drop=False)
         self.bpf = _compile("redirect.c")
         self.fn = self.bpf.load_func(b"xdp_redirect_bare", self.bpf.XDP)
-        with NetNS(ns) as ipr:
+        with netlink_in(ns) as ipr:
             out_index = ipr.link_lookup(ifname=out_ifname)[0]
             src_mac = ipr.get_links(out_index)[0].get_attr("IFLA_ADDRESS")
         macs = self.bpf["redirect_macs"][ctypes.c_int(0)]

@@ -1,58 +1,15 @@
 """Fixtures: a lab per test module, lbctl run as an operator runs it (ip netns exec)."""
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from netns.lbctl import lab_with_lb, run_lbctl
 from netns.topology import Lab
 from netns.traffic import Servers
 
-LBCTL = str(Path(sys.executable).parent / "lbctl")
-STATE_DIR = "/var/lib/lb"
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self):
-        return json.loads(self.stdout)
-
-
-def run_lbctl(ns: str, *args: str, check: bool = True) -> Result:
-    proc = subprocess.run(["ip", "netns", "exec", ns, LBCTL, *args], capture_output=True, text=True, timeout=120)
-    result = Result(proc.returncode, proc.stdout, proc.stderr)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lbctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return result
-
-
-def remove_state(ns: str) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(STATE_DIR, f"{ns}.db{suffix}"))
-
-
-@contextlib.contextmanager
-def lab_with_lb(n_backends: int = 3, attach: bool = True, *attach_args: str) -> Iterator[Lab]:
-    with Lab.build(n_backends) as lab:
-        try:
-            if attach:
-                run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces, *attach_args)
-            yield lab
-        finally:
-            run_lbctl(lab.lb_ns, "detach", check=False)
-            remove_state(lab.lb_ns)
+__all__ = ["lab_with_lb", "run_lbctl"]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pyroute2 import NetNS
 from scapy.compat import raw
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
 from scapy.layers.inet6 import (ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6ND_NS, IPv6, IPv6ExtHdrFragment,
@@ -19,7 +18,7 @@ from lb import loader
 from lb.maps import DataPlaneMaps
 from lb.probe import Probe, probe
 from lb.refmodel import DataPlaneModel, ModelResult, Tables, kernel_fib
-from netns.nsenter import in_netns
+from netns.nsenter import in_netns, netlink_in
 from netns.topology import Lab
 from tests.conftest import lab_with_lb, run_lbctl
 
@@ -78,7 +77,7 @@ def configured_harness(config: dict) -> Iterator[Harness]:
                 run_lbctl(lab.lb_ns, "add-backend", v["vip"], b)
         listed = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]
         prog_fd = loader.pinned_program(listed["pin_dir"])
-        with DataPlaneMaps.open(listed["pin_dir"]) as maps, NetNS(lab.lb_ns) as ipr:
+        with DataPlaneMaps.open(listed["pin_dir"]) as maps, netlink_in(lab.lb_ns) as ipr:
             ifindex = {"client": ipr.link_lookup(ifname=lab.client.lb_ifname)[0]}
             ifindex.update({b.ns.rsplit("-", 1)[1]: ipr.link_lookup(ifname=b.lb_ifname)[0] for b in lab.backends})
             model = DataPlaneModel(Tables.snapshot(maps, listed["ring_size"]), kernel_fib(ipr))

@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from pyroute2 import NetNS
 
+from netns.nsenter import netlink_in
 from netns.traffic import Servers, http_get, udp_request
 from tests.conftest import add_vip_with_backends, backend_name, lab_with_lb, run_lbctl
 
 
 def xdp_prog_ids(ns: str, ifnames: list[str]) -> dict[str, int]:
-    with NetNS(ns) as ipr:
+    with netlink_in(ns) as ipr:
         out = {}
         for name in ifnames:
             link = ipr.get_links(ipr.link_lookup(ifname=name)[0])[0]
