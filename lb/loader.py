@@ -66,7 +66,7 @@ def load_and_pin(config: DataPlaneConfig, pin_dir: str) -> int:
 
     os.makedirs(pin_dir, exist_ok=True)
     try:
-        bpf = BPF(src_file=str(BPF_DIR / "lb.c"), cflags=config.cflags(pin_dir))
+        bpf = BPF(src_file=os.fsencode(BPF_DIR / "lb.c"), cflags=config.cflags(pin_dir))
         fn = bpf.load_func(b"xdp_lb", BPF.XDP)
     except Exception as e:  # bcc raises bare Exceptions; the verifier log went to stderr
         unpin_all(pin_dir)

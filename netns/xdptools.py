@@ -5,6 +5,7 @@ They are compiled with bcc and attached with pyroute2, inside lab namespaces."""
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ XDP_DROP, XDP_PASS = 1, 2
 
 def _compile(name: str, cflags: list[str] | None = None):
     from bcc import BPF  # the lab's tools need the compiler; the product's CLI does not
-    return BPF(src_file=str(BPF_DIR / name), cflags=cflags or [])
+    return BPF(src_file=os.fsencode(BPF_DIR / name), cflags=cflags or [])
 
 
 def _set_xdp(ns: str, ifname: str, prog_fd: int) -> None:

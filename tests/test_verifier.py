@@ -1,0 +1,38 @@
+"""The kernel's verifier accepts the data plane built with the sizes lbctl attach can ask for.
+
+The sizes are compile-time constants (bpf/consts.h): the smallest, the default and large
+ones are each compiled, loaded and unpinned. (The XDP mode is chosen at attach time, not
+compiled in: tests/test_attach.py attaches in both.)"""
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+
+from lb import loader
+from lb.pins import stable_bpffs
+
+CONFIGS = {
+    "smallest": loader.DataPlaneConfig(ring_size=2, max_vips=1, max_backends=2, conn_table_size=1),
+    "default": loader.DataPlaneConfig(),
+    "large": loader.DataPlaneConfig(ring_size=131071, max_vips=1024, max_backends=65536, conn_table_size=1 << 21),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_verifier_accepts_program_built_with(name):
+    pin_dir = os.path.join(stable_bpffs(), "lb", f"verifier-{secrets.token_hex(4)}")
+    try:
+        fd = loader.load_and_pin(CONFIGS[name], pin_dir)
+        os.close(fd)
+        assert os.path.exists(os.path.join(pin_dir, loader.PROGRAM_PIN))
+    finally:
+        loader.unpin_all(pin_dir)
+
+
+def test_sizes_lbctl_refuses():
+    with pytest.raises(ValueError, match="prime"):
+        loader.DataPlaneConfig(ring_size=65536)
+    with pytest.raises(ValueError, match="65,536 VIPs"):
+        loader.DataPlaneConfig(max_vips=70000)
