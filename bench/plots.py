@@ -17,6 +17,13 @@ def _bars(ax, labels, values, errors=None, color="tab:blue", offset=0.0, width=0
     return xs
 
 
+def _save(fig, out_dir: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    return f"docs/{name}"
+
+
 def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -35,26 +42,18 @@ def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
     ax.set_ylabel("net ns per packet (minus XDP_DROP)")
     ax.set_title("Per-packet cost, BPF_PROG_TEST_RUN, IPv4")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "perpacket.png", dpi=110)
-    written.append("docs/perpacket.png")
-    plt.close(fig)
+    written.append(_save(fig, out_dir, "perpacket.png"))
 
     e2e = results["endtoend"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4))
-    names = ["xdp_lb", "nftables", "bare_redirect"]
-    rate = [e2e["rate"][n]["median"] / 1e6 for n in names]
-    a1.bar(names, rate, color=["tab:blue", "tab:orange", "tab:gray"])
+    names, colors = ["xdp_lb", "nftables", "bare_redirect"], ["tab:blue", "tab:orange", "tab:gray"]
+    a1.bar(names, [e2e["rate"][n]["median"] / 1e6 for n in names], color=colors)
     a1.set_ylabel("Mpps delivered to the backends")
     a1.set_title("Full speed, 60-byte UDP, 1,024 flows")
-    cpu_names = ["xdp_lb", "nftables", "bare_redirect"]
-    a2.bar(cpu_names, [e2e["cpu"][n]["median"] for n in cpu_names], color=["tab:blue", "tab:orange", "tab:gray"])
+    a2.bar(names, [e2e["cpu"][n]["median"] for n in names], color=colors)
     a2.set_ylabel("CPU ns per forwarded packet")
     a2.set_title(f"CPU at {e2e['cpu']['offered_pps'] // 1000} kpps")
-    fig.tight_layout()
-    fig.savefig(out_dir / "endtoend.png", dpi=110)
-    written.append("docs/endtoend.png")
-    plt.close(fig)
+    written.append(_save(fig, out_dir, "endtoend.png"))
 
     sc = results["scaling"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -73,8 +72,5 @@ def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
     a2.set_ylabel("net ns per packet")
     a2.set_title("Cost by number of VIPs and of backends")
     a2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "scaling.png", dpi=110)
-    written.append("docs/scaling.png")
-    plt.close(fig)
+    written.append(_save(fig, out_dir, "scaling.png"))
     return written
