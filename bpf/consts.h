@@ -15,6 +15,9 @@
 #ifndef LB_CONN_TABLE_SIZE
 #define LB_CONN_TABLE_SIZE 1048576
 #endif
+#ifndef LB_MAX_ACL_RULES
+#define LB_MAX_ACL_RULES 16384
+#endif
 #ifndef LB_MAX_ROUTES
 #define LB_MAX_ROUTES 16384
 #endif
@@ -33,6 +36,12 @@
 
 /* vip_info.flags */
 #define LB_VIP_HASH_SOURCE (1U << 0) /* pick the backend by the client's address alone (session affinity) */
+#define LB_VIP_ACL (1U << 1)         /* the VIP has source rules: look them up */
+#define LB_VIP_ACL_ALLOWLIST (1U << 2) /* it has allow rules: a source no rule matches is denied */
+
+/* acl_rule.action */
+#define LB_ACL_ALLOW 1
+#define LB_ACL_DENY 2
 
 /* lb_config.flags */
 #define LB_CFG_ANY_PORT (1U << 0) /* some VIP takes every port: look up port 0 too */
@@ -76,6 +85,7 @@ enum lb_reason {
 	LB_DROP_FRAGMENT,         /* to a VIP: fragments are not balanced */
 	LB_DROP_UNSUPPORTED_L4,   /* to a VIP: not TCP or UDP (nor an ICMP echo request) */
 	LB_DROP_MALFORMED,        /* to a VIP: truncated or inconsistent headers */
+	LB_DROP_ACL,              /* to a VIP: the source is not allowed */
 	LB_REASON_MAX,
 };
 

@@ -136,9 +136,26 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, stru
 	return send(ctx, pkt, &entry.nh, resolved, LB_FWD_NAT);
 }
 
+/* The VIP's source rules: the longest matching prefix decides; without a
+ * match, a VIP with allow rules denies and one with deny rules only allows. */
+static __always_inline int source_allowed(const struct packet *pkt, const struct vip_info *vip)
+{
+	if (!(vip->flags & LB_VIP_ACL))
+		return 1;
+	struct acl_key key = { .prefixlen = 32 + 128, .vip_id = vip->id, .addr = pkt->src };
+	struct acl_rule *rule = acl.lookup(&key);
+
+	if (rule)
+		return rule->action == LB_ACL_ALLOW;
+	return !(vip->flags & LB_VIP_ACL_ALLOWLIST);
+}
+
 static __always_inline int to_backend(struct xdp_md *ctx, struct packet *pkt, const struct vip_info *vip)
 {
 	struct flow_key key = {};
+
+	if (!source_allowed(pkt, vip))
+		return verdict(ctx, LB_DROP_ACL, XDP_DROP);
 
 	flow_key_of(&key, pkt);
 	struct flow_entry *flow = conn_table.lookup(&key);

@@ -26,6 +26,8 @@ BPF_TABLE_PINNED("array", __u32, struct next_hop, backend_nh, LB_MAX_BACKENDS, P
 BPF_TABLE_PINNED("hash", struct endpoint, struct reply_source, reply_sources, LB_MAX_BACKENDS, PIN(reply_sources));
 /* 5-tuple -> backend: by the client's tuple; also by the backend's reply tuple for shared backends */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_entry, conn_table, LB_CONN_TABLE_SIZE, PIN(conn_table));
+/* (VIP, source prefix) -> allow or deny */
+BPF_TABLE_PINNED("lpm_trie", struct acl_key, struct acl_rule, acl, LB_MAX_ACL_RULES, PIN(acl), BPF_F_NO_PREALLOC);
 /* destination prefix -> next hop, mirrored from the kernel's routes and neighbours */
 BPF_TABLE_PINNED("lpm_trie", struct route_key, struct next_hop, routes, LB_MAX_ROUTES, PIN(routes), BPF_F_NO_PREALLOC);
 /* ifindex -> ifindex, for each interface the LB sends out of with XDP_REDIRECT */

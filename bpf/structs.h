@@ -107,6 +107,19 @@ struct vip_addr {
 	__u32 vips;
 };
 
+/* acl LPM trie key: a VIP and a source prefix; prefixlen counts the VIP id's
+ * 32 bits, then the (IPv4-mapped) address's */
+struct acl_key {
+	__u32 prefixlen;
+	__u32 vip_id;
+	union lb_addr addr;
+};
+
+/* acl value */
+struct acl_rule {
+	__u32 action; /* LB_ACL_ALLOW or LB_ACL_DENY */
+};
+
 /* XDP metadata a probe (BPF_PROG_TEST_RUN) puts before the packet: the
  * program writes the reason of its verdict into it. */
 struct probe_meta {

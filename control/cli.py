@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("vip", metavar="VIP")
     b.add_argument("backend", metavar="BACKEND")
 
+    acl = sub.add_parser("acl", help="source rules of a VIP (longest prefix wins; with allow rules, others are denied)")
+    acl_sub = acl.add_subparsers(dest="acl_command", required=True, parser_class=_Parser)
+    a = acl_sub.add_parser("add", help="add a rule: VIP PREFIX --allow|--deny")
+    a.add_argument("vip", metavar="VIP")
+    a.add_argument("prefix", metavar="PREFIX")
+    action = a.add_mutually_exclusive_group(required=True)
+    action.add_argument("--allow", dest="action", action="store_const", const="allow")
+    action.add_argument("--deny", dest="action", action="store_const", const="deny")
+    a = acl_sub.add_parser("remove", help="remove the rule of a prefix")
+    a.add_argument("vip", metavar="VIP")
+    a.add_argument("prefix", metavar="PREFIX")
+
     for name, text in (("list", "show VIPs and backends"), ("stats", "show packet counters")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--json", action="store_true", help="print JSON")
@@ -98,6 +110,7 @@ def format_list(data: dict[str, Any]) -> str:
     for v in data["vips"]:
         rows.append([v["vip"], v["mode"], "-" if not v["backends"] else "", ""])
         rows.extend(["", "", b["backend"], b["weight"]] for b in v["backends"])
+        rows.extend(["", f"{action} from", prefix, ""] for prefix, action in v["acl"].items())
     lines.append(_table(rows))
     return "\n".join(lines)
 
@@ -129,6 +142,10 @@ def format_change(command: str, r: dict[str, Any]) -> str:
             return f"added backend {r['backend']} to {r['vip']} (weight {r['weight']})"
         case "remove-backend":
             return f"removed backend {r['removed']} from {r['vip']}; its established flows go on"
+        case "acl":
+            if r.get("removed"):
+                return f"removed the rule for {r['prefix']} from {r['vip']}"
+            return f"{r['action']} {r['prefix']} to {r['vip']}"
     return ""
 
 
@@ -194,6 +211,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return ctl.stats()
         case "test-packet":
             return ctl.test_packet(read_frame(args), args.ingress)
+        case "acl" if args.acl_command == "add":
+            return ctl.acl_add(args.vip, args.prefix, args.action)
+        case "acl":
+            return ctl.acl_remove(args.vip, args.prefix)
     raise InputError(f"unknown command {args.command!r}")
 
 

@@ -123,6 +123,8 @@ class VipState:
     mode: str = "nat"
     backends: list[BackendState] = field(default_factory=list)
     hash: str = "flow"
+    # source rules: prefix (as written, normalised) -> "allow" or "deny"
+    acl: dict[str, str] = field(default_factory=dict)
 
     def backend(self, address: BackendAddress) -> BackendState | None:
         for b in self.backends:

@@ -7,13 +7,14 @@ reverse when removing). If any write fails, the maps are brought back to `old`."
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 
 from control.model import State, VipState
 from lb.maglev import MaglevBackend, build_table
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import (BACKEND_IN_USE, BACKEND_SHARED, CFG_ANY_PORT, MODE_NAT, NO_BACKEND, PROTOCOLS, REPLY_SHARED,
+from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_SHARED, CFG_ANY_PORT, MODE_NAT, NO_BACKEND, PROTOCOLS, REPLY_SHARED,
                         VIP_ACTIVE, VIP_HASH_SOURCE, Backend, Endpoint, LbAddr, LbConfig, LbCounters, NextHop,
                         ReplySource, VipAddr, VipInfo, VipKey, VipMeta, be16)
 
@@ -28,6 +29,21 @@ def vip_key(v: VipState) -> VipKey:
     return VipKey(addr=LbAddr.of(v.vip.address), port=be16(v.vip.port), proto=PROTOCOLS[v.vip.proto])
 
 
+def vip_flags(v: VipState) -> int:
+    flags = VIP_HASH_SOURCE if v.hash == "source" else 0
+    if v.acl:
+        flags |= VIP_ACL
+    if "allow" in v.acl.values():
+        flags |= VIP_ACL_ALLOWLIST
+    return flags
+
+
+def acl_key(vip_id: int, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> AclKey:
+    """LPM key: the VIP id's 32 bits, then the prefix of the (IPv4-mapped) address."""
+    bits = network.prefixlen + (96 if network.version == 4 else 0)
+    return AclKey(prefixlen=32 + bits, vip_id=vip_id, addr=LbAddr.of(network.network_address))
+
+
 @dataclass
 class MapContents:
     """What the small maps hold for one State (the Maglev tables are built on demand)."""
@@ -38,6 +54,7 @@ class MapContents:
     vip_meta: dict[int, VipMeta] = field(default_factory=dict)
     backends: dict[int, Backend] = field(default_factory=dict)
     reply_sources: dict[bytes, tuple[Endpoint, ReplySource]] = field(default_factory=dict)
+    acl: dict[bytes, tuple[AclKey, AclRule]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, state: State) -> "MapContents":
@@ -48,7 +65,10 @@ class MapContents:
         members: list[tuple[int, Endpoint]] = []  # backend id -> its endpoint
         for v in state.vips:
             key = vip_key(v)
-            c.vips[_key(key)] = (key, VipInfo(id=v.id, flags=VIP_HASH_SOURCE if v.hash == "source" else 0))
+            c.vips[_key(key)] = (key, VipInfo(id=v.id, flags=vip_flags(v)))
+            for prefix, action in v.acl.items():
+                rule_key = acl_key(v.id, ipaddress.ip_network(prefix))
+                c.acl[_key(rule_key)] = (rule_key, AclRule(ACL_ALLOW if action == "allow" else ACL_DENY))
             addr = c.vip_addrs.get(_key(key.addr), (key.addr, VipAddr(0)))
             c.vip_addrs[_key(key.addr)] = (key.addr, VipAddr(addr[1].vips + 1))
             if v.vip.any_port:
@@ -115,6 +135,7 @@ class Reconciler:
             report.count("vips")
         self._write_by_id("backends", "backend_stats", before.backends, after.backends, report)
         self._write_keyed("reply_sources", before.reply_sources, after.reply_sources, report)
+        self._write_keyed("acl", before.acl, after.acl, report)
         self._write_by_id("vip_meta", "vip_stats", before.vip_meta, after.vip_meta, report)
         self._write_keyed("vip_addrs", before.vip_addrs, after.vip_addrs, report)
         if bytes(before.config) != bytes(after.config) and after.config.flags & ~before.config.flags:
@@ -141,6 +162,9 @@ class Reconciler:
         for k in before.vip_addrs.keys() - after.vip_addrs.keys():
             m.vip_addrs.delete(before.vip_addrs[k][0])
             report.count("vip_addrs")
+        for k in before.acl.keys() - after.acl.keys():
+            m.acl.delete(before.acl[k][0])
+            report.count("acl")
         for k in before.reply_sources.keys() - after.reply_sources.keys():
             m.reply_sources.delete(before.reply_sources[k][0])
             report.count("reply_sources")

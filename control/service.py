@@ -6,6 +6,7 @@ rolled back by the Reconciler; a failed save rolls the maps back too."""
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 import time
 from dataclasses import dataclass
@@ -28,6 +29,14 @@ from lb.structs import MAX_IFINDEX, REASONS, LbAddr
 
 T = TypeVar("T")
 MAX_WEIGHT = 65535
+
+
+def parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A source prefix as operators write it: 10.1.0.0/16, 2001:db8::/32, or one address."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise InputError(f"{text!r} is not an address prefix (as in 10.1.0.0/16 or 2001:db8::/32)") from None
 
 
 def _ifindex(ipr: IPRoute, name: str) -> int:
@@ -173,6 +182,35 @@ class Controller:
 
         return self._change(change)
 
+    def acl_add(self, vip_text: str, prefix_text: str, action: str) -> dict[str, Any]:
+        vip = VipAddress.parse(vip_text)
+        prefix = parse_prefix(prefix_text)
+        if prefix.version != vip.address.version:
+            raise InputError(f"prefix {prefix} and VIP {vip} are of different IP versions")
+        if action not in ("allow", "deny"):
+            raise InputError(f"unknown ACL action {action!r} (expected allow or deny)")
+
+        def change(state: State) -> dict[str, Any]:
+            v = state.require_vip(vip)
+            if str(prefix) in v.acl:
+                raise InputError(f"VIP {vip} already has a rule for {prefix} ({v.acl[str(prefix)]}); remove it first")
+            v.acl[str(prefix)] = action
+            return {"vip": str(vip), "prefix": str(prefix), "action": action}
+
+        return self._change(change)
+
+    def acl_remove(self, vip_text: str, prefix_text: str) -> dict[str, Any]:
+        vip = VipAddress.parse(vip_text)
+        prefix = parse_prefix(prefix_text)
+
+        def change(state: State) -> dict[str, Any]:
+            v = state.require_vip(vip)
+            if v.acl.pop(str(prefix), None) is None:
+                raise InputError(f"VIP {vip} has no rule for {prefix}")
+            return {"vip": str(vip), "prefix": str(prefix), "removed": True}
+
+        return self._change(change)
+
     # --- reading ---------------------------------------------------------------
 
     def list(self) -> dict[str, Any]:
@@ -189,6 +227,7 @@ class Controller:
                     "vip": str(v.vip),
                     "mode": v.mode,
                     "hash": v.hash,
+                    "acl": dict(v.acl),
                     "backends": [{"backend": str(b.address), "weight": b.weight} for b in v.active_backends()],
                 }
                 for v in sorted(state.vips, key=lambda v: v.vip.sort_key())

@@ -39,6 +39,7 @@ def state_to_doc(state: State) -> dict[str, Any]:
                 "id": v.id,
                 "mode": v.mode,
                 "hash": v.hash,
+                "acl": v.acl,
                 "backends": [
                     {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
                      "retired_at": b.retired_at}
@@ -60,7 +61,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
                          b["retired_at"])
             for b in v["backends"]
         ]
-        vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow")))
+        vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow"), v.get("acl", {})))
     dataplane = None
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],

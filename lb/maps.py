@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from lb import bpfsys
-from lb.structs import (Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, NextHop, ReplySource,
+from lb.structs import (AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, NextHop, ReplySource,
                         RouteKey, VipAddr, VipInfo, VipKey, VipMeta)
 
 U32 = ctypes.c_uint32
@@ -118,6 +118,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "reply_sources": (Endpoint, ReplySource),
     "conn_table": (FlowKey, FlowEntry),
     "routes": (RouteKey, NextHop),
+    "acl": (AclKey, AclRule),
     "tx_ports": (I32, I32),
     "vip_stats": (U32, LbCounters),
     "backend_stats": (U32, LbCounters),

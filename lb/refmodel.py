@@ -72,6 +72,7 @@ class Tables:
     reply_sources: dict[tuple[bytes, int, int], tuple[int, int]]  # endpoint -> (VIP id, flags)
     conn: dict[FlowKey, Flow]
     routes: list[tuple[int, bytes, NextHop]]                # (prefixlen, addr, next hop)
+    acl: list[tuple[int, int, bytes, int]]                  # (prefixlen, VIP id, addr, action)
     tx_ports: set[int]                                      # ifindexes the DEVMAP redirects to
 
     @classmethod
@@ -97,6 +98,7 @@ class Tables:
                   Flow(v.backend_id, v.vip_id, v.flags, _nh(v.nh), _nh(v.reply_nh))
                   for k, v in maps.conn_table.items()},
             routes=[(k.prefixlen, bytes(k.addr), _nh(v)) for k, v in maps.routes.items()],
+            acl=[(k.prefixlen, k.vip_id, bytes(k.addr), v.action) for k, v in maps.acl.items()],
             tx_ports={v.value for _, v in maps.tx_ports.items() if v.value},
         )
 
@@ -255,7 +257,25 @@ class DataPlaneModel:
             return None
         return self.t.backends.get(backend_id, (bytes(16), 0, 0))
 
+    def _source_allowed(self, p: Parsed, vip: tuple[int, int]) -> bool:
+        """lb.c source_allowed: the longest matching (VIP id, source prefix) rule decides."""
+        vip_id, flags = vip
+        if not flags & structs.VIP_ACL:
+            return True
+        target = (vip_id << 128) | int.from_bytes(p.src, "big")
+        best = None
+        for plen, rule_vip, addr, action in self.t.acl:
+            mask = ((1 << plen) - 1) << (160 - plen) if plen else 0
+            if target & mask == ((rule_vip << 128) | int.from_bytes(addr, "big")) & mask:
+                if best is None or plen > best[0]:
+                    best = (plen, action)
+        if best is not None:
+            return best[1] == structs.ACL_ALLOW
+        return not flags & structs.VIP_ACL_ALLOWLIST
+
     def _to_backend(self, pkt: bytearray, p: Parsed, vip: tuple[int, int], ingress: int) -> ModelResult:
+        if not self._source_allowed(p, vip):
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_acl")
         key = (p.src, p.dst, p.sport, p.dport, p.proto)
         flow = self.t.conn.get(key)
         if flow is None:

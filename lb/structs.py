@@ -97,6 +97,14 @@ class LbCounters(ctypes.Structure):
     ]
 
 
+class AclKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("vip_id", ctypes.c_uint32), ("addr", LbAddr)]
+
+
+class AclRule(ctypes.Structure):
+    _fields_ = [("action", ctypes.c_uint32)]
+
+
 class LbConfig(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32)]
 
@@ -125,6 +133,8 @@ C_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "struct lb_counters": LbCounters,
     "struct probe_meta": ProbeMeta,
     "struct lb_config": LbConfig,
+    "struct acl_key": AclKey,
+    "struct acl_rule": AclRule,
     "struct vip_addr": VipAddr,
 }
 
@@ -147,11 +157,16 @@ REASONS: tuple[str, ...] = (
     "LB_DROP_FRAGMENT",
     "LB_DROP_UNSUPPORTED_L4",
     "LB_DROP_MALFORMED",
+    "LB_DROP_ACL",
 )
 
 # Flags and constants of bpf/consts.h used from Python.
 VIP_ACTIVE = 1 << 0
 VIP_HASH_SOURCE = 1 << 0
+VIP_ACL = 1 << 1
+VIP_ACL_ALLOWLIST = 1 << 2
+ACL_ALLOW = 1
+ACL_DENY = 2
 CFG_ANY_PORT = 1 << 0
 ICMP_TTL = 64
 FLOW_REPLY = 1 << 0

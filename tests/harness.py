@@ -40,7 +40,7 @@ def expression_names(lab: Lab) -> dict:
         "ICMPv6EchoRequest": ICMPv6EchoRequest, "ICMPv6EchoReply": ICMPv6EchoReply, "ICMPv6ND_NS": ICMPv6ND_NS,
         "CLIENT6": str(lab.client.address6), "B1_6": str(b1.address6), "VIP6_1": str(lab.vip6(1)),
         "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address),
-        **{f"VIP{i}": str(lab.vip(i)) for i in range(1, 6)},
+        **{f"VIP{i}": str(lab.vip(i)) for i in range(1, 8)},
         "CLIENT_MAC": lab.client.mac, "B1_MAC": b1.mac, "LB_CLIENT_MAC": lab.client.lb_mac, "LB_B1_MAC": b1.lb_mac,
         "B2_MAC": b2.mac, "LB_B2_MAC": b2.lb_mac,
     }
@@ -75,6 +75,8 @@ def configured_harness(config: dict) -> Iterator[Harness]:
             run_lbctl(lab.lb_ns, "add-vip", v["vip"], "--hash", v.get("hash", "flow"))
             for b in v["backends"]:
                 run_lbctl(lab.lb_ns, "add-backend", v["vip"], b)
+            for prefix, action in v.get("acl", {}).items():
+                run_lbctl(lab.lb_ns, "acl", "add", v["vip"], prefix, f"--{action}")
         listed = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]
         prog_fd = loader.pinned_program(listed["pin_dir"])
         with DataPlaneMaps.open(listed["pin_dir"]) as maps, netlink_in(lab.lb_ns) as ipr:

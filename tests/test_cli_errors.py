@@ -30,7 +30,7 @@ def snapshot(lab: Lab) -> tuple[str, str]:
     ring = listed.json()["dataplane"]["ring_size"]
     digest = hashlib.sha256()
     with DataPlaneMaps.open(pin_dir) as maps:
-        for name in ("vips", "backends", "reply_sources", "vip_meta", "routes"):
+        for name in ("vips", "backends", "reply_sources", "vip_meta", "routes", "acl"):
             for key, value in sorted((bytes(k), bytes(v)) for k, v in maps.maps[name].items()):
                 digest.update(key + value)
         digest.update(str(maps.maglev.read_range(0, 2 * ring)).encode())
@@ -63,6 +63,11 @@ BAD_INPUT = [
     ("add-backend", ANY_PORT_VIP, BACKEND),  # a VIP of every port: backends keep the client's port
     ("remove-backend", VIP, "198.18.3.2:8080"),
     ("remove-backend", "198.19.0.9:80/tcp", BACKEND),
+    ("acl", "add", VIP, "198.18.0.0/33", "--deny"),
+    ("acl", "add", VIP, "2001:db8::/32", "--deny"),  # IP version mismatch
+    ("acl", "add", VIP, "198.18.0.0/24"),  # neither --allow nor --deny
+    ("acl", "add", "198.19.0.9:80/tcp", "198.18.0.0/24", "--deny"),  # unknown VIP
+    ("acl", "remove", VIP, "198.18.9.0/24"),  # no such rule
     ("test-packet", "zz"),
     ("test-packet", "0011223344"),  # shorter than an Ethernet header
     ("test-packet", "--pcap", "/nonexistent.pcap"),

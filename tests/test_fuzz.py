@@ -28,6 +28,8 @@ CONFIG = {"vips": [
     {"vip": "198.19.0.5:53/udp", "backends": ["198.18.1.2:5353", "198.18.2.2:5353"], "hash": "source"},
     {"vip": "[2001:2:0:ff::1]:80/tcp", "backends": ["[2001:2:0:1::2]:8080", "[2001:2:0:2::2]:8080"]},
     {"vip": "[2001:2:0:ff::1]:53/udp", "backends": ["[2001:2:0:1::2]:5353"]},
+    {"vip": "198.19.0.6:80/tcp", "backends": ["198.18.1.2:8080"],
+     "acl": {"198.18.0.0/24": "allow", "198.18.0.2/32": "deny", "198.18.0.7/32": "allow"}},
 ]}
 SEEN: set[str] = set()  # reasons reached, to check the fuzzer explores
 
@@ -57,7 +59,8 @@ def packets(draw) -> tuple[bytes, str]:
     service_port = 80 if proto == "tcp" else 53
     if scenario == "to-vip":
         src = draw(st.sampled_from(["198.18.0.2", "198.18.0.7"]))
-        dst = draw(st.sampled_from(["198.19.0.1", "198.19.0.2", "198.19.0.3", "198.19.0.4", "198.19.0.5"]))
+        dst = draw(st.sampled_from(["198.19.0.1", "198.19.0.2", "198.19.0.3", "198.19.0.4", "198.19.0.5",
+                                    "198.19.0.6"]))
         sport, dport = draw(client_ports), draw(st.sampled_from([service_port, service_port, 81, 2222]))
         ingress = "client"
     elif scenario == "reply":

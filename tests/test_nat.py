@@ -142,6 +142,22 @@ def test_ping_to_a_vip_is_answered_by_the_data_plane(lab, http_vip):
         sock.close()
 
 
+def test_acl_deny_blocks_a_client_prefix_and_removing_it_lets_it_in(lab, servers):
+    vip = add_vip_with_backends(lab, f"{lab.vip(9)}:80/tcp", 8080)
+    try:
+        lbctl(lab)("acl", "add", vip, "198.18.0.0/24", "--deny")
+        with pytest.raises(OSError):  # the SYN is dropped: the connection times out
+            http_get(lab.client.ns, str(lab.vip(9)), 80, timeout=1)
+        assert lbctl(lab)("stats", "--json").json()["reasons"]["drop_acl"] >= 1
+        lbctl(lab)("acl", "add", vip, "198.18.0.2/32", "--allow")  # a longer prefix wins
+        assert http_get(lab.client.ns, str(lab.vip(9)), 80) in {backend_name(b.ns) for b in lab.backends}
+        lbctl(lab)("acl", "remove", vip, "198.18.0.2/32")
+        with pytest.raises(OSError):
+            http_get(lab.client.ns, str(lab.vip(9)), 80, timeout=1)
+    finally:
+        lbctl(lab)("remove-vip", vip)
+
+
 def expected_backend(lab, vip_addr, sport, dport, proto):
     """The backend the data plane must pick: flow hash -> Maglev slot -> backend id -> address."""
     state = lbctl(lab)("list", "--json").json()
