@@ -22,7 +22,6 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from lb import loader
-from netns.nsenter import in_netns
 from netns.topology import Lab
 from netns.xdptools import BareRedirect, Generator, Sink, attach, detach
 

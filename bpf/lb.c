@@ -40,6 +40,13 @@ static __always_inline void count(struct lb_counters *c, __u32 len, int reply, i
 	c->new_flows += new_flow;
 }
 
+/* A packet of a flow counts for its VIP and its backend alike. */
+static __always_inline void count_flow(__u32 vip_id, __u32 backend_id, __u32 len, int reply, int new_flow)
+{
+	count(vip_stats.lookup(&vip_id), len, reply, new_flow);
+	count(backend_stats.lookup(&backend_id), len, reply, new_flow);
+}
+
 static __always_inline void flow_key_of(struct flow_key *key, const struct packet *pkt)
 {
 	key->src = pkt->src;
@@ -130,8 +137,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, stru
 
 		conn_table.update(&reply_key, &reply);
 	}
-	count(vip_stats.lookup(&vip_id), pkt->len, 0, 1);
-	count(backend_stats.lookup(&backend_id), pkt->len, 0, 1);
+	count_flow(vip_id, backend_id, pkt->len, 0, 1);
 	nat_rewrite_destination(pkt, be);
 	return send(ctx, pkt, &entry.nh, resolved, LB_FWD_NAT);
 }
@@ -168,8 +174,7 @@ static __always_inline int to_backend(struct xdp_md *ctx, struct packet *pkt, co
 
 	if (!be)
 		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
-	count(vip_stats.lookup(&vip_id), pkt->len, 0, 0);
-	count(backend_stats.lookup(&backend_id), pkt->len, 0, 0);
+	count_flow(vip_id, backend_id, pkt->len, 0, 0);
 	nat_rewrite_destination(pkt, be);
 	return send(ctx, pkt, &flow->nh, ensure_next_hop(ctx, pkt, &be->addr, &flow->nh), LB_FWD_NAT);
 }
@@ -249,8 +254,7 @@ static __always_inline int to_client(struct xdp_md *ctx, struct packet *pkt, str
 {
 	__u32 vip_id = flow->vip_id, backend_id = flow->backend_id;
 
-	count(vip_stats.lookup(&vip_id), pkt->len, 1, 0);
-	count(backend_stats.lookup(&backend_id), pkt->len, 1, 0);
+	count_flow(vip_id, backend_id, pkt->len, 1, 0);
 	nat_rewrite_source(pkt, vip);
 	return send(ctx, pkt, &flow->reply_nh, ensure_next_hop(ctx, pkt, &pkt->dst, &flow->reply_nh), LB_FWD_REPLY);
 }
