@@ -72,5 +72,5 @@ if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 	.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch "$stamp"
 fi
-.venv/bin/python -c 'import bcc, pyroute2, scapy' || die "the venv cannot import bcc, pyroute2 and scapy"
+.venv/bin/python -c 'import bcc, pyroute2, scapy, yaml, prometheus_client' || die "the venv cannot import bcc, pyroute2, scapy, yaml and prometheus_client"
 say "ready"
