@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import control, endtoend, perpacket, scaling
+from bench import control, endtoend, perpacket, scaling, web
 from lb import loader
 from netns.lbctl import forget, run_lbctl
 from netns.nsenter import in_netns
@@ -119,6 +119,9 @@ def main() -> None:
         results["endtoend"] = endtoend.run(bench, reps=2 if QUICK else 5,
                                            rate_packets=1_000_000 if QUICK else 3_000_000,
                                            cpu_pps=300_000, cpu_seconds=3 if QUICK else 10, progress=log)
+        log("real client: wrk through the VIP to nginx (lb XDP, nftables DNAT)")
+        results["http"] = web.run(lab, lb_prog, vip_port=80, backend_port=8080, reps=2 if QUICK else 5,
+                                  seconds=2 if QUICK else 5, progress=log)
         results["memory"] = {"default": {"maps_bytes": scaling.map_memory(pin_dir),
                                          "config": "defaults: 1M-entry connection table, 256 VIPs, 4,096 backends"}}
         os.close(lb_prog)
@@ -157,6 +160,9 @@ def main() -> None:
     e = results["endtoend"]
     log("  delivered Mpps: " + ", ".join(f"{k} {v['median'] / 1e6:.2f}" for k, v in e["rate"].items()
                                          if isinstance(v, dict)))
+    h = results["http"]
+    log("  HTTP req/s (wrk): " + ", ".join(f"{n} {h[n]['requests_per_s']['median']:.0f} "
+                                          f"(p99 {h[n]['p99_ms']['median']:.2f} ms)" for n in ("xdp_lb", "nftables")))
     log("  CPU ns/packet at 300 kpps: " + ", ".join(
         f"{n} {e['cpu'][n]['median']:.0f}" for n in ("xdp_lb", "nftables", "bare_redirect")))
 

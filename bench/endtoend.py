@@ -29,20 +29,30 @@ FLOWS = 1024
 VIP_PORT, BACKEND_PORT = 53, 5353
 
 
-def nft_ruleset(lab: Lab) -> str:
+def nft_ruleset(lab: Lab, proto: str = "udp", vip_port: int = VIP_PORT, backend_port: int = BACKEND_PORT,
+                table: str = "lbbench") -> str:
     """kube-proxy-like: a vmap on numgen jumps to one DNAT chain per endpoint."""
     n = len(lab.backends)
-    endpoints = "\n".join(f"  chain ep{i} {{\n    meta l4proto udp dnat to {b.address}:{BACKEND_PORT}\n  }}"
+    endpoints = "\n".join(f"  chain ep{i} {{\n    meta l4proto {proto} dnat to {b.address}:{backend_port}\n  }}"
                           for i, b in enumerate(lab.backends))
     vmap = ", ".join(f"{i} : goto ep{i}" for i in range(n))
-    return (f"table ip lbbench {{\n{endpoints}\n"
+    return (f"table ip {table} {{\n{endpoints}\n"
             f"  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n"
-            f"    ip daddr {lab.vip(1)} udp dport {VIP_PORT} numgen random mod {n} vmap {{ {vmap} }}\n  }}\n}}\n")
+            f"    ip daddr {lab.vip(1)} {proto} dport {vip_port} numgen random mod {n} vmap {{ {vmap} }}\n  }}\n}}\n")
 
 
 def nft(lab: Lab, script: str) -> None:
     subprocess.run(["ip", "netns", "exec", lab.lb_ns, "nft", "-f", "-"], input=script, text=True, check=True,
                    capture_output=True)
+
+
+def switch_lb(lab: Lab, prog_fd: int | None) -> None:
+    """Attach lb's program (a fd) on every LB interface, or detach it (None): the kernel forwards then."""
+    for name in lab.lb_interfaces:
+        if prog_fd is None:
+            detach(lab.lb_ns, name)
+        else:
+            attach(lab.lb_ns, name, prog_fd)
 
 
 class BusyClock:
@@ -134,18 +144,15 @@ def build(lab: Lab, pin_dir: str) -> Bench:
                      / UDP(sport=1024, dport=VIP_PORT, chksum=0) / (b"x" * 18))
     sinks = [Sink(b.ns, b.ifname).attach() for b in lab.backends]
     generator = Generator(c.ns, c.ifname, template, FLOWS)
-    lb_ifs = lab.lb_interfaces
     redirect = BareRedirect(lab.lb_ns, c.lb_ifname, lab.backends[0].lb_ifname, lab.backends[0].mac)
     drop = Sink(lab.lb_ns, c.lb_ifname)
     ruleset = nft_ruleset(lab)
 
     def lb_on() -> None:
-        for name in lb_ifs:
-            attach(lab.lb_ns, name, lb_prog)
+        switch_lb(lab, lb_prog)
 
     def lb_off() -> None:
-        for name in lb_ifs:
-            detach(lab.lb_ns, name)
+        switch_lb(lab, None)
 
     def gro(on: bool) -> None:
         # Without an XDP program, the LB's veth needs GRO to take the generator's XDP_TX frames.

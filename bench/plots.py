@@ -45,7 +45,7 @@ def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
     written.append(_save(fig, out_dir, "perpacket.png"))
 
     e2e = results["endtoend"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 4))
     names, colors = ["xdp_lb", "nftables", "bare_redirect"], ["tab:blue", "tab:orange", "tab:gray"]
     a1.bar(names, [e2e["rate"][n]["median"] / 1e6 for n in names], color=colors)
     a1.set_ylabel("Mpps delivered to the backends")
@@ -53,6 +53,10 @@ def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
     a2.bar(names, [e2e["cpu"][n]["median"] for n in names], color=colors)
     a2.set_ylabel("CPU ns per forwarded packet")
     a2.set_title(f"CPU at {e2e['cpu']['offered_pps'] // 1000} kpps")
+    web = results["http"]
+    a3.bar(names[:2], [web[n]["requests_per_s"]["median"] / 1e3 for n in names[:2]], color=colors[:2])
+    a3.set_ylabel("thousand HTTP requests per second")
+    a3.set_title("wrk to nginx through the VIP")
     written.append(_save(fig, out_dir, "endtoend.png"))
 
     sc = results["scaling"]
