@@ -175,6 +175,60 @@ class Reconciler:
             m.vip_meta.set(U32(vid), VipMeta())
             report.count("vip_meta")
 
+    def repair(self, state: State) -> dict[str, int]:
+        """Make the maps hold exactly what `state` describes, whatever they hold now (after a crash,
+        or a hand edit); returns the entries corrected per map. Same order as apply: what a VIP
+        needs first, the VIP keys last, stale entries after them."""
+        want = MapContents.of(state)
+        fixed: dict[str, int] = {}
+
+        def count(map_name: str, n: int) -> None:
+            if n:
+                fixed[map_name] = fixed.get(map_name, 0) + n
+
+        stale_vips = self._repair_keyed("vips", want.vips, write=False)
+        count("backends", self._repair_array("backends", want.backends, Backend))
+        count("reply_sources", self._repair_keyed("reply_sources", want.reply_sources))
+        count("acl", self._repair_keyed("acl", want.acl))
+        count("vip_meta", self._repair_array("vip_meta", want.vip_meta, VipMeta))
+        count("vip_addrs", self._repair_keyed("vip_addrs", want.vip_addrs))
+        if bytes(self.maps.lb_config.get(U32(0)) or LbConfig()) != bytes(want.config):
+            self.maps.lb_config.set(U32(0), want.config)
+            count("lb_config", 1)
+        for v in state.vips:  # a table no VIP uses is rewritten by whichever VIP takes its id next
+            count("maglev", self._write_table(v.id, v))
+        count("vips", self._repair_keyed("vips", want.vips) + stale_vips)
+        return fixed
+
+    def _repair_keyed(self, map_name: str, want: dict[bytes, tuple], write: bool = True) -> int:
+        """Hash map: write missing or wrong entries, delete the others (only those, if not write)."""
+        m = self.maps.maps[map_name]
+        have = {bytes(k): bytes(v) for k, v in m.items()}
+        n = 0
+        if write:
+            for k, (key, value) in want.items():
+                if have.get(k) != bytes(value):
+                    m.set(key, value)
+                    n += 1
+            return n
+        for k in have.keys() - want.keys():
+            m.delete(m.key_type.from_buffer_copy(k))
+            n += 1
+        return n
+
+    def _repair_array(self, map_name: str, want: dict[int, ctypes.Structure], empty: type) -> int:
+        """Array map: entries of `want` as given, every other index empty."""
+        m = self.maps.maps[map_name]
+        n = 0
+        for index in range(m.max_entries):
+            value = want.get(index, empty())
+            if bytes(m.get(U32(index))) != bytes(value):
+                if map_name == "backends":
+                    self.maps.backend_nh.set(U32(index), NextHop())
+                m.set(U32(index), value)
+                n += 1
+        return n
+
     def _write_keyed(self, map_name: str, before: dict[bytes, tuple], after: dict[bytes, tuple],
                      report: ApplyReport) -> None:
         """Write the hash entries that are new or changed."""

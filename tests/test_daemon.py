@@ -1,0 +1,158 @@
+"""lbctl daemon: lbctl through its API, concurrent commands, hitless restart and upgrade,
+desired state restored after a crash, metrics."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from control.store import SqliteStore
+from lb.maps import DataPlaneMaps
+from netns.lbctl import STATE_DIR, DaemonProcess
+from netns.topology import Lab
+from netns.traffic import EchoStream, NetnsHTTPConnection, wait_for
+from tests.conftest import lab_with_lb, run_lbctl
+
+METRICS = "127.0.0.1:9464"
+STREAM_PORT = 7000
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with lab_with_lb(3) as lab:
+        yield lab
+
+
+@pytest.fixture
+def daemon(lab: Lab, tmp_path) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ("--metrics", METRICS))
+    try:
+        yield d.start()
+    finally:
+        d.stop()
+
+
+def scrape(lab: Lab) -> dict[tuple[str, tuple], float]:
+    """The daemon's metrics: (sample name, sorted labels) -> value (scraped inside the LB namespace)."""
+    host, port = METRICS.split(":")
+    conn = NetnsHTTPConnection(lab.lb_ns, host, int(port))
+    try:
+        text = conn.get_text("/metrics")
+    finally:
+        conn.close()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def program_ids(lab: Lab) -> set[int]:
+    from tests.test_attach import xdp_prog_ids
+    return set(xdp_prog_ids(lab.lb_ns, lab.lb_interfaces).values())
+
+
+def test_lbctl_goes_through_the_daemon_and_concurrent_commands_all_apply(lab: Lab, daemon: DaemonProcess):
+    vip = f"{lab.vip(5)}:80/tcp"
+    run_lbctl(lab.lb_ns, "add-vip", vip)  # found at the default socket
+    backends = [f"198.18.200.{i}:8080" for i in range(1, 21)]
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda b: run_lbctl(lab.lb_ns, "add-backend", vip, b, check=False), backends))
+    assert [r.returncode for r in results] == [0] * 20, [r.stderr for r in results if r.returncode]
+
+    listed = {v["vip"]: v for v in run_lbctl(lab.lb_ns, "list", "--json").json()["vips"]}
+    assert sorted(b["backend"] for b in listed[vip]["backends"]) == sorted(backends)
+    served = [e for e in daemon.events("command") if e["command"] == "add-backend"]
+    assert sorted(e["params"]["backend"] for e in served) == sorted(backends)
+
+    # Bad input: the same line and exit code as lbctl direct, through the socket named by the environment.
+    env = {"LBCTL_API_SOCKET": f"/run/lb/{lab.lb_ns}.sock"}
+    bad = run_lbctl(lab.lb_ns, "add-backend", vip, backends[0], check=False, env=env)
+    assert (bad.returncode, bad.stderr.strip()) == (2, f"lbctl: error: backend {backends[0]} already exists in VIP {vip}")
+    assert daemon.events("command failed")[-1]["params"]["backend"] == backends[0]
+    nowhere = run_lbctl(lab.lb_ns, "remove-vip", vip, env={"LBCTL_API_SOCKET": "/run/lb/none.sock"})
+    assert nowhere.returncode == 0  # no daemon there: lbctl worked on the maps itself
+    assert not [e for e in daemon.events("command") if e["command"] == "remove-vip"]
+
+
+def test_daemon_restores_maps_to_the_stored_state_and_reports_it(lab: Lab, tmp_path):
+    vip = f"{lab.vip(6)}:80/tcp"
+    run_lbctl(lab.lb_ns, "add-vip", vip)
+    run_lbctl(lab.lb_ns, "add-backend", vip, f"{lab.backends[0].address}:8080")
+    pin_dir = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]["pin_dir"]
+    with DataPlaneMaps.open(pin_dir) as maps:  # a crash between map writes: the VIP's key is lost
+        before = {bytes(k): bytes(v) for k, v in maps.vips.items()}
+        for key in list(maps.vips.keys()):
+            maps.vips.delete(key)
+    d = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ())
+    try:
+        d.start()
+        corrected = d.events("maps corrected to the stored state")
+        assert corrected and corrected[0]["corrected"]["vips"] == len(before)
+    finally:
+        assert d.stop() == 0
+    assert d.events("stopped")
+    with DataPlaneMaps.open(pin_dir) as maps:
+        assert {bytes(k): bytes(v) for k, v in maps.vips.items()} == before
+    run_lbctl(lab.lb_ns, "remove-vip", vip)
+
+
+def test_established_stream_survives_kill9_restart_and_upgrade(lab: Lab, tmp_path):
+    vip_host = str(lab.vip(7))
+    vip = f"{vip_host}:{STREAM_PORT}/tcp"
+    d = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ("--metrics", METRICS))
+    try:
+        d.start()
+        run_lbctl(lab.lb_ns, "add-vip", vip)
+        for b in lab.backends:
+            run_lbctl(lab.lb_ns, "add-backend", vip, f"{b.address}:{STREAM_PORT}")
+        with EchoStream.running(lab.client.ns, [b.ns for b in lab.backends], vip_host, STREAM_PORT) as stream:
+
+            def flowing(what: str) -> None:
+                """The stream goes on, and the VIP's packet counter keeps growing."""
+                exchanged, packets = stream.exchanged, vip_packets()
+                wait_for(lambda: stream.error or stream.exchanged >= exchanged + 20, 30, what=what)
+                assert stream.error is None, f"{what}: {stream.error}"
+                assert vip_packets() > packets, what
+
+            def vip_packets() -> int:
+                return next(v["packets"] for v in run_lbctl(lab.lb_ns, "stats", "--json").json()["vips"]
+                            if v["vip"] == vip)
+
+            flowing("started")
+            program = program_ids(lab)
+            metrics = scrape(lab)
+            assert metrics[("lb_vip_packets_total", (("vip", vip),))] > 0
+            assert metrics[("lb_conn_table_entries", ())] >= 1
+            assert sum(metrics[("lb_backend_new_connections_total", (("backend", f"{b.address}:{STREAM_PORT}"),
+                                                                       ("vip", vip)))] for b in lab.backends) == 1
+            assert metrics[("lb_backend_healthy", (("backend", f"{lab.backends[0].address}:{STREAM_PORT}"),
+                                                   ("vip", vip)))] == 1
+            assert metrics[("lb_reconcile_seconds_count", (("command", "add-backend"),))] == len(lab.backends)
+
+            d.kill9()
+            flowing("daemon killed")
+            d.start()  # restart: the unchanged program is kept, not even recompiled
+            assert d.events("data plane adopted", d.proc.pid)[0]["program"] == "kept"
+            assert program_ids(lab) == program
+            flowing("daemon restarted")
+
+            d.kill9()  # upgrade: the program on the interfaces came from other sources
+            store = SqliteStore(os.path.join(STATE_DIR, f"{lab.lb_ns}.db"))
+            with store.transaction() as state:
+                state.dataplane.program_digest = "0" * 64
+            pin_dir = state.dataplane.pin_dir
+            with DataPlaneMaps.open(pin_dir) as maps:
+                flows = {bytes(k) for k in maps.conn_table.keys()}
+            d.start()
+            adopted = d.events("data plane adopted", d.proc.pid)[0]
+            assert adopted["program"] == "replaced" and adopted["corrected"] == {}
+            assert program_ids(lab) == {adopted["program_id"]} != program
+            flowing("program upgraded")
+            with DataPlaneMaps.open(pin_dir) as maps:
+                assert flows <= {bytes(k) for k in maps.conn_table.keys()}  # the connection table was kept
+            assert store.read().dataplane.program_digest != "0" * 64
+        assert stream.error is None
+        run_lbctl(lab.lb_ns, "remove-vip", vip)
+    finally:
+        assert d.stop() == 0
