@@ -49,14 +49,13 @@ class _TextFormatter(logging.Formatter):
 
 
 def make_logger(log_format: str) -> logging.Logger:
-    log = logging.getLogger("lb.daemon")
-    log.handlers.clear()
+    """The daemon's logger; every module's records (health checks too) go out in the same format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if log_format == "json" else _TextFormatter())
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    return log
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    return logging.getLogger("lb.daemon")
 
 
 def _event(log: logging.Logger, msg: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -131,10 +130,13 @@ class Daemon:
             from control.health import HealthMonitor
         except ImportError:
             return None
-        monitor = HealthMonitor(lambda: Controller(self.ctl.instance, self.ctl.store))
+        monitor = HealthMonitor(lambda: Controller(self.ctl.instance, self.ctl.store), on_check=self._observe_check)
         t = threading.Thread(target=monitor.run, args=(stop,), name="health", daemon=True)
         t.start()
         return t
+
+    def _observe_check(self, target: Any, result: Any) -> None:
+        self.metrics.health_check_seconds.labels(str(target.vip), str(target.backend)).observe(result.duration)
 
     def run(self, stop: threading.Event, reload: threading.Event) -> None:
         self.adopted = adopt(self.ctl)

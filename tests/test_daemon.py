@@ -3,7 +3,11 @@ desired state restored after a crash, metrics."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
+import re
+import signal
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -47,6 +51,12 @@ def scrape(lab: Lab) -> dict[tuple[str, tuple], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+def dashboard_metrics() -> set[str]:
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy" / "grafana-dashboard.json").read_text())
+    return {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"\blb_[a-z_]+", target["expr"])}
+
+
 def program_ids(lab: Lab) -> set[int]:
     from tests.test_attach import xdp_prog_ids
     return set(xdp_prog_ids(lab.lb_ns, lab.lb_interfaces).values())
@@ -84,11 +94,18 @@ def test_daemon_restores_maps_to_the_stored_state_and_reports_it(lab: Lab, tmp_p
         before = {bytes(k): bytes(v) for k, v in maps.vips.items()}
         for key in list(maps.vips.keys()):
             maps.vips.delete(key)
-    d = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ())
+    config = tmp_path / "lb.yaml"
+    config.write_text("vips: [\n")  # not valid: a reload must change nothing
+    d = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ("--config", str(config)))
     try:
         d.start()
         corrected = d.events("maps corrected to the stored state")
         assert corrected and corrected[0]["corrected"]["vips"] == len(before)
+
+        errors = len([e for e in d.events() if e["level"] == "error"])
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len([e for e in d.events() if e["level"] == "error"]) > errors, what="the reload's verdict")
+        assert d.events("SIGHUP: reloading the config") and d.proc.poll() is None
     finally:
         assert d.stop() == 0
     assert d.events("stopped")
@@ -129,6 +146,9 @@ def test_established_stream_survives_kill9_restart_and_upgrade(lab: Lab, tmp_pat
             assert metrics[("lb_backend_healthy", (("backend", f"{lab.backends[0].address}:{STREAM_PORT}"),
                                                    ("vip", vip)))] == 1
             assert metrics[("lb_reconcile_seconds_count", (("command", "add-backend"),))] == len(lab.backends)
+            # Every series the dashboard plots exists (health checks appear once a check has run).
+            scraped = {name for name, _ in metrics} | {"lb_health_check_seconds_bucket"}
+            assert dashboard_metrics() <= scraped, dashboard_metrics() - scraped
 
             d.kill9()
             flowing("daemon killed")
