@@ -7,12 +7,18 @@ import json
 import os
 import re
 import signal
+import threading
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
 
+from control.api import ApiClient, ApiServer, NoDaemon
+from control.daemon import parse_listen
+from control.errors import InputError
 from control.store import SqliteStore
 from lb.maps import DataPlaneMaps
 from netns.lbctl import STATE_DIR, DaemonProcess
@@ -65,6 +71,7 @@ def program_ids(lab: Lab) -> set[int]:
 def test_lbctl_goes_through_the_daemon_and_concurrent_commands_all_apply(lab: Lab, daemon: DaemonProcess):
     vip = f"{lab.vip(5)}:80/tcp"
     run_lbctl(lab.lb_ns, "add-vip", vip)  # found at the default socket
+    assert os.stat(f"/run/lb/{lab.lb_ns}.sock").st_mode & 0o777 == 0o600
     backends = [f"198.18.200.{i}:8080" for i in range(1, 21)]
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         results = list(pool.map(lambda b: run_lbctl(lab.lb_ns, "add-backend", vip, b, check=False), backends))
@@ -80,9 +87,21 @@ def test_lbctl_goes_through_the_daemon_and_concurrent_commands_all_apply(lab: La
     bad = run_lbctl(lab.lb_ns, "add-backend", vip, backends[0], check=False, env=env)
     assert (bad.returncode, bad.stderr.strip()) == (2, f"lbctl: error: backend {backends[0]} already exists in VIP {vip}")
     assert daemon.events("command failed")[-1]["params"]["backend"] == backends[0]
+    frame = bytes(Ether(dst="02:00:00:00:00:01") / IP(src="10.9.9.1", dst="10.9.9.9") / UDP(dport=9)).hex()
+    probed = run_lbctl(lab.lb_ns, "test-packet", frame, "--json").json()
+    assert probed["action"] == "XDP_PASS" and daemon.events("command")[-1]["command"] == "test-packet"
+
     nowhere = run_lbctl(lab.lb_ns, "remove-vip", vip, env={"LBCTL_API_SOCKET": "/run/lb/none.sock"})
     assert nowhere.returncode == 0  # no daemon there: lbctl worked on the maps itself
     assert not [e for e in daemon.events("command") if e["command"] == "remove-vip"]
+
+
+def test_attach_and_detach_go_through_the_daemon(lab: Lab, daemon: DaemonProcess):
+    run_lbctl(lab.lb_ns, "detach")
+    assert program_ids(lab) == {0}
+    run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces)
+    assert 0 not in program_ids(lab)
+    assert [e["command"] for e in daemon.events("command")][-2:] == ["detach", "attach"]
 
 
 def test_daemon_restores_maps_to_the_stored_state_and_reports_it(lab: Lab, tmp_path):
@@ -176,3 +195,52 @@ def test_established_stream_survives_kill9_restart_and_upgrade(lab: Lab, tmp_pat
         run_lbctl(lab.lb_ns, "remove-vip", vip)
     finally:
         assert d.stop() == 0
+
+
+# --- without a lab ------------------------------------------------------------------------------
+
+def test_api_runs_one_command_at_a_time_and_answers_errors_as_lbctl_does(tmp_path):
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def handler(command: str, params: dict) -> dict:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            if command == "bad":
+                raise InputError("bad input, one line")
+            threading.Event().wait(0.01)  # stay inside a while, so overlapping calls would show
+            return {"echo": params["n"]}
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    path = str(tmp_path / "api.sock")
+    server = ApiServer(path, handler, lambda: {"pid": os.getpid()})
+    server.serve_in_thread()
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        client = ApiClient(path, timeout=10)
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda n: client.command("echo", {"n": n}), range(40)))
+        assert answers == [{"echo": n} for n in range(40)] and most[0] == 1
+        with pytest.raises(InputError, match="^bad input, one line$"):
+            client.command("bad", {})
+        assert client.describe() == {"pid": os.getpid()}
+    finally:
+        server.close()
+    assert not os.path.exists(path)
+    with pytest.raises(NoDaemon):
+        ApiClient(path).command("list", {})
+
+
+@pytest.mark.parametrize("text, expected", [("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:80", ("::1", 80))])
+def test_metrics_address_is_parsed(text, expected):
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["9464", "localhost:", ":80", "127.0.0.1:70000", "127.0.0.1:http"])
+def test_bad_metrics_address_is_refused(text):
+    with pytest.raises(InputError, match="expected ADDR:PORT"):
+        parse_listen(text)
