@@ -3,6 +3,7 @@ desired state restored after a crash, metrics."""
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from control.daemon import parse_listen
 from control.errors import InputError
 from control.store import SqliteStore
 from lb.maps import DataPlaneMaps
+from lb.structs import Endpoint, LbAddr, ReplySource, be16
 from netns.lbctl import STATE_DIR, DaemonProcess
 from netns.topology import Lab
 from netns.traffic import EchoStream, NetnsHTTPConnection, wait_for
@@ -109,17 +111,20 @@ def test_daemon_restores_maps_to_the_stored_state_and_reports_it(lab: Lab, tmp_p
     run_lbctl(lab.lb_ns, "add-vip", vip)
     run_lbctl(lab.lb_ns, "add-backend", vip, f"{lab.backends[0].address}:8080")
     pin_dir = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]["pin_dir"]
-    with DataPlaneMaps.open(pin_dir) as maps:  # a crash between map writes: the VIP's key is lost
+    stale = Endpoint(addr=LbAddr.of(ipaddress.ip_address("203.0.113.9")), port=be16(80), proto=6)
+    with DataPlaneMaps.open(pin_dir) as maps:  # a crash between map writes: VIP keys lost, a stale entry left
         before = {bytes(k): bytes(v) for k, v in maps.vips.items()}
+        replies = {bytes(k) for k in maps.reply_sources.keys()}
         for key in list(maps.vips.keys()):
             maps.vips.delete(key)
+        maps.reply_sources.set(stale, ReplySource(vip_id=1))
     config = tmp_path / "lb.yaml"
     config.write_text("vips: [\n")  # not valid: a reload must change nothing
     d = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ("--config", str(config)))
     try:
         d.start()
         corrected = d.events("maps corrected to the stored state")
-        assert corrected and corrected[0]["corrected"]["vips"] == len(before)
+        assert corrected and corrected[0]["corrected"] == {"vips": len(before), "reply_sources": 1}
 
         errors = len([e for e in d.events() if e["level"] == "error"])
         d.proc.send_signal(signal.SIGHUP)
@@ -130,6 +135,7 @@ def test_daemon_restores_maps_to_the_stored_state_and_reports_it(lab: Lab, tmp_p
     assert d.events("stopped")
     with DataPlaneMaps.open(pin_dir) as maps:
         assert {bytes(k): bytes(v) for k, v in maps.vips.items()} == before
+        assert {bytes(k) for k in maps.reply_sources.keys()} == replies
     run_lbctl(lab.lb_ns, "remove-vip", vip)
 
 
