@@ -92,6 +92,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self._handler = handler
         self.describe = describe
         self._lock = threading.Lock()
+        self._closed = False
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         if os.path.exists(path):
             _refuse_if_live(path)
@@ -104,6 +105,8 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def run_command(self, command: str, params: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
+            if self._closed:
+                raise LbError("the daemon is stopping; nothing was changed")
             return self._handler(command, params)
 
     def verify_request(self, request: socket.socket, client_address: Any) -> bool:
@@ -116,7 +119,10 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         return t
 
     def close(self) -> None:
+        """Stop serving; a command under way finishes first, none starts after."""
         self.shutdown()
+        with self._lock:
+            self._closed = True
         self.server_close()
         try:
             os.unlink(self.path)

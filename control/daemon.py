@@ -91,7 +91,7 @@ class Daemon:
         start = time.monotonic()
         try:
             result = dispatch(self.ctl, command, params)
-        except (LbError, OSError, RuntimeError) as e:
+        except Exception as e:
             _event(self.log, "command failed", logging.WARNING, command=command, params=params, error=str(e))
             raise
         finally:
