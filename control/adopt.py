@@ -35,20 +35,21 @@ class AdoptReport:
 
 
 def adopt(ctl: Controller) -> AdoptReport:
+    """Take over the data plane the stored state describes (nothing if it is not attached)."""
     report = AdoptReport()
     dp = ctl.store.read().dataplane
     if dp is None:
         return report
     report.attached = True
-    if not ctl._pins_alive(dp):  # noqa: SLF001 (a reboot took the pins: build it all again)
+    if not ctl._pins_alive(dp):  # a reboot took program and maps: build them again, as attach does
         ctl.attach([i.name for i in dp.interfaces], dp.interfaces[0].mode, loader.DataPlaneConfig(**dp.config))
-        report.program, report.program_id = "loaded", ctl._program_id(ctl.store.read().dataplane) or 0  # noqa: SLF001
+        report.program, report.program_id = "loaded", ctl._program_id(ctl.store.read().dataplane) or 0
         return report
     with ctl.store.transaction() as state:
-        dp = ctl._require_attached(state)  # noqa: SLF001
+        dp = ctl._require_attached(state)
         config = loader.DataPlaneConfig(**dp.config)
         digest = loader.program_digest(config, dp.pin_dir)
-        ours = ctl._program_id(dp)  # noqa: SLF001
+        ours = ctl._program_id(dp)
         if digest != dp.program_digest:
             ours = loader.replace_program(config, dp.pin_dir, [(i.ifindex, i.mode) for i in dp.interfaces])
             dp.program_digest = digest

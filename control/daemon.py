@@ -139,7 +139,9 @@ class Daemon:
         self.metrics.health_check_seconds.labels(str(target.vip), str(target.backend)).observe(result.duration)
 
     def run(self, stop: threading.Event, reload: threading.Event) -> None:
+        start = time.monotonic()
         self.adopted = adopt(self.ctl)
+        self.metrics.reconcile_seconds.labels("start").observe(time.monotonic() - start)
         _event(self.log, "data plane adopted", **self.adopted.as_dict())
         if self.adopted.corrected:
             _event(self.log, "maps corrected to the stored state", logging.WARNING, corrected=self.adopted.corrected)

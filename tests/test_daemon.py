@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -21,11 +22,13 @@ from control.api import ApiClient, ApiServer, NoDaemon
 from control.daemon import parse_listen
 from control.errors import InputError
 from control.store import SqliteStore
+from lb import loader
 from lb.maps import DataPlaneMaps
 from lb.structs import Endpoint, LbAddr, ReplySource, be16
 from netns.lbctl import STATE_DIR, DaemonProcess
+from netns.nsenter import in_netns
 from netns.topology import Lab
-from netns.traffic import EchoStream, NetnsHTTPConnection, wait_for
+from netns.traffic import EchoStream, NetnsHTTPConnection, Servers, http_get, wait_for
 from tests.conftest import lab_with_lb, run_lbctl
 
 METRICS = "127.0.0.1:9464"
@@ -139,6 +142,29 @@ def test_daemon_restores_maps_to_the_stored_state_and_reports_it(lab: Lab, tmp_p
     run_lbctl(lab.lb_ns, "remove-vip", vip)
 
 
+def test_daemon_rebuilds_the_data_plane_after_a_reboot(lab: Lab, tmp_path):
+    vip = f"{lab.vip(8)}:80/tcp"
+    run_lbctl(lab.lb_ns, "add-vip", vip)
+    run_lbctl(lab.lb_ns, "add-backend", vip, f"{lab.backends[0].address}:8080")
+    pin_dir = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]["pin_dir"]
+    with in_netns(lab.lb_ns):  # what a reboot leaves: the state file, no program, no pins
+        for ifname in lab.lb_interfaces:
+            loader.detach_xdp(socket.if_nametoindex(ifname), "native")
+    loader.unpin_all(pin_dir)
+    assert program_ids(lab) == {0}
+
+    d = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ())
+    try:
+        d.start()
+        assert d.events("data plane adopted")[0]["program"] == "loaded"
+        assert 0 not in program_ids(lab)
+        with Servers.running({lab.backends[0].ns: "b1"}):
+            assert http_get(lab.client.ns, str(lab.vip(8)), 80) == "b1"
+        run_lbctl(lab.lb_ns, "remove-vip", vip)
+    finally:
+        assert d.stop() == 0
+
+
 def test_established_stream_survives_kill9_restart_and_upgrade(lab: Lab, tmp_path):
     vip_host = str(lab.vip(7))
     vip = f"{vip_host}:{STREAM_PORT}/tcp"
@@ -171,6 +197,8 @@ def test_established_stream_survives_kill9_restart_and_upgrade(lab: Lab, tmp_pat
             assert metrics[("lb_backend_healthy", (("backend", f"{lab.backends[0].address}:{STREAM_PORT}"),
                                                    ("vip", vip)))] == 1
             assert metrics[("lb_reconcile_seconds_count", (("command", "add-backend"),))] == len(lab.backends)
+            assert metrics[("lb_reason_packets_total", (("action", "fwd"), ("reason", "fwd_nat")))] > 0
+            assert metrics[("lb_reason_packets_total", (("action", "drop"), ("reason", "drop_no_backend")))] == 0
             # Every series the dashboard plots exists (health checks appear once a check has run).
             scraped = {name for name, _ in metrics} | {"lb_health_check_seconds_bucket"}
             assert dashboard_metrics() <= scraped, dashboard_metrics() - scraped
