@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lbctl", description="Manage the lb XDP load balancer of this network namespace.")
     p.add_argument("--state", default=os.environ.get("LBCTL_STATE"),
                    help="desired-state file (default: /var/lib/lb/NETNS.db; env LBCTL_STATE)")
+    p.add_argument("--api-socket", default=os.environ.get("LBCTL_API_SOCKET"),
+                   help="the daemon's socket (default: /run/lb/NETNS.sock; env LBCTL_API_SOCKET); "
+                        "without a daemon there, lbctl works on the maps itself")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     a = sub.add_parser("attach", help="load the data plane and attach it to interfaces")
@@ -91,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--pcap", metavar="FILE", help="take the first frame of a pcap file")
     t.add_argument("--ingress", metavar="IFACE", help="interface it arrives on (default: the first attached)")
     t.add_argument("--json", action="store_true", help="print JSON")
+
+    d = sub.add_parser("daemon", help="run in the foreground: serve lbctl over --api-socket, keep the data plane "
+                                      "in line with the state, export metrics")
+    d.add_argument("--config", metavar="FILE", help="declarative configuration to apply (again on SIGHUP)")
+    d.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics")
+    d.add_argument("--log-format", choices=("text", "json"), default="text")
     return p
 
 
@@ -180,47 +189,39 @@ def format_test_packet(r: dict[str, Any]) -> str:
     ])
 
 
+def command_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's arguments as JSON values, as control.commands.dispatch takes them."""
+    params = {k: v for k, v in vars(args).items() if k not in ("command", "state", "api_socket", "json")}
+    if args.command == "test-packet":  # the file is read here, where lbctl runs
+        params = {"frame_hex": read_frame(args).hex(), "ingress": args.ingress}
+    return params
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from control.service import Controller  # after argument errors, which need none of it
-    from lb.loader import DataPlaneConfig
+    """One command: through the daemon when one answers on the API socket, else on the maps here;
+    both end in control.commands.dispatch."""
+    from control.api import ApiClient, NoDaemon, default_socket_path
+    from lb.pins import Instance
 
     if os.geteuid() != 0:
         raise LbError("lbctl needs root (CAP_BPF and CAP_NET_ADMIN)")
-    ctl = Controller.open(args.state)
-    match args.command:
-        case "attach":
-            try:
-                config = DataPlaneConfig(ring_size=args.ring_size, max_vips=args.max_vips,
-                                         max_backends=args.max_backends, conn_table_size=args.conn_table_size)
-            except ValueError as e:
-                raise InputError(str(e)) from None
-            return ctl.attach(args.interfaces, args.xdp_mode, config)
-        case "detach":
-            return ctl.detach()
-        case "add-vip":
-            return ctl.add_vip(args.vip, args.mode, args.hash)
-        case "remove-vip":
-            return ctl.remove_vip(args.vip)
-        case "add-backend":
-            return ctl.add_backend(args.vip, args.backend, args.weight)
-        case "remove-backend":
-            return ctl.remove_backend(args.vip, args.backend)
-        case "list":
-            return ctl.list()
-        case "stats":
-            return ctl.stats()
-        case "test-packet":
-            return ctl.test_packet(read_frame(args), args.ingress)
-        case "acl" if args.acl_command == "add":
-            return ctl.acl_add(args.vip, args.prefix, args.action)
-        case "acl":
-            return ctl.acl_remove(args.vip, args.prefix)
-    raise InputError(f"unknown command {args.command!r}")
+    params = command_params(args)
+    client = ApiClient(args.api_socket or default_socket_path(Instance.current().name))
+    try:
+        return client.command(args.command, params)
+    except NoDaemon:
+        pass
+    from control.commands import dispatch  # after argument errors, which need none of it
+    from control.service import Controller
+    return dispatch(Controller.open(args.state), args.command, params)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "daemon":
+        from control.daemon import serve
+        return serve(args)
     try:
         result = run(args)
     except InputError as e:

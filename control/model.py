@@ -151,6 +151,8 @@ class DataPlaneState:
     pin_dir: str
     netns_ino: int
     config: dict[str, int]
+    # lb.loader.program_digest of the program attached: a restart recompiles only when it differs
+    program_digest: str | None = None
 
 
 @dataclass

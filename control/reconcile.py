@@ -175,6 +175,63 @@ class Reconciler:
             m.vip_meta.set(U32(vid), VipMeta())
             report.count("vip_meta")
 
+    def repair(self, state: State) -> dict[str, int]:
+        """Make the maps hold exactly what `state` describes, whatever they hold now (after a crash,
+        or a hand edit); returns the entries corrected per map. Same order as apply: stale VIP keys
+        go first, then what a VIP needs is written, its key last, and other stale entries after."""
+        want = MapContents.of(state)
+        fixed: dict[str, int] = {}
+
+        def count(map_name: str, n: int) -> None:
+            if n:
+                fixed[map_name] = fixed.get(map_name, 0) + n
+
+        count("vips", self._delete_extra("vips", want.vips))
+        count("backends", self._repair_array("backends", want.backends, Backend))
+        count("reply_sources", self._write_missing("reply_sources", want.reply_sources))
+        count("acl", self._write_missing("acl", want.acl))
+        count("vip_meta", self._repair_array("vip_meta", want.vip_meta, VipMeta))
+        count("vip_addrs", self._write_missing("vip_addrs", want.vip_addrs))
+        if bytes(self.maps.lb_config.get(U32(0)) or LbConfig()) != bytes(want.config):
+            self.maps.lb_config.set(U32(0), want.config)
+            count("lb_config", 1)
+        for v in state.vips:  # a table no VIP uses is rewritten by whichever VIP takes its id next
+            count("maglev", self._write_table(v.id, v))
+        count("vips", self._write_missing("vips", want.vips))
+        for map_name in ("vip_addrs", "acl", "reply_sources"):
+            count(map_name, self._delete_extra(map_name, getattr(want, map_name)))
+        return fixed
+
+    def _write_missing(self, map_name: str, want: dict[bytes, tuple]) -> int:
+        """Hash map: write the entries that are missing or differ."""
+        m = self.maps.maps[map_name]
+        have = {bytes(k): bytes(v) for k, v in m.items()}
+        wrong = [(key, value) for k, (key, value) in want.items() if have.get(k) != bytes(value)]
+        for key, value in wrong:
+            m.set(key, value)
+        return len(wrong)
+
+    def _delete_extra(self, map_name: str, want: dict[bytes, tuple]) -> int:
+        """Hash map: delete the entries `want` does not have."""
+        m = self.maps.maps[map_name]
+        extra = [bytes(k) for k in m.keys() if bytes(k) not in want]
+        for k in extra:
+            m.delete(m.key_type.from_buffer_copy(k))
+        return len(extra)
+
+    def _repair_array(self, map_name: str, want: dict[int, ctypes.Structure], empty: type) -> int:
+        """Array map: entries of `want` as given, every other index empty."""
+        m = self.maps.maps[map_name]
+        n = 0
+        for index in range(m.max_entries):
+            value = want.get(index, empty())
+            if bytes(m.get(U32(index))) != bytes(value):
+                if map_name == "backends":
+                    self.maps.backend_nh.set(U32(index), NextHop())
+                m.set(U32(index), value)
+                n += 1
+        return n
+
     def _write_keyed(self, map_name: str, before: dict[bytes, tuple], after: dict[bytes, tuple],
                      report: ApplyReport) -> None:
         """Write the hash entries that are new or changed."""

@@ -93,7 +93,8 @@ class Controller:
                 raise
             finally:
                 os.close(prog_fd)
-            state.dataplane = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict())
+            state.dataplane = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict(),
+                                             loader.program_digest(config, pin_dir))
             return {"attached": [i.name for i in ifaces], "mode": mode, "pin_dir": pin_dir, "vips": len(state.vips)}
 
     def detach(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ program and its maps through their pins."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -20,6 +21,7 @@ PROGRAM_PIN = "xdp_lb"
 
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4  # swap only if the attached program is the expected one
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 
 
@@ -60,21 +62,76 @@ class DataPlaneConfig:
         return asdict(self)
 
 
-def load_and_pin(config: DataPlaneConfig, pin_dir: str) -> int:
-    """Compile bpf/lb.c, create and pin its maps and program; returns a program fd."""
-    from bcc import BPF  # heavy: only attach needs the compiler
+def program_digest(config: DataPlaneConfig, pin_dir: str) -> str:
+    """What the program is built from: every source under bpf/ and the compiler flags.
+
+    Equal digests mean an equal program, so a restarted daemon keeps the one attached."""
+    h = hashlib.sha256()
+    for path in sorted(BPF_DIR.glob("*.[ch]")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update("\0".join(config.cflags(pin_dir)).encode())
+    return h.hexdigest()
+
+
+def _compile(config: DataPlaneConfig, pin_dir: str) -> int:
+    """Compile and load bpf/lb.c; its maps are the pins in pin_dir (bcc adopts pins that exist,
+    entries and all, and creates and pins the others). Returns a program fd."""
+    from bcc import BPF  # heavy: only attach and upgrades need the compiler
 
     os.makedirs(pin_dir, exist_ok=True)
     try:
         bpf = BPF(src_file=os.fsencode(BPF_DIR / "lb.c"), cflags=config.cflags(pin_dir))
         fn = bpf.load_func(b"xdp_lb", BPF.XDP)
     except Exception as e:  # bcc raises bare Exceptions; the verifier log went to stderr
-        unpin_all(pin_dir)
         raise LoadError(f"the kernel refused the data plane program: {e}") from e
     fd = os.dup(fn.fd)
-    bpfsys.obj_pin(fd, os.path.join(pin_dir, PROGRAM_PIN))
     bpf.cleanup()
     return fd
+
+
+def load_and_pin(config: DataPlaneConfig, pin_dir: str) -> int:
+    """Compile bpf/lb.c, create and pin its maps and program; returns a program fd."""
+    try:
+        fd = _compile(config, pin_dir)
+    except LoadError:
+        unpin_all(pin_dir)
+        raise
+    bpfsys.obj_pin(fd, os.path.join(pin_dir, PROGRAM_PIN))
+    return fd
+
+
+def replace_program(config: DataPlaneConfig, pin_dir: str, interfaces: list[tuple[int, str]]) -> int:
+    """Build the program again on the pinned maps (every entry kept, the connection table too),
+    swap it in on each (ifindex, mode) atomically and pin it in the old one's place.
+
+    Packets see either the old program or the new one, never none. Returns the new program's id."""
+    new_fd = _compile(config, pin_dir)
+    old_fd = pinned_program(pin_dir)
+    try:
+        staged = os.path.join(pin_dir, PROGRAM_PIN + "_new")  # bpffs names take no dots
+        if os.path.exists(staged):
+            os.unlink(staged)
+        bpfsys.obj_pin(new_fd, staged)
+        for ifindex, mode in interfaces:
+            _swap_xdp(ifindex, mode, new_fd, old_fd)
+        os.rename(staged, os.path.join(pin_dir, PROGRAM_PIN))  # bpffs renames over the old pin atomically
+        return bpfsys.prog_id(new_fd)
+    finally:
+        os.close(old_fd)
+        os.close(new_fd)
+
+
+def _swap_xdp(ifindex: int, mode: str, new_fd: int, old_fd: int) -> None:
+    flags = XDP_MODES[mode]
+    attrs = [("IFLA_XDP_FD", new_fd), ("IFLA_XDP_FLAGS", flags)]
+    if attached_prog_id(ifindex) == bpfsys.prog_id(old_fd):
+        # The kernel swaps only if our old program is still the one attached.
+        attrs = [("IFLA_XDP_FD", new_fd), ("IFLA_XDP_EXPECTED_FD", old_fd), ("IFLA_XDP_FLAGS", flags | XDP_FLAGS_REPLACE)]
+    try:
+        with IPRoute() as ipr:
+            ipr.link("set", index=ifindex, xdp={"attrs": attrs})
+    except NetlinkError as e:
+        raise LoadError(f"ifindex {ifindex}: replacing the XDP program failed: {os.strerror(e.code)}") from e
 
 
 def pinned_program(pin_dir: str) -> int:

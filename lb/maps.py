@@ -88,6 +88,18 @@ class BpfMap:
         varr = (self.value_type * len(values))(*values)
         bpfsys.map_update_batch(self.fd, karr, varr, len(keys))
 
+    def count(self, chunk: int = 8192) -> int:
+        """Entries of a hash map, read in batches (a 1M-entry table takes some 130 calls)."""
+        keys = (self.key_type * chunk)()
+        values = (self.value_type * (chunk * self.ncpus))()
+        total, in_batch, out_batch = 0, None, U32()
+        while True:
+            got, done = bpfsys.map_lookup_batch(self.fd, keys, values, chunk, in_batch, out_batch)
+            total += got
+            if done:
+                return total
+            in_batch, out_batch = out_batch, U32()
+
     def read_range(self, start: int, count: int) -> list[int]:
         """Values of keys start..start+count-1 of a u32-keyed array of scalars, batched."""
         out: list[int] = []

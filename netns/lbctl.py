@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from netns.topology import Lab
+from netns.traffic import wait_for
 
 LBCTL = str(Path(sys.executable).parent / "lbctl")
 STATE_DIR = "/var/lib/lb"  # where lbctl keeps a namespace's state by default
@@ -27,8 +28,9 @@ class Result:
         return json.loads(self.stdout)
 
 
-def run_lbctl(ns: str, *args: str, check: bool = True) -> Result:
-    proc = subprocess.run(["ip", "netns", "exec", ns, LBCTL, *args], capture_output=True, text=True, timeout=120)
+def run_lbctl(ns: str, *args: str, check: bool = True, env: dict[str, str] | None = None) -> Result:
+    proc = subprocess.run(["ip", "netns", "exec", ns, LBCTL, *args], capture_output=True, text=True, timeout=120,
+                          env=None if env is None else {**os.environ, **env})
     result = Result(proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
         raise RuntimeError(f"lbctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -41,6 +43,62 @@ def forget(ns: str) -> None:
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(STATE_DIR, f"{ns}.db{suffix}"))
+
+
+@dataclass
+class DaemonProcess:
+    """`lbctl daemon` running in a lab namespace, its JSON log in a file."""
+
+    ns: str
+    log_path: str
+    args: tuple[str, ...]
+    proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "DaemonProcess":
+        log = open(self.log_path, "a")
+        try:
+            self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, LBCTL, "daemon", "--log-format", "json",
+                                          *self.args], stdout=log, stderr=log)
+        finally:
+            log.close()
+        wait_for(lambda: self.proc.poll() is not None or self.events("ready", self.proc.pid),
+                 timeout, what="the daemon to be ready")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited with {self.proc.returncode}: {self.log_tail()}")
+        return self
+
+    def events(self, msg: str | None = None, pid: int | None = None) -> list[dict[str, Any]]:
+        """The log's events, of one kind (msg) and one run (pid) if given."""
+        found = []
+        with open(self.log_path) as f:
+            for text in f:
+                try:
+                    event = json.loads(text)
+                except ValueError:
+                    continue  # not an event (the compiler's warnings)
+                if (msg is None or event.get("msg") == msg) and (pid is None or event.get("pid") == pid):
+                    found.append(event)
+        return found
+
+    def log_tail(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()[-2000:]
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it does not stop in 20 s; returns its exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise
 
 
 @contextlib.contextmanager

@@ -156,3 +156,100 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@dataclass
+class EchoStream:
+    """One long-lived TCP connection from `client_ns` to host:port, exchanging a numbered message
+    every `interval` seconds with echo servers in `server_nss` until stopped (at most `limit`
+    seconds). `exchanged` counts the round trips; `error` is why it broke, if it did."""
+
+    client_ns: str
+    server_nss: list[str]
+    host: str
+    port: int
+    interval: float = 0.02
+    limit: float = 300.0
+    exchanged: int = 0
+    error: str | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _sockets: list[socket.socket] = field(default_factory=list)
+
+    def _spawn(self, target, *args) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _serve(self, listener: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            self._sockets.append(conn)
+            self._spawn(self._echo, conn)
+
+    def _echo(self, conn: socket.socket) -> None:
+        conn.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                data = conn.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            conn.sendall(data)
+
+    def _talk(self, sock: socket.socket) -> None:
+        deadline = time.monotonic() + self.limit
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                message = f"{self.exchanged:010d}".encode() * 10
+                sock.sendall(message)
+                answer = b""
+                while len(answer) < len(message):
+                    chunk = sock.recv(len(message) - len(answer))
+                    if not chunk:
+                        raise ConnectionError("the connection was closed")
+                    answer += chunk
+                if answer != message:
+                    raise ConnectionError(f"echo {answer[:20]!r} differs from {message[:20]!r}")
+                self.exchanged += 1
+                self._stop.wait(self.interval)  # pacing, not synchronisation
+        except OSError as e:
+            self.error = f"{type(e).__name__}: {e}"
+
+    def start(self) -> None:
+        for ns in self.server_nss:
+            listener = socket_in(ns, socket.AF_INET6)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("::", self.port))
+            listener.listen(8)
+            listener.settimeout(0.2)
+            self._sockets.append(listener)
+            self._spawn(self._serve, listener)
+        client = socket_in(self.client_ns, socket.AF_INET)
+        self._sockets.append(client)
+        client.settimeout(5.0)
+        client.connect((self.host, self.port))
+        self._spawn(self._talk, client)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=6)
+        for s in self._sockets:
+            s.close()
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, client_ns: str, server_nss: list[str], host: str, port: int, **options) -> Iterator["EchoStream"]:
+        stream = cls(client_ns, server_nss, host, port, **options)
+        try:
+            stream.start()
+            yield stream
+        finally:
+            stream.stop()

@@ -1,0 +1,194 @@
+"""The daemon's local API: JSON over HTTP on a Unix socket, root only.
+
+POST /v1/command with {"command": ..., "params": {...}} runs one lbctl command through
+control.commands.dispatch, one at a time (a lock serialises them, so concurrent callers
+are applied one after another, each whole). The answer is {"result": ...}, or
+{"error": "one line", "exit_code": 2|1} with the same message lbctl direct prints.
+GET /v1/daemon describes the daemon itself."""
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import os
+import socket
+import socketserver
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from control.errors import InputError, LbError
+
+RUN_DIR = "/run/lb"
+ENV_SOCKET = "LBCTL_API_SOCKET"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def default_socket_path(instance_name: str) -> str:
+    return os.path.join(RUN_DIR, f"{instance_name}.sock")
+
+
+# --- server -------------------------------------------------------------------------------
+
+Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+class _RequestHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "ApiServer"
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path != "/v1/daemon":
+            self._send(404, {"error": f"no such path {self.path}", "exit_code": EXIT_USAGE})
+            return
+        self._send(200, {"result": self.server.describe()})
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path != "/v1/command":
+            self._send(404, {"error": f"no such path {self.path}", "exit_code": EXIT_USAGE})
+            return
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            command, params = body["command"], body.get("params") or {}
+            if not isinstance(command, str) or not isinstance(params, dict):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            self._send(400, {"error": "expected a JSON object {\"command\": NAME, \"params\": {...}}",
+                             "exit_code": EXIT_USAGE})
+            return
+        try:
+            result = self.server.run_command(command, params)
+        except InputError as e:
+            self._send(200, {"error": str(e), "exit_code": EXIT_USAGE})
+        except (LbError, OSError, RuntimeError) as e:
+            self._send(200, {"error": str(e), "exit_code": EXIT_ERROR})
+        except Exception as e:  # a bug: the daemon goes on, the caller learns what happened
+            self._send(500, {"error": f"internal error: {type(e).__name__}: {e}", "exit_code": EXIT_ERROR})
+        else:
+            self._send(200, {"result": result})
+
+    def log_message(self, *args: Any) -> None:
+        pass  # the daemon logs each command itself, structured
+
+
+class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Serves the API on a Unix socket of mode 0600; only root's connections are answered."""
+
+    daemon_threads = True
+    request_queue_size = 128  # many lbctl at once wait in the backlog rather than fail with EAGAIN
+
+    def __init__(self, path: str, handler: Handler, describe: Callable[[], dict[str, Any]]):
+        self.path = path
+        self._handler = handler
+        self.describe = describe
+        self._lock = threading.Lock()
+        self._closed = False
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        if os.path.exists(path):
+            _refuse_if_live(path)
+            os.unlink(path)  # a socket left by a daemon that died
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+        try:
+            super().__init__(path, _RequestHandler)
+        finally:
+            os.umask(old_umask)
+
+    def run_command(self, command: str, params: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self._closed:
+                raise LbError("the daemon is stopping; nothing was changed")
+            return self._handler(command, params)
+
+    def verify_request(self, request: socket.socket, client_address: Any) -> bool:
+        uid = struct.unpack("3i", request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[2]
+        return uid == 0
+
+    def serve_in_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.serve_forever, args=(0.2,), name="api", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        """Stop serving; a command under way finishes first, none starts after."""
+        self.shutdown()
+        with self._lock:
+            self._closed = True
+        self.server_close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _refuse_if_live(path: str) -> None:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise LbError(f"another daemon already answers on {path}")
+
+
+# --- client -------------------------------------------------------------------------------
+
+class NoDaemon(Exception):
+    """No daemon listens on the socket (nothing was sent): lbctl works on the maps itself."""
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+@dataclass
+class ApiClient:
+    path: str
+    timeout: float = 300.0  # an attach compiles the program
+
+    def _request(self, method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        conn = _UnixConnection(self.path, self.timeout)
+        try:
+            try:
+                conn.connect()
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise NoDaemon(self.path) from None
+            data = None if body is None else json.dumps(body).encode()
+            conn.request(method, url, body=data, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            answer = json.loads(response.read())
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise LbError(f"the daemon at {self.path} did not answer: {e}") from None
+        finally:
+            conn.close()
+        if "error" in answer:  # the same exception lbctl direct would have raised: same line, same exit code
+            error = InputError if answer.get("exit_code") == EXIT_USAGE else LbError
+            raise error(answer["error"])
+        return answer["result"]
+
+    def command(self, command: str, params: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", "/v1/command", {"command": command, "params": params})
+
+    def describe(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/daemon")

@@ -1,0 +1,197 @@
+"""`lbctl daemon`: the data plane's keeper, in the foreground.
+
+On start it adopts the running data plane (control/adopt.py: no recompile unless
+the program changed, maps kept, corrections reported), applies --config if given,
+then serves lbctl over the API socket (control/api.py), Prometheus metrics
+(control/metrics.py) and health checks (control/health.py, when present) until
+SIGTERM or SIGINT. SIGHUP applies the config file again. Logs are one line per
+event, as text or JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from control.adopt import AdoptReport, adopt
+from control.api import ApiServer, default_socket_path
+from control.commands import CHANGES, dispatch
+from control.errors import InputError, LbError
+from control.metrics import Metrics
+from control.service import Controller
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": round(record.created, 3), "level": record.levelname.lower(), "pid": record.process,
+                "msg": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        fields = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in getattr(record, "fields", {}).items())
+        return f"{stamp} {record.levelname.lower()} {record.getMessage()}" + (f" {fields}" if fields else "")
+
+
+def make_logger(log_format: str) -> logging.Logger:
+    """The daemon's logger; every module's records (health checks too) go out in the same format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if log_format == "json" else _TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    return logging.getLogger("lb.daemon")
+
+
+def _event(log: logging.Logger, msg: str, level: int = logging.INFO, **fields: Any) -> None:
+    log.log(level, msg, extra={"fields": fields})
+
+
+# --- the daemon -------------------------------------------------------------------------------
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """ADDR:PORT, IPv6 in brackets."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise InputError(f"--metrics {text!r}: expected ADDR:PORT, as in 127.0.0.1:9400 or [::1]:9400")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class Daemon:
+    ctl: Controller
+    log: logging.Logger
+    socket_path: str
+    config_path: str | None = None
+    metrics_listen: tuple[str, int] | None = None
+    started: float = field(default_factory=time.time)
+    adopted: AdoptReport = field(default_factory=AdoptReport)
+    commands_served: int = 0
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.ctl.store.read)
+
+    # lbctl commands arrive here from the API server, one at a time
+    def handle(self, command: str, params: dict[str, Any]) -> dict[str, Any]:
+        start = time.monotonic()
+        try:
+            result = dispatch(self.ctl, command, params)
+        except Exception as e:
+            _event(self.log, "command failed", logging.WARNING, command=command, params=params, error=str(e))
+            raise
+        finally:
+            self.commands_served += 1
+        elapsed = time.monotonic() - start
+        if command in CHANGES:
+            self.metrics.reconcile_seconds.labels(command).observe(elapsed)
+        _event(self.log, "command", command=command, params=params, seconds=round(elapsed, 4))
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "socket": self.socket_path, "state": self.ctl.store.path,
+                "started": self.started, "adopted": self.adopted.as_dict(), "commands_served": self.commands_served}
+
+    def apply_config(self) -> None:
+        """Apply the --config file, if any (a bad file is logged and changes nothing)."""
+        if not self.config_path:
+            return
+        apply = getattr(self.ctl, "apply", None)
+        if apply is None:
+            _event(self.log, "this lb cannot apply declarative configuration files", logging.ERROR,
+                   config=self.config_path)
+            return
+        try:
+            with open(self.config_path) as f:
+                text = f.read()
+            start = time.monotonic()
+            result = apply(text, source=self.config_path)
+            self.metrics.reconcile_seconds.labels("apply").observe(time.monotonic() - start)
+            _event(self.log, "config applied", config=self.config_path, result=result)
+        except (LbError, OSError, RuntimeError) as e:
+            _event(self.log, "config not applied", logging.ERROR, config=self.config_path, error=str(e))
+
+    def start_health_checks(self, stop: threading.Event) -> threading.Thread | None:
+        try:
+            from control.health import HealthMonitor
+        except ImportError:
+            return None
+        monitor = HealthMonitor(lambda: Controller(self.ctl.instance, self.ctl.store), on_check=self._observe_check)
+        t = threading.Thread(target=monitor.run, args=(stop,), name="health", daemon=True)
+        t.start()
+        return t
+
+    def _observe_check(self, target: Any, result: Any) -> None:
+        self.metrics.health_check_seconds.labels(str(target.vip), str(target.backend)).observe(result.duration)
+
+    def run(self, stop: threading.Event, reload: threading.Event) -> None:
+        start = time.monotonic()
+        self.adopted = adopt(self.ctl)
+        self.metrics.reconcile_seconds.labels("start").observe(time.monotonic() - start)
+        _event(self.log, "data plane adopted", **self.adopted.as_dict())
+        if self.adopted.corrected:
+            _event(self.log, "maps corrected to the stored state", logging.WARNING, corrected=self.adopted.corrected)
+        self.apply_config()
+        metrics_server = None
+        if self.metrics_listen:
+            from prometheus_client import start_http_server
+            metrics_server, _ = start_http_server(self.metrics_listen[1], self.metrics_listen[0],
+                                                  registry=self.metrics.registry)
+        api = ApiServer(self.socket_path, self.handle, self.describe)
+        api.serve_in_thread()
+        health = self.start_health_checks(stop)
+        _event(self.log, "ready", socket=self.socket_path, metrics=self.metrics_listen)
+        try:
+            while not stop.is_set():
+                if reload.wait(timeout=0.5):
+                    reload.clear()
+                    _event(self.log, "SIGHUP: reloading the config", config=self.config_path)
+                    self.apply_config()
+        finally:
+            api.close()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+            if health is not None:
+                health.join(timeout=10)
+            _event(self.log, "stopped")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Entry point of `lbctl daemon`; returns the exit code."""
+    from lb.pins import Instance
+
+    log = make_logger(args.log_format)
+    try:
+        if os.geteuid() != 0:
+            raise LbError("lbctl daemon needs root (CAP_BPF and CAP_NET_ADMIN)")
+        listen = parse_listen(args.metrics) if args.metrics else None
+        ctl = Controller.open(args.state)
+        path = args.api_socket or default_socket_path(Instance.current().name)
+        daemon = Daemon(ctl, log, path, args.config, listen)
+        stop, reload = threading.Event(), threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: reload.set())
+        daemon.run(stop, reload)
+    except InputError as e:
+        _event(log, str(e), logging.ERROR)
+        return EXIT_USAGE
+    except (LbError, OSError, RuntimeError) as e:
+        _event(log, str(e), logging.ERROR)
+        return EXIT_ERROR
+    return 0
