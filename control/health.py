@@ -238,3 +238,27 @@ class HealthMonitor:
             t.healthy, t.successes, t.failures = verdict, 0, 0
             log.warning("backend %s of %s is %s (%s)", t.target.backend, t.target.vip,
                         "up" if verdict else "down", result.error or "check passed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the monitor alone in this network namespace until SIGINT or SIGTERM
+    (`ip netns exec NS python -m control.health`); the daemon runs the same on a thread."""
+    import argparse
+    import os
+    import signal
+
+    from control.service import Controller
+
+    parser = argparse.ArgumentParser(prog="python -m control.health", description=main.__doc__)
+    parser.add_argument("--state", default=os.environ.get("LBCTL_STATE"), help="desired-state file, as for lbctl")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    HealthMonitor(lambda: Controller.open(args.state)).run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -157,17 +157,11 @@ class Controller:
         return self._change(change)
 
     def remove_backend(self, vip_text: str, backend_text: str) -> dict[str, Any]:
-        vip = VipAddress.parse(vip_text)
-        backend = BackendAddress.parse(backend_text, vip)
-
-        def change(state: State) -> dict[str, Any]:
-            b = state.require_vip(vip).backend(backend)
-            if b is None:
-                raise InputError(f"unknown backend {backend} in VIP {vip}")
+        def retire(b: BackendState) -> dict[str, Any]:
             b.retired_at = time.time()
-            return {"vip": str(vip), "removed": str(backend)}
+            return {"removed": str(b.address)}
 
-        return self._change(change)
+        return self._change_backend(vip_text, backend_text, retire)
 
     def acl_add(self, vip_text: str, prefix_text: str, action: str) -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)
@@ -200,17 +194,11 @@ class Controller:
 
     def drain(self, vip_text: str, backend_text: str) -> dict[str, Any]:
         """Weight 0: out of the Maglev table, so no new flows; established ones go on."""
-        vip = VipAddress.parse(vip_text)
-        backend = BackendAddress.parse(backend_text, vip)
-
-        def change(state: State) -> dict[str, Any]:
-            b = state.require_vip(vip).backend(backend)
-            if b is None:
-                raise InputError(f"unknown backend {backend} in VIP {vip}")
+        def weigh_nothing(b: BackendState) -> dict[str, Any]:
             was, b.weight = b.weight, 0
-            return {"vip": str(vip), "backend": str(backend), "previous_weight": was}
+            return {"backend": str(b.address), "previous_weight": was}
 
-        return self._change(change)
+        return self._change_backend(vip_text, backend_text, weigh_nothing)
 
     def set_health(self, vip_id: int, backend_id: int, healthy: bool) -> bool:
         """Record a health checker's verdict; True if it changed the state (and the Maglev table).
@@ -356,6 +344,20 @@ class Controller:
                 with DataPlaneMaps.open(pin_dir) as maps:
                     Reconciler(maps, ring_size).apply(new, old)
             raise
+
+    def _change_backend(self, vip_text: str, backend_text: str,
+                        edit: Callable[[BackendState], dict[str, Any]]) -> dict[str, Any]:
+        """Run `edit` on an existing backend of a VIP, as one change."""
+        vip = VipAddress.parse(vip_text)
+        backend = BackendAddress.parse(backend_text, vip)
+
+        def change(state: State) -> dict[str, Any]:
+            b = state.require_vip(vip).backend(backend)
+            if b is None:
+                raise InputError(f"unknown backend {backend} in VIP {vip}")
+            return {"vip": str(vip), **edit(b)}
+
+        return self._change(change)
 
     def _require_attached(self, state: State) -> DataPlaneState:
         dp = state.dataplane

@@ -3,6 +3,8 @@ the Maglev table within interval x fall + 1 s and comes back after `rise` succes
 drained backend keeps its established connections while new ones go elsewhere."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -134,3 +136,25 @@ def test_drain_keeps_established_connections_and_sends_new_ones_elsewhere(lab, s
         for c in conns:
             c.close()
         run("remove-vip", vip)
+
+
+def test_the_monitor_runs_alone_and_a_wrong_http_status_fails_the_check(lab, servers, tmp_path):
+    """`python -m control.health` in the LB's namespace; servers answer 200 where 204 is expected."""
+    run = lbctl(lab)
+    vip = f"{lab.vip(3)}:80/tcp"
+    path = tmp_path / "lb.yaml"
+    path.write_text(health_config(lab, vip).replace("expect_status: 200", "expect_status: 204"))
+    run("apply", "-f", str(path))
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.lb_ns, sys.executable, "-m", "control.health"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        endpoints = [f"{b.address}:8080" for b in lab.backends]
+        wait_for(lambda: not any(stored_health(lab, e) for e in endpoints), timeout=INTERVAL * FALL + 5,
+                 what="every backend marked down")
+        assert {status_of(lab, e)["health"] for e in endpoints} == {"down"}
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+        run("remove-vip", vip)
+    assert proc.returncode == 0, err
+    assert "HTTP 200, expected 204" in err
