@@ -170,8 +170,10 @@ def format_plan(r: dict[str, Any]) -> str:
     lines = [f"+ VIP {v['vip']} ({v['mode']}, hash on {v['hash']}, {v['backends']} backend(s))" for v in r["added"]]
     lines += [f"- VIP {vip} (with its backends; established flows go on until they end)" for vip in r["removed"]]
     for v in r["changed"]:
-        lines.append(f"~ VIP {v['vip']}: {v['share_moved']:.1%} of Maglev slots move "
-                     f"({v['slots_moved']} slots: the share of new flows that land on another backend)")
+        moved = f"{v['share_moved']:.1%} of Maglev slots move ({v['slots_moved']} slots"
+        lines.append(f"~ VIP {v['vip']}: " + (f"the hash changes, so new flows are placed anew; {moved})"
+                                               if v["rehash"] else
+                                               f"{moved}: the share of new flows that land on another backend)"))
         lines += [f"    ~ {change}" for change in v["settings"]]
         b = v["backends"]
         lines += [f"    + backend {a['backend']} (weight {a['weight']})" for a in b["added"]]

@@ -329,7 +329,8 @@ def _backend_changes(old: VipState, new: VipState) -> dict[str, list]:
 
 def plan(old: State, new: State, ring_size: int) -> dict[str, Any]:
     """What turning `old` into `new` does; JSON-able. `share_moved` is the share of a VIP's
-    Maglev slots (so of its new flows) that land on a different backend afterwards."""
+    Maglev slots (so of its new flows) that land on a different backend afterwards; with
+    `rehash` (the hash input changes) flows are placed anew whatever the slots do."""
     olds = {v.vip: v for v in old.vips}
     news = {v.vip: v for v in new.vips}
     added = [{"vip": str(v.vip), "mode": v.mode, "hash": v.hash, "backends": len(v.active_backends())}
@@ -341,7 +342,8 @@ def plan(old: State, new: State, ring_size: int) -> dict[str, Any]:
         settings, backends = _vip_changes(o, n), _backend_changes(o, n)
         moved = slots_moved(o, n, ring_size)
         if settings or any(backends.values()) or moved:
+            # a new hash input sends a flow to another slot, whether or not the slots change
             changed.append({"vip": str(vip), "settings": settings, "backends": backends,
-                            "slots_moved": moved, "share_moved": moved / ring_size})
+                            "slots_moved": moved, "share_moved": moved / ring_size, "rehash": o.hash != n.hash})
     return {"added": added, "removed": removed, "changed": changed,
             "empty": not (added or removed or changed)}

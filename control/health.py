@@ -119,7 +119,7 @@ def run_check(t: Target) -> CheckResult:
                 if status != t.expect_status:
                     return CheckResult(False, time.monotonic() - start, f"HTTP {status}, expected {t.expect_status}")
         return CheckResult(True, time.monotonic() - start)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (whatever goes wrong, the check failed; the monitor goes on)
         return CheckResult(False, time.monotonic() - start, str(e) or type(e).__name__)
 
 
@@ -177,8 +177,11 @@ class HealthMonitor:
                 while not stop.is_set():
                     now = time.monotonic()
                     if now >= next_refresh:
-                        self._sync(ctl.store.read(), now)
                         next_refresh = now + self.refresh
+                        try:
+                            self._sync(ctl.store.read(), now)
+                        except Exception as e:  # noqa: BLE001 (keep checking what is known; retry)
+                            log.error("cannot read the desired state: %s", e)
                     self._collect(ctl)
                     wake = self._submit(pool, now)
                     stop.wait(max(0.01, min(wake, next_refresh) - time.monotonic()))

@@ -133,7 +133,7 @@ def test_plan_names_what_is_added_removed_and_changed():
     assert [v["vip"] for v in p["added"]] == ["[2001:db8::9]:53/udp"]
     assert p["removed"] == ["[2001:db8::1]:53/udp"]
     (changed,) = p["changed"]
-    assert changed["settings"] == ["hash: flow -> source"]
+    assert changed["settings"] == ["hash: flow -> source"] and changed["rehash"]
     assert changed["backends"] == {"added": [{"backend": "198.18.3.2:8080", "weight": 1}],
                                    "removed": ["198.18.2.2:8080"],
                                    "weights": [{"backend": "198.18.1.2:8080", "from": 2, "to": 3}]}
@@ -147,6 +147,7 @@ def test_plan_share_of_moved_slots_is_the_real_table_difference():
     moved = sum(a != b for a, b in zip(old, new))
     assert 0 < moved < RING
     assert changed["slots_moved"] == moved and changed["share_moved"] == moved / RING
+    assert not changed["rehash"]
 
 
 def test_durations_read_and_write_alike():
