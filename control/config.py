@@ -122,12 +122,12 @@ class _Reader:
             self.fail(node, f"{what}: {e}")
 
     def config(self, root: yaml.Node | None) -> Config:
-        if root is None:
-            return Config()
-        top = self.mapping(root, "the file", ("vips",))
+        if root is None:  # most likely a mistake: applied, it would remove every VIP
+            raise InputError(f"{self.source}:1: the file is empty; to remove every VIP, write: vips: []")
+        top = self.mapping(root, "the file", ("vips",), ("vips",))
         config = Config()
         seen: dict[VipAddress, int] = {}
-        for item in self.sequence(top["vips"], "vips") if "vips" in top else []:
+        for item in self.sequence(top["vips"], "vips"):
             spec = self.vip(item)
             if spec.vip in seen:
                 self.fail(item, f"VIP {spec.vip} is listed twice (first on line {seen[spec.vip]})")

@@ -153,7 +153,7 @@ class _Tracker:
 class HealthMonitor:
     """Runs every backend's health check and records the verdicts; see the module's doc."""
 
-    def __init__(self, controller_factory: Callable[[], "Controller"], max_workers: int = 16,
+    def __init__(self, controller_factory: Callable[[], "Controller"], max_workers: int = 32,
                  refresh: float = 1.0, on_check: Callable[[Target, CheckResult], None] | None = None):
         self.controller_factory = controller_factory
         self.max_workers = max_workers

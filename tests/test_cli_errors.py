@@ -96,6 +96,7 @@ def test_bad_input_is_refused_cleanly(configured, args):
 
 
 BAD_FILES = {
+    "empty": "",  # would remove every VIP: refused, "vips: []" says so on purpose
     "syntax": "vips:\n  - vip: 198.19.0.1:80/tcp\n   mode: nat\n",
     "unknown key": f"vips:\n  - vip: {VIP}\n    backends: [{BACKEND}]\n  - vip: 198.19.0.2:80/tcp\n    colour: red\n",
     # valid, but more VIPs than the data plane holds: refused inside the transaction, rolled back
@@ -123,7 +124,7 @@ def bare_lab() -> Iterator[Lab]:
 
 @pytest.mark.parametrize("args", [
     ("add-vip", VIP), ("remove-vip", VIP), ("add-backend", VIP, BACKEND), ("remove-backend", VIP, BACKEND),
-    ("stats",), ("detach",), ("drain", VIP, BACKEND), ("status",), ("apply", "-f", "/dev/null"),
+    ("stats",), ("detach",), ("drain", VIP, BACKEND), ("status",),
 ], ids=lambda a: a[0])
 def test_commands_need_an_attached_data_plane(bare_lab, args):
     result = run_lbctl(bare_lab.lb_ns, *args, check=False)

@@ -90,6 +90,8 @@ BAD = [
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n   backends: []\n", 3, "not valid YAML"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n\tmode: nat\n", 3, "not valid YAML"),
     ("- 198.19.0.1:80/tcp\n", 1, "the file must be a mapping"),
+    ("# nothing\n", 1, "the file is empty"),
+    ("vipz: []\n", 1, "unknown key 'vipz'"),
 ]
 
 

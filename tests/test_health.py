@@ -3,6 +3,7 @@ the Maglev table within interval x fall + 1 s and comes back after `rise` succes
 drained backend keeps its established connections while new ones go elsewhere."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from control.model import HealthCheck
 from control.service import Controller
 from control.store import SqliteStore
 from netns.lbctl import STATE_DIR
-from netns.nsenter import in_netns
+from netns.nsenter import in_netns, socket_in
 from netns.traffic import NetnsHTTPConnection, http_get, wait_for
 from tests.conftest import backend_name, lbctl
 
@@ -158,3 +159,37 @@ def test_the_monitor_runs_alone_and_a_wrong_http_status_fails_the_check(lab, ser
         run("remove-vip", vip)
     assert proc.returncode == 0, err
     assert "HTTP 200, expected 204" in err
+
+
+def test_a_backend_marked_down_keeps_its_established_connections(lab, servers, monitor, tmp_path):
+    """The check (a TCP connect to port 9999) fails while the HTTP server still answers: the
+    connections it has go on, new ones go elsewhere."""
+    run = lbctl(lab)
+    vip = f"{lab.vip(4)}:80/tcp"
+    listeners = {b.ns: socket_in(b.ns) for b in lab.backends}
+    for sock in listeners.values():
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", 9999))
+        sock.listen(16)
+    path = tmp_path / "lb.yaml"
+    path.write_text(health_config(lab, vip).replace("{kind: http, path: /, expect_status: 200,",
+                                                    "{kind: tcp, port: 9999,"))
+    run("apply", "-f", str(path))
+    failing = lab.backends[0]
+    endpoint = f"{failing.address}:8080"
+    conns = [NetnsHTTPConnection(lab.client.ns, str(lab.vip(4)), 80) for _ in range(30)]
+    try:
+        first = [c.get_text() for c in conns]
+        assert backend_name(failing.ns) in first
+        listeners.pop(failing.ns).close()
+        wait_for(lambda: not stored_health(lab, endpoint), timeout=INTERVAL * FALL + 5, what="backend marked down")
+
+        assert [c.get_text() for c in conns] == first  # same connection, same backend
+        fresh = Counter(http_get(lab.client.ns, str(lab.vip(4)), 80) for _ in range(30))
+        assert set(fresh) == {backend_name(b.ns) for b in lab.backends[1:]}
+    finally:
+        for c in conns:
+            c.close()
+        for sock in listeners.values():
+            sock.close()
+        run("remove-vip", vip)
