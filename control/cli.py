@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("--json", action="store_true", help="print JSON")
 
+    ap = sub.add_parser("apply", help="make the running state equal to a configuration file, as one change")
+    ap.add_argument("-f", "--file", required=True, metavar="FILE", help="the YAML file (- for standard input)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="only print the plan: what is added, removed, changed, and the Maglev slots that move")
+    ap.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("export", help="print the running state as a configuration file for apply")
+    d = sub.add_parser("drain", help="weight 0: no new connections to a backend; established ones go on")
+    d.add_argument("vip", metavar="VIP")
+    d.add_argument("backend", metavar="BACKEND")
+    s = sub.add_parser("status", help="each backend's health, weight and active connections")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
     t = sub.add_parser("test-packet", help="run one packet through the loaded program and show what it does "
                                            "(a packet to a VIP creates its flow, as real traffic would)")
     src = t.add_mutually_exclusive_group(required=True)
@@ -151,11 +163,55 @@ def format_change(command: str, r: dict[str, Any]) -> str:
             return f"added backend {r['backend']} to {r['vip']} (weight {r['weight']})"
         case "remove-backend":
             return f"removed backend {r['removed']} from {r['vip']}; its established flows go on"
+        case "drain":
+            return (f"drained backend {r['backend']} of {r['vip']} (weight {r['previous_weight']} -> 0): no new "
+                    f"flows; established ones go on")
         case "acl":
             if r.get("removed"):
                 return f"removed the rule for {r['prefix']} from {r['vip']}"
             return f"{r['action']} {r['prefix']} to {r['vip']}"
     return ""
+
+
+def format_plan(r: dict[str, Any]) -> str:
+    if r["empty"]:
+        return "no changes" + (" (dry run)" if r["dry_run"] else "")
+    lines = [f"+ VIP {v['vip']} ({v['mode']}, hash on {v['hash']}, {v['backends']} backend(s))" for v in r["added"]]
+    lines += [f"- VIP {vip} (with its backends; established flows go on until they end)" for vip in r["removed"]]
+    for v in r["changed"]:
+        moved = f"{v['share_moved']:.1%} of Maglev slots move ({v['slots_moved']} slots"
+        lines.append(f"~ VIP {v['vip']}: " + (f"the hash changes, so new flows are placed anew; {moved})"
+                                               if v["rehash"] else
+                                               f"{moved}: the share of new flows that land on another backend)"))
+        lines += [f"    ~ {change}" for change in v["settings"]]
+        b = v["backends"]
+        lines += [f"    + backend {a['backend']} (weight {a['weight']})" for a in b["added"]]
+        lines += [f"    - backend {a}" for a in b["removed"]]
+        lines += [f"    ~ backend {w['backend']}: weight {w['from']} -> {w['to']}" for w in b["weights"]]
+    lines.append("dry run: nothing applied" if r["dry_run"] else "applied")
+    return "\n".join(lines)
+
+
+def format_status(data: dict[str, Any]) -> str:
+    if not data["vips"]:
+        return "no VIPs"
+    rows: list[list[Any]] = [["VIP", "BACKEND", "HEALTH", "WEIGHT", "NEW FLOWS", "CONNECTIONS"]]
+    for v in data["vips"]:
+        rows.append([v["vip"], "-" if not v["backends"] else "", f"(check: {v['health_check']})", "", "", ""])
+        rows.extend(["", b["backend"], b["health"], b["weight"], "yes" if b["serving"] else "no", b["connections"]]
+                    for b in v["backends"])
+    return _table(rows) + "\n" + data["connections_note"]
+
+
+def read_config(path: str) -> tuple[str, str]:
+    """The file's text and the name errors use."""
+    if path == "-":
+        return sys.stdin.read(), "<stdin>"
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def read_frame(args: argparse.Namespace) -> bytes:
@@ -192,8 +248,11 @@ def format_test_packet(r: dict[str, Any]) -> str:
 def command_params(args: argparse.Namespace) -> dict[str, Any]:
     """The command's arguments as JSON values, as control.commands.dispatch takes them."""
     params = {k: v for k, v in vars(args).items() if k not in ("command", "state", "api_socket", "json")}
-    if args.command == "test-packet":  # the file is read here, where lbctl runs
+    if args.command == "test-packet":  # files are read here, where lbctl runs
         params = {"frame_hex": read_frame(args).hex(), "ingress": args.ingress}
+    if args.command == "apply":
+        text, source = read_config(args.file)
+        params = {"text": text, "source": source, "dry_run": args.dry_run}
     return params
 
 
@@ -238,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_stats(result))
     elif args.command == "test-packet":
         print(format_test_packet(result))
+    elif args.command == "apply":
+        print(format_plan(result))
+    elif args.command == "export":
+        print(result["yaml"], end="")
+    elif args.command == "status":
+        print(format_status(result))
     else:
         print(format_change(args.command, result))
     return 0

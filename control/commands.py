@@ -12,7 +12,8 @@ from control.service import Controller
 from lb.loader import DataPlaneConfig
 
 # Commands that change desired state (their timing is the reconcile time).
-CHANGES = frozenset({"attach", "detach", "add-vip", "remove-vip", "add-backend", "remove-backend", "acl"})
+CHANGES = frozenset({"attach", "detach", "add-vip", "remove-vip", "add-backend", "remove-backend", "acl", "apply",
+                     "drain"})
 
 
 def _param(params: dict[str, Any], name: str, default: Any = ...) -> Any:
@@ -60,6 +61,14 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
             return ctl.stats()
         case "test-packet":
             return ctl.test_packet(_frame(p), p.get("ingress"))
+        case "apply":
+            return ctl.apply(_param(p, "text"), bool(_param(p, "dry_run", False)), _param(p, "source", "<file>"))
+        case "export":
+            return ctl.export()
+        case "drain":
+            return ctl.drain(_param(p, "vip"), _param(p, "backend"))
+        case "status":
+            return ctl.status()
         case "acl" if _param(p, "acl_command") == "add":
             return ctl.acl_add(_param(p, "vip"), _param(p, "prefix"), _param(p, "action"))
         case "acl" if p["acl_command"] == "remove":

@@ -10,6 +10,8 @@ from lb.structs import IPAddress, PROTOCOLS
 
 MODES = ("nat",)
 HASHES = ("flow", "source")  # source: session affinity on the client's address
+CHECK_KINDS = ("none", "tcp", "http")
+MAX_WEIGHT = 65535
 
 _ENDPOINT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^:/\[\]]+))(?::(?P<port>[^/]*))?(?:/(?P<proto>.*))?$")
 
@@ -39,6 +41,14 @@ def _split(text: str) -> tuple[IPAddress, str | None, str | None]:
         raise InputError(f"{text!r}: expected ADDR:PORT/PROTO, with IPv6 in brackets: [2001:db8::1]:80/tcp")
     raw_addr = m.group("v6") or m.group("v4")
     return _parse_address(raw_addr, text), m.group("port"), m.group("proto")
+
+
+def parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A source prefix as operators write it: 10.1.0.0/16, 2001:db8::/32, or one address."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise InputError(f"{text!r} is not an address prefix (as in 10.1.0.0/16 or 2001:db8::/32)") from None
 
 
 def format_endpoint(address: IPAddress, port: int) -> str:
@@ -104,16 +114,64 @@ class BackendAddress:
 
 
 @dataclass
+class HealthCheck:
+    """How a VIP's backends are checked: "none", a TCP connect, or an HTTP GET of `path`
+    answered with `expect_status`. A backend goes down after `fall` failures in a row and
+    comes back after `rise` successes; times are in seconds."""
+
+    kind: str = "none"
+    port: int | None = None  # None: the backend's own port
+    path: str = "/"
+    expect_status: int = 200
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, reason) for each invalid field; empty when valid."""
+        found = []
+        if self.kind not in CHECK_KINDS:
+            found.append(("kind", f"unknown check kind {self.kind!r} (expected one of: {', '.join(CHECK_KINDS)})"))
+        if self.port is not None and not 1 <= self.port <= 65535:
+            found.append(("port", f"port {self.port} is out of range 1-65535"))
+        if not self.path.startswith("/") or any(c.isspace() for c in self.path):
+            found.append(("path", f"path {self.path!r} must start with / and hold no spaces"))
+        if not 100 <= self.expect_status <= 599:
+            found.append(("expect_status", f"HTTP status {self.expect_status} is out of range 100-599"))
+        if not 0 < self.interval <= 3600:
+            found.append(("interval", f"interval {self.interval}s is out of range (0, 3600]"))
+        if not 0 < self.timeout <= self.interval:
+            found.append(("timeout", f"timeout {self.timeout}s must be above 0 and at most the interval "
+                                     f"({self.interval}s), so checks never pile up"))
+        for name in ("rise", "fall"):
+            if not 1 <= getattr(self, name) <= 100:
+                found.append((name, f"{name} {getattr(self, name)} is out of range 1-100"))
+        return found
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+
+@dataclass
 class BackendState:
     address: BackendAddress
     id: int
     weight: int = 1
     # Set when removed: kept (not in the Maglev table) so established flows go on.
     retired_at: float | None = None
+    # Set by the health checker; an unhealthy backend leaves the Maglev table (its flows go on).
+    healthy: bool = True
 
     @property
     def active(self) -> bool:
         return self.retired_at is None
+
+    @property
+    def serving(self) -> bool:
+        """Whether new flows may pick it: in the Maglev table."""
+        return self.active and self.healthy and self.weight > 0
 
 
 @dataclass
@@ -125,6 +183,7 @@ class VipState:
     hash: str = "flow"
     # source rules: prefix (as written, normalised) -> "allow" or "deny"
     acl: dict[str, str] = field(default_factory=dict)
+    health: HealthCheck = field(default_factory=HealthCheck)
 
     def backend(self, address: BackendAddress) -> BackendState | None:
         for b in self.backends:
@@ -134,6 +193,10 @@ class VipState:
 
     def active_backends(self) -> list[BackendState]:
         return [b for b in self.backends if b.active]
+
+    def maglev_backends(self) -> list[BackendState]:
+        """The backends new flows may pick: active, healthy, weight above 0."""
+        return [b for b in self.backends if b.serving]
 
 
 @dataclass
@@ -176,3 +239,25 @@ class State:
         if found is None:
             raise InputError(f"unknown VIP {vip} (see: lbctl list)")
         return found
+
+    def allocate_vip_id(self, reserved: set[int] = frozenset()) -> int:
+        """The lowest id neither used nor `reserved` (ids of VIPs removed in the same change)."""
+        limit = self.dataplane.config["max_vips"]
+        used = {v.id for v in self.vips} | reserved
+        free = next((i for i in range(limit) if i not in used), None)
+        if free is None:
+            raise InputError(f"VIP limit reached ({limit}); attach with a larger --max-vips")
+        return free
+
+    def allocate_backend_id(self) -> int:
+        """The lowest free id; when all are taken, the one retired longest ago."""
+        limit = self.dataplane.config["max_backends"]
+        free = next((i for i in range(1, limit) if i not in self.backend_ids()), None)
+        if free is not None:
+            return free
+        retired = [(b.retired_at, b.id, v) for v in self.vips for b in v.backends if not b.active]
+        if not retired:
+            raise InputError(f"backend limit reached ({limit - 1}); attach with a larger --max-backends")
+        _, bid, owner = min(retired, key=lambda r: r[0])
+        owner.backends = [b for b in owner.backends if b.id != bid]
+        return bid

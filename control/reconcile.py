@@ -94,13 +94,22 @@ def maglev_table(v: VipState | None, ring_size: int) -> list[int]:
     """Backend ids of a VIP's Maglev table (NO_BACKEND where none)."""
     if v is None:
         return [NO_BACKEND] * ring_size
-    active = v.active_backends()
-    index = build_table([MaglevBackend(str(b.address), b.weight) for b in active], ring_size)
-    return [active[i].id if i >= 0 else NO_BACKEND for i in index]
+    members = v.maglev_backends()
+    index = build_table([MaglevBackend(str(b.address), b.weight) for b in members], ring_size)
+    return [members[i].id if i >= 0 else NO_BACKEND for i in index]
 
 
-def _maglev_inputs(v: VipState | None) -> list[tuple[str, int, int]]:
-    return sorted((str(b.address), b.weight, b.id) for b in v.active_backends()) if v else []
+def maglev_inputs(v: VipState | None) -> list[tuple[str, int, int]]:
+    """What a VIP's Maglev table is built from: equal inputs, equal tables."""
+    return sorted((str(b.address), b.weight, b.id) for b in v.maglev_backends()) if v else []
+
+
+def slots_moved(old: VipState | None, new: VipState | None, ring_size: int) -> int:
+    """How many Maglev slots name a different backend in `new` than in `old`."""
+    if maglev_inputs(old) == maglev_inputs(new):
+        return 0
+    before, after = maglev_table(old, ring_size), maglev_table(new, ring_size)
+    return sum(1 for a, b in zip(before, after) if a != b)
 
 
 @dataclass
@@ -146,7 +155,7 @@ class Reconciler:
         new_vips = {v.id: v for v in new.vips}
         for vid in sorted(old_vips.keys() | new_vips.keys()):
             o, n = old_vips.get(vid), new_vips.get(vid)
-            if o is not None and n is not None and o.vip == n.vip and _maglev_inputs(o) == _maglev_inputs(n):
+            if o is not None and n is not None and o.vip == n.vip and maglev_inputs(o) == maglev_inputs(n):
                 continue
             changed = self._write_table(vid, n)
             report.count("maglev", changed)

@@ -6,7 +6,6 @@ rolled back by the Reconciler; a failed save rolls the maps back too."""
 from __future__ import annotations
 
 import copy
-import ipaddress
 import os
 import time
 from dataclasses import dataclass
@@ -15,8 +14,9 @@ from typing import Any, Callable, TypeVar
 from pyroute2 import IPRoute
 
 from control.errors import InputError, LbError
-from control.model import (HASHES, MODES, BackendAddress, format_endpoint, BackendState, DataPlaneState, Interface, State, VipAddress,
-                           VipState)
+from control import config as declarative
+from control.model import (HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
+                           VipAddress, VipState, format_endpoint, parse_prefix)
 from control.reconcile import Reconciler
 from control.routes import sync_routes
 from control.store import SqliteStore, Store
@@ -28,15 +28,6 @@ from lb.probe import probe
 from lb.structs import MAX_IFINDEX, REASONS, LbAddr
 
 T = TypeVar("T")
-MAX_WEIGHT = 65535
-
-
-def parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A source prefix as operators write it: 10.1.0.0/16, 2001:db8::/32, or one address."""
-    try:
-        return ipaddress.ip_network(text.strip(), strict=False)
-    except ValueError:
-        raise InputError(f"{text!r} is not an address prefix (as in 10.1.0.0/16 or 2001:db8::/32)") from None
 
 
 def _ifindex(ipr: IPRoute, name: str) -> int:
@@ -129,11 +120,7 @@ class Controller:
         def change(state: State) -> dict[str, Any]:
             if state.vip(vip) is not None:
                 raise InputError(f"VIP {vip} already exists")
-            used = {v.id for v in state.vips}
-            limit = state.dataplane.config["max_vips"]
-            free = next((i for i in range(limit) if i not in used), None)
-            if free is None:
-                raise InputError(f"VIP limit reached ({limit}); attach with a larger --max-vips")
+            free = state.allocate_vip_id()
             state.vips.append(VipState(vip, free, mode, hash=hash_on))
             return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on}
 
@@ -162,26 +149,20 @@ class Controller:
                 raise InputError(f"backend {backend} already exists in VIP {vip}")
             retired = next((b for b in v.backends if b.address == backend), None)
             if retired is not None:  # back again: its established flows keep their id
-                retired.retired_at, retired.weight = None, weight
+                retired.retired_at, retired.weight, retired.healthy = None, weight, True
                 return {"vip": str(vip), "backend": str(backend), "id": retired.id, "weight": weight}
-            bid = self._allocate_backend_id(state)
+            bid = state.allocate_backend_id()
             v.backends.append(BackendState(backend, bid, weight))
             return {"vip": str(vip), "backend": str(backend), "id": bid, "weight": weight}
 
         return self._change(change)
 
     def remove_backend(self, vip_text: str, backend_text: str) -> dict[str, Any]:
-        vip = VipAddress.parse(vip_text)
-        backend = BackendAddress.parse(backend_text, vip)
-
-        def change(state: State) -> dict[str, Any]:
-            b = state.require_vip(vip).backend(backend)
-            if b is None:
-                raise InputError(f"unknown backend {backend} in VIP {vip}")
+        def retire(b: BackendState) -> dict[str, Any]:
             b.retired_at = time.time()
-            return {"vip": str(vip), "removed": str(backend)}
+            return {"removed": str(b.address)}
 
-        return self._change(change)
+        return self._change_backend(vip_text, backend_text, retire)
 
     def acl_add(self, vip_text: str, prefix_text: str, action: str) -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)
@@ -212,6 +193,55 @@ class Controller:
 
         return self._change(change)
 
+    def drain(self, vip_text: str, backend_text: str) -> dict[str, Any]:
+        """Weight 0: out of the Maglev table, so no new flows; established ones go on."""
+        def weigh_nothing(b: BackendState) -> dict[str, Any]:
+            was, b.weight = b.weight, 0
+            return {"backend": str(b.address), "previous_weight": was}
+
+        return self._change_backend(vip_text, backend_text, weigh_nothing)
+
+    def set_health(self, vip_id: int, backend_id: int, healthy: bool) -> bool:
+        """Record a health checker's verdict; True if it changed the state (and the Maglev table).
+        A backend removed or re-checked meanwhile is left alone."""
+        def find(state: State) -> BackendState | None:
+            return next((b for v in state.vips if v.id == vip_id for b in v.backends
+                         if b.id == backend_id and b.active), None)
+
+        current = find(self.store.read())
+        if current is None or current.healthy == healthy:
+            return False
+
+        def change(state: State) -> bool:
+            b = find(state)
+            if b is None or b.healthy == healthy:
+                return False
+            b.healthy = healthy
+            return True
+
+        return self._change(change)
+
+    # --- the whole configuration at once -------------------------------------------
+
+    def apply(self, text: str, dry_run: bool = False, source: str = "<file>") -> dict[str, Any]:
+        """Make the running state equal to a configuration file, as one change; or, with
+        dry_run, only say what that would do. An invalid file changes nothing."""
+        wanted = declarative.parse(text, source)
+
+        def change(state: State) -> dict[str, Any]:
+            old = copy.deepcopy(state)
+            declarative.merge(state, wanted, time.time())
+            return {"dry_run": dry_run, **declarative.plan(old, state, state.dataplane.config["ring_size"])}
+
+        if dry_run:
+            state = self.store.read()
+            self._require_attached(state)
+            return change(state)
+        return self._change(change)
+
+    def export(self) -> dict[str, Any]:
+        return {"yaml": declarative.to_yaml(declarative.config_of(self.store.read()))}
+
     # --- reading ---------------------------------------------------------------
 
     def list(self) -> dict[str, Any]:
@@ -234,6 +264,24 @@ class Controller:
                 for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
             ],
         }
+
+    def status(self) -> dict[str, Any]:
+        """Each backend's health, weight, whether new flows reach it, and its connections."""
+        state = self.store.read()
+        dp = self._require_attached(state)
+        with DataPlaneMaps.open(dp.pin_dir) as maps:
+            connections = maps.connections_per_backend()
+        vips = []
+        for v in sorted(state.vips, key=lambda v: v.vip.sort_key()):
+            backends = []
+            for b in v.active_backends():
+                health = ("unchecked" if not v.health.enabled else "up" if b.healthy else "down")
+                backends.append({"backend": str(b.address), "id": b.id, "weight": b.weight, "health": health,
+                                 "serving": b.serving, "connections": connections.get(b.id, 0)})
+            vips.append({"vip": str(v.vip), "mode": v.mode, "health_check": v.health.kind, "backends": backends})
+        return {"vips": vips,
+                "connections_note": "connections = connection-table entries, which include closed connections "
+                                    "the LRU table has not evicted yet"}
 
     def stats(self) -> dict[str, Any]:
         state = self.store.read()
@@ -298,6 +346,20 @@ class Controller:
                     Reconciler(maps, ring_size).apply(new, old)
             raise
 
+    def _change_backend(self, vip_text: str, backend_text: str,
+                        edit: Callable[[BackendState], dict[str, Any]]) -> dict[str, Any]:
+        """Run `edit` on an existing backend of a VIP, as one change."""
+        vip = VipAddress.parse(vip_text)
+        backend = BackendAddress.parse(backend_text, vip)
+
+        def change(state: State) -> dict[str, Any]:
+            b = state.require_vip(vip).backend(backend)
+            if b is None:
+                raise InputError(f"unknown backend {backend} in VIP {vip}")
+            return {"vip": str(vip), **edit(b)}
+
+        return self._change(change)
+
     def _require_attached(self, state: State) -> DataPlaneState:
         dp = state.dataplane
         if dp is None:
@@ -327,18 +389,3 @@ class Controller:
             return prog_id(fd)
         finally:
             os.close(fd)
-
-    @staticmethod
-    def _allocate_backend_id(state: State) -> int:
-        """The lowest free id; when all are taken, the one retired longest ago."""
-        limit = state.dataplane.config["max_backends"]
-        used = {b.id for v in state.vips for b in v.backends}
-        free = next((i for i in range(1, limit) if i not in used), None)
-        if free is not None:
-            return free
-        retired = [(b.retired_at, b.id, v) for v in state.vips for b in v.backends if not b.active]
-        if not retired:
-            raise InputError(f"backend limit reached ({limit - 1}); attach with a larger --max-backends")
-        _, bid, owner = min(retired, key=lambda r: r[0])
-        owner.backends = [b for b in owner.backends if b.id != bid]
-        return bid

@@ -14,8 +14,8 @@ import os
 import sqlite3
 from typing import Any, Iterator, Protocol
 
-from control.model import (BackendAddress, BackendState, DataPlaneState, Interface, State, VipAddress,
-                           VipState)
+from control.model import (BackendAddress, BackendState, DataPlaneState, HealthCheck, Interface, State,
+                           VipAddress, VipState)
 
 
 class Store(Protocol):
@@ -41,9 +41,10 @@ def state_to_doc(state: State) -> dict[str, Any]:
                 "mode": v.mode,
                 "hash": v.hash,
                 "acl": v.acl,
+                "health": vars(v.health),
                 "backends": [
                     {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
-                     "retired_at": b.retired_at}
+                     "retired_at": b.retired_at, "healthy": b.healthy}
                     for b in v.backends
                 ],
             }
@@ -59,10 +60,11 @@ def state_from_doc(doc: dict[str, Any]) -> State:
         vip = VipAddress.parse(v["vip"])
         backends = [
             BackendState(BackendAddress(ipaddress.ip_address(b["address"]), b["port"]), b["id"], b["weight"],
-                         b["retired_at"])
+                         b["retired_at"], b.get("healthy", True))
             for b in v["backends"]
         ]
-        vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow"), v.get("acl", {})))
+        health = HealthCheck(**v.get("health", {}))  # documents from before health checks have none
+        vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow"), v.get("acl", {}), health))
     dataplane = None
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],

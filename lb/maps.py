@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
 from lb import bpfsys
-from lb.structs import (AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, NextHop, ReplySource,
+from lb.structs import (FLOW_REPLY, AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, NextHop, ReplySource,
                         RouteKey, VipAddr, VipInfo, VipKey, VipMeta)
 
 U32 = ctypes.c_uint32
@@ -117,6 +119,19 @@ class BpfMap:
             out.extend(values[:n])  # ctypes gives plain ints for an array of scalars
         return out
 
+    def raw_values(self, chunk: int = 8192) -> Iterator[bytes]:
+        """The values of a hash map, a batch at a time, as packed bytes (no per-entry syscalls)."""
+        keys = (self.key_type * chunk)()
+        values = (self.value_type * chunk)()
+        cursor, first = U32(), True  # hash maps' batch cursor is a u32 bucket index
+        while True:
+            out_batch = U32()
+            got, done = bpfsys.map_lookup_batch(self.fd, keys, values, chunk, None if first else cursor, out_batch)
+            yield bytes(values)[:got * ctypes.sizeof(self.value_type)]
+            if done:
+                return
+            cursor, first = out_batch, False
+
 
 # Every map of bpf/maps.h: name -> (key type, value type).
 MAP_TYPES: dict[str, tuple[type, type]] = {
@@ -136,6 +151,10 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "backend_stats": (U32, LbCounters),
     "reason_stats": (U32, U64),
 }
+
+
+# backend_id, vip_id, flags of a FlowEntry (bpf/structs.h struct flow_entry), the rest skipped
+_FLOW_HEAD = struct.Struct(f"<IHH{ctypes.sizeof(FlowEntry) - 8}x")
 
 
 @dataclass
@@ -166,6 +185,14 @@ class DataPlaneMaps:
     def close(self) -> None:
         for m in self.maps.values():
             m.close()
+
+    def connections_per_backend(self) -> Counter[int]:
+        """Connection-table entries per backend id, one per flow (reply-keyed twins left out).
+        The table is an LRU hash: closed flows count until they are evicted."""
+        counts: Counter[int] = Counter()
+        for chunk in self.conn_table.raw_values():
+            counts.update(bid for bid, _, flags in _FLOW_HEAD.iter_unpack(chunk) if not flags & FLOW_REPLY)  # a shared backend's 2nd entry
+        return counts
 
     def __enter__(self) -> "DataPlaneMaps":
         return self

@@ -63,7 +63,8 @@ class Instance:
 
     @classmethod
     def current(cls) -> "Instance":
-        ino = os.stat("/proc/self/ns/net").st_ino
+        # thread-self: setns(2) moves one thread (netns/nsenter.py), /proc/self names the main one
+        ino = os.stat("/proc/thread-self/ns/net").st_ino
         try:
             names = sorted(os.listdir(NETNS_RUN_DIR))
         except FileNotFoundError:

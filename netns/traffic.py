@@ -51,23 +51,37 @@ class Servers:
     http_port: int = 8080
     udp_port: int = 5353
     _threads: list[threading.Thread] = field(default_factory=list)
-    _http: list[_HTTPServer] = field(default_factory=list)
+    _http: dict[str, _HTTPServer] = field(default_factory=dict)  # namespace -> its server
     _udp: list[socket.socket] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self, ns: str, name: str) -> None:
+        self.start_http(ns, name)
         with in_netns(ns):
-            server = _HTTPServer(("::", self.http_port), _NamedHandler)
             udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        server.name = name  # type: ignore[attr-defined]
         udp.bind(("::", self.udp_port))
         udp.settimeout(0.2)
-        self._http.append(server)
         self._udp.append(udp)
-        for target, args in ((server.serve_forever, (0.1,)), (self._udp_echo, (udp, name))):
-            t = threading.Thread(target=target, args=args, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._thread(self._udp_echo, udp, name)
+
+    def start_http(self, ns: str, name: str) -> None:
+        """Start (or start again) the HTTP server of namespace `ns`."""
+        with in_netns(ns):
+            server = _HTTPServer(("::", self.http_port), _NamedHandler)
+        server.name = name  # type: ignore[attr-defined]
+        self._http[ns] = server
+        self._thread(server.serve_forever, 0.1)
+
+    def stop_http(self, ns: str) -> None:
+        """Stop the HTTP server of namespace `ns`: new connections are refused."""
+        server = self._http.pop(ns)
+        server.shutdown()
+        server.server_close()
+
+    def _thread(self, target, *args) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def _udp_echo(self, sock: socket.socket, name: str) -> None:
         while not self._stop.is_set():
@@ -79,9 +93,8 @@ class Servers:
 
     def stop(self) -> None:
         self._stop.set()
-        for s in self._http:
-            s.shutdown()
-            s.server_close()
+        for ns in list(self._http):
+            self.stop_http(ns)
         for t in self._threads:
             t.join(timeout=5)
         for u in self._udp:

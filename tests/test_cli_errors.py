@@ -68,6 +68,13 @@ BAD_INPUT = [
     ("acl", "add", VIP, "198.18.0.0/24"),  # neither --allow nor --deny
     ("acl", "add", "198.19.0.9:80/tcp", "198.18.0.0/24", "--deny"),  # unknown VIP
     ("acl", "remove", VIP, "198.18.9.0/24"),  # no such rule
+    ("apply", "-f", "/nonexistent.yaml"),
+    ("apply", "--dry-run"),  # no file
+    ("drain", VIP, "198.18.3.2:8080"),  # unknown backend
+    ("drain", "198.19.0.9:80/tcp", BACKEND),  # unknown VIP
+    ("drain", VIP),
+    ("status", "--verbose"),
+    ("export", "extra"),
     ("test-packet", "zz"),
     ("test-packet", "0011223344"),  # shorter than an Ethernet header
     ("test-packet", "--pcap", "/nonexistent.pcap"),
@@ -88,6 +95,27 @@ def test_bad_input_is_refused_cleanly(configured, args):
     assert snapshot(configured) == before
 
 
+BAD_FILES = {
+    "empty": "",  # would remove every VIP: refused, "vips: []" says so on purpose
+    "syntax": "vips:\n  - vip: 198.19.0.1:80/tcp\n   mode: nat\n",
+    "unknown key": f"vips:\n  - vip: {VIP}\n    backends: [{BACKEND}]\n  - vip: 198.19.0.2:80/tcp\n    colour: red\n",
+    # valid, but more VIPs than the data plane holds: refused inside the transaction, rolled back
+    "too many VIPs": "vips:\n" + "".join(f"  - vip: 198.19.{i // 250}.{i % 250 + 1}:80/tcp\n" for i in range(257)),
+}
+
+
+@pytest.mark.parametrize("text", BAD_FILES.values(), ids=BAD_FILES.keys())
+@pytest.mark.parametrize("dry_run", [(), ("--dry-run",)], ids=["apply", "dry-run"])
+def test_a_bad_config_file_is_refused_cleanly(configured, tmp_path, text, dry_run):
+    path = tmp_path / "lb.yaml"
+    path.write_text(text)
+    before = snapshot(configured)
+    result = run_lbctl(configured.lb_ns, "apply", "-f", str(path), *dry_run, check=False)
+    assert result.returncode == 2, result
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert snapshot(configured) == before
+
+
 @pytest.fixture(scope="module")
 def bare_lab() -> Iterator[Lab]:
     with lab_with_lb(1, attach=False) as lab:
@@ -96,7 +124,7 @@ def bare_lab() -> Iterator[Lab]:
 
 @pytest.mark.parametrize("args", [
     ("add-vip", VIP), ("remove-vip", VIP), ("add-backend", VIP, BACKEND), ("remove-backend", VIP, BACKEND),
-    ("stats",), ("detach",),
+    ("stats",), ("detach",), ("drain", VIP, BACKEND), ("status",),
 ], ids=lambda a: a[0])
 def test_commands_need_an_attached_data_plane(bare_lab, args):
     result = run_lbctl(bare_lab.lb_ns, *args, check=False)

@@ -6,7 +6,8 @@ import ipaddress
 import pytest
 
 from control.errors import InputError
-from control.model import BackendAddress, VipAddress
+from control.model import BackendAddress, BackendState, VipAddress, VipState
+from control.reconcile import maglev_table
 
 
 @pytest.mark.parametrize("text, address, port, proto", [
@@ -51,3 +52,14 @@ def test_backend_without_port_keeps_the_vips_port():
     assert str(BackendAddress.parse("[2001:db8::2]:8080", vip)) == "[2001:db8::2]:8080"
     with pytest.raises(InputError, match="without /tcp"):
         BackendAddress.parse("10.0.1.2:8080/tcp", vip)
+
+
+def test_the_maglev_table_holds_only_active_healthy_weighted_backends():
+    vip = VipAddress.parse("10.0.0.1:80/tcp")
+    b = [BackendState(BackendAddress.parse(f"10.0.1.{i}", vip), i) for i in range(1, 6)]
+    b[1].healthy = False
+    b[2].weight = 0  # drained
+    b[3].retired_at = 1.0  # removed
+    v = VipState(vip, 0, backends=b)
+    assert [x.id for x in v.maglev_backends()] == [1, 5]
+    assert set(maglev_table(v, 251)) == {1, 5}

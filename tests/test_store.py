@@ -5,7 +5,7 @@ import multiprocessing
 
 import pytest
 
-from control.model import BackendAddress, BackendState, State, VipAddress, VipState
+from control.model import BackendAddress, BackendState, HealthCheck, State, VipAddress, VipState
 from control.store import SqliteStore, state_from_doc, state_to_doc
 
 
@@ -16,7 +16,17 @@ def _vip(text: str, vid: int) -> VipState:
 
 def test_state_round_trips_through_the_document():
     state = State(vips=[_vip("10.0.0.1:80/tcp", 0), _vip("[2001:db8::1]:53/udp", 1)])
+    state.vips[0].health = HealthCheck("http", 8081, "/healthz", 204, 0.5, 0.25, 1, 5)
+    state.vips[0].backends[0].healthy = False
     assert state_from_doc(state_to_doc(state)) == state
+
+
+def test_a_document_from_before_health_checks_loads_with_none():
+    doc = state_to_doc(State(vips=[_vip("10.0.0.1:80/tcp", 0)]))
+    del doc["vips"][0]["health"]
+    del doc["vips"][0]["backends"][0]["healthy"]
+    (v,) = state_from_doc(doc).vips
+    assert v.health == HealthCheck() and not v.health.enabled and v.backends[0].healthy
 
 
 def test_transaction_saves_on_success_and_drops_on_error(tmp_path):

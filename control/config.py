@@ -1,0 +1,349 @@
+"""The declarative configuration file (`lbctl apply -f lb.yaml`, `lbctl export`).
+
+parse() reads YAML into a Config, checking everything that needs no running
+state, and names the file's line of each mistake (from the nodes of
+yaml.compose, so a mistake points at the value that is wrong). merge() makes a
+State equal to a Config, keeping the ids of what stays (its flows go on).
+plan() says what a change adds, removes and changes, and how many Maglev slots
+of each VIP move. See examples/lb.yaml for the format."""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, NoReturn
+
+import yaml
+
+from control.errors import InputError
+from control.model import (CHECK_KINDS, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, HealthCheck, State,
+                           VipAddress, VipState, parse_prefix)
+from control.reconcile import slots_moved
+
+_DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s)?\s*$")
+_HTTP_ONLY = ("path", "expect_status")
+
+
+@dataclass
+class BackendSpec:
+    address: BackendAddress
+    weight: int = 1
+
+
+@dataclass
+class VipSpec:
+    vip: VipAddress
+    mode: str = "nat"
+    hash: str = "flow"
+    health: HealthCheck = field(default_factory=HealthCheck)
+    acl: dict[str, str] = field(default_factory=dict)
+    backends: list[BackendSpec] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    vips: list[VipSpec] = field(default_factory=list)
+
+
+# --- durations ------------------------------------------------------------------
+
+def parse_duration(text: str) -> float:
+    """Seconds from "2s", "500ms" or a bare number of seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration (as in 2s, 500ms or 1.5)")
+    n = float(m.group("n"))
+    return n / 1000 if m.group("unit") == "ms" else n
+
+
+def format_duration(seconds: float) -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+# --- reading the file -----------------------------------------------------------
+
+class _Reader:
+    """Walks the composed YAML nodes; every error names the line of the node at fault."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, node: yaml.Node, reason: str) -> NoReturn:
+        raise InputError(f"{self.source}:{node.start_mark.line + 1}: {reason}")
+
+    def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...],
+                required: tuple[str, ...] = ()) -> dict[str, yaml.Node]:
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, f"{what} must be a mapping of keys to values")
+        out: dict[str, yaml.Node] = {}
+        for key, value in node.value:
+            name = self.scalar(key, f"a key of {what}")
+            if name not in allowed:
+                self.fail(key, f"unknown key {name!r} in {what} (expected: {', '.join(allowed)})")
+            if name in out:
+                self.fail(key, f"{name!r} is given twice in {what}")
+            out[name] = value
+        for name in required:
+            if name not in out:
+                self.fail(node, f"{what} needs {name!r}")
+        return out
+
+    def scalar(self, node: yaml.Node, what: str) -> str:
+        if not isinstance(node, yaml.ScalarNode):
+            self.fail(node, f"{what} must be a single value")
+        return node.value
+
+    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, f"{what} must be a list")
+        return node.value
+
+    def integer(self, node: yaml.Node, what: str, low: int, high: int) -> int:
+        text = self.scalar(node, what).strip()
+        if not text.isdigit() or not low <= int(text) <= high:
+            self.fail(node, f"{what} must be a whole number {low}-{high}, got {text!r}")
+        return int(text)
+
+    def choice(self, node: yaml.Node, what: str, options: tuple[str, ...]) -> str:
+        text = self.scalar(node, what)
+        if text not in options:
+            self.fail(node, f"unknown {what} {text!r} (expected one of: {', '.join(options)})")
+        return text
+
+    def parsed(self, node: yaml.Node, what: str, parse):
+        """`parse` of the node's text, its InputError or ValueError pinned to the node's line."""
+        text = self.scalar(node, what)
+        try:
+            return parse(text)
+        except (InputError, ValueError) as e:
+            self.fail(node, f"{what}: {e}")
+
+    def config(self, root: yaml.Node | None) -> Config:
+        if root is None:  # most likely a mistake: applied, it would remove every VIP
+            raise InputError(f"{self.source}:1: the file is empty; to remove every VIP, write: vips: []")
+        top = self.mapping(root, "the file", ("vips",), ("vips",))
+        config = Config()
+        seen: dict[VipAddress, int] = {}
+        for item in self.sequence(top["vips"], "vips"):
+            spec = self.vip(item)
+            if spec.vip in seen:
+                self.fail(item, f"VIP {spec.vip} is listed twice (first on line {seen[spec.vip]})")
+            seen[spec.vip] = item.start_mark.line + 1
+            config.vips.append(spec)
+        return config
+
+    def vip(self, node: yaml.Node) -> VipSpec:
+        keys = self.mapping(node, "a VIP", ("vip", "mode", "hash", "health", "acl", "backends"), ("vip",))
+        spec = VipSpec(self.parsed(keys["vip"], "vip", VipAddress.parse))
+        if "mode" in keys:
+            spec.mode = self.choice(keys["mode"], "mode", MODES)
+        if "hash" in keys:
+            spec.hash = self.choice(keys["hash"], "hash", HASHES)
+        if "health" in keys:
+            spec.health = self.health(keys["health"], spec.vip)
+        if "acl" in keys:
+            spec.acl = self.acl(keys["acl"], spec.vip)
+        seen: dict[BackendAddress, int] = {}
+        for item in self.sequence(keys["backends"], "backends") if "backends" in keys else []:
+            backend = self.backend(item, spec.vip)
+            if backend.address in seen:
+                self.fail(item, f"backend {backend.address} is listed twice in VIP {spec.vip} "
+                                f"(first on line {seen[backend.address]})")
+            seen[backend.address] = item.start_mark.line + 1
+            spec.backends.append(backend)
+        if spec.health.enabled and spec.health.port is None and spec.vip.any_port:
+            self.fail(keys["health"], f"VIP {spec.vip} takes every port, so its backends have none to check: "
+                                      f"give the health check a port")
+        return spec
+
+    def backend(self, node: yaml.Node, vip: VipAddress) -> BackendSpec:
+        if isinstance(node, yaml.ScalarNode):  # shorthand: just the address, weight 1
+            keys = {"address": node}
+        else:
+            keys = self.mapping(node, "a backend", ("address", "weight"), ("address",))
+        address = self.parsed(keys["address"], "backend address", lambda t: BackendAddress.parse(t, vip))
+        if address.address.version != vip.address.version:
+            self.fail(keys["address"], f"backend {address} and VIP {vip} are of different IP versions")
+        weight = self.integer(keys["weight"], "weight", 0, MAX_WEIGHT) if "weight" in keys else 1
+        return BackendSpec(address, weight)
+
+    def health(self, node: yaml.Node, vip: VipAddress) -> HealthCheck:
+        names = tuple(f.name for f in fields(HealthCheck))
+        keys = self.mapping(node, "health", names, ("kind",))
+        kind = self.choice(keys["kind"], "health check kind", CHECK_KINDS)
+        if kind == "none":
+            return HealthCheck()  # nothing else matters: all "no check" configurations are equal
+        for name in _HTTP_ONLY:
+            if name in keys and kind != "http":
+                self.fail(keys[name], f"{name} applies to http checks only")
+        check = HealthCheck(kind)
+        if "port" in keys:
+            check.port = self.integer(keys["port"], "health check port", 1, 65535)
+        if "path" in keys:
+            check.path = self.scalar(keys["path"], "path")
+        if "expect_status" in keys:
+            check.expect_status = self.integer(keys["expect_status"], "expect_status", 100, 599)
+        for name in ("interval", "timeout"):
+            if name in keys:
+                setattr(check, name, self.parsed(keys[name], name, parse_duration))
+        for name in ("rise", "fall"):
+            if name in keys:
+                setattr(check, name, self.integer(keys[name], name, 1, 100))
+        for name, reason in check.problems():
+            self.fail(keys.get(name, node), reason)
+        return check
+
+    def acl(self, node: yaml.Node, vip: VipAddress) -> dict[str, str]:
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, "acl must map prefixes to allow or deny, as in {192.0.2.0/24: deny}")
+        rules: dict[str, str] = {}
+        for key, value in node.value:
+            prefix = self.parsed(key, "acl prefix", parse_prefix)
+            if prefix.version != vip.address.version:
+                self.fail(key, f"prefix {prefix} and VIP {vip} are of different IP versions")
+            if str(prefix) in rules:
+                self.fail(key, f"VIP {vip} has two rules for {prefix}")
+            rules[str(prefix)] = self.choice(value, "acl action", ("allow", "deny"))
+        return rules
+
+
+def parse(text: str, source: str = "<file>") -> Config:
+    """A Config from YAML text; InputError("FILE:LINE: reason") for the first mistake."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise InputError(f"{source}{line}: not valid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"{source}: not valid YAML: {e}") from None
+    return _Reader(source).config(root)
+
+
+# --- state <-> file -------------------------------------------------------------
+
+def config_of(state: State) -> Config:
+    """The Config a State answers to (retired backends and health status are not configuration)."""
+    return Config([
+        VipSpec(v.vip, v.mode, v.hash, copy.deepcopy(v.health), dict(v.acl),
+                [BackendSpec(b.address, b.weight) for b in sorted(v.active_backends(), key=lambda b: b.id)])
+        for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
+    ])
+
+
+def _health_doc(check: HealthCheck) -> dict[str, Any]:
+    doc: dict[str, Any] = {"kind": check.kind}
+    if check.port is not None:
+        doc["port"] = check.port
+    if check.kind == "http":
+        doc.update(path=check.path, expect_status=check.expect_status)
+    doc.update(interval=format_duration(check.interval), timeout=format_duration(check.timeout),
+               rise=check.rise, fall=check.fall)
+    return doc
+
+
+def to_yaml(config: Config) -> str:
+    vips = []
+    for v in config.vips:
+        doc: dict[str, Any] = {"vip": str(v.vip), "mode": v.mode, "hash": v.hash}
+        if v.health.enabled:
+            doc["health"] = _health_doc(v.health)
+        if v.acl:
+            doc["acl"] = dict(v.acl)
+        doc["backends"] = [{"address": str(b.address), "weight": b.weight} for b in v.backends]
+        vips.append(doc)
+    header = "# lb configuration: lbctl apply -f FILE makes the running state equal to this file\n"
+    return header + yaml.safe_dump({"vips": vips}, sort_keys=False, default_flow_style=False)
+
+
+def merge(state: State, config: Config, now: float) -> None:
+    """Make `state` what `config` describes. What stays keeps its id (its flows go on); removed
+    backends are retired as `lbctl remove-backend` does, removed VIPs go with their backends."""
+    wanted = {spec.vip for spec in config.vips}
+    removed_ids = {v.id for v in state.vips if v.vip not in wanted}
+    state.vips = [v for v in state.vips if v.vip in wanted]
+    for spec in config.vips:
+        v = state.vip(spec.vip)
+        if v is None:
+            v = VipState(spec.vip, state.allocate_vip_id(removed_ids))
+            state.vips.append(v)
+        v.mode, v.hash, v.acl = spec.mode, spec.hash, dict(spec.acl)
+        if v.health != spec.health:
+            v.health = copy.deepcopy(spec.health)
+            for b in v.backends:  # a new check starts from healthy; no check means no verdict
+                b.healthy = True
+        kept = {b.address for b in spec.backends}
+        for b in v.active_backends():
+            if b.address not in kept:
+                b.retired_at = now
+        for bs in spec.backends:
+            b = v.backend(bs.address)
+            if b is None:
+                b = next((r for r in v.backends if r.address == bs.address), None)
+                if b is not None:  # back again: its established flows keep their id
+                    b.retired_at, b.healthy = None, True
+                else:
+                    b = BackendState(bs.address, state.allocate_backend_id())
+                    v.backends.append(b)
+            b.weight = bs.weight
+
+
+# --- plans ----------------------------------------------------------------------
+
+def _describe_health(check: HealthCheck) -> str:
+    if not check.enabled:
+        return "none"
+    what = f"http GET {check.path} expecting {check.expect_status}" if check.kind == "http" else "tcp connect"
+    port = f" on port {check.port}" if check.port else ""
+    return (f"{what}{port} every {format_duration(check.interval)} (timeout {format_duration(check.timeout)}, "
+            f"rise {check.rise}, fall {check.fall})")
+
+
+def _vip_changes(old: VipState, new: VipState) -> list[str]:
+    changes = []
+    for name in ("mode", "hash"):
+        if getattr(old, name) != getattr(new, name):
+            changes.append(f"{name}: {getattr(old, name)} -> {getattr(new, name)}")
+    if old.health != new.health:
+        changes.append(f"health: {_describe_health(old.health)} -> {_describe_health(new.health)}")
+    for prefix in sorted(old.acl.keys() | new.acl.keys()):
+        was, now = old.acl.get(prefix), new.acl.get(prefix)
+        if was != now:
+            changes.append(f"acl {prefix}: {was or '(none)'} -> {now or '(none)'}")
+    return changes
+
+
+def _backend_changes(old: VipState, new: VipState) -> dict[str, list]:
+    before = {str(b.address): b.weight for b in old.active_backends()}
+    after = {str(b.address): b.weight for b in new.active_backends()}
+    return {
+        "added": [{"backend": a, "weight": after[a]} for a in after if a not in before],
+        "removed": [a for a in before if a not in after],
+        "weights": [{"backend": a, "from": before[a], "to": after[a]}
+                    for a in after if a in before and before[a] != after[a]],
+    }
+
+
+def plan(old: State, new: State, ring_size: int) -> dict[str, Any]:
+    """What turning `old` into `new` does; JSON-able. `share_moved` is the share of a VIP's
+    Maglev slots (so of its new flows) that land on a different backend afterwards; with
+    `rehash` (the hash input changes) flows are placed anew whatever the slots do."""
+    olds = {v.vip: v for v in old.vips}
+    news = {v.vip: v for v in new.vips}
+    added = [{"vip": str(v.vip), "mode": v.mode, "hash": v.hash, "backends": len(v.active_backends())}
+             for vip, v in sorted(news.items(), key=lambda i: i[0].sort_key()) if vip not in olds]
+    removed = [str(vip) for vip in sorted(olds, key=VipAddress.sort_key) if vip not in news]
+    changed = []
+    for vip in sorted(olds.keys() & news.keys(), key=VipAddress.sort_key):
+        o, n = olds[vip], news[vip]
+        settings, backends = _vip_changes(o, n), _backend_changes(o, n)
+        moved = slots_moved(o, n, ring_size)
+        if settings or any(backends.values()) or moved:
+            # a new hash input sends a flow to another slot, whether or not the slots change
+            changed.append({"vip": str(vip), "settings": settings, "backends": backends,
+                            "slots_moved": moved, "share_moved": moved / ring_size, "rehash": o.hash != n.hash})
+    return {"added": added, "removed": removed, "changed": changed,
+            "empty": not (added or removed or changed)}

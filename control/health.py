@@ -1,0 +1,267 @@
+"""Health checks of backends: TCP connect or HTTP GET, per each VIP's HealthCheck.
+
+HealthMonitor.run() reads the desired state from the store, runs each backend's
+check every `interval` on a small thread pool (so one slow backend delays no
+other; each check is bounded by its `timeout`), counts successes and failures
+in a row, and records a verdict through Controller.set_health after `rise`
+successes or `fall` failures. An unhealthy backend leaves the Maglev table: its
+established flows stay in the connection table and go on; only new flows move.
+
+Sockets belong to the network namespace of the thread that made them: run the
+monitor on a thread inside the LB's namespace (the pool's threads are created
+from it and inherit its namespace)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from control.model import BackendState, HealthCheck, State, VipState
+
+if TYPE_CHECKING:
+    from control.service import Controller
+
+log = logging.getLogger("lb.health")
+
+# SO_MARK of a check's socket in dsr/tunnel modes: this base plus the backend id.
+HEALTH_MARK_BASE = 0x4C000000
+_MAX_STATUS_LINE = 1024
+
+
+def backend_mark(backend_id: int) -> int:
+    """The SO_MARK that names the backend a check is for.
+
+    TODO(dsr/tunnel): the TC egress program (bpf/, being written by the dsr/tunnel work) must
+    match this mark on packets from the LB host to a VIP address and steer them to backend
+    `backend_id` as it steers the VIP's traffic, so the check reaches the backend through the
+    VIP address it serves. Keep this function and that program in step."""
+    return HEALTH_MARK_BASE | backend_id
+
+
+@dataclass(frozen=True)
+class Target:
+    """One backend of one VIP, and how to check it."""
+
+    vip_id: int
+    backend_id: int
+    vip: str
+    backend: str
+    host: str  # where the check connects
+    port: int
+    mark: int | None  # SO_MARK for the socket, None for none
+    kind: str
+    path: str
+    expect_status: int
+    timeout: float
+
+    @classmethod
+    def of(cls, v: VipState, b: BackendState) -> "Target":
+        check = v.health
+        if v.mode == "nat":  # the backend answers on its own address
+            host, port, mark = str(b.address.address), check.port or b.address.port, None
+        else:  # dsr/tunnel: the backend answers only for the VIP's address; see backend_mark
+            host, port, mark = str(v.vip.address), check.port or v.vip.port, backend_mark(b.id)
+        return cls(v.id, b.id, str(v.vip), str(b.address), host, port, mark, check.kind, check.path,
+                   check.expect_status, check.timeout)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    ok: bool
+    duration: float  # seconds
+    error: str = ""
+
+
+def _connect(t: Target, deadline: float) -> socket.socket:
+    family = socket.AF_INET6 if ":" in t.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if t.mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, t.mark)
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.connect((t.host, t.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _http_status(sock: socket.socket, t: Target, deadline: float) -> int:
+    host = f"[{t.host}]" if ":" in t.host else t.host
+    sock.sendall(f"GET {t.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health\r\n"
+                 f"Connection: close\r\n\r\n".encode())
+    data = b""
+    while b"\r\n" not in data and len(data) < _MAX_STATUS_LINE:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = sock.recv(_MAX_STATUS_LINE)
+        if not chunk:
+            break
+        data += chunk
+    parts = data.split(b"\r\n", 1)[0].split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP answer: {data[:60]!r}")
+    return int(parts[1])
+
+
+def run_check(t: Target) -> CheckResult:
+    """One check, bounded by the target's timeout."""
+    start = time.monotonic()
+    deadline = start + t.timeout
+    try:
+        with _connect(t, deadline) as sock:
+            if t.kind == "http":
+                status = _http_status(sock, t, deadline)
+                if status != t.expect_status:
+                    return CheckResult(False, time.monotonic() - start, f"HTTP {status}, expected {t.expect_status}")
+        return CheckResult(True, time.monotonic() - start)
+    except Exception as e:  # noqa: BLE001 (whatever goes wrong, the check failed; the monitor goes on)
+        return CheckResult(False, time.monotonic() - start, str(e) or type(e).__name__)
+
+
+@dataclass
+class _Tracker:
+    """What the monitor knows of one target: its schedule and its run of results."""
+
+    target: Target
+    check: HealthCheck
+    healthy: bool
+    next_due: float
+    successes: int = 0
+    failures: int = 0
+    in_flight: Future | None = None
+    last: CheckResult | None = None
+
+    def record(self, result: CheckResult) -> bool | None:
+        """Count a result; the new verdict when rise/fall is reached, else None."""
+        self.last = result
+        if result.ok:
+            self.successes, self.failures = self.successes + 1, 0
+            if not self.healthy and self.successes >= self.check.rise:
+                return True
+        else:
+            self.successes, self.failures = 0, self.failures + 1
+            if self.healthy and self.failures >= self.check.fall:
+                return False
+        return None
+
+
+class HealthMonitor:
+    """Runs every backend's health check and records the verdicts; see the module's doc."""
+
+    def __init__(self, controller_factory: Callable[[], "Controller"], max_workers: int = 32,
+                 refresh: float = 1.0, on_check: Callable[[Target, CheckResult], None] | None = None):
+        self.controller_factory = controller_factory
+        self.max_workers = max_workers
+        self.refresh = refresh  # seconds between reads of the desired state
+        self.on_check = on_check  # e.g. metrics: called after every check
+        self._trackers: dict[tuple, _Tracker] = {}
+        self._lock = threading.Lock()
+
+    def timings(self) -> dict[str, dict[str, object]]:
+        """The last result of each target, keyed "VIP BACKEND": ok, duration (s), error."""
+        with self._lock:
+            return {f"{t.target.vip} {t.target.backend}": dataclasses.asdict(t.last)
+                    for t in self._trackers.values() if t.last is not None}
+
+    def run(self, stop: threading.Event) -> None:
+        """Check until `stop` is set."""
+        ctl = self.controller_factory()
+        next_refresh = 0.0
+        with ThreadPoolExecutor(self.max_workers, thread_name_prefix="lb-health") as pool:
+            try:
+                while not stop.is_set():
+                    now = time.monotonic()
+                    if now >= next_refresh:
+                        next_refresh = now + self.refresh
+                        try:
+                            self._sync(ctl.store.read(), now)
+                        except Exception as e:  # noqa: BLE001 (keep checking what is known; retry)
+                            log.error("cannot read the desired state: %s", e)
+                    self._collect(ctl)
+                    wake = self._submit(pool, now)
+                    stop.wait(max(0.01, min(wake, next_refresh) - time.monotonic()))
+            finally:
+                for t in self._trackers.values():
+                    if t.in_flight is not None:
+                        t.in_flight.cancel()
+
+    def _sync(self, state: State, now: float) -> None:
+        """Follow the desired state: new targets start at once, gone ones are dropped, and a
+        verdict changed elsewhere (apply, a second monitor) is taken over."""
+        wanted: dict[tuple, tuple[Target, HealthCheck, bool]] = {}
+        for v in state.vips:
+            if not v.health.enabled:
+                continue
+            for b in v.active_backends():
+                target = Target.of(v, b)
+                wanted[(target, dataclasses.astuple(v.health))] = (target, v.health, b.healthy)
+        with self._lock:
+            for key in self._trackers.keys() - wanted.keys():
+                del self._trackers[key]
+            for key, (target, check, healthy) in wanted.items():
+                tracker = self._trackers.get(key)
+                if tracker is None:
+                    self._trackers[key] = _Tracker(target, check, healthy, now)
+                elif tracker.healthy != healthy:
+                    tracker.healthy, tracker.successes, tracker.failures = healthy, 0, 0
+
+    def _submit(self, pool: ThreadPoolExecutor, now: float) -> float:
+        """Start the checks that are due; returns when the next one is."""
+        wake = now + self.refresh
+        for t in list(self._trackers.values()):
+            if t.in_flight is None and t.next_due <= now:
+                t.in_flight = pool.submit(run_check, t.target)
+                t.next_due = max(t.next_due + t.check.interval, now)
+            wake = min(wake, t.next_due)
+        return wake
+
+    def _collect(self, ctl: "Controller") -> None:
+        """Count finished checks and record any verdict that changes."""
+        for t in list(self._trackers.values()):
+            if t.in_flight is None or not t.in_flight.done():
+                continue
+            result, t.in_flight = t.in_flight.result(), None
+            with self._lock:
+                verdict = t.record(result)
+            if self.on_check is not None:
+                self.on_check(t.target, result)
+            if verdict is None:
+                continue
+            try:
+                ctl.set_health(t.target.vip_id, t.target.backend_id, verdict)
+            except Exception as e:  # noqa: BLE001 (a failed write must not stop the checks)
+                log.error("cannot record %s %s as %s: %s", t.target.vip, t.target.backend,
+                          "up" if verdict else "down", e)
+                continue
+            t.healthy, t.successes, t.failures = verdict, 0, 0
+            log.warning("backend %s of %s is %s (%s)", t.target.backend, t.target.vip,
+                        "up" if verdict else "down", result.error or "check passed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the monitor alone in this network namespace until SIGINT or SIGTERM
+    (`ip netns exec NS python -m control.health`); the daemon runs the same on a thread."""
+    import argparse
+    import os
+    import signal
+
+    from control.service import Controller
+
+    parser = argparse.ArgumentParser(prog="python -m control.health", description=main.__doc__)
+    parser.add_argument("--state", default=os.environ.get("LBCTL_STATE"), help="desired-state file, as for lbctl")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    HealthMonitor(lambda: Controller.open(args.state)).run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Health checks and draining through the lab: a backend whose server stops is taken out of
+the Maglev table within interval x fall + 1 s and comes back after `rise` successes; a
+drained backend keeps its established connections while new ones go elsewhere."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from control.health import CheckResult, HealthMonitor, Target, _Tracker
+from control.model import HealthCheck
+from control.service import Controller
+from control.store import SqliteStore
+from netns.lbctl import STATE_DIR
+from netns.nsenter import in_netns, socket_in
+from netns.traffic import NetnsHTTPConnection, http_get, wait_for
+from tests.conftest import backend_name, lbctl
+
+INTERVAL, TIMEOUT, RISE, FALL = 0.5, 0.3, 2, 2
+
+
+def test_rise_and_fall_need_that_many_results_in_a_row():
+    target = Target(0, 1, "v", "b", "198.18.1.2", 80, None, "tcp", "/", 200, 1.0)
+    t = _Tracker(target, HealthCheck("tcp", rise=2, fall=3), healthy=True, next_due=0.0)
+    ok, bad = CheckResult(True, 0.0), CheckResult(False, 0.0, "refused")
+    assert [t.record(r) for r in (bad, bad, ok, bad, bad)] == [None] * 5  # never 3 failures in a row
+    assert t.record(bad) is False
+    t.healthy = False
+    assert [t.record(r) for r in (ok, bad, ok)] == [None] * 3
+    assert t.record(ok) is True
+
+
+@pytest.fixture
+def monitor(lab) -> Iterator[HealthMonitor]:
+    """A HealthMonitor on a thread inside the LB's namespace, as the daemon runs it."""
+    monitor = HealthMonitor(Controller.open, refresh=0.2)
+    stop = threading.Event()
+
+    def run() -> None:
+        with in_netns(lab.lb_ns):
+            monitor.run(stop)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield monitor
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def health_config(lab, vip: str) -> str:
+    backends = "".join(f"      - {b.address}:8080\n" for b in lab.backends)
+    return (f"vips:\n  - vip: {vip}\n    health: {{kind: http, path: /, expect_status: 200, "
+            f"interval: {int(INTERVAL * 1000)}ms, timeout: {int(TIMEOUT * 1000)}ms, rise: {RISE}, fall: {FALL}}}\n"
+            f"    backends:\n{backends}")
+
+
+def stored_health(lab, backend: str) -> bool:
+    state = SqliteStore(str(Path(STATE_DIR) / f"{lab.lb_ns}.db")).read()
+    return next(b.healthy for v in state.vips for b in v.active_backends() if str(b.address) == backend)
+
+
+def status_of(lab, backend: str) -> dict:
+    status = lbctl(lab)("status", "--json").json()
+    return next(b for v in status["vips"] for b in v["backends"] if b["backend"] == backend)
+
+
+def test_a_failed_backend_leaves_and_returns(lab, servers, monitor, tmp_path):
+    run = lbctl(lab)
+    vip = f"{lab.vip(1)}:80/tcp"
+    path = tmp_path / "lb.yaml"
+    path.write_text(health_config(lab, vip))
+    run("apply", "-f", str(path))
+    failing = lab.backends[0]
+    name, endpoint = backend_name(failing.ns), f"{failing.address}:8080"
+    try:
+        wait_for(lambda: len(monitor.timings()) == 3 and all(r["ok"] for r in monitor.timings().values()),
+                 timeout=10, what="first passing checks of all backends")
+        assert status_of(lab, endpoint)["health"] == "up"
+
+        servers.stop_http(failing.ns)
+        stopped = time.monotonic()
+        wait_for(lambda: not stored_health(lab, endpoint), timeout=10, interval=0.02, what="backend marked down")
+        assert time.monotonic() - stopped <= INTERVAL * FALL + 1.0
+        status = status_of(lab, endpoint)
+        assert (status["health"], status["weight"], status["serving"]) == ("down", 1, False)
+        served = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(30))  # none refused
+        assert name not in served and set(served) == {backend_name(b.ns) for b in lab.backends[1:]}
+
+        servers.start_http(failing.ns, name)
+        wait_for(lambda: stored_health(lab, endpoint), timeout=INTERVAL * RISE + 5, interval=0.02,
+                 what="backend marked up again")
+        served = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(60))
+        assert set(served) == {backend_name(b.ns) for b in lab.backends}
+    finally:
+        if failing.ns not in servers._http:
+            servers.start_http(failing.ns, name)
+        run("remove-vip", vip)
+
+
+def test_drain_keeps_established_connections_and_sends_new_ones_elsewhere(lab, servers):
+    run = lbctl(lab)
+    vip = f"{lab.vip(2)}:80/tcp"
+    run("add-vip", vip)
+    for b in lab.backends:
+        run("add-backend", vip, f"{b.address}:8080")
+    drained = lab.backends[0]
+    endpoint = f"{drained.address}:8080"
+    conns = [NetnsHTTPConnection(lab.client.ns, str(lab.vip(2)), 80) for _ in range(30)]
+    try:
+        first = [c.get_text() for c in conns]
+        on_drained = first.count(backend_name(drained.ns))
+        assert on_drained > 0
+        out = run("drain", vip, endpoint).stdout
+        assert "drained backend" in out and "weight 1 -> 0" in out
+
+        assert [c.get_text() for c in conns] == first  # same connection, same backend
+        fresh = Counter(http_get(lab.client.ns, str(lab.vip(2)), 80) for _ in range(60))
+        assert backend_name(drained.ns) not in fresh
+        assert set(fresh) == {backend_name(b.ns) for b in lab.backends[1:]}
+
+        status = status_of(lab, endpoint)
+        assert (status["weight"], status["serving"], status["health"]) == (0, False, "unchecked")
+        assert status["connections"] >= on_drained  # entries: closed ones may still be counted
+        text = run("status").stdout
+        assert endpoint in text and "connection-table entries" in text
+    finally:
+        for c in conns:
+            c.close()
+        run("remove-vip", vip)
+
+
+def test_the_monitor_runs_alone_and_a_wrong_http_status_fails_the_check(lab, servers, tmp_path):
+    """`python -m control.health` in the LB's namespace; servers answer 200 where 204 is expected."""
+    run = lbctl(lab)
+    vip = f"{lab.vip(3)}:80/tcp"
+    path = tmp_path / "lb.yaml"
+    path.write_text(health_config(lab, vip).replace("expect_status: 200", "expect_status: 204"))
+    run("apply", "-f", str(path))
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.lb_ns, sys.executable, "-m", "control.health"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        endpoints = [f"{b.address}:8080" for b in lab.backends]
+        wait_for(lambda: not any(stored_health(lab, e) for e in endpoints), timeout=INTERVAL * FALL + 5,
+                 what="every backend marked down")
+        assert {status_of(lab, e)["health"] for e in endpoints} == {"down"}
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+        run("remove-vip", vip)
+    assert proc.returncode == 0, err
+    assert "HTTP 200, expected 204" in err
+
+
+def test_a_backend_marked_down_keeps_its_established_connections(lab, servers, monitor, tmp_path):
+    """The check (a TCP connect to port 9999) fails while the HTTP server still answers: the
+    connections it has go on, new ones go elsewhere."""
+    run = lbctl(lab)
+    vip = f"{lab.vip(4)}:80/tcp"
+    listeners = {b.ns: socket_in(b.ns) for b in lab.backends}
+    for sock in listeners.values():
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", 9999))
+        sock.listen(16)
+    path = tmp_path / "lb.yaml"
+    path.write_text(health_config(lab, vip).replace("{kind: http, path: /, expect_status: 200,",
+                                                    "{kind: tcp, port: 9999,"))
+    run("apply", "-f", str(path))
+    failing = lab.backends[0]
+    endpoint = f"{failing.address}:8080"
+    conns = [NetnsHTTPConnection(lab.client.ns, str(lab.vip(4)), 80) for _ in range(30)]
+    try:
+        first = [c.get_text() for c in conns]
+        assert backend_name(failing.ns) in first
+        listeners.pop(failing.ns).close()
+        wait_for(lambda: not stored_health(lab, endpoint), timeout=INTERVAL * FALL + 5, what="backend marked down")
+
+        assert [c.get_text() for c in conns] == first  # same connection, same backend
+        fresh = Counter(http_get(lab.client.ns, str(lab.vip(4)), 80) for _ in range(30))
+        assert set(fresh) == {backend_name(b.ns) for b in lab.backends[1:]}
+    finally:
+        for c in conns:
+            c.close()
+        for sock in listeners.values():
+            sock.close()
+        run("remove-vip", vip)
