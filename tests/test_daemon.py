@@ -101,6 +101,25 @@ def test_lbctl_goes_through_the_daemon_and_concurrent_commands_all_apply(lab: La
     assert not [e for e in daemon.events("command") if e["command"] == "remove-vip"]
 
 
+def test_apply_export_drain_and_status_go_through_the_daemon(lab: Lab, daemon: DaemonProcess, tmp_path):
+    vip, backend = f"{lab.vip(6)}:80/tcp", f"{lab.backends[0].address}:8080"
+    config = tmp_path / "lb.yaml"  # read by lbctl, not by the daemon: only its text crosses the socket
+    config.write_text(f"vips:\n  - vip: {vip}\n    backends:\n      - {backend}\n")
+    planned = run_lbctl(lab.lb_ns, "apply", "-f", str(config), "--dry-run", "--json").json()
+    assert vip not in {v["vip"] for v in run_lbctl(lab.lb_ns, "list", "--json").json()["vips"]}
+    run_lbctl(lab.lb_ns, "apply", "-f", str(config))
+    run_lbctl(lab.lb_ns, "drain", vip, backend)
+    status = run_lbctl(lab.lb_ns, "status", "--json").json()
+    exported = run_lbctl(lab.lb_ns, "export").stdout
+    served = [e["command"] for e in daemon.events("command")]
+    assert served[-6:] == ["apply", "list", "apply", "drain", "status", "export"]
+    assert [e["params"]["dry_run"] for e in daemon.events("command") if e["command"] == "apply"][-2:] == [True, False]
+    assert planned and vip in exported
+    drained = [b for v in status["vips"] if v["vip"] == vip for b in v["backends"]]
+    assert [b["weight"] for b in drained] == [0]
+    run_lbctl(lab.lb_ns, "remove-vip", vip)
+
+
 def test_attach_and_detach_go_through_the_daemon(lab: Lab, daemon: DaemonProcess):
     run_lbctl(lab.lb_ns, "detach")
     assert program_ids(lab) == {0}
