@@ -157,6 +157,7 @@ class Controller:
 
         def change(state: State) -> dict[str, Any]:
             v = state.require_vip(vip)
+            v.check_backend(backend)
             if v.backend(backend) is not None:
                 raise InputError(f"backend {backend} already exists in VIP {vip}")
             retired = next((b for b in v.backends if b.address == backend), None)
