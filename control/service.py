@@ -18,7 +18,7 @@ from control.errors import InputError, LbError
 from control.model import (HASHES, MODES, BackendAddress, format_endpoint, BackendState, DataPlaneState, Interface, State, VipAddress,
                            VipState)
 from control.reconcile import Reconciler
-from control.routes import sync_routes
+from control.routes import solicit_neighbour, sync_routes
 from control.store import SqliteStore, Store
 from lb import loader
 from lb.bpfsys import prog_id
@@ -163,12 +163,15 @@ class Controller:
             retired = next((b for b in v.backends if b.address == backend), None)
             if retired is not None:  # back again: its established flows keep their id
                 retired.retired_at, retired.weight = None, weight
-                return {"vip": str(vip), "backend": str(backend), "id": retired.id, "weight": weight}
+                return {"vip": str(vip), "backend": str(backend), "id": retired.id, "weight": weight, "mode": v.mode}
             bid = self._allocate_backend_id(state)
             v.backends.append(BackendState(backend, bid, weight))
-            return {"vip": str(vip), "backend": str(backend), "id": bid, "weight": weight}
+            return {"vip": str(vip), "backend": str(backend), "id": bid, "weight": weight, "mode": v.mode}
 
-        return self._change(change)
+        result = self._change(change)
+        if result.get("mode") == "dsr":
+            solicit_neighbour(backend.address)
+        return result
 
     def remove_backend(self, vip_text: str, backend_text: str) -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)

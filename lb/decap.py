@@ -16,7 +16,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from lb import bpfsys
-from lb.loader import BPF_DIR, XDP_FLAGS_DRV_MODE, LoadError
+from lb.loader import BPF_DIR, XDP_FLAGS_DRV_MODE, LoadError, attached_prog_id
 from lb.maps import U32, U64, BpfMap
 from lb.pins import Instance, stable_bpffs
 from lb.structs import LbAddr
@@ -116,6 +116,9 @@ def attach(ifname: str, hook: str = "xdp") -> dict:
 
 
 def _attach_xdp(ipr: IPRoute, ifindex: int, ifname: str, fd: int) -> None:
+    other = attached_prog_id(ifindex)
+    if other:  # never replace someone else's program (the load balancer's, say)
+        raise DecapError(f"{ifname}: another XDP program (id {other}) is attached; detach it first or use --hook tc")
     try:
         ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]})
     except NetlinkError as e:
@@ -139,19 +142,28 @@ def detach(ifname: str) -> dict:
     hook = attached_interfaces(directory).get(ifname)
     if hook is None:
         raise DecapError(f"{ifname}: decapsulation is not attached (see: lbctl decap stats)")
+    marker = _marker(directory, hook, ifname)
     with IPRoute() as ipr:
         ifindex = ipr.link_lookup(ifname=ifname)
-        if ifindex and hook == "xdp":
+        if ifindex and hook == "xdp" and attached_prog_id(ifindex[0]) == _pinned_prog_id(marker):
             ipr.link("set", index=ifindex[0], xdp={"attrs": [("IFLA_XDP_FD", -1),
                                                              ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]})
         elif ifindex:
             ipr.tc("del-filter", "bpf", index=ifindex[0], handle=TC_HANDLE, prio=TC_PRIO, parent=TC_INGRESS)
-    os.unlink(_marker(directory, hook, ifname))
+    os.unlink(marker)
     if not attached_interfaces(directory):  # the last one: counters and addresses go too
         for name in os.listdir(directory):
             os.unlink(os.path.join(directory, name))
         os.rmdir(directory)
     return {"interface": ifname, "hook": hook}
+
+
+def _pinned_prog_id(path: str) -> int:
+    fd = bpfsys.obj_get(path)
+    try:
+        return bpfsys.prog_id(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass

@@ -159,6 +159,14 @@ class Lab:
             ipr.addr("add", index=lo, address=str(address), prefixlen=plen,
                      **({} if address.version == 4 else {"flags": IFA_F_NODAD}))
 
+    @staticmethod
+    def remove_pass_program(host: Host) -> None:
+        """Take the lab's XDP_PASS program off a host's link, to make room for another (lbctl decap attach).
+        Frames the LB redirects still arrive: GRO stays on."""
+        with netlink_in(host.ns) as ipr:
+            idx = ipr.link_lookup(ifname=host.ifname)[0]
+            ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", XDP_DRV_MODE)]})
+
     def _add_ns(self, name: str) -> None:
         netns.create(name)
         self.namespaces.append(name)

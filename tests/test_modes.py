@@ -6,6 +6,7 @@ Backend b1 decapsulates with XDP, b2 with the TC fallback."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Callable, Iterator
 
 import pytest
@@ -15,7 +16,8 @@ from scapy.layers.l2 import Ether
 
 from netns.packets import capture
 from netns.topology import Lab
-from netns.traffic import NetnsHTTPConnection, Servers
+from netns.nsenter import netlink_in
+from netns.traffic import NetnsHTTPConnection, Servers, http_get, wait_for
 from tests.conftest import backend_name, lab_with_lb, run_lbctl
 
 PORT = 8080  # dsr and tunnel backends listen on the VIP's own port
@@ -29,6 +31,8 @@ def lab() -> Iterator[Lab]:
         lab.resolve_neighbours()
         try:
             for b in lab.backends:
+                if HOOKS[backend_name(b.ns)] == "xdp":
+                    lab.remove_pass_program(b)
                 run_lbctl(b.ns, "decap", "attach", "eth0", "--hook", HOOKS[backend_name(b.ns)])
             yield lab
         finally:
@@ -158,3 +162,36 @@ def test_decap_stats_show_hooks(lab: Lab):
     listed = run_lbctl(lab.backends[1].ns, "decap", "stats").stdout
     assert "eth0 (tc)" in listed
     assert run_lbctl(lab.backends[0].ns, "decap", "stats", "--json").json()["interfaces"] == {"eth0": "xdp"}
+
+
+def test_decap_refuses_to_replace_another_xdp_program(lab: Lab):
+    """b2's link carries the lab's own XDP program (its decapsulation is on TC): XDP decap must not replace it."""
+    b2 = lab.backends[1]
+    run_lbctl(b2.ns, "decap", "detach", "eth0")
+    try:
+        result = run_lbctl(b2.ns, "decap", "attach", "eth0", check=False)
+        assert result.returncode == 2 and "another XDP program" in result.stderr
+    finally:
+        run_lbctl(b2.ns, "decap", "attach", "eth0", "--hook", "tc")
+
+
+def test_dsr_backend_is_resolved_when_added(lab: Lab, servers: Servers):
+    """A DSR packet to an unresolved next hop cannot be forwarded by the kernel (it is addressed to the
+    VIP), so add-backend has the kernel resolve the backend's MAC at once."""
+    b1, address = lab.backends[0], lab.vip6(22)
+    vip = endpoint(address)
+    with netlink_in(lab.lb_ns) as ipr:
+        ipr.neigh("del", dst=str(b1.address6), ifindex=ipr.link_lookup(ifname=b1.lb_ifname)[0],
+                  family=socket.AF_INET6)
+    run_lbctl(lab.lb_ns, "add-vip", vip, "--mode", "dsr")
+    lab.hold_vip(b1, address)
+    run_lbctl(lab.lb_ns, "add-backend", vip, f"[{b1.address6}]")
+
+    assert wait_for(lambda: lb_knows(lab, b1.address6), timeout=5, what="the LB to resolve b1")
+    assert http_get(lab.client.ns, str(address), PORT) == "b1"
+
+
+def lb_knows(lab: Lab, address) -> bool:
+    with netlink_in(lab.lb_ns) as ipr:
+        return any(n.get_attr("NDA_DST") == str(address) and n.get_attr("NDA_LLADDR")
+                   for n in ipr.get_neighbours(family=socket.AF_INET6))
