@@ -48,7 +48,7 @@ def attached_interfaces(directory: str | None = None) -> dict[str, str]:
     return {name.split("@", 1)[1]: name.split("@", 1)[0] for name in os.listdir(directory) if "@" in name}
 
 
-def _compile(directory: str, hook: str) -> int:
+def load(directory: str, hook: str) -> int:
     """A fresh program fd; the maps are created, or adopted, at their pins."""
     from bcc import BPF  # the compiler: only attach needs it
 
@@ -102,7 +102,7 @@ def attach(ifname: str, hook: str = "xdp") -> dict:
         current = attached_interfaces(directory).get(ifname)
         if current is not None:
             raise DecapError(f"{ifname}: decapsulation is already attached ({current}); detach it first")
-        fd = _compile(directory, hook)
+        fd = load(directory, hook)
         try:
             if hook == "xdp":
                 _attach_xdp(ipr, ifindex, ifname, fd)
