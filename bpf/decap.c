@@ -4,6 +4,8 @@
  * and goes on to the kernel as the client's own packet, which the backend
  * answers directly. Everything else passes untouched.
  *
+ * Frames with a VLAN tag pass untouched (decapsulate on the VLAN's interface).
+ *
  * Two entry points on one parser: xdp_decap (native XDP) and tc_decap (TC
  * ingress, direct action) for interfaces without native XDP. Compiled by bcc
  * with DECAP_PIN_DIR; no map of the load balancer is needed. */

@@ -6,6 +6,7 @@ per interface it is attached to (named HOOK@IFACE), which is how detach knows
 the hook and when the last interface is gone."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -102,23 +103,27 @@ def attach(ifname: str, hook: str = "xdp") -> dict:
         current = attached_interfaces(directory).get(ifname)
         if current is not None:
             raise DecapError(f"{ifname}: decapsulation is already attached ({current}); detach it first")
-        fd = load(directory, hook)
+        other = attached_prog_id(ifindex) if hook == "xdp" else 0
+        if other:  # never replace someone else's program (the load balancer's, say)
+            raise DecapError(f"{ifname}: another XDP program (id {other}) is attached; detach it first or use --hook tc")
         try:
-            if hook == "xdp":
-                _attach_xdp(ipr, ifindex, ifname, fd)
-            else:
-                _attach_tc(ipr, ifindex, fd)
-            bpfsys.obj_pin(fd, _marker(directory, hook, ifname))
-        finally:
-            os.close(fd)
+            fd = load(directory, hook)
+            try:
+                if hook == "xdp":
+                    _attach_xdp(ipr, ifindex, ifname, fd)
+                else:
+                    _attach_tc(ipr, ifindex, fd)
+                bpfsys.obj_pin(fd, _marker(directory, hook, ifname))
+            finally:
+                os.close(fd)
+        except BaseException:
+            _remove_if_unused(directory)  # the maps were pinned by the compile
+            raise
     addresses = sync_addresses(directory)
     return {"interface": ifname, "hook": hook, "addresses": addresses}
 
 
 def _attach_xdp(ipr: IPRoute, ifindex: int, ifname: str, fd: int) -> None:
-    other = attached_prog_id(ifindex)
-    if other:  # never replace someone else's program (the load balancer's, say)
-        raise DecapError(f"{ifname}: another XDP program (id {other}) is attached; detach it first or use --hook tc")
     try:
         ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]})
     except NetlinkError as e:
@@ -132,9 +137,12 @@ def _attach_tc(ipr: IPRoute, ifindex: int, fd: int) -> None:
         ipr.tc("add", "clsact", index=ifindex)
     except NetlinkError as e:
         if e.code != errno.EEXIST:  # an existing clsact qdisc is shared
-            raise
-    ipr.tc("add-filter", "bpf", index=ifindex, handle=TC_HANDLE, prio=TC_PRIO, fd=fd, name="lb_decap",
-           parent=TC_INGRESS, classid=1, direct_action=True)
+            raise LoadError(f"adding the clsact qdisc failed: {os.strerror(e.code)}") from e
+    try:
+        ipr.tc("add-filter", "bpf", index=ifindex, handle=TC_HANDLE, prio=TC_PRIO, fd=fd, name="lb_decap",
+               parent=TC_INGRESS, classid=1, direct_action=True)
+    except NetlinkError as e:
+        raise LoadError(f"adding the TC ingress filter failed: {os.strerror(e.code)}") from e
 
 
 def detach(ifname: str) -> dict:
@@ -149,13 +157,19 @@ def detach(ifname: str) -> dict:
             ipr.link("set", index=ifindex[0], xdp={"attrs": [("IFLA_XDP_FD", -1),
                                                              ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]})
         elif ifindex:
-            ipr.tc("del-filter", "bpf", index=ifindex[0], handle=TC_HANDLE, prio=TC_PRIO, parent=TC_INGRESS)
+            with contextlib.suppress(NetlinkError):  # already gone with its qdisc: nothing to remove
+                ipr.tc("del-filter", "bpf", index=ifindex[0], handle=TC_HANDLE, prio=TC_PRIO, parent=TC_INGRESS)
     os.unlink(marker)
-    if not attached_interfaces(directory):  # the last one: counters and addresses go too
+    _remove_if_unused(directory)
+    return {"interface": ifname, "hook": hook}
+
+
+def _remove_if_unused(directory: str) -> None:
+    """Without an interface left, the counters and addresses go too."""
+    if os.path.isdir(directory) and not attached_interfaces(directory):
         for name in os.listdir(directory):
             os.unlink(os.path.join(directory, name))
         os.rmdir(directory)
-    return {"interface": ifname, "hook": hook}
 
 
 def _pinned_prog_id(path: str) -> int:

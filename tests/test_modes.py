@@ -16,6 +16,7 @@ from scapy.layers.l2 import Ether
 
 from netns.packets import capture
 from netns.topology import Lab
+from lb.structs import IPAddress
 from netns.nsenter import netlink_in
 from netns.traffic import NetnsHTTPConnection, Servers, http_get, wait_for
 from tests.conftest import backend_name, lab_with_lb, run_lbctl
@@ -46,12 +47,12 @@ def servers(lab: Lab) -> Iterator[Servers]:
         yield s
 
 
-def vip_of(lab: Lab, mode: str, family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def vip_of(lab: Lab, mode: str, family: int) -> IPAddress:
     index = {"dsr": 20, "tunnel": 21}[mode]
     return lab.vip(index) if family == 4 else lab.vip6(index)
 
 
-def endpoint(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+def endpoint(address: IPAddress) -> str:
     return f"[{address}]:{PORT}/tcp" if address.version == 6 else f"{address}:{PORT}/tcp"
 
 
@@ -71,7 +72,7 @@ def vips(lab: Lab) -> dict[tuple[str, int], str]:
     return out
 
 
-def get_until_both_answer(lab: Lab, address) -> list[tuple[str, int]]:
+def get_until_both_answer(lab: Lab, address: IPAddress) -> list[tuple[str, int]]:
     """HTTP GETs on new connections until both backends answered; (name, client port) of each."""
     answers: list[tuple[str, int]] = []
     for _ in range(MAX_CONNECTIONS):
@@ -87,7 +88,8 @@ def get_until_both_answer(lab: Lab, address) -> list[tuple[str, int]]:
     raise AssertionError(f"only {sorted({n for n, _ in answers})} answered {MAX_CONNECTIONS} connections")
 
 
-def from_vip(address) -> Callable[[bytes], bool]:
+def from_vip(address: IPAddress) -> Callable[[bytes], bool]:
+    """Matches a TCP segment sent from the VIP's port (an answer to the client)."""
     def match(frame: bytes) -> bool:
         pkt = Ether(frame)
         ip = pkt.getlayer(IPv6 if address.version == 6 else IP)
@@ -191,7 +193,7 @@ def test_dsr_backend_is_resolved_when_added(lab: Lab, servers: Servers):
     assert http_get(lab.client.ns, str(address), PORT) == "b1"
 
 
-def lb_knows(lab: Lab, address) -> bool:
+def lb_knows(lab: Lab, address: ipaddress.IPv6Address) -> bool:
     with netlink_in(lab.lb_ns) as ipr:
         return any(n.get_attr("NDA_DST") == str(address) and n.get_attr("NDA_LLADDR")
                    for n in ipr.get_neighbours(family=socket.AF_INET6))
