@@ -25,7 +25,8 @@ from lb.bpfsys import prog_id
 from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
 from lb.probe import probe
-from lb.structs import MAX_IFINDEX, REASONS, LbAddr
+from lb.refmodel import DataPlaneModel, Parsed
+from lb.structs import MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
 
 T = TypeVar("T")
 MAX_WEIGHT = 65535
@@ -276,10 +277,25 @@ class Controller:
         if result.backend is not None:
             addr, port = result.backend
             backend = format_endpoint(LbAddr.from_buffer_copy(addr).address(), port)
+        elif result.reason == "fwd_dsr":  # no address changed: the flow's entry names the backend
+            backend = self._flow_backend(state, dp, frame)
         return {"action": result.action, "packet_hex": result.packet.hex(), "backend": backend,
                 "reason": result.reason, "ingress": ifname}
 
     # --- helpers ---------------------------------------------------------------
+
+    @staticmethod
+    def _flow_backend(state: State, dp: DataPlaneState, frame: bytes) -> str | None:
+        """The backend the connection table holds for a client's packet."""
+        p = DataPlaneModel.parse(frame)
+        if not isinstance(p, Parsed):
+            return None
+        key = FlowKey(src=LbAddr.from_buffer_copy(p.src), dst=LbAddr.from_buffer_copy(p.dst), sport=be16(p.sport),
+                      dport=be16(p.dport), proto=p.proto)
+        with DataPlaneMaps.open(dp.pin_dir) as maps:
+            flow = maps.conn_table.get(key)
+        names = {b.id: str(b.address) for v in state.vips for b in v.backends}
+        return names.get(flow.backend_id) if flow is not None else None
 
     def _change(self, change: Callable[[State], T]) -> T:
         """Run `change` on the stored State and bring the maps along, all or nothing."""

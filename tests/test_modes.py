@@ -197,3 +197,15 @@ def lb_knows(lab: Lab, address: ipaddress.IPv6Address) -> bool:
     with netlink_in(lab.lb_ns) as ipr:
         return any(n.get_attr("NDA_DST") == str(address) and n.get_attr("NDA_LLADDR")
                    for n in ipr.get_neighbours(family=socket.AF_INET6))
+
+
+def test_lbctl_test_packet_names_the_backend_of_a_dsr_flow(lab: Lab, vips):
+    address = vip_of(lab, "dsr", 4)
+    frame = (Ether(src=lab.client.mac, dst=lab.client.lb_mac) /
+             IP(src=str(lab.client.address), dst=str(address)) / TCP(sport=40777, dport=PORT, flags="S"))
+    result = run_lbctl(lab.lb_ns, "test-packet", "--json", "--ingress", lab.client.lb_ifname,
+                       bytes(frame).hex()).json()
+
+    assert (result["action"], result["reason"]) == ("XDP_REDIRECT", "fwd_dsr")
+    chosen = next(b for b in lab.backends if result["backend"] == f"{b.address}:{PORT}")
+    assert result["packet_hex"] == bytes(Ether(src=chosen.lb_mac, dst=chosen.mac) / frame[IP]).hex()
