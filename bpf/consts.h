@@ -38,6 +38,8 @@
 #define LB_VIP_HASH_SOURCE (1U << 0) /* pick the backend by the client's address alone (session affinity) */
 #define LB_VIP_ACL (1U << 1)         /* the VIP has source rules: look them up */
 #define LB_VIP_ACL_ALLOWLIST (1U << 2) /* it has allow rules: a source no rule matches is denied */
+#define LB_VIP_DSR (1U << 3)         /* forwarding mode dsr: only the MACs change */
+#define LB_VIP_TUNNEL (1U << 4)      /* forwarding mode tunnel: IPIP / IPv6-in-IPv6 to the backend */
 
 /* acl_rule.action */
 #define LB_ACL_ALLOW 1
@@ -62,8 +64,16 @@
 /* probe_meta.magic: "lbpr" */
 #define LB_PROBE_MAGIC 0x6c627072U
 
-/* Forwarding modes (vip_meta.mode) */
+/* Forwarding modes (vip_meta.mode; the data plane reads them from vip_info.flags) */
 #define LB_MODE_NAT 0
+#define LB_MODE_DSR 1
+#define LB_MODE_TUNNEL 2
+
+/* Tunnel mode's outer header: hop limit, and the prefixes of its source
+ * address, whose low bits come from the client (see tunnel.h). */
+#define LB_ENCAP_TTL 64
+#define LB_ENCAP_SRC4_PREFIX 0xac100000U /* 172.16.0.0/16 */
+#define LB_ENCAP_SRC6_PREFIX 0xfd006c62U /* fd00:6c62::/96 */
 
 /* Why the program did what it did: one per-CPU counter each. Names are
  * mirrored in lb/structs.py (REASONS) and checked by a test. */
@@ -86,6 +96,9 @@ enum lb_reason {
 	LB_DROP_UNSUPPORTED_L4,   /* to a VIP: not TCP or UDP (nor an ICMP echo request) */
 	LB_DROP_MALFORMED,        /* to a VIP: truncated or inconsistent headers */
 	LB_DROP_ACL,              /* to a VIP: the source is not allowed */
+	LB_FWD_DSR,               /* client -> VIP, sent on to a backend's MAC (direct server return) */
+	LB_FWD_TUNNEL,            /* client -> VIP, encapsulated to a backend (IPIP or IPv6-in-IPv6) */
+	LB_DROP_NO_HEADROOM,      /* tunnel mode: no room in front of the packet for the outer header */
 	LB_REASON_MAX,
 };
 

@@ -1,4 +1,4 @@
-/* lb data plane: XDP layer-4 load balancer, NAT mode.
+/* lb data plane: XDP layer-4 load balancer; NAT, DSR and tunnel modes per VIP.
  * The path of a packet, top-down: parse, VIP or reply?, pick a backend
  * (connection table, then Maglev), rewrite, send. Everything is counted. */
 #include <uapi/linux/bpf.h>
@@ -8,6 +8,7 @@
 #include "parse.h"
 #include "hash.h"
 #include "nat.h"
+#include "tunnel.h"
 #include "nexthop.h"
 #include "icmp.h"
 
@@ -104,6 +105,23 @@ static __always_inline int send(struct xdp_md *ctx, struct packet *pkt, const st
 	return verdict(ctx, ok, action);
 }
 
+/* Send a client's packet on to its backend the VIP's way: NAT rewrites the
+ * destination; DSR changes only the MACs (send writes them), so the backend,
+ * which holds the VIP, answers the client itself; tunnel encapsulates. */
+static __always_inline int forward(struct xdp_md *ctx, struct packet *pkt, __u32 vip_flags,
+				   const struct backend *be, const struct next_hop *nh, int resolved)
+{
+	if (vip_flags & LB_VIP_DSR)
+		return send(ctx, pkt, nh, resolved, LB_FWD_DSR);
+	if (vip_flags & LB_VIP_TUNNEL) {
+		if (tunnel_encap(ctx, pkt, be))
+			return verdict(ctx, LB_DROP_NO_HEADROOM, XDP_DROP);
+		return send(ctx, pkt, nh, resolved, LB_FWD_TUNNEL);
+	}
+	nat_rewrite_destination(pkt, be);
+	return send(ctx, pkt, nh, resolved, LB_FWD_NAT);
+}
+
 /* A new flow: pick a backend on the VIP's Maglev table and remember the
  * choice, with the backend's next hop already in it. */
 static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, struct flow_key *key,
@@ -138,8 +156,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, stru
 		conn_table.update(&reply_key, &reply);
 	}
 	count_flow(vip_id, backend_id, pkt->len, 0, 1);
-	nat_rewrite_destination(pkt, be);
-	return send(ctx, pkt, &entry.nh, resolved, LB_FWD_NAT);
+	return forward(ctx, pkt, vip->flags, be, &entry.nh, resolved);
 }
 
 /* The VIP's source rules: the longest matching prefix decides; without a
@@ -175,8 +192,9 @@ static __always_inline int to_backend(struct xdp_md *ctx, struct packet *pkt, co
 	if (!be)
 		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
 	count_flow(vip_id, backend_id, pkt->len, 0, 0);
-	nat_rewrite_destination(pkt, be);
-	return send(ctx, pkt, &flow->nh, ensure_next_hop(ctx, pkt, &be->addr, &flow->nh), LB_FWD_NAT);
+	int resolved = ensure_next_hop(ctx, pkt, &be->addr, &flow->nh);
+
+	return forward(ctx, pkt, vip->flags, be, &flow->nh, resolved);
 }
 
 /* Is the packet's source this backend? (port 0: the backend keeps the client's port) */

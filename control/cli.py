@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("add-vip", help="add a VIP: ADDR:PORT/tcp|udp, or ADDR/tcp|udp for every port")
     v.add_argument("vip", metavar="VIP")
-    v.add_argument("--mode", choices=MODES, default="nat")
+    v.add_argument("--mode", choices=MODES, default="nat",
+                   help="nat (default): rewrite to the backend, replies return through the LB; "
+                        "dsr: change only the MACs, the backend (on a directly connected network, with the VIP on "
+                        "its loopback) answers the client itself; tunnel: IPIP / IPv6-in-IPv6 to the backend, "
+                        "which decapsulates (lbctl decap) and answers itself. dsr and tunnel backends use the "
+                        "VIP's port")
     v.add_argument("--hash", choices=HASHES, default="flow",
                    help="what picks the backend: the whole flow (default), or the client's address alone "
                         "(session affinity)")
@@ -82,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     a = acl_sub.add_parser("remove", help="remove the rule of a prefix")
     a.add_argument("vip", metavar="VIP")
     a.add_argument("prefix", metavar="PREFIX")
+
+    d = sub.add_parser("decap", help="on a backend of tunnel-mode VIPs: decapsulate IPIP and IPv6-in-IPv6 "
+                                     "packets addressed to this host")
+    d_sub = d.add_subparsers(dest="decap_command", required=True, parser_class=_Parser)
+    a = d_sub.add_parser("attach", help="load the decapsulation program on an interface")
+    a.add_argument("interface", metavar="IFACE")
+    a.add_argument("--hook", choices=("xdp", "tc"), default="xdp",
+                   help="xdp (native, default), or tc (ingress; for interfaces without native XDP)")
+    a = d_sub.add_parser("detach", help="remove the decapsulation program from an interface")
+    a.add_argument("interface", metavar="IFACE")
+    a = d_sub.add_parser("stats", help="interfaces decapsulating and packets decapsulated")
+    a.add_argument("--json", action="store_true", help="print JSON")
 
     for name, text in (("list", "show VIPs and backends"), ("stats", "show packet counters")):
         s = sub.add_parser(name, help=text)
@@ -146,6 +163,15 @@ def format_stats(data: dict[str, Any]) -> str:
             rows.append(["", name, *(b[c] for c in cols)])
     reasons: list[list[Any]] = [["REASON", "PACKETS"], *([k, n] for k, n in data["reasons"].items())]
     return _table(rows) + "\n\n" + _table(reasons)
+
+
+def format_decap(r: dict[str, Any]) -> str:
+    if "packets" in r:
+        where = ", ".join(f"{i} ({h})" for i, h in sorted(r["interfaces"].items())) or "no interface"
+        return f"decapsulating on: {where}\n" + _table([["FAMILY", "DECAPSULATED"], *r["packets"].items()])
+    if "addresses" in r:
+        return f"decapsulating on {r['interface']} ({r['hook']}) for this host's {r['addresses']} address(es)"
+    return f"stopped decapsulating on {r['interface']}"
 
 
 def format_change(command: str, r: dict[str, Any]) -> str:
@@ -264,6 +290,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if os.geteuid() != 0:
         raise LbError("lbctl needs root (CAP_BPF and CAP_NET_ADMIN)")
+    if args.command == "decap":  # a backend's business: no LB state, no daemon involved
+        return run_decap(args)
     params = command_params(args)
     client = ApiClient(args.api_socket or default_socket_path(Instance.current().name))
     try:
@@ -273,6 +301,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from control.commands import dispatch  # after argument errors, which need none of it
     from control.service import Controller
     return dispatch(Controller.open(args.state), args.command, params)
+
+
+def run_decap(args: argparse.Namespace) -> dict[str, Any]:
+    from lb import decap as lb_decap
+
+    try:
+        match args.decap_command:
+            case "attach":
+                return lb_decap.attach(args.interface, args.hook)
+            case "detach":
+                return lb_decap.detach(args.interface)
+        found = lb_decap.stats()
+        return {"interfaces": found.interfaces, "packets": found.packets}
+    except lb_decap.DecapError as e:
+        raise InputError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         print(result["yaml"], end="")
     elif args.command == "status":
         print(format_status(result))
+    elif args.command == "decap":
+        print(format_decap(result))
     else:
         print(format_change(args.command, result))
     return 0

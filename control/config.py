@@ -153,6 +153,10 @@ class _Reader:
                 self.fail(item, f"backend {backend.address} is listed twice in VIP {spec.vip} "
                                 f"(first on line {seen[backend.address]})")
             seen[backend.address] = item.start_mark.line + 1
+            try:
+                VipState(spec.vip, 0, spec.mode).check_backend(backend.address)
+            except InputError as e:
+                self.fail(item, str(e))
             spec.backends.append(backend)
         if spec.health.enabled and spec.health.port is None and spec.vip.any_port:
             self.fail(keys["health"], f"VIP {spec.vip} takes every port, so its backends have none to check: "

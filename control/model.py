@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from control.errors import InputError
 from lb.structs import IPAddress, PROTOCOLS
 
-MODES = ("nat",)
+# nat: rewrite the destination to the backend, replies come back through the LB.
+# dsr: only the MACs change; the backend holds the VIP and answers the client itself.
+# tunnel: the packet goes inside IPIP / IPv6-in-IPv6 to the backend, which answers directly.
+MODES = ("nat", "dsr", "tunnel")
 HASHES = ("flow", "source")  # source: session affinity on the client's address
 CHECK_KINDS = ("none", "tcp", "http")
 MAX_WEIGHT = 65535
@@ -197,6 +200,17 @@ class VipState:
     def maglev_backends(self) -> list[BackendState]:
         """The backends new flows may pick: active, healthy, weight above 0."""
         return [b for b in self.backends if b.serving]
+
+    @property
+    def replies_through_lb(self) -> bool:
+        """Only NAT's backends answer through the LB; dsr and tunnel backends answer the client directly."""
+        return self.mode == "nat"
+
+    def check_backend(self, backend: BackendAddress) -> None:
+        """dsr and tunnel leave the packet's L4 header alone: a backend listens on the VIP's port."""
+        if self.mode != "nat" and backend.port != self.vip.port:
+            raise InputError(f"backend {backend}: VIP {self.vip} is in {self.mode} mode, which cannot change the "
+                             f"port; write the backend without a port (it must listen on the VIP's port)")
 
 
 @dataclass

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from control.model import State, VipState
 from lb.maglev import MaglevBackend, build_table
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_SHARED, CFG_ANY_PORT, MODE_NAT, NO_BACKEND, PROTOCOLS, REPLY_SHARED,
-                        VIP_ACTIVE, VIP_HASH_SOURCE, Backend, Endpoint, LbAddr, LbConfig, LbCounters, NextHop,
+from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_SHARED,
+                        VIP_ACTIVE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, NextHop,
                         ReplySource, VipAddr, VipInfo, VipKey, VipMeta, be16)
 
-MODE_CODES = {"nat": MODE_NAT}
+MODE_CODES = {"nat": MODE_NAT, "dsr": MODE_DSR, "tunnel": MODE_TUNNEL}
+MODE_FLAGS = {"nat": 0, "dsr": VIP_DSR, "tunnel": VIP_TUNNEL}  # what the data plane reads, in the VIP's key lookup
 
 
 def _key(struct: ctypes.Structure) -> bytes:
@@ -30,7 +31,7 @@ def vip_key(v: VipState) -> VipKey:
 
 
 def vip_flags(v: VipState) -> int:
-    flags = VIP_HASH_SOURCE if v.hash == "source" else 0
+    flags = (VIP_HASH_SOURCE if v.hash == "source" else 0) | MODE_FLAGS[v.mode]
     if v.acl:
         flags |= VIP_ACL
     if "allow" in v.acl.values():
@@ -77,6 +78,9 @@ class MapContents:
                                        flags=VIP_ACTIVE)
             for b in v.backends:  # retired ones too: their established flows go on
                 ep = Endpoint(addr=LbAddr.of(b.address.address), port=be16(b.address.port), proto=key.proto)
+                if not v.replies_through_lb:  # the LB never sees its replies
+                    c.backends[b.id] = Backend(addr=ep.addr, port=ep.port, flags=BACKEND_IN_USE)
+                    continue
                 by_host.setdefault((bytes(ep.addr), ep.proto), []).append((b.address.port, v.id))
                 members.append((b.id, ep))
         for bid, ep in members:

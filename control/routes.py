@@ -6,6 +6,7 @@ route carrying the gateway's MAC. What is not here (an unresolved neighbour) the
 data plane asks the kernel FIB for, or hands to the kernel to resolve."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 
@@ -79,3 +80,14 @@ def sync_routes(maps: DataPlaneMaps, ifindexes: set[int], backend_ids: set[int])
         for backend_id in backend_ids:
             maps.backend_nh.set(U32(backend_id), NextHop())
     return writes
+
+
+def solicit_neighbour(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    """Have the kernel resolve a directly connected host's MAC now: one empty datagram to its discard port.
+
+    A DSR backend needs it: the data plane hands a packet whose next hop is unresolved to the
+    kernel, which resolves NAT's (addressed to the backend) but cannot forward DSR's (addressed
+    to the VIP)."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.sendto(b"", (str(address), 9))

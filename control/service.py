@@ -18,14 +18,15 @@ from control import config as declarative
 from control.model import (HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
                            VipAddress, VipState, format_endpoint, parse_prefix)
 from control.reconcile import Reconciler
-from control.routes import sync_routes
+from control.routes import solicit_neighbour, sync_routes
 from control.store import SqliteStore, Store
 from lb import loader
 from lb.bpfsys import prog_id
 from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
 from lb.probe import probe
-from lb.structs import MAX_IFINDEX, REASONS, LbAddr
+from lb.refmodel import DataPlaneModel, Parsed
+from lb.structs import MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
 
 T = TypeVar("T")
 
@@ -145,17 +146,21 @@ class Controller:
 
         def change(state: State) -> dict[str, Any]:
             v = state.require_vip(vip)
+            v.check_backend(backend)
             if v.backend(backend) is not None:
                 raise InputError(f"backend {backend} already exists in VIP {vip}")
             retired = next((b for b in v.backends if b.address == backend), None)
             if retired is not None:  # back again: its established flows keep their id
                 retired.retired_at, retired.weight, retired.healthy = None, weight, True
-                return {"vip": str(vip), "backend": str(backend), "id": retired.id, "weight": weight}
+                return {"vip": str(vip), "backend": str(backend), "id": retired.id, "weight": weight, "mode": v.mode}
             bid = state.allocate_backend_id()
             v.backends.append(BackendState(backend, bid, weight))
-            return {"vip": str(vip), "backend": str(backend), "id": bid, "weight": weight}
+            return {"vip": str(vip), "backend": str(backend), "id": bid, "weight": weight, "mode": v.mode}
 
-        return self._change(change)
+        result = self._change(change)
+        if result.get("mode") == "dsr":
+            solicit_neighbour(backend.address)
+        return result
 
     def remove_backend(self, vip_text: str, backend_text: str) -> dict[str, Any]:
         def retire(b: BackendState) -> dict[str, Any]:
@@ -237,7 +242,12 @@ class Controller:
             state = self.store.read()
             self._require_attached(state)
             return change(state)
-        return self._change(change)
+        result = self._change(change)
+        for v in self.store.read().vips:
+            if v.mode == "dsr":  # as add-backend does: the kernel cannot resolve them through a DSR packet
+                for b in v.active_backends():
+                    solicit_neighbour(b.address.address)
+        return result
 
     def export(self) -> dict[str, Any]:
         return {"yaml": declarative.to_yaml(declarative.config_of(self.store.read()))}
@@ -321,10 +331,25 @@ class Controller:
         if result.backend is not None:
             addr, port = result.backend
             backend = format_endpoint(LbAddr.from_buffer_copy(addr).address(), port)
+        elif result.reason == "fwd_dsr":  # no address changed: the flow's entry names the backend
+            backend = self._flow_backend(state, dp, frame)
         return {"action": result.action, "packet_hex": result.packet.hex(), "backend": backend,
                 "reason": result.reason, "ingress": ifname}
 
     # --- helpers ---------------------------------------------------------------
+
+    @staticmethod
+    def _flow_backend(state: State, dp: DataPlaneState, frame: bytes) -> str | None:
+        """The backend the connection table holds for a client's packet."""
+        p = DataPlaneModel.parse(frame)
+        if not isinstance(p, Parsed):
+            return None
+        key = FlowKey(src=LbAddr.from_buffer_copy(p.src), dst=LbAddr.from_buffer_copy(p.dst), sport=be16(p.sport),
+                      dport=be16(p.dport), proto=p.proto)
+        with DataPlaneMaps.open(dp.pin_dir) as maps:
+            flow = maps.conn_table.get(key)
+        names = {b.id: str(b.address) for v in state.vips for b in v.backends}
+        return names.get(flow.backend_id) if flow is not None else None
 
     def _change(self, change: Callable[[State], T]) -> T:
         """Run `change` on the stored State and bring the maps along, all or nothing."""

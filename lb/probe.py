@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from lb.refmodel import ICMP, ICMPV6, DataPlaneModel, Parsed
+from lb.refmodel import ICMP, ICMPV6, DataPlaneModel, Parsed, decapsulated
 from lb.structs import PROBE_MAGIC, REASONS, ProbeMeta
 from lb.testrun import run_xdp
 
@@ -22,8 +22,12 @@ class Probe:
 
 
 def backend_of(before: bytes, after: bytes) -> tuple[bytes, int] | None:
-    """The backend a NAT rewrite involved: the new destination, or the source a reply came from."""
-    p_in, p_out = DataPlaneModel.parse(before), DataPlaneModel.parse(after)
+    """The backend a rewrite involved: the new destination (NAT), the outer one (tunnel), or the source a
+    reply came from. DSR changes no address: its backend shows only in the MAC."""
+    tunnel = decapsulated(after) if len(after) > len(before) else None
+    p_in, p_out = DataPlaneModel.parse(before), DataPlaneModel.parse(tunnel[1] if tunnel else after)
+    if tunnel and isinstance(p_out, Parsed):
+        return tunnel[0], p_out.dport
     if not isinstance(p_in, Parsed) or not isinstance(p_out, Parsed) or p_in.proto in (ICMP, ICMPV6):
         return None
     if (p_in.dst, p_in.dport) != (p_out.dst, p_out.dport):

@@ -132,6 +132,48 @@ def csum_replace(check: int, old: bytes, new: bytes) -> int:
     return ~_fold(s) & 0xFFFF
 
 
+def ipv4_header_checksum(header: bytes) -> int:
+    s = sum(int.from_bytes(header[i:i + 2], "big") for i in range(0, len(header), 2))
+    return ~_fold(s) & 0xFFFF
+
+
+# --- tunnel.h --------------------------------------------------------------------------
+
+def encap_source(p: Parsed) -> bytes:
+    """The outer source: a fixed prefix plus the client's low address bits XOR its source port."""
+    if p.version == 6:
+        low = int.from_bytes(p.src[12:], "big") ^ p.sport
+        return structs.ENCAP_SRC6_PREFIX.to_bytes(4, "big") + bytes(8) + low.to_bytes(4, "big")
+    low = (int.from_bytes(p.src[12:], "big") ^ p.sport) & 0xFFFF
+    return (structs.ENCAP_SRC4_PREFIX | low).to_bytes(4, "big")
+
+
+def encapsulate(frame: bytes, p: Parsed, backend: bytes) -> bytes:
+    """The L2 header, then an outer IPv4 (IPIP) or IPv6 (IPv6-in-IPv6) header to the backend, then the packet."""
+    l2, inner = frame[:p.l3], frame[p.l3:]
+    if p.version == 6:
+        payload_len = int.from_bytes(inner[4:6], "big") + 40
+        outer = inner[:4] + struct.pack(">HBB", payload_len & 0xFFFF, 41, structs.ENCAP_TTL) + encap_source(p) + backend
+        return l2 + outer + inner
+    tot_len = (int.from_bytes(inner[2:4], "big") + 20) & 0xFFFF
+    frag_off = int.from_bytes(inner[6:8], "big") & 0x4000  # DF copied
+    header = bytearray(struct.pack(">BBHHHBBH4s4s", 0x45, inner[1], tot_len, 0, frag_off, structs.ENCAP_TTL, 4, 0,
+                                   encap_source(p), backend[12:]))
+    header[10:12] = ipv4_header_checksum(bytes(header)).to_bytes(2, "big")
+    return l2 + bytes(header) + inner
+
+
+def decapsulated(frame: bytes) -> tuple[bytes, bytes] | None:
+    """(outer destination as an lb_addr, the inner frame) of an IPIP or IPv6-in-IPv6 frame, else None."""
+    off = 18 if frame[12:14] in (b"\x81\x00", b"\x88\xa8") else 14
+    ethertype = frame[off - 2:off]
+    if ethertype == b"\x08\x00" and len(frame) >= off + 40 and frame[off] == 0x45 and frame[off + 9] == 4:
+        return V4_MAPPED + frame[off + 16:off + 20], frame[:off] + frame[off + 20:]
+    if ethertype == b"\x86\xdd" and len(frame) >= off + 80 and frame[off + 6] == 41:
+        return frame[off + 24:off + 40], frame[:off] + frame[off + 40:]
+    return None
+
+
 def _reason(name: str) -> str:
     return name.removeprefix("LB_").lower()
 
@@ -283,9 +325,8 @@ class DataPlaneModel:
         be = self._backend(flow.backend_id)
         if be is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
-        self._nat(pkt, p, self._addr_off(p, "dst"), p.l4 + 2, be[0], be[1])
         resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
-        return self._send(pkt, flow.nh, resolved, ingress, "fwd_nat", (be[0], be[1] or p.dport))
+        return self._forward(pkt, p, vip[1], be, flow.nh, resolved, ingress)
 
     def _new_flow(self, pkt: bytearray, p: Parsed, key: FlowKey, vip: tuple[int, int], ingress: int) -> ModelResult:
         vip_id, flags = vip
@@ -305,6 +346,18 @@ class DataPlaneModel:
         if be[2] & structs.BACKEND_SHARED:
             self.t.conn[(be[0], p.src, be[1] or p.dport, p.sport, p.proto)] = Flow(backend_id, vip_id,
                                                                                    structs.FLOW_REPLY)
+        return self._forward(pkt, p, flags, be, nh, resolved, ingress)
+
+    def _forward(self, pkt: bytearray, p: Parsed, vip_flags: int, be: tuple[bytes, int, int], nh: NextHop,
+                 resolved: str, ingress: int) -> ModelResult:
+        """lb.c forward: the VIP's mode. DSR changes only the MACs, so no rewrite names the backend."""
+        if vip_flags & structs.VIP_DSR:
+            return self._send(pkt, nh, resolved, ingress, "fwd_dsr", None)
+        if vip_flags & structs.VIP_TUNNEL:
+            # The program drops (drop_no_headroom) when XDP leaves no room in front of the packet;
+            # XDP, test runs included, leaves 256 bytes, so the model never does.
+            pkt[:] = encapsulate(bytes(pkt), p, be[0])
+            return self._send(pkt, nh, resolved, ingress, "fwd_tunnel", (be[0], p.dport))
         self._nat(pkt, p, self._addr_off(p, "dst"), p.l4 + 2, be[0], be[1])
         return self._send(pkt, nh, resolved, ingress, "fwd_nat", (be[0], be[1] or p.dport))
 
@@ -382,7 +435,7 @@ class DataPlaneModel:
         return verdict, found if verdict == "found" else nh
 
     def _send(self, pkt: bytearray, nh: NextHop, resolved: str, ingress: int, ok: str,
-              backend: tuple[bytes, int]) -> ModelResult:
+              backend: tuple[bytes, int] | None) -> ModelResult:
         if resolved == "kernel":
             return ModelResult("XDP_PASS", bytes(pkt), "pass_neigh_unresolved", backend)
         if resolved == "none":

@@ -102,9 +102,10 @@ class DaemonProcess:
 
 
 @contextlib.contextmanager
-def lab_with_lb(n_backends: int = 3, attach: bool = True, *attach_args: str) -> Iterator[Lab]:
+def lab_with_lb(n_backends: int = 3, attach: bool = True, *attach_args: str,
+                direct_return: bool = False) -> Iterator[Lab]:
     """A lab whose LB namespace has lb attached on every interface; all of it goes afterwards."""
-    with Lab.build(n_backends) as lab:
+    with Lab.build(n_backends, direct_return=direct_return) as lab:
         try:
             if attach:
                 run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces, *attach_args)

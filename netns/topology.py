@@ -5,7 +5,16 @@ network namespace, joined by veth pairs (client <-> LB, LB <-> each backend).
            2001:2:0:0::2   2001:2:0:0::1   2001:2:0:i::1   2001:2:0:i::2
 
 The client reaches the VIP ranges (198.19.0.0/24, 2001:2:0:ff::/64) through
-the LB; backends reply through it. Addresses are from the ranges set aside for
+the LB; backends reply through it.
+
+With direct_return (for dsr and tunnel VIPs, whose backends answer clients
+themselves), each backend also gets a link of its own to the client that
+bypasses the LB, and its route to the client goes there:
+
+    client ret-b<i> 198.18.<100+i>.1 --- 198.18.<100+i>.2 ret0 backend i
+                    2001:2:0:<64+i>::1    2001:2:0:<64+i>::2
+
+Replies to NAT VIPs then bypass the LB too: such a lab is for dsr and tunnel. Addresses are from the ranges set aside for
 benchmarks: 198.18.0.0/15 (RFC 2544) and 2001:2::/48 (RFC 5180). Names carry a per-run prefix; `with Lab.build(...)`
 always tears everything down."""
 from __future__ import annotations
@@ -57,6 +66,15 @@ class Host:
     lb_address6: ipaddress.IPv6Address
 
 
+@dataclass(frozen=True)
+class DirectLink:
+    """A backend's own link to the client (direct return), bypassing the LB."""
+
+    backend: Host
+    client_ifname: str  # its end in the client's namespace
+    backend_ifname: str = "ret0"
+
+
 @dataclass
 class Lab:
     prefix: str
@@ -64,6 +82,7 @@ class Lab:
     client: Host
     backends: list[Host]
     namespaces: list[str] = field(default_factory=list)
+    direct_links: list[DirectLink] = field(default_factory=list)  # with direct_return: one per backend
 
     @property
     def lb_interfaces(self) -> list[str]:
@@ -77,11 +96,13 @@ class Lab:
 
     @classmethod
     @contextlib.contextmanager
-    def build(cls, n_backends: int = 3, prefix: str | None = None) -> Iterator["Lab"]:
+    def build(cls, n_backends: int = 3, prefix: str | None = None, direct_return: bool = False) -> Iterator["Lab"]:
         prefix = prefix or run_prefix()
         lab = cls(prefix, f"{prefix}-lb", None, [])  # type: ignore[arg-type]
         try:
             lab._create(n_backends)
+            if direct_return:
+                lab._add_direct_return()
             yield lab
         finally:
             lab.teardown()
@@ -98,6 +119,53 @@ class Lab:
         with netlink_in(self.client.ns) as ipr:
             ipr.route("add", dst=str(VIP_NETWORK), gateway=str(self.client.lb_address))
             ipr.route("add", dst=str(VIP6_NETWORK), gateway=str(self.client.lb_address6))
+
+    def _add_direct_return(self) -> None:
+        """A link from each backend straight to the client; the backend's route to the client uses it."""
+        for key in ("all", "default"):  # answers from a VIP arrive on links the VIP's route does not use
+            write_sysctl(self.client.ns, f"net.ipv4.conf.{key}.rp_filter", "0")
+        for i, backend in enumerate(self.backends, start=1):
+            subnet = 100 + i
+            client_ip, host_ip = (ipaddress.ip_address(f"198.18.{subnet}.{h}") for h in (1, 2))
+            client_ip6, host_ip6 = (ipaddress.ip_address(f"2001:2:0:{subnet:x}::{h}") for h in (1, 2))
+            ret = f"ret-b{i}"
+            with netlink_in(self.client.ns) as ipr:
+                ipr.link("add", ifname=ret, kind="veth", address=lab_mac(subnet, 1),
+                         peer={"ifname": "ret0", "net_ns_fd": backend.ns, "address": lab_mac(subnet, 2)})
+                idx = ipr.link_lookup(ifname=ret)[0]
+                ipr.addr("add", index=idx, address=str(client_ip), prefixlen=24)
+                ipr.addr("add", index=idx, address=str(client_ip6), prefixlen=64, flags=IFA_F_NODAD)
+                ipr.link("set", index=idx, state="up")
+            write_sysctl(self.client.ns, f"net.ipv4.conf.{ret}.rp_filter", "0")
+            for key in ("all", "default", "eth0"):  # clients' packets arrive on eth0, their route is ret0
+                write_sysctl(backend.ns, f"net.ipv4.conf.{key}.rp_filter", "0")
+            with netlink_in(backend.ns) as ipr:
+                idx = ipr.link_lookup(ifname="ret0")[0]
+                ipr.addr("add", index=idx, address=str(host_ip), prefixlen=24)
+                ipr.addr("add", index=idx, address=str(host_ip6), prefixlen=64, flags=IFA_F_NODAD)
+                ipr.link("set", index=idx, state="up")
+                ipr.route("add", dst=f"{self.client.address}/32", gateway=str(client_ip))
+                ipr.route("add", dst=f"{self.client.address6}/128", gateway=str(client_ip6), family=socket.AF_INET6)
+            self.direct_links.append(DirectLink(backend, ret))
+
+    def hold_vip(self, backend: Host, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        """Put a VIP on a backend's loopback, as dsr and tunnel backends need, without announcing it:
+        the backend answers ARP/ND only for addresses of the interface asked on."""
+        write_sysctl(backend.ns, "net.ipv4.conf.all.arp_ignore", "1")
+        write_sysctl(backend.ns, "net.ipv4.conf.all.arp_announce", "2")
+        with netlink_in(backend.ns) as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            plen = 32 if address.version == 4 else 128
+            ipr.addr("add", index=lo, address=str(address), prefixlen=plen,
+                     **({} if address.version == 4 else {"flags": IFA_F_NODAD}))
+
+    @staticmethod
+    def remove_pass_program(host: Host) -> None:
+        """Take the lab's XDP_PASS program off a host's link, to make room for another (lbctl decap attach).
+        Frames the LB redirects still arrive: GRO stays on."""
+        with netlink_in(host.ns) as ipr:
+            idx = ipr.link_lookup(ifname=host.ifname)[0]
+            ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", XDP_DRV_MODE)]})
 
     def _add_ns(self, name: str) -> None:
         netns.create(name)

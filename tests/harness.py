@@ -38,9 +38,10 @@ def expression_names(lab: Lab) -> dict:
         "TCP": TCP, "UDP": UDP, "ICMP": ICMP, "Raw": Raw, "raw": raw,
         "IPv6ExtHdrFragment": IPv6ExtHdrFragment, "IPv6ExtHdrHopByHop": IPv6ExtHdrHopByHop,
         "ICMPv6EchoRequest": ICMPv6EchoRequest, "ICMPv6EchoReply": ICMPv6EchoReply, "ICMPv6ND_NS": ICMPv6ND_NS,
-        "CLIENT6": str(lab.client.address6), "B1_6": str(b1.address6), "VIP6_1": str(lab.vip6(1)),
+        "CLIENT6": str(lab.client.address6), "B1_6": str(b1.address6),
+        **{f"VIP6_{i}": str(lab.vip6(i)) for i in range(1, 4)},
         "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address),
-        **{f"VIP{i}": str(lab.vip(i)) for i in range(1, 8)},
+        **{f"VIP{i}": str(lab.vip(i)) for i in range(1, 10)},
         "CLIENT_MAC": lab.client.mac, "B1_MAC": b1.mac, "LB_CLIENT_MAC": lab.client.lb_mac, "LB_B1_MAC": b1.lb_mac,
         "B2_MAC": b2.mac, "LB_B2_MAC": b2.lb_mac,
     }
@@ -72,7 +73,7 @@ def configured_harness(config: dict) -> Iterator[Harness]:
     with lab_with_lb(2, True, "--conn-table-size", "262144") as lab:
         lab.resolve_neighbours()  # so the route mirror knows every host, as after real traffic
         for v in config["vips"]:
-            run_lbctl(lab.lb_ns, "add-vip", v["vip"], "--hash", v.get("hash", "flow"))
+            run_lbctl(lab.lb_ns, "add-vip", v["vip"], "--hash", v.get("hash", "flow"), "--mode", v.get("mode", "nat"))
             for b in v["backends"]:
                 run_lbctl(lab.lb_ns, "add-backend", v["vip"], b)
             for prefix, action in v.get("acl", {}).items():

@@ -13,6 +13,8 @@ from tests.conftest import lab_with_lb, run_lbctl
 VIP = "198.19.0.1:80/tcp"
 BACKEND = "198.18.1.2:8080"
 ANY_PORT_VIP = "198.19.0.8/tcp"
+DSR_VIP = "198.19.0.10:8080/tcp"
+TUNNEL_VIP = "[2001:2:0:ff::10]:8080/tcp"
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +22,8 @@ def configured(lab: Lab) -> Lab:
     run_lbctl(lab.lb_ns, "add-vip", VIP)
     run_lbctl(lab.lb_ns, "add-backend", VIP, BACKEND)
     run_lbctl(lab.lb_ns, "add-vip", ANY_PORT_VIP)
+    run_lbctl(lab.lb_ns, "add-vip", DSR_VIP, "--mode", "dsr")
+    run_lbctl(lab.lb_ns, "add-vip", TUNNEL_VIP, "--mode", "tunnel")
     return lab
 
 
@@ -61,6 +65,9 @@ BAD_INPUT = [
     ("add-backend", VIP, "198.18.2.2", "--weight", "-1"),
     ("add-backend", VIP, "[2001:db8::2]:8080"),  # IP version mismatch
     ("add-backend", ANY_PORT_VIP, BACKEND),  # a VIP of every port: backends keep the client's port
+    ("add-backend", DSR_VIP, "198.18.1.2:80"),  # dsr and tunnel cannot change the port
+    ("add-backend", TUNNEL_VIP, "[2001:2:0:1::2]:9090"),
+    ("add-vip", "198.19.0.11:80/tcp", "--mode", "dsr", "--hash", "sticky"),
     ("remove-backend", VIP, "198.18.3.2:8080"),
     ("remove-backend", "198.19.0.9:80/tcp", BACKEND),
     ("acl", "add", VIP, "198.18.0.0/33", "--deny"),
@@ -80,6 +87,10 @@ BAD_INPUT = [
     ("test-packet", "--pcap", "/nonexistent.pcap"),
     ("test-packet", "00" * 60, "--ingress", "no-such-if"),
     ("test-packet",),
+    ("decap", "attach", "no-such-if"),
+    ("decap", "attach", "to-client", "--hook", "egress"),
+    ("decap", "detach", "to-client"),  # not attached
+    ("decap",),
     ("frobnicate",),
 ]
 
@@ -132,3 +143,11 @@ def test_commands_need_an_attached_data_plane(bare_lab, args):
     assert "not attached" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     listed = run_lbctl(bare_lab.lb_ns, "list", "--json").json()
     assert listed == {"dataplane": None, "vips": []}
+
+
+def test_backend_of_dsr_vip_named_with_the_vips_port_is_accepted(configured):
+    result = run_lbctl(configured.lb_ns, "add-backend", DSR_VIP, "198.18.2.2:8080")
+    assert result.returncode == 0
+    listed = run_lbctl(configured.lb_ns, "list").stdout
+    assert "dsr" in listed and "tunnel" in listed
+    run_lbctl(configured.lb_ns, "remove-backend", DSR_VIP, "198.18.2.2")

@@ -67,6 +67,8 @@ def test_the_shipped_example_parses():
 BAD = [
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - address: 198.18.1.300\n", 4, "not an IP address"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    mode: teleport\n", 3, "unknown mode 'teleport'"),
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    mode: dsr\n    backends:\n      - 198.18.1.2:8080\n", 5,
+     "in dsr mode, which cannot change the port"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    colour: blue\n", 3, "unknown key 'colour'"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n  - vip: 198.19.0.1:80/tcp\n", 3, "listed twice (first on line 2)"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - 198.18.1.2:8080\n      - 198.18.1.2:8080\n",
@@ -250,6 +252,6 @@ def test_an_invalid_file_changes_nothing(lab, clean, tmp_path):
     bad = lab_config(lab, (2, 2, 2), extra=f"  - vip: {lab.vip(2)}:80/tcp\n    mode: teleport\n")
     result = run("apply", "-f", lab_file(lab, tmp_path, bad), check=False)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().endswith("unknown mode 'teleport' (expected one of: nat)")
+    assert result.stderr.strip().endswith("unknown mode 'teleport' (expected one of: nat, dsr, tunnel)")
     assert f"lb.yaml:{bad.count(chr(10))}:" in result.stderr
     assert snapshot(run) == before

@@ -30,6 +30,12 @@ CONFIG = {"vips": [
     {"vip": "[2001:2:0:ff::1]:53/udp", "backends": ["[2001:2:0:1::2]:5353"]},
     {"vip": "198.19.0.6:80/tcp", "backends": ["198.18.1.2:8080"],
      "acl": {"198.18.0.0/24": "allow", "198.18.0.2/32": "deny", "198.18.0.7/32": "allow"}},
+    # forwarding modes, IPv4 and IPv6 (to-vip packets reach their IPv6 twins too)
+    {"vip": "198.19.0.7:80/tcp", "backends": ["198.18.1.2", "198.18.2.2"], "mode": "dsr"},
+    {"vip": "198.19.0.8:53/udp", "backends": ["198.18.1.2", "198.18.2.2"], "mode": "tunnel"},
+    {"vip": "198.19.0.10/tcp", "backends": ["198.18.1.2", "198.18.2.2"], "mode": "tunnel"},  # every port
+    {"vip": "[2001:2:0:ff::7]:80/tcp", "backends": ["[2001:2:0:1::2]", "[2001:2:0:2::2]"], "mode": "dsr"},
+    {"vip": "[2001:2:0:ff::8]:53/udp", "backends": ["[2001:2:0:1::2]"], "mode": "tunnel"},
 ]}
 SEEN: set[str] = set()  # reasons reached, to check the fuzzer explores
 
@@ -60,7 +66,7 @@ def packets(draw) -> tuple[bytes, str]:
     if scenario == "to-vip":
         src = draw(st.sampled_from(["198.18.0.2", "198.18.0.7"]))
         dst = draw(st.sampled_from(["198.19.0.1", "198.19.0.2", "198.19.0.3", "198.19.0.4", "198.19.0.5",
-                                    "198.19.0.6"]))
+                                    "198.19.0.6", "198.19.0.7", "198.19.0.8", "198.19.0.10"]))
         sport, dport = draw(client_ports), draw(st.sampled_from([service_port, service_port, 81, 2222]))
         ingress = "client"
     elif scenario == "reply":
@@ -118,5 +124,5 @@ def test_program_and_model_agree_on_any_packet(harness: Harness, packet):
 
 
 def test_fuzzer_reached_the_main_paths():
-    assert {"fwd_nat", "fwd_reply", "tx_icmp_echo", "pass_not_vip", "drop_no_backend", "pass_malformed",
+    assert {"fwd_nat", "fwd_dsr", "fwd_tunnel", "fwd_reply", "tx_icmp_echo", "pass_not_vip", "drop_no_backend", "pass_malformed",
             "drop_fragment", "drop_unsupported_l4"} <= SEEN, SEEN

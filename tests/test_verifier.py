@@ -36,3 +36,18 @@ def test_sizes_lbctl_refuses():
         loader.DataPlaneConfig(ring_size=65536)
     with pytest.raises(ValueError, match="65,536 VIPs"):
         loader.DataPlaneConfig(max_vips=70000)
+
+
+@pytest.mark.parametrize("hook", ["xdp", "tc"])
+def test_verifier_accepts_decap_program_for(hook):
+    """Both entry points of bpf/decap.c (lbctl decap attach --hook xdp|tc). The data plane's own modes
+    are map values, not compiled in: the fixtures load VIPs of every mode into one program."""
+    from lb import decap
+
+    pin_dir = os.path.join(stable_bpffs(), "lb-decap", f"verifier-{secrets.token_hex(4)}")
+    try:
+        fd = decap.load(pin_dir, hook)
+        os.close(fd)
+        assert os.path.exists(os.path.join(pin_dir, "decap_stats"))
+    finally:
+        loader.unpin_all(pin_dir)

@@ -1,0 +1,198 @@
+"""The decapsulation program of tunnel-mode backends (bpf/decap.c): compile, attach, detach, count.
+
+Per network namespace, its pins live in <bpffs>/lb-decap/<netns>/: the counters,
+the host's addresses the program decapsulates for, and one pin of the program
+per interface it is attached to (named HOOK@IFACE), which is how detach knows
+the hook and when the last interface is gone."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from lb import bpfsys
+from lb.loader import BPF_DIR, XDP_FLAGS_DRV_MODE, LoadError, attached_prog_id
+from lb.maps import U32, U64, BpfMap
+from lb.pins import Instance, stable_bpffs
+from lb.structs import LbAddr
+
+HOOKS = ("xdp", "tc")
+FAMILIES = ("ipv4", "ipv6")  # decap_stats keys 0 and 1
+TC_INGRESS = "ffff:fff2"
+TC_HANDLE = 0xDECA  # our filter on the interface's clsact ingress
+TC_PRIO = 0xDECA
+
+
+class DecapError(ValueError):
+    """A request the decapsulation program cannot do (unknown interface, nothing attached)."""
+
+
+def pin_dir(bpffs: str | None = None) -> str:
+    return os.path.join(bpffs or stable_bpffs(), "lb-decap", Instance.current().name)
+
+
+def _marker(directory: str, hook: str, ifname: str) -> str:
+    return os.path.join(directory, f"{hook}@{ifname}")
+
+
+def attached_interfaces(directory: str | None = None) -> dict[str, str]:
+    """Interface -> hook, of this namespace."""
+    directory = directory or pin_dir()
+    if not os.path.isdir(directory):
+        return {}
+    return {name.split("@", 1)[1]: name.split("@", 1)[0] for name in os.listdir(directory) if "@" in name}
+
+
+def load(directory: str, hook: str) -> int:
+    """A fresh program fd; the maps are created, or adopted, at their pins."""
+    from bcc import BPF  # the compiler: only attach needs it
+
+    os.makedirs(directory, exist_ok=True)
+    try:
+        bpf = BPF(src_file=os.fsencode(BPF_DIR / "decap.c"),
+                  cflags=[f"-I{BPF_DIR}", f'-DDECAP_PIN_DIR="{directory}"'])
+        fn = bpf.load_func(b"xdp_decap" if hook == "xdp" else b"tc_decap",
+                           BPF.XDP if hook == "xdp" else BPF.SCHED_CLS)
+    except Exception as e:  # bcc raises bare Exceptions; the verifier log went to stderr
+        raise LoadError(f"the kernel refused the decapsulation program: {e}") from e
+    fd = os.dup(fn.fd)
+    bpf.cleanup()
+    return fd
+
+
+def local_addresses(ipr: IPRoute) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    return {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for family in (socket.AF_INET, socket.AF_INET6)
+            for a in ipr.get_addr(family=family)}
+
+
+def sync_addresses(directory: str) -> int:
+    """Make the program's address set this namespace's addresses; returns how many."""
+    with IPRoute() as ipr:
+        wanted = {bytes(LbAddr.of(a)): LbAddr.of(a) for a in local_addresses(ipr)}
+    addrs = BpfMap(os.path.join(directory, "decap_addrs"), LbAddr, U32)
+    try:
+        for key in list(addrs.keys()):
+            if bytes(key) not in wanted:
+                addrs.delete(key)
+        for addr in wanted.values():
+            addrs.set(addr, U32(1))
+    finally:
+        addrs.close()
+    return len(wanted)
+
+
+def _ifindex(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise DecapError(f"no interface {ifname!r} in this network namespace")
+    return found[0]
+
+
+def attach(ifname: str, hook: str = "xdp") -> dict:
+    if hook not in HOOKS:
+        raise DecapError(f"unknown hook {hook!r} (expected xdp or tc)")
+    directory = pin_dir()
+    with IPRoute() as ipr:
+        ifindex = _ifindex(ipr, ifname)
+        current = attached_interfaces(directory).get(ifname)
+        if current is not None:
+            raise DecapError(f"{ifname}: decapsulation is already attached ({current}); detach it first")
+        other = attached_prog_id(ifindex) if hook == "xdp" else 0
+        if other:  # never replace someone else's program (the load balancer's, say)
+            raise DecapError(f"{ifname}: another XDP program (id {other}) is attached; detach it first or use --hook tc")
+        try:
+            fd = load(directory, hook)
+            try:
+                if hook == "xdp":
+                    _attach_xdp(ipr, ifindex, ifname, fd)
+                else:
+                    _attach_tc(ipr, ifindex, fd)
+                bpfsys.obj_pin(fd, _marker(directory, hook, ifname))
+            finally:
+                os.close(fd)
+        except BaseException:
+            _remove_if_unused(directory)  # the maps were pinned by the compile
+            raise
+    addresses = sync_addresses(directory)
+    return {"interface": ifname, "hook": hook, "addresses": addresses}
+
+
+def _attach_xdp(ipr: IPRoute, ifindex: int, ifname: str, fd: int) -> None:
+    try:
+        ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]})
+    except NetlinkError as e:
+        if e.code in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise LoadError(f"{ifname}: no native XDP on this interface; use --hook tc") from e
+        raise LoadError(f"{ifname}: attaching XDP failed: {os.strerror(e.code)}") from e
+
+
+def _attach_tc(ipr: IPRoute, ifindex: int, fd: int) -> None:
+    try:
+        ipr.tc("add", "clsact", index=ifindex)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:  # an existing clsact qdisc is shared
+            raise LoadError(f"adding the clsact qdisc failed: {os.strerror(e.code)}") from e
+    try:
+        ipr.tc("add-filter", "bpf", index=ifindex, handle=TC_HANDLE, prio=TC_PRIO, fd=fd, name="lb_decap",
+               parent=TC_INGRESS, classid=1, direct_action=True)
+    except NetlinkError as e:
+        raise LoadError(f"adding the TC ingress filter failed: {os.strerror(e.code)}") from e
+
+
+def detach(ifname: str) -> dict:
+    directory = pin_dir()
+    hook = attached_interfaces(directory).get(ifname)
+    if hook is None:
+        raise DecapError(f"{ifname}: decapsulation is not attached (see: lbctl decap stats)")
+    marker = _marker(directory, hook, ifname)
+    with IPRoute() as ipr:
+        ifindex = ipr.link_lookup(ifname=ifname)
+        if ifindex and hook == "xdp" and attached_prog_id(ifindex[0]) == _pinned_prog_id(marker):
+            ipr.link("set", index=ifindex[0], xdp={"attrs": [("IFLA_XDP_FD", -1),
+                                                             ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]})
+        elif ifindex:
+            with contextlib.suppress(NetlinkError):  # already gone with its qdisc: nothing to remove
+                ipr.tc("del-filter", "bpf", index=ifindex[0], handle=TC_HANDLE, prio=TC_PRIO, parent=TC_INGRESS)
+    os.unlink(marker)
+    _remove_if_unused(directory)
+    return {"interface": ifname, "hook": hook}
+
+
+def _remove_if_unused(directory: str) -> None:
+    """Without an interface left, the counters and addresses go too."""
+    if os.path.isdir(directory) and not attached_interfaces(directory):
+        for name in os.listdir(directory):
+            os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)
+
+
+def _pinned_prog_id(path: str) -> int:
+    fd = bpfsys.obj_get(path)
+    try:
+        return bpfsys.prog_id(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class DecapStats:
+    interfaces: dict[str, str]
+    packets: dict[str, int]  # "ipv4" / "ipv6" -> decapsulated packets
+
+
+def stats() -> DecapStats:
+    directory = pin_dir()
+    interfaces = attached_interfaces(directory)
+    if not interfaces:
+        return DecapStats({}, {f: 0 for f in FAMILIES})
+    counters = BpfMap(os.path.join(directory, "decap_stats"), U32, U64)
+    try:
+        return DecapStats(interfaces, {f: sum(counters.get(U32(i)) or []) for i, f in enumerate(FAMILIES)})
+    finally:
+        counters.close()
