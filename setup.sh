@@ -72,5 +72,10 @@ if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 	.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch "$stamp"
 fi
+# The Maglev fill loop in C (lb/maglev.py uses it when present and falls back to Python).
+if [ ! -e lb/_maglev_fill.so ] || [ lb/maglev_fill.c -nt lb/_maglev_fill.so ]; then
+	say "building lb/_maglev_fill.so"
+	gcc -O2 -Wall -shared -fPIC -o lb/_maglev_fill.so lb/maglev_fill.c
+fi
 .venv/bin/python -c 'import bcc, pyroute2, scapy, yaml, prometheus_client' || die "the venv cannot import bcc, pyroute2, scapy, yaml and prometheus_client"
 say "ready"

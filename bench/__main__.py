@@ -11,6 +11,7 @@ import os
 import platform
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ def verdicts(results: dict, targets: dict) -> list[tuple[str, float, str, float,
     rows.append(("Maglev build, 1,000 backends (ms)", m, "<=", c["maglev_build_ms_1000"], m <= c["maglev_build_ms_1000"]))
     a = results["control"]["lbctl_add_backend_ms"]["median"]
     rows.append(("lbctl add-backend (ms)", a, "<=", c["lbctl_add_backend_ms"], a <= c["lbctl_add_backend_ms"]))
+    d = results["control"]["daemon"]["api_add_backend_ms"]["median"]
+    rows.append(("daemon API add-backend (ms)", d, "<=", c["daemon_api_add_backend_ms"],
+                 d <= c["daemon_api_add_backend_ms"]))
     return rows
 
 
@@ -110,8 +114,7 @@ def main() -> None:
         results["control"] = {
             "maglev_build_ms": control.maglev_build_ms(),
             "lbctl_add_backend_ms": control.lbctl_add_backend_ms(lab.lb_ns, vip, "198.18.1.9:8080", runs=runs),
-            "daemon_api_add_backend_ms": None,  # the daemon comes with issue 5
-            "apply_1000_vips_s": None,
+            "daemon": control.daemon_figures(lab, vip, "198.18.1.9:8080", runs=2 * runs),
         }
 
         log("end to end: generator -> LB -> backends (lb XDP, nftables DNAT, bare redirect)")
@@ -134,6 +137,10 @@ def main() -> None:
                                                   progress=log)
         results["control"]["lbctl_add_backend_ms_at_1000_vips"] = control.lbctl_add_backend_ms(
             lab.lb_ns, vip, "198.18.1.9:8080", runs=runs)
+        results["control"]["daemon_at_1000_vips"] = control.daemon_figures(lab, vip, "198.18.1.9:8080", runs=runs)
+        log("control plane: apply a file of 1,000 VIPs with 3 backends each")
+        with tempfile.TemporaryDirectory() as workdir:
+            results["control"]["apply_1000_vips"] = control.apply_many_vips(lab, 1000, workdir)
         results["memory"]["1024_vips"] = {"maps_bytes": scaling.map_memory(pin_dir),
                                           "config": "1M-entry connection table, 1,024 VIPs, 4,096 backends"}
         os.close(lb_prog)
@@ -150,6 +157,14 @@ def main() -> None:
         log(f"  map memory: {m['maps_bytes']['total'] / 2**20:.0f} MiB ({m['config']})")
     log(f"  lbctl add-backend with 1,000 VIPs configured: "
         f"{results['control']['lbctl_add_backend_ms_at_1000_vips']['median']:.0f} ms")
+    ctl = results["control"]
+    log(f"  daemon: API add-backend {ctl['daemon']['api_add_backend_ms']['median']:.0f} ms "
+        f"({ctl['daemon_at_1000_vips']['api_add_backend_ms']['median']:.0f} ms with 1,000 VIPs), lbctl through it "
+        f"{ctl['daemon']['lbctl_add_backend_via_daemon_ms']['median']:.0f} ms, resident memory "
+        f"{ctl['daemon']['daemon_rss_mib']:.0f} MiB ({ctl['daemon_at_1000_vips']['daemon_rss_mib']:.0f} MiB with 1,000 VIPs)")
+    a = ctl["apply_1000_vips"]
+    log(f"  apply 1,000 VIPs x 3 backends: {a['apply_s']:.1f} s, again (no change) {a['apply_again_s']:.1f} s, "
+        f"remove all {a['remove_all_s']:.1f} s")
     log(f"\nresults in bench/results.json, plots: {', '.join(written)} ({results['elapsed_s']} s)\n")
     width = max(len(r[0]) for r in rows)
     for what, value, op, target, ok in rows:

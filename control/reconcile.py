@@ -6,8 +6,11 @@ and metadata first, then the Maglev table, then the VIP key itself (and the
 reverse when removing). If any write fails, the maps are brought back to `old`."""
 from __future__ import annotations
 
+import array
 import ctypes
+import itertools
 import ipaddress
+import operator
 import socket
 from dataclasses import dataclass, field
 
@@ -94,13 +97,21 @@ class MapContents:
         return c
 
 
-def maglev_table(v: VipState | None, ring_size: int) -> list[int]:
-    """Backend ids of a VIP's Maglev table (NO_BACKEND where none)."""
+def maglev_table(v: VipState | None, ring_size: int,
+                 built: dict[tuple, list[int]] | None = None) -> list[int]:
+    """Backend ids of a VIP's Maglev table (NO_BACKEND where none). `built` caches the slot
+    layout by backend addresses and weights: VIPs with the same backends share it."""
     if v is None:
         return [NO_BACKEND] * ring_size
     members = v.maglev_backends()
-    index = build_table([MaglevBackend(str(b.address), b.weight) for b in members], ring_size)
-    return [members[i].id if i >= 0 else NO_BACKEND for i in index]
+    inputs = tuple((str(b.address), b.weight) for b in members)
+    index = built.get(inputs) if built is not None else None
+    if index is None:
+        index = build_table([MaglevBackend(key, weight) for key, weight in inputs], ring_size)
+        if built is not None:
+            built[inputs] = index
+    ids = [b.id for b in members] + [NO_BACKEND]  # build_table's -1 (no backend) picks the last
+    return list(map(ids.__getitem__, index))
 
 
 def maglev_inputs(v: VipState | None) -> list[tuple[str, int, int]]:
@@ -113,7 +124,7 @@ def slots_moved(old: VipState | None, new: VipState | None, ring_size: int) -> i
     if maglev_inputs(old) == maglev_inputs(new):
         return 0
     before, after = maglev_table(old, ring_size), maglev_table(new, ring_size)
-    return sum(1 for a, b in zip(before, after) if a != b)
+    return sum(map(operator.ne, before, after))
 
 
 @dataclass
@@ -129,6 +140,7 @@ class Reconciler:
     def __init__(self, maps: DataPlaneMaps, ring_size: int):
         self.maps = maps
         self.ring_size = ring_size
+        self.built_tables: dict[tuple, list[int]] = {}  # Maglev layouts built during this reconciler's life
 
     def apply(self, old: State, new: State) -> ApplyReport:
         report = ApplyReport()
@@ -270,9 +282,12 @@ class Reconciler:
         """Write the slots of one VIP's Maglev table that differ from the map; returns how many."""
         base = vip_id * self.ring_size
         current = self.maps.maglev.read_range(base, self.ring_size)
-        wanted = maglev_table(v, self.ring_size)
-        diff = [i for i, (have, want) in enumerate(zip(current, wanted)) if have != want]
-        self.maps.maglev.set_many([U32(base + i) for i in diff], [U32(wanted[i]) for i in diff])
+        wanted = maglev_table(v, self.ring_size, self.built_tables)
+        if current == wanted:
+            return 0
+        diff = list(itertools.compress(range(self.ring_size), map(operator.ne, current, wanted)))
+        self.maps.maglev.set_many(array.array("I", [base + i for i in diff]),
+                                  array.array("I", map(wanted.__getitem__, diff)))
         return len(diff)
 
     def _reset_counters(self, map_name: str, index: int) -> None:

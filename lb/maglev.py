@@ -4,8 +4,12 @@ Deterministic across processes and hosts: a backend's permutation depends only o
 its key (for example "10.0.0.2:80") and the table size, never on Python's hash()."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 DEFAULT_RING_SIZE = 65537
 
@@ -52,6 +56,16 @@ def build_table(backends: list[MaglevBackend], size: int = DEFAULT_RING_SIZE) ->
     perms = [_offset_skip(backends[i].key, size) for i in order]
     weights = [backends[i].weight for i in order]
     max_weight = max(weights)
+    fill = _native_fill()
+    if fill is not None:
+        return fill(size, order, perms, weights, max_weight)
+    return _fill(size, order, perms, weights, max_weight)
+
+
+def _fill(size: int, order: list[int], perms: list[tuple[int, int]], weights: list[int],
+          max_weight: int) -> list[int]:
+    """The fill loop in Python (lb/maglev_fill.c does the same, faster)."""
+    table = [-1] * size
     credit = [0] * len(order)
     slots = [offset for offset, _ in perms]  # each backend's next candidate slot
     skips = [skip for _, skip in perms]
@@ -73,3 +87,29 @@ def build_table(backends: list[MaglevBackend], size: int = DEFAULT_RING_SIZE) ->
             filled += 1
             if filled == size:
                 return table
+
+
+NATIVE_FILL = Path(__file__).with_name("_maglev_fill.so")  # built by setup.sh from maglev_fill.c
+FillFunction = Callable[[int, list[int], list[tuple[int, int]], list[int], int], list[int]]
+
+
+@functools.cache
+def _native_fill() -> FillFunction | None:
+    """The C fill loop, when setup.sh has built it; None otherwise (Python does the same)."""
+    source = NATIVE_FILL.with_name("maglev_fill.c")
+    if not NATIVE_FILL.exists() or NATIVE_FILL.stat().st_mtime < source.stat().st_mtime:
+        return None
+    lib = ctypes.CDLL(str(NATIVE_FILL))
+    lib.maglev_fill.restype = None
+    u32p, i32p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_int32)
+    lib.maglev_fill.argtypes = [i32p, ctypes.c_uint32, ctypes.c_uint32, i32p, u32p, u32p, u32p, ctypes.c_uint32, u32p]
+
+    def fill(size: int, order: list[int], perms: list[tuple[int, int]], weights: list[int],
+             max_weight: int) -> list[int]:
+        n = len(order)
+        table, per_backend = (ctypes.c_int32 * size)(), ctypes.c_uint32 * n
+        lib.maglev_fill(table, size, n, (ctypes.c_int32 * n)(*order), per_backend(*(o for o, _ in perms)),
+                        per_backend(*(skip for _, skip in perms)), per_backend(*weights), max_weight, per_backend())
+        return table[:]
+
+    return fill

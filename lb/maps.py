@@ -1,12 +1,13 @@
 """Typed access to the data plane's pinned maps."""
 from __future__ import annotations
 
+import array
 import ctypes
 import os
 import struct
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from lb import bpfsys
 from lb.structs import (FLOW_REPLY, AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, NextHop, ReplySource,
@@ -19,6 +20,12 @@ I32 = ctypes.c_int32
 
 class MapLayoutError(RuntimeError):
     """A pinned map does not have the layout this version of lb expects."""
+
+
+def _ctypes_array(ctype: type, items: Sequence) -> ctypes.Array:
+    if isinstance(items, array.array):
+        return (ctype * len(items)).from_buffer(items)
+    return (ctype * len(items))(*items)
 
 
 class BpfMap:
@@ -82,12 +89,12 @@ class BpfMap:
             if value is not None:
                 yield key, value
 
-    def set_many(self, keys: list, values: list) -> None:
-        """Write many entries in one BPF_MAP_UPDATE_BATCH call."""
-        if not keys:
+    def set_many(self, keys: Sequence, values: Sequence) -> None:
+        """Write many entries in one BPF_MAP_UPDATE_BATCH call. Keys and values are lists of the
+        map's types, or array.arrays of the same layout (no per-entry object: a whole Maglev table)."""
+        if not len(keys):
             return
-        karr = (self.key_type * len(keys))(*keys)
-        varr = (self.value_type * len(values))(*values)
+        karr, varr = _ctypes_array(self.key_type, keys), _ctypes_array(self.value_type, values)
         bpfsys.map_update_batch(self.fd, karr, varr, len(keys))
 
     def count(self, chunk: int = 8192) -> int:

@@ -1,6 +1,7 @@
 """Maglev table population: full, weighted, deterministic, minimally disruptive."""
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -75,3 +76,19 @@ def test_table_size_must_be_prime():
     assert is_prime(65537) and is_prime(251) and not is_prime(65536)
     with pytest.raises(ValueError):
         build_table(backends(3), 65536)
+
+
+def test_the_c_fill_loop_is_built_and_gives_the_python_loops_tables(monkeypatch):
+    """setup.sh builds lb/_maglev_fill.so; it must fill every table exactly as the Python loop does."""
+    from lb import maglev
+    assert maglev._native_fill() is not None, "lb/_maglev_fill.so is missing or older than its source"
+    rng = random.Random(7)
+    cases = []
+    for _ in range(40):
+        n = rng.randint(1, 50)
+        backends = [MaglevBackend(f"10.{rng.randint(0, 255)}.0.{i}:80", rng.choice([0, 1, 1, 2, 7, 100]))
+                    for i in range(n)]
+        cases.append((backends, rng.choice([7, 13, 251, 65537])))
+    native = [build_table(b, size) for b, size in cases]
+    monkeypatch.setattr(maglev, "_native_fill", lambda: None)
+    assert [build_table(b, size) for b, size in cases] == native
