@@ -119,9 +119,12 @@ def main() -> None:
 
         log("end to end: generator -> LB -> backends (lb XDP, nftables DNAT, bare redirect)")
         bench = endtoend.build(lab, pin_dir)
-        results["endtoend"] = endtoend.run(bench, reps=2 if QUICK else 5,
-                                           rate_packets=1_000_000 if QUICK else 3_000_000,
-                                           cpu_pps=300_000, cpu_seconds=3 if QUICK else 10, progress=log)
+        try:
+            results["endtoend"] = endtoend.run(bench, reps=2 if QUICK else 5,
+                                               rate_packets=1_000_000 if QUICK else 3_000_000,
+                                               cpu_pps=300_000, cpu_seconds=3 if QUICK else 10, progress=log)
+        finally:
+            bench.close()
         log("real client: wrk through the VIP to nginx (lb XDP, nftables DNAT)")
         results["http"] = web.run(lab, lb_prog, vip_port=80, backend_port=8080, reps=2 if QUICK else 5,
                                   seconds=2 if QUICK else 5, progress=log)

@@ -85,6 +85,11 @@ class Bench:
     generator: Generator
     configs: dict[str, tuple[Callable[[], None], Callable[[], None]]]  # name -> (enable, disable)
 
+    def close(self) -> None:
+        """Take the sinks off the backends: afterwards they receive normally again."""
+        for sink in self.sinks:
+            sink.detach()
+
     def delivered(self) -> int:
         return sum(s.count() for s in self.sinks)
 

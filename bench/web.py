@@ -109,7 +109,7 @@ def parse_wrk(output: str) -> dict[str, float]:
 
 def wrk(ns: str, url: str, seconds: int, connections: int, threads: int = 2) -> dict[str, float]:
     proc = subprocess.run(["ip", "netns", "exec", ns, "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s",
-                           "--latency", url], capture_output=True, text=True, timeout=seconds + 60)
+                           "--timeout", "2s", "--latency", url], capture_output=True, text=True, timeout=seconds + 60)
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()}")
     return parse_wrk(proc.stdout)
