@@ -83,9 +83,11 @@ enum lb_reason {
 	LB_DROP_NO_ROUTE,         /* no route to the chosen backend or the client */
 	LB_DROP_IP_OPTIONS,       /* to a VIP: IPv4 options and IPv6 extension headers are not balanced */
 	LB_DROP_FRAGMENT,         /* to a VIP: fragments are not balanced */
-	LB_DROP_UNSUPPORTED_L4,   /* to a VIP: not TCP or UDP (nor an ICMP echo request) */
+	LB_DROP_UNSUPPORTED_L4,   /* to a VIP: not TCP or UDP (nor ICMP echo or too-big) */
 	LB_DROP_MALFORMED,        /* to a VIP: truncated or inconsistent headers */
 	LB_DROP_ACL,              /* to a VIP: the source is not allowed */
+	LB_FWD_ICMP_ERROR,        /* fragmentation needed / packet too big about a flow, sent to its backend */
+	LB_DROP_ICMP_NO_FLOW,     /* fragmentation needed / packet too big to a VIP, about no known flow */
 	LB_REASON_MAX,
 };
 

@@ -290,10 +290,57 @@ static __always_inline int unbalanceable(struct xdp_md *ctx, const struct packet
 	}
 }
 
+/* An ICMP error quoting a reply of the flow goes where the flow goes. (One
+ * place per forwarding mode: today NAT.) */
+static __always_inline int forward_icmp_error(struct xdp_md *ctx, struct packet *pkt, struct icmp_inner *in,
+					      struct flow_entry *flow, const struct backend *be)
+{
+	icmp_error_rewrite_to_backend(pkt, in, be);
+	return send(ctx, pkt, &flow->nh, ensure_next_hop(ctx, pkt, &be->addr, &flow->nh), LB_FWD_ICMP_ERROR);
+}
+
+/* Does the quoted packet come from this VIP? (port 0: the VIP takes every port) */
+static __always_inline int quote_from_vip(const struct icmp_inner *in, const struct vip_meta *vip)
+{
+	return (vip->port == in->ports[0] || !vip->port) && vip->addr.w[0] == in->src.w[0] &&
+	       vip->addr.w[1] == in->src.w[1] && vip->addr.w[2] == in->src.w[2] && vip->addr.w[3] == in->src.w[3];
+}
+
+/* "Fragmentation needed" / "packet too big" about a reply that left as
+ * VIP -> client: reversed, the quote is the client's flow, which names the
+ * backend that sent the reply and must lower its path MTU. */
+static __always_inline int icmp_error_to_backend(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct icmp_inner in = {};
+	int rc = icmp_parse_inner(pkt, (void *)(long)ctx->data_end, &in);
+
+	if (rc != LB_PARSE_OK)
+		return unbalanceable(ctx, pkt, rc);
+	struct flow_key key = {
+		.src = in.dst, .dst = in.src, .sport = in.ports[1], .dport = in.ports[0], .proto = in.proto,
+	};
+	struct flow_entry *flow = conn_table.lookup(&key);
+
+	if (!flow || (flow->flags & LB_FLOW_REPLY))
+		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, XDP_DROP);
+	struct vip_meta *vip = active_vip(flow->vip_id);
+
+	if (!vip || !quote_from_vip(&in, vip))
+		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, XDP_DROP);
+	__u32 backend_id = flow->backend_id;
+	struct backend *be = backends.lookup(&backend_id);
+
+	if (!be)
+		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
+	return forward_icmp_error(ctx, pkt, &in, flow, be);
+}
+
 static __always_inline int handle_icmp(struct xdp_md *ctx, struct packet *pkt)
 {
 	if (icmp_is_neighbour_discovery(pkt) || !is_vip_address(&pkt->dst))
 		return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
+	if (icmp_is_too_big(pkt))
+		return icmp_error_to_backend(ctx, pkt);
 	if (!icmp_is_echo_request(pkt))
 		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, XDP_DROP);
 	icmp_echo_reply(pkt);

@@ -158,6 +158,8 @@ REASONS: tuple[str, ...] = (
     "LB_DROP_UNSUPPORTED_L4",
     "LB_DROP_MALFORMED",
     "LB_DROP_ACL",
+    "LB_FWD_ICMP_ERROR",
+    "LB_DROP_ICMP_NO_FLOW",
 )
 
 # Flags and constants of bpf/consts.h used from Python.
