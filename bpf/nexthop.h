@@ -5,6 +5,7 @@
 #define LB_NEXTHOP_H
 
 #include <linux/bpf.h>
+#include "ctx.h"
 #include "parse.h"
 
 enum nh_result {
@@ -14,7 +15,7 @@ enum nh_result {
 };
 
 /* Ask the kernel's FIB for the next hop to dst (the route mirror missed). */
-static __always_inline int fib_next_hop(struct xdp_md *ctx, const struct packet *pkt,
+static __always_inline int fib_next_hop(lb_ctx *ctx, const struct packet *pkt,
 					const union lb_addr *dst, struct next_hop *nh)
 {
 	struct bpf_fib_lookup fib = {};

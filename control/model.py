@@ -140,7 +140,7 @@ class VipState:
 class Interface:
     name: str
     ifindex: int
-    mode: str  # "native" or "generic"
+    mode: str  # XDP "native" or "generic", or "tc" (TC ingress)
 
 
 @dataclass
@@ -151,6 +151,7 @@ class DataPlaneState:
     pin_dir: str
     netns_ino: int
     config: dict[str, int]
+    hook: str = "xdp"  # "xdp", or "tc": the TC build at clsact ingress (loader.HOOKS)
 
 
 @dataclass

@@ -58,9 +58,14 @@ class Controller:
 
     # --- the data plane itself -------------------------------------------------
 
-    def attach(self, ifnames: list[str], mode: str, config: loader.DataPlaneConfig) -> dict[str, Any]:
+    def attach(self, ifnames: list[str], mode: str, config: loader.DataPlaneConfig,
+               hook: str = "xdp") -> dict[str, Any]:
         if mode not in loader.XDP_MODES:
             raise InputError(f"unknown XDP mode {mode!r} (expected native or generic)")
+        if hook not in loader.HOOKS:
+            raise InputError(f"unknown hook {hook!r} (expected xdp or tc)")
+        if hook == "tc":
+            mode = "tc"
         if len(set(ifnames)) != len(ifnames):
             raise InputError("an interface is named twice")
         with IPRoute() as ipr:
@@ -75,11 +80,14 @@ class Controller:
                 raise InputError(f"already attached to {names}; run 'lbctl detach' first")
             pin_dir = self.instance.pin_dir()
             loader.unpin_all(pin_dir)  # leftovers of a data plane this state no longer knows
-            prog_fd = loader.load_and_pin(config, pin_dir)
+            prog_fd = loader.load_and_pin(config, pin_dir, hook)
             done: list[Interface] = []
             try:
                 for iface in ifaces:
-                    loader.attach_xdp(iface.ifindex, iface.name, prog_fd, mode)
+                    if hook == "tc":
+                        loader.attach_tc(iface.ifindex, iface.name, prog_fd)
+                    else:
+                        loader.attach_xdp(iface.ifindex, iface.name, prog_fd, mode)
                     done.append(iface)
                 with DataPlaneMaps.open(pin_dir) as maps:
                     for iface in ifaces:
@@ -88,13 +96,29 @@ class Controller:
                     Reconciler(maps, config.ring_size).apply(State(), state)
             except BaseException:
                 for iface in done:
-                    loader.detach_xdp(iface.ifindex, mode)
+                    self._detach_interface(iface, hook)
                 loader.unpin_all(pin_dir)
                 raise
             finally:
                 os.close(prog_fd)
-            state.dataplane = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict())
-            return {"attached": [i.name for i in ifaces], "mode": mode, "pin_dir": pin_dir, "vips": len(state.vips)}
+            state.dataplane = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict(), hook)
+            return {"attached": [i.name for i in ifaces], "mode": mode, "hook": hook, "pin_dir": pin_dir,
+                    "vips": len(state.vips)}
+
+    @staticmethod
+    def _detach_interface(iface: Interface, hook: str) -> None:
+        if hook == "tc":
+            loader.detach_tc(iface.ifindex)
+        else:
+            loader.detach_xdp(iface.ifindex, iface.mode)
+
+    @staticmethod
+    def _ours_attached(iface: Interface, dp: DataPlaneState, ours: int | None) -> bool:
+        """Is this data plane's program still on the interface? (Not another one attached since.)"""
+        if dp.hook == "tc":
+            return loader.tc_attached(iface.ifindex)
+        attached = loader.attached_prog_id(iface.ifindex)
+        return bool(attached) and (ours is None or attached == ours)
 
     def detach(self) -> dict[str, Any]:
         with self.store.transaction() as state:
@@ -106,11 +130,11 @@ class Controller:
             detached = []
             for iface in dp.interfaces:
                 try:
-                    attached = loader.attached_prog_id(iface.ifindex)
+                    attached = self._ours_attached(iface, dp, ours)
                 except Exception:
                     continue  # the interface is gone
-                if attached and (ours is None or attached == ours):
-                    loader.detach_xdp(iface.ifindex, iface.mode)
+                if attached:
+                    self._detach_interface(iface, dp.hook)
                     detached.append(iface.name)
             loader.unpin_all(dp.pin_dir)
             state.dataplane = None
@@ -219,6 +243,7 @@ class Controller:
         return {
             "dataplane": None if dp is None else {
                 "interfaces": [{"name": i.name, "mode": i.mode} for i in dp.interfaces],
+                "hook": dp.hook,
                 "pin_dir": dp.pin_dir,
                 **dp.config,
             },

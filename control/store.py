@@ -32,6 +32,7 @@ def state_to_doc(state: State) -> dict[str, Any]:
             "pin_dir": dp.pin_dir,
             "netns_ino": dp.netns_ino,
             "config": dp.config,
+            "hook": dp.hook,
         },
         "vips": [
             {
@@ -65,7 +66,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
     dataplane = None
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
-                                   dp["config"])
+                                   dp["config"], dp.get("hook", "xdp"))
     return State(dataplane, vips)
 
 

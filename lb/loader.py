@@ -16,7 +16,9 @@ from lb import bpfsys
 from lb.maglev import DEFAULT_RING_SIZE, is_prime
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-PROGRAM_PIN = "xdp_lb"
+PROGRAM_PIN = "xdp_lb"  # the XDP build: attached with hook "xdp", and always the probe's engine
+TC_PROGRAM_PIN = "tc_lb"  # the TC build (-DLB_HOOK_TC), with hook "tc"
+HOOKS = ("xdp", "tc")
 
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
@@ -60,25 +62,38 @@ class DataPlaneConfig:
         return asdict(self)
 
 
-def load_and_pin(config: DataPlaneConfig, pin_dir: str) -> int:
-    """Compile bpf/lb.c, create and pin its maps and program; returns a program fd."""
-    from bcc import BPF  # heavy: only attach needs the compiler
-
+def load_and_pin(config: DataPlaneConfig, pin_dir: str, hook: str = "xdp") -> int:
+    """Compile bpf/lb.c, create and pin its maps and the XDP program (lbctl test-packet runs it
+    whatever the hook); for hook "tc" also the TC build, on the same maps. Returns an fd of the
+    program to attach."""
     os.makedirs(pin_dir, exist_ok=True)
     try:
-        bpf = BPF(src_file=os.fsencode(BPF_DIR / "lb.c"), cflags=config.cflags(pin_dir))
-        fn = bpf.load_func(b"xdp_lb", BPF.XDP)
+        fd = _compile_and_pin(config, pin_dir, "xdp")
+        if hook == "tc":
+            os.close(fd)
+            fd = _compile_and_pin(config, pin_dir, "tc")
     except Exception as e:  # bcc raises bare Exceptions; the verifier log went to stderr
         unpin_all(pin_dir)
         raise LoadError(f"the kernel refused the data plane program: {e}") from e
-    fd = os.dup(fn.fd)
-    bpfsys.obj_pin(fd, os.path.join(pin_dir, PROGRAM_PIN))
-    bpf.cleanup()
     return fd
 
 
-def pinned_program(pin_dir: str) -> int:
-    return bpfsys.obj_get(os.path.join(pin_dir, PROGRAM_PIN))
+def _compile_and_pin(config: DataPlaneConfig, pin_dir: str, hook: str) -> int:
+    from bcc import BPF  # heavy: only attach needs the compiler
+
+    tc = hook == "tc"
+    bpf = BPF(src_file=os.fsencode(BPF_DIR / "lb.c"), cflags=config.cflags(pin_dir) + (["-DLB_HOOK_TC"] if tc else []))
+    try:
+        fn = bpf.load_func(b"xdp_lb", BPF.SCHED_CLS if tc else BPF.XDP)
+        fd = os.dup(fn.fd)
+    finally:
+        bpf.cleanup()
+    bpfsys.obj_pin(fd, os.path.join(pin_dir, TC_PROGRAM_PIN if tc else PROGRAM_PIN))
+    return fd
+
+
+def pinned_program(pin_dir: str, hook: str = "xdp") -> int:
+    return bpfsys.obj_get(os.path.join(pin_dir, TC_PROGRAM_PIN if hook == "tc" else PROGRAM_PIN))
 
 
 def unpin_all(pin_dir: str) -> None:
@@ -117,3 +132,43 @@ def attached_prog_id(ifindex: int) -> int:
 def detach_xdp(ifindex: int, mode: str) -> None:
     with IPRoute() as ipr:
         ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", XDP_MODES[mode])]})
+
+
+# TC: a clsact qdisc's ingress hook, one direct-action bpf filter at lb's own priority and name.
+TC_INGRESS = 0xFFFFFFF2
+TC_EGRESS = 0xFFFFFFF3
+TC_PRIO = 0x4C42
+TC_FILTER_NAME = "lb"
+
+
+def attach_tc(ifindex: int, ifname: str, prog_fd: int) -> None:
+    try:
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+            ipr.tc("add-filter", "bpf", ifindex, ":1", fd=prog_fd, name=TC_FILTER_NAME, parent=TC_INGRESS,
+                   prio=TC_PRIO, classid=1, direct_action=True)
+    except NetlinkError as e:
+        if e.code == errno.EEXIST:
+            raise LoadError(f"{ifname}: a TC filter already sits at lb's priority; detach it first") from e
+        raise LoadError(f"{ifname}: attaching at TC ingress failed: {os.strerror(e.code)}") from e
+
+
+def tc_attached(ifindex: int) -> bool:
+    """Does lb's filter sit on the interface's TC ingress?"""
+    with IPRoute() as ipr:
+        filters = ipr.get_filters(index=ifindex, parent=TC_INGRESS)
+    return any(f["info"] >> 16 == TC_PRIO and f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") == TC_FILTER_NAME
+               for f in filters)
+
+
+def detach_tc(ifindex: int) -> None:
+    """Remove lb's filter; and the clsact qdisc once no filter is left on it."""
+    with IPRoute() as ipr:
+        ipr.tc("del-filter", index=ifindex, parent=TC_INGRESS, prio=TC_PRIO)
+        left = [f for parent in (TC_INGRESS, TC_EGRESS) for f in ipr.get_filters(index=ifindex, parent=parent)]
+        if not left:
+            ipr.tc("del", "clsact", ifindex)

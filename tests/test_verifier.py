@@ -1,7 +1,7 @@
 """The kernel's verifier accepts the data plane built with the sizes lbctl attach can ask for.
 
 The sizes are compile-time constants (bpf/consts.h): the smallest, the default and large
-ones are each compiled, loaded and unpinned. (The XDP mode is chosen at attach time, not
+ones are each compiled, loaded and unpinned; and the TC build (-DLB_HOOK_TC) with the default ones. (The XDP mode is chosen at attach time, not
 compiled in: tests/test_attach.py attaches in both.)"""
 from __future__ import annotations
 
@@ -27,6 +27,17 @@ def test_verifier_accepts_program_built_with(name):
         fd = loader.load_and_pin(CONFIGS[name], pin_dir)
         os.close(fd)
         assert os.path.exists(os.path.join(pin_dir, loader.PROGRAM_PIN))
+    finally:
+        loader.unpin_all(pin_dir)
+
+
+def test_verifier_accepts_the_tc_build_beside_the_xdp_one():
+    pin_dir = os.path.join(stable_bpffs(), "lb", f"verifier-{secrets.token_hex(4)}")
+    try:
+        fd = loader.load_and_pin(CONFIGS["default"], pin_dir, "tc")
+        os.close(fd)
+        assert os.path.exists(os.path.join(pin_dir, loader.TC_PROGRAM_PIN))
+        assert os.path.exists(os.path.join(pin_dir, loader.PROGRAM_PIN))  # the probe's engine
     finally:
         loader.unpin_all(pin_dir)
 
