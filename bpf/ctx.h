@@ -21,6 +21,11 @@ typedef struct __sk_buff lb_ctx;
 /* Out of another interface: any one works for an skb, no DEVMAP slot needed. */
 #define LB_ACT_REDIRECT(ifindex) bpf_redirect((ifindex), 0)
 
+/* Out of ifindex, the kernel resolving the neighbour. (bcc's helpers.h
+ * declares this helper without its plen argument.) */
+static long (*lb_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
+
 /* Parsing reads the headers by direct access: they must be in the linear part. */
 static __always_inline void lb_ctx_prepare(lb_ctx *ctx)
 {

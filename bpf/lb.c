@@ -11,6 +11,7 @@
 #include "nat.h"
 #include "nexthop.h"
 #include "icmp.h"
+#include "steer.h"
 
 /* Count why, and tell a probe (lbctl test-packet) when it asks (ctx.h). */
 static __always_inline int verdict(lb_ctx *ctx, enum lb_reason reason, int action)
@@ -107,6 +108,22 @@ static __always_inline int send(lb_ctx *ctx, struct packet *pkt, const struct ne
 	return verdict(ctx, ok, action);
 }
 
+/* A backend shared by several VIPs: its replies cannot name the VIP by
+ * themselves, so the flow is remembered by them too. */
+static __always_inline void remember_reply(const struct packet *pkt, const struct backend *be, __u32 backend_id,
+					   __u16 vip_id, __u16 flags)
+{
+	if (!(be->flags & LB_BACKEND_SHARED))
+		return;
+	struct flow_entry reply = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_REPLY | flags };
+	struct flow_key reply_key = {
+		.src = be->addr, .dst = pkt->src, .sport = be->port ? be->port : pkt->dport,
+		.dport = pkt->sport, .proto = pkt->proto,
+	};
+
+	conn_table.update(&reply_key, &reply);
+}
+
 /* A new flow: pick a backend on the VIP's Maglev table and remember the
  * choice, with the backend's next hop already in it. */
 static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow_key *key,
@@ -130,16 +147,7 @@ static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow
 	struct flow_entry entry = { .backend_id = backend_id, .vip_id = vip_id, .nh = *be_nh };
 
 	conn_table.update(key, &entry);
-	if (be->flags & LB_BACKEND_SHARED) {
-		/* Its replies cannot name the VIP by themselves: remember the flow by them too. */
-		struct flow_entry reply = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_REPLY };
-		struct flow_key reply_key = {
-			.src = be->addr, .dst = pkt->src, .sport = be->port ? be->port : pkt->dport,
-			.dport = pkt->sport, .proto = pkt->proto,
-		};
-
-		conn_table.update(&reply_key, &reply);
-	}
+	remember_reply(pkt, be, backend_id, vip_id, 0);
 	count_flow(vip_id, backend_id, pkt->len, 0, 1);
 	nat_rewrite_destination(pkt, be);
 	return send(ctx, pkt, &entry.nh, resolved, LB_FWD_NAT);
@@ -259,6 +267,8 @@ static __always_inline int to_client(lb_ctx *ctx, struct packet *pkt, struct flo
 
 	count_flow(vip_id, backend_id, pkt->len, 1, 0);
 	nat_rewrite_source(pkt, vip);
+	if (flow->flags & LB_FLOW_LOCAL) /* the LB host's own connection (steered at TC egress) */
+		return verdict(ctx, LB_PASS_LOCAL_REPLY, LB_ACT_PASS);
 	return send(ctx, pkt, &flow->reply_nh, ensure_next_hop(ctx, pkt, &pkt->dst, &flow->reply_nh), LB_FWD_REPLY);
 }
 
@@ -393,3 +403,58 @@ int xdp_lb(lb_ctx *ctx)
 		return to_client(ctx, &pkt, flow, reply_vip);
 	return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
 }
+
+#ifdef LB_HOOK_TC
+/* TC egress: the LB host's own packet to a VIP, marked for a backend (health
+ * checks), goes to that backend as the VIP's mode sends a client's (NAT
+ * today); the flow is remembered so that to_client() hands the replies back
+ * to the host as from the VIP. Every other packet passes untouched. */
+int lb_egress(lb_ctx *ctx)
+{
+	__u32 backend_id = steer_backend_id(ctx);
+	struct packet pkt = {};
+
+	if (backend_id == LB_NO_BACKEND)
+		return LB_ACT_PASS;
+	lb_ctx_prepare(ctx);
+	if (parse_packet(ctx, &pkt) != LB_PARSE_OK || pkt.icmp)
+		return LB_ACT_PASS;
+	struct vip_key vkey = { .addr = pkt.dst, .port = pkt.dport, .proto = pkt.proto };
+	struct vip_info *vip = vips.lookup(&vkey);
+
+	if (!vip) {
+		vkey.port = 0; /* a VIP of every port */
+		vip = vips.lookup(&vkey);
+	}
+	if (!vip)
+		return LB_ACT_PASS;
+	__u16 vip_id = vip->id;
+	struct backend *be = backends.lookup(&backend_id);
+
+	if (!be || !(be->flags & LB_BACKEND_IN_USE))
+		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
+	/* The way to the backend, asked before the rewrite (which makes pkt's pointers stale);
+	 * the kernel resolves the neighbour (lb_redirect_neigh). */
+	struct bpf_fib_lookup fib = {};
+
+	fib_query(&fib, ctx->ifindex, &pkt, &be->addr);
+	int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return verdict(ctx, LB_DROP_NO_ROUTE, LB_ACT_DROP);
+	struct flow_key key = {};
+
+	flow_key_of(&key, &pkt);
+	int known = conn_table.lookup(&key) != NULL;
+
+	if (!known) {
+		struct flow_entry entry = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_LOCAL };
+
+		conn_table.update(&key, &entry);
+		remember_reply(&pkt, be, backend_id, vip_id, LB_FLOW_LOCAL);
+	}
+	count_flow(vip_id, backend_id, pkt.len, 0, !known);
+	steer_rewrite_destination(ctx, &pkt, be);
+	return verdict(ctx, LB_FWD_STEERED, lb_redirect_neigh(fib.ifindex, NULL, 0, 0));
+}
+#endif

@@ -5,6 +5,7 @@ Bad input raises InputError before anything is written; a failed map update is
 rolled back by the Reconciler; a failed save rolls the maps back too."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import ipaddress
 import os
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from control.errors import InputError, LbError
 from control.model import (HASHES, MODES, BackendAddress, format_endpoint, BackendState, DataPlaneState, Interface, State, VipAddress,
@@ -81,6 +83,7 @@ class Controller:
             pin_dir = self.instance.pin_dir()
             loader.unpin_all(pin_dir)  # leftovers of a data plane this state no longer knows
             prog_fd = loader.load_and_pin(config, pin_dir, hook)
+            egress_fd = loader.pinned_program(pin_dir, loader.EGRESS_PROGRAM_PIN)
             done: list[Interface] = []
             try:
                 for iface in ifaces:
@@ -89,6 +92,8 @@ class Controller:
                     else:
                         loader.attach_xdp(iface.ifindex, iface.name, prog_fd, mode)
                     done.append(iface)
+                    # steers the host's own packets marked for a backend (health checks)
+                    loader.attach_tc(iface.ifindex, iface.name, egress_fd, loader.TC_EGRESS)
                 with DataPlaneMaps.open(pin_dir) as maps:
                     for iface in ifaces:
                         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
@@ -101,16 +106,21 @@ class Controller:
                 raise
             finally:
                 os.close(prog_fd)
+                os.close(egress_fd)
             state.dataplane = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict(), hook)
             return {"attached": [i.name for i in ifaces], "mode": mode, "hook": hook, "pin_dir": pin_dir,
                     "vips": len(state.vips)}
 
     @staticmethod
     def _detach_interface(iface: Interface, hook: str) -> None:
+        """Take lb's programs off the interface: the hook's, then the egress one."""
         if hook == "tc":
-            loader.detach_tc(iface.ifindex)
+            with contextlib.suppress(NetlinkError):
+                loader.detach_tc(iface.ifindex)
         else:
             loader.detach_xdp(iface.ifindex, iface.mode)
+        with contextlib.suppress(NetlinkError):
+            loader.detach_tc(iface.ifindex, loader.TC_EGRESS)
 
     @staticmethod
     def _ours_attached(iface: Interface, dp: DataPlaneState, ours: int | None) -> bool:
@@ -136,6 +146,8 @@ class Controller:
                 if attached:
                     self._detach_interface(iface, dp.hook)
                     detached.append(iface.name)
+                elif loader.tc_attached(iface.ifindex, loader.TC_EGRESS):
+                    loader.detach_tc(iface.ifindex, loader.TC_EGRESS)
             loader.unpin_all(dp.pin_dir)
             state.dataplane = None
             return {"detached": detached}

@@ -18,6 +18,7 @@ from lb.maglev import DEFAULT_RING_SIZE, is_prime
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM_PIN = "xdp_lb"  # the XDP build: attached with hook "xdp", and always the probe's engine
 TC_PROGRAM_PIN = "tc_lb"  # the TC build (-DLB_HOOK_TC), with hook "tc"
+EGRESS_PROGRAM_PIN = "tc_egress"  # the TC build's egress program (steers marked local packets), with either hook
 HOOKS = ("xdp", "tc")
 
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -63,37 +64,35 @@ class DataPlaneConfig:
 
 
 def load_and_pin(config: DataPlaneConfig, pin_dir: str, hook: str = "xdp") -> int:
-    """Compile bpf/lb.c, create and pin its maps and the XDP program (lbctl test-packet runs it
-    whatever the hook); for hook "tc" also the TC build, on the same maps. Returns an fd of the
-    program to attach."""
+    """Compile bpf/lb.c twice on the same pinned maps: the XDP build (pinned as xdp_lb; lbctl
+    test-packet runs it whatever the hook) and the TC build (tc_lb, and the egress program
+    tc_egress). Returns an fd of the program the hook attaches."""
     os.makedirs(pin_dir, exist_ok=True)
     try:
-        fd = _compile_and_pin(config, pin_dir, "xdp")
-        if hook == "tc":
-            os.close(fd)
-            fd = _compile_and_pin(config, pin_dir, "tc")
+        _compile_and_pin(config, pin_dir, [], {b"xdp_lb": (PROGRAM_PIN, "XDP")})
+        _compile_and_pin(config, pin_dir, ["-DLB_HOOK_TC"], {b"xdp_lb": (TC_PROGRAM_PIN, "SCHED_CLS"),
+                                                             b"lb_egress": (EGRESS_PROGRAM_PIN, "SCHED_CLS")})
     except Exception as e:  # bcc raises bare Exceptions; the verifier log went to stderr
         unpin_all(pin_dir)
         raise LoadError(f"the kernel refused the data plane program: {e}") from e
-    return fd
+    return pinned_program(pin_dir, TC_PROGRAM_PIN if hook == "tc" else PROGRAM_PIN)
 
 
-def _compile_and_pin(config: DataPlaneConfig, pin_dir: str, hook: str) -> int:
+def _compile_and_pin(config: DataPlaneConfig, pin_dir: str, cflags: list[str],
+                     functions: dict[bytes, tuple[str, str]]) -> None:
+    """Compile once, load each function as its program type and pin it under its name."""
     from bcc import BPF  # heavy: only attach needs the compiler
 
-    tc = hook == "tc"
-    bpf = BPF(src_file=os.fsencode(BPF_DIR / "lb.c"), cflags=config.cflags(pin_dir) + (["-DLB_HOOK_TC"] if tc else []))
+    bpf = BPF(src_file=os.fsencode(BPF_DIR / "lb.c"), cflags=config.cflags(pin_dir) + cflags)
     try:
-        fn = bpf.load_func(b"xdp_lb", BPF.SCHED_CLS if tc else BPF.XDP)
-        fd = os.dup(fn.fd)
+        for function, (pin, prog_type) in functions.items():
+            bpfsys.obj_pin(bpf.load_func(function, getattr(BPF, prog_type)).fd, os.path.join(pin_dir, pin))
     finally:
         bpf.cleanup()
-    bpfsys.obj_pin(fd, os.path.join(pin_dir, TC_PROGRAM_PIN if tc else PROGRAM_PIN))
-    return fd
 
 
-def pinned_program(pin_dir: str, hook: str = "xdp") -> int:
-    return bpfsys.obj_get(os.path.join(pin_dir, TC_PROGRAM_PIN if hook == "tc" else PROGRAM_PIN))
+def pinned_program(pin_dir: str, pin: str = PROGRAM_PIN) -> int:
+    return bpfsys.obj_get(os.path.join(pin_dir, pin))
 
 
 def unpin_all(pin_dir: str) -> None:
@@ -141,7 +140,7 @@ TC_PRIO = 0x4C42
 TC_FILTER_NAME = "lb"
 
 
-def attach_tc(ifindex: int, ifname: str, prog_fd: int) -> None:
+def attach_tc(ifindex: int, ifname: str, prog_fd: int, parent: int = TC_INGRESS) -> None:
     try:
         with IPRoute() as ipr:
             try:
@@ -149,26 +148,26 @@ def attach_tc(ifindex: int, ifname: str, prog_fd: int) -> None:
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise
-            ipr.tc("add-filter", "bpf", ifindex, ":1", fd=prog_fd, name=TC_FILTER_NAME, parent=TC_INGRESS,
+            ipr.tc("add-filter", "bpf", ifindex, ":1", fd=prog_fd, name=TC_FILTER_NAME, parent=parent,
                    prio=TC_PRIO, classid=1, direct_action=True)
     except NetlinkError as e:
         if e.code == errno.EEXIST:
             raise LoadError(f"{ifname}: a TC filter already sits at lb's priority; detach it first") from e
-        raise LoadError(f"{ifname}: attaching at TC ingress failed: {os.strerror(e.code)}") from e
+        raise LoadError(f"{ifname}: attaching at TC failed: {os.strerror(e.code)}") from e
 
 
-def tc_attached(ifindex: int) -> bool:
-    """Does lb's filter sit on the interface's TC ingress?"""
+def tc_attached(ifindex: int, parent: int = TC_INGRESS) -> bool:
+    """Does lb's filter sit on the interface's TC ingress (or egress)?"""
     with IPRoute() as ipr:
-        filters = ipr.get_filters(index=ifindex, parent=TC_INGRESS)
+        filters = ipr.get_filters(index=ifindex, parent=parent)
     return any(f["info"] >> 16 == TC_PRIO and f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") == TC_FILTER_NAME
                for f in filters)
 
 
-def detach_tc(ifindex: int) -> None:
+def detach_tc(ifindex: int, parent: int = TC_INGRESS) -> None:
     """Remove lb's filter; and the clsact qdisc once no filter is left on it."""
     with IPRoute() as ipr:
-        ipr.tc("del-filter", index=ifindex, parent=TC_INGRESS, prio=TC_PRIO)
+        ipr.tc("del-filter", index=ifindex, parent=parent, prio=TC_PRIO)
         left = [f for parent in (TC_INGRESS, TC_EGRESS) for f in ipr.get_filters(index=ifindex, parent=parent)]
         if not left:
             ipr.tc("del", "clsact", ifindex)

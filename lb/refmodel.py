@@ -405,6 +405,8 @@ class DataPlaneModel:
                    ingress: int) -> ModelResult:
         flow, meta = found
         self._nat(pkt, p, self._addr_off(p, "src"), p.l4, meta[0], meta[1])
+        if flow.flags & structs.FLOW_LOCAL:  # the LB host's own connection (steered at TC egress)
+            return ModelResult("XDP_PASS", bytes(pkt), "pass_local_reply", (p.src, p.sport))
         resolved, flow.reply_nh = self._ensure_next_hop(flow.reply_nh, p.dst, p, pkt, ingress)
         return self._send(pkt, flow.reply_nh, resolved, ingress, "fwd_reply", (p.src, p.sport))
 
