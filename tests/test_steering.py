@@ -11,11 +11,14 @@ import pytest
 from lb.maps import DataPlaneMaps
 from lb.structs import backend_mark
 from netns.nsenter import netlink_in, socket_in
-from netns.topology import Lab
-from tests.conftest import add_vip_with_backends, backend_name, lbctl
+from netns.topology import Host, Lab
+from tests.conftest import backend_name, lbctl
 
 
-def backend_id(lab: Lab, address: ipaddress.IPv4Address, port: int) -> int:
+FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def backend_id(lab: Lab, address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> int:
     pin_dir = lbctl(lab)("list", "--json").json()["dataplane"]["pin_dir"]
     with DataPlaneMaps.open(pin_dir) as maps:
         return next(k.value for k, v in maps.backends.items()
@@ -24,7 +27,7 @@ def backend_id(lab: Lab, address: ipaddress.IPv4Address, port: int) -> int:
 
 def http_get_marked(ns: str, vip: str, port: int, mark: int, timeout: float = 5.0, limit: int = 64) -> bytes:
     """One HTTP request from namespace ns on a socket carrying `mark`; the whole response."""
-    sock = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket_in(ns, FAMILIES[ipaddress.ip_address(vip).version], socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         sock.settimeout(timeout)
@@ -41,25 +44,38 @@ def http_get_marked(ns: str, vip: str, port: int, mark: int, timeout: float = 5.
         sock.close()
 
 
-@pytest.fixture
-def vip_routed_via_first_backend(lab, servers):
+def addresses(host: Host, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return host.address if version == 4 else host.address6
+
+
+@pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
+def vip_routed_via_first_backend(request, lab, servers):
     """VIP 1 on :80 over every backend; the LB host's own route to it points at the first
     backend, so only the mark can take a connection anywhere else."""
-    vip = add_vip_with_backends(lab, f"{lab.vip(1)}:80/tcp", 8080)
+    version = request.param
+    vip_addr = lab.vip(1) if version == 4 else lab.vip6(1)
+    vip = f"{vip_addr}:80/tcp" if version == 4 else f"[{vip_addr}]:80/tcp"
+    lab.resolve_neighbours()
+    lbctl(lab)("add-vip", vip)
+    for b in lab.backends:
+        lbctl(lab)("add-backend", vip, f"{b.address}:8080" if version == 4 else f"[{b.address6}]:8080")
+    route = {"dst": f"{vip_addr}/{vip_addr.max_prefixlen}", "gateway": str(addresses(lab.backends[0], version)),
+             "family": FAMILIES[version]}
     with netlink_in(lab.lb_ns) as ipr:
-        ipr.route("add", dst=f"{lab.vip(1)}/32", gateway=str(lab.backends[0].address))
-    yield str(lab.vip(1))
+        ipr.route("add", **route)
+    yield version, str(vip_addr)
     with netlink_in(lab.lb_ns) as ipr:
-        ipr.route("del", dst=f"{lab.vip(1)}/32", gateway=str(lab.backends[0].address))
+        ipr.route("del", **route)
     lbctl(lab)("remove-vip", vip)
 
 
 def test_a_marked_local_connection_reaches_exactly_the_marked_backend(lab, vip_routed_via_first_backend):
-    vip = vip_routed_via_first_backend
+    version, vip = vip_routed_via_first_backend
     before = lbctl(lab)("stats", "--json").json()["reasons"]
     for target in lab.backends:
+        mark = backend_mark(backend_id(lab, addresses(target, version), 8080))
         for _ in range(3):  # the same backend every time, whatever the flow hash would pick
-            response = http_get_marked(lab.lb_ns, vip, 80, backend_mark(backend_id(lab, target.address, 8080)))
+            response = http_get_marked(lab.lb_ns, vip, 80, mark)
             assert response.startswith(b"HTTP/1.1 200"), response
             assert response.endswith(b"\r\n\r\n" + backend_name(target.ns).encode())
     after = lbctl(lab)("stats", "--json").json()["reasons"]
@@ -68,8 +84,9 @@ def test_a_marked_local_connection_reaches_exactly_the_marked_backend(lab, vip_r
 
 
 def test_a_mark_naming_no_backend_is_dropped(lab, vip_routed_via_first_backend):
-    unused = max(backend_id(lab, b.address, 8080) for b in lab.backends) + 1
+    version, vip = vip_routed_via_first_backend
+    unused = max(backend_id(lab, addresses(b, version), 8080) for b in lab.backends) + 1
     before = lbctl(lab)("stats", "--json").json()["reasons"]["drop_no_backend"]
     with pytest.raises(OSError):  # the SYN is dropped: the connection times out
-        http_get_marked(lab.lb_ns, vip_routed_via_first_backend, 80, backend_mark(unused), timeout=1.5)
+        http_get_marked(lab.lb_ns, vip, 80, backend_mark(unused), timeout=1.5)
     assert lbctl(lab)("stats", "--json").json()["reasons"]["drop_no_backend"] > before
