@@ -7,7 +7,8 @@ from collections import Counter
 from typing import Iterator
 
 import pytest
-from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.l2 import Ether
 
 from lb import loader
 from netns.nsenter import in_netns, netlink_in, socket_in
@@ -52,6 +53,19 @@ def test_tcp_through_a_nat_vip_and_its_replies(tc_lab, tc_servers):
         # every connection's packets both ways went through the program (at least SYN, request, ACK, FIN)
         assert after["fwd_nat"] - before["fwd_nat"] >= 30 * 3
         assert after["fwd_reply"] - before["fwd_reply"] >= 30 * 3
+    finally:
+        lbctl(tc_lab)("remove-vip", vip)
+
+
+def test_lbctl_test_packet_still_probes_under_the_tc_hook(tc_lab):
+    vip = f"{tc_lab.vip(3)}:53/udp"
+    lbctl(tc_lab)("add-vip", vip)
+    lbctl(tc_lab)("add-backend", vip, f"{tc_lab.backends[0].address}:5353")
+    try:
+        frame = (Ether(src=tc_lab.client.mac, dst=tc_lab.client.lb_mac) / IP(src=str(tc_lab.client.address),
+                 dst=str(tc_lab.vip(3))) / UDP(sport=40100, dport=53))
+        result = lbctl(tc_lab)("test-packet", "--json", bytes(frame).hex()).json()
+        assert (result["reason"], result["backend"]) == ("fwd_nat", f"{tc_lab.backends[0].address}:5353")
     finally:
         lbctl(tc_lab)("remove-vip", vip)
 
