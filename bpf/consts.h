@@ -53,6 +53,13 @@
 
 /* flow_entry.flags */
 #define LB_FLOW_REPLY (1U << 0) /* entry keyed by the backend's reply 5-tuple */
+#define LB_FLOW_LOCAL (1U << 1) /* a connection of the LB host itself, steered at TC egress */
+
+/* skb->mark of a locally generated packet the TC egress program steers to
+ * one backend (health checks): LB_MARK_MAGIC | backend id. */
+#define LB_MARK_MAGIC 0x4c000000U
+#define LB_MARK_MAGIC_MASK 0xff000000U
+#define LB_MARK_BACKEND_MASK 0x00ffffffU
 
 /* backend.flags */
 #define LB_BACKEND_IN_USE (1U << 0)
@@ -93,12 +100,16 @@ enum lb_reason {
 	LB_DROP_NO_ROUTE,         /* no route to the chosen backend or the client */
 	LB_DROP_IP_OPTIONS,       /* to a VIP: IPv4 options and IPv6 extension headers are not balanced */
 	LB_DROP_FRAGMENT,         /* to a VIP: fragments are not balanced */
-	LB_DROP_UNSUPPORTED_L4,   /* to a VIP: not TCP or UDP (nor an ICMP echo request) */
+	LB_DROP_UNSUPPORTED_L4,   /* to a VIP: not TCP or UDP (nor ICMP echo or too-big) */
 	LB_DROP_MALFORMED,        /* to a VIP: truncated or inconsistent headers */
 	LB_DROP_ACL,              /* to a VIP: the source is not allowed */
 	LB_FWD_DSR,               /* client -> VIP, sent on to a backend's MAC (direct server return) */
 	LB_FWD_TUNNEL,            /* client -> VIP, encapsulated to a backend (IPIP or IPv6-in-IPv6) */
 	LB_DROP_NO_HEADROOM,      /* tunnel mode: no room in front of the packet for the outer header */
+	LB_FWD_ICMP_ERROR,        /* fragmentation needed / packet too big about a flow, sent to its backend */
+	LB_DROP_ICMP_NO_FLOW,     /* fragmentation needed / packet too big to a VIP, about no known flow */
+	LB_FWD_STEERED,           /* the LB host's own packet to a VIP, marked for a backend: sent to it (TC egress) */
+	LB_PASS_LOCAL_REPLY,      /* a backend's reply to a steered connection, rewritten back to the VIP, for the host */
 	LB_REASON_MAX,
 };
 

@@ -1,4 +1,6 @@
-/* ICMP the data plane answers itself: echo requests to a VIP (ICMP and ICMPv6). */
+/* ICMP the data plane handles itself: echo requests to a VIP are answered
+ * (ICMP and ICMPv6); "fragmentation needed" and "packet too big" about a
+ * VIP's flow are parsed here and rewritten for the flow's backend. */
 #ifndef LB_ICMP_H
 #define LB_ICMP_H
 
@@ -6,6 +8,7 @@
 #include <linux/icmpv6.h>
 #include "csum.h"
 #include "parse.h"
+#include "nat.h"
 
 static __always_inline void swap_macs(struct packet *pkt)
 {
@@ -73,6 +76,136 @@ static __always_inline void icmp_echo_reply(struct packet *pkt)
 		icmp6_echo_reply(pkt);
 	else
 		icmp4_echo_reply(pkt);
+}
+
+/* ICMP "fragmentation needed" (type 3 code 4), ICMPv6 "packet too big" (type 2):
+ * path MTU discovery of a flow's replies. */
+static __always_inline int icmp_is_too_big(const struct packet *pkt)
+{
+	if (pkt->ip_version == 6)
+		return pkt->icmp->type == ICMPV6_PKT_TOOBIG && pkt->icmp->code == 0;
+	return pkt->icmp->type == ICMP_DEST_UNREACH && pkt->icmp->code == ICMP_FRAG_NEEDED;
+}
+
+/* The packet an ICMP error quotes: a reply that left the LB as VIP -> client. */
+struct icmp_inner {
+	struct iphdr *ip4;   /* set for an ICMP error */
+	struct ipv6hdr *ip6; /* set for an ICMPv6 error */
+	__be16 *ports;       /* [0] source (the VIP's port), [1] destination (the client's) */
+	union lb_addr src;
+	union lb_addr dst;
+	__u8 proto;
+};
+
+/* TCP or UDP, with the quote's first 8 bytes of it (RFC 792 promises them): the ports. */
+static __always_inline int icmp_parse_quoted_ports(struct icmp_inner *in, void *cursor, void *data_end)
+{
+	__be16 *ports = cursor;
+
+	if (in->proto != IPPROTO_TCP && in->proto != IPPROTO_UDP)
+		return LB_PASS_UNSUPPORTED_L4;
+	if ((void *)(ports + 4) > data_end)
+		return LB_PASS_MALFORMED;
+	in->ports = ports;
+	return LB_PARSE_OK;
+}
+
+/* The quoted IPv6 header: no extension headers (a fragment header counts as a fragment). */
+static __always_inline int icmp_parse_inner6(struct icmp_inner *in, void *cursor, void *data_end)
+{
+	struct ipv6hdr *ip6 = cursor;
+
+	if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+		return LB_PASS_MALFORMED;
+	if (ip6->nexthdr == IPPROTO_FRAGMENT)
+		return LB_PASS_FRAGMENT;
+	if (ip6->nexthdr == IPPROTO_HOPOPTS || ip6->nexthdr == IPPROTO_ROUTING || ip6->nexthdr == IPPROTO_DSTOPTS)
+		return LB_PASS_IP_OPTIONS;
+	in->ip6 = ip6;
+	in->proto = ip6->nexthdr;
+	__builtin_memcpy(&in->src, &ip6->saddr, 16);
+	__builtin_memcpy(&in->dst, &ip6->daddr, 16);
+	return icmp_parse_quoted_ports(in, ip6 + 1, data_end);
+}
+
+/* The quoted IPv4 header: no options; a fragment other than the first has no ports. */
+static __always_inline int icmp_parse_inner4(struct icmp_inner *in, void *cursor, void *data_end)
+{
+	struct iphdr *ip4 = cursor;
+
+	if ((void *)(ip4 + 1) > data_end || ip4->version != 4 || ip4->ihl < 5)
+		return LB_PASS_MALFORMED;
+	if (ip4->ihl != 5)
+		return LB_PASS_IP_OPTIONS;
+	if (ip4->frag_off & bpf_htons(0x1fff))
+		return LB_PASS_FRAGMENT;
+	in->ip4 = ip4;
+	in->proto = ip4->protocol;
+	addr_from_ipv4(&in->src, ip4->saddr);
+	addr_from_ipv4(&in->dst, ip4->daddr);
+	return icmp_parse_quoted_ports(in, ip4 + 1, data_end);
+}
+
+/* The packet an ICMP error quotes, up to its ports. Returns LB_PARSE_OK or
+ * why the error cannot be matched to a flow. */
+static __always_inline int icmp_parse_inner(const struct packet *pkt, void *data_end, struct icmp_inner *in)
+{
+	void *cursor = pkt->icmp + 1;
+
+	if (pkt->ip_version == 6)
+		return icmp_parse_inner6(in, cursor, data_end);
+	return icmp_parse_inner4(in, cursor, data_end);
+}
+
+/* The ICMP checksum covers the whole quote: every change to it is folded in. */
+static __always_inline void icmp_quote_replace4(struct packet *pkt, __be32 *field, __be32 to)
+{
+	__be32 from = *field;
+
+	*field = to;
+	lb_csum_replace4(&pkt->icmp->checksum, from, to);
+}
+
+/* The quoted reply's source, VIP -> backend, as the backend sent it; its IPv4
+ * header checksum is fixed, its L4 checksum is left as the LB's NAT wrote it
+ * (it covers the VIP): kernels never verify the quote's L4 checksum, and a
+ * quote is often cut before it. */
+static __always_inline void icmp_quote_rewrite_source(struct packet *pkt, struct icmp_inner *in,
+						       const struct backend *be)
+{
+	/* Test the very pointer used: the verifier cannot tie it to the IP version. */
+	if (in->ip4) {
+		__u16 old_check = in->ip4->check;
+
+		lb_csum_replace4(&in->ip4->check, in->ip4->saddr, be->addr.w[3]);
+		icmp_quote_replace4(pkt, &in->ip4->saddr, be->addr.w[3]);
+		lb_csum_replace2(&pkt->icmp->checksum, old_check, in->ip4->check);
+	} else if (in->ip6) {
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+			icmp_quote_replace4(pkt, &in->ip6->saddr.in6_u.u6_addr32[i], be->addr.w[i]);
+	}
+	if (be->port) { /* 0: the backend kept the VIP's port */
+		__be16 old_port = in->ports[0];
+
+		in->ports[0] = be->port;
+		lb_csum_replace2(&pkt->icmp->checksum, old_port, be->port);
+	}
+}
+
+/* NAT mode: the error goes to the backend (outer destination) about its own
+ * reply (the quote's source). ICMPv6's checksum covers the outer addresses
+ * (pseudo-header), ICMP's does not. */
+static __always_inline void icmp_error_rewrite_to_backend(struct packet *pkt, struct icmp_inner *in,
+							  const struct backend *be)
+{
+	if (pkt->ip_version == 6) {
+		pkt->l4_check = &pkt->icmp->checksum;
+		nat_addr6(pkt, pkt->ip6->daddr.in6_u.u6_addr32, &be->addr);
+	} else {
+		nat_addr4(pkt, &pkt->ip4->daddr, be->addr.w[3]);
+	}
+	icmp_quote_rewrite_source(pkt, in, be);
 }
 
 #endif

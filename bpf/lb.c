@@ -1,7 +1,8 @@
-/* lb data plane: XDP layer-4 load balancer; NAT, DSR and tunnel modes per VIP.
+/* lb data plane: XDP (or TC, see ctx.h) layer-4 load balancer; NAT, DSR and tunnel modes per VIP.
  * The path of a packet, top-down: parse, VIP or reply?, pick a backend
  * (connection table, then Maglev), rewrite, send. Everything is counted. */
 #include <uapi/linux/bpf.h>
+#include "ctx.h"
 #include "consts.h"
 #include "structs.h"
 #include "maps.h"
@@ -11,19 +12,17 @@
 #include "tunnel.h"
 #include "nexthop.h"
 #include "icmp.h"
+#include "steer.h"
 
-/* Count why, and tell a probe (lbctl test-packet) when it asks through the
- * packet's metadata; real traffic carries no metadata, so this costs one compare. */
-static __always_inline int verdict(struct xdp_md *ctx, enum lb_reason reason, int action)
+/* Count why, and tell a probe (lbctl test-packet) when it asks (ctx.h). */
+static __always_inline int verdict(lb_ctx *ctx, enum lb_reason reason, int action)
 {
 	__u32 key = reason;
 	__u64 *count = reason_stats.lookup(&key);
-	struct probe_meta *probe = (void *)(long)ctx->data_meta;
 
 	if (count)
 		*count += 1;
-	if ((void *)(probe + 1) <= (void *)(long)ctx->data && probe->magic == LB_PROBE_MAGIC)
-		probe->reason = reason;
+	lb_probe_report(ctx, reason);
 	return action;
 }
 
@@ -57,7 +56,7 @@ static __always_inline void flow_key_of(struct flow_key *key, const struct packe
 	key->proto = pkt->proto;
 }
 
-static __always_inline int resolve_next_hop(struct xdp_md *ctx, const struct packet *pkt,
+static __always_inline int resolve_next_hop(lb_ctx *ctx, const struct packet *pkt,
 					    const union lb_addr *dst, struct next_hop *nh)
 {
 	struct route_key key = { .prefixlen = 128, .addr = *dst };
@@ -71,17 +70,22 @@ static __always_inline int resolve_next_hop(struct xdp_md *ctx, const struct pac
 }
 
 /* XDP_TX back out of the ingress interface, XDP_REDIRECT through the DEVMAP
- * otherwise; XDP_PASS when the egress interface is not one of the LB's. */
-static __always_inline int transmit(struct xdp_md *ctx, struct packet *pkt, const struct next_hop *nh)
+ * otherwise; XDP_PASS when the egress interface is not one of the LB's.
+ * (TC: bpf_redirect to either.) */
+static __always_inline int transmit(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh)
 {
 	write_macs(pkt, nh);
 	if (nh->ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
+		return LB_ACT_TX(ctx);
+#ifdef LB_HOOK_TC
+	return LB_ACT_REDIRECT(nh->ifindex);
+#else
 	return tx_ports.redirect_map(nh->ifindex, XDP_PASS);
+#endif
 }
 
 /* *nh is a cache (a flow's or a backend's next hop): fill it when empty. */
-static __always_inline int ensure_next_hop(struct xdp_md *ctx, const struct packet *pkt,
+static __always_inline int ensure_next_hop(lb_ctx *ctx, const struct packet *pkt,
 					   const union lb_addr *dst, struct next_hop *nh)
 {
 	if (nh->ifindex)
@@ -90,41 +94,57 @@ static __always_inline int ensure_next_hop(struct xdp_md *ctx, const struct pack
 }
 
 /* Send a rewritten packet by the outcome of its next-hop resolution. */
-static __always_inline int send(struct xdp_md *ctx, struct packet *pkt, const struct next_hop *nh,
+static __always_inline int send(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh,
 				int resolved, enum lb_reason ok)
 {
 	if (resolved == NH_KERNEL)
-		return verdict(ctx, LB_PASS_NEIGH_UNRESOLVED, XDP_PASS);
+		return verdict(ctx, LB_PASS_NEIGH_UNRESOLVED, LB_ACT_PASS);
 	if (resolved == NH_NO_ROUTE)
-		return verdict(ctx, LB_DROP_NO_ROUTE, XDP_DROP);
+		return verdict(ctx, LB_DROP_NO_ROUTE, LB_ACT_DROP);
 
 	int action = transmit(ctx, pkt, nh);
 
-	if (action == XDP_PASS)
-		return verdict(ctx, LB_PASS_EGRESS_UNMANAGED, XDP_PASS);
+	if (action == LB_ACT_PASS)
+		return verdict(ctx, LB_PASS_EGRESS_UNMANAGED, LB_ACT_PASS);
 	return verdict(ctx, ok, action);
 }
 
 /* Send a client's packet on to its backend the VIP's way: NAT rewrites the
  * destination; DSR changes only the MACs (send writes them), so the backend,
  * which holds the VIP, answers the client itself; tunnel encapsulates. */
-static __always_inline int forward(struct xdp_md *ctx, struct packet *pkt, __u32 vip_flags,
+static __always_inline int forward(lb_ctx *ctx, struct packet *pkt, __u32 vip_flags,
 				   const struct backend *be, const struct next_hop *nh, int resolved)
 {
 	if (vip_flags & LB_VIP_DSR)
 		return send(ctx, pkt, nh, resolved, LB_FWD_DSR);
 	if (vip_flags & LB_VIP_TUNNEL) {
 		if (tunnel_encap(ctx, pkt, be))
-			return verdict(ctx, LB_DROP_NO_HEADROOM, XDP_DROP);
+			return verdict(ctx, LB_DROP_NO_HEADROOM, LB_ACT_DROP);
 		return send(ctx, pkt, nh, resolved, LB_FWD_TUNNEL);
 	}
 	nat_rewrite_destination(pkt, be);
 	return send(ctx, pkt, nh, resolved, LB_FWD_NAT);
 }
 
+/* A backend shared by several VIPs: its replies cannot name the VIP by
+ * themselves, so the flow is remembered by them too. */
+static __always_inline void remember_reply(const struct packet *pkt, const struct backend *be, __u32 backend_id,
+					   __u16 vip_id, __u16 flags)
+{
+	if (!(be->flags & LB_BACKEND_SHARED))
+		return;
+	struct flow_entry reply = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_REPLY | flags };
+	struct flow_key reply_key = {
+		.src = be->addr, .dst = pkt->src, .sport = be->port ? be->port : pkt->dport,
+		.dport = pkt->sport, .proto = pkt->proto,
+	};
+
+	conn_table.update(&reply_key, &reply);
+}
+
 /* A new flow: pick a backend on the VIP's Maglev table and remember the
  * choice, with the backend's next hop already in it. */
-static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, struct flow_key *key,
+static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow_key *key,
 				    const struct vip_info *vip)
 {
 	union lb_addr none = {};
@@ -134,27 +154,18 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, stru
 	__u32 *picked = maglev.lookup(&slot);
 
 	if (!picked || *picked == LB_NO_BACKEND)
-		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
+		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
 	__u32 backend_id = *picked, vip_id = vip->id;
 	struct backend *be = backends.lookup(&backend_id);
 	struct next_hop *be_nh = backend_nh.lookup(&backend_id);
 
 	if (!be || !be_nh)
-		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
+		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
 	int resolved = ensure_next_hop(ctx, pkt, &be->addr, be_nh);
 	struct flow_entry entry = { .backend_id = backend_id, .vip_id = vip_id, .nh = *be_nh };
 
 	conn_table.update(key, &entry);
-	if (be->flags & LB_BACKEND_SHARED) {
-		/* Its replies cannot name the VIP by themselves: remember the flow by them too. */
-		struct flow_entry reply = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_REPLY };
-		struct flow_key reply_key = {
-			.src = be->addr, .dst = pkt->src, .sport = be->port ? be->port : pkt->dport,
-			.dport = pkt->sport, .proto = pkt->proto,
-		};
-
-		conn_table.update(&reply_key, &reply);
-	}
+	remember_reply(pkt, be, backend_id, vip_id, 0);
 	count_flow(vip_id, backend_id, pkt->len, 0, 1);
 	return forward(ctx, pkt, vip->flags, be, &entry.nh, resolved);
 }
@@ -173,12 +184,12 @@ static __always_inline int source_allowed(const struct packet *pkt, const struct
 	return !(vip->flags & LB_VIP_ACL_ALLOWLIST);
 }
 
-static __always_inline int to_backend(struct xdp_md *ctx, struct packet *pkt, const struct vip_info *vip)
+static __always_inline int to_backend(lb_ctx *ctx, struct packet *pkt, const struct vip_info *vip)
 {
 	struct flow_key key = {};
 
 	if (!source_allowed(pkt, vip))
-		return verdict(ctx, LB_DROP_ACL, XDP_DROP);
+		return verdict(ctx, LB_DROP_ACL, LB_ACT_DROP);
 
 	flow_key_of(&key, pkt);
 	struct flow_entry *flow = conn_table.lookup(&key);
@@ -190,7 +201,7 @@ static __always_inline int to_backend(struct xdp_md *ctx, struct packet *pkt, co
 	struct backend *be = backends.lookup(&backend_id);
 
 	if (!be)
-		return verdict(ctx, LB_DROP_NO_BACKEND, XDP_DROP);
+		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
 	count_flow(vip_id, backend_id, pkt->len, 0, 0);
 	int resolved = ensure_next_hop(ctx, pkt, &be->addr, &flow->nh);
 
@@ -267,13 +278,15 @@ static __always_inline struct flow_entry *reply_flow(const struct packet *pkt, c
 	return own_reply_flow(pkt, rs->vip_id, vip);
 }
 
-static __always_inline int to_client(struct xdp_md *ctx, struct packet *pkt, struct flow_entry *flow,
+static __always_inline int to_client(lb_ctx *ctx, struct packet *pkt, struct flow_entry *flow,
 				     const struct vip_meta *vip)
 {
 	__u32 vip_id = flow->vip_id, backend_id = flow->backend_id;
 
 	count_flow(vip_id, backend_id, pkt->len, 1, 0);
 	nat_rewrite_source(pkt, vip);
+	if (flow->flags & LB_FLOW_LOCAL) /* the LB host's own connection (steered at TC egress) */
+		return verdict(ctx, LB_PASS_LOCAL_REPLY, LB_ACT_PASS);
 	return send(ctx, pkt, &flow->reply_nh, ensure_next_hop(ctx, pkt, &pkt->dst, &flow->reply_nh), LB_FWD_REPLY);
 }
 
@@ -292,35 +305,84 @@ static __always_inline int any_port_vips(void)
 
 /* What the program cannot balance it drops when it was meant for a VIP, and
  * passes to the kernel otherwise. */
-static __always_inline int unbalanceable(struct xdp_md *ctx, const struct packet *pkt, int reason)
+static __always_inline int unbalanceable(lb_ctx *ctx, const struct packet *pkt, int reason)
 {
 	if (!pkt->ip_version || !is_vip_address(&pkt->dst))
-		return verdict(ctx, reason, XDP_PASS);
+		return verdict(ctx, reason, LB_ACT_PASS);
 	switch (reason) {
 	case LB_PASS_IP_OPTIONS:
-		return verdict(ctx, LB_DROP_IP_OPTIONS, XDP_DROP);
+		return verdict(ctx, LB_DROP_IP_OPTIONS, LB_ACT_DROP);
 	case LB_PASS_FRAGMENT:
-		return verdict(ctx, LB_DROP_FRAGMENT, XDP_DROP);
+		return verdict(ctx, LB_DROP_FRAGMENT, LB_ACT_DROP);
 	case LB_PASS_UNSUPPORTED_L4:
-		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, XDP_DROP);
+		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, LB_ACT_DROP);
 	default:
-		return verdict(ctx, LB_DROP_MALFORMED, XDP_DROP);
+		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
 	}
 }
 
-static __always_inline int handle_icmp(struct xdp_md *ctx, struct packet *pkt)
+/* An ICMP error quoting a reply of the flow goes where the flow goes. (One
+ * place per forwarding mode: today NAT.) */
+static __always_inline int forward_icmp_error(lb_ctx *ctx, struct packet *pkt, struct icmp_inner *in,
+					      struct flow_entry *flow, const struct backend *be)
 {
-	if (icmp_is_neighbour_discovery(pkt) || !is_vip_address(&pkt->dst))
-		return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
-	if (!icmp_is_echo_request(pkt))
-		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, XDP_DROP);
-	icmp_echo_reply(pkt);
-	return verdict(ctx, LB_TX_ICMP_ECHO, XDP_TX);
+	icmp_error_rewrite_to_backend(pkt, in, be);
+	return send(ctx, pkt, &flow->nh, ensure_next_hop(ctx, pkt, &be->addr, &flow->nh), LB_FWD_ICMP_ERROR);
 }
 
-int xdp_lb(struct xdp_md *ctx)
+/* Does the quoted packet come from this VIP? (port 0: the VIP takes every port) */
+static __always_inline int quote_from_vip(const struct icmp_inner *in, const struct vip_meta *vip)
+{
+	return (vip->port == in->ports[0] || !vip->port) && vip->addr.w[0] == in->src.w[0] &&
+	       vip->addr.w[1] == in->src.w[1] && vip->addr.w[2] == in->src.w[2] && vip->addr.w[3] == in->src.w[3];
+}
+
+/* "Fragmentation needed" / "packet too big" about a reply that left as
+ * VIP -> client: reversed, the quote is the client's flow, which names the
+ * backend that sent the reply and must lower its path MTU. */
+static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt)
+{
+	struct icmp_inner in = {};
+	int rc = icmp_parse_inner(pkt, (void *)(long)ctx->data_end, &in);
+
+	if (rc != LB_PARSE_OK)
+		return unbalanceable(ctx, pkt, rc);
+	struct flow_key key = {
+		.src = in.dst, .dst = in.src, .sport = in.ports[1], .dport = in.ports[0], .proto = in.proto,
+	};
+	struct flow_entry *flow = conn_table.lookup(&key);
+
+	if (!flow || (flow->flags & LB_FLOW_REPLY))
+		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
+	struct vip_meta *vip = active_vip(flow->vip_id);
+
+	if (!vip || !quote_from_vip(&in, vip))
+		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
+	__u32 backend_id = flow->backend_id;
+	struct backend *be = backends.lookup(&backend_id);
+
+	if (!be)
+		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
+	return forward_icmp_error(ctx, pkt, &in, flow, be);
+}
+
+static __always_inline int handle_icmp(lb_ctx *ctx, struct packet *pkt)
+{
+	if (icmp_is_neighbour_discovery(pkt) || !is_vip_address(&pkt->dst))
+		return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
+	if (icmp_is_too_big(pkt))
+		return icmp_error_to_backend(ctx, pkt);
+	if (!icmp_is_echo_request(pkt))
+		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, LB_ACT_DROP);
+	icmp_echo_reply(pkt);
+	return verdict(ctx, LB_TX_ICMP_ECHO, LB_ACT_TX(ctx));
+}
+
+int xdp_lb(lb_ctx *ctx)
 {
 	struct packet pkt = {};
+
+	lb_ctx_prepare(ctx);
 	int rc = parse_packet(ctx, &pkt);
 
 	if (rc != LB_PARSE_OK)
@@ -357,5 +419,60 @@ int xdp_lb(struct xdp_md *ctx)
 	}
 	if (flow && reply_vip)
 		return to_client(ctx, &pkt, flow, reply_vip);
-	return verdict(ctx, LB_PASS_NOT_VIP, XDP_PASS);
+	return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
 }
+
+#ifdef LB_HOOK_TC
+/* TC egress: the LB host's own packet to a VIP, marked for a backend (health
+ * checks), goes to that backend as the VIP's mode sends a client's (NAT
+ * today); the flow is remembered so that to_client() hands the replies back
+ * to the host as from the VIP. Every other packet passes untouched. */
+int lb_egress(lb_ctx *ctx)
+{
+	__u32 backend_id = steer_backend_id(ctx);
+	struct packet pkt = {};
+
+	if (backend_id == LB_NO_BACKEND)
+		return LB_ACT_PASS;
+	lb_ctx_prepare(ctx);
+	if (parse_packet(ctx, &pkt) != LB_PARSE_OK || pkt.icmp)
+		return LB_ACT_PASS;
+	struct vip_key vkey = { .addr = pkt.dst, .port = pkt.dport, .proto = pkt.proto };
+	struct vip_info *vip = vips.lookup(&vkey);
+
+	if (!vip) {
+		vkey.port = 0; /* a VIP of every port */
+		vip = vips.lookup(&vkey);
+	}
+	if (!vip)
+		return LB_ACT_PASS;
+	__u16 vip_id = vip->id;
+	struct backend *be = backends.lookup(&backend_id);
+
+	if (!be || !(be->flags & LB_BACKEND_IN_USE))
+		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
+	/* The way to the backend, asked before the rewrite (which makes pkt's pointers stale);
+	 * the kernel resolves the neighbour (lb_redirect_neigh). */
+	struct bpf_fib_lookup fib = {};
+
+	fib_query(&fib, ctx->ifindex, &pkt, &be->addr);
+	int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return verdict(ctx, LB_DROP_NO_ROUTE, LB_ACT_DROP);
+	struct flow_key key = {};
+
+	flow_key_of(&key, &pkt);
+	int known = conn_table.lookup(&key) != NULL;
+
+	if (!known) {
+		struct flow_entry entry = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_LOCAL };
+
+		conn_table.update(&key, &entry);
+		remember_reply(&pkt, be, backend_id, vip_id, LB_FLOW_LOCAL);
+	}
+	count_flow(vip_id, backend_id, pkt.len, 0, !known);
+	steer_rewrite_destination(ctx, &pkt, be);
+	return verdict(ctx, LB_FWD_STEERED, lb_redirect_neigh(fib.ifindex, NULL, 0, 0));
+}
+#endif

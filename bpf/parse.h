@@ -10,6 +10,7 @@
 #include <linux/tcp.h>
 #include <linux/udp.h>
 #include <linux/icmp.h>
+#include "ctx.h"
 #include "structs.h"
 #include "consts.h"
 
@@ -100,7 +101,7 @@ static __always_inline int parse_ipv6(struct packet *pkt, void *cursor, void *da
 }
 
 /* Returns LB_PARSE_OK, or the reason the packet is not ours to balance. */
-static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
+static __always_inline int parse_packet(lb_ctx *ctx, struct packet *pkt)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;

@@ -64,28 +64,23 @@ static __always_inline void encap_fill6(struct ipv6hdr *outer, const struct ipv6
 	__builtin_memcpy(&outer->daddr, &be->addr, 16);
 }
 
-/* Put the outer header in front of the IP header, the Ethernet header (and
- * VLAN tag) in front of it; pkt->eth follows. 0 on success. */
-static __always_inline int tunnel_encap(struct xdp_md *ctx, struct packet *pkt, const struct backend *be)
+/* Put the outer header in front of the IP header, behind the Ethernet header
+ * (and VLAN tag); pkt->eth and the IP header pointer follow. 0 on success. */
+static __always_inline int tunnel_encap(lb_ctx *ctx, struct packet *pkt, const struct backend *be)
 {
 	int v6 = pkt->ip_version == 6;
 	int outer_len = v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
-	/* the L2 header is 14 bytes, or 18 with a VLAN tag */
 	int tagged = pkt->eth->h_proto == bpf_htons(ETH_P_8021Q) || pkt->eth->h_proto == bpf_htons(ETH_P_8021AD);
+	int l2_len = sizeof(struct ethhdr) + (tagged ? sizeof(struct vlan_hdr) : 0);
 
-	if (encap_grow_head(ctx, outer_len))
+	if (encap_grow_head(ctx, outer_len, l2_len, v6))
 		return -1;
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	void *l3 = data + sizeof(struct ethhdr) + (tagged ? sizeof(struct vlan_hdr) : 0);
+	void *l3 = data + l2_len;
 
-	/* re-check bounds after adjust_head: old L2 header, outer and inner IP headers */
-	if (data + outer_len + sizeof(struct ethhdr) + sizeof(struct vlan_hdr) > data_end)
+	if (data + sizeof(struct ethhdr) > data_end)
 		return -1;
-	__builtin_memcpy(data, data + outer_len, sizeof(struct ethhdr));
-	if (tagged)
-		__builtin_memcpy(data + sizeof(struct ethhdr), data + outer_len + sizeof(struct ethhdr),
-				 sizeof(struct vlan_hdr));
 	pkt->eth = data;
 	if (v6) {
 		struct ipv6hdr *outer = l3;

@@ -41,15 +41,16 @@ def adopt(ctl: Controller) -> AdoptReport:
     if dp is None:
         return report
     report.attached = True
-    if not ctl._pins_alive(dp):  # a reboot took program and maps: build them again, as attach does
-        ctl.attach([i.name for i in dp.interfaces], dp.interfaces[0].mode, loader.DataPlaneConfig(**dp.config))
-        report.program, report.program_id = "loaded", ctl._program_id(ctl.store.read().dataplane) or 0
+    if not ctl.pins_alive(dp):  # a reboot took program and maps: build them again, as attach does
+        xdp_mode = dp.interfaces[0].mode if dp.hook == "xdp" else "native"
+        ctl.attach([i.name for i in dp.interfaces], xdp_mode, loader.DataPlaneConfig(**dp.config), dp.hook)
+        report.program, report.program_id = "loaded", ctl.program_id(ctl.store.read().dataplane) or 0
         return report
     with ctl.store.transaction() as state:
-        dp = ctl._require_attached(state)
+        dp = ctl.require_attached(state)
         config = loader.DataPlaneConfig(**dp.config)
         digest = loader.program_digest(config, dp.pin_dir)
-        ours = ctl._program_id(dp)
+        ours = ctl.program_id(dp)
         if digest != dp.program_digest:
             ours = loader.replace_program(config, dp.pin_dir, [(i.ifindex, i.mode) for i in dp.interfaces])
             dp.program_digest = digest
@@ -67,15 +68,25 @@ def adopt(ctl: Controller) -> AdoptReport:
 
 
 def _reattach_missing(dp: DataPlaneState, ours: int | None) -> list[str]:
-    """Attach the pinned program where it is not attached any more (someone ran ip link set xdp off)."""
+    """Attach the pinned programs where they are not attached any more (someone ran
+    `ip link set dev X xdp off` or deleted a TC filter)."""
     done = []
     for iface in dp.interfaces:
-        if loader.attached_prog_id(iface.ifindex) == ours:
-            continue
-        fd = loader.pinned_program(dp.pin_dir)
-        try:
-            loader.attach_xdp(iface.ifindex, iface.name, fd, iface.mode)
-        finally:
-            os.close(fd)
-        done.append(iface.name)
+        missing = []
+        if not Controller.ours_attached(iface, dp, ours):
+            missing.append(loader.TC_PROGRAM_PIN if dp.hook == "tc" else loader.PROGRAM_PIN)
+        if not loader.tc_attached(iface.ifindex, loader.TC_EGRESS):
+            missing.append(loader.EGRESS_PROGRAM_PIN)
+        for pin in missing:
+            fd = loader.pinned_program(dp.pin_dir, pin)
+            try:
+                if pin == loader.PROGRAM_PIN:
+                    loader.attach_xdp(iface.ifindex, iface.name, fd, iface.mode)
+                else:
+                    loader.attach_tc(iface.ifindex, iface.name, fd,
+                                     loader.TC_EGRESS if pin == loader.EGRESS_PROGRAM_PIN else loader.TC_INGRESS)
+            finally:
+                os.close(fd)
+        if missing:
+            done.append(iface.name)
     return done

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("interfaces", nargs="+", metavar="IFACE")
     a.add_argument("--xdp-mode", choices=("native", "generic"), default="native",
                    help="native (driver) XDP, or generic (slower, works everywhere)")
+    a.add_argument("--hook", choices=("xdp", "tc"), default="xdp",
+                   help="xdp (default), or tc: TC ingress, for interfaces without native XDP")
     a.add_argument("--ring-size", type=_positive, default=65537, help="Maglev table slots per VIP (a prime)")
     a.add_argument("--max-vips", type=_positive, default=256)
     a.add_argument("--max-backends", type=_positive, default=4096)
@@ -177,7 +179,8 @@ def format_decap(r: dict[str, Any]) -> str:
 def format_change(command: str, r: dict[str, Any]) -> str:
     match command:
         case "attach":
-            return (f"attached to {', '.join(r['attached'])} ({r['mode']} XDP); maps pinned in {r['pin_dir']}; "
+            how = "TC ingress" if r["hook"] == "tc" else f"{r['mode']} XDP"
+            return (f"attached to {', '.join(r['attached'])} ({how}); maps pinned in {r['pin_dir']}; "
                     f"{r['vips']} VIP(s) restored")
         case "detach":
             return f"detached from {', '.join(r['detached']) or 'no interface'}"

@@ -44,7 +44,8 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
                                          conn_table_size=_param(p, "conn_table_size", defaults.conn_table_size))
             except (TypeError, ValueError) as e:
                 raise InputError(str(e)) from None
-            return ctl.attach(list(_param(p, "interfaces")), _param(p, "xdp_mode", "native"), config)
+            return ctl.attach(list(_param(p, "interfaces")), _param(p, "xdp_mode", "native"), config,
+                              _param(p, "hook", "xdp"))
         case "detach":
             return ctl.detach()
         case "add-vip":

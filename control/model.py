@@ -217,7 +217,7 @@ class VipState:
 class Interface:
     name: str
     ifindex: int
-    mode: str  # "native" or "generic"
+    mode: str  # XDP "native" or "generic", or "tc" (TC ingress)
 
 
 @dataclass
@@ -230,6 +230,7 @@ class DataPlaneState:
     config: dict[str, int]
     # lb.loader.program_digest of the program attached: a restart recompiles only when it differs
     program_digest: str | None = None
+    hook: str = "xdp"  # "xdp", or "tc": the TC build at clsact ingress (loader.HOOKS)
 
 
 @dataclass

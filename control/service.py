@@ -5,6 +5,7 @@ Bad input raises InputError before anything is written; a failed map update is
 rolled back by the Reconciler; a failed save rolls the maps back too."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from control.errors import InputError, LbError
 from control import config as declarative
@@ -50,9 +52,14 @@ class Controller:
 
     # --- the data plane itself -------------------------------------------------
 
-    def attach(self, ifnames: list[str], mode: str, config: loader.DataPlaneConfig) -> dict[str, Any]:
+    def attach(self, ifnames: list[str], mode: str, config: loader.DataPlaneConfig,
+               hook: str = "xdp") -> dict[str, Any]:
         if mode not in loader.XDP_MODES:
             raise InputError(f"unknown XDP mode {mode!r} (expected native or generic)")
+        if hook not in loader.HOOKS:
+            raise InputError(f"unknown hook {hook!r} (expected xdp or tc)")
+        if hook == "tc":
+            mode = "tc"
         if len(set(ifnames)) != len(ifnames):
             raise InputError("an interface is named twice")
         with IPRoute() as ipr:
@@ -62,17 +69,23 @@ class Controller:
                 raise InputError(f"{iface.name}: ifindex {iface.ifindex} is above the data plane's limit {MAX_IFINDEX - 1}")
         with self.store.transaction() as state:
             dp = state.dataplane
-            if dp is not None and dp.netns_ino == self.instance.netns_ino and self._pins_alive(dp):
+            if dp is not None and dp.netns_ino == self.instance.netns_ino and self.pins_alive(dp):
                 names = ", ".join(i.name for i in dp.interfaces)
                 raise InputError(f"already attached to {names}; run 'lbctl detach' first")
             pin_dir = self.instance.pin_dir()
             loader.unpin_all(pin_dir)  # leftovers of a data plane this state no longer knows
-            prog_fd = loader.load_and_pin(config, pin_dir)
+            prog_fd = loader.load_and_pin(config, pin_dir, hook)
+            egress_fd = loader.pinned_program(pin_dir, loader.EGRESS_PROGRAM_PIN)
             done: list[Interface] = []
             try:
                 for iface in ifaces:
-                    loader.attach_xdp(iface.ifindex, iface.name, prog_fd, mode)
+                    if hook == "tc":
+                        loader.attach_tc(iface.ifindex, iface.name, prog_fd)
+                    else:
+                        loader.attach_xdp(iface.ifindex, iface.name, prog_fd, mode)
                     done.append(iface)
+                    # steers the host's own packets marked for a backend (health checks)
+                    loader.attach_tc(iface.ifindex, iface.name, egress_fd, loader.TC_EGRESS)
                 with DataPlaneMaps.open(pin_dir) as maps:
                     for iface in ifaces:
                         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
@@ -80,14 +93,35 @@ class Controller:
                     Reconciler(maps, config.ring_size).apply(State(), state)
             except BaseException:
                 for iface in done:
-                    loader.detach_xdp(iface.ifindex, mode)
+                    self.detach_interface(iface, hook)
                 loader.unpin_all(pin_dir)
                 raise
             finally:
                 os.close(prog_fd)
+                os.close(egress_fd)
             state.dataplane = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict(),
-                                             loader.program_digest(config, pin_dir))
-            return {"attached": [i.name for i in ifaces], "mode": mode, "pin_dir": pin_dir, "vips": len(state.vips)}
+                                             loader.program_digest(config, pin_dir), hook)
+            return {"attached": [i.name for i in ifaces], "mode": mode, "hook": hook, "pin_dir": pin_dir,
+                    "vips": len(state.vips)}
+
+    @staticmethod
+    def detach_interface(iface: Interface, hook: str) -> None:
+        """Take lb's programs off the interface: the hook's, then the egress one."""
+        if hook == "tc":
+            with contextlib.suppress(NetlinkError):
+                loader.detach_tc(iface.ifindex)
+        else:
+            loader.detach_xdp(iface.ifindex, iface.mode)
+        with contextlib.suppress(NetlinkError):
+            loader.detach_tc(iface.ifindex, loader.TC_EGRESS)
+
+    @staticmethod
+    def ours_attached(iface: Interface, dp: DataPlaneState, ours: int | None) -> bool:
+        """Is this data plane's program still on the interface? (Not another one attached since.)"""
+        if dp.hook == "tc":
+            return loader.tc_attached(iface.ifindex)
+        attached = loader.attached_prog_id(iface.ifindex)
+        return bool(attached) and (ours is None or attached == ours)
 
     def detach(self) -> dict[str, Any]:
         with self.store.transaction() as state:
@@ -95,16 +129,18 @@ class Controller:
             if dp is None:
                 raise InputError("the data plane is not attached")
             self._check_netns(dp)
-            ours = self._program_id(dp)
+            ours = self.program_id(dp)
             detached = []
             for iface in dp.interfaces:
                 try:
-                    attached = loader.attached_prog_id(iface.ifindex)
+                    attached = self.ours_attached(iface, dp, ours)
                 except Exception:
                     continue  # the interface is gone
-                if attached and (ours is None or attached == ours):
-                    loader.detach_xdp(iface.ifindex, iface.mode)
+                if attached:
+                    self.detach_interface(iface, dp.hook)
                     detached.append(iface.name)
+                elif loader.tc_attached(iface.ifindex, loader.TC_EGRESS):
+                    loader.detach_tc(iface.ifindex, loader.TC_EGRESS)
             loader.unpin_all(dp.pin_dir)
             state.dataplane = None
             return {"detached": detached}
@@ -240,7 +276,7 @@ class Controller:
 
         if dry_run:
             state = self.store.read()
-            self._require_attached(state)
+            self.require_attached(state)
             return change(state)
         result = self._change(change)
         for v in self.store.read().vips:
@@ -260,6 +296,7 @@ class Controller:
         return {
             "dataplane": None if dp is None else {
                 "interfaces": [{"name": i.name, "mode": i.mode} for i in dp.interfaces],
+                "hook": dp.hook,
                 "pin_dir": dp.pin_dir,
                 **dp.config,
             },
@@ -278,7 +315,7 @@ class Controller:
     def status(self) -> dict[str, Any]:
         """Each backend's health, weight, whether new flows reach it, and its connections."""
         state = self.store.read()
-        dp = self._require_attached(state)
+        dp = self.require_attached(state)
         with DataPlaneMaps.open(dp.pin_dir) as maps:
             connections = maps.connections_per_backend()
         vips = []
@@ -295,7 +332,7 @@ class Controller:
 
     def stats(self) -> dict[str, Any]:
         state = self.store.read()
-        dp = self._require_attached(state)
+        dp = self.require_attached(state)
         with DataPlaneMaps.open(dp.pin_dir) as maps:
             def total(map_name: str, index: int) -> dict[str, int]:
                 per_cpu = maps.maps[map_name].get(U32(index)) or []
@@ -316,7 +353,7 @@ class Controller:
     def test_packet(self, frame: bytes, ingress: str | None = None) -> dict[str, Any]:
         """Run one packet through the loaded program; see lb/probe.py."""
         state = self.store.read()
-        dp = self._require_attached(state)
+        dp = self.require_attached(state)
         ifname = ingress or dp.interfaces[0].name
         with IPRoute() as ipr:
             ifindex = _ifindex(ipr, ifname)
@@ -356,7 +393,7 @@ class Controller:
         applied: tuple[str, int, State, State] | None = None
         try:
             with self.store.transaction() as state:
-                dp = self._require_attached(state)
+                dp = self.require_attached(state)
                 old = copy.deepcopy(state)
                 result = change(state)
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
@@ -385,12 +422,12 @@ class Controller:
 
         return self._change(change)
 
-    def _require_attached(self, state: State) -> DataPlaneState:
+    def require_attached(self, state: State) -> DataPlaneState:
         dp = state.dataplane
         if dp is None:
             raise InputError("the data plane is not attached; run 'lbctl attach IFACE' first")
         self._check_netns(dp)
-        if not self._pins_alive(dp):
+        if not self.pins_alive(dp):
             raise LbError(f"the data plane's pins in {dp.pin_dir} are gone (was the host rebooted?); "
                           f"run 'lbctl detach' and 'lbctl attach' again")
         return dp
@@ -401,11 +438,11 @@ class Controller:
                              f"(netns inode {dp.netns_ino}); run lbctl inside that namespace")
 
     @staticmethod
-    def _pins_alive(dp: DataPlaneState) -> bool:
+    def pins_alive(dp: DataPlaneState) -> bool:
         return os.path.exists(os.path.join(dp.pin_dir, loader.PROGRAM_PIN))
 
     @staticmethod
-    def _program_id(dp: DataPlaneState) -> int | None:
+    def program_id(dp: DataPlaneState) -> int | None:
         try:
             fd = loader.pinned_program(dp.pin_dir)
         except OSError:

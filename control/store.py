@@ -33,6 +33,7 @@ def state_to_doc(state: State) -> dict[str, Any]:
             "netns_ino": dp.netns_ino,
             "config": dp.config,
             "program_digest": dp.program_digest,
+            "hook": dp.hook,
         },
         "vips": [
             {
@@ -68,7 +69,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
     dataplane = None
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
-                                   dp["config"], dp.get("program_digest"))
+                                   dp["config"], dp.get("program_digest"), dp.get("hook", "xdp"))
     return State(dataplane, vips)
 
 

@@ -17,7 +17,10 @@ from lb import bpfsys
 from lb.maglev import DEFAULT_RING_SIZE, is_prime
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-PROGRAM_PIN = "xdp_lb"
+PROGRAM_PIN = "xdp_lb"  # the XDP build: attached with hook "xdp", and always the probe's engine
+TC_PROGRAM_PIN = "tc_lb"  # the TC build (-DLB_HOOK_TC), with hook "tc"
+EGRESS_PROGRAM_PIN = "tc_egress"  # the TC build's egress program (steers marked local packets), with either hook
+HOOKS = ("xdp", "tc")
 
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
@@ -63,9 +66,9 @@ class DataPlaneConfig:
 
 
 def program_digest(config: DataPlaneConfig, pin_dir: str) -> str:
-    """What the program is built from: every source under bpf/ and the compiler flags.
+    """What the programs are built from: every source under bpf/ and the compiler flags.
 
-    Equal digests mean an equal program, so a restarted daemon keeps the one attached."""
+    Equal digests mean equal programs, so a restarted daemon keeps the ones attached."""
     h = hashlib.sha256()
     for path in sorted(BPF_DIR.glob("*.[ch]")):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
@@ -73,52 +76,81 @@ def program_digest(config: DataPlaneConfig, pin_dir: str) -> str:
     return h.hexdigest()
 
 
-def _compile(config: DataPlaneConfig, pin_dir: str) -> int:
-    """Compile and load bpf/lb.c; its maps are the pins in pin_dir (bcc adopts pins that exist,
-    entries and all, and creates and pins the others). Returns a program fd."""
+# bpf/lb.c is built twice on the same maps: the XDP build (attached with hook "xdp", and always
+# the probe's engine: lbctl test-packet) and the TC build (-DLB_HOOK_TC: ingress with hook "tc",
+# and the egress program that steers marked local packets, with either hook).
+BUILDS: tuple[tuple[list[str], dict[bytes, tuple[str, str]]], ...] = (
+    ([], {b"xdp_lb": (PROGRAM_PIN, "XDP")}),
+    (["-DLB_HOOK_TC"], {b"xdp_lb": (TC_PROGRAM_PIN, "SCHED_CLS"), b"lb_egress": (EGRESS_PROGRAM_PIN, "SCHED_CLS")}),
+)
+
+
+def _compile(config: DataPlaneConfig, pin_dir: str) -> dict[str, int]:
+    """Compile and load every build of bpf/lb.c; their maps are the pins in pin_dir (bcc adopts
+    pins that exist, entries and all, and creates and pins the others). Returns pin name -> fd."""
     from bcc import BPF  # heavy: only attach and upgrades need the compiler
 
+    fds: dict[str, int] = {}
+    try:
+        for cflags, functions in BUILDS:
+            bpf = BPF(src_file=os.fsencode(BPF_DIR / "lb.c"), cflags=config.cflags(pin_dir) + cflags)
+            try:
+                for function, (pin, prog_type) in functions.items():
+                    fds[pin] = os.dup(bpf.load_func(function, getattr(BPF, prog_type)).fd)
+            finally:
+                bpf.cleanup()
+    except Exception as e:  # bcc raises bare Exceptions; the verifier log went to stderr
+        for fd in fds.values():
+            os.close(fd)
+        raise LoadError(f"the kernel refused the data plane program: {e}") from e
+    return fds
+
+
+def load_and_pin(config: DataPlaneConfig, pin_dir: str, hook: str = "xdp") -> int:
+    """Compile every build, create and pin maps and programs; returns an fd of the program the
+    hook attaches at ingress."""
     os.makedirs(pin_dir, exist_ok=True)
     try:
-        bpf = BPF(src_file=os.fsencode(BPF_DIR / "lb.c"), cflags=config.cflags(pin_dir))
-        fn = bpf.load_func(b"xdp_lb", BPF.XDP)
-    except Exception as e:  # bcc raises bare Exceptions; the verifier log went to stderr
-        raise LoadError(f"the kernel refused the data plane program: {e}") from e
-    fd = os.dup(fn.fd)
-    bpf.cleanup()
-    return fd
-
-
-def load_and_pin(config: DataPlaneConfig, pin_dir: str) -> int:
-    """Compile bpf/lb.c, create and pin its maps and program; returns a program fd."""
-    try:
-        fd = _compile(config, pin_dir)
+        fds = _compile(config, pin_dir)
     except LoadError:
         unpin_all(pin_dir)
         raise
-    bpfsys.obj_pin(fd, os.path.join(pin_dir, PROGRAM_PIN))
-    return fd
+    try:
+        for pin, fd in fds.items():
+            bpfsys.obj_pin(fd, os.path.join(pin_dir, pin))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return pinned_program(pin_dir, TC_PROGRAM_PIN if hook == "tc" else PROGRAM_PIN)
 
 
 def replace_program(config: DataPlaneConfig, pin_dir: str, interfaces: list[tuple[int, str]]) -> int:
-    """Build the program again on the pinned maps (every entry kept, the connection table too),
-    swap it in on each (ifindex, mode) atomically and pin it in the old one's place.
+    """Build the programs again on the pinned maps (every entry kept, the connection table too),
+    swap them in on each (ifindex, mode) atomically (mode "tc": the TC build at ingress) and pin
+    them in the old ones' places.
 
-    Packets see either the old program or the new one, never none. Returns the new program's id."""
-    new_fd = _compile(config, pin_dir)
-    old_fd = pinned_program(pin_dir)
+    Packets see either the old program or the new one, never none. Returns the new XDP build's id."""
+    new = _compile(config, pin_dir)
+    old_xdp = pinned_program(pin_dir)
     try:
-        staged = os.path.join(pin_dir, PROGRAM_PIN + "_new")  # bpffs names take no dots
-        if os.path.exists(staged):
-            os.unlink(staged)
-        bpfsys.obj_pin(new_fd, staged)
+        staged = {pin: os.path.join(pin_dir, pin + "_new") for pin in new}  # bpffs names take no dots
+        for pin, path in staged.items():
+            if os.path.exists(path):
+                os.unlink(path)
+            bpfsys.obj_pin(new[pin], path)
         for ifindex, mode in interfaces:
-            _swap_xdp(ifindex, mode, new_fd, old_fd)
-        os.rename(staged, os.path.join(pin_dir, PROGRAM_PIN))  # bpffs renames over the old pin atomically
-        return bpfsys.prog_id(new_fd)
+            if mode == "tc":
+                replace_tc(ifindex, new[TC_PROGRAM_PIN], TC_INGRESS)
+            else:
+                _swap_xdp(ifindex, mode, new[PROGRAM_PIN], old_xdp)
+            replace_tc(ifindex, new[EGRESS_PROGRAM_PIN], TC_EGRESS)
+        for pin, path in staged.items():
+            os.rename(path, os.path.join(pin_dir, pin))  # bpffs renames over the old pin atomically
+        return bpfsys.prog_id(new[PROGRAM_PIN])
     finally:
-        os.close(old_fd)
-        os.close(new_fd)
+        os.close(old_xdp)
+        for fd in new.values():
+            os.close(fd)
 
 
 def _swap_xdp(ifindex: int, mode: str, new_fd: int, old_fd: int) -> None:
@@ -134,8 +166,8 @@ def _swap_xdp(ifindex: int, mode: str, new_fd: int, old_fd: int) -> None:
         raise LoadError(f"ifindex {ifindex}: replacing the XDP program failed: {os.strerror(e.code)}") from e
 
 
-def pinned_program(pin_dir: str) -> int:
-    return bpfsys.obj_get(os.path.join(pin_dir, PROGRAM_PIN))
+def pinned_program(pin_dir: str, pin: str = PROGRAM_PIN) -> int:
+    return bpfsys.obj_get(os.path.join(pin_dir, pin))
 
 
 def unpin_all(pin_dir: str) -> None:
@@ -174,3 +206,56 @@ def attached_prog_id(ifindex: int) -> int:
 def detach_xdp(ifindex: int, mode: str) -> None:
     with IPRoute() as ipr:
         ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", XDP_MODES[mode])]})
+
+
+# TC: a clsact qdisc's ingress hook, one direct-action bpf filter at lb's own priority and name.
+TC_INGRESS = 0xFFFFFFF2
+TC_EGRESS = 0xFFFFFFF3
+TC_PRIO = 0x4C42
+TC_FILTER_NAME = "lb"
+
+
+def attach_tc(ifindex: int, ifname: str, prog_fd: int, parent: int = TC_INGRESS) -> None:
+    try:
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+            _tc_filter(ipr, "add-filter", ifindex, prog_fd, parent)
+    except NetlinkError as e:
+        if e.code == errno.EEXIST:
+            raise LoadError(f"{ifname}: a TC filter already sits at lb's priority; detach it first") from e
+        raise LoadError(f"{ifname}: attaching at TC failed: {os.strerror(e.code)}") from e
+
+
+def replace_tc(ifindex: int, prog_fd: int, parent: int = TC_INGRESS) -> None:
+    """Put another program in lb's filter in one step (the filter is created if it is missing)."""
+    try:
+        with IPRoute() as ipr:
+            _tc_filter(ipr, "replace-filter", ifindex, prog_fd, parent)
+    except NetlinkError as e:
+        raise LoadError(f"ifindex {ifindex}: replacing the TC program failed: {os.strerror(e.code)}") from e
+
+
+def _tc_filter(ipr: IPRoute, command: str, ifindex: int, prog_fd: int, parent: int) -> None:
+    ipr.tc(command, "bpf", ifindex, ":1", fd=prog_fd, name=TC_FILTER_NAME, parent=parent, prio=TC_PRIO, classid=1,
+           direct_action=True)
+
+
+def tc_attached(ifindex: int, parent: int = TC_INGRESS) -> bool:
+    """Does lb's filter sit on the interface's TC ingress (or egress)?"""
+    with IPRoute() as ipr:
+        filters = ipr.get_filters(index=ifindex, parent=parent)
+    return any(f["info"] >> 16 == TC_PRIO and f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") == TC_FILTER_NAME
+               for f in filters)
+
+
+def detach_tc(ifindex: int, parent: int = TC_INGRESS) -> None:
+    """Remove lb's filter; and the clsact qdisc once no filter is left on it."""
+    with IPRoute() as ipr:
+        ipr.tc("del-filter", index=ifindex, parent=parent, prio=TC_PRIO)
+        left = [f for parent in (TC_INGRESS, TC_EGRESS) for f in ipr.get_filters(index=ifindex, parent=parent)]
+        if not left:
+            ipr.tc("del", "clsact", ifindex)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from lb import structs
@@ -250,7 +250,7 @@ class DataPlaneModel:
             return self._unbalanceable(frame, *p)
         pkt = bytearray(frame)
         if p.proto in (ICMP, ICMPV6):
-            return self._icmp(pkt, p)
+            return self._icmp(pkt, p, ingress_ifindex)
         vip = self.t.vips.get((p.dst, p.dport, p.proto))
         if vip is None and self.t.any_port:
             vip = self.t.vips.get((p.dst, 0, p.proto))
@@ -271,12 +271,14 @@ class DataPlaneModel:
                 "LB_PASS_UNSUPPORTED_L4": "drop_unsupported_l4"}.get(reason, "drop_malformed")
         return ModelResult("XDP_DROP", frame, drop)
 
-    def _icmp(self, pkt: bytearray, p: Parsed) -> ModelResult:
-        """icmp.h: echo requests to a VIP address are answered; other ICMP to a VIP is dropped;
-        IPv6 neighbour discovery is the kernel's."""
+    def _icmp(self, pkt: bytearray, p: Parsed, ingress: int) -> ModelResult:
+        """icmp.h: echo requests to a VIP address are answered; a "too big" error about a flow
+        goes to its backend; other ICMP to a VIP is dropped; IPv6 neighbour discovery is the kernel's."""
         v6 = p.version == 6
         if (v6 and 133 <= pkt[p.l4] <= 137) or p.dst not in self.t.vip_addrs:
             return ModelResult("XDP_PASS", bytes(pkt), "pass_not_vip")
+        if (pkt[p.l4], pkt[p.l4 + 1]) == ((2, 0) if v6 else (3, 4)):  # packet too big / fragmentation needed
+            return self._icmp_error_to_backend(pkt, p, ingress)
         if pkt[p.l4] != (128 if v6 else 8):
             return ModelResult("XDP_DROP", bytes(pkt), "drop_unsupported_l4")
         pkt[0:6], pkt[6:12] = pkt[6:12], pkt[0:6]
@@ -293,6 +295,77 @@ class DataPlaneModel:
         pkt[p.l4] = 129 if v6 else 0  # echo reply
         self._replace_check(pkt, p.l4 + 2, old_type, bytes(pkt[p.l4:p.l4 + 2]), udp_zero_fix=False)
         return ModelResult("XDP_TX", bytes(pkt), "tx_icmp_echo")
+
+    @staticmethod
+    def _parse_quote(frame: bytes | bytearray, p: Parsed) -> Parsed | str:
+        """icmp.h icmp_parse_inner: the packet an ICMP error quotes, up to its ports, or why not."""
+        off = p.l4 + 8
+        if p.version == 6:
+            if len(frame) < off + 40 or frame[off] >> 4 != 6:
+                return "LB_PASS_MALFORMED"
+            proto = frame[off + 6]
+            if proto == IPV6_FRAGMENT:
+                return "LB_PASS_FRAGMENT"
+            if proto in IPV6_OPTION_HEADERS:
+                return "LB_PASS_IP_OPTIONS"
+            src, dst, l4 = bytes(frame[off + 8:off + 24]), bytes(frame[off + 24:off + 40]), off + 40
+        else:
+            if len(frame) < off + 20 or frame[off] >> 4 != 4 or frame[off] & 0xF < 5:
+                return "LB_PASS_MALFORMED"
+            if frame[off] & 0xF != 5:
+                return "LB_PASS_IP_OPTIONS"
+            if int.from_bytes(frame[off + 6:off + 8], "big") & 0x1FFF:
+                return "LB_PASS_FRAGMENT"
+            proto, l4 = frame[off + 9], off + 20
+            src, dst = V4_MAPPED + bytes(frame[off + 12:off + 16]), V4_MAPPED + bytes(frame[off + 16:off + 20])
+        if proto not in (TCP, UDP):
+            return "LB_PASS_UNSUPPORTED_L4"
+        if len(frame) < l4 + 8:
+            return "LB_PASS_MALFORMED"
+        sport, dport = struct.unpack_from(">HH", frame, l4)
+        return Parsed(off, l4, src, dst, sport, dport, proto, None, p.version)
+
+    def _icmp_error_to_backend(self, pkt: bytearray, p: Parsed, ingress: int) -> ModelResult:
+        """lb.c icmp_error_to_backend: the quote, reversed, is the client's flow."""
+        q = self._parse_quote(pkt, p)
+        if isinstance(q, str):
+            return self._unbalanceable(bytes(pkt), q, p.dst)
+        flow = self.t.conn.get((q.dst, q.src, q.dport, q.sport, q.proto))
+        if flow is None or flow.flags & structs.FLOW_REPLY:
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
+        meta = self.t.vip_meta.get(flow.vip_id)
+        if meta is None or not meta[2] & structs.VIP_ACTIVE or meta[0] != q.src or meta[1] not in (q.sport, 0):
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
+        be = self._backend(flow.backend_id)
+        if be is None:
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
+        self._icmp_error_rewrite_to_backend(pkt, p, q, be)
+        resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
+        return self._send(pkt, flow.nh, resolved, ingress, "fwd_icmp_error", None)
+
+    def _icmp_error_rewrite_to_backend(self, pkt: bytearray, p: Parsed, q: Parsed,
+                                       be: tuple[bytes, int, int]) -> None:
+        """icmp.h: outer destination (ICMPv6's checksum covers it, ICMP's not), then the quote's
+        source address (and its IPv4 header checksum) and port; the quote's L4 checksum stays."""
+        icmp_check = p.l4 + 2
+        self._nat(pkt, replace(p, check_off=icmp_check if p.version == 6 else None), self._addr_off(p, "dst"), 0,
+                  be[0], 0)
+        src = self._addr_off(q, "src")
+        if q.version == 4:
+            old_check = bytes(pkt[q.l3 + 10:q.l3 + 12])
+            self._replace_check(pkt, q.l3 + 10, bytes(pkt[src:src + 4]), be[0][12:], udp_zero_fix=False)
+            self._replace_check(pkt, icmp_check, bytes(pkt[src:src + 4]), be[0][12:], udp_zero_fix=False)
+            pkt[src:src + 4] = be[0][12:]
+            self._replace_check(pkt, icmp_check, old_check, bytes(pkt[q.l3 + 10:q.l3 + 12]), udp_zero_fix=False)
+        else:
+            for i in range(0, 16, 4):
+                self._replace_check(pkt, icmp_check, bytes(pkt[src + i:src + i + 4]), be[0][i:i + 4],
+                                    udp_zero_fix=False)
+                pkt[src + i:src + i + 4] = be[0][i:i + 4]
+        if be[1]:  # 0: the backend kept the VIP's port
+            old_port = bytes(pkt[q.l4:q.l4 + 2])
+            pkt[q.l4:q.l4 + 2] = be[1].to_bytes(2, "big")
+            self._replace_check(pkt, icmp_check, old_port, pkt[q.l4:q.l4 + 2], udp_zero_fix=False)
 
     def _backend(self, backend_id: int) -> tuple[bytes, int, int] | None:
         if backend_id >= self.t.max_backends:
@@ -385,6 +458,8 @@ class DataPlaneModel:
                    ingress: int) -> ModelResult:
         flow, meta = found
         self._nat(pkt, p, self._addr_off(p, "src"), p.l4, meta[0], meta[1])
+        if flow.flags & structs.FLOW_LOCAL:  # the LB host's own connection (steered at TC egress)
+            return ModelResult("XDP_PASS", bytes(pkt), "pass_local_reply", (p.src, p.sport))
         resolved, flow.reply_nh = self._ensure_next_hop(flow.reply_nh, p.dst, p, pkt, ingress)
         return self._send(pkt, flow.reply_nh, resolved, ingress, "fwd_reply", (p.src, p.sport))
 

@@ -161,6 +161,10 @@ REASONS: tuple[str, ...] = (
     "LB_FWD_DSR",
     "LB_FWD_TUNNEL",
     "LB_DROP_NO_HEADROOM",
+    "LB_FWD_ICMP_ERROR",
+    "LB_DROP_ICMP_NO_FLOW",
+    "LB_FWD_STEERED",
+    "LB_PASS_LOCAL_REPLY",
 )
 
 # Flags and constants of bpf/consts.h used from Python.
@@ -175,6 +179,10 @@ ACL_DENY = 2
 CFG_ANY_PORT = 1 << 0
 ICMP_TTL = 64
 FLOW_REPLY = 1 << 0
+FLOW_LOCAL = 1 << 1
+MARK_MAGIC = 0x4C000000
+MARK_MAGIC_MASK = 0xFF000000
+MARK_BACKEND_MASK = 0x00FFFFFF
 BACKEND_IN_USE = 1 << 0
 BACKEND_SHARED = 1 << 1
 REPLY_SHARED = 1 << 0
@@ -190,6 +198,12 @@ MAX_IFINDEX = 65536
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 HASHES = ("flow", "source")
+
+
+def backend_mark(backend_id: int) -> int:
+    """The SO_MARK that has the TC egress program steer a connection of the LB host to a VIP to
+    this backend (health checks)."""
+    return MARK_MAGIC | (backend_id & MARK_BACKEND_MASK)
 
 
 def be16(port: int) -> int:

@@ -9,8 +9,8 @@ from typing import Iterator
 
 from scapy.compat import raw
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
-from scapy.layers.inet6 import (ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6ND_NS, IPv6, IPv6ExtHdrFragment,
-                                IPv6ExtHdrHopByHop)
+from scapy.layers.inet6 import (ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6,
+                                IPv6ExtHdrFragment, IPv6ExtHdrHopByHop)
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
@@ -38,6 +38,7 @@ def expression_names(lab: Lab) -> dict:
         "TCP": TCP, "UDP": UDP, "ICMP": ICMP, "Raw": Raw, "raw": raw,
         "IPv6ExtHdrFragment": IPv6ExtHdrFragment, "IPv6ExtHdrHopByHop": IPv6ExtHdrHopByHop,
         "ICMPv6EchoRequest": ICMPv6EchoRequest, "ICMPv6EchoReply": ICMPv6EchoReply, "ICMPv6ND_NS": ICMPv6ND_NS,
+        "ICMPv6PacketTooBig": ICMPv6PacketTooBig,
         "CLIENT6": str(lab.client.address6), "B1_6": str(b1.address6),
         **{f"VIP6_{i}": str(lab.vip6(i)) for i in range(1, 4)},
         "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address),

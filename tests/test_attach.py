@@ -5,7 +5,8 @@ import os
 from collections import Counter
 
 
-from netns.nsenter import netlink_in
+from lb import loader
+from netns.nsenter import in_netns, netlink_in
 from netns.traffic import Servers, http_get, udp_request
 from tests.conftest import add_vip_with_backends, backend_name, lab_with_lb, run_lbctl
 
@@ -18,6 +19,12 @@ def xdp_prog_ids(ns: str, ifnames: list[str]) -> dict[str, int]:
             xdp = link.get_attr("IFLA_XDP")
             out[name] = (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp else 0
         return out
+
+
+def egress_programs(ns: str, ifnames: list[str]) -> dict[str, bool]:
+    """Which interfaces carry lb's TC egress program (health-check steering)."""
+    with netlink_in(ns) as ipr, in_netns(ns):
+        return {name: loader.tc_attached(ipr.link_lookup(ifname=name)[0], loader.TC_EGRESS) for name in ifnames}
 
 
 def test_first_packet_to_an_unresolved_neighbour_is_not_lost():
@@ -40,10 +47,12 @@ def test_detach_removes_program_and_pins_and_attach_restores_vips():
         add_vip_with_backends(lab, f"{lab.vip(1)}:80/tcp", 8080)
         pin_dir = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]["pin_dir"]
         assert all(xdp_prog_ids(lab.lb_ns, lab.lb_interfaces).values())
+        assert all(egress_programs(lab.lb_ns, lab.lb_interfaces).values())
         assert os.path.isdir(pin_dir)
 
         assert "detached from" in run_lbctl(lab.lb_ns, "detach").stdout
         assert set(xdp_prog_ids(lab.lb_ns, lab.lb_interfaces).values()) == {0}
+        assert not any(egress_programs(lab.lb_ns, lab.lb_interfaces).values())
         assert not os.path.exists(pin_dir)
 
         out = run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces).stdout

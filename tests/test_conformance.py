@@ -1,12 +1,15 @@
 """The fixture table (tests/fixtures/packets.toml) through the BPF program and the reference model."""
 from __future__ import annotations
 
+import socket
 from typing import Iterator
 
 import pytest
 from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
+from lb.refmodel import Flow
+from lb.structs import FLOW_LOCAL, FlowEntry, FlowKey, LbAddr
 from tests.conftest import run_lbctl
 from tests.harness import Harness, agree, configured_harness, disagreement, evaluate, expression_names, load_fixtures
 
@@ -46,7 +49,8 @@ def test_fixture_table_covers_every_reason_it_can_reach_today():
     reasons = {c["reason"] for c in FIXTURES["case"]}
     assert {"fwd_nat", "fwd_reply", "tx_icmp_echo", "pass_not_ip", "pass_not_vip", "pass_ip_options",
             "pass_fragment", "pass_unsupported_l4", "pass_malformed", "drop_no_backend", "drop_ip_options",
-            "drop_fragment", "drop_unsupported_l4", "drop_malformed", "drop_acl", "fwd_dsr", "fwd_tunnel"} <= reasons
+            "drop_fragment", "drop_unsupported_l4", "drop_malformed", "drop_acl", "fwd_dsr", "fwd_tunnel",
+            "fwd_icmp_error", "drop_icmp_no_flow"} <= reasons
 
 
 def test_lbctl_test_packet_reports_what_the_program_does(harness: Harness, tmp_path):
@@ -62,3 +66,28 @@ def test_lbctl_test_packet_reports_what_the_program_does(harness: Harness, tmp_p
     wrpcap(str(pcap), [Ether(evaluate("Ether(src=CLIENT_MAC, dst='ff:ff:ff:ff:ff:ff')/ARP(psrc=CLIENT, pdst='198.18.0.1')", names))])
     text = run_lbctl(harness.lab.lb_ns, "test-packet", "--pcap", str(pcap)).stdout
     assert "action:  XDP_PASS" in text and "reason:  pass_not_ip" in text and "backend: -" in text
+
+
+def test_reply_to_a_steered_connection_of_the_lb_host_is_handed_to_the_host(harness: Harness):
+    """A flow the TC egress program remembered (LB_FLOW_LOCAL: the LB host's own connection to
+    VIP1:53/udp, steered to b1:5353): its reply is rewritten back to the VIP and passed up."""
+    names = expression_names(harness.lab)
+    t = harness.model.t
+    lb_host, vip = LbAddr.of(harness.lab.backends[0].lb_address), LbAddr.of(harness.lab.vip(1))
+    b1 = bytes(LbAddr.of(harness.lab.backends[0].address))
+    vip_id = t.vips[(bytes(vip), 53, socket.IPPROTO_UDP)][0]
+    backend_id = next(i for i, (addr, port, _) in t.backends.items() if (addr, port) == (b1, 5353))
+    harness.maps.conn_table.set(
+        FlowKey(src=lb_host, dst=vip, sport=socket.htons(40500), dport=socket.htons(53), proto=socket.IPPROTO_UDP),
+        FlowEntry(backend_id=backend_id, vip_id=vip_id, flags=FLOW_LOCAL))
+    t.conn[(bytes(lb_host), bytes(vip), 40500, 53, socket.IPPROTO_UDP)] = Flow(backend_id, vip_id, FLOW_LOCAL)
+    lb_b1 = str(harness.lab.backends[0].lb_address)
+    frame = evaluate(f"Ether(src=B1_MAC, dst=LB_B1_MAC)/IP(src=B1, dst='{lb_b1}')/UDP(sport=5353, dport=40500)/Raw(b'ok')",
+                     names)
+
+    actual, expected = harness.run(frame, "b1")
+
+    assert agree(actual, expected), disagreement(frame, actual, expected)
+    assert (actual.action, actual.reason) == ("XDP_PASS", "pass_local_reply")
+    want = f"Ether(src=B1_MAC, dst=LB_B1_MAC)/IP(src=VIP1, dst='{lb_b1}')/UDP(sport=53, dport=40500)/Raw(b'ok')"
+    assert actual.packet.hex() == evaluate(want, names).hex()

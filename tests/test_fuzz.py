@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
-from scapy.layers.inet6 import ICMPv6Unknown, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import ICMPv6PacketTooBig, ICMPv6Unknown, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 
@@ -57,12 +57,14 @@ ports = st.one_of(st.sampled_from([80, 53, 8080, 5353, 81]), st.integers(1, 6553
 
 
 @st.composite
-def packets(draw) -> tuple[bytes, str]:
-    """A packet to a VIP, a backend's reply, or anything else; then maybe mutated."""
+def packets(draw) -> tuple[list[bytes], str]:
+    """A packet to a VIP, a backend's reply, or anything else; then maybe mutated. (Sometimes
+    preceded by the packet that opens the flow it is about.)"""
     scenario = draw(st.sampled_from(["to-vip", "reply", "random"]))
     client_ports = st.integers(40000, 40031)  # a small range: repeats and replies hit existing flows
     proto = draw(st.sampled_from(["tcp", "udp", "udp0", "icmp", "other"]))
-    service_port = 80 if proto == "tcp" else 53
+    quoted = draw(st.sampled_from(["tcp", "udp"])) if proto == "icmp" else proto  # what an ICMP error quotes
+    service_port = 80 if quoted == "tcp" else 53
     if scenario == "to-vip":
         src = draw(st.sampled_from(["198.18.0.2", "198.18.0.7"]))
         dst = draw(st.sampled_from(["198.19.0.1", "198.19.0.2", "198.19.0.3", "198.19.0.4", "198.19.0.5",
@@ -89,11 +91,12 @@ def packets(draw) -> tuple[bytes, str]:
             ip.options = [IPOption_NOP()] * 4
         if draw(st.integers(0, 15)) == 0:
             ip.flags, ip.frag = draw(st.sampled_from([("MF", 0), (0, 64), ("MF", 8)]))
-    icmp_type = draw(st.sampled_from([8, 8, 0, 3, 13] if not v6 else [128, 128, 129, 1, 135]))
+    icmp_type = draw(st.sampled_from([8, 8, 0, 3, 13, "too-big"] if not v6 else [128, 128, 129, 1, 135, "too-big"]))
     l4 = {"tcp": lambda: TCP(sport=sport, dport=dport, flags=draw(st.sampled_from(["S", "A", "PA", "FA", "R"]))),
           "udp": lambda: UDP(sport=sport, dport=dport),
           "udp0": lambda: UDP(sport=sport, dport=dport, chksum=0),
-          "icmp": lambda: (ICMPv6Unknown(type=icmp_type) if v6 else ICMP(type=icmp_type, id=draw(st.integers(0, 65535)))),
+          "icmp": lambda: (too_big(draw, v6, src, dst, sport, dport, quoted) if icmp_type == "too-big" else
+                           ICMPv6Unknown(type=icmp_type) if v6 else ICMP(type=icmp_type, id=draw(st.integers(0, 65535)))),
           "other": lambda: Raw(b"\x00" * 8)}[proto]()
     if proto == "other":
         other = draw(st.sampled_from([47, 132, 50]))
@@ -109,20 +112,38 @@ def packets(draw) -> tuple[bytes, str]:
             data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
     if draw(st.integers(0, 15)) == 0:
         data = data[:draw(st.integers(14, len(data)))]
-    return bytes(data), ingress
+    opener = []  # an ICMP error to a VIP often quotes a flow opened just before
+    if scenario == "to-vip" and icmp_type == "too-big" and draw(st.booleans()):
+        l4 = TCP(sport=sport, dport=dport, flags="S") if quoted == "tcp" else UDP(sport=sport, dport=dport)
+        opener = [bytes(eth / (IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)) / l4)]
+    return [*opener, bytes(data)], ingress
+
+
+def too_big(draw, v6: bool, src: str, dst: str, sport: int, dport: int, quoted: str):
+    """ICMP "fragmentation needed" / ICMPv6 "packet too big" to dst, quoting the reply dst -> src
+    of the flow src -> dst (so it can name a flow the fuzzer opened)."""
+    l4 = (TCP(sport=dport, dport=sport, flags="A") if quoted == "tcp" else UDP(sport=dport, dport=sport))
+    l4.chksum = draw(st.integers(0, 65535))
+    if v6:
+        return ICMPv6PacketTooBig(mtu=draw(st.integers(1280, 1500))) / IPv6(src=dst, dst=src) / l4
+    quote = IP(src=dst, dst=src, flags="DF")
+    if draw(st.integers(0, 15)) == 0:
+        quote.options = [IPOption_NOP()] * 4
+    return ICMP(type=3, code=4, nexthopmtu=draw(st.integers(68, 1500))) / quote / l4
 
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(packets())
 def test_program_and_model_agree_on_any_packet(harness: Harness, packet):
-    frame, ingress = packet
-    actual, expected = harness.run(frame, ingress)
-    assert actual.action != "XDP_ABORTED"
-    assert agree(actual, expected), disagreement(frame, actual, expected)
-    SEEN.add(actual.reason)
+    frames, ingress = packet
+    for frame in frames:
+        actual, expected = harness.run(frame, ingress)
+        assert actual.action != "XDP_ABORTED"
+        assert agree(actual, expected), disagreement(frame, actual, expected)
+        SEEN.add(actual.reason)
 
 
 def test_fuzzer_reached_the_main_paths():
-    assert {"fwd_nat", "fwd_dsr", "fwd_tunnel", "fwd_reply", "tx_icmp_echo", "pass_not_vip", "drop_no_backend", "pass_malformed",
-            "drop_fragment", "drop_unsupported_l4"} <= SEEN, SEEN
+    assert {"fwd_nat", "fwd_dsr", "fwd_tunnel", "fwd_reply", "tx_icmp_echo", "pass_not_vip", "drop_no_backend",
+            "pass_malformed", "drop_fragment", "drop_unsupported_l4", "fwd_icmp_error", "drop_icmp_no_flow"} <= SEEN, SEEN

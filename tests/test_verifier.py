@@ -1,7 +1,8 @@
 """The kernel's verifier accepts the data plane built with the sizes lbctl attach can ask for.
 
 The sizes are compile-time constants (bpf/consts.h): the smallest, the default and large
-ones are each compiled, loaded and unpinned. (The XDP mode is chosen at attach time, not
+ones are each compiled, loaded and unpinned, in both builds (XDP, and TC: -DLB_HOOK_TC, with
+the egress steering program). (The XDP mode is chosen at attach time, not
 compiled in: tests/test_attach.py attaches in both.)"""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import secrets
 import pytest
 
 from lb import loader
+from lb.bpfsys import prog_id
 from lb.pins import stable_bpffs
 
 CONFIGS = {
@@ -29,6 +31,28 @@ def test_verifier_accepts_program_built_with(name):
         assert os.path.exists(os.path.join(pin_dir, loader.PROGRAM_PIN))
     finally:
         loader.unpin_all(pin_dir)
+
+
+def test_the_tc_hook_gets_the_tc_build_and_every_program_is_pinned():
+    pin_dir = os.path.join(stable_bpffs(), "lb", f"verifier-{secrets.token_hex(4)}")
+    try:
+        fd = loader.load_and_pin(CONFIGS["default"], pin_dir, "tc")
+        try:
+            assert prog_id(fd) == _pinned_id(pin_dir, loader.TC_PROGRAM_PIN)
+        finally:
+            os.close(fd)
+        for pin in (loader.PROGRAM_PIN, loader.EGRESS_PROGRAM_PIN):  # the probe's engine; health-check steering
+            assert os.path.exists(os.path.join(pin_dir, pin))
+    finally:
+        loader.unpin_all(pin_dir)
+
+
+def _pinned_id(pin_dir: str, pin: str) -> int:
+    fd = loader.pinned_program(pin_dir, pin)
+    try:
+        return prog_id(fd)
+    finally:
+        os.close(fd)
 
 
 def test_sizes_lbctl_refuses():
