@@ -223,7 +223,9 @@ def attach_tc(ifindex: int, ifname: str, prog_fd: int, parent: int = TC_INGRESS)
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise
-            _tc_filter(ipr, "add-filter", ifindex, prog_fd, parent)
+            # lb's own filter left by a data plane no state knows of any more (pins gone) is replaced
+            _tc_filter(ipr, "replace-filter" if tc_attached(ifindex, parent) else "add-filter", ifindex, prog_fd,
+                       parent)
     except NetlinkError as e:
         if e.code == errno.EEXIST:
             raise LoadError(f"{ifname}: a TC filter already sits at lb's priority; detach it first") from e
