@@ -267,7 +267,8 @@ class State:
     def allocate_backend_id(self) -> int:
         """The lowest free id; when all are taken, the one retired longest ago."""
         limit = self.dataplane.config["max_backends"]
-        free = next((i for i in range(1, limit) if i not in self.backend_ids()), None)
+        used = self.backend_ids()
+        free = next((i for i in range(1, limit) if i not in used), None)
         if free is not None:
             return free
         retired = [(b.retired_at, b.id, v) for v in self.vips for b in v.backends if not b.active]
