@@ -9,11 +9,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from control.errors import InputError, LbError
-from control.model import HASHES, MODES
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError
+from control.model import HASHES, MODES, is_whole_number
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,13 +20,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not is_whole_number(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return int(text)
 
 
 def _weight(text: str) -> int:
-    if not text.isdigit():
+    if not is_whole_number(text):
         raise argparse.ArgumentTypeError(f"expected a whole number 0-65535, got {text!r}")
     return int(text)
 
@@ -234,13 +231,13 @@ def format_status(data: dict[str, Any]) -> str:
 
 def read_config(path: str) -> tuple[str, str]:
     """The file's text and the name errors use."""
+    from control.config import read_text
     if path == "-":
-        return sys.stdin.read(), "<stdin>"
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read(), path
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            return sys.stdin.read(), "<stdin>"
+        except UnicodeDecodeError as e:
+            raise InputError(f"cannot read standard input: {e}") from None
+    return read_text(path), path
 
 
 def read_frame(args: argparse.Namespace) -> bytes:

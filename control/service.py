@@ -185,13 +185,11 @@ class Controller:
             v.check_backend(backend)
             if v.backend(backend) is not None:
                 raise InputError(f"backend {backend} already exists in VIP {vip}")
-            retired = next((b for b in v.backends if b.address == backend), None)
-            if retired is not None:  # back again: its established flows keep their id
-                retired.retired_at, retired.weight, retired.healthy = None, weight, True
-                return {"vip": str(vip), "backend": str(backend), "id": retired.id, "weight": weight, "mode": v.mode}
-            bid = state.allocate_backend_id()
-            v.backends.append(BackendState(backend, bid, weight))
-            return {"vip": str(vip), "backend": str(backend), "id": bid, "weight": weight, "mode": v.mode}
+            b = v.revive(backend, weight)
+            if b is None:
+                b = BackendState(backend, state.allocate_backend_id(), weight)
+                v.backends.append(b)
+            return {"vip": str(vip), "backend": str(backend), "id": b.id, "weight": weight, "mode": v.mode}
 
         result = self._change(change)
         if result.get("mode") == "dsr":

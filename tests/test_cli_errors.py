@@ -54,6 +54,9 @@ BAD_INPUT = [
     ("add-vip", "2001:db8::1:80/tcp"),
     ("add-vip", VIP),  # exists
     ("add-vip", "198.19.0.2:80/tcp", "--mode", "teleport"),
+    ("add-vip", "198.19.0.2:\u00b2/tcp"),  # a digit to str.isdigit, not to int()
+    ("add-backend", VIP, "198.18.2.2", "--weight", "\u00b2"),
+    ("attach", "to-client", "--max-vips", "\u00b2"),
     ("remove-vip", "198.19.0.9:80/tcp"),
     ("remove-vip", "not-an-address"),
     ("add-backend", "198.19.0.9:80/tcp", BACKEND),  # unknown VIP

@@ -75,6 +75,9 @@ BAD = [
      5, "listed twice"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - {address: 198.18.1.2, weight: 70000}\n",
      4, "weight must be a whole number 0-65535"),
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - {address: 198.18.1.2, weight: \"\u00b2\"}\n",
+     4, "weight must be a whole number 0-65535, got '\u00b2'"),
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    health: {kind: tcp, interval: \u0662s}\n", 3, "not a duration"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - \"[2001:db8::2]:80\"\n", 4, "different IP versions"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    health:\n      kind: tcp\n      timeout: 5s\n", 5, "at most the interval"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    health:\n      kind: tcp\n      path: /x\n", 5, "http checks only"),
@@ -126,6 +129,14 @@ def test_apply_keeps_the_ids_of_what_stays_and_retires_what_goes():
     assert kept["198.18.3.2:8080"].id not in ids.values()
     back = applied(GOOD, after)  # the retired backend returns with its old id
     assert back.vip(vip.vip).backend(kept["198.18.2.2:8080"].address).id == ids["198.18.2.2:8080"]
+
+
+def test_apply_gives_new_backends_no_id_of_a_vip_removed_in_the_same_change():
+    before = applied("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends: [198.18.1.2:8080, 198.18.2.2:8080]\n")
+    gone = {b.id for b in before.vips[0].backends}
+    after = applied("vips:\n  - vip: 198.19.0.2:80/tcp\n    backends: [198.18.3.2:8080]\n", before)
+    (new,) = after.vips[0].backends
+    assert new.id not in gone  # it would inherit the removed backend's counters and connection-table entries
 
 
 def test_plan_names_what_is_added_removed_and_changed():
