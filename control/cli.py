@@ -206,9 +206,13 @@ def format_plan(r: dict[str, Any]) -> str:
     lines += [f"- VIP {vip} (with its backends; established flows go on until they end)" for vip in r["removed"]]
     for v in r["changed"]:
         moved = f"{v['share_moved']:.1%} of Maglev slots move ({v['slots_moved']} slots"
-        lines.append(f"~ VIP {v['vip']}: " + (f"the hash changes, so new flows are placed anew; {moved})"
-                                               if v["rehash"] else
-                                               f"{moved}: the share of new flows that land on another backend)"))
+        if v.get("disruptive"):
+            what = "the mode changes, so ESTABLISHED CONNECTIONS BREAK and every flow is placed anew"
+        elif v["rehash"]:
+            what = f"the hash changes, so new flows are placed anew; {moved})"
+        else:
+            what = f"{moved}: the share of new flows that land on another backend)"
+        lines.append(f"~ VIP {v['vip']}: {what}")
         lines += [f"    ~ {change}" for change in v["settings"]]
         b = v["backends"]
         lines += [f"    + backend {a['backend']} (weight {a['weight']})" for a in b["added"]]

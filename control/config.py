@@ -342,7 +342,9 @@ def _backend_changes(old: VipState, new: VipState) -> dict[str, list]:
 def plan(old: State, new: State, ring_size: int) -> dict[str, Any]:
     """What turning `old` into `new` does; JSON-able. `share_moved` is the share of a VIP's
     Maglev slots (so of its new flows) that land on a different backend afterwards; with
-    `rehash` (the hash input changes) flows are placed anew whatever the slots do."""
+    `rehash` (the hash input changes) flows are placed anew whatever the slots do; with
+    `disruptive` (the mode changes: backends see other packets) every flow is affected and
+    established connections break, so share_moved is 1."""
     olds = {v.vip: v for v in old.vips}
     news = {v.vip: v for v in new.vips}
     added = [{"vip": str(v.vip), "mode": v.mode, "hash": v.hash, "backends": len(v.active_backends())}
@@ -355,7 +357,9 @@ def plan(old: State, new: State, ring_size: int) -> dict[str, Any]:
         moved = slots_moved(o, n, ring_size)
         if settings or any(backends.values()) or moved:
             # a new hash input sends a flow to another slot, whether or not the slots change
+            disruptive = o.mode != n.mode
             changed.append({"vip": str(vip), "settings": settings, "backends": backends,
-                            "slots_moved": moved, "share_moved": moved / ring_size, "rehash": o.hash != n.hash})
+                            "slots_moved": moved, "share_moved": 1.0 if disruptive else moved / ring_size,
+                            "rehash": o.hash != n.hash, "disruptive": disruptive})
     return {"added": added, "removed": removed, "changed": changed,
             "empty": not (added or removed or changed)}

@@ -165,6 +165,20 @@ def test_plan_share_of_moved_slots_is_the_real_table_difference():
     assert not changed["rehash"]
 
 
+def test_a_mode_change_is_planned_as_breaking_every_connection():
+    from control.cli import format_plan
+    text = "vips:\n  - vip: 198.19.0.1:80/tcp\n    mode: nat\n    backends: [198.18.1.2, 198.18.2.2]\n"
+    before = applied(text)
+    after = applied(text.replace("mode: nat", "mode: tunnel"), before)
+    (changed,) = config.plan(before, after, RING)["changed"]
+    assert changed["slots_moved"] == 0  # the table is the same, yet no established flow survives
+    assert changed["disruptive"] and changed["share_moved"] == 1.0
+    printed = format_plan({"dry_run": True, **config.plan(before, after, RING)})
+    assert "ESTABLISHED CONNECTIONS BREAK" in printed and "mode: nat -> tunnel" in printed
+    (added,) = config.plan(before, applied(text.replace("]", ", 198.18.3.2]"), before), RING)["changed"]
+    assert not added["disruptive"] and 0 < added["share_moved"] < 1
+
+
 def test_durations_read_and_write_alike():
     for text, seconds in (("2s", 2.0), ("500ms", 0.5), ("1.5", 1.5), ("250 ms", 0.25)):
         assert config.parse_duration(text) == seconds
