@@ -83,6 +83,10 @@ BAD_INPUT = [
     ("drain", VIP, "198.18.3.2:8080"),  # unknown backend
     ("drain", "198.19.0.9:80/tcp", BACKEND),  # unknown VIP
     ("drain", VIP),
+    ("set-weight", VIP, BACKEND),  # no weight
+    ("set-weight", VIP, BACKEND, "70000"),
+    ("set-weight", VIP, BACKEND, "\u00b2"),
+    ("set-weight", VIP, "198.18.3.2:8080", "1"),  # unknown backend
     ("status", "--verbose"),
     ("export", "extra"),
     ("test-packet", "zz"),

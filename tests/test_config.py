@@ -280,3 +280,23 @@ def test_an_invalid_file_changes_nothing(lab, clean, tmp_path):
     assert result.stderr.strip().endswith("unknown mode 'teleport' (expected one of: nat, dsr, tunnel)")
     assert f"lb.yaml:{bad.count(chr(10))}:" in result.stderr
     assert snapshot(run) == before
+
+
+def test_set_weight_undoes_a_drain_and_status_shows_removed_backends_with_flows(lab, servers, clean, tmp_path):
+    run = clean
+    run("apply", "-f", lab_file(lab, tmp_path, lab_config(lab)))
+    vip, b1 = f"{lab.vip(1)}:80/tcp", f"{lab.backends[0].address}:8080"
+
+    def served() -> Counter:
+        return Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(30))
+
+    run("drain", vip, b1)
+    assert "b1" not in served()
+    out = run("set-weight", vip, b1, "2").stdout
+    assert out.strip() == f"backend {b1} of {vip}: weight 0 -> 2"
+    assert served()["b1"] > 0  # back in the Maglev table: new connections reach it again
+
+    run("remove-backend", vip, b1)  # its flows stay in the connection table until they age out
+    (shown,) = [b for v in run("status", "--json").json()["vips"] for b in v["backends"] if b["backend"] == b1]
+    assert shown["health"] == "removed" and shown["connections"] > 0 and not shown["serving"]
+    assert "removed" in run("status").stdout

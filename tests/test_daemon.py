@@ -119,7 +119,23 @@ def test_apply_export_drain_and_status_go_through_the_daemon(lab: Lab, daemon: D
     assert planned and vip in exported
     drained = [b for v in status["vips"] if v["vip"] == vip for b in v["backends"]]
     assert [b["weight"] for b in drained] == [0]
+    labels = (("backend", backend), ("vip", vip))
+    metrics = scrape(lab)  # still configured, no longer taking new connections
+    assert (metrics[("lb_backend_active", labels)], metrics[("lb_backend_serving", labels)]) == (1, 0)
+    run_lbctl(lab.lb_ns, "set-weight", vip, backend, "3")
+    assert scrape(lab)[("lb_backend_serving", labels)] == 1
     run_lbctl(lab.lb_ns, "remove-vip", vip)
+
+
+def test_lbctl_refuses_a_state_file_other_than_the_daemons(lab: Lab, daemon: DaemonProcess, tmp_path):
+    other = run_lbctl(lab.lb_ns, "--state", str(tmp_path / "other.db"), "add-vip", f"{lab.vip(5)}:80/tcp",
+                      check=False)
+    assert other.returncode == 2 and other.stdout == ""
+    assert other.stderr.count("\n") == 1 and "keeps its state in" in other.stderr
+    assert not daemon.events("command")  # refused before anything was sent
+    assert not os.path.exists(tmp_path / "other.db")
+    own = run_lbctl(lab.lb_ns, "--state", os.path.join(STATE_DIR, f"{lab.lb_ns}.db"), "list")
+    assert own.returncode == 0 and daemon.events("command")[-1]["command"] == "list"
 
 
 def test_attach_and_detach_go_through_the_daemon(lab: Lab, daemon: DaemonProcess):
