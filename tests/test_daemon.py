@@ -182,8 +182,9 @@ def test_daemon_restores_maps_to_the_stored_state_and_reports_it(lab: Lab, tmp_p
         corrected = d.events("maps corrected to the stored state")
         assert corrected and corrected[0]["corrected"] == {"vips": len(before), "reply_sources": 1}
 
-        for text in ("vips: [\n", b"vips: []\n# \xff\n", "vips:\n  - vip: 198.19.9.9:80/tcp\n    backends: [{address: 198.18.1.2, weight: \u00b2}]\n"):
-            # not YAML, not UTF-8, a digit int() refuses: logged, nothing changed, the daemon goes on
+        # not YAML, not UTF-8, a digit int() refuses: logged, nothing changed, the daemon goes on
+        for text in ("vips: [\n", b"vips: []\n# \xff\n",
+                     "vips:\n  - vip: 198.19.9.9:80/tcp\n    backends: [{address: 198.18.1.2, weight: \u00b2}]\n"):
             config.write_bytes(text if isinstance(text, bytes) else text.encode())
             errors = len(d.events("config not applied"))
             d.proc.send_signal(signal.SIGHUP)
