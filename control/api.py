@@ -18,12 +18,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from control.errors import InputError, LbError
+from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError
 
 RUN_DIR = "/run/lb"
 ENV_SOCKET = "LBCTL_API_SOCKET"
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 
 def default_socket_path(instance_name: str) -> str:
@@ -93,6 +91,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.describe = describe
         self._lock = threading.Lock()
         self._closed = False
+        self._serving: threading.Thread | None = None
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         if os.path.exists(path):
             _refuse_if_live(path)
@@ -114,13 +113,15 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         return uid == 0
 
     def serve_in_thread(self) -> threading.Thread:
-        t = threading.Thread(target=self.serve_forever, args=(0.2,), name="api", daemon=True)
-        t.start()
-        return t
+        """Answer from now on; the socket listens from construction, so callers wait until then."""
+        self._serving = threading.Thread(target=self.serve_forever, args=(0.2,), name="api", daemon=True)
+        self._serving.start()
+        return self._serving
 
     def close(self) -> None:
         """Stop serving; a command under way finishes first, none starts after."""
-        self.shutdown()
+        if self._serving is not None:  # shutdown() waits for serve_forever, which may never have run
+            self.shutdown()
         with self._lock:
             self._closed = True
         self.server_close()

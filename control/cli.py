@@ -9,11 +9,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from control.errors import InputError, LbError
-from control.model import HASHES, MODES
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError
+from control.model import HASHES, MODES, is_whole_number
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,13 +20,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not is_whole_number(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return int(text)
 
 
 def _weight(text: str) -> int:
-    if not text.isdigit():
+    if not is_whole_number(text):
         raise argparse.ArgumentTypeError(f"expected a whole number 0-65535, got {text!r}")
     return int(text)
 
@@ -93,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decap", help="on a backend of tunnel-mode VIPs: decapsulate IPIP and IPv6-in-IPv6 "
                                      "packets addressed to this host")
     d_sub = d.add_subparsers(dest="decap_command", required=True, parser_class=_Parser)
-    a = d_sub.add_parser("attach", help="load the decapsulation program on an interface")
+    a = d_sub.add_parser("attach", help="load the decapsulation program on an interface; on one where it is "
+                                        "attached, take the host's addresses again (after adding one)")
     a.add_argument("interface", metavar="IFACE")
     a.add_argument("--hook", choices=("xdp", "tc"), default="xdp",
                    help="xdp (native, default), or tc (ingress; for interfaces without native XDP)")
+    a.add_argument("--json", action="store_true", help="print JSON")
     a = d_sub.add_parser("detach", help="remove the decapsulation program from an interface")
     a.add_argument("interface", metavar="IFACE")
     a = d_sub.add_parser("stats", help="interfaces decapsulating and packets decapsulated")
@@ -115,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("drain", help="weight 0: no new connections to a backend; established ones go on")
     d.add_argument("vip", metavar="VIP")
     d.add_argument("backend", metavar="BACKEND")
+    w = sub.add_parser("set-weight", help="a backend's weight: its share of new connections (0 drains it; "
+                                          "above 0 undoes a drain); established ones go on")
+    w.add_argument("vip", metavar="VIP")
+    w.add_argument("backend", metavar="BACKEND")
+    w.add_argument("weight", type=_weight, metavar="WEIGHT")
     s = sub.add_parser("status", help="each backend's health, weight and active connections")
     s.add_argument("--json", action="store_true", help="print JSON")
 
@@ -172,7 +176,8 @@ def format_decap(r: dict[str, Any]) -> str:
         where = ", ".join(f"{i} ({h})" for i, h in sorted(r["interfaces"].items())) or "no interface"
         return f"decapsulating on: {where}\n" + _table([["FAMILY", "DECAPSULATED"], *r["packets"].items()])
     if "addresses" in r:
-        return f"decapsulating on {r['interface']} ({r['hook']}) for this host's {r['addresses']} address(es)"
+        again = "still " if r.get("resynced") else ""
+        return f"{again}decapsulating on {r['interface']} ({r['hook']}) for this host's {r['addresses']} address(es)"
     return f"stopped decapsulating on {r['interface']}"
 
 
@@ -195,6 +200,9 @@ def format_change(command: str, r: dict[str, Any]) -> str:
         case "drain":
             return (f"drained backend {r['backend']} of {r['vip']} (weight {r['previous_weight']} -> 0): no new "
                     f"flows; established ones go on")
+        case "set-weight":
+            return (f"backend {r['backend']} of {r['vip']}: weight {r['previous_weight']} -> {r['weight']}"
+                    + ("; no new flows, established ones go on" if r["weight"] == 0 else ""))
         case "acl":
             if r.get("removed"):
                 return f"removed the rule for {r['prefix']} from {r['vip']}"
@@ -209,9 +217,13 @@ def format_plan(r: dict[str, Any]) -> str:
     lines += [f"- VIP {vip} (with its backends; established flows go on until they end)" for vip in r["removed"]]
     for v in r["changed"]:
         moved = f"{v['share_moved']:.1%} of Maglev slots move ({v['slots_moved']} slots"
-        lines.append(f"~ VIP {v['vip']}: " + (f"the hash changes, so new flows are placed anew; {moved})"
-                                               if v["rehash"] else
-                                               f"{moved}: the share of new flows that land on another backend)"))
+        if v.get("disruptive"):
+            what = "the mode changes, so ESTABLISHED CONNECTIONS BREAK and every flow is placed anew"
+        elif v["rehash"]:
+            what = f"the hash changes, so new flows are placed anew; {moved})"
+        else:
+            what = f"{moved}: the share of new flows that land on another backend)"
+        lines.append(f"~ VIP {v['vip']}: {what}")
         lines += [f"    ~ {change}" for change in v["settings"]]
         b = v["backends"]
         lines += [f"    + backend {a['backend']} (weight {a['weight']})" for a in b["added"]]
@@ -234,13 +246,13 @@ def format_status(data: dict[str, Any]) -> str:
 
 def read_config(path: str) -> tuple[str, str]:
     """The file's text and the name errors use."""
+    from control.config import read_text
     if path == "-":
-        return sys.stdin.read(), "<stdin>"
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read(), path
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            return sys.stdin.read(), "<stdin>"
+        except UnicodeDecodeError as e:
+            raise InputError(f"cannot read standard input: {e}") from None
+    return read_text(path), path
 
 
 def read_frame(args: argparse.Namespace) -> bytes:
@@ -298,6 +310,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params = command_params(args)
     client = ApiClient(args.api_socket or default_socket_path(Instance.current().name))
     try:
+        if args.state:
+            _refuse_other_state(client, args.state)
         return client.command(args.command, params)
     except NoDaemon:
         pass
@@ -306,8 +320,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return dispatch(Controller.open(args.state), args.command, params)
 
 
+def _refuse_other_state(client: "ApiClient", state: str) -> None:
+    """A daemon works on its own state file: a different --state would be silently ignored."""
+    daemon = client.describe()
+    if os.path.realpath(state) != os.path.realpath(daemon["state"]):
+        raise InputError(f"--state {state}: the daemon (pid {daemon['pid']}) on {client.path} keeps its state in "
+                         f"{daemon['state']}; leave out --state, or stop the daemon to work on another file")
+
+
 def run_decap(args: argparse.Namespace) -> dict[str, Any]:
     from lb import decap as lb_decap
+    from lb.loader import UnknownInterface
 
     try:
         match args.decap_command:
@@ -317,7 +340,7 @@ def run_decap(args: argparse.Namespace) -> dict[str, Any]:
                 return lb_decap.detach(args.interface)
         found = lb_decap.stats()
         return {"interfaces": found.interfaces, "packets": found.packets}
-    except lb_decap.DecapError as e:
+    except (lb_decap.DecapError, UnknownInterface) as e:
         raise InputError(str(e)) from None
 
 

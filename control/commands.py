@@ -5,6 +5,7 @@ params are JSON values (what lbctl's arguments parse to), so a command reads the
 whether it came from a command line or over the daemon's socket."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from control.errors import InputError
@@ -13,7 +14,8 @@ from lb.loader import DataPlaneConfig
 
 # Commands that change desired state (their timing is the reconcile time).
 CHANGES = frozenset({"attach", "detach", "add-vip", "remove-vip", "add-backend", "remove-backend", "acl", "apply",
-                     "drain"})
+                     "drain", "set-weight"})
+ACL_COMMANDS = ("add", "remove")
 
 
 def _param(params: dict[str, Any], name: str, default: Any = ...) -> Any:
@@ -24,10 +26,37 @@ def _param(params: dict[str, Any], name: str, default: Any = ...) -> Any:
     return default
 
 
+def _typed(params: dict[str, Any], name: str, kinds: tuple[type, ...], what: str, default: Any) -> Any:
+    """The parameter if it is of `kinds` (JSON from the API may hold anything); the default if absent."""
+    value = _param(params, name, default)
+    if value is not default and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+        raise InputError(f"parameter {name!r} must be {what}, got {json.dumps(value)}")
+    return value
+
+
+def _str(params: dict[str, Any], name: str, default: Any = ...) -> Any:
+    return _typed(params, name, (str,), "a string", default)
+
+
+def _int(params: dict[str, Any], name: str, default: Any = ...) -> Any:
+    return _typed(params, name, (int,), "a whole number", default)
+
+
+def _bool(params: dict[str, Any], name: str, default: Any = ...) -> Any:
+    return _typed(params, name, (bool,), "true or false", default)
+
+
+def _strings(params: dict[str, Any], name: str) -> list[str]:
+    value = _param(params, name)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"parameter {name!r} must be a list of strings, got {json.dumps(value)}")
+    return value
+
+
 def _frame(params: dict[str, Any]) -> bytes:
     try:
-        return bytes.fromhex(_param(params, "frame_hex"))
-    except (TypeError, ValueError):
+        return bytes.fromhex(_str(params, "frame_hex"))
+    except ValueError:
         raise InputError("the packet is not valid hex") from None
 
 
@@ -38,40 +67,46 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
         case "attach":
             defaults = DataPlaneConfig()
             try:
-                config = DataPlaneConfig(ring_size=_param(p, "ring_size", defaults.ring_size),
-                                         max_vips=_param(p, "max_vips", defaults.max_vips),
-                                         max_backends=_param(p, "max_backends", defaults.max_backends),
-                                         conn_table_size=_param(p, "conn_table_size", defaults.conn_table_size))
-            except (TypeError, ValueError) as e:
+                config = DataPlaneConfig(ring_size=_int(p, "ring_size", defaults.ring_size),
+                                         max_vips=_int(p, "max_vips", defaults.max_vips),
+                                         max_backends=_int(p, "max_backends", defaults.max_backends),
+                                         conn_table_size=_int(p, "conn_table_size", defaults.conn_table_size))
+            except ValueError as e:
                 raise InputError(str(e)) from None
-            return ctl.attach(list(_param(p, "interfaces")), _param(p, "xdp_mode", "native"), config,
-                              _param(p, "hook", "xdp"))
+            return ctl.attach(_strings(p, "interfaces"), _str(p, "xdp_mode", "native"), config,
+                              _str(p, "hook", "xdp"))
         case "detach":
             return ctl.detach()
         case "add-vip":
-            return ctl.add_vip(_param(p, "vip"), _param(p, "mode", "nat"), _param(p, "hash", "flow"))
+            return ctl.add_vip(_str(p, "vip"), _str(p, "mode", "nat"), _str(p, "hash", "flow"))
         case "remove-vip":
-            return ctl.remove_vip(_param(p, "vip"))
+            return ctl.remove_vip(_str(p, "vip"))
         case "add-backend":
-            return ctl.add_backend(_param(p, "vip"), _param(p, "backend"), _param(p, "weight", 1))
+            return ctl.add_backend(_str(p, "vip"), _str(p, "backend"), _int(p, "weight", 1))
         case "remove-backend":
-            return ctl.remove_backend(_param(p, "vip"), _param(p, "backend"))
+            return ctl.remove_backend(_str(p, "vip"), _str(p, "backend"))
+        case "set-weight":
+            return ctl.set_weight(_str(p, "vip"), _str(p, "backend"), _int(p, "weight"))
+        case "drain":
+            return ctl.drain(_str(p, "vip"), _str(p, "backend"))
         case "list":
             return ctl.list()
         case "stats":
             return ctl.stats()
         case "test-packet":
-            return ctl.test_packet(_frame(p), p.get("ingress"))
+            return ctl.test_packet(_frame(p), _str(p, "ingress", None))
         case "apply":
-            return ctl.apply(_param(p, "text"), bool(_param(p, "dry_run", False)), _param(p, "source", "<file>"))
+            return ctl.apply(_str(p, "text"), _bool(p, "dry_run", False), _str(p, "source", "<file>"))
         case "export":
             return ctl.export()
-        case "drain":
-            return ctl.drain(_param(p, "vip"), _param(p, "backend"))
         case "status":
             return ctl.status()
-        case "acl" if _param(p, "acl_command") == "add":
-            return ctl.acl_add(_param(p, "vip"), _param(p, "prefix"), _param(p, "action"))
-        case "acl" if p["acl_command"] == "remove":
-            return ctl.acl_remove(_param(p, "vip"), _param(p, "prefix"))
+        case "acl":
+            match _str(p, "acl_command"):
+                case "add":
+                    return ctl.acl_add(_str(p, "vip"), _str(p, "prefix"), _str(p, "action"))
+                case "remove":
+                    return ctl.acl_remove(_str(p, "vip"), _str(p, "prefix"))
+                case other:
+                    raise InputError(f"unknown acl command {other!r} (expected one of: {', '.join(ACL_COMMANDS)})")
     raise InputError(f"unknown command {command!r}")

@@ -17,10 +17,10 @@ import yaml
 
 from control.errors import InputError
 from control.model import (CHECK_KINDS, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, HealthCheck, State,
-                           VipAddress, VipState, parse_prefix)
+                           VipAddress, VipState, is_whole_number, parse_prefix)
 from control.reconcile import slots_moved
 
-_DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s)?\s*$")
+_DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s)?\s*$", re.ASCII)
 _HTTP_ONLY = ("path", "expect_status")
 
 
@@ -103,7 +103,7 @@ class _Reader:
 
     def integer(self, node: yaml.Node, what: str, low: int, high: int) -> int:
         text = self.scalar(node, what).strip()
-        if not text.isdigit() or not low <= int(text) <= high:
+        if not is_whole_number(text) or not low <= int(text) <= high:
             self.fail(node, f"{what} must be a whole number {low}-{high}, got {text!r}")
         return int(text)
 
@@ -214,6 +214,15 @@ class _Reader:
         return rules
 
 
+def read_text(path: str) -> str:
+    """A configuration file's text; InputError (one line) if it cannot be read or is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def parse(text: str, source: str = "<file>") -> Config:
     """A Config from YAML text; InputError("FILE:LINE: reason") for the first mistake."""
     try:
@@ -267,7 +276,10 @@ def merge(state: State, config: Config, now: float) -> None:
     """Make `state` what `config` describes. What stays keeps its id (its flows go on); removed
     backends are retired as `lbctl remove-backend` does, removed VIPs go with their backends."""
     wanted = {spec.vip for spec in config.vips}
-    removed_ids = {v.id for v in state.vips if v.vip not in wanted}
+    # what removed VIPs leave is not reused in the same change (its counters would carry over)
+    removed = [v for v in state.vips if v.vip not in wanted]
+    removed_ids = {v.id for v in removed}
+    removed_backend_ids = {b.id for v in removed for b in v.backends}
     state.vips = [v for v in state.vips if v.vip in wanted]
     for spec in config.vips:
         v = state.vip(spec.vip)
@@ -284,14 +296,10 @@ def merge(state: State, config: Config, now: float) -> None:
             if b.address not in kept:
                 b.retired_at = now
         for bs in spec.backends:
-            b = v.backend(bs.address)
+            b = v.backend(bs.address) or v.revive(bs.address, bs.weight)
             if b is None:
-                b = next((r for r in v.backends if r.address == bs.address), None)
-                if b is not None:  # back again: its established flows keep their id
-                    b.retired_at, b.healthy = None, True
-                else:
-                    b = BackendState(bs.address, state.allocate_backend_id())
-                    v.backends.append(b)
+                b = BackendState(bs.address, state.allocate_backend_id(removed_backend_ids))
+                v.backends.append(b)
             b.weight = bs.weight
 
 
@@ -334,7 +342,9 @@ def _backend_changes(old: VipState, new: VipState) -> dict[str, list]:
 def plan(old: State, new: State, ring_size: int) -> dict[str, Any]:
     """What turning `old` into `new` does; JSON-able. `share_moved` is the share of a VIP's
     Maglev slots (so of its new flows) that land on a different backend afterwards; with
-    `rehash` (the hash input changes) flows are placed anew whatever the slots do."""
+    `rehash` (the hash input changes) flows are placed anew whatever the slots do; with
+    `disruptive` (the mode changes: backends see other packets) every flow is affected and
+    established connections break, so share_moved is 1."""
     olds = {v.vip: v for v in old.vips}
     news = {v.vip: v for v in new.vips}
     added = [{"vip": str(v.vip), "mode": v.mode, "hash": v.hash, "backends": len(v.active_backends())}
@@ -347,7 +357,9 @@ def plan(old: State, new: State, ring_size: int) -> dict[str, Any]:
         moved = slots_moved(o, n, ring_size)
         if settings or any(backends.values()) or moved:
             # a new hash input sends a flow to another slot, whether or not the slots change
+            disruptive = o.mode != n.mode
             changed.append({"vip": str(vip), "settings": settings, "backends": backends,
-                            "slots_moved": moved, "share_moved": moved / ring_size, "rehash": o.hash != n.hash})
+                            "slots_moved": moved, "share_moved": 1.0 if disruptive else moved / ring_size,
+                            "rehash": o.hash != n.hash, "disruptive": disruptive})
     return {"added": added, "removed": removed, "changed": changed,
             "empty": not (added or removed or changed)}

@@ -1,11 +1,12 @@
 """`lbctl daemon`: the data plane's keeper, in the foreground.
 
-On start it adopts the running data plane (control/adopt.py: no recompile unless
-the program changed, maps kept, corrections reported), applies --config if given,
-then serves lbctl over the API socket (control/api.py), Prometheus metrics
-(control/metrics.py) and health checks (control/health.py, when present) until
-SIGTERM or SIGINT. SIGHUP applies the config file again. Logs are one line per
-event, as text or JSON."""
+On start it first takes its API socket (control/api.py) and metrics port, so a
+second daemon stops there before touching anything; then it adopts the running
+data plane (control/adopt.py: no recompile unless the program changed, maps kept,
+corrections reported), applies --config if given, and serves lbctl over the
+socket, Prometheus metrics (control/metrics.py) and health checks
+(control/health.py) until SIGTERM or SIGINT. SIGHUP applies the config file
+again. Logs are one line per event, as text or JSON."""
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,12 @@ from typing import Any
 from control.adopt import AdoptReport, adopt
 from control.api import ApiServer, default_socket_path
 from control.commands import CHANGES, dispatch
-from control.errors import InputError, LbError
+from control.config import read_text
+from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError
+from control.health import HealthMonitor
 from control.metrics import Metrics
+from control.model import is_whole_number
 from control.service import Controller
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 
 # --- logging ----------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ def _event(log: logging.Logger, msg: str, level: int = logging.INFO, **fields: A
 def parse_listen(text: str) -> tuple[str, int]:
     """ADDR:PORT, IPv6 in brackets."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+    if not sep or not is_whole_number(port) or not 0 < int(port) < 65536 or not host:
         raise InputError(f"--metrics {text!r}: expected ADDR:PORT, as in 127.0.0.1:9400 or [::1]:9400")
     return host.strip("[]"), int(port)
 
@@ -89,17 +90,21 @@ class Daemon:
     # lbctl commands arrive here from the API server, one at a time
     def handle(self, command: str, params: dict[str, Any]) -> dict[str, Any]:
         start = time.monotonic()
+        # the parameters' names only: their values can be a whole config file or packet
+        logged: dict[str, Any] = {"command": command, "params": sorted(params)}
+        if command == "apply" and isinstance(params.get("source"), str):
+            logged["source"] = params["source"]
         try:
             result = dispatch(self.ctl, command, params)
         except Exception as e:
-            _event(self.log, "command failed", logging.WARNING, command=command, params=params, error=str(e))
+            _event(self.log, "command failed", logging.WARNING, **logged, error=str(e))
             raise
         finally:
             self.commands_served += 1
         elapsed = time.monotonic() - start
         if command in CHANGES:
             self.metrics.reconcile_seconds.labels(command).observe(elapsed)
-        _event(self.log, "command", command=command, params=params, seconds=round(elapsed, 4))
+        _event(self.log, "command", **logged, seconds=round(elapsed, 4))
         return result
 
     def describe(self) -> dict[str, Any]:
@@ -110,26 +115,16 @@ class Daemon:
         """Apply the --config file, if any (a bad file is logged and changes nothing)."""
         if not self.config_path:
             return
-        apply = getattr(self.ctl, "apply", None)
-        if apply is None:
-            _event(self.log, "this lb cannot apply declarative configuration files", logging.ERROR,
-                   config=self.config_path)
-            return
         try:
-            with open(self.config_path) as f:
-                text = f.read()
+            text = read_text(self.config_path)
             start = time.monotonic()
-            result = apply(text, source=self.config_path)
+            result = self.ctl.apply(text, source=self.config_path)
             self.metrics.reconcile_seconds.labels("apply").observe(time.monotonic() - start)
             _event(self.log, "config applied", config=self.config_path, result=result)
-        except (LbError, OSError, RuntimeError) as e:
+        except (LbError, OSError, RuntimeError, ValueError) as e:
             _event(self.log, "config not applied", logging.ERROR, config=self.config_path, error=str(e))
 
-    def start_health_checks(self, stop: threading.Event) -> threading.Thread | None:
-        try:
-            from control.health import HealthMonitor
-        except ImportError:
-            return None
+    def start_health_checks(self, stop: threading.Event) -> threading.Thread:
         monitor = HealthMonitor(lambda: Controller(self.ctl.instance, self.ctl.store), on_check=self._observe_check)
         t = threading.Thread(target=monitor.run, args=(stop,), name="health", daemon=True)
         t.start()
@@ -139,23 +134,26 @@ class Daemon:
         self.metrics.health_check_seconds.labels(str(target.vip), str(target.backend)).observe(result.duration)
 
     def run(self, stop: threading.Event, reload: threading.Event) -> None:
-        start = time.monotonic()
-        self.adopted = adopt(self.ctl)
-        self.metrics.reconcile_seconds.labels("start").observe(time.monotonic() - start)
-        _event(self.log, "data plane adopted", **self.adopted.as_dict())
-        if self.adopted.corrected:
-            _event(self.log, "maps corrected to the stored state", logging.WARNING, corrected=self.adopted.corrected)
-        self.apply_config()
-        metrics_server = None
-        if self.metrics_listen:
-            from prometheus_client import start_http_server
-            metrics_server, _ = start_http_server(self.metrics_listen[1], self.metrics_listen[0],
-                                                  registry=self.metrics.registry)
+        # Socket and port first: a second daemon must stop before it adopts or applies anything.
         api = ApiServer(self.socket_path, self.handle, self.describe)
-        api.serve_in_thread()
-        health = self.start_health_checks(stop)
-        _event(self.log, "ready", socket=self.socket_path, metrics=self.metrics_listen)
+        metrics_server = None
+        health = None
         try:
+            if self.metrics_listen:
+                from prometheus_client import start_http_server
+                metrics_server, _ = start_http_server(self.metrics_listen[1], self.metrics_listen[0],
+                                                      registry=self.metrics.registry)
+            start = time.monotonic()
+            self.adopted = adopt(self.ctl)
+            self.metrics.reconcile_seconds.labels("start").observe(time.monotonic() - start)
+            _event(self.log, "data plane adopted", **self.adopted.as_dict())
+            if self.adopted.corrected:
+                _event(self.log, "maps corrected to the stored state", logging.WARNING,
+                       corrected=self.adopted.corrected)
+            self.apply_config()
+            api.serve_in_thread()  # lbctl calls made meanwhile waited in the socket's backlog
+            health = self.start_health_checks(stop)
+            _event(self.log, "ready", socket=self.socket_path, metrics=self.metrics_listen)
             while not stop.is_set():
                 if reload.wait(timeout=0.5):
                     reload.clear()

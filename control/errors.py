@@ -7,3 +7,7 @@ class LbError(Exception):
 
 class InputError(LbError):
     """The request is malformed, names something unknown, or conflicts with what exists."""
+
+
+EXIT_ERROR = 1  # something went wrong
+EXIT_USAGE = 2  # bad input: nothing was changed

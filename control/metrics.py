@@ -58,19 +58,21 @@ class DataPlaneCollector(Collector):
                    for f, name in COUNTER_FIELDS.items()}
         healthy = GaugeMetricFamily("lb_backend_healthy", "1 if the backend passes its health checks",
                                     labels=["vip", "backend"])
-        active = GaugeMetricFamily("lb_backend_active", "1 if the backend takes new connections (not removed)",
-                                   labels=["vip", "backend"])
+        active = GaugeMetricFamily("lb_backend_active", "1 if the backend is configured, 0 once removed "
+                                   "(its established connections go on either way)", labels=["vip", "backend"])
+        serving = GaugeMetricFamily("lb_backend_serving", "1 if the backend takes new connections: configured, "
+                                    "healthy and of weight above 0", labels=["vip", "backend"])
         for v in state.vips:
             _add(vip_fams, [str(v.vip)], maps.vip_stats.get(U32(v.id)))
             for b in v.backends:
                 labels = [str(v.vip), str(b.address)]
                 _add(be_fams, labels, maps.backend_stats.get(U32(b.id)))
-                healthy.add_metric(labels, 1 if getattr(b, "healthy", True) else 0)
+                healthy.add_metric(labels, 1 if b.healthy else 0)
                 active.add_metric(labels, 1 if b.active else 0)
+                serving.add_metric(labels, 1 if b.serving else 0)
         yield from vip_fams.values()
         yield from be_fams.values()
-        yield healthy
-        yield active
+        yield from (healthy, active, serving)
 
     @staticmethod
     def _reasons(maps: DataPlaneMaps) -> Iterator:

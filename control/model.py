@@ -19,6 +19,11 @@ MAX_WEIGHT = 65535
 _ENDPOINT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^:/\[\]]+))(?::(?P<port>[^/]*))?(?:/(?P<proto>.*))?$")
 
 
+def is_whole_number(text: str) -> bool:
+    """Only the digits 0-9 (str.isdigit also takes '²' and other scripts' digits, which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def _parse_address(text: str, original: str) -> IPAddress:
     try:
         return ipaddress.ip_address(text)
@@ -27,7 +32,7 @@ def _parse_address(text: str, original: str) -> IPAddress:
 
 
 def _parse_port(text: str, original: str) -> int:
-    if not text.isdigit():
+    if not is_whole_number(text):
         raise InputError(f"{original!r}: port {text!r} is not a number")
     port = int(text)
     if not 1 <= port <= 65535:
@@ -197,6 +202,14 @@ class VipState:
     def active_backends(self) -> list[BackendState]:
         return [b for b in self.backends if b.active]
 
+    def revive(self, address: BackendAddress, weight: int) -> BackendState | None:
+        """A removed backend added back keeps its id, so its established flows stay with it;
+        None if the VIP has no removed backend of that address."""
+        b = next((r for r in self.backends if r.address == address and not r.active), None)
+        if b is not None:
+            b.retired_at, b.weight, b.healthy = None, weight, True
+        return b
+
     def maglev_backends(self) -> list[BackendState]:
         """The backends new flows may pick: active, healthy, weight above 0."""
         return [b for b in self.backends if b.serving]
@@ -264,10 +277,11 @@ class State:
             raise InputError(f"VIP limit reached ({limit}); attach with a larger --max-vips")
         return free
 
-    def allocate_backend_id(self) -> int:
-        """The lowest free id; when all are taken, the one retired longest ago."""
+    def allocate_backend_id(self, reserved: set[int] = frozenset()) -> int:
+        """The lowest id neither used nor `reserved` (ids of VIPs removed in the same change: a new
+        backend must not take over their counters); when all are taken, the one retired longest ago."""
         limit = self.dataplane.config["max_backends"]
-        used = self.backend_ids()
+        used = self.backend_ids() | reserved
         free = next((i for i in range(1, limit) if i not in used), None)
         if free is not None:
             return free

@@ -97,6 +97,11 @@ class MapContents:
         return c
 
 
+def _endpoint(entry: Backend | VipMeta) -> tuple[bytes, int]:
+    """Whom a backends or vip_meta entry counts for (its flags may change, the owner stays)."""
+    return bytes(entry.addr), entry.port
+
+
 def maglev_table(v: VipState | None, ring_size: int,
                  built: dict[tuple, list[int]] | None = None) -> list[int]:
     """Backend ids of a VIP's Maglev table (NO_BACKEND where none). `built` caches the slot
@@ -267,11 +272,12 @@ class Reconciler:
 
     def _write_by_id(self, map_name: str, stats_name: str, before: dict[int, ctypes.Structure],
                      after: dict[int, ctypes.Structure], report: ApplyReport) -> None:
-        """Write the array entries that are new or changed; a new id's counters start from zero."""
+        """Write the array entries that are new or changed; counters start from zero at an id that is
+        new or now names another address (a reused id)."""
         for index, value in after.items():
             if index in before and bytes(before[index]) == bytes(value):
                 continue
-            if index not in before:
+            if index not in before or _endpoint(before[index]) != _endpoint(value):
                 self._reset_counters(stats_name, index)
             if map_name == "backends":  # a new or moved backend: its cached next hop is stale
                 self.maps.backend_nh.set(U32(index), NextHop())

@@ -34,10 +34,10 @@ T = TypeVar("T")
 
 
 def _ifindex(ipr: IPRoute, name: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise InputError(f"unknown interface {name!r} in this network namespace")
-    return found[0]
+    try:
+        return loader.interface_index(ipr, name)
+    except loader.UnknownInterface as e:
+        raise InputError(str(e)) from None
 
 
 @dataclass
@@ -185,13 +185,11 @@ class Controller:
             v.check_backend(backend)
             if v.backend(backend) is not None:
                 raise InputError(f"backend {backend} already exists in VIP {vip}")
-            retired = next((b for b in v.backends if b.address == backend), None)
-            if retired is not None:  # back again: its established flows keep their id
-                retired.retired_at, retired.weight, retired.healthy = None, weight, True
-                return {"vip": str(vip), "backend": str(backend), "id": retired.id, "weight": weight, "mode": v.mode}
-            bid = state.allocate_backend_id()
-            v.backends.append(BackendState(backend, bid, weight))
-            return {"vip": str(vip), "backend": str(backend), "id": bid, "weight": weight, "mode": v.mode}
+            b = v.revive(backend, weight)
+            if b is None:
+                b = BackendState(backend, state.allocate_backend_id(), weight)
+                v.backends.append(b)
+            return {"vip": str(vip), "backend": str(backend), "id": b.id, "weight": weight, "mode": v.mode}
 
         result = self._change(change)
         if result.get("mode") == "dsr":
@@ -236,11 +234,18 @@ class Controller:
 
     def drain(self, vip_text: str, backend_text: str) -> dict[str, Any]:
         """Weight 0: out of the Maglev table, so no new flows; established ones go on."""
-        def weigh_nothing(b: BackendState) -> dict[str, Any]:
-            was, b.weight = b.weight, 0
-            return {"backend": str(b.address), "previous_weight": was}
+        return self.set_weight(vip_text, backend_text, 0)
 
-        return self._change_backend(vip_text, backend_text, weigh_nothing)
+    def set_weight(self, vip_text: str, backend_text: str, weight: int) -> dict[str, Any]:
+        """A backend's share of new flows; 0 drains it (established flows go on), above 0 undoes that."""
+        if not 0 <= weight <= MAX_WEIGHT:
+            raise InputError(f"weight {weight} is out of range 0-{MAX_WEIGHT}")
+
+        def weigh(b: BackendState) -> dict[str, Any]:
+            was, b.weight = b.weight, weight
+            return {"backend": str(b.address), "previous_weight": was, "weight": weight}
+
+        return self._change_backend(vip_text, backend_text, weigh)
 
     def set_health(self, vip_id: int, backend_id: int, healthy: bool) -> bool:
         """Record a health checker's verdict; True if it changed the state (and the Maglev table).
@@ -313,7 +318,8 @@ class Controller:
         }
 
     def status(self) -> dict[str, Any]:
-        """Each backend's health, weight, whether new flows reach it, and its connections."""
+        """Each backend's health, weight, whether new flows reach it, and its connections; removed
+        backends too while the connection table still holds flows of theirs (health "removed")."""
         state = self.store.read()
         dp = self.require_attached(state)
         with DataPlaneMaps.open(dp.pin_dir) as maps:
@@ -321,8 +327,11 @@ class Controller:
         vips = []
         for v in sorted(state.vips, key=lambda v: v.vip.sort_key()):
             backends = []
-            for b in v.active_backends():
-                health = ("unchecked" if not v.health.enabled else "up" if b.healthy else "down")
+            for b in v.backends:
+                if not b.active and not connections.get(b.id):
+                    continue
+                health = ("removed" if not b.active else "unchecked" if not v.health.enabled
+                          else "up" if b.healthy else "down")
                 backends.append({"backend": str(b.address), "id": b.id, "weight": b.weight, "health": health,
                                  "serving": b.serving, "connections": connections.get(b.id, 0)})
             vips.append({"vip": str(v.vip), "mode": v.mode, "health_check": v.health.kind, "backends": backends})

@@ -17,7 +17,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from lb import bpfsys
-from lb.loader import BPF_DIR, XDP_FLAGS_DRV_MODE, LoadError, attached_prog_id
+from lb.loader import (BPF_DIR, XDP_FLAGS_DRV_MODE, LoadError, attached_prog_id, compile_programs,
+                       interface_index)
 from lb.maps import U32, U64, BpfMap
 from lb.pins import Instance, stable_bpffs
 from lb.structs import LbAddr
@@ -51,19 +52,11 @@ def attached_interfaces(directory: str | None = None) -> dict[str, str]:
 
 def load(directory: str, hook: str) -> int:
     """A fresh program fd; the maps are created, or adopted, at their pins."""
-    from bcc import BPF  # the compiler: only attach needs it
-
     os.makedirs(directory, exist_ok=True)
-    try:
-        bpf = BPF(src_file=os.fsencode(BPF_DIR / "decap.c"),
-                  cflags=[f"-I{BPF_DIR}", f'-DDECAP_PIN_DIR="{directory}"'])
-        fn = bpf.load_func(b"xdp_decap" if hook == "xdp" else b"tc_decap",
-                           BPF.XDP if hook == "xdp" else BPF.SCHED_CLS)
-    except Exception as e:  # bcc raises bare Exceptions; the verifier log went to stderr
-        raise LoadError(f"the kernel refused the decapsulation program: {e}") from e
-    fd = os.dup(fn.fd)
-    bpf.cleanup()
-    return fd
+    function = b"xdp_decap" if hook == "xdp" else b"tc_decap"
+    fds = compile_programs(BPF_DIR / "decap.c", [f"-I{BPF_DIR}", f'-DDECAP_PIN_DIR="{directory}"'],
+                           {function: "XDP" if hook == "xdp" else "SCHED_CLS"}, "the decapsulation program")
+    return fds[function]
 
 
 def local_addresses(ipr: IPRoute) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -87,28 +80,26 @@ def sync_addresses(directory: str) -> int:
     return len(wanted)
 
 
-def _ifindex(ipr: IPRoute, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise DecapError(f"no interface {ifname!r} in this network namespace")
-    return found[0]
-
-
 def attach(ifname: str, hook: str = "xdp") -> dict:
+    """Decapsulate on an interface. Already attached with this hook: only take the host's
+    addresses again (after one was added or removed)."""
     if hook not in HOOKS:
         raise DecapError(f"unknown hook {hook!r} (expected xdp or tc)")
     directory = pin_dir()
     with IPRoute() as ipr:
-        ifindex = _ifindex(ipr, ifname)
+        ifindex = interface_index(ipr, ifname)
         current = attached_interfaces(directory).get(ifname)
+        if current is not None and current != hook:
+            raise DecapError(f"{ifname}: decapsulation is attached with {current}; detach it first to use {hook}")
         if current is not None:
-            raise DecapError(f"{ifname}: decapsulation is already attached ({current}); detach it first")
+            return {"interface": ifname, "hook": hook, "addresses": sync_addresses(directory), "resynced": True}
         other = attached_prog_id(ifindex) if hook == "xdp" else 0
         if other:  # never replace someone else's program (the load balancer's, say)
             raise DecapError(f"{ifname}: another XDP program (id {other}) is attached; detach it first or use --hook tc")
         try:
             fd = load(directory, hook)
             try:
+                addresses = sync_addresses(directory)  # before the program sees a packet
                 if hook == "xdp":
                     _attach_xdp(ipr, ifindex, ifname, fd)
                 else:
@@ -119,7 +110,6 @@ def attach(ifname: str, hook: str = "xdp") -> dict:
         except BaseException:
             _remove_if_unused(directory)  # the maps were pinned by the compile
             raise
-    addresses = sync_addresses(directory)
     return {"interface": ifname, "hook": hook, "addresses": addresses}
 
 

@@ -32,6 +32,17 @@ class LoadError(RuntimeError):
     """The data plane could not be compiled, loaded or attached."""
 
 
+class UnknownInterface(LookupError):
+    """No interface of that name in this network namespace (bad input, not a failure)."""
+
+
+def interface_index(ipr: IPRoute, name: str) -> int:
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise UnknownInterface(f"unknown interface {name!r} in this network namespace")
+    return found[0]
+
+
 @dataclass(frozen=True)
 class DataPlaneConfig:
     """Compile-time sizes of the data plane."""
@@ -85,24 +96,40 @@ BUILDS: tuple[tuple[list[str], dict[bytes, tuple[str, str]]], ...] = (
 )
 
 
-def _compile(config: DataPlaneConfig, pin_dir: str) -> dict[str, int]:
-    """Compile and load every build of bpf/lb.c; their maps are the pins in pin_dir (bcc adopts
-    pins that exist, entries and all, and creates and pins the others). Returns pin name -> fd."""
+def compile_programs(source: Path, cflags: list[str], functions: dict[bytes, str], what: str) -> dict[bytes, int]:
+    """Compile `source` with bcc and load `functions` (name -> program type, "XDP" or "SCHED_CLS");
+    returns name -> an fd of our own (bcc's are closed). Maps declared pinned are adopted at their
+    pins, entries and all, or created and pinned. LoadError names `what` the kernel refused."""
     from bcc import BPF  # heavy: only attach and upgrades need the compiler
 
-    fds: dict[str, int] = {}
+    fds: dict[bytes, int] = {}
     try:
-        for cflags, functions in BUILDS:
-            bpf = BPF(src_file=os.fsencode(BPF_DIR / "lb.c"), cflags=config.cflags(pin_dir) + cflags)
-            try:
-                for function, (pin, prog_type) in functions.items():
-                    fds[pin] = os.dup(bpf.load_func(function, getattr(BPF, prog_type)).fd)
-            finally:
-                bpf.cleanup()
+        bpf = BPF(src_file=os.fsencode(source), cflags=cflags)
+        try:
+            for function, prog_type in functions.items():
+                fds[function] = os.dup(bpf.load_func(function, getattr(BPF, prog_type)).fd)
+        finally:
+            bpf.cleanup()
     except Exception as e:  # bcc raises bare Exceptions; the verifier log went to stderr
         for fd in fds.values():
             os.close(fd)
-        raise LoadError(f"the kernel refused the data plane program: {e}") from e
+        raise LoadError(f"the kernel refused {what}: {e}") from e
+    return fds
+
+
+def _compile(config: DataPlaneConfig, pin_dir: str) -> dict[str, int]:
+    """Compile and load every build of bpf/lb.c; their maps are the pins in pin_dir. Returns pin name -> fd."""
+    fds: dict[str, int] = {}
+    try:
+        for cflags, functions in BUILDS:
+            loaded = compile_programs(BPF_DIR / "lb.c", config.cflags(pin_dir) + cflags,
+                                      {function: prog_type for function, (_, prog_type) in functions.items()},
+                                      "the data plane program")
+            fds.update((functions[function][0], fd) for function, fd in loaded.items())
+    except LoadError:
+        for fd in fds.values():
+            os.close(fd)
+        raise
     return fds
 
 

@@ -97,17 +97,22 @@ class BpfMap:
         karr, varr = _ctypes_array(self.key_type, keys), _ctypes_array(self.value_type, values)
         bpfsys.map_update_batch(self.fd, karr, varr, len(keys))
 
-    def count(self, chunk: int = 8192) -> int:
-        """Entries of a hash map, read in batches (a 1M-entry table takes some 130 calls)."""
+    def _batches(self, chunk: int) -> Iterator[tuple[int, ctypes.Array]]:
+        """A hash map read in batches: (entries got, the values buffer), no per-entry syscalls."""
         keys = (self.key_type * chunk)()
         values = (self.value_type * (chunk * self.ncpus))()
-        total, in_batch, out_batch = 0, None, U32()
+        cursor = None  # hash maps' batch cursor is a u32 bucket index
         while True:
-            got, done = bpfsys.map_lookup_batch(self.fd, keys, values, chunk, in_batch, out_batch)
-            total += got
+            out_batch = U32()
+            got, done = bpfsys.map_lookup_batch(self.fd, keys, values, chunk, cursor, out_batch)
+            yield got, values
             if done:
-                return total
-            in_batch, out_batch = out_batch, U32()
+                return
+            cursor = out_batch
+
+    def count(self, chunk: int = 8192) -> int:
+        """Entries of a hash map, read in batches (a 1M-entry table takes some 130 calls)."""
+        return sum(got for got, _ in self._batches(chunk))
 
     def read_range(self, start: int, count: int) -> list[int]:
         """Values of keys start..start+count-1 of a u32-keyed array of scalars, batched."""
@@ -127,17 +132,10 @@ class BpfMap:
         return out
 
     def raw_values(self, chunk: int = 8192) -> Iterator[bytes]:
-        """The values of a hash map, a batch at a time, as packed bytes (no per-entry syscalls)."""
-        keys = (self.key_type * chunk)()
-        values = (self.value_type * chunk)()
-        cursor, first = U32(), True  # hash maps' batch cursor is a u32 bucket index
-        while True:
-            out_batch = U32()
-            got, done = bpfsys.map_lookup_batch(self.fd, keys, values, chunk, None if first else cursor, out_batch)
-            yield bytes(values)[:got * ctypes.sizeof(self.value_type)]
-            if done:
-                return
-            cursor, first = out_batch, False
+        """The values of a hash map, a batch at a time, as packed bytes (no per-entry objects)."""
+        size = ctypes.sizeof(self.value_type) * self.ncpus
+        for got, values in self._batches(chunk):
+            yield bytes(values)[:got * size]
 
 
 # Every map of bpf/maps.h: name -> (key type, value type).

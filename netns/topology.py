@@ -46,6 +46,25 @@ def lab_mac(subnet: int, host: int) -> str:
     return f"02:00:00:00:{subnet:02x}:{host:02x}"
 
 
+End = tuple[str, str, ipaddress.IPv4Address, ipaddress.IPv6Address]  # namespace, interface, addresses
+
+
+def veth_pair(subnet: int, end: End, peer: End) -> None:
+    """A veth pair on lab link 198.18.<subnet>.0/24, `end` being host .1 and `peer` host .2, each up
+    with its IPv4 /24 and IPv6 /64 address (no DAD: usable at once). Fixed MACs (02: locally
+    administered, lab_mac) make packet fixtures literal."""
+    (ns, ifname, _, _), (peer_ns, peer_ifname, _, _) = end, peer
+    with netlink_in(ns) as ipr:
+        ipr.link("add", ifname=ifname, kind="veth", address=lab_mac(subnet, 1),
+                 peer={"ifname": peer_ifname, "net_ns_fd": peer_ns, "address": lab_mac(subnet, 2)})
+    for where, name, address, address6 in (end, peer):
+        with netlink_in(where) as ipr:
+            idx = ipr.link_lookup(ifname=name)[0]
+            ipr.addr("add", index=idx, address=str(address), prefixlen=24)
+            ipr.addr("add", index=idx, address=str(address6), prefixlen=64, flags=IFA_F_NODAD)
+            ipr.link("set", index=idx, state="up")
+
+
 def run_prefix() -> str:
     """Unique per run: two runs on one machine never share a name."""
     return f"lb{os.getpid() % 100000}{secrets.token_hex(2)}"
@@ -129,21 +148,11 @@ class Lab:
             client_ip, host_ip = (ipaddress.ip_address(f"198.18.{subnet}.{h}") for h in (1, 2))
             client_ip6, host_ip6 = (ipaddress.ip_address(f"2001:2:0:{subnet:x}::{h}") for h in (1, 2))
             ret = f"ret-b{i}"
-            with netlink_in(self.client.ns) as ipr:
-                ipr.link("add", ifname=ret, kind="veth", address=lab_mac(subnet, 1),
-                         peer={"ifname": "ret0", "net_ns_fd": backend.ns, "address": lab_mac(subnet, 2)})
-                idx = ipr.link_lookup(ifname=ret)[0]
-                ipr.addr("add", index=idx, address=str(client_ip), prefixlen=24)
-                ipr.addr("add", index=idx, address=str(client_ip6), prefixlen=64, flags=IFA_F_NODAD)
-                ipr.link("set", index=idx, state="up")
+            veth_pair(subnet, (self.client.ns, ret, client_ip, client_ip6), (backend.ns, "ret0", host_ip, host_ip6))
             write_sysctl(self.client.ns, f"net.ipv4.conf.{ret}.rp_filter", "0")
             for key in ("all", "default", "eth0"):  # clients' packets arrive on eth0, their route is ret0
                 write_sysctl(backend.ns, f"net.ipv4.conf.{key}.rp_filter", "0")
             with netlink_in(backend.ns) as ipr:
-                idx = ipr.link_lookup(ifname="ret0")[0]
-                ipr.addr("add", index=idx, address=str(host_ip), prefixlen=24)
-                ipr.addr("add", index=idx, address=str(host_ip6), prefixlen=64, flags=IFA_F_NODAD)
-                ipr.link("set", index=idx, state="up")
                 ipr.route("add", dst=f"{self.client.address}/32", gateway=str(client_ip))
                 ipr.route("add", dst=f"{self.client.address6}/128", gateway=str(client_ip6), family=socket.AF_INET6)
             self.direct_links.append(DirectLink(backend, ret))
@@ -181,26 +190,13 @@ class Lab:
         lb_ip = ipaddress.ip_address(f"198.18.{subnet}.1")
         host_ip6 = ipaddress.ip_address(f"2001:2:0:{subnet:x}::2")
         lb_ip6 = ipaddress.ip_address(f"2001:2:0:{subnet:x}::1")
-        with netlink_in(self.lb_ns) as ipr:
-            # Fixed MACs (02: locally administered) make packet fixtures literal.
-            ipr.link("add", ifname=lb_ifname, kind="veth", address=lab_mac(subnet, 1),
-                     peer={"ifname": "eth0", "net_ns_fd": ns, "address": lab_mac(subnet, 2)})
-            idx = ipr.link_lookup(ifname=lb_ifname)[0]
-            ipr.addr("add", index=idx, address=str(lb_ip), prefixlen=24)
-            ipr.addr("add", index=idx, address=str(lb_ip6), prefixlen=64, flags=IFA_F_NODAD)
-            ipr.link("set", index=idx, state="up")
-            lb_mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+        veth_pair(subnet, (self.lb_ns, lb_ifname, lb_ip, lb_ip6), (ns, "eth0", host_ip, host_ip6))
         write_sysctl(self.lb_ns, f"net.ipv4.conf.{lb_ifname}.rp_filter", "0")
         with netlink_in(ns) as ipr:
-            idx = ipr.link_lookup(ifname="eth0")[0]
-            ipr.addr("add", index=idx, address=str(host_ip), prefixlen=24)
-            ipr.addr("add", index=idx, address=str(host_ip6), prefixlen=64, flags=IFA_F_NODAD)
-            ipr.link("set", index=idx, state="up")
             ipr.route("add", dst="default", gateway=str(lb_ip))
             ipr.route("add", dst="::/0", gateway=str(lb_ip6), family=socket.AF_INET6)
-            mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
         self._prepare_peer(ns, "eth0")
-        return Host(ns, "eth0", host_ip, mac, lb_ifname, lb_ip, lb_mac, host_ip6, lb_ip6)
+        return Host(ns, "eth0", host_ip, lab_mac(subnet, 2), lb_ifname, lb_ip, lab_mac(subnet, 1), host_ip6, lb_ip6)
 
     @staticmethod
     def _prepare_peer(ns: str, ifname: str) -> None:

@@ -54,6 +54,9 @@ BAD_INPUT = [
     ("add-vip", "2001:db8::1:80/tcp"),
     ("add-vip", VIP),  # exists
     ("add-vip", "198.19.0.2:80/tcp", "--mode", "teleport"),
+    ("add-vip", "198.19.0.2:\u00b2/tcp"),  # a digit to str.isdigit, not to int()
+    ("add-backend", VIP, "198.18.2.2", "--weight", "\u00b2"),
+    ("attach", "to-client", "--max-vips", "\u00b2"),
     ("remove-vip", "198.19.0.9:80/tcp"),
     ("remove-vip", "not-an-address"),
     ("add-backend", "198.19.0.9:80/tcp", BACKEND),  # unknown VIP
@@ -80,6 +83,10 @@ BAD_INPUT = [
     ("drain", VIP, "198.18.3.2:8080"),  # unknown backend
     ("drain", "198.19.0.9:80/tcp", BACKEND),  # unknown VIP
     ("drain", VIP),
+    ("set-weight", VIP, BACKEND),  # no weight
+    ("set-weight", VIP, BACKEND, "70000"),
+    ("set-weight", VIP, BACKEND, "\u00b2"),
+    ("set-weight", VIP, "198.18.3.2:8080", "1"),  # unknown backend
     ("status", "--verbose"),
     ("export", "extra"),
     ("test-packet", "zz"),

@@ -75,6 +75,9 @@ BAD = [
      5, "listed twice"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - {address: 198.18.1.2, weight: 70000}\n",
      4, "weight must be a whole number 0-65535"),
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - {address: 198.18.1.2, weight: \"\u00b2\"}\n",
+     4, "weight must be a whole number 0-65535, got '\u00b2'"),
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    health: {kind: tcp, interval: \u0662s}\n", 3, "not a duration"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - \"[2001:db8::2]:80\"\n", 4, "different IP versions"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    health:\n      kind: tcp\n      timeout: 5s\n", 5, "at most the interval"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    health:\n      kind: tcp\n      path: /x\n", 5, "http checks only"),
@@ -128,6 +131,14 @@ def test_apply_keeps_the_ids_of_what_stays_and_retires_what_goes():
     assert back.vip(vip.vip).backend(kept["198.18.2.2:8080"].address).id == ids["198.18.2.2:8080"]
 
 
+def test_apply_gives_new_backends_no_id_of_a_vip_removed_in_the_same_change():
+    before = applied("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends: [198.18.1.2:8080, 198.18.2.2:8080]\n")
+    gone = {b.id for b in before.vips[0].backends}
+    after = applied("vips:\n  - vip: 198.19.0.2:80/tcp\n    backends: [198.18.3.2:8080]\n", before)
+    (new,) = after.vips[0].backends
+    assert new.id not in gone  # it would inherit the removed backend's counters and connection-table entries
+
+
 def test_plan_names_what_is_added_removed_and_changed():
     before = applied(GOOD)
     text = GOOD.replace("weight: 2", "weight: 3").replace("hash: flow", "hash: source") \
@@ -152,6 +163,20 @@ def test_plan_share_of_moved_slots_is_the_real_table_difference():
     assert 0 < moved < RING
     assert changed["slots_moved"] == moved and changed["share_moved"] == moved / RING
     assert not changed["rehash"]
+
+
+def test_a_mode_change_is_planned_as_breaking_every_connection():
+    from control.cli import format_plan
+    text = "vips:\n  - vip: 198.19.0.1:80/tcp\n    mode: nat\n    backends: [198.18.1.2, 198.18.2.2]\n"
+    before = applied(text)
+    after = applied(text.replace("mode: nat", "mode: tunnel"), before)
+    (changed,) = config.plan(before, after, RING)["changed"]
+    assert changed["slots_moved"] == 0  # the table is the same, yet no established flow survives
+    assert changed["disruptive"] and changed["share_moved"] == 1.0
+    printed = format_plan({"dry_run": True, **config.plan(before, after, RING)})
+    assert "ESTABLISHED CONNECTIONS BREAK" in printed and "mode: nat -> tunnel" in printed
+    (added,) = config.plan(before, applied(text.replace("]", ", 198.18.3.2]"), before), RING)["changed"]
+    assert not added["disruptive"] and 0 < added["share_moved"] < 1
 
 
 def test_durations_read_and_write_alike():
@@ -255,3 +280,23 @@ def test_an_invalid_file_changes_nothing(lab, clean, tmp_path):
     assert result.stderr.strip().endswith("unknown mode 'teleport' (expected one of: nat, dsr, tunnel)")
     assert f"lb.yaml:{bad.count(chr(10))}:" in result.stderr
     assert snapshot(run) == before
+
+
+def test_set_weight_undoes_a_drain_and_status_shows_removed_backends_with_flows(lab, servers, clean, tmp_path):
+    run = clean
+    run("apply", "-f", lab_file(lab, tmp_path, lab_config(lab)))
+    vip, b1 = f"{lab.vip(1)}:80/tcp", f"{lab.backends[0].address}:8080"
+
+    def served() -> Counter:
+        return Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(30))
+
+    run("drain", vip, b1)
+    assert "b1" not in served()
+    out = run("set-weight", vip, b1, "2").stdout
+    assert out.strip() == f"backend {b1} of {vip}: weight 0 -> 2"
+    assert served()["b1"] > 0  # back in the Maglev table: new connections reach it again
+
+    run("remove-backend", vip, b1)  # its flows stay in the connection table until they age out
+    (shown,) = [b for v in run("status", "--json").json()["vips"] for b in v["backends"] if b["backend"] == b1]
+    assert shown["health"] == "removed" and shown["connections"] > 0 and not shown["serving"]
+    assert "removed" in run("status").stdout

@@ -26,6 +26,8 @@ def test_vip_parses(text, address, port, proto):
     ("10.0.0.1:0/tcp", "out of range"),
     ("10.0.0.1:65536/tcp", "out of range"),
     ("10.0.0.1:http/tcp", "not a number"),
+    ("10.0.0.1:\u00b2/tcp", "not a number"),  # a digit to str.isdigit, not to int()
+    ("10.0.0.1:\u0668\u0660/tcp", "not a number"),  # Arabic-Indic 80: int() takes it, operators do not mean it
     ("10.0.0.1:80/sctp", "unknown protocol"),
     ("10.0.0.1:80", "needs a protocol"),
     ("2001:db8::1:80/tcp", "brackets"),

@@ -177,6 +177,31 @@ def test_decap_refuses_to_replace_another_xdp_program(lab: Lab):
         run_lbctl(b2.ns, "decap", "attach", "eth0", "--hook", "tc")
 
 
+def test_decap_attach_again_takes_an_address_added_since(lab: Lab, servers: Servers):
+    """Decapsulation is for the host's addresses as they were: attaching again takes a new one."""
+    b1, address = lab.backends[0], lab.vip(23)
+    extra = ipaddress.ip_address(int(b1.address) + 75)  # on b1's link to the LB
+    vip = endpoint(address)
+    with netlink_in(b1.ns) as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=str(extra), prefixlen=24)
+    try:
+        first = run_lbctl(b1.ns, "decap", "stats", "--json").json()
+        again = run_lbctl(b1.ns, "decap", "attach", "eth0", "--json").json()
+        assert again["resynced"] and again["hook"] == "xdp"
+        assert run_lbctl(b1.ns, "decap", "stats", "--json").json()["interfaces"] == first["interfaces"]
+        other_hook = run_lbctl(b1.ns, "decap", "attach", "eth0", "--hook", "tc", check=False)
+        assert other_hook.returncode == 2 and "attached with xdp" in other_hook.stderr
+
+        run_lbctl(lab.lb_ns, "add-vip", vip, "--mode", "tunnel")
+        lab.hold_vip(b1, address)
+        run_lbctl(lab.lb_ns, "add-backend", vip, str(extra))
+        assert http_get(lab.client.ns, str(address), PORT) == "b1"  # tunnelled to the new address, decapsulated
+    finally:
+        run_lbctl(lab.lb_ns, "remove-vip", vip, check=False)
+        with netlink_in(b1.ns) as ipr:
+            ipr.addr("del", index=ipr.link_lookup(ifname="eth0")[0], address=str(extra), prefixlen=24)
+
+
 def test_dsr_backend_is_resolved_when_added(lab: Lab, servers: Servers):
     """A DSR packet to an unresolved next hop cannot be forwarded by the kernel (it is addressed to the
     VIP), so add-backend has the kernel resolve the backend's MAC at once."""
