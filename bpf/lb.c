@@ -501,6 +501,9 @@ int lb_egress(lb_ctx *ctx)
 		remember_reply(&pkt, be, backend_id, vip_id, LB_FLOW_LOCAL);
 	}
 	count_flow(vip_id, backend_id, pkt.len, 0, !known);
+	/* Spent: the egress hook of the interface it is redirected to passes it (a DSR
+	 * packet still names the VIP and would be steered again, in a loop). */
+	ctx->mark = 0;
 	if (vip_flags & LB_VIP_DSR) /* still to the VIP: the backend's address is only the next hop */
 		return verdict(ctx, LB_FWD_STEERED, steer_redirect_via(fib.ifindex, &be->addr, pkt.ip_version));
 	if (vip_flags & LB_VIP_TUNNEL) {
