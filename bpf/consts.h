@@ -110,6 +110,7 @@ enum lb_reason {
 	LB_DROP_ICMP_NO_FLOW,     /* fragmentation needed / packet too big to a VIP, about no known flow */
 	LB_FWD_STEERED,           /* the LB host's own packet to a VIP, marked for a backend: sent to it (TC egress) */
 	LB_PASS_LOCAL_REPLY,      /* a backend's reply to a steered connection, rewritten back to the VIP, for the host */
+	LB_DROP_NEIGH_UNRESOLVED, /* dsr: the backend's MAC is unknown, and the kernel cannot forward a packet to a VIP */
 	LB_REASON_MAX,
 };
 

@@ -125,8 +125,10 @@ int tc_decap(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	int len = family == DECAP_IPV6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
 
-	/* remove len bytes right after the MAC header: the outer IP header */
-	if (bpf_skb_adjust_room(skb, -len, BPF_ADJ_ROOM_MAC, 0))
+	/* remove len bytes right after the MAC header: the outer IP header. FIXED_GSO:
+	 * a GRO'd packet's segments keep their size (without it the kernel would
+	 * raise gso_size by len, as if each segment's headers had shrunk). */
+	if (bpf_skb_adjust_room(skb, -len, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
 		return TC_ACT_SHOT;
 	count_decap(family);
 	return TC_ACT_OK;

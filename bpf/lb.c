@@ -109,6 +109,27 @@ static __always_inline int send(lb_ctx *ctx, struct packet *pkt, const struct ne
 	return verdict(ctx, ok, action);
 }
 
+/* DSR's packet still names the VIP: the kernel, which would take it for its
+ * own, cannot be left to resolve the backend's MAC (the control plane
+ * solicits DSR backends' MACs instead). */
+static __always_inline int send_direct(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh,
+				       int resolved, enum lb_reason ok)
+{
+	if (resolved == NH_KERNEL)
+		return verdict(ctx, LB_DROP_NEIGH_UNRESOLVED, LB_ACT_DROP);
+	return send(ctx, pkt, nh, resolved, ok);
+}
+
+/* Tunnel: the packet, untouched, inside an outer header to the backend (which
+ * the kernel can forward itself while the backend's MAC is unresolved). */
+static __always_inline int send_encapsulated(lb_ctx *ctx, struct packet *pkt, const struct backend *be,
+					     const struct next_hop *nh, int resolved, enum lb_reason ok)
+{
+	if (tunnel_encap(ctx, pkt, be))
+		return verdict(ctx, LB_DROP_NO_HEADROOM, LB_ACT_DROP);
+	return send(ctx, pkt, nh, resolved, ok);
+}
+
 /* Send a client's packet on to its backend the VIP's way: NAT rewrites the
  * destination; DSR changes only the MACs (send writes them), so the backend,
  * which holds the VIP, answers the client itself; tunnel encapsulates. */
@@ -116,12 +137,9 @@ static __always_inline int forward(lb_ctx *ctx, struct packet *pkt, __u32 vip_fl
 				   const struct backend *be, const struct next_hop *nh, int resolved)
 {
 	if (vip_flags & LB_VIP_DSR)
-		return send(ctx, pkt, nh, resolved, LB_FWD_DSR);
-	if (vip_flags & LB_VIP_TUNNEL) {
-		if (tunnel_encap(ctx, pkt, be))
-			return verdict(ctx, LB_DROP_NO_HEADROOM, LB_ACT_DROP);
-		return send(ctx, pkt, nh, resolved, LB_FWD_TUNNEL);
-	}
+		return send_direct(ctx, pkt, nh, resolved, LB_FWD_DSR);
+	if (vip_flags & LB_VIP_TUNNEL)
+		return send_encapsulated(ctx, pkt, be, nh, resolved, LB_FWD_TUNNEL);
 	nat_rewrite_destination(pkt, be);
 	return send(ctx, pkt, nh, resolved, LB_FWD_NAT);
 }
@@ -321,13 +339,21 @@ static __always_inline int unbalanceable(lb_ctx *ctx, const struct packet *pkt, 
 	}
 }
 
-/* An ICMP error quoting a reply of the flow goes where the flow goes. (One
- * place per forwarding mode: today NAT.) */
+/* An ICMP error quoting a reply of the flow goes where the flow goes, the
+ * VIP's way: NAT rewrites it for the backend (outer destination, quoted
+ * source); DSR and tunnel backends hold the VIP and get it as it came, to
+ * their MAC or encapsulated. The next hop is resolved before the packet grows. */
 static __always_inline int forward_icmp_error(lb_ctx *ctx, struct packet *pkt, struct icmp_inner *in,
-					      struct flow_entry *flow, const struct backend *be)
+					      struct flow_entry *flow, const struct backend *be, __u8 mode)
 {
+	int resolved = ensure_next_hop(ctx, pkt, &be->addr, &flow->nh);
+
+	if (mode == LB_MODE_DSR)
+		return send_direct(ctx, pkt, &flow->nh, resolved, LB_FWD_ICMP_ERROR);
+	if (mode == LB_MODE_TUNNEL)
+		return send_encapsulated(ctx, pkt, be, &flow->nh, resolved, LB_FWD_ICMP_ERROR);
 	icmp_error_rewrite_to_backend(pkt, in, be);
-	return send(ctx, pkt, &flow->nh, ensure_next_hop(ctx, pkt, &be->addr, &flow->nh), LB_FWD_ICMP_ERROR);
+	return send(ctx, pkt, &flow->nh, resolved, LB_FWD_ICMP_ERROR);
 }
 
 /* Does the quoted packet come from this VIP? (port 0: the VIP takes every port) */
@@ -363,7 +389,7 @@ static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt
 
 	if (!be)
 		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
-	return forward_icmp_error(ctx, pkt, &in, flow, be);
+	return forward_icmp_error(ctx, pkt, &in, flow, be, vip->mode);
 }
 
 static __always_inline int handle_icmp(lb_ctx *ctx, struct packet *pkt)
@@ -424,9 +450,11 @@ int xdp_lb(lb_ctx *ctx)
 
 #ifdef LB_HOOK_TC
 /* TC egress: the LB host's own packet to a VIP, marked for a backend (health
- * checks), goes to that backend as the VIP's mode sends a client's (NAT
- * today); the flow is remembered so that to_client() hands the replies back
- * to the host as from the VIP. Every other packet passes untouched. */
+ * checks), goes to that backend the VIP's way: NAT rewrites the destination
+ * (the flow is remembered so that to_client() hands the replies back to the
+ * host as from the VIP); DSR sends it unchanged to the backend's MAC, tunnel
+ * encapsulates it, and the backend answers the host from the VIP itself.
+ * Every other packet passes untouched. */
 int lb_egress(lb_ctx *ctx)
 {
 	__u32 backend_id = steer_backend_id(ctx);
@@ -447,6 +475,7 @@ int lb_egress(lb_ctx *ctx)
 	if (!vip)
 		return LB_ACT_PASS;
 	__u16 vip_id = vip->id;
+	__u32 vip_flags = vip->flags;
 	struct backend *be = backends.lookup(&backend_id);
 
 	if (!be || !(be->flags & LB_BACKEND_IN_USE))
@@ -472,7 +501,17 @@ int lb_egress(lb_ctx *ctx)
 		remember_reply(&pkt, be, backend_id, vip_id, LB_FLOW_LOCAL);
 	}
 	count_flow(vip_id, backend_id, pkt.len, 0, !known);
-	steer_rewrite_destination(ctx, &pkt, be);
+	/* Spent: the egress hook of the interface it is redirected to passes it (a DSR
+	 * packet still names the VIP and would be steered again, in a loop). */
+	ctx->mark = 0;
+	if (vip_flags & LB_VIP_DSR) /* still to the VIP: the backend's address is only the next hop */
+		return verdict(ctx, LB_FWD_STEERED, steer_redirect_via(fib.ifindex, &be->addr, pkt.ip_version));
+	if (vip_flags & LB_VIP_TUNNEL) {
+		if (tunnel_encap(ctx, &pkt, be))
+			return verdict(ctx, LB_DROP_NO_HEADROOM, LB_ACT_DROP);
+	} else {
+		steer_rewrite_destination(ctx, &pkt, be);
+	}
 	return verdict(ctx, LB_FWD_STEERED, lb_redirect_neigh(fib.ifindex, NULL, 0, 0));
 }
 #endif

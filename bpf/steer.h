@@ -1,6 +1,8 @@
 /* TC egress: the LB host's own connection to a VIP, marked for one backend
  * (skb->mark = LB_MARK_MAGIC | backend id, e.g. a health checker's SO_MARK),
- * is rewritten for that backend as NAT rewrites a client's. Through the skb
+ * goes to that backend as the VIP's mode sends a client's: NAT's rewrite is
+ * here; DSR's packet leaves unchanged with the backend as next hop (below);
+ * tunnel encapsulates (tunnel.h). NAT's rewrite goes through the skb
  * helpers, not direct writes: a locally generated packet may carry a partial
  * L4 checksum (CHECKSUM_PARTIAL), which bpf_l4_csum_replace() keeps right and
  * an RFC 1624 update would not. TC build only. */
@@ -56,6 +58,21 @@ static __always_inline void steer_rewrite_destination(struct __sk_buff *skb, con
 		if (l4_check_off)
 			bpf_l4_csum_replace(skb, l4_check_off, pkt->dport, port, l4_flags | 2);
 	}
+}
+
+/* Out of ifindex to next hop `via` (the kernel resolves its MAC), whatever the destination. */
+static __always_inline long steer_redirect_via(__u32 ifindex, const union lb_addr *via, int ip_version)
+{
+	struct bpf_redir_neigh nh = {};
+
+	if (ip_version == 6) {
+		nh.nh_family = 10; /* AF_INET6 */
+		__builtin_memcpy(nh.ipv6_nh, via, 16);
+	} else {
+		nh.nh_family = 2; /* AF_INET */
+		nh.ipv4_nh = via->w[3];
+	}
+	return lb_redirect_neigh(ifindex, &nh, sizeof(nh), 0);
 }
 
 #endif

@@ -7,6 +7,11 @@ in a row, and records a verdict through Controller.set_health after `rise`
 successes or `fall` failures. An unhealthy backend leaves the Maglev table: its
 established flows stay in the connection table and go on; only new flows move.
 
+A dsr or tunnel backend answers only on the VIP's address: its check connects to
+the VIP with SO_MARK = backend_mark(backend id), which the data plane's TC egress
+program steers to that backend. The LB host needs a route to the VIP out of an
+interface the data plane is attached to (README).
+
 Sockets belong to the network namespace of the thread that made them: run the
 monitor on a thread inside the LB's namespace (the pool's threads are created
 from it and inherit its namespace)."""
@@ -22,25 +27,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from control.model import BackendState, HealthCheck, State, VipState
+from lb.structs import backend_mark
 
 if TYPE_CHECKING:
     from control.service import Controller
 
 log = logging.getLogger("lb.health")
 
-# SO_MARK of a check's socket in dsr/tunnel modes: this base plus the backend id.
-HEALTH_MARK_BASE = 0x4C000000
 _MAX_STATUS_LINE = 1024
-
-
-def backend_mark(backend_id: int) -> int:
-    """The SO_MARK that names the backend a check is for.
-
-    TODO(dsr/tunnel): the TC egress program (bpf/, being written by the dsr/tunnel work) must
-    match this mark on packets from the LB host to a VIP address and steer them to backend
-    `backend_id` as it steers the VIP's traffic, so the check reaches the backend through the
-    VIP address it serves. Keep this function and that program in step."""
-    return HEALTH_MARK_BASE | backend_id
 
 
 @dataclass(frozen=True)
@@ -64,7 +58,9 @@ class Target:
         check = v.health
         if v.mode == "nat":  # the backend answers on its own address
             host, port, mark = str(b.address.address), check.port or b.address.port, None
-        else:  # dsr/tunnel: the backend answers only for the VIP's address; see backend_mark
+        else:  # dsr/tunnel: the backend answers only for the VIP's address. The mark has the data
+            # plane's TC egress program (bpf/lb.c lb_egress) send the connection to this backend the
+            # VIP's way; it leaves by the LB host's route to the VIP, which must use an LB interface.
             host, port, mark = str(v.vip.address), check.port or v.vip.port, backend_mark(b.id)
         return cls(v.id, b.id, str(v.vip), str(b.address), host, port, mark, check.kind, check.path,
                    check.expect_status, check.timeout)

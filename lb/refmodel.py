@@ -65,7 +65,7 @@ class Tables:
     vips: dict[tuple[bytes, int, int], tuple[int, int]]     # (addr, port, proto) -> (VIP id, flags)
     vip_addrs: set[bytes]                                   # addresses of VIPs
     any_port: bool                                          # some VIP takes every port
-    vip_meta: dict[int, tuple[bytes, int, int]]             # id -> (addr, port, flags)
+    vip_meta: dict[int, tuple[bytes, int, int, int]]        # id -> (addr, port, flags, mode)
     maglev: dict[int, list[int]]                            # VIP id -> ring of backend ids
     backends: dict[int, tuple[bytes, int, int]]             # id -> (addr, port, flags); absent = zeroed
     backend_nh: dict[int, NextHop]                          # id -> cached next hop; absent = none yet
@@ -83,7 +83,7 @@ class Tables:
         meta = {}
         for vid in ids:
             m = maps.vip_meta.get(U32(vid))
-            meta[vid] = (bytes(m.addr), ntohs(m.port), m.flags)
+            meta[vid] = (bytes(m.addr), ntohs(m.port), m.flags, m.mode)
         maglev = {vid: maps.maglev.read_range(vid * ring_size, ring_size) for vid in ids}
         config = maps.lb_config.get(U32(0))
         backends = {k.value: (bytes(v.addr), ntohs(v.port), v.flags) for k, v in maps.backends.items() if v.flags}
@@ -339,8 +339,12 @@ class DataPlaneModel:
         be = self._backend(flow.backend_id)
         if be is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
-        self._icmp_error_rewrite_to_backend(pkt, p, q, be)
         resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
+        if meta[3] == structs.MODE_DSR:
+            return self._send_direct(pkt, flow.nh, resolved, ingress, "fwd_icmp_error", None)
+        if meta[3] == structs.MODE_TUNNEL:
+            return self._send_encapsulated(pkt, p, be, flow.nh, resolved, ingress, "fwd_icmp_error")
+        self._icmp_error_rewrite_to_backend(pkt, p, q, be)
         return self._send(pkt, flow.nh, resolved, ingress, "fwd_icmp_error", None)
 
     def _icmp_error_rewrite_to_backend(self, pkt: bytearray, p: Parsed, q: Parsed,
@@ -425,14 +429,25 @@ class DataPlaneModel:
                  resolved: str, ingress: int) -> ModelResult:
         """lb.c forward: the VIP's mode. DSR changes only the MACs, so no rewrite names the backend."""
         if vip_flags & structs.VIP_DSR:
-            return self._send(pkt, nh, resolved, ingress, "fwd_dsr", None)
+            return self._send_direct(pkt, nh, resolved, ingress, "fwd_dsr", None)
         if vip_flags & structs.VIP_TUNNEL:
-            # The program drops (drop_no_headroom) when XDP leaves no room in front of the packet;
-            # XDP, test runs included, leaves 256 bytes, so the model never does.
-            pkt[:] = encapsulate(bytes(pkt), p, be[0])
-            return self._send(pkt, nh, resolved, ingress, "fwd_tunnel", (be[0], p.dport))
+            return self._send_encapsulated(pkt, p, be, nh, resolved, ingress, "fwd_tunnel")
         self._nat(pkt, p, self._addr_off(p, "dst"), p.l4 + 2, be[0], be[1])
         return self._send(pkt, nh, resolved, ingress, "fwd_nat", (be[0], be[1] or p.dport))
+
+    def _send_direct(self, pkt: bytearray, nh: NextHop, resolved: str, ingress: int, ok: str,
+                     backend: tuple[bytes, int] | None) -> ModelResult:
+        """lb.c send_direct: a packet still to the VIP is dropped, not left to the kernel, while the MAC is unknown."""
+        if resolved == "kernel":
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_neigh_unresolved", backend)
+        return self._send(pkt, nh, resolved, ingress, ok, backend)
+
+    def _send_encapsulated(self, pkt: bytearray, p: Parsed, be: tuple[bytes, int, int], nh: NextHop,
+                           resolved: str, ingress: int, ok: str) -> ModelResult:
+        """lb.c send_encapsulated. (The program drops (drop_no_headroom) when XDP leaves no room in front
+        of the packet; XDP, test runs included, leaves 256 bytes, so the model never does.)"""
+        pkt[:] = encapsulate(bytes(pkt), p, be[0])
+        return self._send(pkt, nh, resolved, ingress, ok, (be[0], p.dport))
 
     def _reply_flow(self, p: Parsed, source: tuple[int, int]) -> tuple[Flow, tuple[bytes, int, int]] | None:
         vip_id, flags = source

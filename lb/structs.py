@@ -165,6 +165,7 @@ REASONS: tuple[str, ...] = (
     "LB_DROP_ICMP_NO_FLOW",
     "LB_FWD_STEERED",
     "LB_PASS_LOCAL_REPLY",
+    "LB_DROP_NEIGH_UNRESOLVED",
 )
 
 # Flags and constants of bpf/consts.h used from Python.

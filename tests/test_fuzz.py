@@ -36,8 +36,12 @@ CONFIG = {"vips": [
     {"vip": "198.19.0.10/tcp", "backends": ["198.18.1.2", "198.18.2.2"], "mode": "tunnel"},  # every port
     {"vip": "[2001:2:0:ff::7]:80/tcp", "backends": ["[2001:2:0:1::2]", "[2001:2:0:2::2]"], "mode": "dsr"},
     {"vip": "[2001:2:0:ff::8]:53/udp", "backends": ["[2001:2:0:1::2]"], "mode": "tunnel"},
+    # a dsr backend that never answers ARP/ND: its MAC stays unresolved
+    {"vip": "198.19.0.11:80/tcp", "backends": ["198.18.1.99"], "mode": "dsr"},
+    {"vip": "[2001:2:0:ff::b]:80/tcp", "backends": ["[2001:2:0:1::99]"], "mode": "dsr"},
 ]}
 SEEN: set[str] = set()  # reasons reached, to check the fuzzer explores
+ICMP_ERROR_MODES: set[str] = set()  # the ways forwarded ICMP errors went
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +64,17 @@ ports = st.one_of(st.sampled_from([80, 53, 8080, 5353, 81]), st.integers(1, 6553
 def packets(draw) -> tuple[list[bytes], str]:
     """A packet to a VIP, a backend's reply, or anything else; then maybe mutated. (Sometimes
     preceded by the packet that opens the flow it is about.)"""
-    scenario = draw(st.sampled_from(["to-vip", "reply", "random"]))
+    scenario = draw(st.sampled_from(["to-vip", "to-vip", "icmp-error", "reply", "random"]))
+    error = scenario == "icmp-error"  # a "too big" to a VIP about a flow opened just before: every VIP's mode
+    scenario = "to-vip" if error else scenario
     client_ports = st.integers(40000, 40031)  # a small range: repeats and replies hit existing flows
-    proto = draw(st.sampled_from(["tcp", "udp", "udp0", "icmp", "other"]))
+    proto = "icmp" if error else draw(st.sampled_from(["tcp", "udp", "udp0", "icmp", "other"]))
     quoted = draw(st.sampled_from(["tcp", "udp"])) if proto == "icmp" else proto  # what an ICMP error quotes
     service_port = 80 if quoted == "tcp" else 53
     if scenario == "to-vip":
         src = draw(st.sampled_from(["198.18.0.2", "198.18.0.7"]))
         dst = draw(st.sampled_from(["198.19.0.1", "198.19.0.2", "198.19.0.3", "198.19.0.4", "198.19.0.5",
-                                    "198.19.0.6", "198.19.0.7", "198.19.0.8", "198.19.0.10"]))
+                                    "198.19.0.6", "198.19.0.7", "198.19.0.8", "198.19.0.10", "198.19.0.11"]))
         sport, dport = draw(client_ports), draw(st.sampled_from([service_port, service_port, 81, 2222]))
         ingress = "client"
     elif scenario == "reply":
@@ -91,7 +97,8 @@ def packets(draw) -> tuple[list[bytes], str]:
             ip.options = [IPOption_NOP()] * 4
         if draw(st.integers(0, 15)) == 0:
             ip.flags, ip.frag = draw(st.sampled_from([("MF", 0), (0, 64), ("MF", 8)]))
-    icmp_type = draw(st.sampled_from([8, 8, 0, 3, 13, "too-big"] if not v6 else [128, 128, 129, 1, 135, "too-big"]))
+    icmp_type = "too-big" if error else draw(st.sampled_from([8, 8, 0, 3, 13, "too-big"] if not v6 else
+                                                             [128, 128, 129, 1, 135, "too-big"]))
     l4 = {"tcp": lambda: TCP(sport=sport, dport=dport, flags=draw(st.sampled_from(["S", "A", "PA", "FA", "R"]))),
           "udp": lambda: UDP(sport=sport, dport=dport),
           "udp0": lambda: UDP(sport=sport, dport=dport, chksum=0),
@@ -113,7 +120,7 @@ def packets(draw) -> tuple[list[bytes], str]:
     if draw(st.integers(0, 15)) == 0:
         data = data[:draw(st.integers(14, len(data)))]
     opener = []  # an ICMP error to a VIP often quotes a flow opened just before
-    if scenario == "to-vip" and icmp_type == "too-big" and draw(st.booleans()):
+    if scenario == "to-vip" and icmp_type == "too-big" and (error or draw(st.booleans())):
         l4 = TCP(sport=sport, dport=dport, flags="S") if quoted == "tcp" else UDP(sport=sport, dport=dport)
         opener = [bytes(eth / (IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)) / l4)]
     return [*opener, bytes(data)], ingress
@@ -142,8 +149,18 @@ def test_program_and_model_agree_on_any_packet(harness: Harness, packet):
         assert actual.action != "XDP_ABORTED"
         assert agree(actual, expected), disagreement(frame, actual, expected)
         SEEN.add(actual.reason)
+        if actual.reason == "fwd_icmp_error":
+            ICMP_ERROR_MODES.add(icmp_error_mode(frame, actual.packet))
+
+
+def icmp_error_mode(before: bytes, after: bytes) -> str:
+    """How a forwarded ICMP error went: encapsulated, to the VIP unchanged (dsr), or rewritten (nat)."""
+    if len(after) > len(before):
+        return "tunnel"
+    return "dsr" if after[12:] == before[12:] else "nat"
 
 
 def test_fuzzer_reached_the_main_paths():
     assert {"fwd_nat", "fwd_dsr", "fwd_tunnel", "fwd_reply", "tx_icmp_echo", "pass_not_vip", "drop_no_backend",
-            "pass_malformed", "drop_fragment", "drop_unsupported_l4", "fwd_icmp_error", "drop_icmp_no_flow"} <= SEEN, SEEN
+            "pass_malformed", "drop_fragment", "drop_unsupported_l4", "fwd_icmp_error", "drop_icmp_no_flow", "drop_neigh_unresolved"} <= SEEN, SEEN
+    assert ICMP_ERROR_MODES == {"nat", "dsr", "tunnel"}, ICMP_ERROR_MODES

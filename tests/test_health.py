@@ -19,7 +19,7 @@ from control.model import HealthCheck
 from control.service import Controller
 from control.store import SqliteStore
 from netns.lbctl import STATE_DIR
-from netns.nsenter import in_netns, socket_in
+from netns.nsenter import in_netns, netlink_in, socket_in
 from netns.traffic import NetnsHTTPConnection, http_get, wait_for
 from tests.conftest import backend_name, lbctl
 
@@ -193,3 +193,50 @@ def test_a_backend_marked_down_keeps_its_established_connections(lab, servers, m
         for sock in listeners.values():
             sock.close()
         run("remove-vip", vip)
+
+
+def test_a_dsr_backend_is_checked_through_the_vip_and_leaves_when_its_server_stops(lab, servers, monitor, tmp_path):
+    """A dsr backend answers only on the VIP's address: its check connects to the VIP from the LB
+    host, marked for that backend (TC egress steering). One backend's server stops: it goes down,
+    the others stay up and serve."""
+    run = lbctl(lab)
+    vip_addr = lab.vip(5)
+    vip = f"{vip_addr}:8080/tcp"
+    for b in lab.backends:
+        lab.hold_vip(b, vip_addr)
+    backends = "".join(f"      - {b.address}\n" for b in lab.backends)
+    path = tmp_path / "lb.yaml"
+    path.write_text(f"vips:\n  - vip: {vip}\n    mode: dsr\n    health: {{kind: tcp, interval: {int(INTERVAL * 1000)}ms, "
+                    f"timeout: {int(TIMEOUT * 1000)}ms, rise: {RISE}, fall: {FALL}}}\n    backends:\n{backends}")
+    # The checks leave the LB host by its route to the VIP, which must use an LB interface (README).
+    route = {"dst": f"{vip_addr}/32", "gateway": str(lab.backends[0].address)}
+    with netlink_in(lab.lb_ns) as ipr:
+        ipr.route("add", **route)
+    run("apply", "-f", str(path))
+    failing = lab.backends[0]
+    name = backend_name(failing.ns)
+
+    def checks() -> dict[str, dict]:  # this VIP's, by backend address
+        return {k.split()[1]: r for k, r in monitor.timings().items() if k.split()[0] == vip}
+
+    def healthy(host) -> bool:
+        state = SqliteStore(str(Path(STATE_DIR) / f"{lab.lb_ns}.db")).read()
+        return next(b.healthy for v in state.vips if str(v.vip) == vip for b in v.active_backends()
+                    if b.address.address == host.address)
+
+    try:
+        wait_for(lambda: len(checks()) == 3 and all(r["ok"] for r in checks().values()),
+                 timeout=10, what="first passing checks of all backends")
+        servers.stop_http(failing.ns)
+        wait_for(lambda: not healthy(failing), timeout=INTERVAL * FALL + 5, interval=0.02, what="backend marked down")
+
+        assert all(healthy(b) for b in lab.backends[1:])
+        assert all(r["ok"] for a, r in checks().items() if not a.startswith(str(failing.address)))
+        served = Counter(http_get(lab.client.ns, str(vip_addr), 8080) for _ in range(20))
+        assert set(served) == {backend_name(b.ns) for b in lab.backends[1:]}
+    finally:
+        if failing.ns not in servers._http:
+            servers.start_http(failing.ns, name)
+        run("remove-vip", vip)
+        with netlink_in(lab.lb_ns) as ipr:
+            ipr.route("del", **route)

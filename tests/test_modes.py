@@ -218,6 +218,25 @@ def test_dsr_backend_is_resolved_when_added(lab: Lab, servers: Servers):
     assert http_get(lab.client.ns, str(address), PORT) == "b1"
 
 
+def test_tunnel_packets_to_an_unresolved_backend_are_left_to_the_kernel(lab: Lab, servers: Servers):
+    """Unlike DSR's, a tunnel packet is addressed to the backend (its outer header): while the
+    backend's MAC is unknown the kernel resolves it and forwards the packet."""
+    b1, address = lab.backends[0], lab.vip(24)
+    vip = endpoint(address)
+    with netlink_in(lab.lb_ns) as ipr:
+        ipr.neigh("del", dst=str(b1.address), ifindex=ipr.link_lookup(ifname=b1.lb_ifname)[0])
+    before = run_lbctl(lab.lb_ns, "stats", "--json").json()["reasons"]["pass_neigh_unresolved"]
+    run_lbctl(lab.lb_ns, "add-vip", vip, "--mode", "tunnel")
+    try:
+        lab.hold_vip(b1, address)
+        run_lbctl(lab.lb_ns, "add-backend", vip, str(b1.address))
+
+        assert http_get(lab.client.ns, str(address), PORT) == "b1"
+        assert run_lbctl(lab.lb_ns, "stats", "--json").json()["reasons"]["pass_neigh_unresolved"] > before
+    finally:
+        run_lbctl(lab.lb_ns, "remove-vip", vip, check=False)
+
+
 def lb_knows(lab: Lab, address: ipaddress.IPv6Address) -> bool:
     with netlink_in(lab.lb_ns) as ipr:
         return any(n.get_attr("NDA_DST") == str(address) and n.get_attr("NDA_LLADDR")

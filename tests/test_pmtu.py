@@ -1,8 +1,10 @@
 """Path MTU discovery through the LB: an ICMP "fragmentation needed" / ICMPv6 "packet too big"
-about a reply of a flow reaches the flow's backend, rewritten byte for byte, and the backend's
-kernel lowers its path MTU to the client."""
+about a reply of a flow reaches the flow's backend (NAT: rewritten byte for byte; dsr: unchanged,
+to its MAC; tunnel: encapsulated as the flow's packets), and the backend's kernel lowers its
+path MTU to the client."""
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Iterator
 
@@ -11,11 +13,11 @@ from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 
-from netns.nsenter import netlink_in
+from netns.nsenter import netlink_in, write_sysctl
 from netns.packets import Capture, capture, send_frame
 from netns.topology import Host, Lab
-from netns.traffic import NetnsHTTPConnection, wait_for
-from tests.conftest import backend_name, lbctl
+from netns.traffic import NetnsHTTPConnection, Servers, wait_for
+from tests.conftest import backend_name, lab_with_lb, lbctl, run_lbctl
 
 FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 LOWERED_MTU = {4: 1200, 6: 1280}  # above the kernels' minimum path MTUs (552, 1280), below the links' 1500
@@ -120,3 +122,86 @@ def test_too_big_about_no_flow_is_dropped_and_counted(lab, vips):
     send_frame(lab.client.ns, lab.client.ifname, bytes(error))
     wait_for(lambda: lbctl(lab)("stats", "--json").json()["reasons"]["drop_icmp_no_flow"] == before + 1,
              timeout=5, what="the drop to be counted")
+
+
+MODE_PORT = 8080  # dsr and tunnel backends listen on the VIP's own port
+
+
+@pytest.fixture(scope="module")
+def direct_lab() -> Iterator[Lab]:
+    """Two backends that answer clients over their own links (dsr, tunnel) and decapsulate at TC
+    ingress, after the capture point: a backend's wire shows what the LB sent, encapsulation too."""
+    with lab_with_lb(2, direct_return=True) as lab:
+        lab.resolve_neighbours()
+        try:
+            for b in lab.backends:
+                run_lbctl(b.ns, "decap", "attach", "eth0", "--hook", "tc")
+            with Servers.running({b.ns: backend_name(b.ns) for b in lab.backends}, http_port=MODE_PORT):
+                yield lab
+        finally:
+            for b in lab.backends:
+                run_lbctl(b.ns, "decap", "detach", "eth0", check=False)
+
+
+@pytest.fixture(scope="module")
+def mode_vips(direct_lab: Lab) -> dict[tuple[str, int], str]:
+    """A dsr and a tunnel VIP of each family over both backends, which hold them on their loopbacks."""
+    lab, out = direct_lab, {}
+    for index, mode in ((20, "dsr"), (21, "tunnel")):
+        for version in (4, 6):
+            vip = lab.vip(index) if version == 4 else lab.vip6(index)
+            endpoint = f"{vip}:{MODE_PORT}/tcp" if version == 4 else f"[{vip}]:{MODE_PORT}/tcp"
+            run_lbctl(lab.lb_ns, "add-vip", endpoint, "--mode", mode)
+            for b in lab.backends:
+                lab.hold_vip(b, vip)
+                run_lbctl(lab.lb_ns, "add-backend", endpoint, address(b, version) if version == 4
+                          else f"[{address(b, version)}]")
+            out[(mode, version)] = str(vip)
+    return out
+
+
+def tunnel_header(version: int, client: str, backend: str):
+    """The outer header tunnel mode puts on a packet from `client` without ports (an ICMP error):
+    source = the fixed prefix plus the client's low address bits (XOR port 0)."""
+    low = int(ipaddress.ip_address(client))
+    if version == 4:
+        return IP(src=str(ipaddress.ip_address(0xAC100000 | (low & 0xFFFF))), dst=backend, ttl=64, id=0)
+    return IPv6(src=str(ipaddress.ip_address((0xFD006C62 << 96) | (low & 0xFFFFFFFF))), dst=backend, hlim=64)
+
+
+@pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize("mode", ["dsr", "tunnel"])
+def test_too_big_reaches_a_dsr_or_tunnel_backend_as_it_came_and_lowers_its_path_mtu(direct_lab, mode_vips,
+                                                                                     mode, version):
+    lab = direct_lab
+    vip, client, layer, mtu = mode_vips[(mode, version)], address(lab.client, version), ip_layer(version), \
+        LOWERED_MTU[version]
+    conn = NetnsHTTPConnection(lab.client.ns, vip, MODE_PORT)
+    backend = None
+    try:
+        # The backends answer over their own links: the reply segments are there.
+        with capture(lab.client.ns, lab.direct_links[0].client_ifname) as direct1, \
+                capture(lab.client.ns, lab.direct_links[1].client_ifname) as direct2:
+            name = conn.get_text()
+            client_port = conn.sock.getsockname()[1]
+            segments = [s for cap in (direct1, direct2) for s in reply_segments(cap, version, vip, client_port)]
+        backend = next(b for b in lab.backends if backend_name(b.ns) == name)
+        assert route_mtu(backend.ns, client, version) is None
+        quote = layer(bytes(layer(src=vip, dst=client) / TCP(sport=MODE_PORT, dport=client_port, flags="A",
+                                                             seq=next_sequence(segments))))
+        error = layer(bytes(layer(src=client, dst=vip) / too_big(version, mtu) / quote))
+        before = run_lbctl(lab.lb_ns, "stats", "--json").json()["reasons"]["fwd_icmp_error"]
+
+        with capture(backend.ns, backend.ifname) as cap:
+            send_frame(lab.client.ns, lab.client.ifname, bytes(Ether(src=lab.client.mac, dst=lab.client.lb_mac) / error))
+            got = cap.next(lambda f: is_too_big(f, version))
+
+        assert got is not None, "the error did not reach the flow's backend"
+        sent = error if mode == "dsr" else tunnel_header(version, client, address(backend, version)) / error
+        assert got.hex() == bytes(Ether(src=backend.lb_mac, dst=backend.mac) / sent).hex()
+        assert run_lbctl(lab.lb_ns, "stats", "--json").json()["reasons"]["fwd_icmp_error"] == before + 1
+        wait_for(lambda: route_mtu(backend.ns, client, version) == mtu, timeout=5, what="the backend's path MTU")
+    finally:
+        conn.close()
+        if backend is not None:  # the next case may pick the same backend: forget the learnt path MTU
+            write_sysctl(backend.ns, f"net.ipv{version}.route.flush", "1")
