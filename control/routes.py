@@ -85,9 +85,10 @@ def sync_routes(maps: DataPlaneMaps, ifindexes: set[int], backend_ids: set[int])
 def solicit_neighbour(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     """Have the kernel resolve a directly connected host's MAC now: one empty datagram to its discard port.
 
-    A DSR backend needs it: the data plane hands a packet whose next hop is unresolved to the
-    kernel, which resolves NAT's (addressed to the backend) but cannot forward DSR's (addressed
-    to the VIP)."""
+    A DSR backend needs it: a NAT or tunnel packet whose next hop is unresolved is handed to the
+    kernel, which resolves the neighbour as it forwards the packet (addressed to the backend); a
+    DSR packet, addressed to the VIP, cannot be forwarded so and is dropped
+    (drop_neigh_unresolved) until the MAC is known."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
         sock.sendto(b"", (str(address), 9))

@@ -40,6 +40,15 @@ def _ifindex(ipr: IPRoute, name: str) -> int:
         raise InputError(str(e)) from None
 
 
+def resolve_dsr_backends(state: State) -> None:
+    """Have the kernel learn every DSR backend's MAC now: the data plane drops a DSR packet whose
+    next hop is unresolved (the kernel could not forward it: it is addressed to the VIP)."""
+    for v in state.vips:
+        if v.mode == "dsr":
+            for b in v.active_backends():
+                solicit_neighbour(b.address.address)
+
+
 @dataclass
 class Controller:
     instance: Instance
@@ -101,6 +110,7 @@ class Controller:
                 os.close(egress_fd)
             state.dataplane = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict(),
                                              loader.program_digest(config, pin_dir), hook)
+            resolve_dsr_backends(state)  # after a reboot or a detach, the neighbour tables may have lost them
             return {"attached": [i.name for i in ifaces], "mode": mode, "hook": hook, "pin_dir": pin_dir,
                     "vips": len(state.vips)}
 
@@ -284,10 +294,7 @@ class Controller:
             self.require_attached(state)
             return change(state)
         result = self._change(change)
-        for v in self.store.read().vips:
-            if v.mode == "dsr":  # as add-backend does: the kernel cannot resolve them through a DSR packet
-                for b in v.active_backends():
-                    solicit_neighbour(b.address.address)
+        resolve_dsr_backends(self.store.read())
         return result
 
     def export(self) -> dict[str, Any]:

@@ -218,6 +218,21 @@ def test_dsr_backend_is_resolved_when_added(lab: Lab, servers: Servers):
     assert http_get(lab.client.ns, str(address), PORT) == "b1"
 
 
+def test_dsr_backends_are_resolved_again_by_attach(lab: Lab, servers: Servers, vips):
+    """A reboot (or a detach) may leave the neighbour table without a DSR backend: attach, which
+    restores the VIPs, has the kernel resolve them as add-backend does."""
+    b2 = lab.backends[1]
+    run_lbctl(lab.lb_ns, "detach")
+    with netlink_in(lab.lb_ns) as ipr:
+        ipr.neigh("del", dst=str(b2.address6), ifindex=ipr.link_lookup(ifname=b2.lb_ifname)[0],
+                  family=socket.AF_INET6)
+    assert not lb_knows(lab, b2.address6)
+    run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces)
+
+    assert wait_for(lambda: lb_knows(lab, b2.address6), timeout=5, what="the LB to resolve b2")
+    assert {name for name, _ in get_until_both_answer(lab, vip_of(lab, "dsr", 6))} == {"b1", "b2"}
+
+
 def test_tunnel_packets_to_an_unresolved_backend_are_left_to_the_kernel(lab: Lab, servers: Servers):
     """Unlike DSR's, a tunnel packet is addressed to the backend (its outer header): while the
     backend's MAC is unknown the kernel resolves it and forwards the packet."""
