@@ -43,6 +43,14 @@ def bench_lab():
                 lbctl(lab.lb_ns, "add-vip", vip)
                 for b in lab.backends:
                     lbctl(lab.lb_ns, "add-backend", vip, f"{b.address}:{port}")
+            lbctl(lab.lb_ns, "add-vip", f"[{lab.vip6(1)}]:80/tcp")
+            for b in lab.backends:
+                lbctl(lab.lb_ns, "add-backend", f"[{lab.vip6(1)}]:80/tcp", f"[{b.address6}]:8080")
+            for index, mode in ((3, "dsr"), (4, "tunnel")):  # per-packet cost of the other modes
+                vip = f"{lab.vip(index)}:{perpacket.MODE_PORT}/tcp"
+                lbctl(lab.lb_ns, "add-vip", vip, "--mode", mode)
+                for b in lab.backends:
+                    lbctl(lab.lb_ns, "add-backend", vip, str(b.address))
             lab.resolve_neighbours()
             lbctl(lab.lb_ns, "add-vip", f"{lab.vip(2)}:80/tcp")  # any change refreshes the route mirror
             yield lab, json.loads(lbctl(lab.lb_ns, "list", "--json"))["dataplane"]["pin_dir"]
@@ -91,6 +99,10 @@ def main() -> None:
         with in_netns(lab.lb_ns):
             cases, drop = perpacket.lab_cases(lab, lb_prog, baselines)
             results["perpacket"] = perpacket.measure(cases, drop, rounds=5, blocks=8 if QUICK else 40, progress=log)
+            log("per-packet cost over IPv6 and in the dsr and tunnel modes")
+            results["perpacket_modes"] = perpacket.measure(perpacket.mode_cases(lab, lb_prog), drop, rounds=5,
+                                                           blocks=4 if QUICK else 10, progress=log)
+            results["perpacket_modes"].pop("xdp_drop_floor")
 
             log("scaling: connection-table hit while cycling over N established flows")
             hit = next(c for c in cases if c.name == "hit")
@@ -173,6 +185,7 @@ def main() -> None:
     for what, value, op, target, ok in rows:
         log(f"  {what:<{width}}  {value:>10.3f}  target {op} {target:<8}  {'PASS' if ok else 'FAIL'}")
     pp = results["perpacket"]
+    pp = pp | results["perpacket_modes"]
     log("\n  per-packet net ns, median [min-max]: " + ", ".join(
         f"{k} {v['median_ns']:.0f} [{v['min_ns']:.0f}-{v['max_ns']:.0f}]" for k, v in pp.items() if "min_ns" in v))
     e = results["endtoend"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from lb.probe import probe
@@ -27,6 +28,7 @@ from netns.topology import Lab
 
 HERE = Path(__file__).parent
 BLOCK = 1000
+MODE_PORT = 8080  # dsr and tunnel VIPs of the bench lab: backends listen on the VIP's own port
 ACTIONS = {"XDP_DROP": 1, "XDP_PASS": 2, "XDP_TX": 3, "XDP_REDIRECT": 4}
 # Katran, timed with this method on this kind of machine (IPv4, one VIP, three backends).
 KATRAN_NS = {"hit": 164, "hit_100k": 592, "new_flow": 851, "not_vip": 58}
@@ -71,7 +73,9 @@ class Case:
         self.flow_index = ctypes.c_uint64(0)
 
     def offsets(self) -> tuple[int, int]:
-        """Where the source port and IPv4 source address are in the frame."""
+        """Where the source port and the source address's last 4 bytes are in the frame."""
+        if self.frame[12:14] == b"\x86\xdd":  # IPv6
+            return 14 + 40, 14 + 8 + 12
         return 14 + 20, 14 + 12
 
 
@@ -129,15 +133,41 @@ def measure(cases: list[Case], drop: Case, rounds: int, blocks: int, progress=pr
     } | {"xdp_drop_floor": {"median_ns": statistics.median(raw_means[drop.name])}}
 
 
+def _client_frame(lab: Lab, dst: str, sport: int, dport: int = 80) -> bytes:
+    """A TCP segment from the lab's client to dst (IPv4 or IPv6), as it reaches the LB."""
+    c = lab.client
+    ip = IPv6(src=str(c.address6), dst=dst) if ":" in dst else IP(src=str(c.address), dst=dst)
+    return bytes(Ether(src=c.mac, dst=c.lb_mac) / ip / TCP(sport=sport, dport=dport, flags="A") / (b"x" * 6))
+
+
+def _client_ifindex(lab: Lab) -> int:
+    with in_netns(lab.lb_ns):
+        return socket.if_nametoindex(lab.client.lb_ifname)
+
+
+def mode_cases(lab: Lab, lb_prog: int) -> list[Case]:
+    """Hit and new flow over IPv6 (NAT) and through the dsr and tunnel VIPs of the bench lab.
+    Timed apart from the main table, with fewer calls, so that their new flows do not fill the
+    connection table under the main figures."""
+    client_if = _client_ifindex(lab)
+    paths = {"v6": (str(lab.vip6(1)), 80, "fwd_nat"), "dsr": (str(lab.vip(3)), MODE_PORT, "fwd_dsr"),
+             "tunnel": (str(lab.vip(4)), MODE_PORT, "fwd_tunnel")}
+    cases = []
+    for i, (name, (dst, dport, reason)) in enumerate(paths.items()):
+        frame = _client_frame(lab, dst, 1000, dport)
+        cases += [Case(f"hit_{name}", lb_prog, frame, client_if, "XDP_REDIRECT", reason),
+                  Case(f"new_flow_{name}", lb_prog, frame, client_if, "XDP_REDIRECT", reason,
+                       vary=True, flow_base=0x6000000 + i * 0x400000)]
+    return cases
+
+
 def lab_cases(lab: Lab, lb_prog: int, baselines: dict[str, int]) -> tuple[list[Case], Case]:
     """The data plane's paths in an attached lab (VIP 198.19.0.1:80/tcp over its backends)."""
-    with in_netns(lab.lb_ns):
-        client_if = socket.if_nametoindex(lab.client.lb_ifname)
+    client_if = _client_ifindex(lab)
     c, vip = lab.client, str(lab.vip(1))
 
     def to_vip(dst: str, sport: int) -> bytes:
-        return bytes(Ether(src=c.mac, dst=c.lb_mac) / IP(src=str(c.address), dst=dst)
-                     / TCP(sport=sport, dport=80, flags="A") / (b"x" * 6))
+        return _client_frame(lab, dst, sport)
 
     drop = Case("xdp_drop", baselines["xdp_drop"], to_vip(vip, 1000), client_if, "XDP_DROP")
     cases = [
@@ -150,7 +180,7 @@ def lab_cases(lab: Lab, lb_prog: int, baselines: dict[str, int]) -> tuple[list[C
         Case("not_vip", lb_prog, to_vip("198.19.0.200", 1000), client_if, "XDP_PASS", "pass_not_vip"),
     ]
     # the reply of the `hit` flow, as the backend that serves it sends it
-    check = probe(lb_prog, cases[1].frame, client_if)
+    check = probe(lb_prog, next(case for case in cases if case.name == "hit").frame, client_if)
     if check.backend is not None:
         b_addr = socket.inet_ntoa(check.backend[0][12:])
         b = next(h for h in lab.backends if str(h.address) == b_addr)
