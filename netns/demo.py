@@ -1,8 +1,11 @@
 """make demo: a lab with a client, an LB and three backends; lbctl sets up a VIP;
-real HTTP and UDP clients go through it; the shares and counters are printed."""
+real HTTP and UDP clients go through it; a backend is removed, another drained;
+the shares, each backend's status, a configuration file's plan and the counters
+are printed."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
 
 from netns.lbctl import forget, run_lbctl
@@ -25,6 +28,20 @@ def shares(title: str, counts: Counter) -> None:
     print(f"\n{title}: {total} in all")
     for name, n in sorted(counts.items()):
         print(f"  {name:<4} {n:>5}  {100 * n / total:5.1f}%  {'#' * round(40 * n / total)}")
+
+
+def show_plan(lab: Lab, http_vip: str, udp_vip: str) -> None:
+    """What `lbctl apply --dry-run` says of a file that puts every backend back, b1 twice as heavy."""
+    weights = {b.address: 2 if i == 0 else 1 for i, b in enumerate(lab.backends)}
+    text = "vips:\n" + "".join(
+        f"  - vip: {vip}\n    backends:\n" + "".join(f"      - {{address: {a}:{port}, weight: {w}}}\n"
+                                                   for a, w in weights.items())
+        for vip, port in ((http_vip, 8080), (udp_vip, 5353)))
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"{lab.prefix}-") as f:
+        f.write(text)
+        f.flush()
+        print(f"$ cat {f.name}\n{text.rstrip()}")
+        lbctl(lab.lb_ns, "apply", "-f", f.name, "--dry-run")
 
 
 def main() -> None:
@@ -52,6 +69,14 @@ def main() -> None:
                 lbctl(lab.lb_ns, "remove-backend", http_vip, f"{lab.backends[0].address}:8080")
                 http = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(requests // 3))
                 shares(f"HTTP after removing b1 from {http_vip}", http)
+                print()
+                lbctl(lab.lb_ns, "drain", http_vip, f"{lab.backends[1].address}:8080")
+                http = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(requests // 3))
+                shares(f"HTTP after draining b2 (weight 0: no new connections)", http)
+                print()
+                lbctl(lab.lb_ns, "status")
+            print()
+            show_plan(lab, http_vip, udp_vip)
             print()
             lbctl(lab.lb_ns, "stats")
         finally:
