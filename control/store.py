@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import sqlite3
+import time
 from typing import Any, Iterator, Protocol
 
 from control.model import (BackendAddress, BackendState, DataPlaneState, HealthCheck, Interface, State,
@@ -86,7 +87,19 @@ class SqliteStore:
     def _connect(self) -> sqlite3.Connection:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
+        # Switching a new file to WAL takes an exclusive lock and SQLite does not wait for it
+        # (no busy handler): commands racing to create the state retry, bounded by the timeout.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.01)
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 1),"
                      " revision INTEGER NOT NULL, doc TEXT NOT NULL)")
