@@ -36,12 +36,8 @@ def lbctl_add_backend_ms(lb_ns: str, vip: str, address: str, runs: int = 10) -> 
     """Wall time of `ip netns exec NS lbctl add-backend` (then remove-backend, untimed), as an operator runs it."""
     times = []
     for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(["ip", "netns", "exec", lb_ns, LBCTL, "add-backend", vip, address], check=True,
-                       capture_output=True)
-        times.append((time.perf_counter() - start) * 1000)
-        subprocess.run(["ip", "netns", "exec", lb_ns, LBCTL, "remove-backend", vip, address], check=True,
-                       capture_output=True)
+        times.append(timed_lbctl_ms(lb_ns, "add-backend", vip, address))
+        timed_lbctl_ms(lb_ns, "remove-backend", vip, address)
     return summary(times)
 
 
@@ -53,6 +49,7 @@ def many_vips_config(lab, count: int, port: int = 8080) -> str:
 
 
 def timed_lbctl_ms(lb_ns: str, *args: str) -> float:
+    """Wall time of one `ip netns exec NS lbctl ARGS`, process start to exit."""
     start = time.perf_counter()
     subprocess.run(["ip", "netns", "exec", lb_ns, LBCTL, *args], check=True, capture_output=True, timeout=1200)
     return (time.perf_counter() - start) * 1000

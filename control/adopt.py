@@ -74,17 +74,13 @@ def _reattach_missing(dp: DataPlaneState, ours: int | None) -> list[str]:
     for iface in dp.interfaces:
         missing = []
         if not Controller.ours_attached(iface, dp, ours):
-            missing.append(loader.TC_PROGRAM_PIN if dp.hook == "tc" else loader.PROGRAM_PIN)
+            missing.append(loader.ingress_pin(dp.hook))
         if not loader.tc_attached(iface.ifindex, loader.TC_EGRESS):
             missing.append(loader.EGRESS_PROGRAM_PIN)
         for pin in missing:
             fd = loader.pinned_program(dp.pin_dir, pin)
             try:
-                if pin == loader.PROGRAM_PIN:
-                    loader.attach_xdp(iface.ifindex, iface.name, fd, iface.mode)
-                else:
-                    loader.attach_tc(iface.ifindex, iface.name, fd,
-                                     loader.TC_EGRESS if pin == loader.EGRESS_PROGRAM_PIN else loader.TC_INGRESS)
+                loader.attach_pinned(pin, iface.ifindex, iface.name, fd, iface.mode)
             finally:
                 os.close(fd)
         if missing:

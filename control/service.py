@@ -88,13 +88,10 @@ class Controller:
             done: list[Interface] = []
             try:
                 for iface in ifaces:
-                    if hook == "tc":
-                        loader.attach_tc(iface.ifindex, iface.name, prog_fd)
-                    else:
-                        loader.attach_xdp(iface.ifindex, iface.name, prog_fd, mode)
+                    loader.attach_pinned(loader.ingress_pin(hook), iface.ifindex, iface.name, prog_fd, mode)
                     done.append(iface)
                     # steers the host's own packets marked for a backend (health checks)
-                    loader.attach_tc(iface.ifindex, iface.name, egress_fd, loader.TC_EGRESS)
+                    loader.attach_pinned(loader.EGRESS_PROGRAM_PIN, iface.ifindex, iface.name, egress_fd, mode)
                 with DataPlaneMaps.open(pin_dir) as maps:
                     for iface in ifaces:
                         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))

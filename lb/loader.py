@@ -148,7 +148,7 @@ def load_and_pin(config: DataPlaneConfig, pin_dir: str, hook: str = "xdp") -> in
     finally:
         for fd in fds.values():
             os.close(fd)
-    return pinned_program(pin_dir, TC_PROGRAM_PIN if hook == "tc" else PROGRAM_PIN)
+    return pinned_program(pin_dir, ingress_pin(hook))
 
 
 def replace_program(config: DataPlaneConfig, pin_dir: str, interfaces: list[tuple[int, str]]) -> int:
@@ -204,6 +204,20 @@ def unpin_all(pin_dir: str) -> None:
     for name in os.listdir(pin_dir):
         os.unlink(os.path.join(pin_dir, name))
     os.rmdir(pin_dir)
+
+
+def ingress_pin(hook: str) -> str:
+    """The pin of the program a hook attaches at ingress."""
+    return TC_PROGRAM_PIN if hook == "tc" else PROGRAM_PIN
+
+
+def attach_pinned(pin: str, ifindex: int, ifname: str, prog_fd: int, xdp_mode: str) -> None:
+    """Attach one of the data plane's programs where it goes: the XDP build at XDP (in xdp_mode),
+    the TC build at TC ingress, the egress program at TC egress."""
+    if pin == PROGRAM_PIN:
+        attach_xdp(ifindex, ifname, prog_fd, xdp_mode)
+    else:
+        attach_tc(ifindex, ifname, prog_fd, TC_EGRESS if pin == EGRESS_PROGRAM_PIN else TC_INGRESS)
 
 
 def attach_xdp(ifindex: int, ifname: str, prog_fd: int, mode: str) -> None:

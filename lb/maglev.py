@@ -49,9 +49,8 @@ def build_table(backends: list[MaglevBackend], size: int = DEFAULT_RING_SIZE) ->
     if not is_prime(size):
         raise ValueError(f"Maglev table size must be a prime, got {size}")
     used = [i for i, b in enumerate(backends) if b.weight > 0]
-    table = [-1] * size
     if not used:
-        return table
+        return [-1] * size
     order = sorted(used, key=lambda i: backends[i].key)
     perms = [_offset_skip(backends[i].key, size) for i in order]
     weights = [backends[i].weight for i in order]
