@@ -66,8 +66,9 @@ def veth_pair(subnet: int, end: End, peer: End) -> None:
 
 
 def run_prefix() -> str:
-    """Unique per run: two runs on one machine never share a name."""
-    return f"lb{os.getpid() % 100000}{secrets.token_hex(2)}"
+    """Unique per run: two runs on one machine never share a name. LB_LAB_PREFIX (short: namespace
+    names carry it) tells apart the labs of several checkouts working on one machine."""
+    return f"{os.environ.get('LB_LAB_PREFIX', 'lb')}{os.getpid() % 100000}{secrets.token_hex(2)}"
 
 
 @dataclass(frozen=True)
