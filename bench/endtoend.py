@@ -10,7 +10,6 @@ XDP program that counts and drops on the LB's ingress."""
 from __future__ import annotations
 
 import contextlib
-import glob
 import random
 import statistics
 import subprocess
@@ -21,6 +20,7 @@ from typing import Callable, Iterator
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
+from bench.busy import BusyClock
 from lb import loader
 from netns.topology import Lab
 from netns.xdptools import BareRedirect, Generator, Sink, attach, detach
@@ -53,28 +53,6 @@ def switch_lb(lab: Lab, prog_fd: int | None) -> None:
             detach(lab.lb_ns, name)
         else:
             attach(lab.lb_ns, name, prog_fd)
-
-
-class BusyClock:
-    """Busy CPU time summed over all CPUs: wall time minus cpuidle residency (microseconds,
-    unlike /proc/stat's sampled ticks, which miss short bursts)."""
-
-    def __init__(self) -> None:
-        self.files = sorted(glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpuidle/state[0-9]*/time"))
-        self.cpus = len(glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpuidle"))
-        if not self.files:
-            raise RuntimeError("no cpuidle residency in /sys: cannot measure busy time")
-
-    def read(self) -> tuple[float, float]:
-        idle_us = 0
-        for path in self.files:
-            with open(path) as f:
-                idle_us += int(f.read())
-        return time.monotonic(), idle_us / 1e6
-
-    def busy_since(self, start: tuple[float, float]) -> float:
-        wall, idle = self.read()
-        return (wall - start[0]) * self.cpus - (idle - start[1])
 
 
 @dataclass
@@ -114,7 +92,7 @@ class Bench:
         return {"offered_pps": sent / elapsed, "delivered_pps": delivered / elapsed, "lost": sent - delivered}
 
     def cpu_per_packet(self, name: str, pps: int, seconds: float) -> dict[str, float]:
-        """At a fixed offered rate: busy CPU ticks over the window and packets delivered."""
+        """At a fixed offered rate: busy CPU time over the window (bench/busy.py) and packets delivered."""
         per_call = pps // 10
         with self.config(name):
             self.generator.send(per_call)
@@ -128,7 +106,8 @@ class Bench:
             elapsed = time.monotonic() - start
             busy = clock.busy_since(mark)
             delivered = self._settled(before)
-        return {"busy_s": busy, "delivered": delivered, "sent": sent, "elapsed_s": elapsed}
+        return {"busy_s": busy, "delivered": delivered, "sent": sent, "elapsed_s": elapsed,
+                "busy_source": clock.source}
 
     def _settled(self, before: int) -> int:
         """Delivered since `before`, once the sinks stop counting (bounded wait)."""
@@ -202,6 +181,7 @@ def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: f
     out["cpu"] = {n: med(v) for n, v in ns_per_packet.items()} | {
         "xdp_over_nft_ratio": med(ratios) if ratios else None,
         "offered_pps": cpu_pps, "window_s": cpu_seconds,
+        "busy_source": sorted({m["busy_source"] for v in cpu.values() for m in v}),
         "loss": {n: max(m["sent"] - m["delivered"] for m in v) for n, v in cpu.items() if n != "ingress_drop"},
     }
     r = out["rate"]

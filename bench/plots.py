@@ -28,6 +28,16 @@ def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
+    if "perpacket" in results:
+        written.append(_perpacket(results, targets, out_dir))
+    if "endtoend" in results:
+        written.append(_endtoend(results, out_dir))
+    if "scaling" in results:
+        written.append(_scaling(results, out_dir))
+    return written
+
+
+def _perpacket(results: dict, targets: dict, out_dir: Path) -> str:
     pp = results["perpacket"]
     paths = ["hit", "hit_100k", "new_flow", "not_vip"]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -42,8 +52,10 @@ def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
     ax.set_ylabel("net ns per packet (minus XDP_DROP)")
     ax.set_title("Per-packet cost, BPF_PROG_TEST_RUN, IPv4")
     ax.legend()
-    written.append(_save(fig, out_dir, "perpacket.png"))
+    return _save(fig, out_dir, "perpacket.png")
 
+
+def _endtoend(results: dict, out_dir: Path) -> str:
     e2e = results["endtoend"]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 4))
     names, colors = ["xdp_lb", "nftables", "bare_redirect"], ["tab:blue", "tab:orange", "tab:gray"]
@@ -53,15 +65,18 @@ def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
     a2.bar(names, [e2e["cpu"][n]["median"] for n in names], color=colors)
     a2.set_ylabel("CPU ns per forwarded packet")
     a2.set_title(f"CPU at {e2e['cpu']['offered_pps'] // 1000} kpps")
-    web = results["http"]
-    a3.bar(names[:2], [web[n]["requests_per_s"]["median"] / 1e3 for n in names[:2]], color=colors[:2])
+    web = results.get("http")
+    if web:
+        a3.bar(names[:2], [web[n]["requests_per_s"]["median"] / 1e3 for n in names[:2]], color=colors[:2])
     a3.set_ylabel("thousand HTTP requests per second")
     a3.set_title("wrk to nginx through the VIP")
-    written.append(_save(fig, out_dir, "endtoend.png"))
+    return _save(fig, out_dir, "endtoend.png")
 
+
+def _scaling(results: dict, out_dir: Path) -> str:
     sc = results["scaling"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    xs = sorted(int(k) for k in sc["flows"])
+    xs = sorted(int(k) for k in sc.get("flows", {}))
     a1.plot(xs, [sc["flows"][str(x)]["median_ns"] for x in xs], marker="o")
     a1.set_xscale("log")
     a1.set_xlabel("established flows cycled over")
@@ -76,5 +91,4 @@ def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
     a2.set_ylabel("net ns per packet")
     a2.set_title("Cost by number of VIPs and of backends")
     a2.legend(fontsize=8)
-    written.append(_save(fig, out_dir, "scaling.png"))
-    return written
+    return _save(fig, out_dir, "scaling.png")

@@ -1,0 +1,112 @@
+"""The bench's own machinery, without a lab: busy time, and a failing section losing nothing else."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import bench.__main__ as bench_main
+from bench.busy import BusyClock, proc_stat_busy_ticks
+from bench.sections import Sections
+
+PROC_STAT = """cpu  100 5 30 1000 7 2 3 4 0 0
+cpu0 50 5 15 500 3 1 2 2 0 0
+cpu1 50 0 15 500 4 1 1 2 0 0
+intr 12345
+"""
+
+
+def test_proc_stat_busy_is_user_nice_system_irq_softirq_steal():
+    assert proc_stat_busy_ticks(PROC_STAT) == 100 + 5 + 30 + 2 + 3 + 4
+
+
+def test_busy_clock_falls_back_to_proc_stat_without_cpuidle(tmp_path):
+    (tmp_path / "sys/devices/system/cpu/cpu0").mkdir(parents=True)
+    (tmp_path / "sys/devices/system/cpu/cpu1").mkdir(parents=True)
+    (tmp_path / "proc").mkdir()
+    stat = tmp_path / "proc/stat"
+    stat.write_text(PROC_STAT)
+    clock = BusyClock(root=str(tmp_path))
+    assert clock.source == "proc_stat"
+    mark = clock.read()
+    stat.write_text(PROC_STAT.replace("cpu  100 5 30", "cpu  150 5 80"))  # 100 more busy ticks
+    assert clock.busy_since(mark) == pytest.approx(100 * clock.tick_s)
+
+
+def test_busy_clock_uses_cpuidle_residency_where_every_cpu_has_it(tmp_path):
+    for cpu in (0, 1):
+        state = tmp_path / f"sys/devices/system/cpu/cpu{cpu}/cpuidle/state0"
+        state.mkdir(parents=True)
+        (state / "time").write_text("0")
+    assert BusyClock(root=str(tmp_path)).source == "cpuidle"
+    with pytest.raises(ValueError, match="unknown busy-time source"):
+        BusyClock(source="jiffies", root=str(tmp_path))
+
+
+def test_a_failing_section_is_recorded_and_the_next_still_runs():
+    results: dict = {}
+    sections = Sections(results, progress=lambda _: None)
+
+    def broken() -> None:
+        results["half"] = 1
+        raise RuntimeError("no cpuidle residency")
+
+    assert not sections.run("endtoend", broken)
+    assert sections.run("http", lambda: results.update(http={"ok": True}))
+    assert not sections.run("after", lambda: None, needs=("endtoend",))
+    assert results["http"] == {"ok": True} and results["half"] == 1
+    assert results["failed_sections"]["endtoend"]["error"] == "RuntimeError: no cpuidle residency"
+    assert "broken" in results["failed_sections"]["endtoend"]["traceback"]
+    assert set(sections.failed) == {"endtoend", "after"}
+
+
+def test_bench_writes_what_it_measured_and_exits_nonzero_when_a_section_fails(tmp_path, monkeypatch, capsys):
+    """A lab-less run: every lab section is replaced, the end-to-end one raises."""
+    class FakeLab:
+        lb_ns = "none"
+
+        def vip(self, _):
+            return "198.19.0.1"
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def fake_lab():
+        yield FakeLab(), "/nonexistent"
+
+    monkeypatch.setattr(bench_main, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(bench_main, "DOCS", tmp_path / "docs")
+    monkeypatch.setattr(bench_main, "bench_lab", fake_lab)
+    monkeypatch.setattr(bench_main.loader, "pinned_program", lambda _: -1)
+    monkeypatch.setattr(bench_main.perpacket, "load_baselines", lambda: {})
+    monkeypatch.setattr(bench_main.perpacket, "lab_cases", lambda *_: ([], None))
+    monkeypatch.setattr(bench_main, "in_netns", lambda _: contextlib.nullcontext())
+    monkeypatch.setattr(bench_main.perpacket, "measure", lambda *a, **k: {
+        "hit": {"median_ns": 90.0, "min_ns": 80.0, "max_ns": 99.0}, "xdp_drop_floor": {"median_ns": 1.0}})
+    monkeypatch.setattr(bench_main.perpacket, "mode_cases", lambda *_: [])
+
+    def no_cpuidle(*_, **__):
+        raise RuntimeError("no cpuidle residency in /sys: cannot measure busy time")
+
+    monkeypatch.setattr(bench_main.endtoend, "build", no_cpuidle)
+    for name in ("backends", "vips", "map_memory"):
+        monkeypatch.setattr(bench_main.scaling, name, lambda *a, **k: {"total": 1 << 20})
+    monkeypatch.setattr(bench_main.control, "maglev_build_ms", lambda: {"1000": {"median": 10.0}})
+    for name in ("lbctl_add_backend_ms", "daemon_figures", "apply_many_vips"):
+        monkeypatch.setattr(bench_main.control, name, lambda *a, **k: {"median": 5.0})
+    monkeypatch.setattr(bench_main.web, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no wrk")))
+    monkeypatch.setattr(bench_main, "lbctl", lambda *a: "")
+    with pytest.raises(SystemExit) as exit_:
+        bench_main.main()
+    assert exit_.value.code == 1
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["perpacket"]["hit"]["median_ns"] == 90.0
+    assert written["control"]["maglev_build_ms"]["1000"]["median"] == 10.0
+    assert set(written["failed_sections"]) >= {"endtoend", "http"}
+    assert "no cpuidle residency" in written["failed_sections"]["endtoend"]["error"]
+    rows = {t["what"]: t for t in written["targets"]}
+    assert rows["rate xdp/nftables"] == {"what": "rate xdp/nftables", "measured": None, "target": ">= 4.0",
+                                         "pass": False}
+    assert rows["per-packet hit (ns)"]["pass"] is True
+    out = capsys.readouterr().out
+    assert "FAILED sections" in out and "endtoend: RuntimeError" in out
