@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import control, endtoend, perpacket, scaling, web
+from bench import control, endtoend, katran, perpacket, scaling, sidebyside, web
 from bench.sections import Sections
 from lb import loader
 from netns.lbctl import forget, run_lbctl
@@ -48,6 +48,10 @@ def bench_lab():
             lbctl(lab.lb_ns, "add-vip", f"[{lab.vip6(1)}]:80/tcp")
             for b in lab.backends:
                 lbctl(lab.lb_ns, "add-backend", f"[{lab.vip6(1)}]:80/tcp", f"[{b.address6}]:8080")
+            vip6_tunnel = f"[{lab.vip6(4)}]:{perpacket.MODE_PORT}/tcp"  # beside Katran over IPv6
+            lbctl(lab.lb_ns, "add-vip", vip6_tunnel, "--mode", "tunnel")
+            for b in lab.backends:
+                lbctl(lab.lb_ns, "add-backend", vip6_tunnel, f"[{b.address6}]")
             for index, mode in ((3, "dsr"), (4, "tunnel")):  # per-packet cost of the other modes
                 vip = f"{lab.vip(index)}:{perpacket.MODE_PORT}/tcp"
                 lbctl(lab.lb_ns, "add-vip", vip, "--mode", mode)
@@ -90,6 +94,7 @@ def verdicts(results: dict, targets: dict) -> list[tuple[str, float | None, str,
         v = _get(results, *path)
         ok = v is not None and (v <= target if op == "<=" else v >= target)
         rows.append((what, v, op, target, ok))
+    rows += sidebyside.verdicts(results.get("katran"), targets.get("katran_ratio", {}))
     return rows
 
 
@@ -203,6 +208,14 @@ def main() -> None:
             "maps_bytes": scaling.map_memory(r.pin_dir),
             "config": "1M-entry connection table, 1,024 VIPs, 4,096 backends"}
 
+    def katran_section() -> None:
+        path = katran.reference_object()
+        if path is None:
+            sections.skip("katran", katran.SKIPPED)
+            return
+        log(f"side by side with Katran ({path}): the same frames, both connection tables full")
+        results["katran"] = sidebyside.run(r.lab, r.lb_prog, r.pin_dir, r.drop, path, quick=QUICK, progress=log)
+
     def in_lab_sections() -> None:
         sections.run("perpacket", perpacket_section)
         sections.run("perpacket_modes", modes_section)
@@ -212,7 +225,8 @@ def main() -> None:
         sections.run("endtoend", endtoend_section)
         sections.run("http", http_section)
         sections.run("memory", memory_section)
-        sections.run("scaling_vips", vips_section)
+        sections.run("katran", katran_section)  # fills lb's table: after the sections that time it half empty
+        sections.run("scaling_vips", vips_section)  # attaches again: a fresh table
 
     sections.run("lab", lab_section)
 
@@ -235,6 +249,8 @@ def main() -> None:
     for what, value, op, target, ok in rows:
         shown = "not measured" if value is None else f"{value:>12.3f}"
         log(f"  {what:<{width}}  {shown:>12}  target {op} {target:<8}  {'PASS' if ok else 'FAIL'}")
+    if "katran" in results.get("skipped_sections", {}):
+        log(f"  Katran comparison skipped: {results['skipped_sections']['katran']}")
     if sections.failed:
         log("\nFAILED sections (the others' figures are in bench/results.json):")
         for name, error in sections.failed.items():
@@ -283,6 +299,8 @@ def summary(results: dict) -> None:
         h = results["http"]
         log("  HTTP req/s (wrk): " + ", ".join(f"{n} {h[n]['requests_per_s']['median']:.0f} "
                                               f"(p99 {h[n]['p99_ms']['median']:.2f} ms)" for n in ("xdp_lb", "nftables")))
+    if "katran" in results:
+        sidebyside.print_table(results["katran"], log)
 
 
 if __name__ == "__main__":

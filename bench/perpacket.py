@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from scapy.layers.inet import IP, TCP
@@ -68,6 +69,7 @@ class Case:
     flow_base: int = 0
     flow_mod: int = 0
     warmup_calls: int = 0        # calls before timing (to establish flows)
+    before_block: Callable[[], None] | None = None  # untimed, before each block (a rate limit's reset)
 
     def __post_init__(self) -> None:
         self.flow_index = ctypes.c_uint64(0)
@@ -80,6 +82,8 @@ class Case:
 
 
 def run_block(lib: ctypes.CDLL, case: Case, n: int) -> list[int]:
+    if case.before_block is not None:
+        case.before_block()
     durations = (ctypes.c_uint32 * n)()
     bad = ctypes.c_uint32()
     sport_off, saddr_off = case.offsets()
@@ -128,7 +132,8 @@ def measure(cases: list[Case], drop: Case, rounds: int, blocks: int, progress=pr
         progress(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in per_round.items()))
     return {
         name: {"median_ns": statistics.median(v), "min_ns": min(v), "max_ns": max(v),
-               "calls": rounds * blocks * BLOCK, "raw_mean_ns": statistics.median(raw_means[name])}
+               "calls": rounds * blocks * BLOCK, "raw_mean_ns": statistics.median(raw_means[name]),
+               "net_ns_rounds": [round(x, 1) for x in v]}
         for name, v in per_round.items()
     } | {"xdp_drop_floor": {"median_ns": statistics.median(raw_means[drop.name])}}
 

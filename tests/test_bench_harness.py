@@ -96,6 +96,7 @@ def test_bench_writes_what_it_measured_and_exits_nonzero_when_a_section_fails(tm
         monkeypatch.setattr(bench_main.control, name, lambda *a, **k: {"median": 5.0})
     monkeypatch.setattr(bench_main.web, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no wrk")))
     monkeypatch.setattr(bench_main, "lbctl", lambda *a: "")
+    monkeypatch.setattr(bench_main.katran, "reference_object", lambda: None)
     with pytest.raises(SystemExit) as exit_:
         bench_main.main()
     assert exit_.value.code == 1
@@ -110,3 +111,25 @@ def test_bench_writes_what_it_measured_and_exits_nonzero_when_a_section_fails(tm
     assert rows["per-packet hit (ns)"]["pass"] is True
     out = capsys.readouterr().out
     assert "FAILED sections" in out and "endtoend: RuntimeError" in out
+    assert "katran" in written["skipped_sections"] and "Katran comparison skipped" in out
+
+
+def test_katran_ratios_pass_or_fail_against_their_targets():
+    from bench.sidebyside import verdicts
+    result = {"ratios": {"v4_nat_hit": {"ratio": 0.55, "path": "hit"},
+                         "v6_tunnel_new_flow": {"ratio": 1.04, "path": "new_flow"},
+                         "v4_not_vip": {"ratio": None, "path": "not_vip"}}}
+    rows = {r[0]: r for r in verdicts(result, {"hit": 0.6, "new_flow": 0.6, "not_vip": 0.6})}
+    assert rows["lb/Katran v4_nat_hit"][4] is True
+    assert rows["lb/Katran v6_tunnel_new_flow"][4] is False
+    assert rows["lb/Katran v4_not_vip"][4] is False
+    assert verdicts(None, {"hit": 0.6}) == []
+
+
+def test_katran_map_layouts_match_katrans_structs():
+    import ctypes
+
+    from bench import katran
+    sizes = {katran.VipDefinition: 20, katran.VipMeta: 8, katran.RealDefinition: 20, katran.FlowKey: 40,
+             katran.RealPosLru: 16, katran.Stat: 16}
+    assert {t: ctypes.sizeof(t) for t in sizes} == sizes

@@ -1,0 +1,310 @@
+"""lb beside Katran in one run, at steady state: the ratios issue 14 sets targets on.
+
+The same harness as bench/perpacket.py (repeat=1 calls from a C loop, cases in 1,000-call
+blocks interleaved in random order, net of XDP_DROP in the same round) runs Katran's program
+and lb's on the same frames, byte for byte: Katran is configured with lb's VIPs and backends.
+For each family (IPv4, IPv6) and each lb mode (NAT, tunnel), a hit, a hit cycling over 100k
+established flows, a new flow (a new source every call: a SYN), and a packet to no VIP.
+
+Steady state: both connection tables have the same size (lb's conn_table as attached;
+Katran's table for the bench's CPU is created that size) and are filled beyond it before
+timing, so that every new flow evicts one. The 100k flows are established after the fill
+(they are the youngest entries; the timed new flows evict older fill entries first).
+
+Checked, not assumed: each case's path once before timing (lb: its probe's action and
+reason, and a new-flow count; Katran: its action, the encapsulation to one of the reals with
+the original packet inside, and its miss counters), then over the whole timed run: lb's new
+flows per VIP equal the new-flow calls (so every hit was a hit), Katran counted no non-SYN
+miss and never fell back to its small shared table, and its last new flows are in its table."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import socket
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from bench import perpacket
+from bench.katran import FALLBACK_LRU, LRU_MISS, Katran
+from bench.perpacket import Case, build_loop, run_block
+from lb import bpfsys, structs
+from lb.maps import DataPlaneMaps
+from lb.probe import probe
+from lb.testrun import run_xdp
+from netns.nsenter import in_netns
+from netns.topology import Lab
+
+PATHS = ("hit", "hit_100k", "new_flow", "not_vip")
+FAMILIES = ("v4", "v6")
+MODES = {"nat": (1, 80, "fwd_nat"), "tunnel": (4, perpacket.MODE_PORT, "fwd_tunnel")}  # VIP index, port, reason
+CYCLED = 100_000
+FILL_BASE, CYCLE_BASE, NEW_BASE, PROBE_FLOW = 0x1000_0000, 0x2000_0000, 0x3000_0000, 0x4000_ABCD
+FILL_CHUNK = 100_000  # < Katran's 125k new flows per second and CPU: its table is written every time
+SPORT = 1000
+
+
+def frame(lab: Lab, family: str, dst: str, dport: int, flags: str) -> bytes:
+    c = lab.client
+    ip = IPv6(src=str(c.address6), dst=dst) if family == "v6" else IP(src=str(c.address), dst=dst)
+    return bytes(Ether(src=c.mac, dst=c.lb_mac) / ip / TCP(sport=SPORT, dport=dport, flags=flags) / (b"x" * 6))
+
+
+def with_flow(frame_: bytes, flow: int) -> bytes:
+    """The frame of flow number `flow`, as bench/loop.c writes it (source port, low half of the source)."""
+    sport_off, saddr_off = Case("", 0, frame_, 0, "XDP_PASS").offsets()
+    out = bytearray(frame_)
+    out[sport_off:sport_off + 2] = (flow & 0xFFFF).to_bytes(2, "big")
+    out[saddr_off + 2:saddr_off + 4] = ((flow >> 16) & 0xFFFF).to_bytes(2, "big")
+    if family_of(frame_) == "v4":  # a valid header checksum, so the output can be checked
+        out[24:26] = b"\0\0"
+        s = sum(int.from_bytes(out[i:i + 2], "big") for i in range(14, 34, 2))
+        while s >> 16:
+            s = (s & 0xFFFF) + (s >> 16)
+        out[24:26] = (~s & 0xFFFF).to_bytes(2, "big")
+    return bytes(out)
+
+
+def family_of(frame_: bytes) -> str:
+    return "v6" if frame_[12:14] == b"\x86\xdd" else "v4"
+
+
+@dataclass
+class Pair:
+    """One path through one lb mode and family: lb's case and Katran's on the same frames."""
+    family: str
+    mode: str
+    path: str
+    lb: Case
+    katran: Case
+    vip: tuple[str, int]
+
+
+@contextlib.contextmanager
+def pinned_to_one_cpu() -> Iterator[int]:
+    """Katran's tables are per CPU, and per-CPU counters are read on one: run on the last CPU."""
+    before = os.sched_getaffinity(0)
+    cpu = max(before)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def run(lab: Lab, lb_prog: int, pin_dir: str, drop: Case, katran_path: Path, quick: bool,
+        progress: Callable[[str], None] = print) -> dict:
+    with in_netns(lab.lb_ns), pinned_to_one_cpu() as cpu, DataPlaneMaps.open(pin_dir) as maps:
+        table = maps.conn_table.max_entries
+        with Katran(katran_path, lru_entries=table, cpu=cpu) as katran:
+            client_if = socket.if_nametoindex(lab.client.lb_ifname)
+            pairs = build_pairs(lab, lb_prog, katran, client_if)
+            lib = build_loop()
+            progress(f"  filling both connection tables ({table:,} entries each) beyond full, "
+                     f"then {CYCLED:,} established flows per VIP")
+            fill(lib, pairs, katran, table)
+            occupancy = {"lb": maps.conn_table.count(), "katran": count_entries(katran.lru, katran_key_size())}
+            verified = {f"{p.family}_{p.mode}_{p.path}": verify(p, katran, maps, lab) for p in pairs}
+            cases = [c for p in pairs for c in (p.lb, p.katran)]
+            before = counters(pairs, katran, maps)
+            rounds, blocks = (2, 2) if quick else (5, 10)
+            timed = perpacket.measure(cases, drop, rounds=rounds, blocks=blocks, progress=progress)
+            after = counters(pairs, katran, maps)
+            checks = check_counters(pairs, katran, before, after, rounds * blocks * perpacket.BLOCK)
+    return {"table_entries": table, "occupancy_after_fill": occupancy, "cpu": cpu,
+            "calls_per_case": rounds * blocks * perpacket.BLOCK, "verified": verified, "checks": checks,
+            "cases": timed, "ratios": ratios(pairs, timed)}
+
+
+def build_pairs(lab: Lab, lb_prog: int, katran: Katran, client_if: int) -> list[Pair]:
+    pairs = []
+    for family in FAMILIES:
+        backends = [str(b.address6 if family == "v6" else b.address) for b in lab.backends]
+        for mode, (index, port, _) in MODES.items():
+            vip = str(lab.vip6(index) if family == "v6" else lab.vip(index))
+            katran.add_vip(vip, port, socket.IPPROTO_TCP, backends)
+            syn, ack = frame(lab, family, vip, port, "S"), frame(lab, family, vip, port, "A")
+            for path in PATHS[:3]:
+                pkt, kw = {"hit": (ack, {}),
+                           "hit_100k": (ack, {"vary": True, "flow_base": CYCLE_BASE, "flow_mod": CYCLED}),
+                           "new_flow": (syn, {"vary": True, "flow_base": NEW_BASE})}[path]
+                name = f"{family}_{mode}_{path}"
+                lb_case = Case(f"lb_{name}", lb_prog, pkt, client_if, "XDP_REDIRECT", **kw)
+                k_case = Case(f"katran_{name}", katran.prog, pkt, client_if, "XDP_TX", **kw,
+                              before_block=katran.reset_conn_rate if path == "new_flow" else None)
+                pairs.append(Pair(family, mode, path, lb_case, k_case, (vip, port)))
+        no_vip = str(lab.vip6(200) if family == "v6" else lab.vip(200))
+        pkt = frame(lab, family, no_vip, 80, "A")
+        pairs.append(Pair(family, "nat", "not_vip", Case(f"lb_{family}_not_vip", lb_prog, pkt, client_if, "XDP_PASS"),
+                          Case(f"katran_{family}_not_vip", katran.prog, pkt, client_if, "XDP_PASS"), (no_vip, 80)))
+    return pairs
+
+
+def fill(lib: ctypes.CDLL, pairs: list[Pair], katran: Katran, table: int) -> None:
+    """Both tables beyond full (every later new flow evicts), then the flows the hits use."""
+    first_new = next(p for p in pairs if p.path == "new_flow")
+    for case in (first_new.lb, first_new.katran):
+        filler = Case(f"fill_{case.name}", case.prog_fd, case.frame, case.ingress_ifindex, case.action, vary=True,
+                      flow_base=FILL_BASE, before_block=case.before_block)
+        remaining = table + table // 10
+        while remaining > 0:
+            run_block(lib, filler, min(FILL_CHUNK, remaining))
+            remaining -= FILL_CHUNK
+    for p in pairs:
+        if p.path == "hit_100k":
+            syn = next(q for q in pairs if (q.family, q.mode, q.path) == (p.family, p.mode, "new_flow"))
+            for case, new in ((p.lb, syn.lb), (p.katran, syn.katran)):
+                opener = Case(f"open_{case.name}", case.prog_fd, new.frame, case.ingress_ifindex, case.action,
+                              vary=True, flow_base=CYCLE_BASE, flow_mod=CYCLED, before_block=new.before_block)
+                for _ in range(CYCLED // FILL_CHUNK):
+                    run_block(lib, opener, FILL_CHUNK)
+        elif p.path == "hit":  # the one hot flow, opened with a SYN like any other
+            syn_frame = next(q.lb.frame for q in pairs if (q.family, q.mode, q.path) == (p.family, p.mode, "new_flow"))
+            for case in (p.lb, p.katran):
+                katran.reset_conn_rate()
+                run_xdp(case.prog_fd, syn_frame, case.ingress_ifindex)
+
+
+def verify(p: Pair, katran: Katran, maps: DataPlaneMaps, lab: Lab) -> dict:
+    """The path timed is the path named, for both programs, on a flow of the timed kind."""
+    pkt = p.lb.frame
+    if p.path == "new_flow":
+        pkt = with_flow(pkt, PROBE_FLOW)
+    elif p.path == "hit_100k":
+        pkt = with_flow(pkt, CYCLE_BASE + 12_345)
+    lb_vip = vip_id(maps, *p.vip) if p.path != "not_vip" else None
+    new0 = new_flows(maps, lb_vip, katran.cpu) if lb_vip is not None else 0
+    got = probe(p.lb.prog_fd, pkt, p.lb.ingress_ifindex)
+    new1 = new_flows(maps, lb_vip, katran.cpu) if lb_vip is not None else 0
+    want_reason = "pass_not_vip" if p.path == "not_vip" else MODES[p.mode][2]
+    lb_ok = (got.action == p.lb.action and got.reason == want_reason
+             and new1 - new0 == (1 if p.path == "new_flow" else 0))
+    katran.reset_conn_rate()
+    miss0 = katran.stat(LRU_MISS)
+    out = run_xdp(p.katran.prog_fd, pkt, p.katran.ingress_ifindex)
+    miss1 = katran.stat(LRU_MISS)
+    k_ok = out.action == p.katran.action
+    if p.path != "not_vip":
+        reals = {str(b.address6 if p.family == "v6" else b.address) for b in lab.backends}
+        k_ok = k_ok and encapsulated_to(out.packet, pkt, reals)
+        # Katran counts every SYN in v1 (it never looks a SYN up) and a missed non-SYN in v2
+        k_ok = k_ok and (miss1.v1 - miss0.v1, miss1.v2 - miss0.v2) == ((1, 0) if p.path == "new_flow" else (0, 0))
+    result = {"lb": {"action": got.action, "reason": got.reason, "new_flows": new1 - new0, "ok": lb_ok},
+              "katran": {"action": out.action, "out_len": len(out.packet), "ok": k_ok}}
+    if not (lb_ok and k_ok):
+        raise AssertionError(f"{p.family} {p.mode} {p.path}: not the path named: {result}")
+    return result
+
+
+def encapsulated_to(out: bytes, inner: bytes, reals: set[str]) -> bool:
+    """Katran's output: an IPIP (IPv6-in-IPv6) packet to one of the reals, the input's IP packet inside."""
+    if family_of(inner) == "v6":
+        outer, proto, dst = 40, out[20], socket.inet_ntop(socket.AF_INET6, out[38:54])
+        return proto == socket.IPPROTO_IPV6 and dst in reals and out[14 + outer:] == inner[14:]
+    return (out[23] == socket.IPPROTO_IPIP and socket.inet_ntoa(out[30:34]) in reals
+            and out[14 + 20:] == inner[14:])
+
+
+def vip_id(maps: DataPlaneMaps, addr: str, port: int) -> int:
+    key = structs.VipKey(addr=structs.LbAddr.of(ipaddress.ip_address(addr)), port=socket.htons(port),
+                         proto=socket.IPPROTO_TCP)
+    info = maps.vips.get(key)
+    if info is None:
+        raise LookupError(f"lb has no VIP {addr}:{port}/tcp")
+    return info.id
+
+
+def new_flows(maps: DataPlaneMaps, vip: int, cpu: int) -> int:
+    per_cpu = maps.vip_stats.get(ctypes.c_uint32(vip))
+    return per_cpu[cpu].new_flows if per_cpu else 0
+
+
+def counters(pairs: list[Pair], katran: Katran, maps: DataPlaneMaps) -> dict:
+    vips = {p.vip for p in pairs if p.path != "not_vip"}
+    return {"lb_new_flows": {v: new_flows(maps, vip_id(maps, *v), katran.cpu) for v in vips},
+            "katran_miss": katran.stat(LRU_MISS), "katran_fallback": katran.stat(FALLBACK_LRU)}
+
+
+def check_counters(pairs: list[Pair], katran: Katran, before: dict, after: dict, calls: int) -> dict:
+    """Over the timed run: every hit was a hit, every new flow a new entry, in the right table."""
+    new_cases = [p for p in pairs if p.path == "new_flow"]
+    lb_new = {f"{v[0]}:{v[1]}": after["lb_new_flows"][v] - before["lb_new_flows"][v] for v in before["lb_new_flows"]}
+    syn = after["katran_miss"].v1 - before["katran_miss"].v1
+    nonsyn = after["katran_miss"].v2 - before["katran_miss"].v2
+    fallback = after["katran_fallback"].v1 - before["katran_fallback"].v1
+    last = NEW_BASE + calls - 1
+    in_table = []
+    for p in new_cases:
+        src = ipaddress.ip_address(with_flow(p.katran.frame, last)[26:30] if p.family == "v4"
+                                   else with_flow(p.katran.frame, last)[22:38])
+        in_table.append(katran.lru_has(str(src), p.vip[0], last & 0xFFFF, p.vip[1]))
+    checks = {"lb_new_flows": lb_new, "lb_new_flows_expected_each": calls, "katran_syns": syn,
+              "katran_syns_expected": calls * len(new_cases), "katran_nonsyn_misses": nonsyn,
+              "katran_fallback_used": fallback, "katran_last_new_flows_in_table": all(in_table)}
+    ok = (all(v == calls for v in lb_new.values()) and syn == calls * len(new_cases) and nonsyn == 0
+          and fallback == 0 and all(in_table))
+    if not ok:
+        raise AssertionError(f"counters over the timed run do not match the cases: {checks}")
+    return checks
+
+
+def ratios(pairs: list[Pair], timed: dict) -> dict:
+    """lb / Katran, per round (the same round's net figures), then median, min and max."""
+    out = {}
+    for p in pairs:
+        lb_r, k_r = timed[p.lb.name]["net_ns_rounds"], timed[p.katran.name]["net_ns_rounds"]
+        per_round = [a / b for a, b in zip(lb_r, k_r) if b > 0]
+        name = f"{p.family}_{p.path}" if p.path == "not_vip" else f"{p.family}_{p.mode}_{p.path}"
+        out[name] = {"lb_ns": timed[p.lb.name]["median_ns"], "katran_ns": timed[p.katran.name]["median_ns"],
+                     "ratio": statistics.median(per_round) if per_round else None,
+                     "ratio_min": min(per_round, default=None), "ratio_max": max(per_round, default=None),
+                     "path": p.path}
+    return out
+
+
+def katran_key_size() -> int:
+    from bench.katran import FlowKey
+    return ctypes.sizeof(FlowKey)
+
+
+def count_entries(fd: int, key_size: int, chunk: int = 8192) -> int:
+    """Entries in a hash map, by batch lookup (values not kept)."""
+    info = bpfsys.map_info(fd)
+    keys = (ctypes.c_uint8 * (key_size * chunk))()
+    values = (ctypes.c_uint8 * (info.value_size * chunk))()
+    total, in_batch, out_batch = 0, None, ctypes.c_uint32()
+    while True:
+        n, done = bpfsys.map_lookup_batch(fd, keys, values, chunk, in_batch, out_batch)
+        total += n
+        if done:
+            return total
+        in_batch = ctypes.c_uint32(out_batch.value)
+
+
+def verdicts(result: dict | None, targets: dict) -> list[tuple[str, float | None, str, float, bool]]:
+    """One row per compared path: lb/Katran at most the target (a missing comparison is not a row)."""
+    if not result:
+        return []
+    rows = []
+    for name, r in result["ratios"].items():
+        limit = targets.get(r["path"])
+        if limit is not None:
+            v = r["ratio"]
+            rows.append((f"lb/Katran {name}", v, "<=", limit, v is not None and v <= limit))
+    return rows
+
+
+def print_table(result: dict, log: Callable[[str], None]) -> None:
+    log(f"  lb beside Katran, one run, both tables full ({result['table_entries']:,} entries; after the fill "
+        f"lb {result['occupancy_after_fill']['lb']:,}, Katran {result['occupancy_after_fill']['katran']:,}), "
+        f"net ns, {result['calls_per_case']:,} calls per case:")
+    for name, r in result["ratios"].items():
+        log(f"    {name:<22} Katran {r['katran_ns']:>7.0f}  lb {r['lb_ns']:>7.0f}  lb/Katran {r['ratio']:.2f} "
+            f"[{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]")
