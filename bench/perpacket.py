@@ -31,8 +31,6 @@ HERE = Path(__file__).parent
 BLOCK = 1000
 MODE_PORT = 8080  # dsr and tunnel VIPs of the bench lab: backends listen on the VIP's own port
 ACTIONS = {"XDP_DROP": 1, "XDP_PASS": 2, "XDP_TX": 3, "XDP_REDIRECT": 4}
-# Katran, timed with this method on this kind of machine (IPv4, one VIP, three backends).
-KATRAN_NS = {"hit": 164, "hit_100k": 592, "new_flow": 851, "not_vip": 58}
 
 
 def build_loop() -> ctypes.CDLL:

@@ -8,7 +8,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.perpacket import KATRAN_NS  # noqa: E402
 
 
 def _bars(ax, labels, values, errors=None, color="tab:blue", offset=0.0, width=0.38, label=None):
@@ -34,7 +33,27 @@ def plot_all(results: dict, targets: dict, out_dir: Path) -> list[str]:
         written.append(_endtoend(results, out_dir))
     if "scaling" in results:
         written.append(_scaling(results, out_dir))
+    if "katran" in results:
+        written.append(_katran(results["katran"], out_dir))
     return written
+
+
+def _katran(side: dict, out_dir: Path) -> str:
+    """lb and Katran in the same run, every compared path, with the lb/Katran ratio over each pair."""
+    names = list(side["ratios"])
+    r = side["ratios"]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    _bars(ax, names, [r[n]["katran_ns"] for n in names], None, "tab:gray", -0.2, label="Katran")
+    _bars(ax, names, [r[n]["lb_ns"] for n in names], None, "tab:blue", 0.2, label="lb")
+    for i, n in enumerate(names):
+        top = max(r[n]["katran_ns"], r[n]["lb_ns"])
+        ax.annotate(f"{r[n]['ratio']:.2f}", (i, top), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("net ns per packet (minus XDP_DROP)")
+    ax.set_title(f"lb beside Katran, one run, both connection tables full ({side['table_entries']:,} entries); "
+                 "label: lb/Katran", fontsize=9)
+    ax.legend()
+    return _save(fig, out_dir, "katran.png")
 
 
 def _perpacket(results: dict, targets: dict, out_dir: Path) -> str:
@@ -43,8 +62,7 @@ def _perpacket(results: dict, targets: dict, out_dir: Path) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
     ours = [pp[p]["median_ns"] for p in paths]
     err = [[pp[p]["median_ns"] - pp[p]["min_ns"] for p in paths], [pp[p]["max_ns"] - pp[p]["median_ns"] for p in paths]]
-    _bars(ax, paths, ours, err, "tab:blue", -0.2, label="lb (this run)")
-    _bars(ax, paths, [KATRAN_NS[p] for p in paths], None, "tab:gray", 0.2, label="Katran (same method)")
+    _bars(ax, paths, ours, err, "tab:blue", 0.0, label="lb (this run)")
     for i, p in enumerate(paths):
         ax.hlines(targets["perpacket_net_ns"][p], i - 0.4, i + 0.4, colors="tab:red", linestyles="dashed",
                   label="target" if i == 0 else None)

@@ -114,7 +114,7 @@ def run(lab: Lab, lb_prog: int, pin_dir: str, drop: Case, katran_path: Path, qui
             verified = {f"{p.family}_{p.mode}_{p.path}": verify(p, katran, maps, lab) for p in pairs}
             cases = [c for p in pairs for c in (p.lb, p.katran)]
             before = counters(pairs, katran, maps)
-            rounds, blocks = (2, 2) if quick else (5, 10)
+            rounds, blocks = (2, 2) if quick else (7, 20)
             timed = perpacket.measure(cases, drop, rounds=rounds, blocks=blocks, progress=progress)
             after = counters(pairs, katran, maps)
             checks = check_counters(pairs, katran, before, after, rounds * blocks * perpacket.BLOCK)
