@@ -294,7 +294,8 @@ def summary(results: dict) -> None:
         log("  delivered Mpps: " + ", ".join(f"{k} {v['median'] / 1e6:.2f}" for k, v in e["rate"].items()
                                              if isinstance(v, dict)))
         log(f"  CPU ns/packet at 300 kpps (busy time from {', '.join(e['cpu']['busy_source'])}): " + ", ".join(
-            f"{n} {e['cpu'][n]['median']:.0f}" for n in ("xdp_lb", "nftables", "bare_redirect")))
+            f"{n} {e['cpu'][n]['median']:.0f}" if e["cpu"][n] else f"{n} not above the floor"
+            for n in ("xdp_lb", "nftables", "bare_redirect")))
     if "http" in results:
         h = results["http"]
         log("  HTTP req/s (wrk): " + ", ".join(f"{n} {h[n]['requests_per_s']['median']:.0f} "

@@ -170,15 +170,23 @@ def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: f
 
     out: dict = {"rate": {n: med([r["delivered_pps"] for r in v]) | {"lost_max": max(r["lost"] for r in v)}
                           for n, v in rates.items()}}
-    # Per repetition: (busy(config) - busy(ingress drop)) / delivered(config)
-    ns_per_packet: dict[str, list[float]] = {"xdp_lb": [], "nftables": [], "bare_redirect": []}
+    # Per repetition: (busy(config) - busy(ingress drop)) / delivered(config). A repetition where a
+    # configuration was not busier than the drop floor measured noise (other load on the machine),
+    # not a free LB: it gives no figure (None), and no ratio.
+    ns_per_packet: dict[str, list[float | None]] = {"xdp_lb": [], "nftables": [], "bare_redirect": []}
     for i in range(reps):
         base = cpu["ingress_drop"][i]["busy_s"]
         for name in ns_per_packet:
             m = cpu[name][i]
-            ns_per_packet[name].append(max(0.0, m["busy_s"] - base) / max(1, m["delivered"]) * 1e9)
-    ratios = [x / n for x, n in zip(ns_per_packet["xdp_lb"], ns_per_packet["nftables"]) if n > 0]
-    out["cpu"] = {n: med(v) for n, v in ns_per_packet.items()} | {
+            net = m["busy_s"] - base
+            ns_per_packet[name].append(net / max(1, m["delivered"]) * 1e9 if net > 0 else None)
+    ratios = [x / n for x, n in zip(ns_per_packet["xdp_lb"], ns_per_packet["nftables"]) if x and n]
+
+    def med_or_none(values: list[float | None]) -> dict[str, float] | None:
+        kept = [v for v in values if v is not None]
+        return med(kept) | {"reps_below_floor": len(values) - len(kept)} if kept else None
+
+    out["cpu"] = {n: med_or_none(v) for n, v in ns_per_packet.items()} | {
         "xdp_over_nft_ratio": med(ratios) if ratios else None,
         "offered_pps": cpu_pps, "window_s": cpu_seconds,
         "busy_source": sorted({m["busy_source"] for v in cpu.values() for m in v}),

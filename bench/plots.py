@@ -47,7 +47,8 @@ def _katran(side: dict, out_dir: Path) -> str:
     _bars(ax, names, [r[n]["lb_ns"] for n in names], None, "tab:blue", 0.2, label="lb")
     for i, n in enumerate(names):
         top = max(r[n]["katran_ns"], r[n]["lb_ns"])
-        ax.annotate(f"{r[n]['ratio']:.2f}", (i, top), ha="center", va="bottom", fontsize=8)
+        label = "-" if r[n]["ratio"] is None else f"{r[n]['ratio']:.2f}"
+        ax.annotate(label, (i, top), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("net ns per packet (minus XDP_DROP)")
     ax.set_title(f"lb beside Katran, one run, both connection tables full ({side['table_entries']:,} entries); "
@@ -80,7 +81,7 @@ def _endtoend(results: dict, out_dir: Path) -> str:
     a1.bar(names, [e2e["rate"][n]["median"] / 1e6 for n in names], color=colors)
     a1.set_ylabel("Mpps delivered to the backends")
     a1.set_title("Full speed, 60-byte UDP, 1,024 flows")
-    a2.bar(names, [e2e["cpu"][n]["median"] for n in names], color=colors)
+    a2.bar(names, [e2e["cpu"][n]["median"] if e2e["cpu"][n] else 0 for n in names], color=colors)
     a2.set_ylabel("CPU ns per forwarded packet")
     a2.set_title(f"CPU at {e2e['cpu']['offered_pps'] // 1000} kpps")
     web = results.get("http")
