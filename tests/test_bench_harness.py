@@ -133,3 +133,17 @@ def test_katran_map_layouts_match_katrans_structs():
     sizes = {katran.VipDefinition: 20, katran.VipMeta: 8, katran.RealDefinition: 20, katran.FlowKey: 40,
              katran.RealPosLru: 16, katran.Stat: 16}
     assert {t: ctypes.sizeof(t) for t in sizes} == sizes
+
+
+def test_a_ratio_needs_net_figures_above_the_floor_in_most_rounds():
+    from bench.perpacket import Case
+    from bench.sidebyside import Pair, ratios
+    pairs = [Pair("v4", "nat", path, Case(f"lb_{path}", 0, b"", 0, "XDP_PASS"),
+                  Case(f"katran_{path}", 0, b"", 0, "XDP_PASS"), ("198.19.0.1", 80)) for path in ("hit", "not_vip")]
+    timed = {"lb_hit": {"median_ns": 50, "net_ns_rounds": [50, 40, 60]},
+             "katran_hit": {"median_ns": 100, "net_ns_rounds": [100, 100, 100]},
+             "lb_not_vip": {"median_ns": 1, "net_ns_rounds": [5, -3, -1]},
+             "katran_not_vip": {"median_ns": 20, "net_ns_rounds": [20, 22, 18]}}
+    out = ratios(pairs, timed)
+    assert out["v4_nat_hit"]["ratio"] == 0.5 and out["v4_nat_hit"]["ratio_min"] == 0.4
+    assert out["v4_not_vip"]["ratio"] is None
