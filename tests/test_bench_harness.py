@@ -147,3 +147,21 @@ def test_a_ratio_needs_net_figures_above_the_floor_in_most_rounds():
     out = ratios(pairs, timed)
     assert out["v4_nat_hit"]["ratio"] == 0.5 and out["v4_nat_hit"]["ratio_min"] == 0.4
     assert out["v4_not_vip"]["ratio"] is None
+
+
+def test_cpu_per_packet_not_above_the_drop_floor_is_not_a_figure():
+    """On a saturated machine every configuration reads as busy as the floor: no free LB, no ratio."""
+    from bench import endtoend
+
+    class Saturated:
+        def rate(self, name, n):
+            return {"offered_pps": 1e6, "delivered_pps": 1e6, "lost": 0}
+
+        def cpu_per_packet(self, name, pps, seconds):
+            busy = {"nftables": 6.5}.get(name, 6.0)
+            return {"busy_s": busy, "delivered": 900_000, "sent": 900_000, "elapsed_s": 3, "busy_source": "proc_stat"}
+
+    cpu = endtoend.run(Saturated(), reps=2, rate_packets=1, cpu_pps=1, cpu_seconds=1, progress=lambda _: None)["cpu"]
+    assert cpu["xdp_lb"] is None and cpu["xdp_over_nft_ratio"] is None
+    assert cpu["nftables"]["median"] == pytest.approx(0.5 / 900_000 * 1e9)
+    assert cpu["busy_source"] == ["proc_stat"]
