@@ -13,7 +13,8 @@ test: setup
 fuzz: setup
 	LB_FUZZ_EXAMPLES=$${LB_FUZZ_EXAMPLES:-100000} $(PY) -m pytest -q tests/test_fuzz.py
 
-# Benchmarks (about 5 minutes): bench/results.json, docs/*.png, a summary with PASS/FAIL.
+# Benchmarks (about 8 minutes; LB_BENCH_QUICK=1 for a smoke run): bench/results.json, docs/*.png, a summary
+# with PASS/FAIL, lb beside Katran when its object is present (LB_BENCH_KATRAN=PATH or the shared path).
 bench: setup
 	$(PY) -m bench
 

@@ -2,7 +2,9 @@
 
 Writes bench/results.json and docs/*.png, and prints a summary with PASS/FAIL
 against bench/targets.json. Options come from the environment:
-LB_BENCH_QUICK=1 runs a short version (for a smoke test, not for figures)."""
+LB_BENCH_QUICK=1 runs a short version (for a smoke test, not for figures); LB_BENCH_KATRAN=PATH names
+Katran's balancer.bpf.o for the side-by-side comparison (default: the shared reference copy, if present);
+LB_BENCH_BUSY=proc_stat takes CPU busy time from /proc/stat even where cpuidle residency exists."""
 from __future__ import annotations
 
 import contextlib
