@@ -6,8 +6,10 @@ PY := .venv/bin/python
 setup:
 	@bash setup.sh
 
+# Modules run in parallel (each module's lab stays in one worker; labs carry per-run prefixes).
+# LB_TEST_WORKERS=0 runs them one after another.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $${LB_TEST_WORKERS:-3} --dist loadfile --durations=15 tests
 
 # Differential fuzzing of the data plane against its reference model, full budget.
 fuzz: setup
