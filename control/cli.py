@@ -91,8 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "packets addressed to this host")
     d_sub = d.add_subparsers(dest="decap_command", required=True, parser_class=_Parser)
     a = d_sub.add_parser("attach", help="load the decapsulation program on an interface; on one where it is "
-                                        "attached, take the host's addresses again (after adding one)")
+                                        "attached, take the host's addresses, VIPs and sources again")
     a.add_argument("interface", metavar="IFACE")
+    a.add_argument("--vip", action="append", default=[], metavar="ADDR",
+                   help="a VIP this host serves (repeatable; default: the addresses held on lo): tunnel packets "
+                        "for any other inner destination are dropped")
+    a.add_argument("--source", action="append", default=[], metavar="PREFIX",
+                   help="accept tunnel packets only from this outer source prefix (repeatable; default: any)")
     a.add_argument("--hook", choices=("xdp", "tc"), default="xdp",
                    help="xdp (native, default), or tc (ingress; for interfaces without native XDP)")
     a.add_argument("--json", action="store_true", help="print JSON")
@@ -174,10 +179,16 @@ def format_stats(data: dict[str, Any]) -> str:
 def format_decap(r: dict[str, Any]) -> str:
     if "packets" in r:
         where = ", ".join(f"{i} ({h})" for i, h in sorted(r["interfaces"].items())) or "no interface"
-        return f"decapsulating on: {where}\n" + _table([["FAMILY", "DECAPSULATED"], *r["packets"].items()])
+        return (f"decapsulating on: {where}\n" + _table([["FAMILY", "DECAPSULATED"], *r["packets"].items()]) +
+                "\n\n" + _table([["REFUSED", "DROPPED"], *r["refused"].items()]))
     if "addresses" in r:
         again = "still " if r.get("resynced") else ""
-        return f"{again}decapsulating on {r['interface']} ({r['hook']}) for this host's {r['addresses']} address(es)"
+        sources = f"{r['sources']} source prefix(es)" if r["sources"] else "any source"
+        line = (f"{again}decapsulating on {r['interface']} ({r['hook']}) for this host's {r['addresses']} "
+                f"address(es), {r['vips']} VIP(s), from {sources}")
+        if not r["vips"]:
+            line += "\nwarning: no VIP held on lo and none given (--vip): every tunnel packet is dropped"
+        return line
     return f"stopped decapsulating on {r['interface']}"
 
 
@@ -335,11 +346,12 @@ def run_decap(args: argparse.Namespace) -> dict[str, Any]:
     try:
         match args.decap_command:
             case "attach":
-                return lb_decap.attach(args.interface, args.hook)
+                return lb_decap.attach(args.interface, args.hook, lb_decap.parse_addresses(args.vip),
+                                       lb_decap.parse_prefixes(args.source))
             case "detach":
                 return lb_decap.detach(args.interface)
         found = lb_decap.stats()
-        return {"interfaces": found.interfaces, "packets": found.packets}
+        return {"interfaces": found.interfaces, "packets": found.packets, "refused": found.refused}
     except (lb_decap.DecapError, UnknownInterface) as e:
         raise InputError(str(e)) from None
 
