@@ -15,6 +15,8 @@ import sqlite3
 import time
 from typing import Any, Iterator, Protocol
 
+from lb.pins import STATE_DIR
+from lb.private import private_dir, private_file, tighten_if_present
 from control.model import (BackendAddress, BackendState, DataPlaneState, HealthCheck, Interface, State,
                            VipAddress, VipState)
 
@@ -85,7 +87,12 @@ class SqliteStore:
         self.timeout = timeout
 
     def _connect(self) -> sqlite3.Connection:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        # Root's alone: SQLite gives its -wal and -shm the database's own mode; older files are tightened.
+        directory = os.path.dirname(os.path.abspath(self.path))
+        private_dir(directory, own=directory == STATE_DIR)
+        private_file(self.path)
+        for suffix in ("-wal", "-shm"):
+            tighten_if_present(self.path + suffix)
         conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         # Switching a new file to WAL takes an exclusive lock and SQLite does not wait for it
         # (no busy handler): commands racing to create the state retry, bounded by the timeout.

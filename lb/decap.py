@@ -24,6 +24,7 @@ from lb.loader import (BPF_DIR, XDP_FLAGS_DRV_MODE, LoadError, attached_prog_id,
                        interface_index)
 from lb.maps import U32, U64, BpfMap
 from lb.pins import Instance, stable_bpffs
+from lb.private import private_dir
 from lb.structs import IPAddress, LbAddr, RouteKey
 
 HOOKS = ("xdp", "tc")
@@ -57,7 +58,8 @@ def attached_interfaces(directory: str | None = None) -> dict[str, str]:
 
 def load(directory: str, hook: str) -> int:
     """A fresh program fd; the maps are created, or adopted, at their pins."""
-    os.makedirs(directory, exist_ok=True)
+    private_dir(os.path.dirname(directory))  # <bpffs>/lb-decap
+    private_dir(directory)
     function = b"xdp_decap" if hook == "xdp" else b"tc_decap"
     fds = compile_programs(BPF_DIR / "decap.c", [f"-I{BPF_DIR}", f'-DDECAP_PIN_DIR="{directory}"'],
                            {function: "XDP" if hook == "xdp" else "SCHED_CLS"}, "the decapsulation program")

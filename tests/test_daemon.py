@@ -8,7 +8,10 @@ import json
 import os
 import re
 import signal
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -336,3 +339,47 @@ def test_metrics_address_is_parsed(text, expected):
 def test_bad_metrics_address_is_refused(text):
     with pytest.raises(InputError, match="expected ADDR:PORT"):
         parse_listen(text)
+
+
+CONNECT_AS_NOBODY = """
+import os, socket, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+try:
+    s.connect(sys.argv[1])
+except PermissionError:
+    print("refused by mode"); sys.exit(0)
+try:
+    s.sendall(b"GET /v1/daemon HTTP/1.1\\r\\nHost: lb\\r\\n\\r\\n")
+    answer = s.recv(4096)
+except ConnectionError:  # closed before or while it spoke
+    answer = b""
+print("answered" if answer else "closed unanswered")
+"""
+
+
+def connect_as_nobody(path: str) -> str:
+    proc = subprocess.run(["/usr/bin/python3", "-I", "-c", CONNECT_AS_NOBODY, path], capture_output=True,
+                          text=True, timeout=30, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_api_refuses_a_peer_that_is_not_root():
+    """Mode 0600 keeps others off the socket; were it opened up, the peer credentials still refuse them."""
+    directory = tempfile.mkdtemp(prefix="lb-api-")  # under /tmp: nobody can reach it once it is 0755
+    path = os.path.join(directory, "api.sock")
+    described = []
+    server = ApiServer(path, lambda c, p: {}, lambda: described.append(1) or {"pid": os.getpid()})
+    server.serve_in_thread()
+    try:
+        os.chmod(directory, 0o755)
+        assert connect_as_nobody(path) == "refused by mode"
+        os.chmod(path, 0o666)  # only the peer-credential check is left
+        assert connect_as_nobody(path) == "closed unanswered"
+        assert not described
+        assert ApiClient(path, timeout=10).describe() == {"pid": os.getpid()}  # root is answered
+    finally:
+        server.close()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -6,6 +6,7 @@ Backend b1 decapsulates with XDP, b2 with the TC fallback."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from typing import Callable, Iterator
 
@@ -164,6 +165,15 @@ def test_decap_stats_show_hooks(lab: Lab):
     listed = run_lbctl(lab.backends[1].ns, "decap", "stats").stdout
     assert "eth0 (tc)" in listed
     assert run_lbctl(lab.backends[0].ns, "decap", "stats", "--json").json()["interfaces"] == {"eth0": "xdp"}
+
+
+def test_decap_pins_are_root_only(lab: Lab):
+    directory = os.path.join("/run/lb/bpffs/lb-decap", lab.backends[0].ns)
+    assert {n for n in os.listdir(directory)} >= {"decap_addrs", "decap_vips", "decap_sources", "decap_stats"}
+    for path in (os.path.dirname(directory), directory):
+        assert os.stat(path).st_mode & 0o777 == 0o700, path
+    for name in os.listdir(directory):
+        assert os.stat(os.path.join(directory, name)).st_mode & 0o777 == 0o600, name
 
 
 def test_decap_refuses_to_replace_another_xdp_program(lab: Lab):
