@@ -10,7 +10,7 @@ import sys
 from typing import Any, NoReturn
 
 from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError
-from control.model import HASHES, MODES, is_whole_number
+from control.model import ALL_DOWN, HASHES, MODES, is_whole_number
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--hash", choices=HASHES, default="flow",
                    help="what picks the backend: the whole flow (default), or the client's address alone "
                         "(session affinity)")
+    v.add_argument("--all-down", choices=ALL_DOWN, default="open",
+                   help="when every backend fails its health check: open (default) keeps sending new flows to "
+                        "all of them (a broken check must not take the service down); closed drops them")
     v = sub.add_parser("remove-vip", help="remove a VIP and all its backends")
     v.add_argument("vip", metavar="VIP")
 
@@ -249,7 +252,8 @@ def format_status(data: dict[str, Any]) -> str:
         return "no VIPs"
     rows: list[list[Any]] = [["VIP", "BACKEND", "HEALTH", "WEIGHT", "NEW FLOWS", "CONNECTIONS"]]
     for v in data["vips"]:
-        rows.append([v["vip"], "-" if not v["backends"] else "", f"(check: {v['health_check']})", "", "", ""])
+        check = f"(check: {v['health_check']})" + (" ALL DOWN: failing open" if v["failing_open"] else "")
+        rows.append([v["vip"], "-" if not v["backends"] else "", check, "", "", ""])
         rows.extend(["", b["backend"], b["health"], b["weight"], "yes" if b["serving"] else "no", b["connections"]]
                     for b in v["backends"])
     return _table(rows) + "\n" + data["connections_note"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from control.errors import InputError, LbError
 from control import config as declarative
-from control.model import (HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
+from control.model import (ALL_DOWN, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
                            VipAddress, VipState, format_endpoint, parse_prefix)
 from control.reconcile import Reconciler
 from control.routes import solicit_neighbour, sync_routes
@@ -29,6 +30,8 @@ from lb.pins import Instance
 from lb.probe import probe
 from lb.refmodel import DataPlaneModel, Parsed
 from lb.structs import MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
+
+log = logging.getLogger("lb.service")
 
 T = TypeVar("T")
 
@@ -154,19 +157,22 @@ class Controller:
 
     # --- VIPs and backends -----------------------------------------------------
 
-    def add_vip(self, vip_text: str, mode: str = "nat", hash_on: str = "flow") -> dict[str, Any]:
+    def add_vip(self, vip_text: str, mode: str = "nat", hash_on: str = "flow",
+                all_down: str = "open") -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
         if hash_on not in HASHES:
             raise InputError(f"unknown hash {hash_on!r} (expected one of: {', '.join(HASHES)})")
+        if all_down not in ALL_DOWN:
+            raise InputError(f"unknown all-down choice {all_down!r} (expected one of: {', '.join(ALL_DOWN)})")
 
         def change(state: State) -> dict[str, Any]:
             if state.vip(vip) is not None:
                 raise InputError(f"VIP {vip} already exists")
             free = state.allocate_vip_id()
-            state.vips.append(VipState(vip, free, mode, hash=hash_on))
-            return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on}
+            state.vips.append(VipState(vip, free, mode, hash=hash_on, all_down=all_down))
+            return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on, "all_down": all_down}
 
         return self._change(change)
 
@@ -265,14 +271,23 @@ class Controller:
         if current is None or current.healthy == healthy:
             return False
 
+        turned: list[VipState] = []  # the VIP, if this verdict starts or ends its failing open
+
         def change(state: State) -> bool:
             b = find(state)
             if b is None or b.healthy == healthy:
                 return False
+            v = next(v for v in state.vips if v.id == vip_id)
+            was_open = v.failing_open
             b.healthy = healthy
+            if v.failing_open != was_open:
+                turned.append(v)
             return True
 
-        return self._change(change)
+        changed = self._change(change)
+        for v in turned:  # said once the change is in the maps
+            _log_fail_open(v)
+        return changed
 
     # --- the whole configuration at once -------------------------------------------
 
@@ -337,8 +352,9 @@ class Controller:
                 health = ("removed" if not b.active else "unchecked" if not v.health.enabled
                           else "up" if b.healthy else "down")
                 backends.append({"backend": str(b.address), "id": b.id, "weight": b.weight, "health": health,
-                                 "serving": b.serving, "connections": connections.get(b.id, 0)})
-            vips.append({"vip": str(v.vip), "mode": v.mode, "health_check": v.health.kind, "backends": backends})
+                                 "serving": v.takes_new_flows(b), "connections": connections.get(b.id, 0)})
+            vips.append({"vip": str(v.vip), "mode": v.mode, "health_check": v.health.kind, "all_down": v.all_down,
+                         "failing_open": v.failing_open, "backends": backends})
         return {"vips": vips,
                 "connections_note": "connections = connection-table entries, which include closed connections "
                                     "the LRU table has not evicted yet"}
@@ -464,3 +480,11 @@ class Controller:
             return prog_id(fd)
         finally:
             os.close(fd)
+
+
+def _log_fail_open(v: VipState) -> None:
+    if v.failing_open:
+        log.warning("VIP %s: every backend fails its health check; failing open: new flows go to all %d of them "
+                    "(all_down: open)", v.vip, len(v.maglev_backends()))
+    else:
+        log.warning("VIP %s: a backend passes its health check again; no longer failing open", v.vip)

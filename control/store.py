@@ -46,6 +46,7 @@ def state_to_doc(state: State) -> dict[str, Any]:
                 "hash": v.hash,
                 "acl": v.acl,
                 "health": vars(v.health),
+                "all_down": v.all_down,
                 "backends": [
                     {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
                      "retired_at": b.retired_at, "healthy": b.healthy}
@@ -68,7 +69,8 @@ def state_from_doc(doc: dict[str, Any]) -> State:
             for b in v["backends"]
         ]
         health = HealthCheck(**v.get("health", {}))  # documents from before health checks have none
-        vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow"), v.get("acl", {}), health))
+        vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow"), v.get("acl", {}), health,
+                             v.get("all_down", "open")))
     dataplane = None
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
