@@ -261,28 +261,34 @@ class Controller:
         return self._change_backend(vip_text, backend_text, weigh)
 
     def set_health(self, vip_id: int, backend_id: int, healthy: bool) -> bool:
-        """Record a health checker's verdict; True if it changed the state (and the Maglev table).
-        A backend removed or re-checked meanwhile is left alone."""
-        def find(state: State) -> BackendState | None:
-            return next((b for v in state.vips if v.id == vip_id for b in v.backends
-                         if b.id == backend_id and b.active), None)
+        """Record a health checker's verdict; True if it changed the state (and the Maglev table)."""
+        return bool(self.set_health_many([(vip_id, backend_id, healthy)]))
 
-        current = find(self.store.read())
-        if current is None or current.healthy == healthy:
-            return False
+    def set_health_many(self, verdicts: list[tuple[int, int, bool]]) -> int:
+        """Record health checkers' verdicts (vip id, backend id, healthy) as one change, so one
+        reconcile however many; returns how many changed the state. A backend removed or
+        re-checked meanwhile is left alone."""
+        def found(state: State) -> list[tuple[VipState, BackendState, bool]]:
+            vips = {v.id: v for v in state.vips}
+            out = []
+            for vip_id, backend_id, healthy in verdicts:
+                v = vips.get(vip_id)
+                b = next((b for b in v.backends if b.id == backend_id and b.active), None) if v else None
+                if b is not None and b.healthy != healthy:
+                    out.append((v, b, healthy))
+            return out
 
-        turned: list[VipState] = []  # the VIP, if this verdict starts or ends its failing open
+        if not found(self.store.read()):
+            return 0
+        turned: list[VipState] = []  # VIPs these verdicts start or end failing open
 
-        def change(state: State) -> bool:
-            b = find(state)
-            if b is None or b.healthy == healthy:
-                return False
-            v = next(v for v in state.vips if v.id == vip_id)
-            was_open = v.failing_open
-            b.healthy = healthy
-            if v.failing_open != was_open:
-                turned.append(v)
-            return True
+        def change(state: State) -> int:
+            changes = found(state)
+            was_open = {v.id: v.failing_open for v, _, _ in changes}
+            for _, b, healthy in changes:
+                b.healthy = healthy
+            turned.extend({v.id: v for v, _, _ in changes if v.failing_open != was_open[v.id]}.values())
+            return len(changes)
 
         changed = self._change(change)
         for v in turned:  # said once the change is in the maps
