@@ -141,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("daemon", help="run in the foreground: serve lbctl over --api-socket, keep the data plane "
                                       "in line with the state, export metrics")
     d.add_argument("--config", metavar="FILE", help="declarative configuration to apply (again on SIGHUP)")
-    d.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics")
+    d.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics; bind a loopback address, as in "
+                        "127.0.0.1:9464 (a wildcard, 0.0.0.0 or [::], is refused without --metrics-public)")
+    d.add_argument("--metrics-public", action="store_true",
+                   help="allow --metrics on a wildcard address: every VIP and backend and their health, to anyone "
+                        "who reaches the host")
     d.add_argument("--log-format", choices=("text", "json"), default="text")
     return p
 

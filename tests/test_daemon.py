@@ -11,6 +11,7 @@ import signal
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -339,6 +340,24 @@ def test_metrics_address_is_parsed(text, expected):
 def test_bad_metrics_address_is_refused(text):
     with pytest.raises(InputError, match="expected ADDR:PORT"):
         parse_listen(text)
+
+
+@pytest.mark.parametrize("text", ["0.0.0.0:9464", "[::]:9464", "[0:0::0]:9464"])
+def test_a_wildcard_metrics_address_needs_metrics_public(text):
+    with pytest.raises(InputError, match="every interface.*--metrics-public"):
+        parse_listen(text)
+    assert parse_listen(text, public=True)[1] == 9464
+
+
+def test_daemon_refuses_a_wildcard_metrics_address_in_one_line(tmp_path):
+    """Exit 2 and one line, before the daemon takes its socket or touches any state."""
+    state, sock = tmp_path / "state.db", tmp_path / "api.sock"
+    proc = subprocess.run([str(Path(sys.executable).parent / "lbctl"), "--state", str(state), "--api-socket",
+                           str(sock), "daemon", "--metrics", "0.0.0.0:9464"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--metrics-public" in proc.stderr, proc.stderr
+    assert not sock.exists() and not state.exists()
 
 
 CONNECT_AS_NOBODY = """
