@@ -27,6 +27,7 @@ from control.commands import CHANGES, dispatch
 from control.config import read_text
 from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError
 from control.health import HealthMonitor
+from control.logescape import escape
 from control.metrics import Metrics
 from control.model import is_whole_number
 from control.service import Controller
@@ -46,8 +47,10 @@ class _JsonFormatter(logging.Formatter):
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        fields = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in getattr(record, "fields", {}).items())
-        return f"{stamp} {record.levelname.lower()} {record.getMessage()}" + (f" {fields}" if fields else "")
+        fields = " ".join(f"{escape(str(k))}={json.dumps(v, default=str)}"
+                          for k, v in getattr(record, "fields", {}).items())
+        # the message may quote a name or a path from the API or a file: one record, one line
+        return f"{stamp} {record.levelname.lower()} {escape(record.getMessage())}" + (f" {fields}" if fields else "")
 
 
 def make_logger(log_format: str) -> logging.Logger:

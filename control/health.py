@@ -309,12 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import signal
 
+    from control.logescape import EscapingFormatter
     from control.service import Controller
 
     parser = argparse.ArgumentParser(prog="python -m control.health", description=main.__doc__)
     parser.add_argument("--state", default=os.environ.get("LBCTL_STATE"), help="desired-state file, as for lbctl")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

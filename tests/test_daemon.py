@@ -360,6 +360,54 @@ def test_daemon_refuses_a_wildcard_metrics_address_in_one_line(tmp_path):
     assert not sock.exists() and not state.exists()
 
 
+FORGED = "b1\n2026-01-01T00:00:00 error forged line\r\x1b[2Jand\u2028more"
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_name_with_a_newline_or_control_character_cannot_forge_a_log_line(log_format):
+    """Names, paths and values from the API or files reach the logs in messages, fields and
+    exceptions: each record stays one line, with the characters escaped."""
+    import io
+    import logging
+
+    from control.daemon import _event, make_logger
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    out = io.StringIO()
+    try:
+        log = make_logger(log_format)
+        root.handlers[0].stream = out
+        _event(log, f"cannot read {FORGED}", logging.ERROR, config=FORGED, **{FORGED: 1})
+        logging.getLogger("lb.health").warning("backend %s of %s is down (%s)", FORGED, "v", FORGED)
+        try:
+            raise ValueError(FORGED)
+        except ValueError:
+            log.exception("failed: %s", FORGED)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = out.getvalue().split("\n")
+    assert lines[-1] == "" and len(lines) == 4, lines
+    for line in lines[:-1]:
+        assert not any(ord(c) < 0x20 or c in "\x7f\u2028\u2029" for c in line), line
+        assert "forged line" in line
+        if log_format == "json":
+            assert FORGED in json.loads(line)["msg"]  # the whole text, once decoded
+        else:
+            assert "b1\\n2026-01-01T00:00:00 error forged line\\r\\x1b[2Jand\\u2028more" in line
+
+
+def test_the_standalone_monitors_formatter_escapes_too():
+    import logging
+
+    from control.logescape import EscapingFormatter
+
+    record = logging.LogRecord("lb.health", logging.WARNING, __file__, 1, "backend %s is down", (FORGED,), None)
+    line = EscapingFormatter("%(name)s %(message)s").format(record)
+    assert line == "lb.health backend b1\\n2026-01-01T00:00:00 error forged line\\r\\x1b[2Jand\\u2028more is down"
+
+
 CONNECT_AS_NOBODY = """
 import os, socket, sys
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
