@@ -122,11 +122,6 @@ async def check(t: Target, deadline: float | None = None) -> CheckResult:
         sock.close()
 
 
-def run_check(t: Target) -> CheckResult:
-    """One check, from code without an event loop."""
-    return asyncio.run(check(t))
-
-
 class CheckRunner:
     """An event loop on its own thread that runs checks as they are submitted. Create it on a
     thread inside the LB's namespace: its thread, and so its sockets, are in that namespace."""

@@ -125,6 +125,9 @@ def sync_addresses(directory: str, vips: Sequence[IPAddress] | None = None,
         addresses = local_addresses(ipr)
         served = set(vips) if vips else loopback_vips(ipr)
     prefixes = list(sources) if sources else [ipaddress.ip_network("::/0")]
+    if not os.path.exists(os.path.join(directory, "decap_vips")):
+        raise DecapError("the decapsulation program attached here predates VIP filtering; "
+                         "lbctl decap detach, then attach, on each interface")
     _make_set(os.path.join(directory, "decap_addrs"), LbAddr, [LbAddr.of(a) for a in addresses])
     _make_set(os.path.join(directory, "decap_vips"), LbAddr, [LbAddr.of(a) for a in served])
     _make_set(os.path.join(directory, "decap_sources"), RouteKey, [_route_key(p) for p in prefixes])
