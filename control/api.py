@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError
+from lb.private import private_dir
 
 RUN_DIR = "/run/lb"
 ENV_SOCKET = "LBCTL_API_SOCKET"
@@ -92,7 +93,8 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self._lock = threading.Lock()
         self._closed = False
         self._serving: threading.Thread | None = None
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        directory = os.path.dirname(os.path.abspath(path))
+        private_dir(directory, own=directory == RUN_DIR)
         if os.path.exists(path):
             _refuse_if_live(path)
             os.unlink(path)  # a socket left by a daemon that died

@@ -10,7 +10,7 @@ import sys
 from typing import Any, NoReturn
 
 from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError
-from control.model import HASHES, MODES, is_whole_number
+from control.model import ALL_DOWN, HASHES, MODES, is_whole_number
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--hash", choices=HASHES, default="flow",
                    help="what picks the backend: the whole flow (default), or the client's address alone "
                         "(session affinity)")
+    v.add_argument("--all-down", choices=ALL_DOWN, default="open",
+                   help="when every backend fails its health check: open (default) keeps sending new flows to "
+                        "all of them (a broken check must not take the service down); closed drops them")
     v = sub.add_parser("remove-vip", help="remove a VIP and all its backends")
     v.add_argument("vip", metavar="VIP")
 
@@ -91,8 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "packets addressed to this host")
     d_sub = d.add_subparsers(dest="decap_command", required=True, parser_class=_Parser)
     a = d_sub.add_parser("attach", help="load the decapsulation program on an interface; on one where it is "
-                                        "attached, take the host's addresses again (after adding one)")
+                                        "attached, take the host's addresses, VIPs and sources again")
     a.add_argument("interface", metavar="IFACE")
+    a.add_argument("--vip", action="append", default=[], metavar="ADDR",
+                   help="a VIP this host serves (repeatable; default: the addresses held on lo): tunnel packets "
+                        "for any other inner destination are dropped")
+    a.add_argument("--source", action="append", default=[], metavar="PREFIX",
+                   help="accept tunnel packets only from this outer source prefix (repeatable; default: any)")
     a.add_argument("--hook", choices=("xdp", "tc"), default="xdp",
                    help="xdp (native, default), or tc (ingress; for interfaces without native XDP)")
     a.add_argument("--json", action="store_true", help="print JSON")
@@ -133,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("daemon", help="run in the foreground: serve lbctl over --api-socket, keep the data plane "
                                       "in line with the state, export metrics")
     d.add_argument("--config", metavar="FILE", help="declarative configuration to apply (again on SIGHUP)")
-    d.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics")
+    d.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics; bind a loopback address, as in "
+                        "127.0.0.1:9464 (a wildcard, 0.0.0.0 or [::], is refused without --metrics-public)")
+    d.add_argument("--metrics-public", action="store_true",
+                   help="allow --metrics on a wildcard address: every VIP and backend and their health, to anyone "
+                        "who reaches the host")
     d.add_argument("--log-format", choices=("text", "json"), default="text")
     return p
 
@@ -174,10 +187,16 @@ def format_stats(data: dict[str, Any]) -> str:
 def format_decap(r: dict[str, Any]) -> str:
     if "packets" in r:
         where = ", ".join(f"{i} ({h})" for i, h in sorted(r["interfaces"].items())) or "no interface"
-        return f"decapsulating on: {where}\n" + _table([["FAMILY", "DECAPSULATED"], *r["packets"].items()])
+        return (f"decapsulating on: {where}\n" + _table([["FAMILY", "DECAPSULATED"], *r["packets"].items()]) +
+                "\n\n" + _table([["REFUSED", "DROPPED"], *r["refused"].items()]))
     if "addresses" in r:
         again = "still " if r.get("resynced") else ""
-        return f"{again}decapsulating on {r['interface']} ({r['hook']}) for this host's {r['addresses']} address(es)"
+        sources = f"{r['sources']} source prefix(es)" if r["sources"] else "any source"
+        line = (f"{again}decapsulating on {r['interface']} ({r['hook']}) for this host's {r['addresses']} "
+                f"address(es), {r['vips']} VIP(s), from {sources}")
+        if not r["vips"]:
+            line += "\nwarning: no VIP held on lo and none given (--vip): every tunnel packet is dropped"
+        return line
     return f"stopped decapsulating on {r['interface']}"
 
 
@@ -238,7 +257,8 @@ def format_status(data: dict[str, Any]) -> str:
         return "no VIPs"
     rows: list[list[Any]] = [["VIP", "BACKEND", "HEALTH", "WEIGHT", "NEW FLOWS", "CONNECTIONS"]]
     for v in data["vips"]:
-        rows.append([v["vip"], "-" if not v["backends"] else "", f"(check: {v['health_check']})", "", "", ""])
+        check = f"(check: {v['health_check']})" + (" ALL DOWN: failing open" if v["failing_open"] else "")
+        rows.append([v["vip"], "-" if not v["backends"] else "", check, "", "", ""])
         rows.extend(["", b["backend"], b["health"], b["weight"], "yes" if b["serving"] else "no", b["connections"]]
                     for b in v["backends"])
     return _table(rows) + "\n" + data["connections_note"]
@@ -335,11 +355,12 @@ def run_decap(args: argparse.Namespace) -> dict[str, Any]:
     try:
         match args.decap_command:
             case "attach":
-                return lb_decap.attach(args.interface, args.hook)
+                return lb_decap.attach(args.interface, args.hook, lb_decap.parse_addresses(args.vip),
+                                       lb_decap.parse_prefixes(args.source))
             case "detach":
                 return lb_decap.detach(args.interface)
         found = lb_decap.stats()
-        return {"interfaces": found.interfaces, "packets": found.packets}
+        return {"interfaces": found.interfaces, "packets": found.packets, "refused": found.refused}
     except (lb_decap.DecapError, UnknownInterface) as e:
         raise InputError(str(e)) from None
 

@@ -78,7 +78,8 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
         case "detach":
             return ctl.detach()
         case "add-vip":
-            return ctl.add_vip(_str(p, "vip"), _str(p, "mode", "nat"), _str(p, "hash", "flow"))
+            return ctl.add_vip(_str(p, "vip"), _str(p, "mode", "nat"), _str(p, "hash", "flow"),
+                               _str(p, "all_down", "open"))
         case "remove-vip":
             return ctl.remove_vip(_str(p, "vip"))
         case "add-backend":

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import yaml
 
 from control.errors import InputError
-from control.model import (CHECK_KINDS, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, HealthCheck, State,
+from control.model import (ALL_DOWN, CHECK_KINDS, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, HealthCheck, State,
                            VipAddress, VipState, is_whole_number, parse_prefix)
 from control.reconcile import slots_moved
 
@@ -38,6 +38,7 @@ class VipSpec:
     health: HealthCheck = field(default_factory=HealthCheck)
     acl: dict[str, str] = field(default_factory=dict)
     backends: list[BackendSpec] = field(default_factory=list)
+    all_down: str = "open"
 
 
 @dataclass
@@ -136,7 +137,7 @@ class _Reader:
         return config
 
     def vip(self, node: yaml.Node) -> VipSpec:
-        keys = self.mapping(node, "a VIP", ("vip", "mode", "hash", "health", "acl", "backends"), ("vip",))
+        keys = self.mapping(node, "a VIP", ("vip", "mode", "hash", "health", "all_down", "acl", "backends"), ("vip",))
         spec = VipSpec(self.parsed(keys["vip"], "vip", VipAddress.parse))
         if "mode" in keys:
             spec.mode = self.choice(keys["mode"], "mode", MODES)
@@ -144,6 +145,8 @@ class _Reader:
             spec.hash = self.choice(keys["hash"], "hash", HASHES)
         if "health" in keys:
             spec.health = self.health(keys["health"], spec.vip)
+        if "all_down" in keys:
+            spec.all_down = self.choice(keys["all_down"], "all_down", ALL_DOWN)
         if "acl" in keys:
             spec.acl = self.acl(keys["acl"], spec.vip)
         seen: dict[BackendAddress, int] = {}
@@ -242,7 +245,8 @@ def config_of(state: State) -> Config:
     """The Config a State answers to (retired backends and health status are not configuration)."""
     return Config([
         VipSpec(v.vip, v.mode, v.hash, copy.deepcopy(v.health), dict(v.acl),
-                [BackendSpec(b.address, b.weight) for b in sorted(v.active_backends(), key=lambda b: b.id)])
+                [BackendSpec(b.address, b.weight) for b in sorted(v.active_backends(), key=lambda b: b.id)],
+                v.all_down)
         for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
     ])
 
@@ -264,6 +268,8 @@ def to_yaml(config: Config) -> str:
         doc: dict[str, Any] = {"vip": str(v.vip), "mode": v.mode, "hash": v.hash}
         if v.health.enabled:
             doc["health"] = _health_doc(v.health)
+        if v.all_down != "open":
+            doc["all_down"] = v.all_down
         if v.acl:
             doc["acl"] = dict(v.acl)
         doc["backends"] = [{"address": str(b.address), "weight": b.weight} for b in v.backends]
@@ -286,7 +292,7 @@ def merge(state: State, config: Config, now: float) -> None:
         if v is None:
             v = VipState(spec.vip, state.allocate_vip_id(removed_ids))
             state.vips.append(v)
-        v.mode, v.hash, v.acl = spec.mode, spec.hash, dict(spec.acl)
+        v.mode, v.hash, v.acl, v.all_down = spec.mode, spec.hash, dict(spec.acl), spec.all_down
         if v.health != spec.health:
             v.health = copy.deepcopy(spec.health)
             for b in v.backends:  # a new check starts from healthy; no check means no verdict
@@ -316,7 +322,7 @@ def _describe_health(check: HealthCheck) -> str:
 
 def _vip_changes(old: VipState, new: VipState) -> list[str]:
     changes = []
-    for name in ("mode", "hash"):
+    for name in ("mode", "hash", "all_down"):
         if getattr(old, name) != getattr(new, name):
             changes.append(f"{name}: {getattr(old, name)} -> {getattr(new, name)}")
     if old.health != new.health:

@@ -10,6 +10,7 @@ again. Logs are one line per event, as text or JSON."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from control.commands import CHANGES, dispatch
 from control.config import read_text
 from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError
 from control.health import HealthMonitor
+from control.logescape import escape
 from control.metrics import Metrics
 from control.model import is_whole_number
 from control.service import Controller
@@ -45,8 +47,10 @@ class _JsonFormatter(logging.Formatter):
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        fields = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in getattr(record, "fields", {}).items())
-        return f"{stamp} {record.levelname.lower()} {record.getMessage()}" + (f" {fields}" if fields else "")
+        fields = " ".join(f"{escape(str(k))}={json.dumps(v, default=str)}"
+                          for k, v in getattr(record, "fields", {}).items())
+        # the message may quote a name or a path from the API or a file: one record, one line
+        return f"{stamp} {record.levelname.lower()} {escape(record.getMessage())}" + (f" {fields}" if fields else "")
 
 
 def make_logger(log_format: str) -> logging.Logger:
@@ -65,12 +69,21 @@ def _event(log: logging.Logger, msg: str, level: int = logging.INFO, **fields: A
 
 # --- the daemon -------------------------------------------------------------------------------
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """ADDR:PORT, IPv6 in brackets."""
+def parse_listen(text: str, public: bool = False) -> tuple[str, int]:
+    """ADDR:PORT, IPv6 in brackets. The metrics name every VIP and backend and tell their health:
+    a wildcard address (every interface) needs `public`, an operator's explicit choice."""
     host, sep, port = text.rpartition(":")
     if not sep or not is_whole_number(port) or not 0 < int(port) < 65536 or not host:
         raise InputError(f"--metrics {text!r}: expected ADDR:PORT, as in 127.0.0.1:9400 or [::1]:9400")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name: bound where it resolves
+        wildcard = False
+    if wildcard and not public:
+        raise InputError(f"--metrics {text!r}: {host} listens on every interface; use a loopback or one "
+                         f"interface's address, or add --metrics-public to expose the metrics on purpose")
+    return host, int(port)
 
 
 @dataclass
@@ -177,7 +190,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         if os.geteuid() != 0:
             raise LbError("lbctl daemon needs root (CAP_BPF and CAP_NET_ADMIN)")
-        listen = parse_listen(args.metrics) if args.metrics else None
+        listen = parse_listen(args.metrics, args.metrics_public) if args.metrics else None
         ctl = Controller.open(args.state)
         path = args.api_socket or default_socket_path(Instance.current().name)
         daemon = Daemon(ctl, log, path, args.config, listen)

@@ -61,18 +61,23 @@ class DataPlaneCollector(Collector):
         active = GaugeMetricFamily("lb_backend_active", "1 if the backend is configured, 0 once removed "
                                    "(its established connections go on either way)", labels=["vip", "backend"])
         serving = GaugeMetricFamily("lb_backend_serving", "1 if the backend takes new connections: configured, "
-                                    "healthy and of weight above 0", labels=["vip", "backend"])
+                                    "healthy (or its VIP failing open) and of weight above 0",
+                                    labels=["vip", "backend"])
+        failing_open = GaugeMetricFamily("lb_vip_failing_open", "1 while every backend of the VIP fails its health "
+                                         "check and new flows go to all of them anyway (all_down: open)",
+                                         labels=["vip"])
         for v in state.vips:
             _add(vip_fams, [str(v.vip)], maps.vip_stats.get(U32(v.id)))
+            failing_open.add_metric([str(v.vip)], 1 if v.failing_open else 0)
             for b in v.backends:
                 labels = [str(v.vip), str(b.address)]
                 _add(be_fams, labels, maps.backend_stats.get(U32(b.id)))
                 healthy.add_metric(labels, 1 if b.healthy else 0)
                 active.add_metric(labels, 1 if b.active else 0)
-                serving.add_metric(labels, 1 if b.serving else 0)
+                serving.add_metric(labels, 1 if v.takes_new_flows(b) else 0)
         yield from vip_fams.values()
         yield from be_fams.values()
-        yield from (healthy, active, serving)
+        yield from (healthy, active, serving, failing_open)
 
     @staticmethod
     def _reasons(maps: DataPlaneMaps) -> Iterator:

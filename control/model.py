@@ -14,6 +14,9 @@ from lb.structs import IPAddress, PROTOCOLS
 MODES = ("nat", "dsr", "tunnel")
 HASHES = ("flow", "source")  # source: session affinity on the client's address
 CHECK_KINDS = ("none", "tcp", "http")
+# When every backend of a VIP fails its check (often the check path or the LB's own network, not
+# the backends): "open" keeps sending new flows to all of them, as production LBs do; "closed" drops them.
+ALL_DOWN = ("open", "closed")
 MAX_WEIGHT = 65535
 
 _ENDPOINT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^:/\[\]]+))(?::(?P<port>[^/]*))?(?:/(?P<proto>.*))?$")
@@ -192,6 +195,7 @@ class VipState:
     # source rules: prefix (as written, normalised) -> "allow" or "deny"
     acl: dict[str, str] = field(default_factory=dict)
     health: HealthCheck = field(default_factory=HealthCheck)
+    all_down: str = "open"  # ALL_DOWN
 
     def backend(self, address: BackendAddress) -> BackendState | None:
         for b in self.backends:
@@ -210,9 +214,25 @@ class VipState:
             b.retired_at, b.weight, b.healthy = None, weight, True
         return b
 
+    def _weighted(self) -> list[BackendState]:
+        return [b for b in self.backends if b.active and b.weight > 0]
+
+    @property
+    def failing_open(self) -> bool:
+        """Every backend that would take new flows fails its check, and the VIP fails open."""
+        weighted = self._weighted()
+        return self.all_down == "open" and bool(weighted) and not any(b.healthy for b in weighted)
+
     def maglev_backends(self) -> list[BackendState]:
-        """The backends new flows may pick: active, healthy, weight above 0."""
+        """The backends new flows may pick: active, healthy, weight above 0; failing open, all the
+        active ones of weight above 0 whatever their checks say."""
+        if self.failing_open:
+            return self._weighted()
         return [b for b in self.backends if b.serving]
+
+    def takes_new_flows(self, backend: BackendState) -> bool:
+        """Whether new flows may pick this backend (what status and metrics call serving)."""
+        return any(b is backend for b in self.maglev_backends())
 
     @property
     def replies_through_lb(self) -> bool:

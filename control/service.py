@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from control.errors import InputError, LbError
 from control import config as declarative
-from control.model import (HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
+from control.model import (ALL_DOWN, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
                            VipAddress, VipState, format_endpoint, parse_prefix)
 from control.reconcile import Reconciler
 from control.routes import solicit_neighbour, sync_routes
@@ -29,6 +30,8 @@ from lb.pins import Instance
 from lb.probe import probe
 from lb.refmodel import DataPlaneModel, Parsed
 from lb.structs import MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
+
+log = logging.getLogger("lb.service")
 
 T = TypeVar("T")
 
@@ -154,19 +157,22 @@ class Controller:
 
     # --- VIPs and backends -----------------------------------------------------
 
-    def add_vip(self, vip_text: str, mode: str = "nat", hash_on: str = "flow") -> dict[str, Any]:
+    def add_vip(self, vip_text: str, mode: str = "nat", hash_on: str = "flow",
+                all_down: str = "open") -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
         if hash_on not in HASHES:
             raise InputError(f"unknown hash {hash_on!r} (expected one of: {', '.join(HASHES)})")
+        if all_down not in ALL_DOWN:
+            raise InputError(f"unknown all-down choice {all_down!r} (expected one of: {', '.join(ALL_DOWN)})")
 
         def change(state: State) -> dict[str, Any]:
             if state.vip(vip) is not None:
                 raise InputError(f"VIP {vip} already exists")
             free = state.allocate_vip_id()
-            state.vips.append(VipState(vip, free, mode, hash=hash_on))
-            return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on}
+            state.vips.append(VipState(vip, free, mode, hash=hash_on, all_down=all_down))
+            return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on, "all_down": all_down}
 
         return self._change(change)
 
@@ -255,24 +261,39 @@ class Controller:
         return self._change_backend(vip_text, backend_text, weigh)
 
     def set_health(self, vip_id: int, backend_id: int, healthy: bool) -> bool:
-        """Record a health checker's verdict; True if it changed the state (and the Maglev table).
-        A backend removed or re-checked meanwhile is left alone."""
-        def find(state: State) -> BackendState | None:
-            return next((b for v in state.vips if v.id == vip_id for b in v.backends
-                         if b.id == backend_id and b.active), None)
+        """Record a health checker's verdict; True if it changed the state (and the Maglev table)."""
+        return bool(self.set_health_many([(vip_id, backend_id, healthy)]))
 
-        current = find(self.store.read())
-        if current is None or current.healthy == healthy:
-            return False
+    def set_health_many(self, verdicts: list[tuple[int, int, bool]]) -> int:
+        """Record health checkers' verdicts (vip id, backend id, healthy) as one change, so one
+        reconcile however many; returns how many changed the state. A backend removed or
+        re-checked meanwhile is left alone."""
+        def found(state: State) -> list[tuple[VipState, BackendState, bool]]:
+            vips = {v.id: v for v in state.vips}
+            out = []
+            for vip_id, backend_id, healthy in verdicts:
+                v = vips.get(vip_id)
+                b = next((b for b in v.backends if b.id == backend_id and b.active), None) if v else None
+                if b is not None and b.healthy != healthy:
+                    out.append((v, b, healthy))
+            return out
 
-        def change(state: State) -> bool:
-            b = find(state)
-            if b is None or b.healthy == healthy:
-                return False
-            b.healthy = healthy
-            return True
+        if not found(self.store.read()):
+            return 0
+        turned: list[VipState] = []  # VIPs these verdicts start or end failing open
 
-        return self._change(change)
+        def change(state: State) -> int:
+            changes = found(state)
+            was_open = {v.id: v.failing_open for v, _, _ in changes}
+            for _, b, healthy in changes:
+                b.healthy = healthy
+            turned.extend({v.id: v for v, _, _ in changes if v.failing_open != was_open[v.id]}.values())
+            return len(changes)
+
+        changed = self._change(change)
+        for v in turned:  # said once the change is in the maps
+            _log_fail_open(v)
+        return changed
 
     # --- the whole configuration at once -------------------------------------------
 
@@ -337,8 +358,9 @@ class Controller:
                 health = ("removed" if not b.active else "unchecked" if not v.health.enabled
                           else "up" if b.healthy else "down")
                 backends.append({"backend": str(b.address), "id": b.id, "weight": b.weight, "health": health,
-                                 "serving": b.serving, "connections": connections.get(b.id, 0)})
-            vips.append({"vip": str(v.vip), "mode": v.mode, "health_check": v.health.kind, "backends": backends})
+                                 "serving": v.takes_new_flows(b), "connections": connections.get(b.id, 0)})
+            vips.append({"vip": str(v.vip), "mode": v.mode, "health_check": v.health.kind, "all_down": v.all_down,
+                         "failing_open": v.failing_open, "backends": backends})
         return {"vips": vips,
                 "connections_note": "connections = connection-table entries, which include closed connections "
                                     "the LRU table has not evicted yet"}
@@ -464,3 +486,11 @@ class Controller:
             return prog_id(fd)
         finally:
             os.close(fd)
+
+
+def _log_fail_open(v: VipState) -> None:
+    if v.failing_open:
+        log.warning("VIP %s: every backend fails its health check; failing open: new flows go to all %d of them "
+                    "(all_down: open)", v.vip, len(v.maglev_backends()))
+    else:
+        log.warning("VIP %s: a backend passes its health check again; no longer failing open", v.vip)

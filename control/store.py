@@ -15,6 +15,8 @@ import sqlite3
 import time
 from typing import Any, Iterator, Protocol
 
+from lb.pins import STATE_DIR
+from lb.private import private_dir, private_file, tighten_if_present
 from control.model import (BackendAddress, BackendState, DataPlaneState, HealthCheck, Interface, State,
                            VipAddress, VipState)
 
@@ -44,6 +46,7 @@ def state_to_doc(state: State) -> dict[str, Any]:
                 "hash": v.hash,
                 "acl": v.acl,
                 "health": vars(v.health),
+                "all_down": v.all_down,
                 "backends": [
                     {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
                      "retired_at": b.retired_at, "healthy": b.healthy}
@@ -66,7 +69,8 @@ def state_from_doc(doc: dict[str, Any]) -> State:
             for b in v["backends"]
         ]
         health = HealthCheck(**v.get("health", {}))  # documents from before health checks have none
-        vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow"), v.get("acl", {}), health))
+        vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow"), v.get("acl", {}), health,
+                             v.get("all_down", "open")))
     dataplane = None
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
@@ -85,7 +89,12 @@ class SqliteStore:
         self.timeout = timeout
 
     def _connect(self) -> sqlite3.Connection:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        # Root's alone: SQLite gives its -wal and -shm the database's own mode; older files are tightened.
+        directory = os.path.dirname(os.path.abspath(self.path))
+        private_dir(directory, own=directory == STATE_DIR)
+        private_file(self.path)
+        for suffix in ("-wal", "-shm"):
+            tighten_if_present(self.path + suffix)
         conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         # Switching a new file to WAL takes an exclusive lock and SQLite does not wait for it
         # (no busy handler): commands racing to create the state retry, bounded by the timeout.

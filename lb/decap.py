@@ -1,9 +1,11 @@
 """The decapsulation program of tunnel-mode backends (bpf/decap.c): compile, attach, detach, count.
 
 Per network namespace, its pins live in <bpffs>/lb-decap/<netns>/: the counters,
-the host's addresses the program decapsulates for, and one pin of the program
-per interface it is attached to (named HOOK@IFACE), which is how detach knows
-the hook and when the last interface is gone."""
+the host's addresses the program decapsulates for, the VIPs it serves (a tunnel
+packet whose inner destination is another address is dropped), the outer
+sources it accepts, and one pin of the program per interface it is attached to
+(named HOOK@IFACE), which is how detach knows the hook and when the last
+interface is gone."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +14,7 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -21,10 +24,13 @@ from lb.loader import (BPF_DIR, XDP_FLAGS_DRV_MODE, LoadError, attached_prog_id,
                        interface_index)
 from lb.maps import U32, U64, BpfMap
 from lb.pins import Instance, stable_bpffs
-from lb.structs import LbAddr
+from lb.private import private_dir
+from lb.structs import IPAddress, LbAddr, RouteKey
 
 HOOKS = ("xdp", "tc")
 FAMILIES = ("ipv4", "ipv6")  # decap_stats keys 0 and 1
+REFUSALS = ("not_a_vip", "source")  # decap_stats keys 2 and 3: tunnel packets dropped, by reason
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 TC_INGRESS = "ffff:fff2"
 TC_HANDLE = 0xDECA  # our filter on the interface's clsact ingress
 TC_PRIO = 0xDECA
@@ -52,7 +58,8 @@ def attached_interfaces(directory: str | None = None) -> dict[str, str]:
 
 def load(directory: str, hook: str) -> int:
     """A fresh program fd; the maps are created, or adopted, at their pins."""
-    os.makedirs(directory, exist_ok=True)
+    private_dir(os.path.dirname(directory))  # <bpffs>/lb-decap
+    private_dir(directory)
     function = b"xdp_decap" if hook == "xdp" else b"tc_decap"
     fds = compile_programs(BPF_DIR / "decap.c", [f"-I{BPF_DIR}", f'-DDECAP_PIN_DIR="{directory}"'],
                            {function: "XDP" if hook == "xdp" else "SCHED_CLS"}, "the decapsulation program")
@@ -64,25 +71,74 @@ def local_addresses(ipr: IPRoute) -> set[ipaddress.IPv4Address | ipaddress.IPv6A
             for a in ipr.get_addr(family=family)}
 
 
-def sync_addresses(directory: str) -> int:
-    """Make the program's address set this namespace's addresses; returns how many."""
-    with IPRoute() as ipr:
-        wanted = {bytes(LbAddr.of(a)): LbAddr.of(a) for a in local_addresses(ipr)}
-    addrs = BpfMap(os.path.join(directory, "decap_addrs"), LbAddr, U32)
+def loopback_vips(ipr: IPRoute) -> set[IPAddress]:
+    """The addresses held on lo besides the loopback ones: where tunnel backends hold their VIPs."""
+    lo = ipr.link_lookup(ifname="lo")
+    if not lo:
+        return set()
+    found = {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for family in (socket.AF_INET, socket.AF_INET6)
+             for a in ipr.get_addr(family=family, index=lo[0])}
+    return {a for a in found if not a.is_loopback}
+
+
+def parse_addresses(texts: Iterable[str]) -> list[IPAddress]:
     try:
-        for key in list(addrs.keys()):
-            if bytes(key) not in wanted:
-                addrs.delete(key)
-        for addr in wanted.values():
-            addrs.set(addr, U32(1))
+        found = [ipaddress.ip_address(t) for t in texts]
+    except ValueError as e:
+        raise DecapError(f"--vip: {e}") from None
+    if any(a.is_unspecified for a in found):
+        raise DecapError("--vip: an unspecified address (0.0.0.0 or ::) is not a VIP")
+    return found
+
+
+def parse_prefixes(texts: Iterable[str]) -> list[IPNetwork]:
+    try:
+        return [ipaddress.ip_network(t) for t in texts]
+    except ValueError as e:
+        raise DecapError(f"--source: {e}") from None
+
+
+def _route_key(prefix: IPNetwork) -> RouteKey:
+    """IPv4 prefixes sit under ::ffff:0:0/96, like the addresses the program looks up."""
+    return RouteKey(prefix.prefixlen + (96 if prefix.version == 4 else 0), LbAddr.of(prefix.network_address))
+
+
+def _make_set(path: str, key_type: type, wanted: Sequence) -> None:
+    """Make a pinned map's keys exactly these (value 1): new keys first, then the old ones go."""
+    table = BpfMap(path, key_type, U32)
+    try:
+        keep = {bytes(k) for k in wanted}
+        for key in wanted:
+            table.set(key, U32(1))
+        for key in list(table.keys()):
+            if bytes(key) not in keep:
+                table.delete(key)
     finally:
-        addrs.close()
-    return len(wanted)
+        table.close()
 
 
-def attach(ifname: str, hook: str = "xdp") -> dict:
-    """Decapsulate on an interface. Already attached with this hook: only take the host's
-    addresses again (after one was added or removed)."""
+def sync_addresses(directory: str, vips: Sequence[IPAddress] | None = None,
+                   sources: Sequence[IPNetwork] | None = None) -> dict[str, int]:
+    """Make the program's sets this namespace's addresses, the VIPs served (given, or those held on
+    lo) and the accepted outer sources (given, or any); returns how many of each."""
+    with IPRoute() as ipr:
+        addresses = local_addresses(ipr)
+        served = set(vips) if vips else loopback_vips(ipr)
+    prefixes = list(sources) if sources else [ipaddress.ip_network("::/0")]
+    if not os.path.exists(os.path.join(directory, "decap_vips")):
+        raise DecapError("the decapsulation program attached here predates VIP filtering; "
+                         "lbctl decap detach, then attach, on each interface")
+    _make_set(os.path.join(directory, "decap_addrs"), LbAddr, [LbAddr.of(a) for a in addresses])
+    _make_set(os.path.join(directory, "decap_vips"), LbAddr, [LbAddr.of(a) for a in served])
+    _make_set(os.path.join(directory, "decap_sources"), RouteKey, [_route_key(p) for p in prefixes])
+    return {"addresses": len(addresses), "vips": len(served), "sources": len(sources or [])}
+
+
+def attach(ifname: str, hook: str = "xdp", vips: Sequence[IPAddress] | None = None,
+           sources: Sequence[IPNetwork] | None = None) -> dict:
+    """Decapsulate on an interface, for the VIPs given (default: those held on lo) and from the
+    outer sources given (default: any). Already attached with this hook: only take the host's
+    addresses, VIPs and sources again (after one was added or removed)."""
     if hook not in HOOKS:
         raise DecapError(f"unknown hook {hook!r} (expected xdp or tc)")
     directory = pin_dir()
@@ -92,14 +148,14 @@ def attach(ifname: str, hook: str = "xdp") -> dict:
         if current is not None and current != hook:
             raise DecapError(f"{ifname}: decapsulation is attached with {current}; detach it first to use {hook}")
         if current is not None:
-            return {"interface": ifname, "hook": hook, "addresses": sync_addresses(directory), "resynced": True}
+            return {"interface": ifname, "hook": hook, **sync_addresses(directory, vips, sources), "resynced": True}
         other = attached_prog_id(ifindex) if hook == "xdp" else 0
         if other:  # never replace someone else's program (the load balancer's, say)
             raise DecapError(f"{ifname}: another XDP program (id {other}) is attached; detach it first or use --hook tc")
         try:
             fd = load(directory, hook)
             try:
-                addresses = sync_addresses(directory)  # before the program sees a packet
+                counts = sync_addresses(directory, vips, sources)  # before the program sees a packet
                 if hook == "xdp":
                     _attach_xdp(ipr, ifindex, ifname, fd)
                 else:
@@ -110,7 +166,7 @@ def attach(ifname: str, hook: str = "xdp") -> dict:
         except BaseException:
             _remove_if_unused(directory)  # the maps were pinned by the compile
             raise
-    return {"interface": ifname, "hook": hook, "addresses": addresses}
+    return {"interface": ifname, "hook": hook, **counts}
 
 
 def _attach_xdp(ipr: IPRoute, ifindex: int, ifname: str, fd: int) -> None:
@@ -174,15 +230,19 @@ def _pinned_prog_id(path: str) -> int:
 class DecapStats:
     interfaces: dict[str, str]
     packets: dict[str, int]  # "ipv4" / "ipv6" -> decapsulated packets
+    refused: dict[str, int]  # reason -> tunnel packets dropped
 
 
 def stats() -> DecapStats:
     directory = pin_dir()
     interfaces = attached_interfaces(directory)
     if not interfaces:
-        return DecapStats({}, {f: 0 for f in FAMILIES})
+        return DecapStats({}, {f: 0 for f in FAMILIES}, {r: 0 for r in REFUSALS})
     counters = BpfMap(os.path.join(directory, "decap_stats"), U32, U64)
     try:
-        return DecapStats(interfaces, {f: sum(counters.get(U32(i)) or []) for i, f in enumerate(FAMILIES)})
+        def count(key: int) -> int:
+            return sum(counters.get(U32(key)) or [])
+        return DecapStats(interfaces, {f: count(i) for i, f in enumerate(FAMILIES)},
+                          {r: count(len(FAMILIES) + i) for i, r in enumerate(REFUSALS)})
     finally:
         counters.close()

@@ -15,6 +15,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from lb import bpfsys
 from lb.maglev import DEFAULT_RING_SIZE, is_prime
+from lb.private import private_dir
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM_PIN = "xdp_lb"  # the XDP build: attached with hook "xdp", and always the probe's engine
@@ -136,7 +137,8 @@ def _compile(config: DataPlaneConfig, pin_dir: str) -> dict[str, int]:
 def load_and_pin(config: DataPlaneConfig, pin_dir: str, hook: str = "xdp") -> int:
     """Compile every build, create and pin maps and programs; returns an fd of the program the
     hook attaches at ingress."""
-    os.makedirs(pin_dir, exist_ok=True)
+    private_dir(os.path.dirname(pin_dir))  # <bpffs>/lb: lb's own, root only like the pins in it
+    private_dir(pin_dir)
     try:
         fds = _compile(config, pin_dir)
     except LoadError:

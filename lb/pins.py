@@ -12,6 +12,8 @@ import ctypes
 import os
 from dataclasses import dataclass
 
+from lb.private import private_dir
+
 BPFFS_MAGIC = 0xCAFE4A11
 HOST_BPFFS = "/sys/fs/bpf"
 STABLE_BPFFS = "/run/lb/bpffs"
@@ -40,6 +42,7 @@ def is_bpffs(path: str) -> bool:
 
 def stable_bpffs() -> str:
     """The bpffs mount lb pins into, bind-mounting the host's on first use."""
+    private_dir(os.path.dirname(STABLE_BPFFS))  # /run/lb: lb's own (the API sockets too), root only
     if is_bpffs(STABLE_BPFFS):
         return STABLE_BPFFS
     if not is_bpffs(HOST_BPFFS):

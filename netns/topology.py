@@ -160,7 +160,8 @@ class Lab:
 
     def hold_vip(self, backend: Host, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
         """Put a VIP on a backend's loopback, as dsr and tunnel backends need, without announcing it:
-        the backend answers ARP/ND only for addresses of the interface asked on."""
+        the backend answers ARP/ND only for addresses of the interface asked on. Where the backend
+        decapsulates, it then serves the VIP (lbctl decap attach again)."""
         write_sysctl(backend.ns, "net.ipv4.conf.all.arp_ignore", "1")
         write_sysctl(backend.ns, "net.ipv4.conf.all.arp_announce", "2")
         with netlink_in(backend.ns) as ipr:
@@ -168,6 +169,11 @@ class Lab:
             plen = 32 if address.version == 4 else 128
             ipr.addr("add", index=lo, address=str(address), prefixlen=plen,
                      **({} if address.version == 4 else {"flags": IFA_F_NODAD}))
+        # As an operator does: decapsulation takes the VIPs held on lo when attached (again).
+        from netns.lbctl import run_lbctl  # here: netns.lbctl imports this module
+        attached = run_lbctl(backend.ns, "decap", "stats", "--json").json()["interfaces"]
+        for ifname, hook in list(attached.items())[:1]:  # one set of VIPs serves every interface
+            run_lbctl(backend.ns, "decap", "attach", ifname, "--hook", hook)
 
     @staticmethod
     def remove_pass_program(host: Host) -> None:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections import Counter
 
 
 from lb import loader
+from netns.lbctl import STATE_DIR
 from netns.nsenter import in_netns, netlink_in
 from netns.traffic import Servers, http_get, udp_request
 from tests.conftest import add_vip_with_backends, backend_name, lab_with_lb, run_lbctl
@@ -70,3 +72,24 @@ def test_generic_xdp_mode_balances_too():
         assert set(served) == {backend_name(b.ns) for b in lab.backends}
         stats = run_lbctl(lab.lb_ns, "stats", "--json").json()
         assert stats["vips"][0]["new_flows"] == 20
+
+
+def assert_root_only(path: str) -> None:
+    mode = os.stat(path).st_mode
+    want = 0o700 if stat.S_ISDIR(mode) else 0o600
+    assert mode & 0o777 == want, f"{path}: {oct(mode & 0o777)}, want {oct(want)}"
+
+
+def test_state_pins_and_their_directories_are_root_only():
+    """Pinned maps can be opened and written by anyone the directories let through; the state holds
+    every VIP and rule: all of it is root's alone."""
+    with lab_with_lb(1) as lab:
+        add_vip_with_backends(lab, f"{lab.vip(1)}:80/tcp", 8080)
+        pin_dir = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]["pin_dir"]
+        state = os.path.join(STATE_DIR, f"{lab.lb_ns}.db")
+        for path in (os.path.dirname(pin_dir), pin_dir, *(os.path.join(pin_dir, n) for n in os.listdir(pin_dir)),
+                     STATE_DIR, state, "/run/lb"):
+            assert_root_only(path)
+        for suffix in ("-wal", "-shm"):  # present only while a connection has them open
+            if os.path.exists(state + suffix):
+                assert_root_only(state + suffix)

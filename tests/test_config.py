@@ -70,6 +70,7 @@ BAD = [
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    mode: dsr\n    backends:\n      - 198.18.1.2:8080\n", 5,
      "in dsr mode, which cannot change the port"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    colour: blue\n", 3, "unknown key 'colour'"),
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    all_down: ajar\n", 3, "unknown all_down 'ajar'"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n  - vip: 198.19.0.1:80/tcp\n", 3, "listed twice (first on line 2)"),
     ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - 198.18.1.2:8080\n      - 198.18.1.2:8080\n",
      5, "listed twice"),
@@ -114,6 +115,16 @@ def test_export_then_apply_plans_no_change():
     again = applied(exported, state)
     assert config.plan(state, again, RING)["empty"]
     assert config.to_yaml(config.config_of(again)) == exported
+
+
+def test_all_down_is_per_vip_fails_open_by_default_and_round_trips():
+    state = applied(GOOD.replace("    hash: flow\n", "    hash: flow\n    all_down: closed\n"))
+    assert [v.all_down for v in state.vips] == ["closed", "open"]
+    exported = config.to_yaml(config.config_of(state))
+    assert exported.count("all_down: closed") == 1 and "all_down: open" not in exported
+    assert config.plan(state, applied(exported, state), RING)["empty"]
+    (changed,) = config.plan(state, applied(GOOD, state), RING)["changed"]
+    assert changed["settings"] == ["all_down: closed -> open"]
 
 
 def test_apply_keeps_the_ids_of_what_stays_and_retires_what_goes():

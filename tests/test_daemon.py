@@ -8,7 +8,11 @@ import json
 import os
 import re
 import signal
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -336,3 +340,113 @@ def test_metrics_address_is_parsed(text, expected):
 def test_bad_metrics_address_is_refused(text):
     with pytest.raises(InputError, match="expected ADDR:PORT"):
         parse_listen(text)
+
+
+@pytest.mark.parametrize("text", ["0.0.0.0:9464", "[::]:9464", "[0:0::0]:9464"])
+def test_a_wildcard_metrics_address_needs_metrics_public(text):
+    with pytest.raises(InputError, match="every interface.*--metrics-public"):
+        parse_listen(text)
+    assert parse_listen(text, public=True)[1] == 9464
+
+
+def test_daemon_refuses_a_wildcard_metrics_address_in_one_line(tmp_path):
+    """Exit 2 and one line, before the daemon takes its socket or touches any state."""
+    state, sock = tmp_path / "state.db", tmp_path / "api.sock"
+    proc = subprocess.run([str(Path(sys.executable).parent / "lbctl"), "--state", str(state), "--api-socket",
+                           str(sock), "daemon", "--metrics", "0.0.0.0:9464"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--metrics-public" in proc.stderr, proc.stderr
+    assert not sock.exists() and not state.exists()
+
+
+FORGED = "b1\n2026-01-01T00:00:00 error forged line\r\x1b[2Jand\u2028more"
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_name_with_a_newline_or_control_character_cannot_forge_a_log_line(log_format):
+    """Names, paths and values from the API or files reach the logs in messages, fields and
+    exceptions: each record stays one line, with the characters escaped."""
+    import io
+    import logging
+
+    from control.daemon import _event, make_logger
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    out = io.StringIO()
+    try:
+        log = make_logger(log_format)
+        root.handlers[0].stream = out
+        _event(log, f"cannot read {FORGED}", logging.ERROR, config=FORGED, **{FORGED: 1})
+        logging.getLogger("lb.health").warning("backend %s of %s is down (%s)", FORGED, "v", FORGED)
+        try:
+            raise ValueError(FORGED)
+        except ValueError:
+            log.exception("failed: %s", FORGED)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = out.getvalue().split("\n")
+    assert lines[-1] == "" and len(lines) == 4, lines
+    for line in lines[:-1]:
+        assert not any(ord(c) < 0x20 or c in "\x7f\u2028\u2029" for c in line), line
+        assert "forged line" in line
+        if log_format == "json":
+            assert FORGED in json.loads(line)["msg"]  # the whole text, once decoded
+        else:
+            assert "b1\\n2026-01-01T00:00:00 error forged line\\r\\x1b[2Jand\\u2028more" in line
+
+
+def test_the_standalone_monitors_formatter_escapes_too():
+    import logging
+
+    from control.logescape import EscapingFormatter
+
+    record = logging.LogRecord("lb.health", logging.WARNING, __file__, 1, "backend %s is down", (FORGED,), None)
+    line = EscapingFormatter("%(name)s %(message)s").format(record)
+    assert line == "lb.health backend b1\\n2026-01-01T00:00:00 error forged line\\r\\x1b[2Jand\\u2028more is down"
+
+
+CONNECT_AS_NOBODY = """
+import os, socket, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+try:
+    s.connect(sys.argv[1])
+except PermissionError:
+    print("refused by mode"); sys.exit(0)
+try:
+    s.sendall(b"GET /v1/daemon HTTP/1.1\\r\\nHost: lb\\r\\n\\r\\n")
+    answer = s.recv(4096)
+except ConnectionError:  # closed before or while it spoke
+    answer = b""
+print("answered" if answer else "closed unanswered")
+"""
+
+
+def connect_as_nobody(path: str) -> str:
+    proc = subprocess.run(["/usr/bin/python3", "-I", "-c", CONNECT_AS_NOBODY, path], capture_output=True,
+                          text=True, timeout=30, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_api_refuses_a_peer_that_is_not_root():
+    """Mode 0600 keeps others off the socket; were it opened up, the peer credentials still refuse them."""
+    directory = tempfile.mkdtemp(prefix="lb-api-")  # under /tmp: nobody can reach it once it is 0755
+    path = os.path.join(directory, "api.sock")
+    described = []
+    server = ApiServer(path, lambda c, p: {}, lambda: described.append(1) or {"pid": os.getpid()})
+    server.serve_in_thread()
+    try:
+        os.chmod(directory, 0o755)
+        assert connect_as_nobody(path) == "refused by mode"
+        os.chmod(path, 0o666)  # only the peer-credential check is left
+        assert connect_as_nobody(path) == "closed unanswered"
+        assert not described
+        assert ApiClient(path, timeout=10).describe() == {"pid": os.getpid()}  # root is answered
+    finally:
+        server.close()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -240,3 +240,59 @@ def test_a_dsr_backend_is_checked_through_the_vip_and_leaves_when_its_server_sto
         run("remove-vip", vip)
         with netlink_in(lab.lb_ns) as ipr:
             ipr.route("del", **route)
+
+
+def test_a_vip_whose_every_check_fails_keeps_serving_all_backends_and_says_so(lab, servers, monitor, tmp_path,
+                                                                               caplog):
+    """The checks (TCP to port 9998, where nothing listens) fail on every backend, as when the check
+    path itself breaks: the VIP fails open (the default) and new flows still reach every backend,
+    while status, metrics and the log say so. A VIP set to all_down: closed takes no new flow."""
+    from prometheus_client import generate_latest
+
+    from control.metrics import Metrics
+
+    run = lbctl(lab)
+    vip_open, vip_closed = f"{lab.vip(5)}:80/tcp", f"{lab.vip(6)}:80/tcp"
+    failing_check = health_config(lab, vip_open).replace("{kind: http, path: /, expect_status: 200,",
+                                                         "{kind: tcp, port: 9998,")
+    closed = failing_check.replace(vip_open, vip_closed).replace("vips:\n", "").replace(
+        "    health:", "    all_down: closed\n    health:")
+    path = tmp_path / "lb.yaml"
+    path.write_text(failing_check + closed)
+    endpoints = [f"{b.address}:8080" for b in lab.backends]
+    caplog.set_level("WARNING", logger="lb.service")
+    run("apply", "-f", str(path))
+    try:
+        wait_for(lambda: not any(stored_health(lab, e) for e in endpoints), timeout=INTERVAL * FALL + 10,
+                 what="every backend marked down")
+        status = {v["vip"]: v for v in run("status", "--json").json()["vips"]}
+        assert status[vip_open]["failing_open"] and not status[vip_closed]["failing_open"]
+        assert [(b["health"], b["serving"]) for b in status[vip_open]["backends"]] == [("down", True)] * 3
+        assert [(b["health"], b["serving"]) for b in status[vip_closed]["backends"]] == [("down", False)] * 3
+        assert "ALL DOWN: failing open" in run("status").stdout
+
+        served = Counter(http_get(lab.client.ns, str(lab.vip(5)), 80) for _ in range(30))
+        assert set(served) == {backend_name(b.ns) for b in lab.backends}
+
+        state = SqliteStore(str(Path(STATE_DIR) / f"{lab.lb_ns}.db")).read
+        exposed = generate_latest(Metrics(state).registry).decode()
+        assert f'lb_vip_failing_open{{vip="{vip_open}"}} 1.0' in exposed
+        assert f'lb_vip_failing_open{{vip="{vip_closed}"}} 0.0' in exposed
+        assert any(f"VIP {vip_open}: every backend fails its health check; failing open" in r.getMessage()
+                   for r in caplog.records)
+        assert not any(vip_closed in r.getMessage() for r in caplog.records if r.name == "lb.service")
+    finally:
+        run("remove-vip", vip_open)
+        run("remove-vip", vip_closed)
+
+
+def test_checks_stay_on_time_when_a_third_of_the_backends_black_hole():
+    """300 backends checked every second (HTTP, timeout 1 s), 100 of which accept and never answer:
+    every check still starts on time (a pool of 32 threads fell behind at about 64 such backends),
+    every backend is checked each second, and exactly the silent ones are marked down."""
+    from tests.healthfarm import measure
+
+    found = measure(answering=200, silent=100, interval=1.0, timeout=1.0, duration=6.0, warmup=2.0)
+    assert found["late_p99_s"] < 0.5, found
+    assert found["checks_per_target_min"] >= int(found["window_s"]) - 1, found
+    assert (found["marked_down"], found["answering_marked_down"]) == (100, 0), found

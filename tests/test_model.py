@@ -65,3 +65,24 @@ def test_the_maglev_table_holds_only_active_healthy_weighted_backends():
     v = VipState(vip, 0, backends=b)
     assert [x.id for x in v.maglev_backends()] == [1, 5]
     assert set(maglev_table(v, 251)) == {1, 5}
+
+
+def test_a_vip_whose_every_backend_is_down_fails_open_unless_told_to_fail_closed():
+    """A broken check path marks every backend down: by default new flows still go to all the
+    active, weighted ones (drained and removed ones stay out); all_down=closed drops them."""
+    vip = VipAddress.parse("10.0.0.1:80/tcp")
+    b = [BackendState(BackendAddress.parse(f"10.0.1.{i}", vip), i) for i in range(1, 5)]
+    b[2].weight = 0  # drained
+    b[3].retired_at = 1.0  # removed
+    v = VipState(vip, 0, backends=b)
+    for x in b:
+        x.healthy = False
+    assert v.failing_open and [x.id for x in v.maglev_backends()] == [1, 2]
+    assert [v.takes_new_flows(x) for x in b] == [True, True, False, False]
+    assert set(maglev_table(v, 251)) == {1, 2}
+    b[1].healthy = True  # one passes again: only it
+    assert not v.failing_open and [x.id for x in v.maglev_backends()] == [2]
+    b[1].healthy = False
+    v.all_down = "closed"
+    assert not v.failing_open and v.maglev_backends() == [] and not any(v.takes_new_flows(x) for x in b)
+    assert not VipState(vip, 1).failing_open  # no backend at all: nothing to fail open to

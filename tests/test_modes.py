@@ -6,15 +6,16 @@ Backend b1 decapsulates with XDP, b2 with the TC fallback."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from typing import Callable, Iterator
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from netns.packets import capture
+from netns.packets import capture, send_frame
 from netns.topology import Lab
 from lb.structs import IPAddress
 from netns.nsenter import netlink_in
@@ -166,6 +167,15 @@ def test_decap_stats_show_hooks(lab: Lab):
     assert run_lbctl(lab.backends[0].ns, "decap", "stats", "--json").json()["interfaces"] == {"eth0": "xdp"}
 
 
+def test_decap_pins_are_root_only(lab: Lab):
+    directory = os.path.join("/run/lb/bpffs/lb-decap", lab.backends[0].ns)
+    assert {n for n in os.listdir(directory)} >= {"decap_addrs", "decap_vips", "decap_sources", "decap_stats"}
+    for path in (os.path.dirname(directory), directory):
+        assert os.stat(path).st_mode & 0o777 == 0o700, path
+    for name in os.listdir(directory):
+        assert os.stat(os.path.join(directory, name)).st_mode & 0o777 == 0o600, name
+
+
 def test_decap_refuses_to_replace_another_xdp_program(lab: Lab):
     """b2's link carries the lab's own XDP program (its decapsulation is on TC): XDP decap must not replace it."""
     b2 = lab.backends[1]
@@ -200,6 +210,67 @@ def test_decap_attach_again_takes_an_address_added_since(lab: Lab, servers: Serv
         run_lbctl(lab.lb_ns, "remove-vip", vip, check=False)
         with netlink_in(b1.ns) as ipr:
             ipr.addr("del", index=ipr.link_lookup(ifname="eth0")[0], address=str(extra), prefixlen=24)
+
+
+def spoofed_tunnel_frame(backend, family: int, outer_src: str, inner_dst: str) -> bytes:
+    """A tunnel packet as anyone on a backend's link can send it: addressed to the backend, carrying
+    a UDP datagram from a forged client to inner_dst."""
+    if family == 4:
+        outer, inner = IP(src=outer_src, dst=str(backend.address)), IP(src="203.0.113.66", dst=inner_dst)
+    else:
+        outer, inner = IPv6(src=outer_src, dst=str(backend.address6)), IPv6(src="2001:db8:66::66", dst=inner_dst)
+    return bytes(Ether(src=backend.lb_mac, dst=backend.mac) / outer / inner / UDP(sport=4444, dport=53) / b"x")
+
+
+def decap_json(ns: str) -> dict:
+    return run_lbctl(ns, "decap", "stats", "--json").json()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_decap_drops_tunnel_packets_for_an_address_that_is_not_a_served_vip(lab: Lab, servers: Servers, vips,
+                                                                             family):
+    """Unwrapping anything would relay a forged packet past the LB (to the host, or on to other
+    networks): only inner destinations this host holds as VIPs are unwrapped. Both hooks."""
+    client = lab.client.address if family == 4 else lab.client.address6
+    target = str(lab.client.address if family == 4 else lab.client.address6)  # not a VIP
+    sent = 5
+    for b in lab.backends:
+        before = decap_json(b.ns)
+        for _ in range(sent):
+            send_frame(lab.lb_ns, b.lb_ifname, spoofed_tunnel_frame(b, family, str(client), target))
+        assert wait_for(lambda: decap_json(b.ns)["refused"]["not_a_vip"] - before["refused"]["not_a_vip"] >= sent,
+                        timeout=10, what=f"{backend_name(b.ns)} to refuse the forged packets")
+        after = decap_json(b.ns)
+        assert after["packets"][f"ipv{family}"] == before["packets"][f"ipv{family}"]
+    # the LB's real tunnel flows to a VIP the backends hold are still unwrapped
+    assert {name for name, _ in get_until_both_answer(lab, vip_of(lab, "tunnel", family))} == {"b1", "b2"}
+
+
+def test_decap_with_source_prefixes_drops_other_outer_sources(lab: Lab, servers: Servers, vips):
+    """--source: only tunnel packets from the LB's outer source prefixes are unwrapped, even for a served VIP."""
+    b1, address = lab.backends[0], vip_of(lab, "tunnel", 4)
+    hook = HOOKS[backend_name(b1.ns)]
+    attached = run_lbctl(b1.ns, "decap", "attach", "eth0", "--hook", hook, "--source", "172.16.0.0/16",
+                         "--source", "fd00:6c62::/96", "--json").json()
+    try:
+        assert attached["sources"] == 2 and attached["vips"] >= 2
+        before = decap_json(b1.ns)
+        send_frame(lab.lb_ns, b1.lb_ifname, spoofed_tunnel_frame(b1, 4, str(lab.client.address), str(address)))
+        assert wait_for(lambda: decap_json(b1.ns)["refused"]["source"] > before["refused"]["source"],
+                        timeout=10, what="b1 to refuse a tunnel packet from outside the prefixes")
+        assert "b1" in {name for name, _ in get_until_both_answer(lab, address)}  # the LB's tunnel still works
+        assert decap_json(b1.ns)["packets"]["ipv4"] > before["packets"]["ipv4"]
+    finally:
+        run_lbctl(b1.ns, "decap", "attach", "eth0", "--hook", hook)  # any source again
+
+
+def test_decap_attach_refuses_a_bad_vip_or_source_and_changes_nothing(lab: Lab):
+    b1 = lab.backends[0]
+    before = decap_json(b1.ns)
+    for bad in (("--vip", "10.0.0.300"), ("--vip", "0.0.0.0"), ("--source", "10.0.0.1/33")):
+        result = run_lbctl(b1.ns, "decap", "attach", "eth0", *bad, check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert decap_json(b1.ns)["interfaces"] == before["interfaces"]
 
 
 def test_dsr_backend_is_resolved_when_added(lab: Lab, servers: Servers):
@@ -238,12 +309,13 @@ def test_tunnel_packets_to_an_unresolved_backend_are_left_to_the_kernel(lab: Lab
     backend's MAC is unknown the kernel resolves it and forwards the packet."""
     b1, address = lab.backends[0], lab.vip(24)
     vip = endpoint(address)
-    with netlink_in(lab.lb_ns) as ipr:
-        ipr.neigh("del", dst=str(b1.address), ifindex=ipr.link_lookup(ifname=b1.lb_ifname)[0])
     before = run_lbctl(lab.lb_ns, "stats", "--json").json()["reasons"]["pass_neigh_unresolved"]
     run_lbctl(lab.lb_ns, "add-vip", vip, "--mode", "tunnel")
     try:
         lab.hold_vip(b1, address)
+        # last before the traffic: b1's own ARP could teach the LB its MAC again meanwhile
+        with netlink_in(lab.lb_ns) as ipr:
+            ipr.neigh("del", dst=str(b1.address), ifindex=ipr.link_lookup(ifname=b1.lb_ifname)[0])
         run_lbctl(lab.lb_ns, "add-backend", vip, str(b1.address))
 
         assert http_get(lab.client.ns, str(address), PORT) == "b1"

@@ -54,3 +54,45 @@ def test_concurrent_transactions_lose_nothing(tmp_path):
         p.join(timeout=60)
     assert all(p.exitcode == 0 for p in procs)
     assert sorted(v.id for v in SqliteStore(path).read().vips) == list(range(1, 13))
+
+
+def test_state_database_and_its_wal_and_shm_are_root_only(tmp_path):
+    """The state (VIPs, backends, ACLs) is root's alone: a new directory 0700, the database and the
+    -wal and -shm files SQLite creates beside it 0600; an older, looser file is tightened."""
+    import os
+    import sqlite3
+
+    directory = tmp_path / "new" / "lb"
+    path = str(directory / "state.db")
+    store = SqliteStore(path)
+    with store.transaction() as state:
+        state.vips.append(_vip("10.0.0.1:80/tcp", 1))
+    reader = sqlite3.connect(path)  # an open reader keeps the -wal and -shm in place
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT * FROM state").fetchall()
+        with store.transaction() as state:
+            state.vips.append(_vip("10.0.0.2:80/tcp", 2))
+        for suffix in ("", "-wal", "-shm"):
+            assert os.stat(path + suffix).st_mode & 0o777 == 0o600, suffix
+    finally:
+        reader.close()
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    assert os.stat(directory.parent).st_mode & 0o777 == 0o700  # created here too
+
+    os.chmod(path, 0o644)
+    with open(path + "-wal", "ab"):
+        pass
+    os.chmod(path + "-wal", 0o644)
+    assert [v.id for v in store.read().vips] == [1, 2]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_an_existing_directory_chosen_by_the_operator_keeps_its_mode(tmp_path):
+    """--state /somewhere/x.db must not chmod /somewhere (it could be /etc or /tmp)."""
+    import os
+
+    os.chmod(tmp_path, 0o755)
+    SqliteStore(str(tmp_path / "x.db")).read()
+    assert os.stat(tmp_path).st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "x.db").st_mode & 0o777 == 0o600
