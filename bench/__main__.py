@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import control, endtoend, katran, perpacket, scaling, sidebyside, web
+from bench import control, endtoend, health_scale, katran, perpacket, scaling, sidebyside, web
 from bench.sections import Sections
 from lb import loader
 from netns.lbctl import forget, run_lbctl
@@ -90,6 +90,8 @@ def verdicts(results: dict, targets: dict) -> list[tuple[str, float | None, str,
         ("lbctl add-backend (ms)", ("control", "lbctl_add_backend_ms", "median"), "<=", c["lbctl_add_backend_ms"]),
         ("daemon API add-backend (ms)", ("control", "daemon", "api_add_backend_ms", "median"), "<=",
          c["daemon_api_add_backend_ms"]),
+        ("health checks, 1,000 backends, 1/3 silent: p99 late (s)",
+         ("control", "health_checks_1000", "late_p99_s"), "<=", c["health_checks_late_p99_s"]),
     ]
     rows = []
     for what, path, op, target in checks:
@@ -167,6 +169,7 @@ def main() -> None:
             "maglev_build_ms": control.maglev_build_ms(),
             "lbctl_add_backend_ms": control.lbctl_add_backend_ms(r.lab.lb_ns, vip, "198.18.1.9:8080", runs=runs),
             "daemon": control.daemon_figures(r.lab, vip, "198.18.1.9:8080", runs=2 * runs),
+            "health_checks_1000": health_scale.health_checks_at_scale(quick=QUICK),
         }
 
     def endtoend_section() -> None:

@@ -1,12 +1,12 @@
 """Health checks at scale: 1,000 backends checked every second over HTTP (timeout 1 s), a third of
 which accept and never answer. Reports how late checks started against their schedule (median,
 p99, worst) and the fewest checks any backend got per second of the window; no lab needed
-(local listeners, tests/healthfarm.py)."""
+(local listeners, bench/healthfarm.py)."""
 from __future__ import annotations
 
 import logging
 
-from tests.healthfarm import measure
+from bench.healthfarm import measure
 
 
 def health_checks_at_scale(targets: int = 1000, quick: bool = False) -> dict[str, float]:

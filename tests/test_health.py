@@ -290,7 +290,7 @@ def test_checks_stay_on_time_when_a_third_of_the_backends_black_hole():
     """300 backends checked every second (HTTP, timeout 1 s), 100 of which accept and never answer:
     every check still starts on time (a pool of 32 threads fell behind at about 64 such backends),
     every backend is checked each second, and exactly the silent ones are marked down."""
-    from tests.healthfarm import measure
+    from bench.healthfarm import measure
 
     found = measure(answering=200, silent=100, interval=1.0, timeout=1.0, duration=6.0, warmup=2.0)
     assert found["late_p99_s"] < 0.5, found
