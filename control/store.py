@@ -17,6 +17,7 @@ from typing import Any, Iterator, Protocol
 
 from control.model import (BackendAddress, BackendState, DataPlaneState, HealthCheck, Interface, State,
                            VipAddress, VipState)
+from lb import fault
 
 
 class Store(Protocol):
@@ -110,7 +111,9 @@ class SqliteStore:
         row = conn.execute("SELECT revision, doc FROM state WHERE id = 1").fetchone()
         if row is None:
             return State(), 0
-        return state_from_doc(json.loads(row[1])), row[0]
+        state = state_from_doc(json.loads(row[1]))
+        state.revision = row[0]
+        return state, row[0]
 
     def read(self) -> State:
         conn = self._connect()
@@ -129,6 +132,7 @@ class SqliteStore:
                 yield state
                 conn.execute("INSERT OR REPLACE INTO state (id, revision, doc) VALUES (1, ?, ?)",
                              (revision + 1, json.dumps(state_to_doc(state), sort_keys=True)))
+                fault.point("store_commit")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
