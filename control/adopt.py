@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control.model import DataPlaneState
-from control.reconcile import Reconciler
-from control.routes import sync_routes
+from control.reconcile import mark_applied
 from control.service import Controller
 from lb import loader
-from lb.maps import I32, DataPlaneMaps
+from lb.maps import DataPlaneMaps
 
 
 @dataclass
@@ -60,10 +59,8 @@ def adopt(ctl: Controller) -> AdoptReport:
             report.reattached = _reattach_missing(dp, ours)
         report.program_id = ours or 0
         with DataPlaneMaps.open(dp.pin_dir) as maps:
-            for iface in dp.interfaces:
-                maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
-            sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids())
-            report.corrected = Reconciler(maps, config.ring_size).repair(state)
+            report.corrected = ctl.repair_maps(maps, state)
+            mark_applied(maps, state.revision + 1)  # what this transaction's commit saves
     return report
 
 

@@ -19,16 +19,16 @@ from control.errors import InputError, LbError
 from control import config as declarative
 from control.model import (HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
                            VipAddress, VipState, format_endpoint, parse_prefix)
-from control.reconcile import Reconciler
+from control.reconcile import Reconciler, applied_revision, mark_applied
 from control.routes import solicit_neighbour, sync_routes
 from control.store import SqliteStore, Store
 from lb import loader
 from lb.bpfsys import prog_id
-from lb.maps import I32, U32, DataPlaneMaps
+from lb.maps import I32, U32, BpfMap, DataPlaneMaps
 from lb.pins import Instance
 from lb.probe import probe
 from lb.refmodel import DataPlaneModel, Parsed
-from lb.structs import MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
+from lb.structs import MAX_IFINDEX, REASONS, FlowKey, LbAddr, LbState, be16
 
 T = TypeVar("T")
 
@@ -96,6 +96,7 @@ class Controller:
                     for iface in ifaces:
                         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
                     sync_routes(maps, {i.ifindex for i in ifaces}, state.backend_ids())
+                    mark_applied(maps, state.revision + 1)  # what the commit below saves
                     Reconciler(maps, config.ring_size).apply(State(), state)
             except BaseException:
                 for iface in done:
@@ -402,14 +403,18 @@ class Controller:
         return names.get(flow.backend_id) if flow is not None else None
 
     def _change(self, change: Callable[[State], T]) -> T:
-        """Run `change` on the stored State and bring the maps along, all or nothing."""
+        """Run `change` on the stored State and bring the maps along, all or nothing. A crash
+        anywhere leaves the marker of reconcile.py unequal to the store's revision: the next
+        command repairs the maps to whichever state was saved."""
         applied: tuple[str, int, State, State] | None = None
         try:
             with self.store.transaction() as state:
                 dp = self.require_attached(state)
-                old = copy.deepcopy(state)
-                result = change(state)
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
+                    self.repair_if_interrupted(maps, state, state.revision)
+                    old = copy.deepcopy(state)
+                    result = change(state)
+                    mark_applied(maps, state.revision + 1)  # before the first write; the commit makes it true
                     sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids() | old.backend_ids())
                     Reconciler(maps, dp.config["ring_size"]).apply(old, state)
                 applied = (dp.pin_dir, dp.config["ring_size"], old, state)  # not changed after this
@@ -419,7 +424,54 @@ class Controller:
                 pin_dir, ring_size, old, new = applied
                 with DataPlaneMaps.open(pin_dir) as maps:
                     Reconciler(maps, ring_size).apply(new, old)
+                    mark_applied(maps, old.revision)
             raise
+
+    # --- crash repair ------------------------------------------------------------
+
+    def repair_maps(self, maps: DataPlaneMaps, state: State) -> dict[str, int]:
+        """Make the maps hold exactly `state`, whatever they hold now (a crashed change, a hand edit,
+        a daemon's start); returns the entries corrected per map. The one repair path."""
+        dp = state.dataplane
+        for iface in dp.interfaces:
+            maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
+        sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids())
+        return Reconciler(maps, dp.config["ring_size"]).repair(state)
+
+    def repair_if_interrupted(self, maps: DataPlaneMaps, state: State, mark_as: int) -> dict[str, int]:
+        """Holding the store's lock: if the maps' marker is not the store's revision, a change was
+        interrupted (or the maps were never marked): repair them to `state`, then mark them `mark_as`."""
+        if applied_revision(maps) == state.revision and state.revision:
+            return {}
+        corrected = self.repair_maps(maps, state)
+        mark_applied(maps, mark_as)
+        return corrected
+
+    def recover(self) -> dict[str, int]:
+        """What every command does first: repair the maps if a change was interrupted. Costs a store
+        read and one map lookup when nothing was."""
+        state = self.store.read()
+        dp = state.dataplane
+        if dp is None or dp.netns_ino != self.instance.netns_ino or not self.pins_alive(dp):
+            return {}  # nothing to repair here; the command itself says what is wrong
+        if self._applied_revision(dp) == state.revision:
+            return {}
+        with self.store.transaction() as state:
+            dp = self.require_attached(state)
+            with DataPlaneMaps.open(dp.pin_dir) as maps:
+                return self.repair_if_interrupted(maps, state, state.revision + 1)  # the commit's revision
+
+    @staticmethod
+    def _applied_revision(dp: DataPlaneState) -> int:
+        path = os.path.join(dp.pin_dir, "lb_state")
+        if not os.path.exists(path):
+            raise LbError(f"the data plane in {dp.pin_dir} was loaded by an older lb (no lb_state map); "
+                          f"start 'lbctl daemon' once to upgrade it, or run 'lbctl detach' and 'lbctl attach'")
+        m = BpfMap(path, U32, LbState)
+        try:
+            return m.get(U32(0)).revision
+        finally:
+            m.close()
 
     def _change_backend(self, vip_text: str, backend_text: str,
                         edit: Callable[[BackendState], dict[str, Any]]) -> dict[str, Any]:

@@ -109,6 +109,10 @@ class LbConfig(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32)]
 
 
+class LbState(ctypes.Structure):
+    _fields_ = [("revision", ctypes.c_uint64), ("layout", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 class VipAddr(ctypes.Structure):
     _fields_ = [("vips", ctypes.c_uint32)]
 
@@ -133,6 +137,7 @@ C_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "struct lb_counters": LbCounters,
     "struct probe_meta": ProbeMeta,
     "struct lb_config": LbConfig,
+    "struct lb_state": LbState,
     "struct acl_key": AclKey,
     "struct acl_rule": AclRule,
     "struct vip_addr": VipAddr,

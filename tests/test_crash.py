@@ -64,10 +64,9 @@ class Prober:
         with netlink_in(lab.lb_ns) as ipr:
             self.ifindex = ipr.link_lookup(ifname=lab.client.lb_ifname)[0]
 
-    def backends(self, vips: list[str]) -> dict[str, str | None]:
+    def backends(self, vips: list[str], pin_dir: str) -> dict[str, str | None]:
         """VIP -> the backend its SYN was sent to, None where it was not balanced."""
         self.round += 1
-        pin_dir = run_lbctl(self.lab.lb_ns, "list", "--json").json()["dataplane"]["pin_dir"]
         c = self.lab.client
         found: dict[str, str | None] = {}
         prog_fd = loader.pinned_program(pin_dir)
@@ -88,23 +87,23 @@ class Prober:
         return found
 
 
-def listed(lab: Lab) -> dict[str, set[str]]:
-    """What the state holds, VIP -> backends, read by `lbctl list`: the next command after a crash."""
-    return {v["vip"]: {b["backend"] for b in v["backends"]}
-            for v in run_lbctl(lab.lb_ns, "list", "--json").json()["vips"]}
+def listed(lab: Lab) -> tuple[dict[str, set[str]], str]:
+    """What the state holds, VIP -> backends, and the pin directory, by `lbctl list`: the command
+    that runs next after a crash."""
+    out = run_lbctl(lab.lb_ns, "list", "--json").json()
+    return {v["vip"]: {b["backend"] for b in v["backends"]} for v in out["vips"]}, out["dataplane"]["pin_dir"]
 
 
 def assert_all_or_nothing(lab: Lab, prober: Prober, every_vip: list[str]) -> dict[str, set[str]]:
     """Every VIP is in the state and forwards to one of its backends, or is in neither; the maps
     hold exactly the state's VIP keys. Returns the state's VIPs."""
-    state = listed(lab)
-    sent = prober.backends(every_vip)
+    state, pin_dir = listed(lab)
+    sent = prober.backends(every_vip, pin_dir)
     orphans = sorted(v for v in every_vip if v not in state and sent[v] is not None)
     assert not orphans, f"{len(orphans)} VIPs the state does not know forward, e.g. {orphans[:3]}"
     wrong = sorted(v for v in state if sent[v] not in state[v])
     assert not wrong, f"{len(wrong)} VIPs of the state do not forward to their backends, e.g. " \
                       f"{[(v, sent[v], state[v]) for v in wrong[:3]]}"
-    pin_dir = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]["pin_dir"]
     with DataPlaneMaps.open(pin_dir) as maps:
         assert sum(1 for _ in maps.vips.keys()) == len(state)
     return state
@@ -114,7 +113,6 @@ def apply_killed(lab: Lab, path: Path, fault: str) -> int:
     return run_lbctl(lab.lb_ns, "apply", "-f", str(path), check=False, env={"LB_FAULT": fault}).returncode
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 4: orphan VIPs survive a killed apply (fixed next)")
 def test_apply_killed_after_its_vip_keys_leaves_no_orphans(lab: Lab, tmp_path):
     """Issue 13 item 4: kill -9 of apply after the VIP keys are written, before the state is saved."""
     vips = [vip_of(i) for i in range(900, 903)]
@@ -122,9 +120,52 @@ def test_apply_killed_after_its_vip_keys_leaves_no_orphans(lab: Lab, tmp_path):
     path.write_text(config_text(lab, range(900, 903)))
     assert apply_killed(lab, path, "store_commit:1") == KILLED
     prober = Prober(lab)
-    assert listed(lab) == {}  # the state was never saved: the old one (no VIP) is in force ...
-    assert prober.backends(vips) == {v: None for v in vips}  # ... and so no VIP forwards
+    state, pin_dir = listed(lab)
+    assert state == {}  # the state was never saved: the old one (no VIP) is in force ...
+    assert prober.backends(vips, pin_dir) == {v: None for v in vips}  # ... and so no VIP forwards
     path.write_text("vips: []\n")
     run_lbctl(lab.lb_ns, "apply", "-f", str(path))
-    assert prober.backends(vips) == {v: None for v in vips}
+    assert prober.backends(vips, pin_dir) == {v: None for v in vips}
     assert_all_or_nothing(lab, prober, vips)
+
+
+# Map writes of one apply below: 2,400-2,850 (per backend its record, counters and next hop; per
+# VIP its metadata, counters, table and key; then the removals). Kill points spread over them.
+KILL_AT_WRITE = (1, 2, 3, 40, 200, 500, 800, 1100, 1400, 1700, 2000, 2200, 2390)
+
+
+def test_apply_of_300_vips_killed_anywhere_leaves_old_or_new(lab: Lab, tmp_path):
+    files = {"a": tmp_path / "a.yaml", "b": tmp_path / "b.yaml"}
+    files["a"].write_text(config_text(lab, range(0, 300)))
+    files["b"].write_text(config_text(lab, range(150, 450), shift=1))  # half the VIPs new, the rest re-weighed
+    wanted = {name: {vip_of(i) for i in (range(0, 300) if name == "a" else range(150, 450))} for name in files}
+    every_vip = [vip_of(i) for i in range(0, 450)]
+    prober = Prober(lab)
+    started = time.monotonic()
+    run_lbctl(lab.lb_ns, "apply", "-f", str(files["a"]))
+    apply_seconds = time.monotonic() - started
+    in_force, kills = "a", 0
+
+    def killed_then_checked(returncode: int, what: str) -> None:
+        nonlocal in_force, kills
+        kills += returncode == KILLED
+        assert returncode in (0, KILLED), what
+        state = assert_all_or_nothing(lab, prober, every_vip)
+        assert set(state) in (wanted["a"], wanted["b"]), f"{what}: neither the old nor the new state"
+        in_force = "a" if set(state) == wanted["a"] else "b"
+
+    for n in KILL_AT_WRITE:  # through the hook: at exactly the nth map write
+        target = "b" if in_force == "a" else "a"
+        killed_then_checked(apply_killed(lab, files[target], f"map_write:{n}"), f"killed at map write {n}")
+    target = "b" if in_force == "a" else "a"
+    killed_then_checked(apply_killed(lab, files[target], "store_commit:1"), "killed before the commit")
+    for fraction in (0.5, 0.7, 0.8, 0.9, 1.0):  # a real kill -9 from outside, after a growing delay
+        target = "b" if in_force == "a" else "a"
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.lb_ns, LBCTL, "apply", "-f", str(files[target])],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=apply_seconds * fraction)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        killed_then_checked(proc.wait(timeout=30), f"kill -9 after {fraction:.0%} of an apply's time")
+    assert kills >= len(KILL_AT_WRITE)  # the hook's kills all happened (the file was large enough)
