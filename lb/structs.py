@@ -143,7 +143,7 @@ C_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "struct vip_addr": VipAddr,
 }
 
-# enum lb_reason, in order: the value is the index.
+# enum lb_reason, in order: the index is the member's explicit value in bpf/consts.h (append only).
 REASONS: tuple[str, ...] = (
     "LB_FWD_NAT",
     "LB_FWD_REPLY",
@@ -199,6 +199,7 @@ ENCAP_TTL = 64
 ENCAP_SRC4_PREFIX = 0xAC100000  # 172.16.0.0/16
 ENCAP_SRC6_PREFIX = 0xFD006C62  # fd00:6c62::/96
 NO_BACKEND = 0
+LAYOUT_VERSION = 2  # LB_LAYOUT_VERSION: the pinned maps' layout (lb/layout.py)
 PROBE_MAGIC = 0x6C627072
 MAX_IFINDEX = 65536
 
