@@ -63,8 +63,6 @@ def _frame(params: dict[str, Any]) -> bytes:
 def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run one command on the Controller; returns its JSON-able result."""
     p = params
-    if command not in ("attach", "detach"):
-        ctl.recover()  # a change killed midway is repaired before anything reads or changes the maps
     match command:
         case "attach":
             defaults = DataPlaneConfig()

@@ -19,16 +19,17 @@ from control.errors import InputError, LbError
 from control import config as declarative
 from control.model import (HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
                            VipAddress, VipState, format_endpoint, parse_prefix)
-from control.reconcile import Reconciler, applied_revision, mark_applied
+from control.reconcile import Reconciler, mark_applied
+from control.recovery import recover, repair_if_interrupted
 from control.routes import solicit_neighbour, sync_routes
 from control.store import SqliteStore, Store
 from lb import loader
 from lb.bpfsys import prog_id
-from lb.maps import I32, U32, BpfMap, DataPlaneMaps
+from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
 from lb.probe import probe
 from lb.refmodel import DataPlaneModel, Parsed
-from lb.structs import MAX_IFINDEX, REASONS, FlowKey, LbAddr, LbState, be16
+from lb.structs import MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
 
 T = TypeVar("T")
 
@@ -288,7 +289,7 @@ class Controller:
             return {"dry_run": dry_run, **declarative.plan(old, state, state.dataplane.config["ring_size"])}
 
         if dry_run:
-            state = self.store.read()
+            state = self.read_state()
             self.require_attached(state)
             return change(state)
         result = self._change(change)
@@ -296,12 +297,18 @@ class Controller:
         return result
 
     def export(self) -> dict[str, Any]:
-        return {"yaml": declarative.to_yaml(declarative.config_of(self.store.read()))}
+        return {"yaml": declarative.to_yaml(declarative.config_of(self.read_state()))}
 
     # --- reading ---------------------------------------------------------------
 
+    def read_state(self) -> State:
+        """The stored state, once the maps are known to hold it (a change killed midway is repaired
+        first: control/recovery.py)."""
+        recover(self.store, self.instance)
+        return self.store.read()
+
     def list(self) -> dict[str, Any]:
-        state = self.store.read()
+        state = self.read_state()
         dp = state.dataplane
         return {
             "dataplane": None if dp is None else {
@@ -325,7 +332,7 @@ class Controller:
     def status(self) -> dict[str, Any]:
         """Each backend's health, weight, whether new flows reach it, and its connections; removed
         backends too while the connection table still holds flows of theirs (health "removed")."""
-        state = self.store.read()
+        state = self.read_state()
         dp = self.require_attached(state)
         with DataPlaneMaps.open(dp.pin_dir) as maps:
             connections = maps.connections_per_backend()
@@ -345,7 +352,7 @@ class Controller:
                                     "the LRU table has not evicted yet"}
 
     def stats(self) -> dict[str, Any]:
-        state = self.store.read()
+        state = self.read_state()
         dp = self.require_attached(state)
         with DataPlaneMaps.open(dp.pin_dir) as maps:
             def total(map_name: str, index: int) -> dict[str, int]:
@@ -366,7 +373,7 @@ class Controller:
 
     def test_packet(self, frame: bytes, ingress: str | None = None) -> dict[str, Any]:
         """Run one packet through the loaded program; see lb/probe.py."""
-        state = self.store.read()
+        state = self.read_state()
         dp = self.require_attached(state)
         ifname = ingress or dp.interfaces[0].name
         with IPRoute() as ipr:
@@ -404,14 +411,15 @@ class Controller:
 
     def _change(self, change: Callable[[State], T]) -> T:
         """Run `change` on the stored State and bring the maps along, all or nothing. A crash
-        anywhere leaves the marker of reconcile.py unequal to the store's revision: the next
-        command repairs the maps to whichever state was saved."""
+        anywhere leaves the maps' mark unequal to the store's revision: the next command
+        repairs them to whichever state was saved (control/recovery.py)."""
         applied: tuple[str, int, State, State] | None = None
         try:
             with self.store.transaction() as state:
                 dp = self.require_attached(state)
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
-                    self.repair_if_interrupted(maps, state, state.revision)
+                    if repair_if_interrupted(maps, state) is not None:
+                        mark_applied(maps, state.revision)  # repaired: true as long as this change is not saved
                     old = copy.deepcopy(state)
                     result = change(state)
                     mark_applied(maps, state.revision + 1)  # before the first write; the commit makes it true
@@ -426,52 +434,6 @@ class Controller:
                     Reconciler(maps, ring_size).apply(new, old)
                     mark_applied(maps, old.revision)
             raise
-
-    # --- crash repair ------------------------------------------------------------
-
-    def repair_maps(self, maps: DataPlaneMaps, state: State) -> dict[str, int]:
-        """Make the maps hold exactly `state`, whatever they hold now (a crashed change, a hand edit,
-        a daemon's start); returns the entries corrected per map. The one repair path."""
-        dp = state.dataplane
-        for iface in dp.interfaces:
-            maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
-        sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids())
-        return Reconciler(maps, dp.config["ring_size"]).repair(state)
-
-    def repair_if_interrupted(self, maps: DataPlaneMaps, state: State, mark_as: int) -> dict[str, int]:
-        """Holding the store's lock: if the maps' marker is not the store's revision, a change was
-        interrupted (or the maps were never marked): repair them to `state`, then mark them `mark_as`."""
-        if applied_revision(maps) == state.revision and state.revision:
-            return {}
-        corrected = self.repair_maps(maps, state)
-        mark_applied(maps, mark_as)
-        return corrected
-
-    def recover(self) -> dict[str, int]:
-        """What every command does first: repair the maps if a change was interrupted. Costs a store
-        read and one map lookup when nothing was."""
-        state = self.store.read()
-        dp = state.dataplane
-        if dp is None or dp.netns_ino != self.instance.netns_ino or not self.pins_alive(dp):
-            return {}  # nothing to repair here; the command itself says what is wrong
-        if self._applied_revision(dp) == state.revision:
-            return {}
-        with self.store.transaction() as state:
-            dp = self.require_attached(state)
-            with DataPlaneMaps.open(dp.pin_dir) as maps:
-                return self.repair_if_interrupted(maps, state, state.revision + 1)  # the commit's revision
-
-    @staticmethod
-    def _applied_revision(dp: DataPlaneState) -> int:
-        path = os.path.join(dp.pin_dir, "lb_state")
-        if not os.path.exists(path):
-            raise LbError(f"the data plane in {dp.pin_dir} was loaded by an older lb (no lb_state map); "
-                          f"start 'lbctl daemon' once to upgrade it, or run 'lbctl detach' and 'lbctl attach'")
-        m = BpfMap(path, U32, LbState)
-        try:
-            return m.get(U32(0)).revision
-        finally:
-            m.close()
 
     def _change_backend(self, vip_text: str, backend_text: str,
                         edit: Callable[[BackendState], dict[str, Any]]) -> dict[str, Any]:

@@ -202,6 +202,7 @@ NO_BACKEND = 0
 LAYOUT_VERSION = 2  # LB_LAYOUT_VERSION: the pinned maps' layout (lb/layout.py)
 PROBE_MAGIC = 0x6C627072
 MAX_IFINDEX = 65536
+MAX_ACL_RULES = 16384
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 HASHES = ("flow", "source")

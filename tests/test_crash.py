@@ -7,7 +7,6 @@ Kills are real SIGKILLs: at a chosen map write or at the store's commit through 
 LB_FAULT hook (lb/fault.py), which reaches every point of a change, and after a delay."""
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import subprocess
