@@ -29,6 +29,7 @@ from tests.conftest import lab_with_lb, run_lbctl
 
 RING = "251"  # a small prime: 600 VIPs' Maglev tables stay small
 KILLED = -signal.SIGKILL
+SPORT = slice(34, 36)  # a TCP source port behind Ethernet and a 20-byte IPv4 header
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +61,30 @@ class Prober:
     def __init__(self, lab: Lab):
         self.lab = lab
         self.round = 0
+        self.frames: dict[str, bytes] = {}
         with netlink_in(lab.lb_ns) as ipr:
             self.ifindex = ipr.link_lookup(ifname=lab.client.lb_ifname)[0]
+
+    def syn(self, vip: str) -> bytearray:
+        """A SYN from the client to `vip`, from this round's port."""
+        if vip not in self.frames:
+            c = self.lab.client
+            host, port = vip.removesuffix("/tcp").rsplit(":", 1)
+            self.frames[vip] = bytes(Ether(src=c.mac, dst=c.lb_mac) / IP(src=str(c.address), dst=host)
+                                     / TCP(sport=0, dport=int(port), flags="S"))
+        frame = bytearray(self.frames[vip])
+        frame[SPORT] = (10000 + self.round).to_bytes(2, "big")  # the program checks no TCP checksum
+        return frame
 
     def backends(self, vips: list[str], pin_dir: str) -> dict[str, str | None]:
         """VIP -> the backend its SYN was sent to, None where it was not balanced."""
         self.round += 1
-        c = self.lab.client
         found: dict[str, str | None] = {}
         prog_fd = loader.pinned_program(pin_dir)
         try:
             with in_netns(self.lab.lb_ns):
                 for vip in vips:
-                    host, port = vip.removesuffix("/tcp").rsplit(":", 1)
-                    frame = bytes(Ether(src=c.mac, dst=c.lb_mac) / IP(src=str(c.address), dst=host)
-                                  / TCP(sport=10000 + self.round, dport=int(port), flags="S"))
-                    result = probe(prog_fd, frame, self.ifindex)
+                    result = probe(prog_fd, bytes(self.syn(vip)), self.ifindex)
                     if result.reason in ("fwd_nat", "pass_neigh_unresolved") and result.backend is not None:
                         addr, bport = result.backend
                         found[vip] = f"{LbAddr.from_buffer_copy(addr).address()}:{bport}"
@@ -158,7 +167,7 @@ def test_apply_of_300_vips_killed_anywhere_leaves_old_or_new(lab: Lab, tmp_path)
         killed_then_checked(apply_killed(lab, files[target], f"map_write:{n}"), f"killed at map write {n}")
     target = "b" if in_force == "a" else "a"
     killed_then_checked(apply_killed(lab, files[target], "store_commit:1"), "killed before the commit")
-    for fraction in (0.5, 0.7, 0.8, 0.9, 1.0):  # a real kill -9 from outside, after a growing delay
+    for fraction in (0.5, 0.75, 1.0):  # a real kill -9 from outside, after a growing delay
         target = "b" if in_force == "a" else "a"
         proc = subprocess.Popen(["ip", "netns", "exec", lab.lb_ns, LBCTL, "apply", "-f", str(files[target])],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
