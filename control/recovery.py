@@ -47,7 +47,7 @@ def recover(store: Store, instance: Instance) -> dict[str, int]:
     dp = state.dataplane
     if dp is None or dp.netns_ino != instance.netns_ino or not os.path.exists(dp.pin_dir):
         return {}  # nothing to repair here; the command itself says what is wrong
-    if _applied_revision(dp) == state.revision:
+    if marked_revision(dp) == state.revision:
         return {}
     with store.transaction() as state:
         dp = state.dataplane
@@ -59,8 +59,9 @@ def recover(store: Store, instance: Instance) -> dict[str, int]:
             return corrected or {}
 
 
-def _applied_revision(dp: DataPlaneState) -> int:
-    """The mark, read without opening every map; refuses maps of another layout version."""
+def marked_revision(dp: DataPlaneState) -> int:
+    """The maps' mark, read without opening every map; refuses, in one line, maps of another
+    layout version (or an older lb's, which had no mark)."""
     path = os.path.join(dp.pin_dir, "lb_state")
     if not os.path.exists(path):
         raise LbError(f"the data plane in {dp.pin_dir} was loaded by an older lb (no lb_state map); "

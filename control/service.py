@@ -20,7 +20,7 @@ from control import config as declarative
 from control.model import (HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
                            VipAddress, VipState, format_endpoint, parse_prefix)
 from control.reconcile import Reconciler, mark_applied
-from control.recovery import recover, repair_if_interrupted
+from control.recovery import marked_revision, recover, repair_if_interrupted
 from control.routes import solicit_neighbour, sync_routes
 from control.store import SqliteStore, Store
 from lb import loader
@@ -417,6 +417,7 @@ class Controller:
         try:
             with self.store.transaction() as state:
                 dp = self.require_attached(state)
+                marked_revision(dp)  # maps of another layout: refused before anything is opened
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
                     if repair_if_interrupted(maps, state) is not None:
                         mark_applied(maps, state.revision)  # repaired: true as long as this change is not saved

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import pytest
 
+from lb.maps import U32, DataPlaneMaps
+from lb.structs import LAYOUT_VERSION
 from netns.lbctl import DaemonProcess, Result, forget, run_lbctl
 from netns.topology import Lab
 from netns.traffic import EchoStream, wait_for
@@ -93,3 +95,25 @@ def test_upgrade_from_the_previous_release_keeps_a_stream_and_its_counters(lab: 
         finally:
             assert d.stop() == 0
         assert stream.error is None
+
+
+def test_maps_of_a_newer_layout_are_refused_in_one_line(lab: Lab, tmp_path):
+    """A data plane made by a newer lb (a downgrade): neither lbctl nor the daemon reads its maps."""
+    run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces, "--ring-size", "251")
+    vip = f"{lab.vip(21)}:{PORT}/tcp"
+    run_lbctl(lab.lb_ns, "add-vip", vip)
+    pin_dir = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]["pin_dir"]
+    with DataPlaneMaps.open(pin_dir) as maps:
+        mark = maps.lb_state.get(U32(0))
+        mark.layout = LAYOUT_VERSION + 1
+        maps.lb_state.set(U32(0), mark)
+    for args in (("list",), ("add-vip", f"{lab.vip(22)}:{PORT}/tcp"), ("stats",)):
+        refused = run_lbctl(lab.lb_ns, *args, check=False)
+        assert refused.returncode == 1 and f"layout version {LAYOUT_VERSION + 1}" in refused.stderr, args
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    d = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ())
+    with pytest.raises(RuntimeError):
+        d.start()
+    assert d.proc.returncode == 1
+    assert any(f"layout version {LAYOUT_VERSION + 1}, newer than this lb's" in e["msg"] for e in d.events())
+    assert "adopted" not in d.log_tail()
