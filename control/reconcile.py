@@ -227,7 +227,8 @@ class Reconciler:
     def repair(self, state: State) -> dict[str, int]:
         """Make the maps hold exactly what `state` describes, whatever they hold now (after a crash,
         or a hand edit); returns the entries corrected per map. Same order as apply: stale VIP keys
-        go first, then what a VIP needs is written, its key last, and other stale entries after."""
+        go first, with the Maglev tables of VIP ids the state lacks, then what a VIP needs is written,
+        its key last, and other stale entries after."""
         want = MapContents.of(state)
         fixed: dict[str, int] = {}
 
@@ -236,6 +237,10 @@ class Reconciler:
                 fixed[map_name] = fixed.get(map_name, 0) + n
 
         count("vips", self._delete_extra("vips", want.vips))
+        # A VIP's metadata is written before its table and emptied after it: ids that have metadata
+        # the state lacks are the only ones whose tables may hold stale slots (an interrupted change).
+        for vid in self._extra_ids("vip_meta", want.vip_meta, VipMeta):
+            count("maglev", self._write_table(vid, None))
         count("backends", self._repair_array("backends", want.backends, Backend))
         count("reply_sources", self._write_missing("reply_sources", want.reply_sources))
         count("acl", self._write_missing("acl", want.acl))
@@ -267,6 +272,11 @@ class Reconciler:
         for k in extra:
             m.delete(m.key_type.from_buffer_copy(k))
         return len(extra)
+
+    def _extra_ids(self, map_name: str, want: dict[int, ctypes.Structure], empty: type) -> list[int]:
+        """Array map: the indexes holding an entry `want` does not have."""
+        m, blank = self.maps.maps[map_name], bytes(empty())
+        return [i for i in range(m.max_entries) if i not in want and bytes(m.get(U32(i))) != blank]
 
     def _repair_array(self, map_name: str, want: dict[int, ctypes.Structure], empty: type) -> int:
         """Array map: entries of `want` as given, every other index empty."""

@@ -19,9 +19,9 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from lb import loader
-from lb.maps import DataPlaneMaps
+from lb.maps import U32, DataPlaneMaps
 from lb.probe import probe
-from lb.structs import LbAddr
+from lb.structs import NO_BACKEND, Backend, LbAddr, VipMeta
 from netns.lbctl import LBCTL
 from netns.nsenter import in_netns, netlink_in
 from netns.topology import Lab
@@ -112,8 +112,17 @@ def assert_all_or_nothing(lab: Lab, prober: Prober, every_vip: list[str]) -> dic
     wrong = sorted(v for v in state if sent[v] not in state[v])
     assert not wrong, f"{len(wrong)} VIPs of the state do not forward to their backends, e.g. " \
                       f"{[(v, sent[v], state[v]) for v in wrong[:3]]}"
-    with DataPlaneMaps.open(pin_dir) as maps:
-        assert sum(1 for _ in maps.vips.keys()) == len(state)
+    with DataPlaneMaps.open(pin_dir) as maps:  # and nothing in the maps belongs to a VIP the state lacks
+        ids = {info.id for _, info in maps.vips.items()}
+        assert len(ids) == len(state)
+        metas = {i for i in range(maps.vip_meta.max_entries) if bytes(maps.vip_meta.get(U32(i))) != bytes(VipMeta())}
+        assert metas == ids, f"VIP metadata of ids no VIP has: {sorted(metas - ids)[:5]}"
+        ring = int(RING)
+        slots = maps.maglev.read_range(0, maps.maglev.max_entries)
+        tables = {i // ring for i, backend in enumerate(slots) if backend != NO_BACKEND}
+        assert tables <= ids, f"Maglev tables of ids no VIP has: {sorted(tables - ids)[:5]}"
+        named = set(slots) - {NO_BACKEND}
+        assert all(bytes(maps.backends.get(U32(b))) != bytes(Backend()) for b in named)
     return state
 
 
