@@ -2,7 +2,9 @@
 
 Every change runs in one store transaction: validate, update the maps, save.
 Bad input raises InputError before anything is written; a failed map update is
-rolled back by the Reconciler; a failed save rolls the maps back too."""
+rolled back by the Reconciler; a failed save rolls the maps back too. A process
+killed midway is covered by the maps' mark (control/recovery.py): the next
+command repairs the maps to the saved state before it reads or changes them."""
 from __future__ import annotations
 
 import contextlib
