@@ -69,6 +69,12 @@
 #define LB_REPLY_SHARED (1U << 0) /* endpoint behind several VIPs: find the VIP by the reply entry */
 
 /* probe_meta.magic: "lbpr" */
+/* Layout version of the pinned maps: bump it whenever the meaning of a map's key or
+ * value changes (sizes are checked on their own). A data plane whose maps carry
+ * another version is migrated by lbctl daemon (control/adopt.py), never reinterpreted.
+ * 1: before lb_state recorded it. */
+#define LB_LAYOUT_VERSION 2
+
 #define LB_PROBE_MAGIC 0x6c627072U
 
 /* Forwarding modes (vip_meta.mode; the data plane reads them from vip_info.flags) */
@@ -82,36 +88,39 @@
 #define LB_ENCAP_SRC4_PREFIX 0xac100000U /* 172.16.0.0/16 */
 #define LB_ENCAP_SRC6_PREFIX 0xfd006c62U /* fd00:6c62::/96 */
 
-/* Why the program did what it did: one per-CPU counter each. Names are
- * mirrored in lb/structs.py (REASONS) and checked by a test. */
+/* Why the program did what it did: one per-CPU counter each, in reason_stats at
+ * its value. Values are explicit and append-only (pinned counters keep their
+ * meaning across upgrades): a new reason takes the next value and moves
+ * LB_REASON_MAX; none is renumbered or reused. Mirrored in lb/structs.py
+ * (REASONS, index = value) and checked by a test. */
 enum lb_reason {
-	LB_FWD_NAT = 0,           /* client -> VIP, rewritten to a backend */
-	LB_FWD_REPLY,             /* backend -> client, rewritten back to the VIP */
-	LB_TX_ICMP_ECHO,          /* ICMP echo request to a VIP, answered here */
-	LB_PASS_NOT_IP,           /* neither IPv4 nor IPv6: ARP, LLDP, ... */
-	LB_PASS_NOT_VIP,          /* IP but not for a VIP nor a reply from a backend */
-	LB_PASS_IP_OPTIONS,       /* IPv4 options or IPv6 extension headers, not to a VIP */
-	LB_PASS_FRAGMENT,         /* IPv4 or IPv6 fragment, not to a VIP */
-	LB_PASS_UNSUPPORTED_L4,   /* not TCP, UDP or ICMP, not to a VIP */
-	LB_PASS_NEIGH_UNRESOLVED, /* rewritten, handed to the kernel to resolve the next hop's MAC */
-	LB_PASS_EGRESS_UNMANAGED, /* rewritten, egress interface has no XDP redirect slot */
-	LB_PASS_MALFORMED,        /* truncated or inconsistent headers, not to a VIP */
-	LB_DROP_NO_BACKEND,       /* VIP has no backend to send to */
-	LB_DROP_NO_ROUTE,         /* no route to the chosen backend or the client */
-	LB_DROP_IP_OPTIONS,       /* to a VIP: IPv4 options and IPv6 extension headers are not balanced */
-	LB_DROP_FRAGMENT,         /* to a VIP: fragments are not balanced */
-	LB_DROP_UNSUPPORTED_L4,   /* to a VIP: not TCP or UDP (nor ICMP echo or too-big) */
-	LB_DROP_MALFORMED,        /* to a VIP: truncated or inconsistent headers */
-	LB_DROP_ACL,              /* to a VIP: the source is not allowed */
-	LB_FWD_DSR,               /* client -> VIP, sent on to a backend's MAC (direct server return) */
-	LB_FWD_TUNNEL,            /* client -> VIP, encapsulated to a backend (IPIP or IPv6-in-IPv6) */
-	LB_DROP_NO_HEADROOM,      /* tunnel mode: no room in front of the packet for the outer header */
-	LB_FWD_ICMP_ERROR,        /* fragmentation needed / packet too big about a flow, sent to its backend */
-	LB_DROP_ICMP_NO_FLOW,     /* fragmentation needed / packet too big to a VIP, about no known flow */
-	LB_FWD_STEERED,           /* the LB host's own packet to a VIP, marked for a backend: sent to it (TC egress) */
-	LB_PASS_LOCAL_REPLY,      /* a backend's reply to a steered connection, rewritten back to the VIP, for the host */
-	LB_DROP_NEIGH_UNRESOLVED, /* dsr: the backend's MAC is unknown, and the kernel cannot forward a packet to a VIP */
-	LB_REASON_MAX,
+	LB_FWD_NAT = 0,               /* client -> VIP, rewritten to a backend */
+	LB_FWD_REPLY = 1,             /* backend -> client, rewritten back to the VIP */
+	LB_TX_ICMP_ECHO = 2,          /* ICMP echo request to a VIP, answered here */
+	LB_PASS_NOT_IP = 3,           /* neither IPv4 nor IPv6: ARP, LLDP, ... */
+	LB_PASS_NOT_VIP = 4,          /* IP but not for a VIP nor a reply from a backend */
+	LB_PASS_IP_OPTIONS = 5,       /* IPv4 options or IPv6 extension headers, not to a VIP */
+	LB_PASS_FRAGMENT = 6,         /* IPv4 or IPv6 fragment, not to a VIP */
+	LB_PASS_UNSUPPORTED_L4 = 7,   /* not TCP, UDP or ICMP, not to a VIP */
+	LB_PASS_NEIGH_UNRESOLVED = 8, /* rewritten, handed to the kernel to resolve the next hop's MAC */
+	LB_PASS_EGRESS_UNMANAGED = 9, /* rewritten, egress interface has no XDP redirect slot */
+	LB_PASS_MALFORMED = 10,       /* truncated or inconsistent headers, not to a VIP */
+	LB_DROP_NO_BACKEND = 11,      /* VIP has no backend to send to */
+	LB_DROP_NO_ROUTE = 12,        /* no route to the chosen backend or the client */
+	LB_DROP_IP_OPTIONS = 13,      /* to a VIP: IPv4 options and IPv6 extension headers are not balanced */
+	LB_DROP_FRAGMENT = 14,        /* to a VIP: fragments are not balanced */
+	LB_DROP_UNSUPPORTED_L4 = 15,  /* to a VIP: not TCP or UDP (nor ICMP echo or too-big) */
+	LB_DROP_MALFORMED = 16,       /* to a VIP: truncated or inconsistent headers */
+	LB_DROP_ACL = 17,             /* to a VIP: the source is not allowed */
+	LB_FWD_DSR = 18,              /* client -> VIP, sent on to a backend's MAC (direct server return) */
+	LB_FWD_TUNNEL = 19,           /* client -> VIP, encapsulated to a backend (IPIP or IPv6-in-IPv6) */
+	LB_DROP_NO_HEADROOM = 20,     /* tunnel mode: no room in front of the packet for the outer header */
+	LB_FWD_ICMP_ERROR = 21,       /* fragmentation needed / packet too big about a flow, sent to its backend */
+	LB_DROP_ICMP_NO_FLOW = 22,    /* fragmentation needed / packet too big to a VIP, about no known flow */
+	LB_FWD_STEERED = 23,          /* the LB host's own packet to a VIP, marked for a backend: sent to it (TC egress) */
+	LB_PASS_LOCAL_REPLY = 24,     /* a backend's reply to a steered connection, rewritten back to the VIP, for the host */
+	LB_DROP_NEIGH_UNRESOLVED = 25, /* dsr: the backend's MAC is unknown, and the kernel cannot forward a packet to a VIP */
+	LB_REASON_MAX = 26,           /* one past the last value: the size of reason_stats */
 };
 
 #endif

@@ -14,6 +14,8 @@ BPF_TABLE_PINNED("hash", struct vip_key, struct vip_info, vips, LB_MAX_VIPS, PIN
 BPF_TABLE_PINNED("hash", union lb_addr, struct vip_addr, vip_addrs, LB_MAX_VIPS, PIN(vip_addrs));
 /* the control plane's switches */
 BPF_TABLE_PINNED("array", __u32, struct lb_config, lb_config, 1, PIN(lb_config));
+/* the control plane's own record: the state revision the maps hold, their layout version */
+BPF_TABLE_PINNED("array", __u32, struct lb_state, lb_state, 1, PIN(lb_state));
 /* VIP id -> the VIP itself, for rewriting replies */
 BPF_TABLE_PINNED("array", __u32, struct vip_meta, vip_meta, LB_MAX_VIPS, PIN(vip_meta));
 /* VIP id * LB_RING_SIZE + slot -> backend id: one Maglev table per VIP */

@@ -102,6 +102,13 @@ struct lb_config {
 	__u32 flags;
 };
 
+/* lb_state array, one entry, written and read by the control plane only: what the maps hold */
+struct lb_state {
+	__u64 revision; /* the desired state's revision the maps hold (or are being changed to: see reconcile.py) */
+	__u32 layout;   /* LB_LAYOUT_VERSION of the program that created the maps */
+	__u32 pad;
+};
+
 /* vip_addrs hash value, by address: how many VIPs use it */
 struct vip_addr {
 	__u32 vips;

@@ -31,6 +31,7 @@ from control.logescape import escape
 from control.metrics import Metrics
 from control.model import is_whole_number
 from control.service import Controller
+from lb.structs import LAYOUT_VERSION
 
 
 # --- logging ----------------------------------------------------------------------------------
@@ -160,6 +161,9 @@ class Daemon:
             self.adopted = adopt(self.ctl)
             self.metrics.reconcile_seconds.labels("start").observe(time.monotonic() - start)
             _event(self.log, "data plane adopted", **self.adopted.as_dict())
+            if self.adopted.migrated:
+                _event(self.log, f"maps migrated to layout version {LAYOUT_VERSION}", logging.WARNING,
+                       migrated=self.adopted.migrated)
             if self.adopted.corrected:
                 _event(self.log, "maps corrected to the stored state", logging.WARNING,
                        corrected=self.adopted.corrected)

@@ -272,6 +272,8 @@ class State:
 
     dataplane: DataPlaneState | None = None
     vips: list[VipState] = field(default_factory=list)
+    # the store's revision this State was loaded at (0: never saved); a transaction saves it as revision + 1
+    revision: int = field(default=0, compare=False)
 
     def vip(self, vip: VipAddress) -> VipState | None:
         for v in self.vips:

@@ -3,7 +3,14 @@
 The maps hold what the old State describes; apply(old, new) writes only what
 differs, in an order that never lets a packet see a half-built VIP: backends
 and metadata first, then the Maglev table, then the VIP key itself (and the
-reverse when removing). If any write fails, the maps are brought back to `old`."""
+reverse when removing). If any write fails, the maps are brought back to `old`.
+
+Crash safety: the lb_state map records the store revision the maps hold. A change
+holding the store's lock writes there the revision it is about to commit BEFORE its
+first map write, then the maps, then commits. A process killed anywhere in between
+leaves a revision that differs from the store's, so the next command repairs the maps
+to the stored state (old or new, whichever was committed) before it acts; when they
+are equal the maps are known to match and nothing is read."""
 from __future__ import annotations
 
 import array
@@ -18,7 +25,7 @@ from control.model import State, VipState
 from lb.maglev import MaglevBackend, build_table
 from lb.maps import U32, DataPlaneMaps
 from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_SHARED,
-                        VIP_ACTIVE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, NextHop,
+                        VIP_ACTIVE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, LbState, NextHop,
                         ReplySource, VipAddr, VipInfo, VipKey, VipMeta, be16)
 
 MODE_CODES = {"nat": MODE_NAT, "dsr": MODE_DSR, "tunnel": MODE_TUNNEL}
@@ -95,6 +102,18 @@ class MapContents:
             c.backends[bid] = Backend(addr=ep.addr, port=ep.port,
                                       flags=BACKEND_IN_USE | (BACKEND_SHARED if shared else 0))
         return c
+
+
+def applied_revision(maps: DataPlaneMaps) -> int:
+    """The store revision the maps hold, as last marked (0: never marked)."""
+    return maps.lb_state.get(U32(0)).revision
+
+
+def mark_applied(maps: DataPlaneMaps, revision: int) -> None:
+    """Record the store revision the maps hold (or will once a change in progress commits)."""
+    mark = maps.lb_state.get(U32(0)) or LbState()
+    mark.revision = revision
+    maps.lb_state.set(U32(0), mark)
 
 
 def _endpoint(entry: Backend | VipMeta) -> tuple[bytes, int]:
@@ -208,7 +227,8 @@ class Reconciler:
     def repair(self, state: State) -> dict[str, int]:
         """Make the maps hold exactly what `state` describes, whatever they hold now (after a crash,
         or a hand edit); returns the entries corrected per map. Same order as apply: stale VIP keys
-        go first, then what a VIP needs is written, its key last, and other stale entries after."""
+        go first, with the Maglev tables of VIP ids the state lacks, then what a VIP needs is written,
+        its key last, and other stale entries after."""
         want = MapContents.of(state)
         fixed: dict[str, int] = {}
 
@@ -217,6 +237,10 @@ class Reconciler:
                 fixed[map_name] = fixed.get(map_name, 0) + n
 
         count("vips", self._delete_extra("vips", want.vips))
+        # A VIP's metadata is written before its table and emptied after it: ids that have metadata
+        # the state lacks are the only ones whose tables may hold stale slots (an interrupted change).
+        for vid in self._extra_ids("vip_meta", want.vip_meta, VipMeta):
+            count("maglev", self._write_table(vid, None))
         count("backends", self._repair_array("backends", want.backends, Backend))
         count("reply_sources", self._write_missing("reply_sources", want.reply_sources))
         count("acl", self._write_missing("acl", want.acl))
@@ -248,6 +272,11 @@ class Reconciler:
         for k in extra:
             m.delete(m.key_type.from_buffer_copy(k))
         return len(extra)
+
+    def _extra_ids(self, map_name: str, want: dict[int, ctypes.Structure], empty: type) -> list[int]:
+        """Array map: the indexes holding an entry `want` does not have."""
+        m, blank = self.maps.maps[map_name], bytes(empty())
+        return [i for i in range(m.max_entries) if i not in want and bytes(m.get(U32(i))) != blank]
 
     def _repair_array(self, map_name: str, want: dict[int, ctypes.Structure], empty: type) -> int:
         """Array map: entries of `want` as given, every other index empty."""

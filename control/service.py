@@ -2,7 +2,9 @@
 
 Every change runs in one store transaction: validate, update the maps, save.
 Bad input raises InputError before anything is written; a failed map update is
-rolled back by the Reconciler; a failed save rolls the maps back too."""
+rolled back by the Reconciler; a failed save rolls the maps back too. A process
+killed midway is covered by the maps' mark (control/recovery.py): the next
+command repairs the maps to the saved state before it reads or changes them."""
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +22,8 @@ from control.errors import InputError, LbError
 from control import config as declarative
 from control.model import (ALL_DOWN, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
                            VipAddress, VipState, format_endpoint, parse_prefix)
-from control.reconcile import Reconciler
+from control.reconcile import Reconciler, mark_applied
+from control.recovery import marked_revision, recover, repair_if_interrupted
 from control.routes import solicit_neighbour, sync_routes
 from control.store import SqliteStore, Store
 from lb import loader
@@ -99,6 +102,7 @@ class Controller:
                     for iface in ifaces:
                         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
                     sync_routes(maps, {i.ifindex for i in ifaces}, state.backend_ids())
+                    mark_applied(maps, state.revision + 1)  # what the commit below saves
                     Reconciler(maps, config.ring_size).apply(State(), state)
             except BaseException:
                 for iface in done:
@@ -308,7 +312,7 @@ class Controller:
             return {"dry_run": dry_run, **declarative.plan(old, state, state.dataplane.config["ring_size"])}
 
         if dry_run:
-            state = self.store.read()
+            state = self.read_state()
             self.require_attached(state)
             return change(state)
         result = self._change(change)
@@ -316,12 +320,18 @@ class Controller:
         return result
 
     def export(self) -> dict[str, Any]:
-        return {"yaml": declarative.to_yaml(declarative.config_of(self.store.read()))}
+        return {"yaml": declarative.to_yaml(declarative.config_of(self.read_state()))}
 
     # --- reading ---------------------------------------------------------------
 
+    def read_state(self) -> State:
+        """The stored state, once the maps are known to hold it (a change killed midway is repaired
+        first: control/recovery.py)."""
+        recover(self.store, self.instance)
+        return self.store.read()
+
     def list(self) -> dict[str, Any]:
-        state = self.store.read()
+        state = self.read_state()
         dp = state.dataplane
         return {
             "dataplane": None if dp is None else {
@@ -345,7 +355,7 @@ class Controller:
     def status(self) -> dict[str, Any]:
         """Each backend's health, weight, whether new flows reach it, and its connections; removed
         backends too while the connection table still holds flows of theirs (health "removed")."""
-        state = self.store.read()
+        state = self.read_state()
         dp = self.require_attached(state)
         with DataPlaneMaps.open(dp.pin_dir) as maps:
             connections = maps.connections_per_backend()
@@ -366,7 +376,7 @@ class Controller:
                                     "the LRU table has not evicted yet"}
 
     def stats(self) -> dict[str, Any]:
-        state = self.store.read()
+        state = self.read_state()
         dp = self.require_attached(state)
         with DataPlaneMaps.open(dp.pin_dir) as maps:
             def total(map_name: str, index: int) -> dict[str, int]:
@@ -387,7 +397,7 @@ class Controller:
 
     def test_packet(self, frame: bytes, ingress: str | None = None) -> dict[str, Any]:
         """Run one packet through the loaded program; see lb/probe.py."""
-        state = self.store.read()
+        state = self.read_state()
         dp = self.require_attached(state)
         ifname = ingress or dp.interfaces[0].name
         with IPRoute() as ipr:
@@ -424,14 +434,20 @@ class Controller:
         return names.get(flow.backend_id) if flow is not None else None
 
     def _change(self, change: Callable[[State], T]) -> T:
-        """Run `change` on the stored State and bring the maps along, all or nothing."""
+        """Run `change` on the stored State and bring the maps along, all or nothing. A crash
+        anywhere leaves the maps' mark unequal to the store's revision: the next command
+        repairs them to whichever state was saved (control/recovery.py)."""
         applied: tuple[str, int, State, State] | None = None
         try:
             with self.store.transaction() as state:
                 dp = self.require_attached(state)
-                old = copy.deepcopy(state)
-                result = change(state)
+                marked_revision(dp)  # maps of another layout: refused before anything is opened
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
+                    if repair_if_interrupted(maps, state) is not None:
+                        mark_applied(maps, state.revision)  # repaired: true as long as this change is not saved
+                    old = copy.deepcopy(state)
+                    result = change(state)
+                    mark_applied(maps, state.revision + 1)  # before the first write; the commit makes it true
                     sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids() | old.backend_ids())
                     Reconciler(maps, dp.config["ring_size"]).apply(old, state)
                 applied = (dp.pin_dir, dp.config["ring_size"], old, state)  # not changed after this
@@ -441,6 +457,7 @@ class Controller:
                 pin_dir, ring_size, old, new = applied
                 with DataPlaneMaps.open(pin_dir) as maps:
                     Reconciler(maps, ring_size).apply(new, old)
+                    mark_applied(maps, old.revision)
             raise
 
     def _change_backend(self, vip_text: str, backend_text: str,

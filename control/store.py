@@ -19,6 +19,7 @@ from lb.pins import STATE_DIR
 from lb.private import private_dir, private_file, tighten_if_present
 from control.model import (BackendAddress, BackendState, DataPlaneState, HealthCheck, Interface, State,
                            VipAddress, VipState)
+from lb import fault
 
 
 class Store(Protocol):
@@ -119,7 +120,9 @@ class SqliteStore:
         row = conn.execute("SELECT revision, doc FROM state WHERE id = 1").fetchone()
         if row is None:
             return State(), 0
-        return state_from_doc(json.loads(row[1])), row[0]
+        state = state_from_doc(json.loads(row[1]))
+        state.revision = row[0]
+        return state, row[0]
 
     def read(self) -> State:
         conn = self._connect()
@@ -138,6 +141,7 @@ class SqliteStore:
                 yield state
                 conn.execute("INSERT OR REPLACE INTO state (id, revision, doc) VALUES (1, ?, ?)",
                              (revision + 1, json.dumps(state_to_doc(state), sort_keys=True)))
+                fault.point("store_commit")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

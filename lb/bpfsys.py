@@ -10,6 +10,8 @@ import os
 import platform
 import struct
 
+from lb import fault
+
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 
 BPF_PROG_LOAD = 5
@@ -152,10 +154,12 @@ def map_lookup(fd: int, key, value) -> bool:
 
 
 def map_update(fd: int, key, value, flags: int = BPF_ANY) -> None:
+    fault.point("map_write")
     bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=fd, key=_addr(key), value=_addr(value), flags=flags), "map update")
 
 
 def map_delete(fd: int, key) -> bool:
+    fault.point("map_write")
     try:
         bpf(BPF_MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=_addr(key)), "map delete")
     except BpfError as e:
@@ -176,6 +180,7 @@ def map_next_key(fd: int, key, next_key) -> bool:
 
 
 def map_update_batch(fd: int, keys: ctypes.Array, values: ctypes.Array, count: int) -> None:
+    fault.point("map_write")
     attr = _BatchAttr(keys=_addr(keys), values=_addr(values), count=count, map_fd=fd)
     bpf(BPF_MAP_UPDATE_BATCH, attr, "map batch update")
     if attr.count != count:

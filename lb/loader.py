@@ -9,11 +9,12 @@ import hashlib
 import os
 from dataclasses import dataclass, asdict
 from pathlib import Path
+from typing import Callable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from lb import bpfsys
+from lb import bpfsys, layout
 from lb.maglev import DEFAULT_RING_SIZE, is_prime
 from lb.private import private_dir
 
@@ -145,6 +146,7 @@ def load_and_pin(config: DataPlaneConfig, pin_dir: str, hook: str = "xdp") -> in
         unpin_all(pin_dir)
         raise
     try:
+        layout.stamp(pin_dir)
         for pin, fd in fds.items():
             bpfsys.obj_pin(fd, os.path.join(pin_dir, pin))
     finally:
@@ -153,15 +155,20 @@ def load_and_pin(config: DataPlaneConfig, pin_dir: str, hook: str = "xdp") -> in
     return pinned_program(pin_dir, ingress_pin(hook))
 
 
-def replace_program(config: DataPlaneConfig, pin_dir: str, interfaces: list[tuple[int, str]]) -> int:
+def replace_program(config: DataPlaneConfig, pin_dir: str, interfaces: list[tuple[int, str]],
+                    before_swap: Callable[[], None] | None = None) -> int:
     """Build the programs again on the pinned maps (every entry kept, the connection table too),
     swap them in on each (ifindex, mode) atomically (mode "tc": the TC build at ingress) and pin
-    them in the old ones' places.
+    them in the old ones' places. Maps whose pins are gone are created; `before_swap` fills them
+    while the old program still runs on its own.
 
     Packets see either the old program or the new one, never none. Returns the new XDP build's id."""
     new = _compile(config, pin_dir)
     old_xdp = pinned_program(pin_dir)
     try:
+        layout.stamp(pin_dir)
+        if before_swap is not None:
+            before_swap()
         staged = {pin: os.path.join(pin_dir, pin + "_new") for pin in new}  # bpffs names take no dots
         for pin, path in staged.items():
             if os.path.exists(path):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from lb import bpfsys
-from lb.structs import (FLOW_REPLY, AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, NextHop, ReplySource,
+from lb.structs import (FLOW_REPLY, AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, LbState, NextHop, ReplySource,
                         RouteKey, VipAddr, VipInfo, VipKey, VipMeta)
 
 U32 = ctypes.c_uint32
@@ -143,6 +143,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "vips": (VipKey, VipInfo),
     "vip_addrs": (LbAddr, VipAddr),
     "lb_config": (U32, LbConfig),
+    "lb_state": (U32, LbState),
     "vip_meta": (U32, VipMeta),
     "maglev": (U32, U32),
     "backends": (U32, Backend),

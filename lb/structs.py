@@ -109,6 +109,10 @@ class LbConfig(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32)]
 
 
+class LbState(ctypes.Structure):
+    _fields_ = [("revision", ctypes.c_uint64), ("layout", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 class VipAddr(ctypes.Structure):
     _fields_ = [("vips", ctypes.c_uint32)]
 
@@ -133,12 +137,13 @@ C_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "struct lb_counters": LbCounters,
     "struct probe_meta": ProbeMeta,
     "struct lb_config": LbConfig,
+    "struct lb_state": LbState,
     "struct acl_key": AclKey,
     "struct acl_rule": AclRule,
     "struct vip_addr": VipAddr,
 }
 
-# enum lb_reason, in order: the value is the index.
+# enum lb_reason, in order: the index is the member's explicit value in bpf/consts.h (append only).
 REASONS: tuple[str, ...] = (
     "LB_FWD_NAT",
     "LB_FWD_REPLY",
@@ -194,8 +199,10 @@ ENCAP_TTL = 64
 ENCAP_SRC4_PREFIX = 0xAC100000  # 172.16.0.0/16
 ENCAP_SRC6_PREFIX = 0xFD006C62  # fd00:6c62::/96
 NO_BACKEND = 0
+LAYOUT_VERSION = 2  # LB_LAYOUT_VERSION: the pinned maps' layout (lb/layout.py)
 PROBE_MAGIC = 0x6C627072
 MAX_IFINDEX = 65536
+MAX_ACL_RULES = 16384
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 HASHES = ("flow", "source")

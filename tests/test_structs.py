@@ -24,7 +24,8 @@ FLAGS = {
     "LB_ENCAP_SRC4_PREFIX": structs.ENCAP_SRC4_PREFIX, "LB_ENCAP_SRC6_PREFIX": structs.ENCAP_SRC6_PREFIX,
     "LB_ACL_ALLOW": structs.ACL_ALLOW, "LB_ACL_DENY": structs.ACL_DENY, "LB_FLOW_LOCAL": structs.FLOW_LOCAL,
     "LB_MARK_MAGIC": structs.MARK_MAGIC, "LB_MARK_MAGIC_MASK": structs.MARK_MAGIC_MASK,
-    "LB_MARK_BACKEND_MASK": structs.MARK_BACKEND_MASK,
+    "LB_MARK_BACKEND_MASK": structs.MARK_BACKEND_MASK, "LB_LAYOUT_VERSION": structs.LAYOUT_VERSION,
+    "LB_MAX_ACL_RULES": structs.MAX_ACL_RULES,
 }
 
 
@@ -62,6 +63,15 @@ def test_struct_layout_matches_c(c_layout, c_name):
     if c_name != "union lb_addr":
         for field, _ in py._fields_:
             assert getattr(py, field).offset == c_layout[f"{c_name}.{field}"], field
+
+
+def test_reason_codes_are_explicit_in_c():
+    """Every enum lb_reason member has its value written out: pinned counters keep their meaning."""
+    import re
+    text = (BPF_DIR / "consts.h").read_text()
+    body = text[text.index("enum lb_reason {"):text.index("};", text.index("enum lb_reason {"))]
+    members = re.findall(r"^\s*(LB_[A-Z0-9_]+)\s*(=\s*\d+)?\s*,", body, re.M)
+    assert members and all(value for _, value in members), [name for name, value in members if not value]
 
 
 def test_reason_codes_match_c(c_layout):
