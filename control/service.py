@@ -46,13 +46,13 @@ def choose_xdp_mode(iface: Interface, requested: str) -> str | None:
     XDP_TX/REDIRECT would break: lb/offload.py). Returns the one line to tell the operator, if any."""
     if requested not in ("auto", "native"):
         return None
-    reason = offload.partial_checksum_reason(iface.ifindex)
+    partial = offload.partial_checksums(iface.ifindex)
     if requested == "auto":
-        iface.mode = "generic" if reason else "native"
-        return f"{iface.name}: generic XDP, which keeps partial checksums: {reason}" if reason else None
-    if reason:
-        return (f"{iface.name}: warning: native XDP forced, but {reason}: its rewritten TCP/UDP will arrive with "
-                f"bad checksums; fix: 'ethtool -K PEER tx off' on the sender, or --hook tc, or --xdp-mode auto")
+        iface.mode = "generic" if partial else "native"
+        return f"{iface.name}: generic XDP, which keeps partial checksums: {partial.reason}" if partial else None
+    if partial:
+        return (f"{iface.name}: warning: native XDP forced, but {partial.reason}: the packets it rewrites will "
+                f"arrive with bad checksums; fix: {partial.fix()}")
     return None
 
 
@@ -105,10 +105,11 @@ class Controller:
             done: list[Interface] = []
             try:
                 for iface in ifaces:
-                    loader.attach_pinned(loader.ingress_pin(hook), iface.ifindex, iface.name, prog_fd, mode)
+                    loader.attach_pinned(loader.ingress_pin(hook), iface.ifindex, iface.name, prog_fd, iface.mode)
                     done.append(iface)
                     # steers the host's own packets marked for a backend (health checks)
-                    loader.attach_pinned(loader.EGRESS_PROGRAM_PIN, iface.ifindex, iface.name, egress_fd, mode)
+                    loader.attach_pinned(loader.EGRESS_PROGRAM_PIN, iface.ifindex, iface.name, egress_fd,
+                                         iface.mode)
                 with DataPlaneMaps.open(pin_dir) as maps:
                     for iface in ifaces:
                         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))

@@ -23,6 +23,7 @@ import os
 import socket
 import struct
 import threading
+from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
@@ -56,14 +57,27 @@ class _IfIndexReq(ctypes.Structure):
     _fields_ = [("name", ctypes.c_char * 16), ("ifindex", ctypes.c_int), ("pad", ctypes.c_char * 20)]
 
 
-def partial_checksum_reason(ifindex: int) -> str | None:
-    """Why frames arriving on ifindex (this namespace) may carry partial checksums; None if they cannot."""
+@dataclass
+class PartialChecksums:
+    """Frames arriving on an interface may carry partial checksums: why, and the veth peer whose
+    offload is the cause (None for other kinds)."""
+
+    reason: str
+    peer: str | None = None
+
+    def fix(self) -> str:
+        sender = f"'ethtool -K {self.peer} tx off' on the peer" if self.peer else "TX checksum offload off on the sender"
+        return f"{sender}, or --hook tc"
+
+
+def partial_checksums(ifindex: int) -> PartialChecksums | None:
+    """Whether frames arriving on ifindex (this namespace) may carry partial checksums."""
     with IPRoute() as ipr:
         link = ipr.link("get", index=ifindex)[0]
     info = link.get_attr("IFLA_LINKINFO")
     kind = info.get_attr("IFLA_INFO_KIND") if info else None
     if kind in ALWAYS_PARTIAL:
-        return ALWAYS_PARTIAL[kind]
+        return PartialChecksums(ALWAYS_PARTIAL[kind])
     if kind != "veth":
         return None
     peer = link.get_attr("IFLA_LINK")
@@ -71,9 +85,9 @@ def partial_checksum_reason(ifindex: int) -> str | None:
     try:
         name, tx_csum = _peer_tx_checksum(peer, nsid)
     except OSError as e:
-        return f"its veth peer (ifindex {peer}) could not be inspected ({e.strerror or e})"
+        return PartialChecksums(f"its veth peer (ifindex {peer}) could not be inspected ({e.strerror or e})")
     if tx_csum:
-        return f"its veth peer {name} offloads TX checksums"
+        return PartialChecksums(f"its veth peer {name} offloads TX checksums", name)
     return None
 
 
