@@ -14,7 +14,9 @@ How each kind of interface is judged:
 - tun/tap: the writer (a VM, a container runtime) may hand over partial
   checksums: always;
 - macvlan, macvtap, ipvlan: local siblings deliver their frames unfinished: always;
-- anything else (NICs, VLANs, bonds of NICs): never."""
+- bridge: its local ports (veths of containers) do the same: always (a bridge has no native XDP anyway);
+- VLAN: as the device below it;
+- anything else (NICs, bonds of NICs): never."""
 from __future__ import annotations
 
 import ctypes
@@ -40,6 +42,7 @@ ALWAYS_PARTIAL = {
     "macvlan": "local macvlan siblings deliver unfinished checksums",
     "macvtap": "local macvtap siblings deliver unfinished checksums",
     "ipvlan": "local ipvlan siblings deliver unfinished checksums",
+    "bridge": "a bridge's local ports (containers' veths) deliver unfinished checksums",
 }
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -78,9 +81,11 @@ def partial_checksums(ifindex: int) -> PartialChecksums | None:
     kind = info.get_attr("IFLA_INFO_KIND") if info else None
     if kind in ALWAYS_PARTIAL:
         return PartialChecksums(ALWAYS_PARTIAL[kind])
+    peer = link.get_attr("IFLA_LINK")
+    if kind == "vlan" and peer and link.get_attr("IFLA_LINK_NETNSID") is None:
+        return partial_checksums(peer)  # the device it is stacked on
     if kind != "veth":
         return None
-    peer = link.get_attr("IFLA_LINK")
     nsid = link.get_attr("IFLA_LINK_NETNSID")
     try:
         name, tx_csum = _peer_tx_checksum(peer, nsid)
