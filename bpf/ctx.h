@@ -2,11 +2,8 @@
  * for interfaces without native XDP. The program is written once against
  * lb_ctx and the LB_ACT_* actions; this header maps them onto each hook.
  * (The entry point keeps its name, xdp_lb, in both builds.)
- * Limit of the TC build: its NAT updates checksums in place (RFC 1624), right
- * for packets that arrive with full checksums (NICs; veths whose peer has tx
- * checksum offload off, as in the lab); an skb still CHECKSUM_PARTIAL (a
- * local veth peer with offload on) would need bpf_l4_csum_replace(), as the
- * egress program (steer.h) does. */
+ * The TC build fixes checksums with the kernel's helpers, right for an skb
+ * that still carries a partial checksum (csum.h). */
 #ifndef LB_CTX_H
 #define LB_CTX_H
 

@@ -19,15 +19,6 @@ static __always_inline void swap_macs(struct packet *pkt)
 	__builtin_memcpy(pkt->eth->h_dest, mac, 6);
 }
 
-/* The echo reply type replaces the request's; type and code share a word of the checksum. */
-static __always_inline void icmp_set_type(struct icmphdr *icmp, __u8 type)
-{
-	__u16 old = *(__u16 *)icmp;
-
-	icmp->type = type;
-	lb_csum_replace2(&icmp->checksum, old, *(__u16 *)icmp);
-}
-
 /* Is this an echo request (ICMP type 8, ICMPv6 type 128)? */
 static __always_inline int icmp_is_echo_request(const struct packet *pkt)
 {
@@ -42,7 +33,7 @@ static __always_inline int icmp_is_neighbour_discovery(const struct packet *pkt)
 
 /* ICMPv6: swap MACs and addresses (the pseudo-header sum does not change),
  * reset the hop limit (not in the checksum), type 128 -> 129. */
-static __always_inline void icmp6_echo_reply(struct packet *pkt)
+static __always_inline void icmp6_echo_reply_write(struct packet *pkt)
 {
 	struct ipv6hdr *ip6 = pkt->ip6;
 	struct in6_addr addr = ip6->saddr;
@@ -51,31 +42,44 @@ static __always_inline void icmp6_echo_reply(struct packet *pkt)
 	ip6->saddr = ip6->daddr;
 	ip6->daddr = addr;
 	ip6->hop_limit = LB_ICMP_TTL;
-	icmp_set_type(pkt->icmp, ICMPV6_ECHO_REPLY);
+	pkt->icmp->type = ICMPV6_ECHO_REPLY;
 }
 
 /* ICMP: swap MACs and addresses (the IP checksum does not change), reset
  * the TTL, type 8 -> 0. */
-static __always_inline void icmp4_echo_reply(struct packet *pkt)
+static __always_inline void icmp4_echo_reply_write(struct packet *pkt)
 {
 	struct iphdr *ip4 = pkt->ip4;
 	__be32 addr = ip4->saddr;
-	__u16 old_ttl = *(__u16 *)&ip4->ttl; /* ttl and protocol share a 16-bit word */
 
 	swap_macs(pkt);
 	ip4->saddr = ip4->daddr;
 	ip4->daddr = addr;
 	ip4->ttl = LB_ICMP_TTL;
-	lb_csum_replace2(&ip4->check, old_ttl, *(__u16 *)&ip4->ttl);
-	icmp_set_type(pkt->icmp, ICMP_ECHOREPLY);
+	pkt->icmp->type = ICMP_ECHOREPLY;
 }
 
-static __always_inline void icmp_echo_reply(struct packet *pkt)
+/* The request turned into its reply, in place. The TTL shares a 16-bit word
+ * of the IPv4 header with the protocol, the type one of the ICMP message with
+ * the code. Non-zero: the packet cannot be sent. (At TC the packet's pointers
+ * are stale afterwards: the reply leaves at once.) */
+static __always_inline int icmp_echo_reply(lb_ctx *ctx, struct packet *pkt)
 {
-	if (pkt->ip_version == 6)
-		icmp6_echo_reply(pkt);
-	else
-		icmp4_echo_reply(pkt);
+	struct csum_target t = {};
+	__u16 old_ttl = 0, new_ttl = 0;
+	__u16 old_type = *(__u16 *)pkt->icmp;
+
+	csum_target_icmp(&t, pkt, 1);
+	if (pkt->ip_version == 6) {
+		icmp6_echo_reply_write(pkt);
+	} else {
+		old_ttl = *(__u16 *)&pkt->ip4->ttl;
+		icmp4_echo_reply_write(pkt);
+		new_ttl = *(__u16 *)&pkt->ip4->ttl;
+	}
+	__u16 new_type = *(__u16 *)pkt->icmp;
+
+	return csum_l3_replace2(ctx, &t, old_ttl, new_ttl) | csum_l4_replace2(ctx, &t, old_type, new_type);
 }
 
 /* ICMP "fragmentation needed" (type 3 code 4), ICMPv6 "packet too big" (type 2):
@@ -157,55 +161,90 @@ static __always_inline int icmp_parse_inner(const struct packet *pkt, void *data
 	return icmp_parse_inner4(in, cursor, data_end);
 }
 
-/* The ICMP checksum covers the whole quote: every change to it is folded in. */
-static __always_inline void icmp_quote_replace4(struct packet *pkt, __be32 *field, __be32 to)
-{
-	__be32 from = *field;
-
-	*field = to;
-	lb_csum_replace4(&pkt->icmp->checksum, from, to);
-}
+/* What rewriting a quote changed, for the ICMP checksum. */
+struct quote_change {
+	__u8 ip_version; /* the quote's; 0: nothing rewritten */
+	__u16 old_check; /* the quoted IPv4 header's checksum, before and after */
+	__u16 new_check;
+	__be16 old_port;
+};
 
 /* The quoted reply's source, VIP -> backend, as the backend sent it; its IPv4
  * header checksum is fixed, its L4 checksum is left as the LB's NAT wrote it
  * (it covers the VIP): kernels never verify the quote's L4 checksum, and a
- * quote is often cut before it. */
-static __always_inline void icmp_quote_rewrite_source(struct packet *pkt, struct icmp_inner *in,
-						       const struct backend *be)
+ * quote is often cut before it. The quote is ICMP payload: its own header
+ * checksum is plain data, fixed here in place in both builds. */
+static __always_inline void icmp_quote_write_source(struct icmp_inner *in, const struct backend *be,
+						    struct quote_change *c)
 {
 	/* Test the very pointer used: the verifier cannot tie it to the IP version. */
 	if (in->ip4) {
-		__u16 old_check = in->ip4->check;
-
+		c->ip_version = 4;
+		c->old_check = in->ip4->check;
 		lb_csum_replace4(&in->ip4->check, in->ip4->saddr, be->addr.w[3]);
-		icmp_quote_replace4(pkt, &in->ip4->saddr, be->addr.w[3]);
-		lb_csum_replace2(&pkt->icmp->checksum, old_check, in->ip4->check);
+		in->ip4->saddr = be->addr.w[3];
+		c->new_check = in->ip4->check;
 	} else if (in->ip6) {
+		c->ip_version = 6;
+		nat_write_addr6(in->ip6->saddr.in6_u.u6_addr32, &be->addr);
+	} else {
+		return;
+	}
+	c->old_port = in->ports[0];
+	if (be->port) /* 0: the backend kept the VIP's port */
+		in->ports[0] = be->port;
+}
+
+/* The ICMP checksum (t) covers the whole quote: every change to it is folded in. */
+static __always_inline int icmp_quote_source_changed(lb_ctx *ctx, const struct csum_target *t,
+						     const struct icmp_inner *in, const struct quote_change *c,
+						     const struct backend *be)
+{
+	int err = 0;
+
+	if (c->ip_version == 4) {
+		err |= csum_l4_replace4(ctx, t, in->src.w[3], be->addr.w[3]);
+		err |= csum_l4_replace2(ctx, t, c->old_check, c->new_check);
+	} else if (c->ip_version == 6) {
 #pragma unroll
 		for (int i = 0; i < 4; i++)
-			icmp_quote_replace4(pkt, &in->ip6->saddr.in6_u.u6_addr32[i], be->addr.w[i]);
+			err |= csum_l4_replace4(ctx, t, in->src.w[i], be->addr.w[i]);
+	} else {
+		return 0;
 	}
-	if (be->port) { /* 0: the backend kept the VIP's port */
-		__be16 old_port = in->ports[0];
-
-		in->ports[0] = be->port;
-		lb_csum_replace2(&pkt->icmp->checksum, old_port, be->port);
-	}
+	if (be->port)
+		err |= csum_l4_replace2(ctx, t, c->old_port, be->port);
+	return err;
 }
 
 /* NAT mode: the error goes to the backend (outer destination) about its own
  * reply (the quote's source). ICMPv6's checksum covers the outer addresses
- * (pseudo-header), ICMP's does not. */
-static __always_inline void icmp_error_rewrite_to_backend(struct packet *pkt, struct icmp_inner *in,
-							  const struct backend *be)
+ * (pseudo-header), ICMP's does not. Every field is written before any
+ * checksum is told (csum.h); each checksum sees its changes in the reference
+ * model's order. Non-zero: the packet cannot be sent. */
+static __always_inline int icmp_error_rewrite_to_backend(lb_ctx *ctx, struct packet *pkt, struct icmp_inner *in,
+							 const struct backend *be)
 {
-	if (pkt->ip_version == 6) {
-		pkt->l4_check = &pkt->icmp->checksum;
-		nat_addr6(pkt, pkt->ip6->daddr.in6_u.u6_addr32, &be->addr);
+	struct csum_target outer = {}, quote = {};
+	struct quote_change change = {};
+	union lb_addr from = pkt->dst;
+	int version = pkt->ip_version;
+
+	csum_target_icmp(&quote, pkt, 0);
+	if (version == 6) {
+		csum_target_icmp(&outer, pkt, 0);
+		nat_write_addr6(pkt->ip6->daddr.in6_u.u6_addr32, &be->addr);
 	} else {
-		nat_addr4(pkt, &pkt->ip4->daddr, be->addr.w[3]);
+		csum_target_icmp(&outer, pkt, 1);
+		outer.l4_check = 0; /* the IPv4 header's checksum only: ICMP's covers no address */
+		pkt->ip4->daddr = be->addr.w[3];
 	}
-	icmp_quote_rewrite_source(pkt, in, be);
+	icmp_quote_write_source(in, be, &change);
+
+	int err = nat_addr_changed(ctx, &outer, version, &from, &be->addr);
+
+	err |= icmp_quote_source_changed(ctx, &quote, in, &change, be);
+	return nat_done(ctx, pkt, err);
 }
 
 #endif

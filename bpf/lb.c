@@ -140,7 +140,8 @@ static __always_inline int forward(lb_ctx *ctx, struct packet *pkt, __u32 vip_fl
 		return send_direct(ctx, pkt, nh, resolved, LB_FWD_DSR);
 	if (vip_flags & LB_VIP_TUNNEL)
 		return send_encapsulated(ctx, pkt, be, nh, resolved, LB_FWD_TUNNEL);
-	nat_rewrite_destination(pkt, be);
+	if (nat_rewrite_destination(ctx, pkt, be))
+		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
 	return send(ctx, pkt, nh, resolved, LB_FWD_NAT);
 }
 
@@ -302,7 +303,8 @@ static __always_inline int to_client(lb_ctx *ctx, struct packet *pkt, struct flo
 	__u32 vip_id = flow->vip_id, backend_id = flow->backend_id;
 
 	count_flow(vip_id, backend_id, pkt->len, 1, 0);
-	nat_rewrite_source(pkt, vip);
+	if (nat_rewrite_source(ctx, pkt, vip))
+		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
 	if (flow->flags & LB_FLOW_LOCAL) /* the LB host's own connection (steered at TC egress) */
 		return verdict(ctx, LB_PASS_LOCAL_REPLY, LB_ACT_PASS);
 	return send(ctx, pkt, &flow->reply_nh, ensure_next_hop(ctx, pkt, &pkt->dst, &flow->reply_nh), LB_FWD_REPLY);
@@ -352,7 +354,8 @@ static __always_inline int forward_icmp_error(lb_ctx *ctx, struct packet *pkt, s
 		return send_direct(ctx, pkt, &flow->nh, resolved, LB_FWD_ICMP_ERROR);
 	if (mode == LB_MODE_TUNNEL)
 		return send_encapsulated(ctx, pkt, be, &flow->nh, resolved, LB_FWD_ICMP_ERROR);
-	icmp_error_rewrite_to_backend(pkt, in, be);
+	if (icmp_error_rewrite_to_backend(ctx, pkt, in, be))
+		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
 	return send(ctx, pkt, &flow->nh, resolved, LB_FWD_ICMP_ERROR);
 }
 
@@ -400,7 +403,8 @@ static __always_inline int handle_icmp(lb_ctx *ctx, struct packet *pkt)
 		return icmp_error_to_backend(ctx, pkt);
 	if (!icmp_is_echo_request(pkt))
 		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, LB_ACT_DROP);
-	icmp_echo_reply(pkt);
+	if (icmp_echo_reply(ctx, pkt))
+		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
 	return verdict(ctx, LB_TX_ICMP_ECHO, LB_ACT_TX(ctx));
 }
 

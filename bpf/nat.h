@@ -1,80 +1,126 @@
-/* NAT rewrites: one address and one port, checksums updated incrementally. */
+/* NAT rewrites: one address and one port. The fields are written first, then
+ * the checksums that cover them are told what changed (csum.h: in place for
+ * XDP, the kernel's helpers at TC, which leave the packet's pointers stale
+ * until nat_done finds the headers again). */
 #ifndef LB_NAT_H
 #define LB_NAT_H
 
 #include "csum.h"
 #include "parse.h"
 
-/* A UDP checksum that computes to zero is sent as all ones (RFC 768). */
-static __always_inline void l4_csum_replace4(struct packet *pkt, __be32 from, __be32 to)
+/* The packet's own checksums: the IPv4 header's and its TCP or UDP one. */
+static __always_inline void csum_target_of(struct csum_target *t, const struct packet *pkt)
 {
-	if (pkt->l4_check) {
-		lb_csum_replace4(pkt->l4_check, from, to);
-		if (pkt->proto == IPPROTO_UDP && *pkt->l4_check == 0)
-			*pkt->l4_check = 0xffff;
-	}
+#ifdef LB_HOOK_TC
+	t->l3_check = pkt->ip_version == 4 ? pkt->l3_off + __builtin_offsetof(struct iphdr, check) : 0;
+	t->l4_check = 0;
+	if (pkt->l4_check)
+		t->l4_check = pkt->l4_off + (pkt->proto == IPPROTO_UDP ? __builtin_offsetof(struct udphdr, check)
+								  : __builtin_offsetof(struct tcphdr, check));
+	t->l4_flags = pkt->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+#else
+	t->l3_check = pkt->ip_version == 4 ? &pkt->ip4->check : NULL;
+	t->l4_check = pkt->l4_check;
+	t->udp = pkt->proto == IPPROTO_UDP;
+#endif
 }
 
-static __always_inline void l4_csum_replace2(struct packet *pkt, __be16 from, __be16 to)
+/* An ICMP or ICMPv6 message's checksum (and the IPv4 header's, when with_l3). */
+static __always_inline void csum_target_icmp(struct csum_target *t, const struct packet *pkt, int with_l3)
 {
-	if (pkt->l4_check) {
-		lb_csum_replace2(pkt->l4_check, from, to);
-		if (pkt->proto == IPPROTO_UDP && *pkt->l4_check == 0)
-			*pkt->l4_check = 0xffff;
-	}
+#ifdef LB_HOOK_TC
+	t->l3_check = with_l3 && pkt->ip_version == 4 ? pkt->l3_off + __builtin_offsetof(struct iphdr, check) : 0;
+	t->l4_check = pkt->l4_off + __builtin_offsetof(struct icmphdr, checksum);
+	t->l4_flags = 0;
+#else
+	t->l3_check = with_l3 && pkt->ip_version == 4 ? &pkt->ip4->check : NULL;
+	t->l4_check = &pkt->icmp->checksum;
+	t->udp = 0;
+#endif
 }
 
-/* Each helper replaces one field and keeps the checksums that cover it right. */
-
-static __always_inline void nat_port(struct packet *pkt, __be16 *port, __be16 new_port)
+/* A rewrite is over: at TC, find the headers again (the checksum helpers left
+ * pkt's pointers stale). Non-zero: the packet cannot be sent. */
+static __always_inline int nat_done(lb_ctx *ctx, struct packet *pkt, int err)
 {
-	__be16 old_port = *port;
-
-	if (!new_port) /* 0: the VIP takes every port, the port stays */
-		return;
-	*port = new_port;
-	l4_csum_replace2(pkt, old_port, new_port);
+#ifdef LB_HOOK_TC
+	if (err)
+		return err;
+	return packet_reload(ctx, pkt);
+#else
+	return err;
+#endif
 }
 
-static __always_inline void nat_addr4(struct packet *pkt, __be32 *addr, __be32 new_addr)
-{
-	__be32 old_addr = *addr;
-
-	*addr = new_addr;
-	lb_csum_replace4(&pkt->ip4->check, old_addr, new_addr);
-	l4_csum_replace4(pkt, old_addr, new_addr);
-}
-
-/* IPv6 has no header checksum; the L4 one covers the address, word by word. */
-static __always_inline void nat_addr6(struct packet *pkt, __be32 *addr, const union lb_addr *new_addr)
+static __always_inline void nat_write_addr6(__be32 *addr, const union lb_addr *to)
 {
 #pragma unroll
-	for (int i = 0; i < 4; i++) {
-		__be32 old_word = addr[i];
+	for (int i = 0; i < 4; i++)
+		addr[i] = to->w[i];
+}
 
-		addr[i] = new_addr->w[i];
-		l4_csum_replace4(pkt, old_word, new_addr->w[i]);
+/* An address went from -> to: IPv4 is one word (w[3]), IPv6 four, each in the pseudo-header. */
+static __always_inline int nat_addr_changed(lb_ctx *ctx, const struct csum_target *t, int ip_version,
+					    const union lb_addr *from, const union lb_addr *to)
+{
+	int err = 0;
+
+	if (ip_version == 6) {
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+			err |= csum_addr_replace4(ctx, t, from->w[i], to->w[i]);
+	} else {
+		err |= csum_addr_replace4(ctx, t, from->w[3], to->w[3]);
 	}
+	return err;
 }
 
-/* client -> VIP becomes client -> backend */
-static __always_inline void nat_rewrite_destination(struct packet *pkt, const struct backend *be)
+/* client -> VIP becomes client -> backend (port 0: the backend takes the VIP's port).
+ * Non-zero: the packet cannot be sent. */
+static __always_inline int nat_rewrite_destination(lb_ctx *ctx, struct packet *pkt, const struct backend *be)
 {
-	if (pkt->ip_version == 6)
-		nat_addr6(pkt, pkt->ip6->daddr.in6_u.u6_addr32, &be->addr);
+	struct csum_target t = {};
+	union lb_addr from = pkt->dst;
+	__be16 from_port = pkt->dport;
+	int version = pkt->ip_version;
+
+	csum_target_of(&t, pkt);
+	if (version == 6)
+		nat_write_addr6(pkt->ip6->daddr.in6_u.u6_addr32, &be->addr);
 	else
-		nat_addr4(pkt, &pkt->ip4->daddr, be->addr.w[3]);
-	nat_port(pkt, &pkt->l4_ports[1], be->port);
+		pkt->ip4->daddr = be->addr.w[3];
+	if (be->port)
+		pkt->l4_ports[1] = be->port;
+
+	int err = nat_addr_changed(ctx, &t, version, &from, &be->addr);
+
+	if (be->port)
+		err |= csum_l4_replace2(ctx, &t, from_port, be->port);
+	return nat_done(ctx, pkt, err);
 }
 
-/* backend -> client becomes VIP -> client */
-static __always_inline void nat_rewrite_source(struct packet *pkt, const struct vip_meta *vip)
+/* backend -> client becomes VIP -> client (port 0: the VIP takes every port, the port stays).
+ * Non-zero: the packet cannot be sent. */
+static __always_inline int nat_rewrite_source(lb_ctx *ctx, struct packet *pkt, const struct vip_meta *vip)
 {
-	if (pkt->ip_version == 6)
-		nat_addr6(pkt, pkt->ip6->saddr.in6_u.u6_addr32, &vip->addr);
+	struct csum_target t = {};
+	union lb_addr from = pkt->src;
+	__be16 from_port = pkt->sport;
+	int version = pkt->ip_version;
+
+	csum_target_of(&t, pkt);
+	if (version == 6)
+		nat_write_addr6(pkt->ip6->saddr.in6_u.u6_addr32, &vip->addr);
 	else
-		nat_addr4(pkt, &pkt->ip4->saddr, vip->addr.w[3]);
-	nat_port(pkt, &pkt->l4_ports[0], vip->port);
+		pkt->ip4->saddr = vip->addr.w[3];
+	if (vip->port)
+		pkt->l4_ports[0] = vip->port;
+
+	int err = nat_addr_changed(ctx, &t, version, &from, &vip->addr);
+
+	if (vip->port)
+		err |= csum_l4_replace2(ctx, &t, from_port, vip->port);
+	return nat_done(ctx, pkt, err);
 }
 
 #endif

@@ -36,6 +36,8 @@ struct packet {
 	__be16 dport;
 	__u8 proto;
 	__u32 len;
+	__u16 l3_off; /* where the IP header starts (the TC build's checksum helpers work by offset) */
+	__u16 l4_off; /* where the L4 header starts */
 };
 
 static __always_inline void addr_from_ipv4(union lb_addr *a, __be32 v4)
@@ -87,6 +89,7 @@ static __always_inline int parse_ipv6(struct packet *pkt, void *cursor, void *da
 	if ((void *)(ip6 + 1) > data_end)
 		return LB_PASS_MALFORMED;
 	pkt->ip6 = ip6;
+	pkt->l4_off = pkt->l3_off + sizeof(*ip6);
 	pkt->ip_version = 6;
 	pkt->proto = ip6->nexthdr;
 	__builtin_memcpy(&pkt->src, &ip6->saddr, 16);
@@ -113,6 +116,7 @@ static __always_inline int parse_packet(lb_ctx *ctx, struct packet *pkt)
 		return LB_PASS_MALFORMED;
 	pkt->eth = eth;
 	pkt->len = data_end - data;
+	pkt->l3_off = sizeof(*eth);
 	proto = eth->h_proto;
 	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD)) {
 		struct vlan_hdr *vlan = cursor;
@@ -121,6 +125,7 @@ static __always_inline int parse_packet(lb_ctx *ctx, struct packet *pkt)
 			return LB_PASS_MALFORMED;
 		proto = vlan->encap_proto;
 		cursor = vlan + 1;
+		pkt->l3_off += sizeof(*vlan);
 	}
 	if (proto == bpf_htons(ETH_P_IPV6))
 		return parse_ipv6(pkt, cursor, data_end);
@@ -135,6 +140,7 @@ static __always_inline int parse_packet(lb_ctx *ctx, struct packet *pkt)
 	 * packet it cannot balance was meant for a VIP. */
 	pkt->ip4 = ip4;
 	pkt->ip_version = 4;
+	pkt->l4_off = pkt->l3_off + sizeof(*ip4);
 	pkt->proto = ip4->protocol;
 	addr_from_ipv4(&pkt->src, ip4->saddr);
 	addr_from_ipv4(&pkt->dst, ip4->daddr);
@@ -147,5 +153,58 @@ static __always_inline int parse_packet(lb_ctx *ctx, struct packet *pkt)
 		return LB_PASS_FRAGMENT;
 	return parse_l4(pkt, ip4 + 1, data_end, IPPROTO_ICMP);
 }
+
+#ifdef LB_HOOK_TC
+/* The skb helpers that change a packet (bpf_l4_csum_replace...) leave every
+ * pointer into it stale: find the headers again where parse_packet found
+ * them. The addresses and ports pkt holds stay those it arrived with. */
+static __always_inline int packet_reload(lb_ctx *ctx, struct packet *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	void *l3 = data + (pkt->l3_off & 0x3f); /* bounded for the verifier: 14 or 18 */
+	void *l4 = data + (pkt->l4_off & 0x7f); /* at most 18 + 40 */
+
+	if (data + sizeof(struct ethhdr) > data_end)
+		return -1;
+	pkt->eth = data;
+	pkt->ip4 = NULL;
+	pkt->ip6 = NULL;
+	if (pkt->ip_version == 6) {
+		if (l3 + sizeof(struct ipv6hdr) > data_end)
+			return -1;
+		pkt->ip6 = l3;
+	} else {
+		if (l3 + sizeof(struct iphdr) > data_end)
+			return -1;
+		pkt->ip4 = l3;
+	}
+	pkt->icmp = NULL;
+	pkt->l4_ports = NULL;
+	pkt->l4_check = NULL;
+	if (pkt->proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = l4;
+
+		if ((void *)(tcp + 1) > data_end)
+			return -1;
+		pkt->l4_ports = (__be16 *)tcp;
+		pkt->l4_check = &tcp->check;
+	} else if (pkt->proto == IPPROTO_UDP) {
+		struct udphdr *udp = l4;
+
+		if ((void *)(udp + 1) > data_end)
+			return -1;
+		pkt->l4_ports = (__be16 *)udp;
+		pkt->l4_check = udp->check ? &udp->check : NULL;
+	} else {
+		struct icmphdr *icmp = l4;
+
+		if ((void *)(icmp + 1) > data_end)
+			return -1;
+		pkt->icmp = icmp;
+	}
+	return 0;
+}
+#endif
 
 #endif

@@ -48,7 +48,8 @@ def adopt(ctl: Controller) -> AdoptReport:
         return report
     report.attached = True
     if not ctl.pins_alive(dp):  # a reboot took program and maps: build them again, as attach does
-        xdp_mode = dp.interfaces[0].mode if dp.hook == "xdp" else "native"
+        modes = {i.mode for i in dp.interfaces}
+        xdp_mode = modes.pop() if dp.hook == "xdp" and len(modes) == 1 else "auto"  # mixed: chosen again
         ctl.attach([i.name for i in dp.interfaces], xdp_mode, loader.DataPlaneConfig(**dp.config), dp.hook)
         report.program, report.program_id = "loaded", ctl.program_id(ctl.store.read().dataplane) or 0
         return report

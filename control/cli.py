@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attach", help="load the data plane and attach it to interfaces")
     a.add_argument("interfaces", nargs="+", metavar="IFACE")
-    a.add_argument("--xdp-mode", choices=("native", "generic"), default="native",
-                   help="native (driver) XDP, or generic (slower, works everywhere)")
+    a.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto",
+                   help="auto (default): native (driver) XDP, generic where frames may arrive with partial "
+                        "checksums (a veth whose peer offloads them, tun/tap); native: everywhere; "
+                        "generic: everywhere (slower)")
     a.add_argument("--hook", choices=("xdp", "tc"), default="xdp",
                    help="xdp (default), or tc: TC ingress, for interfaces without native XDP")
     a.add_argument("--ring-size", type=_positive, default=65537, help="Maglev table slots per VIP (a prime)")
@@ -203,9 +205,10 @@ def format_decap(r: dict[str, Any]) -> str:
 def format_change(command: str, r: dict[str, Any]) -> str:
     match command:
         case "attach":
-            how = "TC ingress" if r["hook"] == "tc" else f"{r['mode']} XDP"
-            return (f"attached to {', '.join(r['attached'])} ({how}); maps pinned in {r['pin_dir']}; "
-                    f"{r['vips']} VIP(s) restored")
+            where = ", ".join(f"{i['name']} ({'TC ingress' if i['mode'] == 'tc' else i['mode'] + ' XDP'})"
+                              for i in r["interfaces"])
+            return "\n".join([f"attached to {where}; maps pinned in {r['pin_dir']}; {r['vips']} VIP(s) restored",
+                              *r["notes"]])
         case "detach":
             return f"detached from {', '.join(r['detached']) or 'no interface'}"
         case "add-vip":
@@ -253,15 +256,16 @@ def format_plan(r: dict[str, Any]) -> str:
 
 
 def format_status(data: dict[str, Any]) -> str:
+    attached = "data plane: " + ", ".join(f"{i['name']} ({i['mode']})" for i in data.get("interfaces", []))
     if not data["vips"]:
-        return "no VIPs"
+        return attached + "\nno VIPs"
     rows: list[list[Any]] = [["VIP", "BACKEND", "HEALTH", "WEIGHT", "NEW FLOWS", "CONNECTIONS"]]
     for v in data["vips"]:
         check = f"(check: {v['health_check']})" + (" ALL DOWN: failing open" if v["failing_open"] else "")
         rows.append([v["vip"], "-" if not v["backends"] else "", check, "", "", ""])
         rows.extend(["", b["backend"], b["health"], b["weight"], "yes" if b["serving"] else "no", b["connections"]]
                     for b in v["backends"])
-    return _table(rows) + "\n" + data["connections_note"]
+    return attached + "\n" + _table(rows) + "\n" + data["connections_note"]
 
 
 def read_config(path: str) -> tuple[str, str]:

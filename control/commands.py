@@ -73,7 +73,7 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
                                          conn_table_size=_int(p, "conn_table_size", defaults.conn_table_size))
             except ValueError as e:
                 raise InputError(str(e)) from None
-            return ctl.attach(_strings(p, "interfaces"), _str(p, "xdp_mode", "native"), config,
+            return ctl.attach(_strings(p, "interfaces"), _str(p, "xdp_mode", "auto"), config,
                               _str(p, "hook", "xdp"))
         case "detach":
             return ctl.detach()

@@ -26,7 +26,7 @@ from control.reconcile import Reconciler, mark_applied
 from control.recovery import marked_revision, recover, repair_if_interrupted
 from control.routes import solicit_neighbour, sync_routes
 from control.store import SqliteStore, Store
-from lb import loader
+from lb import loader, offload
 from lb.bpfsys import prog_id
 from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
@@ -44,6 +44,22 @@ def _ifindex(ipr: IPRoute, name: str) -> int:
         return loader.interface_index(ipr, name)
     except loader.UnknownInterface as e:
         raise InputError(str(e)) from None
+
+
+def choose_xdp_mode(iface: Interface, requested: str) -> str | None:
+    """Settle iface.mode for the mode asked for ("tc" and "generic" stay as they are; "auto" becomes
+    native, or generic where frames may arrive with partial checksums, which native XDP's
+    XDP_TX/REDIRECT would break: lb/offload.py). Returns the one line to tell the operator, if any."""
+    if requested not in ("auto", "native"):
+        return None
+    partial = offload.partial_checksums(iface.ifindex)
+    if requested == "auto":
+        iface.mode = "generic" if partial else "native"
+        return f"{iface.name}: generic XDP, which keeps partial checksums: {partial.reason}" if partial else None
+    if partial:
+        return (f"{iface.name}: warning: native XDP forced, but {partial.reason}: the packets it rewrites will "
+                f"arrive with bad checksums; fix: {partial.fix()}")
+    return None
 
 
 def resolve_dsr_backends(state: State) -> None:
@@ -69,8 +85,8 @@ class Controller:
 
     def attach(self, ifnames: list[str], mode: str, config: loader.DataPlaneConfig,
                hook: str = "xdp") -> dict[str, Any]:
-        if mode not in loader.XDP_MODES:
-            raise InputError(f"unknown XDP mode {mode!r} (expected native or generic)")
+        if mode not in (*loader.XDP_MODES, "auto"):
+            raise InputError(f"unknown XDP mode {mode!r} (expected auto, native or generic)")
         if hook not in loader.HOOKS:
             raise InputError(f"unknown hook {hook!r} (expected xdp or tc)")
         if hook == "tc":
@@ -82,6 +98,7 @@ class Controller:
         for iface in ifaces:
             if iface.ifindex >= MAX_IFINDEX:
                 raise InputError(f"{iface.name}: ifindex {iface.ifindex} is above the data plane's limit {MAX_IFINDEX - 1}")
+        notes = [note for iface in ifaces if (note := choose_xdp_mode(iface, mode))]
         with self.store.transaction() as state:
             dp = state.dataplane
             if dp is not None and dp.netns_ino == self.instance.netns_ino and self.pins_alive(dp):
@@ -94,10 +111,11 @@ class Controller:
             done: list[Interface] = []
             try:
                 for iface in ifaces:
-                    loader.attach_pinned(loader.ingress_pin(hook), iface.ifindex, iface.name, prog_fd, mode)
+                    loader.attach_pinned(loader.ingress_pin(hook), iface.ifindex, iface.name, prog_fd, iface.mode)
                     done.append(iface)
                     # steers the host's own packets marked for a backend (health checks)
-                    loader.attach_pinned(loader.EGRESS_PROGRAM_PIN, iface.ifindex, iface.name, egress_fd, mode)
+                    loader.attach_pinned(loader.EGRESS_PROGRAM_PIN, iface.ifindex, iface.name, egress_fd,
+                                         iface.mode)
                 with DataPlaneMaps.open(pin_dir) as maps:
                     for iface in ifaces:
                         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
@@ -115,8 +133,10 @@ class Controller:
             state.dataplane = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict(),
                                              loader.program_digest(config, pin_dir), hook)
             resolve_dsr_backends(state)  # after a reboot or a detach, the neighbour tables may have lost them
-            return {"attached": [i.name for i in ifaces], "mode": mode, "hook": hook, "pin_dir": pin_dir,
-                    "vips": len(state.vips)}
+            modes = {i.mode for i in ifaces}
+            return {"attached": [i.name for i in ifaces], "mode": modes.pop() if len(modes) == 1 else "mixed",
+                    "interfaces": [{"name": i.name, "mode": i.mode} for i in ifaces], "notes": notes,
+                    "hook": hook, "pin_dir": pin_dir, "vips": len(state.vips)}
 
     @staticmethod
     def detach_interface(iface: Interface, hook: str) -> None:
@@ -371,7 +391,7 @@ class Controller:
                                  "serving": v.takes_new_flows(b), "connections": connections.get(b.id, 0)})
             vips.append({"vip": str(v.vip), "mode": v.mode, "health_check": v.health.kind, "all_down": v.all_down,
                          "failing_open": v.failing_open, "backends": backends})
-        return {"vips": vips,
+        return {"vips": vips, "interfaces": [{"name": i.name, "mode": i.mode} for i in dp.interfaces],
                 "connections_note": "connections = connection-table entries, which include closed connections "
                                     "the LRU table has not evicted yet"}
 

@@ -103,9 +103,10 @@ class DaemonProcess:
 
 @contextlib.contextmanager
 def lab_with_lb(n_backends: int = 3, attach: bool = True, *attach_args: str,
-                direct_return: bool = False) -> Iterator[Lab]:
-    """A lab whose LB namespace has lb attached on every interface; all of it goes afterwards."""
-    with Lab.build(n_backends, direct_return=direct_return) as lab:
+                direct_return: bool = False, **build_options: bool) -> Iterator[Lab]:
+    """A lab whose LB namespace has lb attached on every interface; all of it goes afterwards.
+    build_options: Lab.build's offload settings."""
+    with Lab.build(n_backends, direct_return=direct_return, **build_options) as lab:
         try:
             if attach:
                 run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces, *attach_args)

@@ -65,6 +65,17 @@ def veth_pair(subnet: int, end: End, peer: End) -> None:
             ipr.link("set", index=idx, state="up")
 
 
+def set_tx_checksum(ns: str, ifname: str, on: bool) -> None:
+    """TX checksum offload of a veth end (`ethtool -K IFNAME tx on|off`)."""
+    with in_netns(ns):
+        with contextlib.closing(Ethtool()) as ethtool:
+            features = ethtool.get_features(ifname)
+            for name in ("tx-checksum-ip-generic",):
+                if name in features.features:
+                    features.features[name].enable = on
+            ethtool.set_features(ifname, features)
+
+
 def run_prefix() -> str:
     """Unique per run: two runs on one machine never share a name. LB_LAB_PREFIX (short: namespace
     names carry it) tells apart the labs of several checkouts working on one machine."""
@@ -103,6 +114,8 @@ class Lab:
     backends: list[Host]
     namespaces: list[str] = field(default_factory=list)
     direct_links: list[DirectLink] = field(default_factory=list)  # with direct_return: one per backend
+    hosts_tx_checksum: bool = True  # the hosts' veths offload TX checksums (Lab.build)
+    lb_tx_checksum: bool = True  # the LB's veths offload TX checksums
 
     @property
     def lb_interfaces(self) -> list[str]:
@@ -116,9 +129,16 @@ class Lab:
 
     @classmethod
     @contextlib.contextmanager
-    def build(cls, n_backends: int = 3, prefix: str | None = None, direct_return: bool = False) -> Iterator["Lab"]:
+    def build(cls, n_backends: int = 3, prefix: str | None = None, direct_return: bool = False,
+              hosts_tx_checksum: bool = True, lb_tx_checksum: bool = True) -> Iterator["Lab"]:
+        """hosts_tx_checksum: the hosts keep the kernel's default, TX checksum offload on, so their
+        frames reach the LB with partial checksums, as a container's or a VM's do (lbctl attach then
+        picks generic XDP); False: full checksums, as from a NIC's wire (native XDP: the bench).
+        lb_tx_checksum False: the LB's own interfaces compute checksums in software, as a NIC
+        without checksum offload does (what reveals a TC rewrite wrong for a partial checksum)."""
         prefix = prefix or run_prefix()
         lab = cls(prefix, f"{prefix}-lb", None, [])  # type: ignore[arg-type]
+        lab.hosts_tx_checksum, lab.lb_tx_checksum = hosts_tx_checksum, lb_tx_checksum
         try:
             lab._create(n_backends)
             if direct_return:
@@ -202,14 +222,16 @@ class Lab:
         with netlink_in(ns) as ipr:
             ipr.route("add", dst="default", gateway=str(lb_ip))
             ipr.route("add", dst="::/0", gateway=str(lb_ip6), family=socket.AF_INET6)
-        self._prepare_peer(ns, "eth0")
+        self._prepare_peer(ns, "eth0", self.hosts_tx_checksum)
+        if not self.lb_tx_checksum:
+            set_tx_checksum(self.lb_ns, lb_ifname, False)
         return Host(ns, "eth0", host_ip, lab_mac(subnet, 2), lb_ifname, lb_ip, lab_mac(subnet, 1), host_ip6, lb_ip6)
 
     @staticmethod
-    def _prepare_peer(ns: str, ifname: str) -> None:
+    def _prepare_peer(ns: str, ifname: str, tx_checksum: bool) -> None:
         """A veth end takes frames that XDP sends into it only with GRO on (XDP_REDIRECT) or an
         XDP program of its own (XDP_TX): the lab's hosts get both, a program that passes all.
-        And they send full checksums, as a NIC puts them on the wire."""
+        TX checksum offload stays as the kernel made it unless tx_checksum is False."""
         prog = bpfsys.load_xdp_return(XDP_PASS, b"lab_pass")
         try:
             with netlink_in(ns) as ipr:
@@ -220,12 +242,10 @@ class Lab:
         with in_netns(ns):
             with contextlib.closing(Ethtool()) as ethtool:
                 features = ethtool.get_features(ifname)
-                for name in ("rx-gro",):
-                    features.features[name].enable = True
-                for name in ("tx-checksum-ip-generic",):
-                    if name in features.features:
-                        features.features[name].enable = False
+                features.features["rx-gro"].enable = True
                 ethtool.set_features(ifname, features)
+        if not tx_checksum:
+            set_tx_checksum(ns, ifname, False)
 
     def resolve_neighbours(self, timeout: float = 5.0) -> None:
         """Have the LB learn every host's MAC, IPv4 and IPv6 (as traffic would), polling until it has."""

@@ -208,10 +208,11 @@ def test_daemon_rebuilds_the_data_plane_after_a_reboot(lab: Lab, tmp_path):
     vip = f"{lab.vip(8)}:80/tcp"
     run_lbctl(lab.lb_ns, "add-vip", vip)
     run_lbctl(lab.lb_ns, "add-backend", vip, f"{lab.backends[0].address}:8080")
-    pin_dir = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]["pin_dir"]
+    listed = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]
+    pin_dir = listed["pin_dir"]
     with in_netns(lab.lb_ns):  # what a reboot leaves: the state file, no program, no pins
-        for ifname in lab.lb_interfaces:
-            loader.detach_xdp(socket.if_nametoindex(ifname), "native")
+        for iface in listed["interfaces"]:
+            loader.detach_xdp(socket.if_nametoindex(iface["name"]), iface["mode"])
     loader.unpin_all(pin_dir)
     assert program_ids(lab) == {0}
 

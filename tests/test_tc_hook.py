@@ -1,5 +1,7 @@
-"""The same data plane at TC ingress (lbctl attach --hook tc): real TCP through a NAT VIP, its
-replies, ICMP echo, and a detach that leaves no filter behind."""
+"""The same data plane at TC ingress (lbctl attach --hook tc): real TCP and UDP through NAT VIPs
+(IPv4 and IPv6), their replies, ICMP echo, and a detach that leaves no filter behind. The hosts send
+partial checksums (TX offload on, the kernel's default) and the LB computes checksums in software
+(its TX offload off): every rewrite must keep a partial checksum right (bpf/csum.h)."""
 from __future__ import annotations
 
 import socket
@@ -13,13 +15,13 @@ from scapy.layers.l2 import Ether
 from lb import loader
 from netns.nsenter import in_netns, netlink_in, socket_in
 from netns.topology import Lab
-from netns.traffic import Servers, http_get
+from netns.traffic import Servers, http_get, udp_request
 from tests.conftest import add_vip_with_backends, backend_name, lab_with_lb, lbctl
 
 
 @pytest.fixture(scope="module")
 def tc_lab() -> Iterator[Lab]:
-    with lab_with_lb(3, True, "--hook", "tc") as lab:
+    with lab_with_lb(3, True, "--hook", "tc", lb_tx_checksum=False) as lab:
         yield lab
 
 
@@ -55,6 +57,22 @@ def test_tcp_through_a_nat_vip_and_its_replies(tc_lab, tc_servers):
         assert after["fwd_reply"] - before["fwd_reply"] >= 30 * 3
     finally:
         lbctl(tc_lab)("remove-vip", vip)
+
+
+def test_udp_and_ipv6_tcp_through_nat_vips(tc_lab, tc_servers):
+    udp_vip = add_vip_with_backends(tc_lab, f"{tc_lab.vip(4)}:53/udp", 5353)
+    tcp6_vip = f"[{tc_lab.vip6(1)}]:80/tcp"
+    lbctl(tc_lab)("add-vip", tcp6_vip)
+    for b in tc_lab.backends:
+        lbctl(tc_lab)("add-backend", tcp6_vip, f"[{b.address6}]:8080")
+    names = {backend_name(b.ns) for b in tc_lab.backends}
+    try:
+        assert {udp_request(tc_lab.client.ns, str(tc_lab.vip(4)), 53, b"q").decode().split()[0]
+                for _ in range(12)} <= names
+        assert {http_get(tc_lab.client.ns, str(tc_lab.vip6(1)), 80) for _ in range(12)} <= names
+    finally:
+        lbctl(tc_lab)("remove-vip", udp_vip)
+        lbctl(tc_lab)("remove-vip", tcp6_vip)
 
 
 def test_lbctl_test_packet_still_probes_under_the_tc_hook(tc_lab):
