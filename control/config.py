@@ -68,6 +68,7 @@ class _Reader:
 
     def __init__(self, source: str):
         self.source = source
+        self.backend_nodes: list[tuple[BackendAddress, yaml.Node]] = []  # to check against every VIP
 
     def fail(self, node: yaml.Node, reason: str) -> NoReturn:
         raise InputError(f"{self.source}:{node.start_mark.line + 1}: {reason}")
@@ -133,6 +134,10 @@ class _Reader:
                 self.fail(item, f"VIP {spec.vip} is listed twice (first on line {seen[spec.vip]})")
             seen[spec.vip] = item.start_mark.line + 1
             config.vips.append(spec)
+        addresses = {spec.vip.address for spec in config.vips}
+        for address, node in self.backend_nodes:
+            if address.address in addresses:
+                self.fail(node, f"backend {address}: its address is a VIP's address; a backend must be another host")
         return config
 
     def vip(self, node: yaml.Node) -> VipSpec:
@@ -158,6 +163,7 @@ class _Reader:
             except InputError as e:
                 self.fail(item, str(e))
             spec.backends.append(backend)
+            self.backend_nodes.append((backend.address, item))
         if spec.health.enabled and spec.health.port is None and spec.vip.any_port:
             self.fail(keys["health"], f"VIP {spec.vip} takes every port, so its backends have none to check: "
                                       f"give the health check a port")

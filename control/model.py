@@ -31,6 +31,36 @@ def _parse_address(text: str, original: str) -> IPAddress:
         raise InputError(f"{original!r}: {text!r} is not an IP address") from None
 
 
+# ipaddress counts the limited broadcast only as "reserved", with 240/4, which Linux routes as unicast
+_LIMITED_BROADCAST = ipaddress.ip_address("255.255.255.255")
+
+
+def unicast_problem(address: IPAddress) -> str | None:
+    """Why packets to `address` cannot reach one remote host (None if they can): the kernel and
+    routers treat these kinds as local, for a link only, for many hosts or for no host."""
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return ("an IPv4-mapped IPv6 address: no IPv6 packet on the wire carries it; "
+                f"write the IPv4 address {address.ipv4_mapped}")
+    if address.is_unspecified:
+        return "the unspecified address, never a destination"
+    if address == _LIMITED_BROADCAST:
+        return "the broadcast address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.is_loopback:
+        return "a loopback address, which never leaves a host"
+    if address.is_link_local:
+        return "a link-local address, which routers do not forward"
+    return None
+
+
+def require_unicast(address: IPAddress, original: str, role: str) -> None:
+    """InputError unless `address` can carry unicast traffic to a remote host."""
+    problem = unicast_problem(address)
+    if problem is not None:
+        raise InputError(f"{original!r}: {address} cannot be {role}: it is {problem}")
+
+
 def _parse_port(text: str, original: str) -> int:
     if not is_whole_number(text):
         raise InputError(f"{original!r}: port {text!r} is not a number")
@@ -75,8 +105,11 @@ class VipAddress:
     proto: str
 
     @classmethod
-    def parse(cls, text: str) -> "VipAddress":
+    def parse(cls, text: str, usable: bool = True) -> "VipAddress":
+        """`usable`: refuse addresses no client could reach (off only to read what is stored)."""
         address, port, proto = _split(text)
+        if usable:
+            require_unicast(address, text, "a VIP")
         if proto is None:
             raise InputError(f"{text!r}: a VIP needs a protocol, as in {format_endpoint(address, 80)}/tcp "
                              f"(or {format_endpoint(address, 0)}/tcp for every port)")
@@ -108,6 +141,7 @@ class BackendAddress:
     @classmethod
     def parse(cls, text: str, vip: VipAddress) -> "BackendAddress":
         address, port, proto = _split(text)
+        require_unicast(address, text, "a backend")
         if proto is not None:
             raise InputError(f"{text!r}: a backend takes the VIP's protocol; write ADDR[:PORT] without /{proto}")
         if port is None:
@@ -261,6 +295,21 @@ class State:
 
     def backend_ids(self) -> set[int]:
         return {b.id for v in self.vips for b in v.backends}
+
+    def backends_that_are_vips(self) -> set[tuple[str, str]]:
+        """(VIP, backend) pairs whose backend's address is a VIP's address: the LB would send the
+        packet to an address it takes itself (and whose routes lead nowhere useful)."""
+        addresses = {v.vip.address: v.vip for v in self.vips}
+        return {(str(v.vip), str(b.address)) for v in self.vips for b in v.active_backends()
+                if b.address.address in addresses}
+
+    def require_no_new_backend_vips(self, before: "State") -> None:
+        """InputError if this state has a backend-that-is-a-VIP that `before` did not."""
+        new = sorted(self.backends_that_are_vips() - before.backends_that_are_vips())
+        if new:
+            vip, backend = new[0]
+            raise InputError(f"backend {backend} of VIP {vip}: its address is a VIP's address; "
+                             f"a backend must be another host")
 
     def require_vip(self, vip: VipAddress) -> VipState:
         found = self.vip(vip)

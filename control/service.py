@@ -409,6 +409,7 @@ class Controller:
                 dp = self.require_attached(state)
                 old = copy.deepcopy(state)
                 result = change(state)
+                state.require_no_new_backend_vips(old)
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
                     sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids() | old.backend_ids())
                     Reconciler(maps, dp.config["ring_size"]).apply(old, state)

@@ -59,7 +59,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
     dp = doc.get("dataplane")
     vips = []
     for v in doc.get("vips", []):
-        vip = VipAddress.parse(v["vip"])
+        vip = VipAddress.parse(v["vip"], usable=False)  # as stored, even from before the check
         backends = [
             BackendState(BackendAddress(ipaddress.ip_address(b["address"]), b["port"]), b["id"], b["weight"],
                          b["retired_at"], b.get("healthy", True))

@@ -99,6 +99,26 @@ BAD_INPUT = [
     ("decap", "detach", "to-client"),  # not attached
     ("decap",),
     ("frobnicate",),
+    # addresses that cannot carry unicast to a remote host, and a backend that is a VIP
+    ("add-vip", "0.0.0.0:80/tcp"),
+    ("add-vip", "255.255.255.255:80/tcp"),
+    ("add-vip", "224.0.0.5:80/udp"),
+    ("add-vip", "127.0.0.1:80/tcp"),
+    ("add-vip", "169.254.10.1:80/tcp"),
+    ("add-vip", "[::ffff:198.19.0.20]:80/tcp"),
+    ("add-vip", "[fe80::1]:80/tcp"),
+    ("add-vip", "198.18.1.2:443/tcp"),  # already a backend's address
+    ("add-backend", VIP, "[::ffff:198.18.1.9]:8080"),
+    ("add-backend", VIP, "127.0.0.1:8080"),
+    ("add-backend", VIP, "255.255.255.255"),
+    ("add-backend", VIP, "224.1.1.1"),
+    ("add-backend", VIP, "0.0.0.0"),
+    ("add-backend", VIP, "198.19.0.8"),  # a VIP's address (ANY_PORT_VIP)
+    ("add-backend", DSR_VIP, "198.19.0.1"),  # a VIP's address (VIP)
+    ("add-backend", TUNNEL_VIP, "[ff02::2]"),
+    ("remove-backend", VIP, "[::]:8080"),
+    ("drain", VIP, "127.0.0.1:8080"),
+    ("acl", "add", "224.0.0.1:80/tcp", "198.18.0.0/24", "--deny"),
 ]
 
 
@@ -118,6 +138,10 @@ BAD_FILES = {
     "syntax": "vips:\n  - vip: 198.19.0.1:80/tcp\n   mode: nat\n",
     "unknown key": f"vips:\n  - vip: {VIP}\n    backends: [{BACKEND}]\n  - vip: 198.19.0.2:80/tcp\n    colour: red\n",
     # valid, but more VIPs than the data plane holds: refused inside the transaction, rolled back
+    "loopback backend": f"vips:\n  - vip: {VIP}\n    backends: [{BACKEND}, 127.0.0.1]\n",
+    "mapped VIP": "vips:\n  - vip: \"[::ffff:198.19.0.1]:80/tcp\"\n",
+    "backend is a VIP": f"vips:\n  - vip: {VIP}\n    backends: [{BACKEND}, 198.19.0.10:8080]\n"
+                        f"  - vip: {DSR_VIP}\n    mode: dsr\n",
     "too many VIPs": "vips:\n" + "".join(f"  - vip: 198.19.{i // 250}.{i % 250 + 1}:80/tcp\n" for i in range(257)),
 }
 

@@ -97,6 +97,19 @@ BAD = [
     ("- 198.19.0.1:80/tcp\n", 1, "the file must be a mapping"),
     ("# nothing\n", 1, "the file is empty"),
     ("vipz: []\n", 1, "unknown key 'vipz'"),
+    ("vips:\n  - vip: 127.0.0.1:80/tcp\n", 2, "127.0.0.1 cannot be a VIP: it is a loopback address"),
+    ("vips:\n  - vip: \"[::ffff:198.19.0.1]:80/tcp\"\n", 2, "cannot be a VIP: it is an IPv4-mapped"),
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - 255.255.255.255\n", 4,
+     "cannot be a backend: it is the broadcast address"),
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - {address: 169.254.0.7}\n", 4,
+     "cannot be a backend: it is a link-local address"),
+    ("vips:\n  - vip: \"[2001:db8::1]:80/tcp\"\n    backends: [\"[ff05::2]\"]\n", 3,
+     "cannot be a backend: it is a multicast address"),
+    # a backend that is a VIP, listed before or after that VIP
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - 198.19.0.2\n  - vip: 198.19.0.2:53/udp\n", 4,
+     "backend 198.19.0.2:80: its address is a VIP's address"),
+    ("vips:\n  - vip: 198.19.0.2:53/udp\n  - vip: 198.19.0.1:80/tcp\n    backends: [198.19.0.1:8080]\n", 4,
+     "backend 198.19.0.1:8080: its address is a VIP's address"),
 ]
 
 
