@@ -33,11 +33,7 @@ def _weight(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lbctl", description="Manage the lb XDP load balancer of this network namespace.")
-    p.add_argument("--state", default=os.environ.get("LBCTL_STATE"),
-                   help="desired-state file (default: /var/lib/lb/NETNS.db; env LBCTL_STATE)")
-    p.add_argument("--api-socket", default=os.environ.get("LBCTL_API_SOCKET"),
-                   help="the daemon's socket (default: /run/lb/NETNS.sock; env LBCTL_API_SOCKET); "
-                        "without a daemon there, lbctl works on the maps itself")
+    _add_global_options(p, defaults=True)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     a = sub.add_parser("attach", help="load the data plane and attach it to interfaces")
@@ -135,7 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", metavar="FILE", help="declarative configuration to apply (again on SIGHUP)")
     d.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics")
     d.add_argument("--log-format", choices=("text", "json"), default="text")
+    for command in _subparsers(p):  # people type them after the command too: lbctl daemon --state FILE
+        _add_global_options(command, defaults=False)
     return p
+
+
+def _add_global_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes. Only the top parser has defaults: a subcommand's parser
+    leaves an option it was not given alone (SUPPRESS), so one given before the command stays."""
+    def default(env: str) -> str | None:
+        return os.environ.get(env) if defaults else argparse.SUPPRESS
+
+    p.add_argument("--state", default=default("LBCTL_STATE"),
+                   help="desired-state file (default: /var/lib/lb/NETNS.db; env LBCTL_STATE)")
+    p.add_argument("--api-socket", default=default("LBCTL_API_SOCKET"),
+                   help="the daemon's socket (default: /run/lb/NETNS.sock; env LBCTL_API_SOCKET); "
+                        "without a daemon there, lbctl works on the maps itself")
+
+
+def _subparsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand's parser, nested ones (acl add, decap attach) included."""
+    found = []
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subparsers(child)]
+    return found
 
 
 def _table(rows: list[list[Any]]) -> str:
