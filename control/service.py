@@ -378,7 +378,9 @@ class Controller:
         finally:
             os.close(prog_fd)
         backend = None
-        if result.backend is not None:
+        if result.reason == "fwd_icmp_error":  # about a flow: its entry names the backend, in every mode
+            backend = self._flow_backend(state, dp, frame)
+        elif result.backend is not None:
             addr, port = result.backend
             backend = format_endpoint(LbAddr.from_buffer_copy(addr).address(), port)
         elif result.reason == "fwd_dsr":  # no address changed: the flow's entry names the backend
@@ -390,9 +392,9 @@ class Controller:
 
     @staticmethod
     def _flow_backend(state: State, dp: DataPlaneState, frame: bytes) -> str | None:
-        """The backend the connection table holds for a client's packet."""
-        p = DataPlaneModel.parse(frame)
-        if not isinstance(p, Parsed):
+        """The backend the connection table holds for a client's packet (or an ICMP error about it)."""
+        p = DataPlaneModel.client_flow(frame)
+        if p is None:
             return None
         key = FlowKey(src=LbAddr.from_buffer_copy(p.src), dst=LbAddr.from_buffer_copy(p.dst), sport=be16(p.sport),
                       dport=be16(p.dport), proto=p.proto)

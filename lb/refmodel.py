@@ -325,6 +325,20 @@ class DataPlaneModel:
         sport, dport = struct.unpack_from(">HH", frame, l4)
         return Parsed(off, l4, src, dst, sport, dport, proto, None, p.version)
 
+    @classmethod
+    def client_flow(cls, frame: bytes) -> Parsed | None:
+        """The client's packet whose flow `frame` belongs to: the frame itself, or for an ICMP error
+        the packet it quotes (a reply), reversed; None if there is none."""
+        p = cls.parse(frame)
+        if not isinstance(p, Parsed):
+            return None
+        if p.proto not in (ICMP, ICMPV6):
+            return p
+        q = cls._parse_quote(frame, p)
+        if not isinstance(q, Parsed):
+            return None
+        return replace(q, src=q.dst, dst=q.src, sport=q.dport, dport=q.sport)
+
     def _icmp_error_to_backend(self, pkt: bytearray, p: Parsed, ingress: int) -> ModelResult:
         """lb.c icmp_error_to_backend: the quote, reversed, is the client's flow."""
         q = self._parse_quote(pkt, p)
