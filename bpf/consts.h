@@ -41,6 +41,9 @@
 #define LB_VIP_DSR (1U << 3)         /* forwarding mode dsr: only the MACs change */
 #define LB_VIP_TUNNEL (1U << 4)      /* forwarding mode tunnel: IPIP / IPv6-in-IPv6 to the backend */
 
+/* vip_addr.flags */
+#define LB_ADDR_PASS_UNSERVED (1U << 0) /* what no VIP of the address serves goes to the host, not dropped */
+
 /* acl_rule.action */
 #define LB_ACL_ALLOW 1
 #define LB_ACL_DENY 2
@@ -111,6 +114,10 @@ enum lb_reason {
 	LB_FWD_STEERED,           /* the LB host's own packet to a VIP, marked for a backend: sent to it (TC egress) */
 	LB_PASS_LOCAL_REPLY,      /* a backend's reply to a steered connection, rewritten back to the VIP, for the host */
 	LB_DROP_NEIGH_UNRESOLVED, /* dsr: the backend's MAC is unknown, and the kernel cannot forward a packet to a VIP */
+	LB_DROP_UNSERVED = 26,    /* to a VIP's address, on a port or protocol no VIP of it serves */
+	LB_PASS_UNSERVED = 27,    /* the same, to an address whose unserved traffic the operator passes to the host */
+	LB_PASS_V4_MAPPED = 28,   /* IPv6 with an IPv4-mapped address (::ffff:a.b.c.d, never valid on the wire), not to a VIP */
+	LB_DROP_V4_MAPPED = 29,   /* the same, to a VIP's address (it must not reach an IPv4 VIP) or quoting one */
 	LB_REASON_MAX,
 };
 

@@ -313,6 +313,20 @@ static __always_inline int is_vip_address(const union lb_addr *addr)
 	return vip_addrs.lookup((union lb_addr *)addr) != NULL;
 }
 
+/* To a VIP's address, but for no VIP of it: dropped (the host would answer
+ * with its own services, or forward it along a health check's route), unless
+ * the operator passes that address's unserved traffic to the host. */
+static __always_inline int unserved(lb_ctx *ctx, const struct packet *pkt, enum lb_reason drop)
+{
+	struct vip_addr *addr = vip_addrs.lookup((union lb_addr *)&pkt->dst);
+
+	if (!addr)
+		return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
+	if (addr->flags & LB_ADDR_PASS_UNSERVED)
+		return verdict(ctx, LB_PASS_UNSERVED, LB_ACT_PASS);
+	return verdict(ctx, drop, LB_ACT_DROP);
+}
+
 static __always_inline int any_port_vips(void)
 {
 	__u32 zero = 0;
@@ -328,12 +342,14 @@ static __always_inline int unbalanceable(lb_ctx *ctx, const struct packet *pkt, 
 	if (!pkt->ip_version || !is_vip_address(&pkt->dst))
 		return verdict(ctx, reason, LB_ACT_PASS);
 	switch (reason) {
+	case LB_PASS_V4_MAPPED:
+		return verdict(ctx, LB_DROP_V4_MAPPED, LB_ACT_DROP);
+	case LB_PASS_UNSUPPORTED_L4: /* no VIP serves another protocol */
+		return unserved(ctx, pkt, LB_DROP_UNSUPPORTED_L4);
 	case LB_PASS_IP_OPTIONS:
 		return verdict(ctx, LB_DROP_IP_OPTIONS, LB_ACT_DROP);
 	case LB_PASS_FRAGMENT:
 		return verdict(ctx, LB_DROP_FRAGMENT, LB_ACT_DROP);
-	case LB_PASS_UNSUPPORTED_L4:
-		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, LB_ACT_DROP);
 	default:
 		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
 	}
@@ -373,17 +389,19 @@ static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt
 
 	if (rc != LB_PARSE_OK)
 		return unbalanceable(ctx, pkt, rc);
+	if (pkt->ip_version == 6 && (addr_is_v4_mapped(&in.src) || addr_is_v4_mapped(&in.dst)))
+		return verdict(ctx, LB_DROP_V4_MAPPED, LB_ACT_DROP); /* it would name an IPv4 flow */
 	struct flow_key key = {
 		.src = in.dst, .dst = in.src, .sport = in.ports[1], .dport = in.ports[0], .proto = in.proto,
 	};
 	struct flow_entry *flow = conn_table.lookup(&key);
 
 	if (!flow || (flow->flags & LB_FLOW_REPLY))
-		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
+		return unserved(ctx, pkt, LB_DROP_ICMP_NO_FLOW); /* maybe about the host's own connection */
 	struct vip_meta *vip = active_vip(flow->vip_id);
 
 	if (!vip || !quote_from_vip(&in, vip))
-		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
+		return unserved(ctx, pkt, LB_DROP_ICMP_NO_FLOW);
 	__u32 backend_id = flow->backend_id;
 	struct backend *be = backends.lookup(&backend_id);
 
@@ -399,7 +417,7 @@ static __always_inline int handle_icmp(lb_ctx *ctx, struct packet *pkt)
 	if (icmp_is_too_big(pkt))
 		return icmp_error_to_backend(ctx, pkt);
 	if (!icmp_is_echo_request(pkt))
-		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, LB_ACT_DROP);
+		return unserved(ctx, pkt, LB_DROP_UNSUPPORTED_L4);
 	icmp_echo_reply(pkt);
 	return verdict(ctx, LB_TX_ICMP_ECHO, LB_ACT_TX(ctx));
 }
@@ -445,7 +463,7 @@ int xdp_lb(lb_ctx *ctx)
 	}
 	if (flow && reply_vip)
 		return to_client(ctx, &pkt, flow, reply_vip);
-	return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
+	return unserved(ctx, &pkt, LB_DROP_UNSERVED);
 }
 
 #ifdef LB_HOOK_TC

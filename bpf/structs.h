@@ -102,9 +102,11 @@ struct lb_config {
 	__u32 flags;
 };
 
-/* vip_addrs hash value, by address: how many VIPs use it */
+/* vip_addrs hash value, by address: how many VIPs use it, and what happens to
+ * what none of them serves */
 struct vip_addr {
 	__u32 vips;
+	__u32 flags; /* LB_ADDR_PASS_UNSERVED */
 };
 
 /* acl LPM trie key: a VIP and a source prefix; prefixlen counts the VIP id's

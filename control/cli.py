@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("vip", metavar="VIP")
     a.add_argument("prefix", metavar="PREFIX")
 
+    u = sub.add_parser("unserved", help="traffic to a VIP's address that no VIP of it serves (other ports and "
+                                        "protocols): drop it (default) or pass it to this host (for SSH to "
+                                        "the LB, say); ICMP echo to the address is answered either way")
+    u.add_argument("address", metavar="ADDR", help="the address (it may have no VIP yet)")
+    u.add_argument("action", choices=("drop", "pass"))
+
     d = sub.add_parser("decap", help="on a backend of tunnel-mode VIPs: decapsulate IPIP and IPv6-in-IPv6 "
                                      "packets addressed to this host")
     d_sub = d.add_subparsers(dest="decap_command", required=True, parser_class=_Parser)
@@ -168,6 +174,8 @@ def format_list(data: dict[str, Any]) -> str:
     dp = data["dataplane"]
     lines = ["data plane: " + ("not attached" if dp is None else
                                ", ".join(f"{i['name']} ({i['mode']})" for i in dp["interfaces"]))]
+    if data.get("pass_unserved"):
+        lines.append("passed to the host when no VIP serves it: traffic to " + ", ".join(data["pass_unserved"]))
     if not data["vips"]:
         lines.append("no VIPs")
         return "\n".join(lines)
@@ -224,6 +232,10 @@ def format_change(command: str, r: dict[str, Any]) -> str:
         case "set-weight":
             return (f"backend {r['backend']} of {r['vip']}: weight {r['previous_weight']} -> {r['weight']}"
                     + ("; no new flows, established ones go on" if r["weight"] == 0 else ""))
+        case "unserved":
+            what = "passed to this host" if r["unserved"] == "pass" else "dropped"
+            return (f"traffic to {r['address']} that no VIP serves is {what}"
+                    + ("" if r["vips"] else " (the address has no VIP yet)"))
         case "acl":
             if r.get("removed"):
                 return f"removed the rule for {r['prefix']} from {r['vip']}"
@@ -234,6 +246,7 @@ def format_change(command: str, r: dict[str, Any]) -> str:
 def format_plan(r: dict[str, Any]) -> str:
     if r["empty"]:
         return "no changes" + (" (dry run)" if r["dry_run"] else "")
+    unserved = r.get("unserved", {"pass": [], "drop": []})
     lines = [f"+ VIP {v['vip']} ({v['mode']}, hash on {v['hash']}, {v['backends']} backend(s))" for v in r["added"]]
     lines += [f"- VIP {vip} (with its backends; established flows go on until they end)" for vip in r["removed"]]
     for v in r["changed"]:
@@ -250,6 +263,8 @@ def format_plan(r: dict[str, Any]) -> str:
         lines += [f"    + backend {a['backend']} (weight {a['weight']})" for a in b["added"]]
         lines += [f"    - backend {a}" for a in b["removed"]]
         lines += [f"    ~ backend {w['backend']}: weight {w['from']} -> {w['to']}" for w in b["weights"]]
+    lines += [f"~ traffic to {a} that no VIP serves: passed to the host" for a in unserved["pass"]]
+    lines += [f"~ traffic to {a} that no VIP serves: dropped" for a in unserved["drop"]]
     lines.append("dry run: nothing applied" if r["dry_run"] else "applied")
     return "\n".join(lines)
 

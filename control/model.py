@@ -61,6 +61,20 @@ def require_unicast(address: IPAddress, original: str, role: str) -> None:
         raise InputError(f"{original!r}: {address} cannot be {role}: it is {problem}")
 
 
+def parse_vip_address(text: str) -> IPAddress:
+    """A VIP's address alone (10.0.0.1, 2001:db8::1; brackets allowed), as settings per address take it."""
+    stripped = text.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        stripped = stripped[1:-1]
+    address = _parse_address(stripped, text)
+    require_unicast(address, text, "a VIP's address")
+    return address
+
+
+def address_sort_key(address: IPAddress) -> tuple[int, int]:
+    return address.version, int(address)
+
+
 def _parse_port(text: str, original: str) -> int:
     if not is_whole_number(text):
         raise InputError(f"{original!r}: port {text!r} is not a number")
@@ -286,6 +300,8 @@ class State:
 
     dataplane: DataPlaneState | None = None
     vips: list[VipState] = field(default_factory=list)
+    # VIP addresses whose traffic no VIP serves (other ports, protocols) goes to the host, not dropped
+    pass_unserved: set[IPAddress] = field(default_factory=set)
 
     def vip(self, vip: VipAddress) -> VipState | None:
         for v in self.vips:

@@ -17,8 +17,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from control.errors import InputError, LbError
 from control import config as declarative
-from control.model import (HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
-                           VipAddress, VipState, format_endpoint, parse_prefix)
+from control.model import (address_sort_key, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
+                           VipAddress, VipState, format_endpoint, parse_prefix, parse_vip_address)
+
+UNSERVED_ACTIONS = ("drop", "pass")
 from control.reconcile import Reconciler
 from control.routes import solicit_neighbour, sync_routes
 from control.store import SqliteStore, Store
@@ -210,6 +212,25 @@ class Controller:
 
         return self._change_backend(vip_text, backend_text, retire)
 
+    def unserved(self, address_text: str, action: str) -> dict[str, Any]:
+        """What happens to traffic to a VIP's address that none of its VIPs serves: "drop"
+        (the default) or "pass" to the host (for SSH to the LB, say). The address need not
+        have a VIP yet: set it before putting a VIP on an address the host uses."""
+        address = parse_vip_address(address_text)
+        if action not in UNSERVED_ACTIONS:
+            raise InputError(f"unknown action {action!r} (expected one of: {', '.join(UNSERVED_ACTIONS)})")
+
+        def change(state: State) -> dict[str, Any]:
+            was = "pass" if address in state.pass_unserved else "drop"
+            if action == "pass":
+                state.pass_unserved.add(address)
+            else:
+                state.pass_unserved.discard(address)
+            return {"address": str(address), "unserved": action, "previous": was,
+                    "vips": sum(v.vip.address == address for v in state.vips)}
+
+        return self._change(change)
+
     def acl_add(self, vip_text: str, prefix_text: str, action: str) -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)
         prefix = parse_prefix(prefix_text)
@@ -319,6 +340,7 @@ class Controller:
                 }
                 for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
             ],
+            "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)],
         }
 
     def status(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import time
 from typing import Any, Iterator, Protocol
 
 from control.model import (BackendAddress, BackendState, DataPlaneState, HealthCheck, Interface, State,
-                           VipAddress, VipState)
+                           VipAddress, VipState, address_sort_key)
 
 
 class Store(Protocol):
@@ -52,6 +52,7 @@ def state_to_doc(state: State) -> dict[str, Any]:
             }
             for v in state.vips
         ],
+        "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)],
     }
 
 
@@ -71,7 +72,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
                                    dp["config"], dp.get("program_digest"), dp.get("hook", "xdp"))
-    return State(dataplane, vips)
+    return State(dataplane, vips, {ipaddress.ip_address(a) for a in doc.get("pass_unserved", [])})
 
 
 class SqliteStore:

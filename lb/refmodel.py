@@ -63,7 +63,7 @@ class Tables:
     max_vips: int
     max_backends: int
     vips: dict[tuple[bytes, int, int], tuple[int, int]]     # (addr, port, proto) -> (VIP id, flags)
-    vip_addrs: set[bytes]                                   # addresses of VIPs
+    vip_addrs: dict[bytes, int]                             # addresses of VIPs -> flags (ADDR_PASS_UNSERVED)
     any_port: bool                                          # some VIP takes every port
     vip_meta: dict[int, tuple[bytes, int, int, int]]        # id -> (addr, port, flags, mode)
     maglev: dict[int, list[int]]                            # VIP id -> ring of backend ids
@@ -90,7 +90,7 @@ class Tables:
         backend_nh = {k.value: _nh(v) for k, v in maps.backend_nh.items() if v.ifindex}
         return cls(
             ring_size=ring_size, max_vips=maps.vip_meta.max_entries, max_backends=maps.backends.max_entries,
-            vips=vips, vip_addrs={bytes(k) for k in maps.vip_addrs.keys()},
+            vips=vips, vip_addrs={bytes(k): v.flags for k, v in maps.vip_addrs.items()},
             any_port=bool(config.flags & structs.CFG_ANY_PORT), vip_meta=meta, maglev=maglev, backends=backends, backend_nh=backend_nh,
             reply_sources={(bytes(k.addr), ntohs(k.port), k.proto): (v.vip_id, v.flags)
                            for k, v in maps.reply_sources.items()},
@@ -220,6 +220,8 @@ class DataPlaneModel:
         nexthdr = frame[off + 6]
         if frame[off] >> 4 != 6:
             return "LB_PASS_MALFORMED", dst
+        if src[:12] == V4_MAPPED or dst[:12] == V4_MAPPED:  # would pass for IPv4 (parse.h)
+            return "LB_PASS_V4_MAPPED", dst
         if nexthdr == IPV6_FRAGMENT:
             return "LB_PASS_FRAGMENT", dst
         if nexthdr in IPV6_OPTION_HEADERS:
@@ -262,13 +264,24 @@ class DataPlaneModel:
             found = self._reply_flow(p, source) if source is not None else None
             if found is not None:
                 return self._to_client(pkt, p, found, ingress_ifindex)
-        return ModelResult("XDP_PASS", frame, "pass_not_vip")
+        return self._unserved(frame, p.dst, "drop_unserved")
+
+    def _unserved(self, frame: bytes, dst: bytes, drop: str) -> ModelResult:
+        """lb.c unserved: to a VIP's address, for no VIP of it: dropped, unless its address passes it."""
+        flags = self.t.vip_addrs.get(dst)
+        if flags is None:
+            return ModelResult("XDP_PASS", frame, "pass_not_vip")
+        if flags & structs.ADDR_PASS_UNSERVED:
+            return ModelResult("XDP_PASS", frame, "pass_unserved")
+        return ModelResult("XDP_DROP", frame, drop)
 
     def _unbalanceable(self, frame: bytes, reason: str, dst: bytes | None) -> ModelResult:
         if dst is None or dst not in self.t.vip_addrs:
             return ModelResult("XDP_PASS", frame, _reason(reason))
+        if reason == "LB_PASS_UNSUPPORTED_L4":  # no VIP serves another protocol
+            return self._unserved(frame, dst, "drop_unsupported_l4")
         drop = {"LB_PASS_IP_OPTIONS": "drop_ip_options", "LB_PASS_FRAGMENT": "drop_fragment",
-                "LB_PASS_UNSUPPORTED_L4": "drop_unsupported_l4"}.get(reason, "drop_malformed")
+                "LB_PASS_V4_MAPPED": "drop_v4_mapped"}.get(reason, "drop_malformed")
         return ModelResult("XDP_DROP", frame, drop)
 
     def _icmp(self, pkt: bytearray, p: Parsed, ingress: int) -> ModelResult:
@@ -280,7 +293,7 @@ class DataPlaneModel:
         if (pkt[p.l4], pkt[p.l4 + 1]) == ((2, 0) if v6 else (3, 4)):  # packet too big / fragmentation needed
             return self._icmp_error_to_backend(pkt, p, ingress)
         if pkt[p.l4] != (128 if v6 else 8):
-            return ModelResult("XDP_DROP", bytes(pkt), "drop_unsupported_l4")
+            return self._unserved(bytes(pkt), p.dst, "drop_unsupported_l4")
         pkt[0:6], pkt[6:12] = pkt[6:12], pkt[0:6]
         ip = p.l3
         if v6:
@@ -344,12 +357,14 @@ class DataPlaneModel:
         q = self._parse_quote(pkt, p)
         if isinstance(q, str):
             return self._unbalanceable(bytes(pkt), q, p.dst)
+        if p.version == 6 and V4_MAPPED in (q.src[:12], q.dst[:12]):  # it would name an IPv4 flow
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_v4_mapped")
         flow = self.t.conn.get((q.dst, q.src, q.dport, q.sport, q.proto))
-        if flow is None or flow.flags & structs.FLOW_REPLY:
-            return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
+        if flow is None or flow.flags & structs.FLOW_REPLY:  # maybe about the host's own connection
+            return self._unserved(bytes(pkt), p.dst, "drop_icmp_no_flow")
         meta = self.t.vip_meta.get(flow.vip_id)
         if meta is None or not meta[2] & structs.VIP_ACTIVE or meta[0] != q.src or meta[1] not in (q.sport, 0):
-            return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
+            return self._unserved(bytes(pkt), p.dst, "drop_icmp_no_flow")
         be = self._backend(flow.backend_id)
         if be is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")

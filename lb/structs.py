@@ -110,7 +110,7 @@ class LbConfig(ctypes.Structure):
 
 
 class VipAddr(ctypes.Structure):
-    _fields_ = [("vips", ctypes.c_uint32)]
+    _fields_ = [("vips", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 class ProbeMeta(ctypes.Structure):
@@ -166,6 +166,10 @@ REASONS: tuple[str, ...] = (
     "LB_FWD_STEERED",
     "LB_PASS_LOCAL_REPLY",
     "LB_DROP_NEIGH_UNRESOLVED",
+    "LB_DROP_UNSERVED",
+    "LB_PASS_UNSERVED",
+    "LB_PASS_V4_MAPPED",
+    "LB_DROP_V4_MAPPED",
 )
 
 # Flags and constants of bpf/consts.h used from Python.
@@ -178,6 +182,7 @@ VIP_TUNNEL = 1 << 4
 ACL_ALLOW = 1
 ACL_DENY = 2
 CFG_ANY_PORT = 1 << 0
+ADDR_PASS_UNSERVED = 1 << 0
 ICMP_TTL = 64
 FLOW_REPLY = 1 << 0
 FLOW_LOCAL = 1 << 1

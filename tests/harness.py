@@ -79,6 +79,8 @@ def configured_harness(config: dict) -> Iterator[Harness]:
                 run_lbctl(lab.lb_ns, "add-backend", v["vip"], b)
             for prefix, action in v.get("acl", {}).items():
                 run_lbctl(lab.lb_ns, "acl", "add", v["vip"], prefix, f"--{action}")
+        for address in config.get("pass_unserved", []):
+            run_lbctl(lab.lb_ns, "unserved", address, "pass")
         listed = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]
         prog_fd = loader.pinned_program(listed["pin_dir"])
         with DataPlaneMaps.open(listed["pin_dir"]) as maps, netlink_in(lab.lb_ns) as ipr:

@@ -119,6 +119,11 @@ BAD_INPUT = [
     ("remove-backend", VIP, "[::]:8080"),
     ("drain", VIP, "127.0.0.1:8080"),
     ("acl", "add", "224.0.0.1:80/tcp", "198.18.0.0/24", "--deny"),
+    ("unserved", "198.19.0.1", "allow"),
+    ("unserved", "198.19.0.1"),
+    ("unserved", "not-an-address", "pass"),
+    ("unserved", "127.0.0.1", "pass"),
+    ("unserved", "::ffff:198.19.0.1", "pass"),
 ]
 
 
@@ -173,7 +178,7 @@ def test_commands_need_an_attached_data_plane(bare_lab, args):
     assert result.returncode == 2
     assert "not attached" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     listed = run_lbctl(bare_lab.lb_ns, "list", "--json").json()
-    assert listed == {"dataplane": None, "vips": []}
+    assert listed == {"dataplane": None, "vips": [], "pass_unserved": []}
 
 
 def test_backend_of_dsr_vip_named_with_the_vips_port_is_accepted(configured):
