@@ -97,7 +97,7 @@ enum lb_reason {
 	LB_PASS_FRAGMENT,         /* IPv4 or IPv6 fragment, not to a VIP */
 	LB_PASS_UNSUPPORTED_L4,   /* not TCP, UDP or ICMP, not to a VIP */
 	LB_PASS_NEIGH_UNRESOLVED, /* rewritten, handed to the kernel to resolve the next hop's MAC */
-	LB_PASS_EGRESS_UNMANAGED, /* rewritten, egress interface has no XDP redirect slot */
+	LB_PASS_EGRESS_UNMANAGED, /* rewritten, its egress interface not the LB's: left to the kernel to forward (XDP) */
 	LB_PASS_MALFORMED,        /* truncated or inconsistent headers, not to a VIP */
 	LB_DROP_NO_BACKEND,       /* VIP has no backend to send to */
 	LB_DROP_NO_ROUTE,         /* no route to the chosen backend or the client */
@@ -118,6 +118,7 @@ enum lb_reason {
 	LB_PASS_UNSERVED = 27,    /* the same, to an address whose unserved traffic the operator passes to the host */
 	LB_PASS_V4_MAPPED = 28,   /* IPv6 with an IPv4-mapped address (::ffff:a.b.c.d, never valid on the wire), not to a VIP */
 	LB_DROP_V4_MAPPED = 29,   /* the same, to a VIP's address (it must not reach an IPv4 VIP) or quoting one */
+	LB_FWD_EGRESS_UNMANAGED = 30, /* dsr, egress interface not the LB's: sent out of it with bpf_redirect (XDP) */
 	LB_REASON_MAX,
 };
 

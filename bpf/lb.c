@@ -70,18 +70,39 @@ static __always_inline int resolve_next_hop(lb_ctx *ctx, const struct packet *pk
 }
 
 /* XDP_TX back out of the ingress interface, XDP_REDIRECT through the DEVMAP
- * otherwise; XDP_PASS when the egress interface is not one of the LB's.
- * (TC: bpf_redirect to either.) */
+ * otherwise, with the next hop's MACs; XDP_PASS, the frame untouched, when
+ * the egress interface is not one of the LB's. (TC: bpf_redirect to any.) */
 static __always_inline int transmit(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh)
 {
+#ifdef LB_HOOK_TC
 	write_macs(pkt, nh);
 	if (nh->ifindex == ctx->ingress_ifindex)
 		return LB_ACT_TX(ctx);
-#ifdef LB_HOOK_TC
 	return LB_ACT_REDIRECT(nh->ifindex);
 #else
-	return tx_ports.redirect_map(nh->ifindex, XDP_PASS);
+	if (nh->ifindex == ctx->ingress_ifindex) {
+		write_macs(pkt, nh);
+		return LB_ACT_TX(ctx);
+	}
+	int action = tx_ports.redirect_map(nh->ifindex, XDP_PASS);
+
+	if (action == XDP_REDIRECT)
+		write_macs(pkt, nh);
+	return action;
 #endif
+}
+
+/* The next hop is out of an interface lb is not attached to (XDP). A packet
+ * addressed to its next hop (NAT, tunnel, a reply) goes to the kernel as it
+ * arrived, to the LB's own MAC, and the kernel forwards it; a DSR packet,
+ * still to the VIP, the kernel would not forward: it is sent straight out
+ * with bpf_redirect (the device must take XDP frames: ndo_xdp_xmit). */
+static __always_inline int unmanaged_egress(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh, int direct)
+{
+	if (!direct)
+		return verdict(ctx, LB_PASS_EGRESS_UNMANAGED, LB_ACT_PASS);
+	write_macs(pkt, nh);
+	return verdict(ctx, LB_FWD_EGRESS_UNMANAGED, bpf_redirect(nh->ifindex, 0));
 }
 
 /* *nh is a cache (a flow's or a backend's next hop): fill it when empty. */
@@ -93,9 +114,10 @@ static __always_inline int ensure_next_hop(lb_ctx *ctx, const struct packet *pkt
 	return resolve_next_hop(ctx, pkt, dst, nh);
 }
 
-/* Send a rewritten packet by the outcome of its next-hop resolution. */
-static __always_inline int send(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh,
-				int resolved, enum lb_reason ok)
+/* Send a rewritten packet by the outcome of its next-hop resolution;
+ * `direct`: it is still addressed to the VIP (DSR). */
+static __always_inline int send_to(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh,
+				   int resolved, enum lb_reason ok, int direct)
 {
 	if (resolved == NH_KERNEL)
 		return verdict(ctx, LB_PASS_NEIGH_UNRESOLVED, LB_ACT_PASS);
@@ -105,8 +127,14 @@ static __always_inline int send(lb_ctx *ctx, struct packet *pkt, const struct ne
 	int action = transmit(ctx, pkt, nh);
 
 	if (action == LB_ACT_PASS)
-		return verdict(ctx, LB_PASS_EGRESS_UNMANAGED, LB_ACT_PASS);
+		return unmanaged_egress(ctx, pkt, nh, direct);
 	return verdict(ctx, ok, action);
+}
+
+static __always_inline int send(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh,
+				int resolved, enum lb_reason ok)
+{
+	return send_to(ctx, pkt, nh, resolved, ok, 0);
 }
 
 /* DSR's packet still names the VIP: the kernel, which would take it for its
@@ -117,7 +145,7 @@ static __always_inline int send_direct(lb_ctx *ctx, struct packet *pkt, const st
 {
 	if (resolved == NH_KERNEL)
 		return verdict(ctx, LB_DROP_NEIGH_UNRESOLVED, LB_ACT_DROP);
-	return send(ctx, pkt, nh, resolved, ok);
+	return send_to(ctx, pkt, nh, resolved, ok, 1);
 }
 
 /* Tunnel: the packet, untouched, inside an outer header to the backend (which

@@ -469,7 +469,7 @@ class DataPlaneModel:
         """lb.c send_direct: a packet still to the VIP is dropped, not left to the kernel, while the MAC is unknown."""
         if resolved == "kernel":
             return ModelResult("XDP_DROP", bytes(pkt), "drop_neigh_unresolved", backend)
-        return self._send(pkt, nh, resolved, ingress, ok, backend)
+        return self._send(pkt, nh, resolved, ingress, ok, backend, direct=True)
 
     def _send_encapsulated(self, pkt: bytearray, p: Parsed, be: tuple[bytes, int, int], nh: NextHop,
                            resolved: str, ingress: int, ok: str) -> ModelResult:
@@ -554,17 +554,19 @@ class DataPlaneModel:
         return verdict, found if verdict == "found" else nh
 
     def _send(self, pkt: bytearray, nh: NextHop, resolved: str, ingress: int, ok: str,
-              backend: tuple[bytes, int] | None) -> ModelResult:
+              backend: tuple[bytes, int] | None, direct: bool = False) -> ModelResult:
+        """lb.c send_to; `direct`: still addressed to the VIP (dsr)."""
         if resolved == "kernel":
             return ModelResult("XDP_PASS", bytes(pkt), "pass_neigh_unresolved", backend)
         if resolved == "none":
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_route", backend)
+        if nh.ifindex != ingress and nh.ifindex not in self.t.tx_ports:  # unmanaged_egress
+            if not direct:  # the kernel forwards it, as it arrived
+                return ModelResult("XDP_PASS", bytes(pkt), "pass_egress_unmanaged", backend)
+            pkt[0:6], pkt[6:12] = nh.dmac, nh.smac
+            return ModelResult("XDP_REDIRECT", bytes(pkt), "fwd_egress_unmanaged", backend)
         pkt[0:6], pkt[6:12] = nh.dmac, nh.smac
-        if nh.ifindex == ingress:
-            return ModelResult("XDP_TX", bytes(pkt), ok, backend)
-        if nh.ifindex not in self.t.tx_ports:
-            return ModelResult("XDP_PASS", bytes(pkt), "pass_egress_unmanaged", backend)
-        return ModelResult("XDP_REDIRECT", bytes(pkt), ok, backend)
+        return ModelResult("XDP_TX" if nh.ifindex == ingress else "XDP_REDIRECT", bytes(pkt), ok, backend)
 
     def _resolve(self, dst: bytes, p: Parsed, pkt: bytes, ingress: int) -> tuple[str, NextHop | None]:
         best: tuple[int, NextHop] | None = None

@@ -170,6 +170,7 @@ REASONS: tuple[str, ...] = (
     "LB_PASS_UNSERVED",
     "LB_PASS_V4_MAPPED",
     "LB_DROP_V4_MAPPED",
+    "LB_FWD_EGRESS_UNMANAGED",
 )
 
 # Flags and constants of bpf/consts.h used from Python.
