@@ -394,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     except (LbError, OSError, RuntimeError) as e:
         print(f"lbctl: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    if isinstance(result, dict) and result.get("warning"):
+        print(f"lbctl: warning: {result['warning']}", file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     elif args.command == "list":

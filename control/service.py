@@ -17,6 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from control.errors import InputError, LbError
 from control import config as declarative
+from control import forwarding
 from control.model import (address_sort_key, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
                            VipAddress, VipState, format_endpoint, parse_prefix, parse_vip_address)
 
@@ -110,8 +111,10 @@ class Controller:
             state.dataplane = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict(),
                                              loader.program_digest(config, pin_dir), hook)
             resolve_dsr_backends(state)  # after a reboot or a detach, the neighbour tables may have lost them
+            warning = forwarding.describe(forwarding.missing_settings(
+                [i.name for i in ifaces], any(v.vip.address.version == 6 for v in state.vips)))
             return {"attached": [i.name for i in ifaces], "mode": mode, "hook": hook, "pin_dir": pin_dir,
-                    "vips": len(state.vips)}
+                    "vips": len(state.vips), "warning": warning}
 
     @staticmethod
     def detach_interface(iface: Interface, hook: str) -> None:
@@ -168,7 +171,10 @@ class Controller:
                 raise InputError(f"VIP {vip} already exists")
             free = state.allocate_vip_id()
             state.vips.append(VipState(vip, free, mode, hash=hash_on))
-            return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on}
+            warning = None
+            if vip.address.version == 6:  # attach checked IPv4's
+                warning = forwarding.describe([s for s in forwarding.missing_settings([], True) if "ipv6" in s])
+            return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on, "warning": warning}
 
         return self._change(change)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from typing import Iterator
 
 import pytest
@@ -187,3 +188,23 @@ def test_backend_of_dsr_vip_named_with_the_vips_port_is_accepted(configured):
     listed = run_lbctl(configured.lb_ns, "list").stdout
     assert "dsr" in listed and "tunnel" in listed
     run_lbctl(configured.lb_ns, "remove-backend", DSR_VIP, "198.18.2.2")
+
+
+def test_attach_names_the_kernel_settings_it_misses_in_one_warning_line(bare_lab):
+    ns, ifname = bare_lab.lb_ns, bare_lab.client.lb_ifname
+    was = {key: run(ns, "sysctl", "-n", key) for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{ifname}.rp_filter")}
+    run(ns, "sysctl", "-w", "net.ipv4.ip_forward=0", f"net.ipv4.conf.{ifname}.rp_filter=1")
+    try:
+        result = run_lbctl(ns, "attach", ifname)
+        assert result.returncode == 0 and result.stdout.startswith("attached to")
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lbctl: warning:"), result.stderr
+        assert "net.ipv4.ip_forward=1" in lines[0] and f"net.ipv4.conf.{ifname}.rp_filter=0" in lines[0]
+    finally:
+        run_lbctl(ns, "detach", check=False)
+        run(ns, "sysctl", "-w", *(f"{k}={v}" for k, v in was.items()))
+
+
+def run(ns: str, *command: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, *command], check=True, capture_output=True,
+                          text=True, timeout=30).stdout.strip()
