@@ -105,13 +105,30 @@ static __always_inline int unmanaged_egress(lb_ctx *ctx, struct packet *pkt, con
 	return verdict(ctx, LB_FWD_EGRESS_UNMANAGED, bpf_redirect(nh->ifindex, 0));
 }
 
-/* *nh is a cache (a flow's or a backend's next hop): fill it when empty. */
+static __always_inline __u32 current_nh_epoch(void)
+{
+	__u32 zero = 0;
+	__u32 *epoch = nh_epoch.lookup(&zero);
+
+	return epoch ? *epoch : 0;
+}
+
+/* *nh is a cache (a flow's or a backend's next hop): fill it when empty or
+ * older than the last change of the kernel's routes and neighbours. */
 static __always_inline int ensure_next_hop(lb_ctx *ctx, const struct packet *pkt,
 					   const union lb_addr *dst, struct next_hop *nh)
 {
-	if (nh->ifindex)
+	__u32 epoch = current_nh_epoch();
+
+	if (nh->ifindex && nh->epoch == epoch)
 		return NH_FOUND;
-	return resolve_next_hop(ctx, pkt, dst, nh);
+	int resolved = resolve_next_hop(ctx, pkt, dst, nh);
+
+	if (resolved == NH_FOUND)
+		nh->epoch = epoch;
+	else
+		nh->ifindex = 0; /* a stale copy must not pass for a fresh one */
+	return resolved;
 }
 
 /* Send a rewritten packet by the outcome of its next-hop resolution;

@@ -61,6 +61,7 @@ struct next_hop {
 	__u32 ifindex; /* 0: not resolved */
 	__u8 smac[6];
 	__u8 dmac[6];
+	__u32 epoch;   /* a cached copy is good while it equals the nh_epoch map's (see ensure_next_hop) */
 };
 
 /* routes LPM trie key: prefixlen counts bits of the (IPv4-mapped) address */

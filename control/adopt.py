@@ -62,7 +62,7 @@ def adopt(ctl: Controller) -> AdoptReport:
         with DataPlaneMaps.open(dp.pin_dir) as maps:
             for iface in dp.interfaces:
                 maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
-            sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids())
+            sync_routes(maps, {i.ifindex for i in dp.interfaces})
             report.corrected = Reconciler(maps, config.ring_size).repair(state)
     return report
 

@@ -1,4 +1,5 @@
-"""Mirror the kernel's routes and neighbours into the data plane's routes map.
+"""Mirror the kernel's routes and neighbours into the data plane's routes map, and follow them
+(every changing command refreshes the mirror; the daemon also on every netlink notification).
 
 For the interfaces the LB uses: every resolved neighbour becomes a host route
 (/32) carrying its MAC; every route via a resolved gateway becomes a prefix
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import select
 import socket
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
 
 from lb.maps import U32, DataPlaneMaps
 from lb.structs import LbAddr, NextHop, RouteKey
@@ -60,11 +63,11 @@ def kernel_next_hops(ifindexes: set[int]) -> dict[bytes, tuple[RouteKey, NextHop
     return out
 
 
-def sync_routes(maps: DataPlaneMaps, ifindexes: set[int], backend_ids: set[int]) -> int:
+def sync_routes(maps: DataPlaneMaps, ifindexes: set[int]) -> int:
     """Make the routes map equal to the kernel's view; returns the number of writes.
 
-    When anything changed, the backends' cached next hops are cleared: the data
-    plane resolves them again on their next new flow."""
+    When anything changed, the next-hop epoch moves on: every cached next hop (a
+    backend's, a flow's, both directions) is resolved again on its next packet."""
     wanted = kernel_next_hops(ifindexes)
     current = {bytes(k): (RouteKey.from_buffer_copy(k), v) for k, v in maps.routes.items()}
     writes = 0
@@ -77,9 +80,13 @@ def sync_routes(maps: DataPlaneMaps, ifindexes: set[int], backend_ids: set[int])
             maps.routes.set(key, nh)
             writes += 1
     if writes:
-        for backend_id in backend_ids:
-            maps.backend_nh.set(U32(backend_id), NextHop())
+        bump_nh_epoch(maps)
     return writes
+
+
+def bump_nh_epoch(maps: DataPlaneMaps) -> None:
+    epoch = maps.maps["nh_epoch"]
+    epoch.set(U32(0), U32((epoch.get(U32(0)).value + 1) & 0xFFFFFFFF))
 
 
 def solicit_neighbour(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
@@ -92,3 +99,30 @@ def solicit_neighbour(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
         sock.sendto(b"", (str(address), 9))
+
+
+class KernelChanges:
+    """Netlink notifications of the kernel's links, neighbours and routes (IPv4 and IPv6), as a
+    context manager: wait() says whether any came, after letting a burst settle."""
+
+    GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+
+    def __enter__(self) -> "KernelChanges":
+        self.ipr = IPRoute()
+        self.ipr.bind(groups=self.GROUPS)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ipr.close()
+
+    def wait(self, timeout: float, settle: float = 0.1) -> bool:
+        """True once notifications arrived (within `timeout`), drained until `settle` passes quietly."""
+        if not self._ready(timeout):
+            return False
+        while True:
+            self.ipr.get()  # the messages themselves do not matter: the mirror is read again whole
+            if not self._ready(settle):
+                return True
+
+    def _ready(self, timeout: float) -> bool:
+        return bool(select.select([self.ipr.fileno()], [], [], timeout)[0])

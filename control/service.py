@@ -98,7 +98,7 @@ class Controller:
                 with DataPlaneMaps.open(pin_dir) as maps:
                     for iface in ifaces:
                         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
-                    sync_routes(maps, {i.ifindex for i in ifaces}, state.backend_ids())
+                    sync_routes(maps, {i.ifindex for i in ifaces})
                     Reconciler(maps, config.ring_size).apply(State(), state)
             except BaseException:
                 for iface in done:
@@ -416,6 +416,16 @@ class Controller:
         return {"action": result.action, "packet_hex": result.packet.hex(), "backend": backend,
                 "reason": result.reason, "ingress": ifname}
 
+    def refresh_routes(self) -> int:
+        """Mirror the kernel's routes and neighbours again (the daemon, on netlink notifications);
+        returns the map writes (0: nothing changed). Nothing to do while detached."""
+        state = self.store.read()
+        dp = state.dataplane
+        if dp is None or dp.netns_ino != self.instance.netns_ino or not self.pins_alive(dp):
+            return 0
+        with DataPlaneMaps.open(dp.pin_dir) as maps:
+            return sync_routes(maps, {i.ifindex for i in dp.interfaces})
+
     # --- helpers ---------------------------------------------------------------
 
     @staticmethod
@@ -441,7 +451,7 @@ class Controller:
                 result = change(state)
                 state.require_no_new_backend_vips(old)
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
-                    sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids() | old.backend_ids())
+                    sync_routes(maps, {i.ifindex for i in dp.interfaces})
                     Reconciler(maps, dp.config["ring_size"]).apply(old, state)
                 applied = (dp.pin_dir, dp.config["ring_size"], old, state)  # not changed after this
             return result

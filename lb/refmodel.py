@@ -26,6 +26,7 @@ class NextHop:
     ifindex: int = 0
     smac: bytes = bytes(6)
     dmac: bytes = bytes(6)
+    epoch: int = 0  # a cached copy is good while it equals Tables.nh_epoch
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Tables:
     routes: list[tuple[int, bytes, NextHop]]                # (prefixlen, addr, next hop)
     acl: list[tuple[int, int, bytes, int]]                  # (prefixlen, VIP id, addr, action)
     tx_ports: set[int]                                      # ifindexes the DEVMAP redirects to
+    nh_epoch: int = 0                                       # bumped when the kernel's routes change
 
     @classmethod
     def snapshot(cls, maps: DataPlaneMaps, ring_size: int) -> "Tables":
@@ -100,11 +102,12 @@ class Tables:
             routes=[(k.prefixlen, bytes(k.addr), _nh(v)) for k, v in maps.routes.items()],
             acl=[(k.prefixlen, k.vip_id, bytes(k.addr), v.action) for k, v in maps.acl.items()],
             tx_ports={v.value for _, v in maps.tx_ports.items() if v.value},
+            nh_epoch=maps.maps["nh_epoch"].get(U32(0)).value,
         )
 
 
 def _nh(nh: structs.NextHop) -> NextHop:
-    return NextHop(nh.ifindex, bytes(nh.smac), bytes(nh.dmac))
+    return NextHop(nh.ifindex, bytes(nh.smac), bytes(nh.dmac), nh.epoch)
 
 
 @dataclass(frozen=True)
@@ -547,11 +550,11 @@ class DataPlaneModel:
     # --- nexthop.h and transmit -----------------------------------------------------------------
     def _ensure_next_hop(self, nh: NextHop, dst: bytes, p: Parsed, pkt: bytearray,
                          ingress: int) -> tuple[str, NextHop]:
-        """A cached next hop, or a freshly resolved one (the cache stays empty unless found)."""
-        if nh.ifindex:
+        """A cached next hop of this epoch, or a freshly resolved one (the cache is empty unless found)."""
+        if nh.ifindex and nh.epoch == self.t.nh_epoch:
             return "found", nh
         verdict, found = self._resolve(dst, p, bytes(pkt), ingress)
-        return verdict, found if verdict == "found" else nh
+        return verdict, replace(found, epoch=self.t.nh_epoch) if verdict == "found" else NextHop()
 
     def _send(self, pkt: bytearray, nh: NextHop, resolved: str, ingress: int, ok: str,
               backend: tuple[bytes, int] | None, direct: bool = False) -> ModelResult:

@@ -59,7 +59,8 @@ class ReplySource(ctypes.Structure):
 
 
 class NextHop(ctypes.Structure):
-    _fields_ = [("ifindex", ctypes.c_uint32), ("smac", ctypes.c_uint8 * 6), ("dmac", ctypes.c_uint8 * 6)]
+    _fields_ = [("ifindex", ctypes.c_uint32), ("smac", ctypes.c_uint8 * 6), ("dmac", ctypes.c_uint8 * 6),
+                ("epoch", ctypes.c_uint32)]
 
 
 class RouteKey(ctypes.Structure):
