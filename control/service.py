@@ -23,7 +23,7 @@ from control.model import (address_sort_key, HASHES, MAX_WEIGHT, MODES, BackendA
 
 UNSERVED_ACTIONS = ("drop", "pass")
 from control.reconcile import Reconciler
-from control.routes import solicit_neighbour, sync_routes
+from control.routes import keep_resolved, solicit_neighbour, sync_routes
 from control.store import SqliteStore, Store
 from lb import loader
 from lb.bpfsys import prog_id
@@ -31,7 +31,7 @@ from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
 from lb.probe import probe
 from lb.refmodel import DataPlaneModel, Parsed
-from lb.structs import MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
+from lb.structs import IPAddress, MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
 
 T = TypeVar("T")
 
@@ -44,12 +44,18 @@ def _ifindex(ipr: IPRoute, name: str) -> int:
 
 
 def resolve_dsr_backends(state: State) -> None:
-    """Have the kernel learn every DSR backend's MAC now: the data plane drops a DSR packet whose
-    next hop is unresolved (the kernel could not forward it: it is addressed to the VIP)."""
+    """Have the kernel learn every DSR backend's MAC now, and keep it (a managed neighbour entry): the
+    data plane drops a DSR packet whose next hop is unresolved (the kernel could not forward it: it is
+    addressed to the VIP)."""
     for v in state.vips:
         if v.mode == "dsr":
             for b in v.active_backends():
-                solicit_neighbour(b.address.address)
+                resolve_dsr_backend(b.address.address)
+
+
+def resolve_dsr_backend(address: IPAddress) -> None:
+    keep_resolved(address)
+    solicit_neighbour(address)  # resolves it now (a managed entry is also resolved, but not at once)
 
 
 @dataclass
@@ -208,7 +214,7 @@ class Controller:
 
         result = self._change(change)
         if result.get("mode") == "dsr":
-            solicit_neighbour(backend.address)
+            resolve_dsr_backend(backend.address)
         return result
 
     def remove_backend(self, vip_text: str, backend_text: str) -> dict[str, Any]:

@@ -71,3 +71,20 @@ def test_without_a_daemon_a_changing_command_refreshes_the_mirror(lab, vip):
     assert next_hop_mac(lab, 40011) == lab.backends[0].mac  # nothing has looked at the kernel yet
     run_lbctl(lab.lb_ns, "set-weight", vip, f"{lab.backends[0].address}:5353", "2")
     assert next_hop_mac(lab, 40011) == MOVED_MAC
+
+
+def test_a_blackhole_route_is_left_to_the_kernel_fib_not_covered_by_a_mirrored_neighbour(lab, vip):
+    b1 = lab.backends[0]
+    assert next_hop_mac(lab, 40021) == b1.mac
+    subprocess.run(["ip", "netns", "exec", lab.lb_ns, "ip", "route", "add", "blackhole", f"{b1.address}/32"],
+                   check=True, timeout=30)
+    try:
+        run_lbctl(lab.lb_ns, "set-weight", vip, f"{b1.address}:5353", "3")  # refreshes the mirror
+        frame = (Ether(src=lab.client.mac, dst=lab.client.lb_mac)
+                 / IP(src=str(lab.client.address), dst=str(lab.vip(1))) / UDP(sport=40021, dport=53) / b"x")
+        result = run_lbctl(lab.lb_ns, "test-packet", bytes(frame).hex(), "--ingress", lab.client.lb_ifname,
+                           "--json").json()
+        assert (result["action"], result["reason"]) == ("XDP_DROP", "drop_no_route")
+    finally:
+        subprocess.run(["ip", "netns", "exec", lab.lb_ns, "ip", "route", "del", "blackhole", f"{b1.address}/32"],
+                       check=False, timeout=30)

@@ -8,6 +8,7 @@ which the kernel would not forward, are sent out of that interface with bpf_redi
 LB host's kernel: their default route)."""
 from __future__ import annotations
 
+import subprocess
 from typing import Iterator
 
 import pytest
@@ -59,6 +60,10 @@ def test_http_reaches_a_backend_behind_an_interface_lb_is_not_attached_to(lab, s
     run_lbctl(lab.lb_ns, "add-vip", vip, "--mode", mode)
     run_lbctl(lab.lb_ns, "add-backend", vip, str(b3.address))
     try:
+        if mode == "dsr":  # the kernel keeps a DSR backend's MAC resolved, though it never sends to it itself
+            shown = subprocess.run(["ip", "netns", "exec", lab.lb_ns, "ip", "neigh", "show", str(b3.address)],
+                                   capture_output=True, text=True, check=True, timeout=30).stdout
+            assert "managed" in shown, shown
         before = reasons(lab)
         assert [http_get(lab.client.ns, str(address), PORT) for _ in range(5)] == ["b3"] * 5
         after = reasons(lab)
