@@ -18,10 +18,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from control.errors import InputError, LbError
 from control import config as declarative
 from control import forwarding
-from control.model import (address_sort_key, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
-                           VipAddress, VipState, format_endpoint, parse_prefix, parse_vip_address)
-
-UNSERVED_ACTIONS = ("drop", "pass")
+from control.model import (HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
+                           VipAddress, VipState, address_sort_key, format_endpoint, parse_prefix, parse_vip_address)
 from control.reconcile import Reconciler
 from control.routes import keep_resolved, solicit_neighbour, sync_routes
 from control.store import SqliteStore, Store
@@ -34,6 +32,8 @@ from lb.refmodel import DataPlaneModel, Parsed
 from lb.structs import IPAddress, MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
 
 T = TypeVar("T")
+
+UNSERVED_ACTIONS = ("drop", "pass")  # what happens to traffic to a VIP's address that no VIP serves
 
 
 def _ifindex(ipr: IPRoute, name: str) -> int:
