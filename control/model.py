@@ -319,6 +319,11 @@ class State:
         return {(str(v.vip), str(b.address)) for v in self.vips for b in v.active_backends()
                 if b.address.address in addresses}
 
+    def new_backends(self, before: "State") -> list[tuple[VipAddress, BackendAddress]]:
+        """(VIP, backend) of the active backends `before` did not have."""
+        had = {(v.vip, b.address) for v in before.vips for b in v.active_backends()}
+        return [(v.vip, b.address) for v in self.vips for b in v.active_backends() if (v.vip, b.address) not in had]
+
     def require_no_new_backend_vips(self, before: "State") -> None:
         """InputError if this state has a backend-that-is-a-VIP that `before` did not."""
         new = sorted(self.backends_that_are_vips() - before.backends_that_are_vips())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ipaddress
 import os
 import time
 from dataclasses import dataclass
@@ -41,6 +42,18 @@ def _ifindex(ipr: IPRoute, name: str) -> int:
         return loader.interface_index(ipr, name)
     except loader.UnknownInterface as e:
         raise InputError(str(e)) from None
+
+
+def _refuse_local_backends(added: list[tuple[VipAddress, BackendAddress]]) -> None:
+    """A backend must be another host: the data plane forwards, and cannot deliver to its own host."""
+    if not added:
+        return
+    with IPRoute() as ipr:
+        local = {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}
+    for vip, backend in added:
+        if backend.address in local:
+            raise InputError(f"backend {backend} of VIP {vip}: {backend.address} is an address of this host; "
+                             f"lb forwards to other hosts")
 
 
 def resolve_dsr_backends(state: State) -> None:
@@ -317,6 +330,8 @@ class Controller:
         def change(state: State) -> dict[str, Any]:
             old = copy.deepcopy(state)
             declarative.merge(state, wanted, time.time())
+            if dry_run:  # (a real apply is checked by _change)
+                _refuse_local_backends(state.new_backends(old))
             return {"dry_run": dry_run, **declarative.plan(old, state, state.dataplane.config["ring_size"])}
 
         if dry_run:
@@ -456,6 +471,7 @@ class Controller:
                 old = copy.deepcopy(state)
                 result = change(state)
                 state.require_no_new_backend_vips(old)
+                _refuse_local_backends(state.new_backends(old))
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
                     sync_routes(maps, {i.ifindex for i in dp.interfaces})
                     Reconciler(maps, dp.config["ring_size"]).apply(old, state)

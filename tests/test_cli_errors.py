@@ -117,6 +117,8 @@ BAD_INPUT = [
     ("add-backend", VIP, "198.19.0.8"),  # a VIP's address (ANY_PORT_VIP)
     ("add-backend", DSR_VIP, "198.19.0.1"),  # a VIP's address (VIP)
     ("add-backend", TUNNEL_VIP, "[ff02::2]"),
+    ("add-backend", VIP, "198.18.0.1:8080"),  # the LB host's own address
+    ("add-backend", TUNNEL_VIP, "[2001:2:0:1::1]"),  # the same, IPv6
     ("remove-backend", VIP, "[::]:8080"),
     ("drain", VIP, "127.0.0.1:8080"),
     ("acl", "add", "224.0.0.1:80/tcp", "198.18.0.0/24", "--deny"),
@@ -148,6 +150,7 @@ BAD_FILES = {
     "mapped VIP": "vips:\n  - vip: \"[::ffff:198.19.0.1]:80/tcp\"\n",
     "backend is a VIP": f"vips:\n  - vip: {VIP}\n    backends: [{BACKEND}, 198.19.0.10:8080]\n"
                         f"  - vip: {DSR_VIP}\n    mode: dsr\n",
+    "backend is the LB host": f"vips:\n  - vip: {VIP}\n    backends: [{BACKEND}, 198.18.1.1:8080]\n",
     "too many VIPs": "vips:\n" + "".join(f"  - vip: 198.19.{i // 250}.{i % 250 + 1}:80/tcp\n" for i in range(257)),
 }
 
