@@ -41,6 +41,9 @@
 #define LB_VIP_DSR (1U << 3)         /* forwarding mode dsr: only the MACs change */
 #define LB_VIP_TUNNEL (1U << 4)      /* forwarding mode tunnel: IPIP / IPv6-in-IPv6 to the backend */
 
+/* vip_addr.flags */
+#define LB_ADDR_PASS_UNSERVED (1U << 0) /* what no VIP of the address serves goes to the host, not dropped */
+
 /* acl_rule.action */
 #define LB_ACL_ALLOW 1
 #define LB_ACL_DENY 2
@@ -103,7 +106,7 @@ enum lb_reason {
 	LB_PASS_FRAGMENT = 6,         /* IPv4 or IPv6 fragment, not to a VIP */
 	LB_PASS_UNSUPPORTED_L4 = 7,   /* not TCP, UDP or ICMP, not to a VIP */
 	LB_PASS_NEIGH_UNRESOLVED = 8, /* rewritten, handed to the kernel to resolve the next hop's MAC */
-	LB_PASS_EGRESS_UNMANAGED = 9, /* rewritten, egress interface has no XDP redirect slot */
+	LB_PASS_EGRESS_UNMANAGED = 9, /* rewritten, its egress interface not the LB's: left to the kernel to forward (XDP) */
 	LB_PASS_MALFORMED = 10,       /* truncated or inconsistent headers, not to a VIP */
 	LB_DROP_NO_BACKEND = 11,      /* VIP has no backend to send to */
 	LB_DROP_NO_ROUTE = 12,        /* no route to the chosen backend or the client */
@@ -120,7 +123,12 @@ enum lb_reason {
 	LB_FWD_STEERED = 23,          /* the LB host's own packet to a VIP, marked for a backend: sent to it (TC egress) */
 	LB_PASS_LOCAL_REPLY = 24,     /* a backend's reply to a steered connection, rewritten back to the VIP, for the host */
 	LB_DROP_NEIGH_UNRESOLVED = 25, /* dsr: the backend's MAC is unknown, and the kernel cannot forward a packet to a VIP */
-	LB_REASON_MAX = 26,           /* one past the last value: the size of reason_stats */
+	LB_DROP_UNSERVED = 26,    /* to a VIP's address, on a port or protocol no VIP of it serves */
+	LB_PASS_UNSERVED = 27,    /* the same, to an address whose unserved traffic the operator passes to the host */
+	LB_PASS_V4_MAPPED = 28,   /* IPv6 with an IPv4-mapped address (::ffff:a.b.c.d, never valid on the wire), not to a VIP */
+	LB_DROP_V4_MAPPED = 29,   /* the same, to a VIP's address (it must not reach an IPv4 VIP) or quoting one */
+	LB_FWD_EGRESS_UNMANAGED = 30, /* dsr, egress interface not the LB's: sent out of it with bpf_redirect (XDP) */
+	LB_REASON_MAX = 31,           /* one past the last value: the size of reason_stats */
 };
 
 #endif

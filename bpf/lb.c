@@ -70,32 +70,71 @@ static __always_inline int resolve_next_hop(lb_ctx *ctx, const struct packet *pk
 }
 
 /* XDP_TX back out of the ingress interface, XDP_REDIRECT through the DEVMAP
- * otherwise; XDP_PASS when the egress interface is not one of the LB's.
- * (TC: bpf_redirect to either.) */
+ * otherwise, with the next hop's MACs; XDP_PASS, the frame untouched, when
+ * the egress interface is not one of the LB's. (TC: bpf_redirect to any.) */
 static __always_inline int transmit(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh)
 {
+#ifdef LB_HOOK_TC
 	write_macs(pkt, nh);
 	if (nh->ifindex == ctx->ingress_ifindex)
 		return LB_ACT_TX(ctx);
-#ifdef LB_HOOK_TC
 	return LB_ACT_REDIRECT(nh->ifindex);
 #else
-	return tx_ports.redirect_map(nh->ifindex, XDP_PASS);
+	if (nh->ifindex == ctx->ingress_ifindex) {
+		write_macs(pkt, nh);
+		return LB_ACT_TX(ctx);
+	}
+	int action = tx_ports.redirect_map(nh->ifindex, XDP_PASS);
+
+	if (action == XDP_REDIRECT)
+		write_macs(pkt, nh);
+	return action;
 #endif
 }
 
-/* *nh is a cache (a flow's or a backend's next hop): fill it when empty. */
+/* The next hop is out of an interface lb is not attached to (XDP). A packet
+ * addressed to its next hop (NAT, tunnel, a reply) goes to the kernel as it
+ * arrived, to the LB's own MAC, and the kernel forwards it; a DSR packet,
+ * still to the VIP, the kernel would not forward: it is sent straight out
+ * with bpf_redirect (the device must take XDP frames: ndo_xdp_xmit). */
+static __always_inline int unmanaged_egress(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh, int direct)
+{
+	if (!direct)
+		return verdict(ctx, LB_PASS_EGRESS_UNMANAGED, LB_ACT_PASS);
+	write_macs(pkt, nh);
+	return verdict(ctx, LB_FWD_EGRESS_UNMANAGED, bpf_redirect(nh->ifindex, 0));
+}
+
+static __always_inline __u32 current_nh_epoch(void)
+{
+	__u32 zero = 0;
+	__u32 *epoch = nh_epoch.lookup(&zero);
+
+	return epoch ? *epoch : 0;
+}
+
+/* *nh is a cache (a flow's or a backend's next hop): fill it when empty or
+ * older than the last change of the kernel's routes and neighbours. */
 static __always_inline int ensure_next_hop(lb_ctx *ctx, const struct packet *pkt,
 					   const union lb_addr *dst, struct next_hop *nh)
 {
-	if (nh->ifindex)
+	__u32 epoch = current_nh_epoch();
+
+	if (nh->ifindex && nh->epoch == epoch)
 		return NH_FOUND;
-	return resolve_next_hop(ctx, pkt, dst, nh);
+	int resolved = resolve_next_hop(ctx, pkt, dst, nh);
+
+	if (resolved == NH_FOUND)
+		nh->epoch = epoch;
+	else
+		nh->ifindex = 0; /* a stale copy must not pass for a fresh one */
+	return resolved;
 }
 
-/* Send a rewritten packet by the outcome of its next-hop resolution. */
-static __always_inline int send(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh,
-				int resolved, enum lb_reason ok)
+/* Send a rewritten packet by the outcome of its next-hop resolution;
+ * `direct`: it is still addressed to the VIP (DSR). */
+static __always_inline int send_to(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh,
+				   int resolved, enum lb_reason ok, int direct)
 {
 	if (resolved == NH_KERNEL)
 		return verdict(ctx, LB_PASS_NEIGH_UNRESOLVED, LB_ACT_PASS);
@@ -105,8 +144,14 @@ static __always_inline int send(lb_ctx *ctx, struct packet *pkt, const struct ne
 	int action = transmit(ctx, pkt, nh);
 
 	if (action == LB_ACT_PASS)
-		return verdict(ctx, LB_PASS_EGRESS_UNMANAGED, LB_ACT_PASS);
+		return unmanaged_egress(ctx, pkt, nh, direct);
 	return verdict(ctx, ok, action);
+}
+
+static __always_inline int send(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh,
+				int resolved, enum lb_reason ok)
+{
+	return send_to(ctx, pkt, nh, resolved, ok, 0);
 }
 
 /* DSR's packet still names the VIP: the kernel, which would take it for its
@@ -117,7 +162,7 @@ static __always_inline int send_direct(lb_ctx *ctx, struct packet *pkt, const st
 {
 	if (resolved == NH_KERNEL)
 		return verdict(ctx, LB_DROP_NEIGH_UNRESOLVED, LB_ACT_DROP);
-	return send(ctx, pkt, nh, resolved, ok);
+	return send_to(ctx, pkt, nh, resolved, ok, 1);
 }
 
 /* Tunnel: the packet, untouched, inside an outer header to the backend (which
@@ -315,6 +360,20 @@ static __always_inline int is_vip_address(const union lb_addr *addr)
 	return vip_addrs.lookup((union lb_addr *)addr) != NULL;
 }
 
+/* To a VIP's address, but for no VIP of it: dropped (the host would answer
+ * with its own services, or forward it along a health check's route), unless
+ * the operator passes that address's unserved traffic to the host. */
+static __always_inline int unserved(lb_ctx *ctx, const struct packet *pkt, enum lb_reason drop)
+{
+	struct vip_addr *addr = vip_addrs.lookup((union lb_addr *)&pkt->dst);
+
+	if (!addr)
+		return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
+	if (addr->flags & LB_ADDR_PASS_UNSERVED)
+		return verdict(ctx, LB_PASS_UNSERVED, LB_ACT_PASS);
+	return verdict(ctx, drop, LB_ACT_DROP);
+}
+
 static __always_inline int any_port_vips(void)
 {
 	__u32 zero = 0;
@@ -330,12 +389,14 @@ static __always_inline int unbalanceable(lb_ctx *ctx, const struct packet *pkt, 
 	if (!pkt->ip_version || !is_vip_address(&pkt->dst))
 		return verdict(ctx, reason, LB_ACT_PASS);
 	switch (reason) {
+	case LB_PASS_V4_MAPPED:
+		return verdict(ctx, LB_DROP_V4_MAPPED, LB_ACT_DROP);
+	case LB_PASS_UNSUPPORTED_L4: /* no VIP serves another protocol */
+		return unserved(ctx, pkt, LB_DROP_UNSUPPORTED_L4);
 	case LB_PASS_IP_OPTIONS:
 		return verdict(ctx, LB_DROP_IP_OPTIONS, LB_ACT_DROP);
 	case LB_PASS_FRAGMENT:
 		return verdict(ctx, LB_DROP_FRAGMENT, LB_ACT_DROP);
-	case LB_PASS_UNSUPPORTED_L4:
-		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, LB_ACT_DROP);
 	default:
 		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
 	}
@@ -376,17 +437,19 @@ static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt
 
 	if (rc != LB_PARSE_OK)
 		return unbalanceable(ctx, pkt, rc);
+	if (pkt->ip_version == 6 && (addr_is_v4_mapped(&in.src) || addr_is_v4_mapped(&in.dst)))
+		return verdict(ctx, LB_DROP_V4_MAPPED, LB_ACT_DROP); /* it would name an IPv4 flow */
 	struct flow_key key = {
 		.src = in.dst, .dst = in.src, .sport = in.ports[1], .dport = in.ports[0], .proto = in.proto,
 	};
 	struct flow_entry *flow = conn_table.lookup(&key);
 
 	if (!flow || (flow->flags & LB_FLOW_REPLY))
-		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
+		return unserved(ctx, pkt, LB_DROP_ICMP_NO_FLOW); /* maybe about the host's own connection */
 	struct vip_meta *vip = active_vip(flow->vip_id);
 
 	if (!vip || !quote_from_vip(&in, vip))
-		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
+		return unserved(ctx, pkt, LB_DROP_ICMP_NO_FLOW);
 	__u32 backend_id = flow->backend_id;
 	struct backend *be = backends.lookup(&backend_id);
 
@@ -402,7 +465,7 @@ static __always_inline int handle_icmp(lb_ctx *ctx, struct packet *pkt)
 	if (icmp_is_too_big(pkt))
 		return icmp_error_to_backend(ctx, pkt);
 	if (!icmp_is_echo_request(pkt))
-		return verdict(ctx, LB_DROP_UNSUPPORTED_L4, LB_ACT_DROP);
+		return unserved(ctx, pkt, LB_DROP_UNSUPPORTED_L4);
 	if (icmp_echo_reply(ctx, pkt))
 		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
 	return verdict(ctx, LB_TX_ICMP_ECHO, LB_ACT_TX(ctx));
@@ -449,7 +512,7 @@ int xdp_lb(lb_ctx *ctx)
 	}
 	if (flow && reply_vip)
 		return to_client(ctx, &pkt, flow, reply_vip);
-	return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
+	return unserved(ctx, &pkt, LB_DROP_UNSERVED);
 }
 
 #ifdef LB_HOOK_TC

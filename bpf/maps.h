@@ -32,6 +32,9 @@ BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_entry, conn_table, LB_
 BPF_TABLE_PINNED("lpm_trie", struct acl_key, struct acl_rule, acl, LB_MAX_ACL_RULES, PIN(acl), BPF_F_NO_PREALLOC);
 /* destination prefix -> next hop, mirrored from the kernel's routes and neighbours */
 BPF_TABLE_PINNED("lpm_trie", struct route_key, struct next_hop, routes, LB_MAX_ROUTES, PIN(routes), BPF_F_NO_PREALLOC);
+/* one counter the control plane bumps when the kernel's routes or neighbours change: cached next hops
+ * (a backend's, a flow's) of an older epoch are resolved again */
+BPF_TABLE_PINNED("array", __u32, __u32, nh_epoch, 1, PIN(nh_epoch));
 /* ifindex -> ifindex, for each interface the LB sends out of with XDP_REDIRECT */
 BPF_XDP_REDIRECT_MAP("devmap:" PIN(tx_ports), int, tx_ports, LB_MAX_IFINDEX);
 /* per-CPU counters */

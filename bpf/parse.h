@@ -48,6 +48,12 @@ static __always_inline void addr_from_ipv4(union lb_addr *a, __be32 v4)
 	a->w[3] = v4;
 }
 
+/* ::ffff:a.b.c.d, the form lb_addr gives IPv4 addresses */
+static __always_inline int addr_is_v4_mapped(const union lb_addr *a)
+{
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0x0000ffff);
+}
+
 /* TCP, UDP or the ICMP of the IP version (icmp_proto) at cursor. */
 static __always_inline int parse_l4(struct packet *pkt, void *cursor, void *data_end, __u8 icmp_proto)
 {
@@ -96,6 +102,9 @@ static __always_inline int parse_ipv6(struct packet *pkt, void *cursor, void *da
 	__builtin_memcpy(&pkt->dst, &ip6->daddr, 16);
 	if (ip6->version != 6)
 		return LB_PASS_MALFORMED;
+	/* lb stores IPv4 as mapped: such an address would pass for an IPv4 VIP, client or backend */
+	if (addr_is_v4_mapped(&pkt->src) || addr_is_v4_mapped(&pkt->dst))
+		return LB_PASS_V4_MAPPED;
 	if (ip6->nexthdr == IPPROTO_FRAGMENT)
 		return LB_PASS_FRAGMENT;
 	if (ip6->nexthdr == IPPROTO_HOPOPTS || ip6->nexthdr == IPPROTO_ROUTING || ip6->nexthdr == IPPROTO_DSTOPTS)

@@ -61,6 +61,7 @@ struct next_hop {
 	__u32 ifindex; /* 0: not resolved */
 	__u8 smac[6];
 	__u8 dmac[6];
+	__u32 epoch;   /* a cached copy is good while it equals the nh_epoch map's (see ensure_next_hop) */
 };
 
 /* routes LPM trie key: prefixlen counts bits of the (IPv4-mapped) address */
@@ -109,9 +110,11 @@ struct lb_state {
 	__u32 pad;
 };
 
-/* vip_addrs hash value, by address: how many VIPs use it */
+/* vip_addrs hash value, by address: how many VIPs use it, and what happens to
+ * what none of them serves */
 struct vip_addr {
 	__u32 vips;
+	__u32 flags; /* LB_ADDR_PASS_UNSERVED */
 };
 
 /* acl LPM trie key: a VIP and a source prefix; prefixlen counts the VIP id's

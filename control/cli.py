@@ -33,11 +33,7 @@ def _weight(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lbctl", description="Manage the lb XDP load balancer of this network namespace.")
-    p.add_argument("--state", default=os.environ.get("LBCTL_STATE"),
-                   help="desired-state file (default: /var/lib/lb/NETNS.db; env LBCTL_STATE)")
-    p.add_argument("--api-socket", default=os.environ.get("LBCTL_API_SOCKET"),
-                   help="the daemon's socket (default: /run/lb/NETNS.sock; env LBCTL_API_SOCKET); "
-                        "without a daemon there, lbctl works on the maps itself")
+    _add_global_options(p, defaults=True)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     a = sub.add_parser("attach", help="load the data plane and attach it to interfaces")
@@ -91,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = acl_sub.add_parser("remove", help="remove the rule of a prefix")
     a.add_argument("vip", metavar="VIP")
     a.add_argument("prefix", metavar="PREFIX")
+
+    u = sub.add_parser("unserved", help="traffic to a VIP's address that no VIP of it serves (other ports and "
+                                        "protocols): drop it (default) or pass it to this host (for SSH to "
+                                        "the LB, say); ICMP echo to the address is answered either way")
+    u.add_argument("address", metavar="ADDR", help="the address (it may have no VIP yet)")
+    u.add_argument("action", choices=("drop", "pass"))
 
     d = sub.add_parser("decap", help="on a backend of tunnel-mode VIPs: decapsulate IPIP and IPv6-in-IPv6 "
                                      "packets addressed to this host")
@@ -150,7 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow --metrics on a wildcard address: every VIP and backend and their health, to anyone "
                         "who reaches the host")
     d.add_argument("--log-format", choices=("text", "json"), default="text")
+    for command in _subparsers(p):  # people type them after the command too: lbctl daemon --state FILE
+        _add_global_options(command, defaults=False)
     return p
+
+
+def _add_global_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes. Only the top parser has defaults: a subcommand's parser
+    leaves an option it was not given alone (SUPPRESS), so one given before the command stays."""
+    def default(env: str) -> str | None:
+        return os.environ.get(env) if defaults else argparse.SUPPRESS
+
+    p.add_argument("--state", default=default("LBCTL_STATE"),
+                   help="desired-state file (default: /var/lib/lb/NETNS.db; env LBCTL_STATE)")
+    p.add_argument("--api-socket", default=default("LBCTL_API_SOCKET"),
+                   help="the daemon's socket (default: /run/lb/NETNS.sock; env LBCTL_API_SOCKET); "
+                        "without a daemon there, lbctl works on the maps itself")
+
+
+def _subparsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand's parser, nested ones (acl add, decap attach) included."""
+    found = []
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subparsers(child)]
+    return found
 
 
 def _table(rows: list[list[Any]]) -> str:
@@ -162,6 +189,8 @@ def format_list(data: dict[str, Any]) -> str:
     dp = data["dataplane"]
     lines = ["data plane: " + ("not attached" if dp is None else
                                ", ".join(f"{i['name']} ({i['mode']})" for i in dp["interfaces"]))]
+    if data.get("pass_unserved"):
+        lines.append("passed to the host when no VIP serves it: traffic to " + ", ".join(data["pass_unserved"]))
     if not data["vips"]:
         lines.append("no VIPs")
         return "\n".join(lines)
@@ -225,6 +254,10 @@ def format_change(command: str, r: dict[str, Any]) -> str:
         case "set-weight":
             return (f"backend {r['backend']} of {r['vip']}: weight {r['previous_weight']} -> {r['weight']}"
                     + ("; no new flows, established ones go on" if r["weight"] == 0 else ""))
+        case "unserved":
+            what = "passed to this host" if r["unserved"] == "pass" else "dropped"
+            return (f"traffic to {r['address']} that no VIP serves is {what}"
+                    + ("" if r["vips"] else " (the address has no VIP yet)"))
         case "acl":
             if r.get("removed"):
                 return f"removed the rule for {r['prefix']} from {r['vip']}"
@@ -235,6 +268,7 @@ def format_change(command: str, r: dict[str, Any]) -> str:
 def format_plan(r: dict[str, Any]) -> str:
     if r["empty"]:
         return "no changes" + (" (dry run)" if r["dry_run"] else "")
+    unserved = r.get("unserved", {"pass": [], "drop": []})
     lines = [f"+ VIP {v['vip']} ({v['mode']}, hash on {v['hash']}, {v['backends']} backend(s))" for v in r["added"]]
     lines += [f"- VIP {vip} (with its backends; established flows go on until they end)" for vip in r["removed"]]
     for v in r["changed"]:
@@ -251,6 +285,8 @@ def format_plan(r: dict[str, Any]) -> str:
         lines += [f"    + backend {a['backend']} (weight {a['weight']})" for a in b["added"]]
         lines += [f"    - backend {a}" for a in b["removed"]]
         lines += [f"    ~ backend {w['backend']}: weight {w['from']} -> {w['to']}" for w in b["weights"]]
+    lines += [f"~ traffic to {a} that no VIP serves: passed to the host" for a in unserved["pass"]]
+    lines += [f"~ traffic to {a} that no VIP serves: dropped" for a in unserved["drop"]]
     lines.append("dry run: nothing applied" if r["dry_run"] else "applied")
     return "\n".join(lines)
 
@@ -383,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     except (LbError, OSError, RuntimeError) as e:
         print(f"lbctl: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    if isinstance(result, dict) and result.get("warning"):
+        print(f"lbctl: warning: {result['warning']}", file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     elif args.command == "list":

@@ -14,7 +14,7 @@ from lb.loader import DataPlaneConfig
 
 # Commands that change desired state (their timing is the reconcile time).
 CHANGES = frozenset({"attach", "detach", "add-vip", "remove-vip", "add-backend", "remove-backend", "acl", "apply",
-                     "drain", "set-weight"})
+                     "drain", "set-weight", "unserved"})
 ACL_COMMANDS = ("add", "remove")
 
 
@@ -102,6 +102,8 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
             return ctl.export()
         case "status":
             return ctl.status()
+        case "unserved":
+            return ctl.unserved(_str(p, "address"), _str(p, "action"))
         case "acl":
             match _str(p, "acl_command"):
                 case "add":

@@ -16,8 +16,10 @@ from typing import Any, NoReturn
 import yaml
 
 from control.errors import InputError
-from control.model import (ALL_DOWN, CHECK_KINDS, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, HealthCheck, State,
-                           VipAddress, VipState, is_whole_number, parse_prefix)
+from control.model import (ALL_DOWN, CHECK_KINDS, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, HealthCheck,
+                           State, VipAddress, VipState, address_sort_key, is_whole_number, parse_prefix,
+                           parse_vip_address)
+from lb.structs import IPAddress
 from control.reconcile import slots_moved
 
 _DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s)?\s*$", re.ASCII)
@@ -44,6 +46,7 @@ class VipSpec:
 @dataclass
 class Config:
     vips: list[VipSpec] = field(default_factory=list)
+    pass_unserved: set[IPAddress] = field(default_factory=set)  # see State.pass_unserved
 
 
 # --- durations ------------------------------------------------------------------
@@ -69,6 +72,7 @@ class _Reader:
 
     def __init__(self, source: str):
         self.source = source
+        self.backend_nodes: list[tuple[BackendAddress, yaml.Node]] = []  # to check against every VIP
 
     def fail(self, node: yaml.Node, reason: str) -> NoReturn:
         raise InputError(f"{self.source}:{node.start_mark.line + 1}: {reason}")
@@ -125,8 +129,13 @@ class _Reader:
     def config(self, root: yaml.Node | None) -> Config:
         if root is None:  # most likely a mistake: applied, it would remove every VIP
             raise InputError(f"{self.source}:1: the file is empty; to remove every VIP, write: vips: []")
-        top = self.mapping(root, "the file", ("vips",), ("vips",))
+        top = self.mapping(root, "the file", ("vips", "pass_unserved"), ("vips",))
         config = Config()
+        for node in self.sequence(top["pass_unserved"], "pass_unserved") if "pass_unserved" in top else []:
+            address = self.parsed(node, "pass_unserved address", parse_vip_address)
+            if address in config.pass_unserved:
+                self.fail(node, f"{address} is listed twice in pass_unserved")
+            config.pass_unserved.add(address)
         seen: dict[VipAddress, int] = {}
         for item in self.sequence(top["vips"], "vips"):
             spec = self.vip(item)
@@ -134,6 +143,10 @@ class _Reader:
                 self.fail(item, f"VIP {spec.vip} is listed twice (first on line {seen[spec.vip]})")
             seen[spec.vip] = item.start_mark.line + 1
             config.vips.append(spec)
+        addresses = {spec.vip.address for spec in config.vips}
+        for address, node in self.backend_nodes:
+            if address.address in addresses:
+                self.fail(node, f"backend {address}: its address is a VIP's address; a backend must be another host")
         return config
 
     def vip(self, node: yaml.Node) -> VipSpec:
@@ -161,6 +174,7 @@ class _Reader:
             except InputError as e:
                 self.fail(item, str(e))
             spec.backends.append(backend)
+            self.backend_nodes.append((backend.address, item))
         if spec.health.enabled and spec.health.port is None and spec.vip.any_port:
             self.fail(keys["health"], f"VIP {spec.vip} takes every port, so its backends have none to check: "
                                       f"give the health check a port")
@@ -248,7 +262,7 @@ def config_of(state: State) -> Config:
                 [BackendSpec(b.address, b.weight) for b in sorted(v.active_backends(), key=lambda b: b.id)],
                 v.all_down)
         for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
-    ])
+    ], set(state.pass_unserved))
 
 
 def _health_doc(check: HealthCheck) -> dict[str, Any]:
@@ -275,12 +289,16 @@ def to_yaml(config: Config) -> str:
         doc["backends"] = [{"address": str(b.address), "weight": b.weight} for b in v.backends]
         vips.append(doc)
     header = "# lb configuration: lbctl apply -f FILE makes the running state equal to this file\n"
-    return header + yaml.safe_dump({"vips": vips}, sort_keys=False, default_flow_style=False)
+    doc: dict[str, Any] = {"vips": vips}
+    if config.pass_unserved:
+        doc["pass_unserved"] = [str(a) for a in sorted(config.pass_unserved, key=address_sort_key)]
+    return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
 def merge(state: State, config: Config, now: float) -> None:
     """Make `state` what `config` describes. What stays keeps its id (its flows go on); removed
     backends are retired as `lbctl remove-backend` does, removed VIPs go with their backends."""
+    state.pass_unserved = set(config.pass_unserved)
     wanted = {spec.vip for spec in config.vips}
     # what removed VIPs leave is not reused in the same change (its counters would carry over)
     removed = [v for v in state.vips if v.vip not in wanted]
@@ -367,5 +385,7 @@ def plan(old: State, new: State, ring_size: int) -> dict[str, Any]:
             changed.append({"vip": str(vip), "settings": settings, "backends": backends,
                             "slots_moved": moved, "share_moved": 1.0 if disruptive else moved / ring_size,
                             "rehash": o.hash != n.hash, "disruptive": disruptive})
-    return {"added": added, "removed": removed, "changed": changed,
-            "empty": not (added or removed or changed)}
+    unserved = {"pass": [str(a) for a in sorted(new.pass_unserved - old.pass_unserved, key=address_sort_key)],
+                "drop": [str(a) for a in sorted(old.pass_unserved - new.pass_unserved, key=address_sort_key)]}
+    return {"added": added, "removed": removed, "changed": changed, "unserved": unserved,
+            "empty": not (added or removed or changed or unserved["pass"] or unserved["drop"])}

@@ -30,6 +30,7 @@ from control.health import HealthMonitor
 from control.logescape import escape
 from control.metrics import Metrics
 from control.model import is_whole_number
+from control.routes import KernelChanges
 from control.service import Controller
 from lb.structs import LAYOUT_VERSION
 
@@ -144,6 +145,26 @@ class Daemon:
         t.start()
         return t
 
+    def start_route_mirror(self, stop: threading.Event) -> threading.Thread:
+        t = threading.Thread(target=self.follow_routes, args=(stop,), name="routes", daemon=True)
+        t.start()
+        return t
+
+    def follow_routes(self, stop: threading.Event) -> None:
+        """Refresh the route mirror on every burst of netlink notifications (links, neighbours,
+        routes), so cached next hops follow a moved gateway, a new MAC, an interface gone down."""
+        with KernelChanges() as changes:
+            while not stop.is_set():
+                if not changes.wait(timeout=0.5):
+                    continue
+                try:
+                    writes = self.ctl.refresh_routes()
+                except (LbError, OSError, RuntimeError) as e:
+                    _event(self.log, "route mirror not refreshed", logging.WARNING, error=str(e))
+                    continue
+                if writes:
+                    _event(self.log, "route mirror refreshed", writes=writes)
+
     def _observe_check(self, target: Any, result: Any) -> None:
         self.metrics.health_check_seconds.labels(str(target.vip), str(target.backend)).observe(result.duration)
 
@@ -151,7 +172,7 @@ class Daemon:
         # Socket and port first: a second daemon must stop before it adopts or applies anything.
         api = ApiServer(self.socket_path, self.handle, self.describe)
         metrics_server = None
-        health = None
+        health = routes = None
         try:
             if self.metrics_listen:
                 from prometheus_client import start_http_server
@@ -170,6 +191,7 @@ class Daemon:
             self.apply_config()
             api.serve_in_thread()  # lbctl calls made meanwhile waited in the socket's backlog
             health = self.start_health_checks(stop)
+            routes = self.start_route_mirror(stop)
             _event(self.log, "ready", socket=self.socket_path, metrics=self.metrics_listen)
             while not stop.is_set():
                 if reload.wait(timeout=0.5):
@@ -183,6 +205,8 @@ class Daemon:
                 metrics_server.server_close()
             if health is not None:
                 health.join(timeout=10)
+            if routes is not None:
+                routes.join(timeout=5)
             _event(self.log, "stopped")
 
 

@@ -34,6 +34,50 @@ def _parse_address(text: str, original: str) -> IPAddress:
         raise InputError(f"{original!r}: {text!r} is not an IP address") from None
 
 
+# ipaddress counts the limited broadcast only as "reserved", with 240/4, which Linux routes as unicast
+_LIMITED_BROADCAST = ipaddress.ip_address("255.255.255.255")
+
+
+def unicast_problem(address: IPAddress) -> str | None:
+    """Why packets to `address` cannot reach one remote host (None if they can): the kernel and
+    routers treat these kinds as local, for a link only, for many hosts or for no host."""
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return ("an IPv4-mapped IPv6 address: no IPv6 packet on the wire carries it; "
+                f"write the IPv4 address {address.ipv4_mapped}")
+    if address.is_unspecified:
+        return "the unspecified address, never a destination"
+    if address == _LIMITED_BROADCAST:
+        return "the broadcast address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.is_loopback:
+        return "a loopback address, which never leaves a host"
+    if address.is_link_local:
+        return "a link-local address, which routers do not forward"
+    return None
+
+
+def require_unicast(address: IPAddress, original: str, role: str) -> None:
+    """InputError unless `address` can carry unicast traffic to a remote host."""
+    problem = unicast_problem(address)
+    if problem is not None:
+        raise InputError(f"{original!r}: {address} cannot be {role}: it is {problem}")
+
+
+def parse_vip_address(text: str) -> IPAddress:
+    """A VIP's address alone (10.0.0.1, 2001:db8::1; brackets allowed), as settings per address take it."""
+    stripped = text.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        stripped = stripped[1:-1]
+    address = _parse_address(stripped, text)
+    require_unicast(address, text, "a VIP's address")
+    return address
+
+
+def address_sort_key(address: IPAddress) -> tuple[int, int]:
+    return address.version, int(address)
+
+
 def _parse_port(text: str, original: str) -> int:
     if not is_whole_number(text):
         raise InputError(f"{original!r}: port {text!r} is not a number")
@@ -78,8 +122,11 @@ class VipAddress:
     proto: str
 
     @classmethod
-    def parse(cls, text: str) -> "VipAddress":
+    def parse(cls, text: str, usable: bool = True) -> "VipAddress":
+        """`usable`: refuse addresses no client could reach (off only to read what is stored)."""
         address, port, proto = _split(text)
+        if usable:
+            require_unicast(address, text, "a VIP")
         if proto is None:
             raise InputError(f"{text!r}: a VIP needs a protocol, as in {format_endpoint(address, 80)}/tcp "
                              f"(or {format_endpoint(address, 0)}/tcp for every port)")
@@ -111,6 +158,7 @@ class BackendAddress:
     @classmethod
     def parse(cls, text: str, vip: VipAddress) -> "BackendAddress":
         address, port, proto = _split(text)
+        require_unicast(address, text, "a backend")
         if proto is not None:
             raise InputError(f"{text!r}: a backend takes the VIP's protocol; write ADDR[:PORT] without /{proto}")
         if port is None:
@@ -274,6 +322,8 @@ class State:
     vips: list[VipState] = field(default_factory=list)
     # the store's revision this State was loaded at (0: never saved); a transaction saves it as revision + 1
     revision: int = field(default=0, compare=False)
+    # VIP addresses whose traffic no VIP serves (other ports, protocols) goes to the host, not dropped
+    pass_unserved: set[IPAddress] = field(default_factory=set)
 
     def vip(self, vip: VipAddress) -> VipState | None:
         for v in self.vips:
@@ -283,6 +333,26 @@ class State:
 
     def backend_ids(self) -> set[int]:
         return {b.id for v in self.vips for b in v.backends}
+
+    def backends_that_are_vips(self) -> set[tuple[str, str]]:
+        """(VIP, backend) pairs whose backend's address is a VIP's address: the LB would send the
+        packet to an address it takes itself (and whose routes lead nowhere useful)."""
+        addresses = {v.vip.address: v.vip for v in self.vips}
+        return {(str(v.vip), str(b.address)) for v in self.vips for b in v.active_backends()
+                if b.address.address in addresses}
+
+    def new_backends(self, before: "State") -> list[tuple[VipAddress, BackendAddress]]:
+        """(VIP, backend) of the active backends `before` did not have."""
+        had = {(v.vip, b.address) for v in before.vips for b in v.active_backends()}
+        return [(v.vip, b.address) for v in self.vips for b in v.active_backends() if (v.vip, b.address) not in had]
+
+    def require_no_new_backend_vips(self, before: "State") -> None:
+        """InputError if this state has a backend-that-is-a-VIP that `before` did not."""
+        new = sorted(self.backends_that_are_vips() - before.backends_that_are_vips())
+        if new:
+            vip, backend = new[0]
+            raise InputError(f"backend {backend} of VIP {vip}: its address is a VIP's address; "
+                             f"a backend must be another host")
 
     def require_vip(self, vip: VipAddress) -> VipState:
         found = self.vip(vip)

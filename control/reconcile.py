@@ -25,7 +25,7 @@ from control.model import State, VipState
 from lb.maglev import MaglevBackend, build_table
 from lb.maps import U32, DataPlaneMaps
 from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_SHARED,
-                        VIP_ACTIVE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, LbState, NextHop,
+                        ADDR_PASS_UNSERVED, VIP_ACTIVE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, LbState, NextHop,
                         ReplySource, VipAddr, VipInfo, VipKey, VipMeta, be16)
 
 MODE_CODES = {"nat": MODE_NAT, "dsr": MODE_DSR, "tunnel": MODE_TUNNEL}
@@ -81,7 +81,8 @@ class MapContents:
                 rule_key = acl_key(v.id, ipaddress.ip_network(prefix))
                 c.acl[_key(rule_key)] = (rule_key, AclRule(ACL_ALLOW if action == "allow" else ACL_DENY))
             addr = c.vip_addrs.get(_key(key.addr), (key.addr, VipAddr(0)))
-            c.vip_addrs[_key(key.addr)] = (key.addr, VipAddr(addr[1].vips + 1))
+            unserved = ADDR_PASS_UNSERVED if v.vip.address in state.pass_unserved else 0
+            c.vip_addrs[_key(key.addr)] = (key.addr, VipAddr(addr[1].vips + 1, unserved))
             if v.vip.any_port:
                 c.config.flags |= CFG_ANY_PORT
             c.vip_meta[v.id] = VipMeta(addr=key.addr, port=key.port, proto=key.proto, mode=MODE_CODES[v.mode],

@@ -29,7 +29,7 @@ def repair_maps(maps: DataPlaneMaps, state: State) -> dict[str, int]:
     dp = state.dataplane
     for iface in dp.interfaces:
         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
-    sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids())
+    sync_routes(maps, {i.ifindex for i in dp.interfaces})
     return Reconciler(maps, dp.config["ring_size"]).repair(state)
 
 

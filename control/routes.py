@@ -1,16 +1,23 @@
-"""Mirror the kernel's routes and neighbours into the data plane's routes map.
+"""Mirror the kernel's routes and neighbours into the data plane's routes map, and follow them
+(every changing command refreshes the mirror; the daemon also on every netlink notification).
 
 For the interfaces the LB uses: every resolved neighbour becomes a host route
 (/32) carrying its MAC; every route via a resolved gateway becomes a prefix
-route carrying the gateway's MAC. What is not here (an unresolved neighbour) the
-data plane asks the kernel FIB for, or hands to the kernel to resolve."""
+route carrying the gateway's MAC. Every other route of the main table (ECMP,
+blackhole, unreachable, on-link, via another interface or an unresolved
+gateway) becomes an entry without a next hop, which sends the data plane to the
+kernel FIB (bpf_fib_lookup), so a less specific mirrored route never stands in
+for it. With policy routing (ip rules beyond the defaults), or more routes than
+the map holds, nothing is mirrored: the FIB decides everything."""
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import select
 import socket
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
 
 from lb.maps import U32, DataPlaneMaps
 from lb.structs import LbAddr, NextHop, RouteKey
@@ -35,10 +42,23 @@ def _next_hop(ifindex: int, smac: bytes, dmac: bytes) -> NextHop:
     return nh
 
 
+# ip rules every namespace starts with: (priority, table) of local, main, default
+_DEFAULT_RULES = {(0, 255), (32766, 254), (32767, 253)}
+_RTN_UNICAST = 1
+
+
+def policy_routing(ipr: IPRoute) -> bool:
+    """Does any rule beyond the defaults choose the table (so the main table is not the whole story)?"""
+    return any((r.get_attr("FRA_PRIORITY") or 0, r.get_attr("FRA_TABLE") or r["table"]) not in _DEFAULT_RULES
+               for family in (socket.AF_INET, socket.AF_INET6) for r in ipr.get_rules(family=family))
+
+
 def kernel_next_hops(ifindexes: set[int]) -> dict[bytes, tuple[RouteKey, NextHop]]:
     """What the routes map should hold, read from the kernel over netlink."""
     out: dict[bytes, tuple[RouteKey, NextHop]] = {}
     with IPRoute() as ipr:
+        if policy_routing(ipr):
+            return out
         link_macs = {link["index"]: _mac(link.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00")
                      for link in ipr.get_links() if link["index"] in ifindexes}
         neighbours: dict[tuple[int, str], bytes] = {}
@@ -51,21 +71,27 @@ def kernel_next_hops(ifindexes: set[int]) -> dict[bytes, tuple[RouteKey, NextHop
                     out[bytes(key)] = (key, _next_hop(n["ifindex"], link_macs[n["ifindex"]], _mac(lladdr)))
             for r in ipr.get_routes(family=family, table=254):
                 oif, gw = r.get_attr("RTA_OIF"), r.get_attr("RTA_GATEWAY")
-                if oif not in ifindexes or not gw or (oif, gw) not in neighbours:
-                    continue
                 dst = r.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
                 key = _route_key(ipaddress.ip_network(f"{dst}/{r['dst_len']}"))
-                # a more specific neighbour entry wins over a route to the same prefix
-                out.setdefault(bytes(key), (key, _next_hop(oif, link_macs[oif], neighbours[(oif, gw)])))
+                if r["type"] != _RTN_UNICAST:  # blackhole, unreachable, prohibit: the FIB says so, whatever else
+                    out[bytes(key)] = (key, NextHop())
+                elif (oif in ifindexes and gw and (oif, gw) in neighbours
+                      and not r.get_attr("RTA_MULTIPATH")):
+                    # a more specific neighbour entry wins over a route to the same prefix
+                    out.setdefault(bytes(key), (key, _next_hop(oif, link_macs[oif], neighbours[(oif, gw)])))
+                else:  # ECMP, on-link, another interface, an unresolved gateway: the FIB decides
+                    out.setdefault(bytes(key), (key, NextHop()))
     return out
 
 
-def sync_routes(maps: DataPlaneMaps, ifindexes: set[int], backend_ids: set[int]) -> int:
+def sync_routes(maps: DataPlaneMaps, ifindexes: set[int]) -> int:
     """Make the routes map equal to the kernel's view; returns the number of writes.
 
-    When anything changed, the backends' cached next hops are cleared: the data
-    plane resolves them again on their next new flow."""
+    When anything changed, the next-hop epoch moves on: every cached next hop (a
+    backend's, a flow's, both directions) is resolved again on its next packet."""
     wanted = kernel_next_hops(ifindexes)
+    if len(wanted) > maps.routes.max_entries:  # a partial mirror would be wrong: the FIB decides everything
+        wanted = {}
     current = {bytes(k): (RouteKey.from_buffer_copy(k), v) for k, v in maps.routes.items()}
     writes = 0
     for k, (key, _) in current.items():
@@ -77,9 +103,48 @@ def sync_routes(maps: DataPlaneMaps, ifindexes: set[int], backend_ids: set[int])
             maps.routes.set(key, nh)
             writes += 1
     if writes:
-        for backend_id in backend_ids:
-            maps.backend_nh.set(U32(backend_id), NextHop())
+        bump_nh_epoch(maps)
     return writes
+
+
+def bump_nh_epoch(maps: DataPlaneMaps) -> None:
+    epoch = maps.maps["nh_epoch"]
+    epoch.set(U32(0), U32((epoch.get(U32(0)).value + 1) & 0xFFFFFFFF))
+
+
+NTF_EXT_MANAGED = 1 << 0  # NDA_FLAGS_EXT: the kernel keeps the entry resolved (Linux 5.16+)
+_NUD_REACHABLE = 0x02
+_NUD_PERMANENT = 0x80
+
+
+def keep_resolved(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Make a directly connected host's neighbour entry "managed": the kernel resolves it and keeps
+    it resolved, though the kernel itself never sends to it (otherwise it would garbage-collect the
+    entry, and lb drops DSR packets to an unresolved backend). False if that could not be done (the
+    host is not on a link, or the kernel predates managed neighbours)."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with IPRoute() as ipr:
+        try:
+            route = ipr.route("get", dst=str(address), family=family)[0]
+        except Exception:  # noqa: BLE001 (no route: nothing to keep)
+            return False
+        oif = route.get_attr("RTA_OIF")
+        if route["type"] != _RTN_UNICAST or route.get_attr("RTA_GATEWAY") or not oif:
+            return False
+        current = next((n for n in ipr.get_neighbours(family=family, ifindex=oif)
+                        if n.get_attr("NDA_DST") == str(address)), None)
+        if current is not None and ((current.get_attr("NDA_FLAGS_EXT") or 0) & NTF_EXT_MANAGED
+                                    or current["state"] & _NUD_PERMANENT):  # the operator's: left alone
+            return True
+        known = {}
+        if current is not None and current.get_attr("NDA_LLADDR") and current["state"] & _USABLE_NUD:
+            known = {"lladdr": current.get_attr("NDA_LLADDR"), "state": _NUD_REACHABLE}  # keep what it knows
+        try:
+            ipr.neigh("replace", dst=str(address), ifindex=oif, family=family, NDA_FLAGS_EXT=NTF_EXT_MANAGED,
+                      **({"state": 0} | known))
+        except Exception:  # noqa: BLE001 (an older kernel: soliciting remains)
+            return False
+    return True
 
 
 def solicit_neighbour(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
@@ -92,3 +157,30 @@ def solicit_neighbour(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
         sock.sendto(b"", (str(address), 9))
+
+
+class KernelChanges:
+    """Netlink notifications of the kernel's links, neighbours and routes (IPv4 and IPv6), as a
+    context manager: wait() says whether any came, after letting a burst settle."""
+
+    GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+
+    def __enter__(self) -> "KernelChanges":
+        self.ipr = IPRoute()
+        self.ipr.bind(groups=self.GROUPS)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ipr.close()
+
+    def wait(self, timeout: float, settle: float = 0.1) -> bool:
+        """True once notifications arrived (within `timeout`), drained until `settle` passes quietly."""
+        if not self._ready(timeout):
+            return False
+        while True:
+            self.ipr.get()  # the messages themselves do not matter: the mirror is read again whole
+            if not self._ready(settle):
+                return True
+
+    def _ready(self, timeout: float) -> bool:
+        return bool(select.select([self.ipr.fileno()], [], [], timeout)[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ipaddress
 import logging
 import os
 import time
@@ -20,11 +21,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from control.errors import InputError, LbError
 from control import config as declarative
-from control.model import (ALL_DOWN, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface, State,
-                           VipAddress, VipState, format_endpoint, parse_prefix)
+from control import forwarding
+from control.model import (ALL_DOWN, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface,
+                           State, VipAddress, VipState, address_sort_key, format_endpoint, parse_prefix,
+                           parse_vip_address)
 from control.reconcile import Reconciler, mark_applied
 from control.recovery import marked_revision, recover, repair_if_interrupted
-from control.routes import solicit_neighbour, sync_routes
+from control.routes import keep_resolved, solicit_neighbour, sync_routes
 from control.store import SqliteStore, Store
 from lb import loader, offload
 from lb.bpfsys import prog_id
@@ -32,11 +35,13 @@ from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
 from lb.probe import probe
 from lb.refmodel import DataPlaneModel, Parsed
-from lb.structs import MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
+from lb.structs import IPAddress, MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
 
 log = logging.getLogger("lb.service")
 
 T = TypeVar("T")
+
+UNSERVED_ACTIONS = ("drop", "pass")  # what happens to traffic to a VIP's address that no VIP serves
 
 
 def _ifindex(ipr: IPRoute, name: str) -> int:
@@ -62,13 +67,31 @@ def choose_xdp_mode(iface: Interface, requested: str) -> str | None:
     return None
 
 
+def _refuse_local_backends(added: list[tuple[VipAddress, BackendAddress]]) -> None:
+    """A backend must be another host: the data plane forwards, and cannot deliver to its own host."""
+    if not added:
+        return
+    with IPRoute() as ipr:
+        local = {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}
+    for vip, backend in added:
+        if backend.address in local:
+            raise InputError(f"backend {backend} of VIP {vip}: {backend.address} is an address of this host; "
+                             f"lb forwards to other hosts")
+
+
 def resolve_dsr_backends(state: State) -> None:
-    """Have the kernel learn every DSR backend's MAC now: the data plane drops a DSR packet whose
-    next hop is unresolved (the kernel could not forward it: it is addressed to the VIP)."""
+    """Have the kernel learn every DSR backend's MAC now, and keep it (a managed neighbour entry): the
+    data plane drops a DSR packet whose next hop is unresolved (the kernel could not forward it: it is
+    addressed to the VIP)."""
     for v in state.vips:
         if v.mode == "dsr":
             for b in v.active_backends():
-                solicit_neighbour(b.address.address)
+                resolve_dsr_backend(b.address.address)
+
+
+def resolve_dsr_backend(address: IPAddress) -> None:
+    keep_resolved(address)
+    solicit_neighbour(address)  # resolves it now (a managed entry is also resolved, but not at once)
 
 
 @dataclass
@@ -119,7 +142,7 @@ class Controller:
                 with DataPlaneMaps.open(pin_dir) as maps:
                     for iface in ifaces:
                         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
-                    sync_routes(maps, {i.ifindex for i in ifaces}, state.backend_ids())
+                    sync_routes(maps, {i.ifindex for i in ifaces})
                     mark_applied(maps, state.revision + 1)  # what the commit below saves
                     Reconciler(maps, config.ring_size).apply(State(), state)
             except BaseException:
@@ -134,9 +157,11 @@ class Controller:
                                              loader.program_digest(config, pin_dir), hook)
             resolve_dsr_backends(state)  # after a reboot or a detach, the neighbour tables may have lost them
             modes = {i.mode for i in ifaces}
+            warning = forwarding.describe(forwarding.missing_settings(
+                [i.name for i in ifaces], any(v.vip.address.version == 6 for v in state.vips)))
             return {"attached": [i.name for i in ifaces], "mode": modes.pop() if len(modes) == 1 else "mixed",
                     "interfaces": [{"name": i.name, "mode": i.mode} for i in ifaces], "notes": notes,
-                    "hook": hook, "pin_dir": pin_dir, "vips": len(state.vips)}
+                    "hook": hook, "pin_dir": pin_dir, "vips": len(state.vips), "warning": warning}
 
     @staticmethod
     def detach_interface(iface: Interface, hook: str) -> None:
@@ -196,7 +221,11 @@ class Controller:
                 raise InputError(f"VIP {vip} already exists")
             free = state.allocate_vip_id()
             state.vips.append(VipState(vip, free, mode, hash=hash_on, all_down=all_down))
-            return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on, "all_down": all_down}
+            warning = None
+            if vip.address.version == 6:  # attach checked IPv4's
+                warning = forwarding.describe([s for s in forwarding.missing_settings([], True) if "ipv6" in s])
+            return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on, "all_down": all_down,
+                    "warning": warning}
 
         return self._change(change)
 
@@ -230,7 +259,7 @@ class Controller:
 
         result = self._change(change)
         if result.get("mode") == "dsr":
-            solicit_neighbour(backend.address)
+            resolve_dsr_backend(backend.address)
         return result
 
     def remove_backend(self, vip_text: str, backend_text: str) -> dict[str, Any]:
@@ -239,6 +268,25 @@ class Controller:
             return {"removed": str(b.address)}
 
         return self._change_backend(vip_text, backend_text, retire)
+
+    def unserved(self, address_text: str, action: str) -> dict[str, Any]:
+        """What happens to traffic to a VIP's address that none of its VIPs serves: "drop"
+        (the default) or "pass" to the host (for SSH to the LB, say). The address need not
+        have a VIP yet: set it before putting a VIP on an address the host uses."""
+        address = parse_vip_address(address_text)
+        if action not in UNSERVED_ACTIONS:
+            raise InputError(f"unknown action {action!r} (expected one of: {', '.join(UNSERVED_ACTIONS)})")
+
+        def change(state: State) -> dict[str, Any]:
+            was = "pass" if address in state.pass_unserved else "drop"
+            if action == "pass":
+                state.pass_unserved.add(address)
+            else:
+                state.pass_unserved.discard(address)
+            return {"address": str(address), "unserved": action, "previous": was,
+                    "vips": sum(v.vip.address == address for v in state.vips)}
+
+        return self._change(change)
 
     def acl_add(self, vip_text: str, prefix_text: str, action: str) -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)
@@ -329,6 +377,8 @@ class Controller:
         def change(state: State) -> dict[str, Any]:
             old = copy.deepcopy(state)
             declarative.merge(state, wanted, time.time())
+            if dry_run:  # (a real apply is checked by _change)
+                _refuse_local_backends(state.new_backends(old))
             return {"dry_run": dry_run, **declarative.plan(old, state, state.dataplane.config["ring_size"])}
 
         if dry_run:
@@ -370,6 +420,7 @@ class Controller:
                 }
                 for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
             ],
+            "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)],
         }
 
     def status(self) -> dict[str, Any]:
@@ -430,7 +481,9 @@ class Controller:
         finally:
             os.close(prog_fd)
         backend = None
-        if result.backend is not None:
+        if result.reason == "fwd_icmp_error":  # about a flow: its entry names the backend, in every mode
+            backend = self._flow_backend(state, dp, frame)
+        elif result.backend is not None:
             addr, port = result.backend
             backend = format_endpoint(LbAddr.from_buffer_copy(addr).address(), port)
         elif result.reason == "fwd_dsr":  # no address changed: the flow's entry names the backend
@@ -438,13 +491,23 @@ class Controller:
         return {"action": result.action, "packet_hex": result.packet.hex(), "backend": backend,
                 "reason": result.reason, "ingress": ifname}
 
+    def refresh_routes(self) -> int:
+        """Mirror the kernel's routes and neighbours again (the daemon, on netlink notifications);
+        returns the map writes (0: nothing changed). Nothing to do while detached."""
+        state = self.store.read()
+        dp = state.dataplane
+        if dp is None or dp.netns_ino != self.instance.netns_ino or not self.pins_alive(dp):
+            return 0
+        with DataPlaneMaps.open(dp.pin_dir) as maps:
+            return sync_routes(maps, {i.ifindex for i in dp.interfaces})
+
     # --- helpers ---------------------------------------------------------------
 
     @staticmethod
     def _flow_backend(state: State, dp: DataPlaneState, frame: bytes) -> str | None:
-        """The backend the connection table holds for a client's packet."""
-        p = DataPlaneModel.parse(frame)
-        if not isinstance(p, Parsed):
+        """The backend the connection table holds for a client's packet (or an ICMP error about it)."""
+        p = DataPlaneModel.client_flow(frame)
+        if p is None:
             return None
         key = FlowKey(src=LbAddr.from_buffer_copy(p.src), dst=LbAddr.from_buffer_copy(p.dst), sport=be16(p.sport),
                       dport=be16(p.dport), proto=p.proto)
@@ -467,8 +530,10 @@ class Controller:
                         mark_applied(maps, state.revision)  # repaired: true as long as this change is not saved
                     old = copy.deepcopy(state)
                     result = change(state)
+                    state.require_no_new_backend_vips(old)
+                    _refuse_local_backends(state.new_backends(old))
                     mark_applied(maps, state.revision + 1)  # before the first write; the commit makes it true
-                    sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids() | old.backend_ids())
+                    sync_routes(maps, {i.ifindex for i in dp.interfaces})
                     Reconciler(maps, dp.config["ring_size"]).apply(old, state)
                 applied = (dp.pin_dir, dp.config["ring_size"], old, state)  # not changed after this
             return result

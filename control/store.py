@@ -18,7 +18,7 @@ from typing import Any, Iterator, Protocol
 from lb.pins import STATE_DIR
 from lb.private import private_dir, private_file, tighten_if_present
 from control.model import (BackendAddress, BackendState, DataPlaneState, HealthCheck, Interface, State,
-                           VipAddress, VipState)
+                           VipAddress, VipState, address_sort_key)
 from lb import fault
 
 
@@ -56,6 +56,7 @@ def state_to_doc(state: State) -> dict[str, Any]:
             }
             for v in state.vips
         ],
+        "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)],
     }
 
 
@@ -63,7 +64,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
     dp = doc.get("dataplane")
     vips = []
     for v in doc.get("vips", []):
-        vip = VipAddress.parse(v["vip"])
+        vip = VipAddress.parse(v["vip"], usable=False)  # as stored, even from before the check
         backends = [
             BackendState(BackendAddress(ipaddress.ip_address(b["address"]), b["port"]), b["id"], b["weight"],
                          b["retired_at"], b.get("healthy", True))
@@ -76,7 +77,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
                                    dp["config"], dp.get("program_digest"), dp.get("hook", "xdp"))
-    return State(dataplane, vips)
+    return State(dataplane, vips, {ipaddress.ip_address(a) for a in doc.get("pass_unserved", [])})
 
 
 class SqliteStore:

@@ -152,6 +152,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "conn_table": (FlowKey, FlowEntry),
     "routes": (RouteKey, NextHop),
     "acl": (AclKey, AclRule),
+    "nh_epoch": (U32, U32),
     "tx_ports": (I32, I32),
     "vip_stats": (U32, LbCounters),
     "backend_stats": (U32, LbCounters),

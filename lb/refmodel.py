@@ -26,6 +26,7 @@ class NextHop:
     ifindex: int = 0
     smac: bytes = bytes(6)
     dmac: bytes = bytes(6)
+    epoch: int = 0  # a cached copy is good while it equals Tables.nh_epoch
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Tables:
     max_vips: int
     max_backends: int
     vips: dict[tuple[bytes, int, int], tuple[int, int]]     # (addr, port, proto) -> (VIP id, flags)
-    vip_addrs: set[bytes]                                   # addresses of VIPs
+    vip_addrs: dict[bytes, int]                             # addresses of VIPs -> flags (ADDR_PASS_UNSERVED)
     any_port: bool                                          # some VIP takes every port
     vip_meta: dict[int, tuple[bytes, int, int, int]]        # id -> (addr, port, flags, mode)
     maglev: dict[int, list[int]]                            # VIP id -> ring of backend ids
@@ -74,6 +75,7 @@ class Tables:
     routes: list[tuple[int, bytes, NextHop]]                # (prefixlen, addr, next hop)
     acl: list[tuple[int, int, bytes, int]]                  # (prefixlen, VIP id, addr, action)
     tx_ports: set[int]                                      # ifindexes the DEVMAP redirects to
+    nh_epoch: int = 0                                       # bumped when the kernel's routes change
 
     @classmethod
     def snapshot(cls, maps: DataPlaneMaps, ring_size: int) -> "Tables":
@@ -90,7 +92,7 @@ class Tables:
         backend_nh = {k.value: _nh(v) for k, v in maps.backend_nh.items() if v.ifindex}
         return cls(
             ring_size=ring_size, max_vips=maps.vip_meta.max_entries, max_backends=maps.backends.max_entries,
-            vips=vips, vip_addrs={bytes(k) for k in maps.vip_addrs.keys()},
+            vips=vips, vip_addrs={bytes(k): v.flags for k, v in maps.vip_addrs.items()},
             any_port=bool(config.flags & structs.CFG_ANY_PORT), vip_meta=meta, maglev=maglev, backends=backends, backend_nh=backend_nh,
             reply_sources={(bytes(k.addr), ntohs(k.port), k.proto): (v.vip_id, v.flags)
                            for k, v in maps.reply_sources.items()},
@@ -100,11 +102,12 @@ class Tables:
             routes=[(k.prefixlen, bytes(k.addr), _nh(v)) for k, v in maps.routes.items()],
             acl=[(k.prefixlen, k.vip_id, bytes(k.addr), v.action) for k, v in maps.acl.items()],
             tx_ports={v.value for _, v in maps.tx_ports.items() if v.value},
+            nh_epoch=maps.maps["nh_epoch"].get(U32(0)).value,
         )
 
 
 def _nh(nh: structs.NextHop) -> NextHop:
-    return NextHop(nh.ifindex, bytes(nh.smac), bytes(nh.dmac))
+    return NextHop(nh.ifindex, bytes(nh.smac), bytes(nh.dmac), nh.epoch)
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,8 @@ class DataPlaneModel:
         nexthdr = frame[off + 6]
         if frame[off] >> 4 != 6:
             return "LB_PASS_MALFORMED", dst
+        if src[:12] == V4_MAPPED or dst[:12] == V4_MAPPED:  # would pass for IPv4 (parse.h)
+            return "LB_PASS_V4_MAPPED", dst
         if nexthdr == IPV6_FRAGMENT:
             return "LB_PASS_FRAGMENT", dst
         if nexthdr in IPV6_OPTION_HEADERS:
@@ -262,13 +267,24 @@ class DataPlaneModel:
             found = self._reply_flow(p, source) if source is not None else None
             if found is not None:
                 return self._to_client(pkt, p, found, ingress_ifindex)
-        return ModelResult("XDP_PASS", frame, "pass_not_vip")
+        return self._unserved(frame, p.dst, "drop_unserved")
+
+    def _unserved(self, frame: bytes, dst: bytes, drop: str) -> ModelResult:
+        """lb.c unserved: to a VIP's address, for no VIP of it: dropped, unless its address passes it."""
+        flags = self.t.vip_addrs.get(dst)
+        if flags is None:
+            return ModelResult("XDP_PASS", frame, "pass_not_vip")
+        if flags & structs.ADDR_PASS_UNSERVED:
+            return ModelResult("XDP_PASS", frame, "pass_unserved")
+        return ModelResult("XDP_DROP", frame, drop)
 
     def _unbalanceable(self, frame: bytes, reason: str, dst: bytes | None) -> ModelResult:
         if dst is None or dst not in self.t.vip_addrs:
             return ModelResult("XDP_PASS", frame, _reason(reason))
+        if reason == "LB_PASS_UNSUPPORTED_L4":  # no VIP serves another protocol
+            return self._unserved(frame, dst, "drop_unsupported_l4")
         drop = {"LB_PASS_IP_OPTIONS": "drop_ip_options", "LB_PASS_FRAGMENT": "drop_fragment",
-                "LB_PASS_UNSUPPORTED_L4": "drop_unsupported_l4"}.get(reason, "drop_malformed")
+                "LB_PASS_V4_MAPPED": "drop_v4_mapped"}.get(reason, "drop_malformed")
         return ModelResult("XDP_DROP", frame, drop)
 
     def _icmp(self, pkt: bytearray, p: Parsed, ingress: int) -> ModelResult:
@@ -280,7 +296,7 @@ class DataPlaneModel:
         if (pkt[p.l4], pkt[p.l4 + 1]) == ((2, 0) if v6 else (3, 4)):  # packet too big / fragmentation needed
             return self._icmp_error_to_backend(pkt, p, ingress)
         if pkt[p.l4] != (128 if v6 else 8):
-            return ModelResult("XDP_DROP", bytes(pkt), "drop_unsupported_l4")
+            return self._unserved(bytes(pkt), p.dst, "drop_unsupported_l4")
         pkt[0:6], pkt[6:12] = pkt[6:12], pkt[0:6]
         ip = p.l3
         if v6:
@@ -325,17 +341,33 @@ class DataPlaneModel:
         sport, dport = struct.unpack_from(">HH", frame, l4)
         return Parsed(off, l4, src, dst, sport, dport, proto, None, p.version)
 
+    @classmethod
+    def client_flow(cls, frame: bytes) -> Parsed | None:
+        """The client's packet whose flow `frame` belongs to: the frame itself, or for an ICMP error
+        the packet it quotes (a reply), reversed; None if there is none."""
+        p = cls.parse(frame)
+        if not isinstance(p, Parsed):
+            return None
+        if p.proto not in (ICMP, ICMPV6):
+            return p
+        q = cls._parse_quote(frame, p)
+        if not isinstance(q, Parsed):
+            return None
+        return replace(q, src=q.dst, dst=q.src, sport=q.dport, dport=q.sport)
+
     def _icmp_error_to_backend(self, pkt: bytearray, p: Parsed, ingress: int) -> ModelResult:
         """lb.c icmp_error_to_backend: the quote, reversed, is the client's flow."""
         q = self._parse_quote(pkt, p)
         if isinstance(q, str):
             return self._unbalanceable(bytes(pkt), q, p.dst)
+        if p.version == 6 and V4_MAPPED in (q.src[:12], q.dst[:12]):  # it would name an IPv4 flow
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_v4_mapped")
         flow = self.t.conn.get((q.dst, q.src, q.dport, q.sport, q.proto))
-        if flow is None or flow.flags & structs.FLOW_REPLY:
-            return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
+        if flow is None or flow.flags & structs.FLOW_REPLY:  # maybe about the host's own connection
+            return self._unserved(bytes(pkt), p.dst, "drop_icmp_no_flow")
         meta = self.t.vip_meta.get(flow.vip_id)
         if meta is None or not meta[2] & structs.VIP_ACTIVE or meta[0] != q.src or meta[1] not in (q.sport, 0):
-            return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
+            return self._unserved(bytes(pkt), p.dst, "drop_icmp_no_flow")
         be = self._backend(flow.backend_id)
         if be is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
@@ -440,7 +472,7 @@ class DataPlaneModel:
         """lb.c send_direct: a packet still to the VIP is dropped, not left to the kernel, while the MAC is unknown."""
         if resolved == "kernel":
             return ModelResult("XDP_DROP", bytes(pkt), "drop_neigh_unresolved", backend)
-        return self._send(pkt, nh, resolved, ingress, ok, backend)
+        return self._send(pkt, nh, resolved, ingress, ok, backend, direct=True)
 
     def _send_encapsulated(self, pkt: bytearray, p: Parsed, be: tuple[bytes, int, int], nh: NextHop,
                            resolved: str, ingress: int, ok: str) -> ModelResult:
@@ -518,24 +550,26 @@ class DataPlaneModel:
     # --- nexthop.h and transmit -----------------------------------------------------------------
     def _ensure_next_hop(self, nh: NextHop, dst: bytes, p: Parsed, pkt: bytearray,
                          ingress: int) -> tuple[str, NextHop]:
-        """A cached next hop, or a freshly resolved one (the cache stays empty unless found)."""
-        if nh.ifindex:
+        """A cached next hop of this epoch, or a freshly resolved one (the cache is empty unless found)."""
+        if nh.ifindex and nh.epoch == self.t.nh_epoch:
             return "found", nh
         verdict, found = self._resolve(dst, p, bytes(pkt), ingress)
-        return verdict, found if verdict == "found" else nh
+        return verdict, replace(found, epoch=self.t.nh_epoch) if verdict == "found" else NextHop()
 
     def _send(self, pkt: bytearray, nh: NextHop, resolved: str, ingress: int, ok: str,
-              backend: tuple[bytes, int] | None) -> ModelResult:
+              backend: tuple[bytes, int] | None, direct: bool = False) -> ModelResult:
+        """lb.c send_to; `direct`: still addressed to the VIP (dsr)."""
         if resolved == "kernel":
             return ModelResult("XDP_PASS", bytes(pkt), "pass_neigh_unresolved", backend)
         if resolved == "none":
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_route", backend)
+        if nh.ifindex != ingress and nh.ifindex not in self.t.tx_ports:  # unmanaged_egress
+            if not direct:  # the kernel forwards it, as it arrived
+                return ModelResult("XDP_PASS", bytes(pkt), "pass_egress_unmanaged", backend)
+            pkt[0:6], pkt[6:12] = nh.dmac, nh.smac
+            return ModelResult("XDP_REDIRECT", bytes(pkt), "fwd_egress_unmanaged", backend)
         pkt[0:6], pkt[6:12] = nh.dmac, nh.smac
-        if nh.ifindex == ingress:
-            return ModelResult("XDP_TX", bytes(pkt), ok, backend)
-        if nh.ifindex not in self.t.tx_ports:
-            return ModelResult("XDP_PASS", bytes(pkt), "pass_egress_unmanaged", backend)
-        return ModelResult("XDP_REDIRECT", bytes(pkt), ok, backend)
+        return ModelResult("XDP_TX" if nh.ifindex == ingress else "XDP_REDIRECT", bytes(pkt), ok, backend)
 
     def _resolve(self, dst: bytes, p: Parsed, pkt: bytes, ingress: int) -> tuple[str, NextHop | None]:
         best: tuple[int, NextHop] | None = None

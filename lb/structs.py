@@ -59,7 +59,8 @@ class ReplySource(ctypes.Structure):
 
 
 class NextHop(ctypes.Structure):
-    _fields_ = [("ifindex", ctypes.c_uint32), ("smac", ctypes.c_uint8 * 6), ("dmac", ctypes.c_uint8 * 6)]
+    _fields_ = [("ifindex", ctypes.c_uint32), ("smac", ctypes.c_uint8 * 6), ("dmac", ctypes.c_uint8 * 6),
+                ("epoch", ctypes.c_uint32)]
 
 
 class RouteKey(ctypes.Structure):
@@ -114,7 +115,7 @@ class LbState(ctypes.Structure):
 
 
 class VipAddr(ctypes.Structure):
-    _fields_ = [("vips", ctypes.c_uint32)]
+    _fields_ = [("vips", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 class ProbeMeta(ctypes.Structure):
@@ -171,6 +172,11 @@ REASONS: tuple[str, ...] = (
     "LB_FWD_STEERED",
     "LB_PASS_LOCAL_REPLY",
     "LB_DROP_NEIGH_UNRESOLVED",
+    "LB_DROP_UNSERVED",
+    "LB_PASS_UNSERVED",
+    "LB_PASS_V4_MAPPED",
+    "LB_DROP_V4_MAPPED",
+    "LB_FWD_EGRESS_UNMANAGED",
 )
 
 # Flags and constants of bpf/consts.h used from Python.
@@ -183,6 +189,7 @@ VIP_TUNNEL = 1 << 4
 ACL_ALLOW = 1
 ACL_DENY = 2
 CFG_ANY_PORT = 1 << 0
+ADDR_PASS_UNSERVED = 1 << 0
 ICMP_TTL = 64
 FLOW_REPLY = 1 << 0
 FLOW_LOCAL = 1 << 1

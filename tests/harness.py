@@ -32,7 +32,7 @@ def load_fixtures() -> dict:
 
 def expression_names(lab: Lab) -> dict:
     """What a fixture's scapy expression may name."""
-    b1, b2 = lab.backends[:2]
+    b1, b2, b3 = lab.backends[:3]
     return {
         "Ether": Ether, "Dot1Q": Dot1Q, "ARP": ARP, "IP": IP, "IPOption_NOP": IPOption_NOP, "IPv6": IPv6,
         "TCP": TCP, "UDP": UDP, "ICMP": ICMP, "Raw": Raw, "raw": raw,
@@ -44,7 +44,7 @@ def expression_names(lab: Lab) -> dict:
         "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address),
         **{f"VIP{i}": str(lab.vip(i)) for i in range(1, 10)},
         "CLIENT_MAC": lab.client.mac, "B1_MAC": b1.mac, "LB_CLIENT_MAC": lab.client.lb_mac, "LB_B1_MAC": b1.lb_mac,
-        "B2_MAC": b2.mac, "LB_B2_MAC": b2.lb_mac,
+        "B2_MAC": b2.mac, "LB_B2_MAC": b2.lb_mac, "B3": str(b3.address), "B3_MAC": b3.mac, "LB_B3_MAC": b3.lb_mac,
     }
 
 
@@ -70,8 +70,11 @@ class Harness:
 
 @contextlib.contextmanager
 def configured_harness(config: dict) -> Iterator[Harness]:
-    """A lab with two backends, the data plane attached and `config` ([config] of the fixtures) applied."""
-    with lab_with_lb(2, True, "--conn-table-size", "262144") as lab:
+    """A lab with three backends, the data plane attached to the client's and the first two's
+    links (b3 is behind an interface lb is not attached to) and `config` ([config] of the
+    fixtures) applied."""
+    with lab_with_lb(3, False) as lab:
+        run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces[:3], "--conn-table-size", "262144")
         lab.resolve_neighbours()  # so the route mirror knows every host, as after real traffic
         for v in config["vips"]:
             run_lbctl(lab.lb_ns, "add-vip", v["vip"], "--hash", v.get("hash", "flow"), "--mode", v.get("mode", "nat"))
@@ -79,6 +82,8 @@ def configured_harness(config: dict) -> Iterator[Harness]:
                 run_lbctl(lab.lb_ns, "add-backend", v["vip"], b)
             for prefix, action in v.get("acl", {}).items():
                 run_lbctl(lab.lb_ns, "acl", "add", v["vip"], prefix, f"--{action}")
+        for address in config.get("pass_unserved", []):
+            run_lbctl(lab.lb_ns, "unserved", address, "pass")
         listed = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]
         prog_fd = loader.pinned_program(listed["pin_dir"])
         with DataPlaneMaps.open(listed["pin_dir"]) as maps, netlink_in(lab.lb_ns) as ipr:

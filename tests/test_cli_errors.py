@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from typing import Iterator
 
 import pytest
@@ -99,6 +100,33 @@ BAD_INPUT = [
     ("decap", "detach", "to-client"),  # not attached
     ("decap",),
     ("frobnicate",),
+    # addresses that cannot carry unicast to a remote host, and a backend that is a VIP
+    ("add-vip", "0.0.0.0:80/tcp"),
+    ("add-vip", "255.255.255.255:80/tcp"),
+    ("add-vip", "224.0.0.5:80/udp"),
+    ("add-vip", "127.0.0.1:80/tcp"),
+    ("add-vip", "169.254.10.1:80/tcp"),
+    ("add-vip", "[::ffff:198.19.0.20]:80/tcp"),
+    ("add-vip", "[fe80::1]:80/tcp"),
+    ("add-vip", "198.18.1.2:443/tcp"),  # already a backend's address
+    ("add-backend", VIP, "[::ffff:198.18.1.9]:8080"),
+    ("add-backend", VIP, "127.0.0.1:8080"),
+    ("add-backend", VIP, "255.255.255.255"),
+    ("add-backend", VIP, "224.1.1.1"),
+    ("add-backend", VIP, "0.0.0.0"),
+    ("add-backend", VIP, "198.19.0.8"),  # a VIP's address (ANY_PORT_VIP)
+    ("add-backend", DSR_VIP, "198.19.0.1"),  # a VIP's address (VIP)
+    ("add-backend", TUNNEL_VIP, "[ff02::2]"),
+    ("add-backend", VIP, "198.18.0.1:8080"),  # the LB host's own address
+    ("add-backend", TUNNEL_VIP, "[2001:2:0:1::1]"),  # the same, IPv6
+    ("remove-backend", VIP, "[::]:8080"),
+    ("drain", VIP, "127.0.0.1:8080"),
+    ("acl", "add", "224.0.0.1:80/tcp", "198.18.0.0/24", "--deny"),
+    ("unserved", "198.19.0.1", "allow"),
+    ("unserved", "198.19.0.1"),
+    ("unserved", "not-an-address", "pass"),
+    ("unserved", "127.0.0.1", "pass"),
+    ("unserved", "::ffff:198.19.0.1", "pass"),
 ]
 
 
@@ -118,6 +146,11 @@ BAD_FILES = {
     "syntax": "vips:\n  - vip: 198.19.0.1:80/tcp\n   mode: nat\n",
     "unknown key": f"vips:\n  - vip: {VIP}\n    backends: [{BACKEND}]\n  - vip: 198.19.0.2:80/tcp\n    colour: red\n",
     # valid, but more VIPs than the data plane holds: refused inside the transaction, rolled back
+    "loopback backend": f"vips:\n  - vip: {VIP}\n    backends: [{BACKEND}, 127.0.0.1]\n",
+    "mapped VIP": "vips:\n  - vip: \"[::ffff:198.19.0.1]:80/tcp\"\n",
+    "backend is a VIP": f"vips:\n  - vip: {VIP}\n    backends: [{BACKEND}, 198.19.0.10:8080]\n"
+                        f"  - vip: {DSR_VIP}\n    mode: dsr\n",
+    "backend is the LB host": f"vips:\n  - vip: {VIP}\n    backends: [{BACKEND}, 198.18.1.1:8080]\n",
     "too many VIPs": "vips:\n" + "".join(f"  - vip: 198.19.{i // 250}.{i % 250 + 1}:80/tcp\n" for i in range(257)),
 }
 
@@ -149,7 +182,7 @@ def test_commands_need_an_attached_data_plane(bare_lab, args):
     assert result.returncode == 2
     assert "not attached" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     listed = run_lbctl(bare_lab.lb_ns, "list", "--json").json()
-    assert listed == {"dataplane": None, "vips": []}
+    assert listed == {"dataplane": None, "vips": [], "pass_unserved": []}
 
 
 def test_backend_of_dsr_vip_named_with_the_vips_port_is_accepted(configured):
@@ -158,3 +191,23 @@ def test_backend_of_dsr_vip_named_with_the_vips_port_is_accepted(configured):
     listed = run_lbctl(configured.lb_ns, "list").stdout
     assert "dsr" in listed and "tunnel" in listed
     run_lbctl(configured.lb_ns, "remove-backend", DSR_VIP, "198.18.2.2")
+
+
+def test_attach_names_the_kernel_settings_it_misses_in_one_warning_line(bare_lab):
+    ns, ifname = bare_lab.lb_ns, bare_lab.client.lb_ifname
+    was = {key: run(ns, "sysctl", "-n", key) for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{ifname}.rp_filter")}
+    run(ns, "sysctl", "-w", "net.ipv4.ip_forward=0", f"net.ipv4.conf.{ifname}.rp_filter=1")
+    try:
+        result = run_lbctl(ns, "attach", ifname)
+        assert result.returncode == 0 and result.stdout.startswith("attached to")
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lbctl: warning:"), result.stderr
+        assert "net.ipv4.ip_forward=1" in lines[0] and f"net.ipv4.conf.{ifname}.rp_filter=0" in lines[0]
+    finally:
+        run_lbctl(ns, "detach", check=False)
+        run(ns, "sysctl", "-w", *(f"{k}={v}" for k, v in was.items()))
+
+
+def run(ns: str, *command: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, *command], check=True, capture_output=True,
+                          text=True, timeout=30).stdout.strip()

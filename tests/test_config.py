@@ -98,6 +98,22 @@ BAD = [
     ("- 198.19.0.1:80/tcp\n", 1, "the file must be a mapping"),
     ("# nothing\n", 1, "the file is empty"),
     ("vipz: []\n", 1, "unknown key 'vipz'"),
+    ("vips: []\npass_unserved: [198.19.0.1, 224.0.0.1]\n", 2, "cannot be a VIP's address: it is a multicast"),
+    ("vips: []\npass_unserved:\n  - 198.19.0.1\n  - 198.19.0.1\n", 4, "listed twice in pass_unserved"),
+    ("vips: []\npass_unserved: 198.19.0.1\n", 2, "pass_unserved must be a list"),
+    ("vips:\n  - vip: 127.0.0.1:80/tcp\n", 2, "127.0.0.1 cannot be a VIP: it is a loopback address"),
+    ("vips:\n  - vip: \"[::ffff:198.19.0.1]:80/tcp\"\n", 2, "cannot be a VIP: it is an IPv4-mapped"),
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - 255.255.255.255\n", 4,
+     "cannot be a backend: it is the broadcast address"),
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - {address: 169.254.0.7}\n", 4,
+     "cannot be a backend: it is a link-local address"),
+    ("vips:\n  - vip: \"[2001:db8::1]:80/tcp\"\n    backends: [\"[ff05::2]\"]\n", 3,
+     "cannot be a backend: it is a multicast address"),
+    # a backend that is a VIP, listed before or after that VIP
+    ("vips:\n  - vip: 198.19.0.1:80/tcp\n    backends:\n      - 198.19.0.2\n  - vip: 198.19.0.2:53/udp\n", 4,
+     "backend 198.19.0.2:80: its address is a VIP's address"),
+    ("vips:\n  - vip: 198.19.0.2:53/udp\n  - vip: 198.19.0.1:80/tcp\n    backends: [198.19.0.1:8080]\n", 4,
+     "backend 198.19.0.1:8080: its address is a VIP's address"),
 ]
 
 
@@ -125,6 +141,18 @@ def test_all_down_is_per_vip_fails_open_by_default_and_round_trips():
     assert config.plan(state, applied(exported, state), RING)["empty"]
     (changed,) = config.plan(state, applied(GOOD, state), RING)["changed"]
     assert changed["settings"] == ["all_down: closed -> open"]
+
+
+def test_addresses_passing_unserved_traffic_round_trip_and_are_planned():
+    text = GOOD + "pass_unserved: [198.19.0.1, '2001:db8::1']\n"
+    state = applied(text)
+    assert {str(a) for a in state.pass_unserved} == {"198.19.0.1", "2001:db8::1"}
+    exported = config.to_yaml(config.config_of(state))
+    assert "pass_unserved:\n- 198.19.0.1\n- 2001:db8::1\n" in exported
+    assert config.plan(state, applied(exported, state), RING)["empty"]
+    dropped = applied(GOOD, state)
+    plan = config.plan(state, dropped, RING)
+    assert not plan["empty"] and plan["unserved"] == {"pass": [], "drop": ["198.19.0.1", "2001:db8::1"]}
 
 
 def test_apply_keeps_the_ids_of_what_stays_and_retires_what_goes():

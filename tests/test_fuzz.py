@@ -39,7 +39,9 @@ CONFIG = {"vips": [
     # a dsr backend that never answers ARP/ND: its MAC stays unresolved
     {"vip": "198.19.0.11:80/tcp", "backends": ["198.18.1.99"], "mode": "dsr"},
     {"vip": "[2001:2:0:ff::b]:80/tcp", "backends": ["[2001:2:0:1::99]"], "mode": "dsr"},
-]}
+],
+    # what no VIP of these addresses serves goes to the host (other VIP addresses': dropped)
+    "pass_unserved": ["198.19.0.5", "2001:2:0:ff::1"]}
 SEEN: set[str] = set()  # reasons reached, to check the fuzzer explores
 ICMP_ERROR_MODES: set[str] = set()  # the ways forwarded ICMP errors went
 
@@ -86,8 +88,10 @@ def packets(draw) -> tuple[list[bytes], str]:
         src, dst, sport, dport = draw(addresses), draw(addresses), draw(ports), draw(ports)
         ingress = draw(st.sampled_from(["client", "b1", "b2"]))
     v6 = draw(st.integers(0, 3)) == 0
-    if v6:  # the same scenario on the IPv6 side of the lab
-        src, dst = as_ipv6(src), as_ipv6(dst)
+    if v6:  # the same scenario on the IPv6 side of the lab, or with IPv4-mapped addresses, which are never IPv4's
+        mapped = draw(st.sampled_from(["none", "none", "none", "src", "dst", "both"]))
+        src = f"::ffff:{src}" if mapped in ("src", "both") else as_ipv6(src)
+        dst = f"::ffff:{dst}" if mapped in ("dst", "both") else as_ipv6(dst)
         ip = IPv6(src=src, dst=dst, hlim=draw(st.integers(1, 255)))
         if draw(st.integers(0, 15)) == 0:
             ip = ip / draw(st.sampled_from([IPv6ExtHdrFragment(m=1), IPv6ExtHdrHopByHop()]))
@@ -162,5 +166,6 @@ def icmp_error_mode(before: bytes, after: bytes) -> str:
 
 def test_fuzzer_reached_the_main_paths():
     assert {"fwd_nat", "fwd_dsr", "fwd_tunnel", "fwd_reply", "tx_icmp_echo", "pass_not_vip", "drop_no_backend",
-            "pass_malformed", "drop_fragment", "drop_unsupported_l4", "fwd_icmp_error", "drop_icmp_no_flow", "drop_neigh_unresolved"} <= SEEN, SEEN
+            "pass_malformed", "drop_fragment", "drop_unsupported_l4", "fwd_icmp_error", "drop_icmp_no_flow", "drop_neigh_unresolved",
+            "drop_unserved", "pass_unserved", "drop_v4_mapped", "pass_v4_mapped"} <= SEEN, SEEN
     assert ICMP_ERROR_MODES == {"nat", "dsr", "tunnel"}, ICMP_ERROR_MODES

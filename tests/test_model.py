@@ -6,7 +6,7 @@ import ipaddress
 import pytest
 
 from control.errors import InputError
-from control.model import BackendAddress, BackendState, VipAddress, VipState
+from control.model import BackendAddress, BackendState, State, VipAddress, VipState
 from control.reconcile import maglev_table
 
 
@@ -36,6 +36,47 @@ def test_vip_parses(text, address, port, proto):
 def test_vip_refused_with_reason(text, words):
     with pytest.raises(InputError, match=words):
         VipAddress.parse(text)
+
+
+UNUSABLE = [
+    ("0.0.0.0", "unspecified"), ("[::]", "unspecified"),
+    ("255.255.255.255", "broadcast"),
+    ("224.0.0.1", "multicast"), ("239.1.2.3", "multicast"), ("[ff02::1]", "multicast"),
+    ("127.0.0.1", "loopback"), ("127.1.2.3", "loopback"), ("[::1]", "loopback"),
+    ("169.254.1.1", "link-local"), ("[fe80::1]", "link-local"),
+    ("[::ffff:10.0.0.1]", "IPv4-mapped IPv6 address.*write the IPv4 address 10.0.0.1"),
+]
+
+
+@pytest.mark.parametrize("address, words", UNUSABLE)
+def test_an_address_that_cannot_reach_a_remote_host_is_refused_as_vip_and_backend(address, words):
+    with pytest.raises(InputError, match=f"cannot be a VIP: it is .*{words}"):
+        VipAddress.parse(f"{address}:80/tcp")
+    vip = VipAddress.parse("[2001:db8::1]:80/tcp" if address.startswith("[") else "10.0.0.1:80/tcp")
+    with pytest.raises(InputError, match=f"cannot be a backend: it is .*{words}"):
+        BackendAddress.parse(f"{address}:8080", vip)
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "198.18.0.1", "240.0.0.1", "0.1.2.3", "[2001:db8::1]",
+                                     "[64:ff9b::a00:1]"])
+def test_unicast_addresses_are_taken(address):
+    assert VipAddress.parse(f"{address}:80/tcp").port == 80
+
+
+def test_a_stored_vip_is_read_even_if_no_longer_accepted():
+    assert str(VipAddress.parse("127.0.0.1:80/tcp", usable=False)) == "127.0.0.1:80/tcp"
+
+
+def test_a_backend_that_is_a_vip_is_found_only_when_new():
+    vip = VipAddress.parse("10.0.0.1:80/tcp")
+    other = VipAddress.parse("10.0.0.2:53/udp")
+    before = State(vips=[VipState(vip, 0), VipState(other, 1)])
+    before.require_no_new_backend_vips(before)
+    after = State(vips=[VipState(vip, 0, backends=[BackendState(BackendAddress.parse("10.0.0.2", vip), 1)]),
+                        VipState(other, 1)])
+    with pytest.raises(InputError, match="backend 10.0.0.2:80 of VIP 10.0.0.1:80/tcp: its address is a VIP's"):
+        after.require_no_new_backend_vips(before)
+    after.require_no_new_backend_vips(after)  # one already there does not block other changes
 
 
 def test_vip_without_port_takes_every_port_and_its_backends_keep_the_clients():

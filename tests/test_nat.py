@@ -10,9 +10,9 @@ from scapy.layers.l2 import Ether
 
 from lb.flowhash import maglev_slot
 from lb.maps import U32, DataPlaneMaps
-from netns.nsenter import socket_in
+from netns.nsenter import netlink_in, socket_in
 from netns.packets import capture, send_frame
-from netns.traffic import NetnsHTTPConnection, http_get, udp_request
+from netns.traffic import NetnsHTTPConnection, Servers, http_get, udp_request
 from tests.conftest import add_vip_with_backends, backend_name, lbctl
 
 
@@ -252,3 +252,38 @@ def test_stats_count_packets_per_vip_backend_and_reason(lab, http_vip):
         assert ra["new_flows"] - rb["new_flows"] == count
     assert after["reasons"]["fwd_nat"] - before["reasons"]["fwd_nat"] >= 50
     assert after["reasons"]["fwd_reply"] - before["reasons"]["fwd_reply"] >= 30
+
+
+def test_a_vip_address_drops_what_no_vip_serves_unless_the_operator_passes_it_to_the_host(lab, servers):
+    """The LB host holds the VIP address itself and serves HTTP on another port (as it would
+    SSH): by default the data plane drops that, as it would reach the host; `lbctl unserved ADDR
+    pass` hands it to the host, while the VIP's own port stays balanced."""
+    address = lab.vip(6)
+    vip = add_vip_with_backends(lab, f"{address}:80/tcp", 8080)
+    reasons = lambda: lbctl(lab)("stats", "--json").json()["reasons"]  # noqa: E731
+    with netlink_in(lab.lb_ns) as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.addr("add", index=lo, address=str(address), prefixlen=32)
+    try:
+        with Servers.running({lab.lb_ns: "lb-host"}, http_port=2222, udp_port=2223):
+            before = reasons()["drop_unserved"]
+            with pytest.raises(OSError):  # the SYN is dropped: the connection times out
+                http_get(lab.client.ns, str(address), 2222, timeout=1)
+            assert reasons()["drop_unserved"] > before
+
+            assert "passed to this host" in lbctl(lab)("unserved", str(address), "pass").stdout
+            before = reasons()["pass_unserved"]
+            assert http_get(lab.client.ns, str(address), 2222) == "lb-host"
+            assert reasons()["pass_unserved"] > before
+            assert http_get(lab.client.ns, str(address), 80) in {backend_name(b.ns) for b in lab.backends}
+            assert lbctl(lab)("list", "--json").json()["pass_unserved"] == [str(address)]
+            assert f"pass_unserved:\n- {address}" in lbctl(lab)("export").stdout
+
+            lbctl(lab)("unserved", str(address), "drop")
+            with pytest.raises(OSError):
+                http_get(lab.client.ns, str(address), 2222, timeout=1)
+    finally:
+        lbctl(lab)("unserved", str(address), "drop")
+        lbctl(lab)("remove-vip", vip)
+        with netlink_in(lab.lb_ns) as ipr:
+            ipr.addr("del", index=lo, address=str(address), prefixlen=32)

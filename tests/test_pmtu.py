@@ -109,6 +109,11 @@ def test_too_big_about_a_reply_reaches_the_flows_backend_and_lowers_its_path_mtu
                 / TCP(sport=8080, dport=client_port, flags="A", seq=quote[TCP].seq, chksum=quote[TCP].chksum))
         assert got.hex() == bytes(want).hex()  # outer destination, quoted source, every checksum
         assert lbctl(lab)("stats", "--json").json()["reasons"]["fwd_icmp_error"] == before + 1
+        # test-packet names the flow's backend too, and does what the wire showed
+        probed = lbctl(lab)("test-packet", bytes(error).hex(), "--ingress", lab.client.lb_ifname, "--json").json()
+        want_backend = f"{backend_addr}:8080" if version == 4 else f"[{backend_addr}]:8080"
+        assert (probed["reason"], probed["backend"]) == ("fwd_icmp_error", want_backend)
+        assert probed["packet_hex"] == bytes(want).hex()
         wait_for(lambda: route_mtu(backend.ns, client, version) == mtu, timeout=5, what="the backend's path MTU")
     finally:
         conn.close()
@@ -200,6 +205,11 @@ def test_too_big_reaches_a_dsr_or_tunnel_backend_as_it_came_and_lowers_its_path_
         sent = error if mode == "dsr" else tunnel_header(version, client, address(backend, version)) / error
         assert got.hex() == bytes(Ether(src=backend.lb_mac, dst=backend.mac) / sent).hex()
         assert run_lbctl(lab.lb_ns, "stats", "--json").json()["reasons"]["fwd_icmp_error"] == before + 1
+        probed = run_lbctl(lab.lb_ns, "test-packet", bytes(Ether(src=lab.client.mac, dst=lab.client.lb_mac) / error)
+                           .hex(), "--ingress", lab.client.lb_ifname, "--json").json()
+        backend_addr = address(backend, version)
+        assert (probed["reason"], probed["backend"]) == ("fwd_icmp_error", f"{backend_addr}:{MODE_PORT}"
+                                                         if version == 4 else f"[{backend_addr}]:{MODE_PORT}")
         wait_for(lambda: route_mtu(backend.ns, client, version) == mtu, timeout=5, what="the backend's path MTU")
     finally:
         conn.close()
