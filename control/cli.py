@@ -19,6 +19,30 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+class _StoreAfterCommand(_Parser):
+    """A subcommand's parser: --store is also taken after the subcommand (SUPPRESS keeps one given before)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--store", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, then settle where the state lives: --store (etcd) or --state (SQLite, env LBCTL_STATE)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.store and args.state:
+        parser.error("--store and --state are mutually exclusive: the state is in etcd or in a SQLite file")
+    if args.store:
+        if not args.store.startswith("etcd://"):
+            parser.error(f"--store {args.store}: expected etcd://HOST:PORT/PREFIX")
+        args.state = args.store  # every consumer of args.state (daemon, health, Controller.open) takes a URL
+    elif args.state is None:
+        args.state = os.environ.get("LBCTL_STATE")
+    del args.store
+    return args
+
+
 def _positive(text: str) -> int:
     if not is_whole_number(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
@@ -33,12 +57,13 @@ def _weight(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lbctl", description="Manage the lb XDP load balancer of this network namespace.")
-    p.add_argument("--state", default=os.environ.get("LBCTL_STATE"),
-                   help="desired-state file (default: /var/lib/lb/NETNS.db; env LBCTL_STATE)")
+    p.add_argument("--state", help="desired-state file (default: /var/lib/lb/NETNS.db; env LBCTL_STATE)")
+    p.add_argument("--store", metavar="etcd://HOST:PORT/PREFIX",
+                   help="keep the desired state in etcd under PREFIX instead of a SQLite file (not with --state)")
     p.add_argument("--api-socket", default=os.environ.get("LBCTL_API_SOCKET"),
                    help="the daemon's socket (default: /run/lb/NETNS.sock; env LBCTL_API_SOCKET); "
                         "without a daemon there, lbctl works on the maps itself")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_StoreAfterCommand)
 
     a = sub.add_parser("attach", help="load the data plane and attach it to interfaces")
     a.add_argument("interfaces", nargs="+", metavar="IFACE")
@@ -366,8 +391,7 @@ def run_decap(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.command == "daemon":
         from control.daemon import serve
         return serve(args)

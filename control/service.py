@@ -22,7 +22,8 @@ from control.model import (ALL_DOWN, HASHES, MAX_WEIGHT, MODES, BackendAddress, 
                            VipAddress, VipState, format_endpoint, parse_prefix)
 from control.reconcile import Reconciler
 from control.routes import solicit_neighbour, sync_routes
-from control.store import SqliteStore, Store
+from control.store import Store
+from control.stores import open_store
 from lb import loader
 from lb.bpfsys import prog_id
 from lb.maps import I32, U32, DataPlaneMaps
@@ -60,7 +61,7 @@ class Controller:
     @classmethod
     def open(cls, state_path: str | None = None) -> "Controller":
         instance = Instance.current()
-        return cls(instance, SqliteStore(state_path or instance.state_path()))
+        return cls(instance, open_store(state_path or instance.state_path()))
 
     # --- the data plane itself -------------------------------------------------
 
