@@ -21,7 +21,8 @@ import contextlib
 import json
 import time
 import uuid
-from typing import Any, Iterator
+import threading
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from control.errors import InputError, LbError
@@ -63,6 +64,7 @@ class EtcdStore:
         self.key = f"/{prefix}/state"
         self.lock_key = f"/{prefix}/lock"
         self.lock_wait = lock_wait
+        self.written_revision = 0  # of the last save through this object: watch() skips its own writes
         self._client = etcd3gw.Etcd3Client(host=host, port=port, timeout=timeout)
 
     @classmethod
@@ -123,17 +125,57 @@ class EtcdStore:
         lease_id, token = self._lock()
         try:
             state, revision = self._load()
+            loaded = json.dumps(state_to_doc(state), sort_keys=True)
             yield state
             doc = json.dumps(state_to_doc(state), sort_keys=True)
+            if doc == loaded:
+                return  # nothing changed: no new revision, so watchers are not woken for nothing
             txn = {"compare": [{"key": _b64(self.key), "result": "EQUAL", "target": "MOD",
                                 "mod_revision": revision},
                                {"key": _b64(self.lock_key), "result": "EQUAL", "target": "VALUE",
                                 "value": _b64(token)}],
                    "success": [{"request_put": {"key": _b64(self.key), "value": _b64(doc)}}]}
-            if not self._call("transaction", txn).get("succeeded", False):
+            result = self._call("transaction", txn)
+            if result.get("succeeded", False):
+                self.written_revision = int(result["header"]["revision"])
+            else:
                 raise StoreConflict(f"etcd at {self.path}: the state changed during this change (the lock's "
                                     f"{LOCK_TTL} s lease ran out, or a writer ignored {self.lock_key}); "
                                     "nothing was saved, run the command again")
         finally:
             with contextlib.suppress(LbError):  # an unreachable etcd frees the lock when the lease ends
                 self._revoke(lease_id)
+
+    def watch(self, stop: threading.Event, on_change: Callable[[], None],
+              on_error: Callable[[str], None]) -> None:
+        """Call on_change() when another writer changes the state, until `stop` is set: once when
+        the watch starts (to catch up on what changed before), then on every write not made
+        through this object. Reconnects after etcd was unreachable, calling on_error once per outage.
+        The stream blocks between events: run this on a daemon thread, which the process's exit ends."""
+        import requests
+
+        failed = False
+        while not stop.is_set():
+            try:
+                url = self._client.get_url("/watch")
+                body = {"create_request": {"key": _b64(self.key)}}
+                with self._client.session.post(url, json=body, stream=True, timeout=(5, None)) as response:
+                    response.raise_for_status()
+                    for line in response.iter_lines():
+                        if stop.is_set():
+                            return
+                        result = json.loads(line).get("result", {}) if line.strip() else {}
+                        if result.get("created"):
+                            failed = False
+                            on_change()  # the watch is in place: what changed before it is read now
+                        revisions = [int(e["kv"].get("mod_revision", 0)) for e in result.get("events", [])]
+                        if any(r != self.written_revision for r in revisions):
+                            on_change()
+            except (requests.RequestException, ValueError, LbError) as e:
+                if stop.is_set():
+                    return
+                if not failed:
+                    on_error(f"etcd at {self.path}: watch lost ({type(e).__name__}); retrying every second")
+                failed = True
+            stop.wait(1.0)
+

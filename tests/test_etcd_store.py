@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections import Counter
 from typing import Iterator
 
@@ -16,7 +17,7 @@ import pytest
 
 from control.etcdstore import EtcdStore, StoreConflict, StoreUnreachable
 from control.model import BackendAddress, BackendState, HealthCheck, State, VipAddress, VipState
-from netns.lbctl import LBCTL, forget, run_lbctl
+from netns.lbctl import LBCTL, DaemonProcess, forget, run_lbctl
 from netns.nsenter import in_netns
 from netns.topology import Lab, run_prefix
 from netns.traffic import Servers, http_get, wait_for
@@ -222,5 +223,43 @@ def test_lbctl_store_attaches_adds_lists_and_forwards(prefix):
             both = lbctl("--state", "/nonexistent/x.db", "list", "--store", url, check=False)
             assert both.returncode == 2 and "mutually exclusive" in both.stderr
         finally:
+            lbctl("--store", url, "detach", check=False)
+            forget(lab.lb_ns)
+
+
+def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
+    """Another writer (here this test, as another node will) changes the state in etcd; the daemon,
+    watching, brings its maps along within a second, and traffic shows it."""
+    with Lab.build(2) as lab, etcd_in(lab.lb_ns) as server:
+        url = server.url(prefix)
+        lbctl = functools.partial(run_lbctl, lab.lb_ns)
+        daemon = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ("--store", url))
+        try:
+            daemon.start()
+            lbctl("--store", url, "attach", *lab.lb_interfaces)
+            vip = f"{lab.vip(1)}:80/tcp"
+            lbctl("add-vip", vip, "--store", url)
+            for b in lab.backends:
+                lbctl("add-backend", vip, f"{b.address}:8080", "--store", url)
+            names = {b.ns: backend_name(b.ns) for b in lab.backends}
+            with Servers.running(names):
+                assert set(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20)) == set(names.values())
+                drained = lab.backends[1]
+                with in_netns(lab.lb_ns):
+                    with server.store(prefix).transaction() as state:
+                        (backend,) = [b for b in state.vips[0].backends if str(b.address.address) == str(drained.address)]
+                        backend.weight = 0  # no new flows: every new connection goes to the other backend
+                        written = time.time()
+                reconciled = wait_for(lambda: [e for e in daemon.events("state changed in the store: maps reconciled",
+                                                                        daemon.proc.pid)
+                                               if e["time"] >= written - 0.01 and e["corrected"]],
+                                      timeout=10, what="the daemon to reconcile the change")
+                assert reconciled[0]["time"] - written < 1.0, reconciled
+                served = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20))
+                assert set(served) == {names[b.ns] for b in lab.backends if b is not drained}
+            listed = lbctl("list", "--json").json()  # through the daemon, which reads etcd
+            assert sorted(b["weight"] for b in listed["vips"][0]["backends"]) == [0, 1]
+        finally:
+            daemon.stop()
             lbctl("--store", url, "detach", check=False)
             forget(lab.lb_ns)
