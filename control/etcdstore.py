@@ -65,6 +65,7 @@ class EtcdStore:
         self.lock_key = f"/{prefix}/lock"
         self.lock_wait = lock_wait
         self.written_revision = 0  # of the last save through this object: watch() skips its own writes
+        self._saving = threading.Lock()
         self._client = etcd3gw.Etcd3Client(host=host, port=port, timeout=timeout)
 
     @classmethod
@@ -135,10 +136,11 @@ class EtcdStore:
                                {"key": _b64(self.lock_key), "result": "EQUAL", "target": "VALUE",
                                 "value": _b64(token)}],
                    "success": [{"request_put": {"key": _b64(self.key), "value": _b64(doc)}}]}
-            result = self._call("transaction", txn)
-            if result.get("succeeded", False):
-                self.written_revision = int(result["header"]["revision"])
-            else:
+            with self._saving:  # the watch waits for written_revision before it judges the event
+                result = self._call("transaction", txn)
+                if result.get("succeeded", False):
+                    self.written_revision = int(result["header"]["revision"])
+            if not result.get("succeeded", False):
                 raise StoreConflict(f"etcd at {self.path}: the state changed during this change (the lock's "
                                     f"{LOCK_TTL} s lease ran out, or a writer ignored {self.lock_key}); "
                                     "nothing was saved, run the command again")
@@ -169,7 +171,9 @@ class EtcdStore:
                             failed = False
                             on_change()  # the watch is in place: what changed before it is read now
                         revisions = [int(e["kv"].get("mod_revision", 0)) for e in result.get("events", [])]
-                        if any(r != self.written_revision for r in revisions):
+                        with self._saving:
+                            own = self.written_revision
+                        if any(r != own for r in revisions):
                             on_change()
             except (requests.RequestException, ValueError, LbError) as e:
                 if stop.is_set():

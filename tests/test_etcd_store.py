@@ -263,3 +263,43 @@ def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
             daemon.stop()
             lbctl("--store", url, "detach", check=False)
             forget(lab.lb_ns)
+
+
+def test_the_watch_skips_its_own_writes_and_catches_up_after_an_etcd_restart(etcd, prefix):
+    calls: list[str] = []
+    stop = threading.Event()
+    watched = etcd.store(prefix)
+
+    def watch() -> None:
+        with in_netns(etcd.ns):
+            watched.watch(stop, lambda: calls.append("change"), lambda message: calls.append(message))
+
+    other = etcd.store(prefix)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    restarted = None
+    try:
+        wait_for(lambda: calls == ["change"], timeout=10, what="the catch-up when the watch is in place")
+        with in_netns(etcd.ns):
+            with watched.transaction() as state:  # its own write: no call
+                state.vips.append(_vip(1))
+            with other.transaction() as state:  # another writer's: one call
+                state.vips.append(_vip(2))
+        wait_for(lambda: len(calls) == 2, timeout=10, what="the other writer's change")
+        time.sleep(0.3)  # nothing to wait for: a call for the own write, were there one, would have come by now
+        assert calls == ["change", "change"]
+        etcd.stop()
+        wait_for(lambda: len(calls) == 3, timeout=15, what="the watch to report etcd gone")
+        assert "watch lost" in calls[2]
+        restarted = Etcd(etcd.ns, etcd.data_dir)
+        wait_for(restarted.ready, timeout=60, interval=0.2, what="etcd to answer again")
+        wait_for(lambda: len(calls) == 4, timeout=15, what="the catch-up after etcd came back")
+        with in_netns(etcd.ns):
+            with other.transaction() as state:
+                state.vips.append(_vip(3))
+        wait_for(lambda: len(calls) == 5, timeout=10, what="a change after the restart")
+        assert calls[3:] == ["change", "change"]
+    finally:
+        stop.set()
+        if restarted is not None:  # the module's later tests use the restarted etcd
+            etcd.proc, etcd.log = restarted.proc, restarted.log
