@@ -368,9 +368,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _refuse_other_state(client: "ApiClient", state: str) -> None:
     """A daemon works on its own state file: a different --state would be silently ignored."""
     daemon = client.describe()
-    if os.path.realpath(state) != os.path.realpath(daemon["state"]):
-        raise InputError(f"--state {state}: the daemon (pid {daemon['pid']}) on {client.path} keeps its state in "
-                         f"{daemon['state']}; leave out --state, or stop the daemon to work on another file")
+    from control.stores import same_location
+    if not same_location(state, daemon["state"]):
+        option = "--store" if state.startswith("etcd://") else "--state"
+        raise InputError(f"{option} {state}: the daemon (pid {daemon['pid']}) on {client.path} keeps its state in "
+                         f"{daemon['state']}; leave out {option}, or stop the daemon to work on another state")
 
 
 def run_decap(args: argparse.Namespace) -> dict[str, Any]:

@@ -247,7 +247,8 @@ def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
                 drained = lab.backends[1]
                 with in_netns(lab.lb_ns):
                     with server.store(prefix).transaction() as state:
-                        (backend,) = [b for b in state.vips[0].backends if str(b.address.address) == str(drained.address)]
+                        (backend,) = [b for b in state.vips[0].backends
+                                      if str(b.address.address) == str(drained.address)]
                         backend.weight = 0  # no new flows: every new connection goes to the other backend
                         written = time.time()
                 reconciled = wait_for(lambda: [e for e in daemon.events("state changed in the store: maps reconciled",
@@ -258,6 +259,8 @@ def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
                 served = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20))
                 assert set(served) == {names[b.ns] for b in lab.backends if b is not drained}
             listed = lbctl("list", "--json").json()  # through the daemon, which reads etcd
+            elsewhere = lbctl("list", "--store", server.url(prefix + "x"), check=False)
+            assert elsewhere.returncode == 2 and f"keeps its state in {url}" in elsewhere.stderr
             assert sorted(b["weight"] for b in listed["vips"][0]["backends"]) == [0, 1]
         finally:
             daemon.stop()
