@@ -11,7 +11,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 [ -e /proc/sys/kernel/unprivileged_bpf_disabled ] || die "this kernel has no BPF syscall (CONFIG_BPF_SYSCALL); lb cannot run here"
 [ -e /sys/kernel/btf/vmlinux ] || say "notice: kernel has no BTF (/sys/kernel/btf/vmlinux); continuing"
 
-packages=(python3-bpfcc bpfcc-tools libbpf1 iproute2 ethtool python3-venv python3-pip gcc libc6-dev linux-libc-dev nftables wrk nginx-light)
+packages=(python3-bpfcc bpfcc-tools libbpf1 iproute2 ethtool python3-venv python3-pip gcc libc6-dev linux-libc-dev nftables wrk nginx-light etcd-server)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -77,5 +77,5 @@ if [ ! -e lb/_maglev_fill.so ] || [ lb/maglev_fill.c -nt lb/_maglev_fill.so ]; t
 	say "building lb/_maglev_fill.so"
 	gcc -O2 -Wall -shared -fPIC -o lb/_maglev_fill.so lb/maglev_fill.c
 fi
-.venv/bin/python -c 'import bcc, pyroute2, scapy, yaml, prometheus_client' || die "the venv cannot import bcc, pyroute2, scapy, yaml and prometheus_client"
+.venv/bin/python -c 'import bcc, pyroute2, scapy, yaml, prometheus_client, etcd3gw' || die "the venv cannot import bcc, pyroute2, scapy, yaml, prometheus_client and etcd3gw"
 say "ready"

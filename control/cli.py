@@ -19,6 +19,22 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, then settle where the state lives: --store (etcd) or --state (SQLite, env LBCTL_STATE)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.store and args.state:
+        parser.error("--store and --state are mutually exclusive: the state is in etcd or in a SQLite file")
+    if args.store:
+        if not args.store.startswith("etcd://"):
+            parser.error(f"--store {args.store}: expected etcd://HOST:PORT/PREFIX")
+        args.state = args.store  # every consumer of args.state (daemon, health, Controller.open) takes a URL
+    elif args.state is None:
+        args.state = os.environ.get("LBCTL_STATE")
+    del args.store
+    return args
+
+
 def _positive(text: str) -> int:
     if not is_whole_number(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
@@ -160,11 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_global_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     """The options every command takes. Only the top parser has defaults: a subcommand's parser
     leaves an option it was not given alone (SUPPRESS), so one given before the command stays."""
-    def default(env: str) -> str | None:
-        return os.environ.get(env) if defaults else argparse.SUPPRESS
+    def default(env: str | None) -> str | None:
+        return (os.environ.get(env) if env else None) if defaults else argparse.SUPPRESS
 
-    p.add_argument("--state", default=default("LBCTL_STATE"),
+    # --state's environment default is applied by parse_args, after checking it against --store
+    p.add_argument("--state", default=default(None),
                    help="desired-state file (default: /var/lib/lb/NETNS.db; env LBCTL_STATE)")
+    p.add_argument("--store", metavar="etcd://HOST:PORT/PREFIX", default=default(None),
+                   help="keep the desired state in etcd under PREFIX instead of a SQLite file (not with --state)")
     p.add_argument("--api-socket", default=default("LBCTL_API_SOCKET"),
                    help="the daemon's socket (default: /run/lb/NETNS.sock; env LBCTL_API_SOCKET); "
                         "without a daemon there, lbctl works on the maps itself")
@@ -383,9 +402,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _refuse_other_state(client: "ApiClient", state: str) -> None:
     """A daemon works on its own state file: a different --state would be silently ignored."""
     daemon = client.describe()
-    if os.path.realpath(state) != os.path.realpath(daemon["state"]):
-        raise InputError(f"--state {state}: the daemon (pid {daemon['pid']}) on {client.path} keeps its state in "
-                         f"{daemon['state']}; leave out --state, or stop the daemon to work on another file")
+    from control.stores import same_location
+    if not same_location(state, daemon["state"]):
+        option = "--store" if state.startswith("etcd://") else "--state"
+        raise InputError(f"{option} {state}: the daemon (pid {daemon['pid']}) on {client.path} keeps its state in "
+                         f"{daemon['state']}; leave out {option}, or stop the daemon to work on another state")
 
 
 def run_decap(args: argparse.Namespace) -> dict[str, Any]:
@@ -406,8 +427,7 @@ def run_decap(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.command == "daemon":
         from control.daemon import serve
         return serve(args)

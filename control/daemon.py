@@ -32,6 +32,7 @@ from control.metrics import Metrics
 from control.model import is_whole_number
 from control.routes import KernelChanges
 from control.service import Controller
+from control.watch import start_store_watch
 from lb.structs import LAYOUT_VERSION
 
 
@@ -192,6 +193,7 @@ class Daemon:
             api.serve_in_thread()  # lbctl calls made meanwhile waited in the socket's backlog
             health = self.start_health_checks(stop)
             routes = self.start_route_mirror(stop)
+            start_store_watch(self.ctl, stop)  # etcd: changes made through other nodes reach our maps
             _event(self.log, "ready", socket=self.socket_path, metrics=self.metrics_listen)
             while not stop.is_set():
                 if reload.wait(timeout=0.5):

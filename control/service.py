@@ -28,7 +28,8 @@ from control.model import (ALL_DOWN, HASHES, MAX_WEIGHT, MODES, BackendAddress, 
 from control.reconcile import Reconciler, mark_applied
 from control.recovery import marked_revision, recover, repair_if_interrupted
 from control.routes import keep_resolved, solicit_neighbour, sync_routes
-from control.store import SqliteStore, Store
+from control.store import Store
+from control.stores import open_store
 from lb import loader, offload
 from lb.bpfsys import prog_id
 from lb.maps import I32, U32, DataPlaneMaps
@@ -102,7 +103,7 @@ class Controller:
     @classmethod
     def open(cls, state_path: str | None = None) -> "Controller":
         instance = Instance.current()
-        return cls(instance, SqliteStore(state_path or instance.state_path()))
+        return cls(instance, open_store(state_path or instance.state_path()))
 
     # --- the data plane itself -------------------------------------------------
 

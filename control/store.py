@@ -77,7 +77,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
                                    dp["config"], dp.get("program_digest"), dp.get("hook", "xdp"))
-    return State(dataplane, vips, {ipaddress.ip_address(a) for a in doc.get("pass_unserved", [])})
+    return State(dataplane, vips, pass_unserved={ipaddress.ip_address(a) for a in doc.get("pass_unserved", [])})
 
 
 class SqliteStore:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from control.cli import build_parser
+from control.cli import build_parser, parse_args
 
 
 @pytest.mark.parametrize("argv", [
@@ -38,7 +38,7 @@ def test_an_option_given_before_the_command_is_not_reset_by_the_commands_parser(
 def test_defaults_come_from_the_environment_and_after_wins_over_before(monkeypatch):
     monkeypatch.setenv("LBCTL_STATE", "/env.db")
     monkeypatch.setenv("LBCTL_API_SOCKET", "/env.sock")
-    assert build_parser().parse_args(["list"]).state == "/env.db"
+    assert parse_args(["list"]).state == "/env.db"
     assert build_parser().parse_args(["daemon"]).api_socket == "/env.sock"
     assert build_parser().parse_args(["--state", "/before.db", "list", "--state", "/after.db"]).state == "/after.db"
 
@@ -51,3 +51,12 @@ def test_every_command_lists_the_global_options_in_its_help():
         if len(argv) > 1:
             sub = next(a for a in sub._actions if a.dest.endswith("_command")).choices[argv[1]]
         assert "--state" in sub.format_help() and "--api-socket" in sub.format_help()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--store", "etcd://127.0.0.1:2379/lb", "list"],
+    ["list", "--store", "etcd://127.0.0.1:2379/lb"],
+])
+def test_store_is_taken_before_and_after_the_command(argv, monkeypatch):
+    monkeypatch.setenv("LBCTL_STATE", "/env.db")  # --store wins over the environment's state file
+    assert parse_args(argv).state == "etcd://127.0.0.1:2379/lb"

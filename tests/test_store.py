@@ -1,6 +1,7 @@
 """The SQLite store: all or nothing, and concurrent writers serialised."""
 from __future__ import annotations
 
+import ipaddress
 import multiprocessing
 
 import pytest
@@ -19,6 +20,14 @@ def test_state_round_trips_through_the_document():
     state.vips[0].health = HealthCheck("http", 8081, "/healthz", 204, 0.5, 0.25, 1, 5)
     state.vips[0].backends[0].healthy = False
     assert state_from_doc(state_to_doc(state)) == state
+
+
+def test_the_saved_revision_and_unserved_addresses_come_back(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    with store.transaction() as state:
+        state.pass_unserved = {ipaddress.ip_address("198.19.0.1")}
+    again = store.read()
+    assert again.revision == 1 and {str(a) for a in again.pass_unserved} == {"198.19.0.1"}
 
 
 def test_a_document_from_before_health_checks_loads_with_none():

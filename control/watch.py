@@ -1,0 +1,39 @@
+"""The daemon follows changes other writers make to a shared store (etcd): each one brings this
+node's maps in line with the stored state, as a start does (control/adopt.py)."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from control.adopt import adopt
+from control.errors import LbError
+from control.service import Controller
+
+log = logging.getLogger("lb.watch")
+
+
+def start_store_watch(ctl: Controller, stop: threading.Event) -> threading.Thread | None:
+    """Watch ctl's store on a daemon thread when it can be watched (SQLite cannot: one host, one writer
+    at a time through this daemon); None otherwise."""
+    watch = getattr(ctl.store, "watch", None)
+    if watch is None:
+        return None
+
+    def on_change() -> None:
+        start = time.monotonic()
+        try:
+            report = adopt(ctl)
+        except (LbError, OSError, RuntimeError) as e:
+            log.warning("state changed in the store, maps not reconciled", extra={"fields": {"error": str(e)}})
+            return
+        fields: dict[str, Any] = {"corrected": report.corrected, "seconds": round(time.monotonic() - start, 4)}
+        log.info("state changed in the store: maps reconciled", extra={"fields": fields})
+
+    def on_error(message: str) -> None:
+        log.warning(message, extra={"fields": {}})
+
+    thread = threading.Thread(target=watch, args=(stop, on_change, on_error), name="store-watch", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,308 @@
+"""The desired state in a real etcd: round trips, concurrent writers serialised with nothing lost,
+all or nothing, and lbctl --store. etcd runs in a lab namespace of its own, on its loopback."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from typing import Iterator
+
+import pytest
+
+from control.etcdstore import EtcdStore, StoreConflict, StoreUnreachable
+from control.model import BackendAddress, BackendState, HealthCheck, State, VipAddress, VipState
+from netns.lbctl import LBCTL, DaemonProcess, forget, run_lbctl
+from netns.nsenter import in_netns
+from netns.topology import Lab, run_prefix
+from netns.traffic import Servers, http_get, wait_for
+from tests.conftest import backend_name
+
+pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
+                                reason="no etcd binary (Debian etcd-server; make setup installs it)")
+
+CLIENT_PORT = 2379
+
+
+class Etcd:
+    """One etcd member in its own namespace; stores made here talk to it from inside that namespace."""
+
+    def __init__(self, ns: str, data_dir: str):
+        self.ns = ns
+        self.data_dir = data_dir
+        self.log = open(os.path.join(data_dir, "etcd.log"), "w")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "etcd", "--name", ns, "--data-dir", os.path.join(data_dir, "member"),
+             "--listen-client-urls", f"http://127.0.0.1:{CLIENT_PORT}",
+             "--advertise-client-urls", f"http://127.0.0.1:{CLIENT_PORT}",
+             "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+             "--initial-cluster", f"{ns}=http://127.0.0.1:2380"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def url(self, prefix: str) -> str:
+        return f"etcd://127.0.0.1:{CLIENT_PORT}/{prefix}"
+
+    def store(self, prefix: str) -> EtcdStore:
+        return EtcdStore.from_url(self.url(prefix))
+
+    def ready(self) -> bool:
+        assert self.proc.poll() is None, f"etcd exited with {self.proc.returncode}; see {self.log.name}"
+        try:
+            with in_netns(self.ns):
+                self.store("ready").read()
+            return True
+        except StoreUnreachable:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        self.log.close()
+
+
+@contextlib.contextmanager
+def etcd_in(ns: str) -> Iterator[Etcd]:
+    """etcd on the loopback of namespace `ns`, with a temporary data directory; all of it goes afterwards."""
+    data_dir = tempfile.mkdtemp(prefix=f"{ns}-etcd-")
+    server = None
+    try:
+        server = Etcd(ns, data_dir)
+        wait_for(server.ready, timeout=60, interval=0.2, what="etcd to answer")
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[Etcd]:
+    ns = f"{run_prefix()}-etcd"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        with etcd_in(ns) as server:
+            yield server
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+@pytest.fixture
+def prefix(request) -> str:
+    """A fresh key prefix per test: tests share one etcd, never one state."""
+    return f"t{abs(hash(request.node.name)) % 10**8}{os.urandom(2).hex()}"
+
+
+def _vip(index: int) -> VipState:
+    vip = VipAddress.parse(f"10.0.0.{index}:80/tcp")
+    return VipState(vip, index, backends=[BackendState(BackendAddress.parse("10.0.1.2:8080", vip), 1, 3)])
+
+
+def test_a_transaction_round_trips_a_state(etcd, prefix):
+    with in_netns(etcd.ns):
+        store = etcd.store(prefix)
+        assert store.read() == State()
+        with store.transaction() as state:
+            state.vips.append(_vip(1))
+            state.vips[0].health = HealthCheck("http", 8081, "/healthz", 204, 0.5, 0.25, 1, 5)
+            state.vips[0].backends[0].healthy = False
+            written = State(state.dataplane, list(state.vips))
+        assert etcd.store(prefix).read() == written  # a second client, as another node would read it
+        assert etcd.store(prefix + "x").read() == State()  # prefixes are separate states
+
+
+def test_a_raising_transaction_changes_nothing(etcd, prefix):
+    with in_netns(etcd.ns):
+        store = etcd.store(prefix)
+        with store.transaction() as state:
+            state.vips.append(_vip(1))
+        before = store._call("get", store.key, True)[0]
+        with pytest.raises(RuntimeError):
+            with store.transaction() as state:
+                state.vips.clear()
+                raise RuntimeError("half-way")
+        assert store._call("get", store.key, True)[0] == before  # same value, same mod_revision
+        assert store._call("get", store.lock_key) == []  # and the lock is free again
+        with store.transaction() as state:  # which the next writer finds
+            state.vips.append(_vip(2))
+        assert [v.id for v in store.read().vips] == [1, 2]
+
+
+def test_two_concurrent_writers_both_land(etcd, prefix):
+    per_writer, errors = 8, []
+
+    def writer(first: int) -> None:
+        try:
+            with in_netns(etcd.ns):
+                store = etcd.store(prefix)  # each writer its own client, as two nodes would
+                for i in range(first, first + per_writer):
+                    with store.transaction() as state:
+                        state.vips.append(_vip(i))
+                        threading.Event().wait(0.01)  # widen the window between read and write
+        except BaseException as e:  # noqa: BLE001  (reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(first,)) for first in (1, 101)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    with in_netns(etcd.ns):
+        ids = sorted(v.id for v in etcd.store(prefix).read().vips)
+    assert ids == [*range(1, 1 + per_writer), *range(101, 101 + per_writer)]
+
+
+def test_a_write_behind_the_lock_fails_the_compare_and_swap(etcd, prefix):
+    """A writer that does not take the lock (or whose lease ran out) cannot be overwritten by a stale state."""
+    with in_netns(etcd.ns):
+        store = etcd.store(prefix)
+        with store.transaction() as state:
+            state.vips.append(_vip(1))
+        intruder = etcd.store(prefix)
+        with pytest.raises(StoreConflict, match="nothing was saved"):
+            with store.transaction() as state:
+                state.vips.append(_vip(2))
+                intruder._call("put", intruder.key, store._call("get", store.key)[0].replace(b'"id": 1', b'"id": 7'))
+        assert [v.id for v in store.read().vips] == [7]  # the intruder's write stands, ours was not applied
+        assert store._call("get", store.lock_key) == []
+
+
+def test_an_unreachable_etcd_is_one_clear_error(etcd):
+    with in_netns(etcd.ns):
+        with pytest.raises(StoreUnreachable, match="unreachable"):
+            EtcdStore.from_url("etcd://127.0.0.1:1/x").read()
+    result = run_lbctl(etcd.ns, "--store", "etcd://127.0.0.1:1/x", "list", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["lbctl: error: etcd at etcd://127.0.0.1:1/x is unreachable; "
+                                                  "nothing was changed"]
+
+
+def test_lbctl_store_attaches_adds_lists_and_forwards(prefix):
+    """lbctl --store on an LB namespace with etcd on its loopback: the data plane follows the state in etcd."""
+    with Lab.build(2) as lab, etcd_in(lab.lb_ns) as server:
+        url = server.url(prefix)
+        lbctl = functools.partial(run_lbctl, lab.lb_ns)
+        try:
+            lbctl("--store", url, "attach", *lab.lb_interfaces)
+            vip = f"{lab.vip(1)}:80/tcp"
+            lbctl("--store", url, "add-vip", vip)
+            # Both backends at once, from two lbctl processes, the option after the subcommand: both land.
+            procs = [subprocess.Popen(["ip", "netns", "exec", lab.lb_ns, LBCTL, "add-backend", vip,
+                                       f"{b.address}:8080", "--store", url],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for b in lab.backends]
+            with contextlib.ExitStack() as stack:
+                for p in procs:
+                    stack.callback(p.kill)
+                outcomes = [p.communicate(timeout=120) for p in procs]
+            assert [p.returncode for p in procs] == [0, 0], outcomes
+            listed = lbctl("list", "--json", "--store", url).json()
+            assert [i["name"] for i in listed["dataplane"]["interfaces"]] == lab.lb_interfaces
+            (listed_vip,) = listed["vips"]
+            assert listed_vip["vip"] == vip
+            assert sorted(b["backend"] for b in listed_vip["backends"]) == sorted(
+                f"{b.address}:8080" for b in lab.backends)
+            with in_netns(lab.lb_ns):  # the same state, read straight from etcd
+                assert [len(v.backends) for v in server.store(prefix).read().vips] == [2]
+            assert lbctl("list", "--json", check=False).json()["vips"] == []  # the SQLite default knows nothing
+            names = {b.ns: backend_name(b.ns) for b in lab.backends}
+            with Servers.running(names):
+                served = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20))
+            assert set(served) == set(names.values())
+            both = lbctl("--state", "/nonexistent/x.db", "list", "--store", url, check=False)
+            assert both.returncode == 2 and "mutually exclusive" in both.stderr
+        finally:
+            lbctl("--store", url, "detach", check=False)
+            forget(lab.lb_ns)
+
+
+def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
+    """Another writer (here this test, as another node will) changes the state in etcd; the daemon,
+    watching, brings its maps along within a second, and traffic shows it."""
+    with Lab.build(2) as lab, etcd_in(lab.lb_ns) as server:
+        url = server.url(prefix)
+        lbctl = functools.partial(run_lbctl, lab.lb_ns)
+        daemon = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ("--store", url))
+        try:
+            daemon.start()
+            lbctl("--store", url, "attach", *lab.lb_interfaces)
+            vip = f"{lab.vip(1)}:80/tcp"
+            lbctl("add-vip", vip, "--store", url)
+            for b in lab.backends:
+                lbctl("add-backend", vip, f"{b.address}:8080", "--store", url)
+            names = {b.ns: backend_name(b.ns) for b in lab.backends}
+            with Servers.running(names):
+                assert set(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20)) == set(names.values())
+                drained = lab.backends[1]
+                with in_netns(lab.lb_ns):
+                    with server.store(prefix).transaction() as state:
+                        (backend,) = [b for b in state.vips[0].backends
+                                      if str(b.address.address) == str(drained.address)]
+                        backend.weight = 0  # no new flows: every new connection goes to the other backend
+                        written = time.time()
+                reconciled = wait_for(lambda: [e for e in daemon.events("state changed in the store: maps reconciled",
+                                                                        daemon.proc.pid)
+                                               if e["time"] >= written - 0.01 and e["corrected"]],
+                                      timeout=10, what="the daemon to reconcile the change")
+                assert reconciled[0]["time"] - written < 1.0, reconciled
+                served = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20))
+                assert set(served) == {names[b.ns] for b in lab.backends if b is not drained}
+            listed = lbctl("list", "--json").json()  # through the daemon, which reads etcd
+            elsewhere = lbctl("list", "--store", server.url(prefix + "x"), check=False)
+            assert elsewhere.returncode == 2 and f"keeps its state in {url}" in elsewhere.stderr
+            assert sorted(b["weight"] for b in listed["vips"][0]["backends"]) == [0, 1]
+        finally:
+            daemon.stop()
+            lbctl("--store", url, "detach", check=False)
+            forget(lab.lb_ns)
+
+
+def test_the_watch_skips_its_own_writes_and_catches_up_after_an_etcd_restart(etcd, prefix):
+    calls: list[str] = []
+    stop = threading.Event()
+    watched = etcd.store(prefix)
+
+    def watch() -> None:
+        with in_netns(etcd.ns):
+            watched.watch(stop, lambda: calls.append("change"), lambda message: calls.append(message))
+
+    other = etcd.store(prefix)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    restarted = None
+    try:
+        wait_for(lambda: calls == ["change"], timeout=10, what="the catch-up when the watch is in place")
+        with in_netns(etcd.ns):
+            with watched.transaction() as state:  # its own write: no call
+                state.vips.append(_vip(1))
+            with other.transaction() as state:  # another writer's: one call
+                state.vips.append(_vip(2))
+        wait_for(lambda: len(calls) == 2, timeout=10, what="the other writer's change")
+        time.sleep(0.3)  # nothing to wait for: a call for the own write, were there one, would have come by now
+        assert calls == ["change", "change"]
+        etcd.stop()
+        wait_for(lambda: len(calls) == 3, timeout=15, what="the watch to report etcd gone")
+        assert "watch lost" in calls[2]
+        restarted = Etcd(etcd.ns, etcd.data_dir)
+        wait_for(restarted.ready, timeout=60, interval=0.2, what="etcd to answer again")
+        wait_for(lambda: len(calls) == 4, timeout=15, what="the catch-up after etcd came back")
+        with in_netns(etcd.ns):
+            with other.transaction() as state:
+                state.vips.append(_vip(3))
+        wait_for(lambda: len(calls) == 5, timeout=10, what="a change after the restart")
+        assert calls[3:] == ["change", "change"]
+    finally:
+        stop.set()
+        if restarted is not None:  # the module's later tests use the restarted etcd
+            etcd.proc, etcd.log = restarted.proc, restarted.log
