@@ -354,12 +354,12 @@ def plan(old: State, new: State, ring_size: int) -> dict[str, Any]:
     for vip in sorted(olds.keys() & news.keys(), key=VipAddress.sort_key):
         o, n = olds[vip], news[vip]
         settings, backends = _vip_changes(o, n), _backend_changes(o, n)
-        moved = slots_moved(o, n, ring_size)
+        moved, share = slots_moved(o, n, ring_size)
         if settings or any(backends.values()) or moved:
             # a new hash input sends a flow to another slot, whether or not the slots change
             disruptive = o.mode != n.mode
             changed.append({"vip": str(vip), "settings": settings, "backends": backends,
-                            "slots_moved": moved, "share_moved": 1.0 if disruptive else moved / ring_size,
+                            "slots_moved": moved, "share_moved": 1.0 if disruptive else share,
                             "rehash": o.hash != n.hash, "disruptive": disruptive})
     return {"added": added, "removed": removed, "changed": changed,
             "empty": not (added or removed or changed)}

@@ -7,6 +7,7 @@ reverse when removing). If any write fails, the maps are brought back to `old`."
 from __future__ import annotations
 
 import array
+import collections
 import ctypes
 import itertools
 import ipaddress
@@ -15,7 +16,7 @@ import socket
 from dataclasses import dataclass, field
 
 from control.model import State, VipState
-from lb.maglev import MaglevBackend, build_table
+from lb.maglev import MaglevBackend, build_table, ring_size_for
 from lb.maps import U32, DataPlaneMaps
 from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_SHARED,
                         VIP_ACTIVE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, NextHop,
@@ -61,7 +62,7 @@ class MapContents:
     acl: dict[bytes, tuple[AclKey, AclRule]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, state: State) -> "MapContents":
+    def of(cls, state: State, max_ring: int) -> "MapContents":
         c = cls()
         # Which VIPs each backend endpoint's replies may belong to. A backend of a VIP of
         # every port (port 0) overlaps with every port of its address.
@@ -69,7 +70,8 @@ class MapContents:
         members: list[tuple[int, Endpoint]] = []  # backend id -> its endpoint
         for v in state.vips:
             key = vip_key(v)
-            c.vips[_key(key)] = (key, VipInfo(id=v.id, flags=vip_flags(v)))
+            c.vips[_key(key)] = (key, VipInfo(id=v.id, flags=vip_flags(v), ring_base=ring_base(v.id, max_ring),
+                                              ring_size=ring_size_of(v, max_ring)))
             for prefix, action in v.acl.items():
                 rule_key = acl_key(v.id, ipaddress.ip_network(prefix))
                 c.acl[_key(rule_key)] = (rule_key, AclRule(ACL_ALLOW if action == "allow" else ACL_DENY))
@@ -102,6 +104,18 @@ def _endpoint(entry: Backend | VipMeta) -> tuple[bytes, int]:
     return bytes(entry.addr), entry.port
 
 
+def ring_base(vip_id: int, max_ring: int) -> int:
+    """Where a VIP's Maglev table starts in the maglev map: each VIP id has room for the largest table,
+    so a VIP's place follows from its id alone (nodes with the same state hold the same map)."""
+    return vip_id * max_ring
+
+
+def ring_size_of(v: VipState | None, max_ring: int) -> int:
+    """A VIP's Maglev table size, from its count of configured backends (not from health or weights:
+    a backend going down changes slots, not the size); 0 for no VIP."""
+    return ring_size_for(len(v.active_backends()), max_ring) if v is not None else 0
+
+
 def maglev_table(v: VipState | None, ring_size: int,
                  built: dict[tuple, list[int]] | None = None) -> list[int]:
     """Backend ids of a VIP's Maglev table (NO_BACKEND where none). `built` caches the slot
@@ -124,12 +138,21 @@ def maglev_inputs(v: VipState | None) -> list[tuple[str, int, int]]:
     return sorted((str(b.address), b.weight, b.id) for b in v.maglev_backends()) if v else []
 
 
-def slots_moved(old: VipState | None, new: VipState | None, ring_size: int) -> int:
-    """How many Maglev slots name a different backend in `new` than in `old`."""
-    if maglev_inputs(old) == maglev_inputs(new):
-        return 0
-    before, after = maglev_table(old, ring_size), maglev_table(new, ring_size)
-    return sum(map(operator.ne, before, after))
+def slots_moved(old: VipState, new: VipState, max_ring: int) -> tuple[int, float]:
+    """How many of `new`'s Maglev slots send a flow to another backend than `old`'s did, and the
+    share of new flows that do."""
+    old_size, new_size = ring_size_of(old, max_ring), ring_size_of(new, max_ring)
+    if maglev_inputs(old) == maglev_inputs(new) and old_size == new_size:
+        return 0, 0.0
+    before, after = maglev_table(old, old_size), maglev_table(new, new_size)
+    if old_size == new_size:
+        moved = sum(map(operator.ne, before, after))
+        return moved, moved / new_size
+    # Tables of two sizes (distinct primes): a flow's slot in one says nothing of its slot in the
+    # other, so it keeps its backend with the product of that backend's shares of both tables.
+    old_counts, new_counts = collections.Counter(before), collections.Counter(after)
+    kept = sum(n * old_counts[b] for b, n in new_counts.items()) / (old_size * new_size)
+    return round((1 - kept) * new_size), 1 - kept
 
 
 @dataclass
@@ -157,7 +180,7 @@ class Reconciler:
         return report
 
     def _apply(self, old: State, new: State, report: ApplyReport) -> None:
-        before, after = MapContents.of(old), MapContents.of(new)
+        before, after = MapContents.of(old, self.ring_size), MapContents.of(new, self.ring_size)
         m = self.maps
 
         for k in before.vips.keys() - after.vips.keys():
@@ -174,11 +197,16 @@ class Reconciler:
 
         old_vips = {v.id: v for v in old.vips}
         new_vips = {v.id: v for v in new.vips}
+        shrunk = []  # tables left smaller: their old tails are cleared once no VIP key points at them
         for vid in sorted(old_vips.keys() | new_vips.keys()):
             o, n = old_vips.get(vid), new_vips.get(vid)
-            if o is not None and n is not None and o.vip == n.vip and maglev_inputs(o) == maglev_inputs(n):
+            old_size, new_size = ring_size_of(o, self.ring_size), ring_size_of(n, self.ring_size)
+            same_vip = o is not None and n is not None and o.vip == n.vip
+            if same_vip and maglev_inputs(o) == maglev_inputs(n) and old_size == new_size:
                 continue
-            changed = self._write_table(vid, n)
+            changed = self._write_table(vid, o if same_vip else None, n)  # an id taken anew: written whole
+            if old_size > new_size:
+                shrunk.append((vid, new_size, old_size))
             report.count("maglev", changed)
             report.slots_changed[str((n or o).vip)] = changed
 
@@ -189,6 +217,8 @@ class Reconciler:
         if bytes(before.config) != bytes(after.config) and not after.config.flags & ~before.config.flags:
             m.lb_config.set(U32(0), after.config)  # switches off after the VIPs that needed them
             report.count("lb_config")
+        for vid, start, end in shrunk:
+            report.count("maglev", self._clear_slots(vid, start, end))
         for k in before.vip_addrs.keys() - after.vip_addrs.keys():
             m.vip_addrs.delete(before.vip_addrs[k][0])
             report.count("vip_addrs")
@@ -209,7 +239,7 @@ class Reconciler:
         """Make the maps hold exactly what `state` describes, whatever they hold now (after a crash,
         or a hand edit); returns the entries corrected per map. Same order as apply: stale VIP keys
         go first, then what a VIP needs is written, its key last, and other stale entries after."""
-        want = MapContents.of(state)
+        want = MapContents.of(state, self.ring_size)
         fixed: dict[str, int] = {}
 
         def count(map_name: str, n: int) -> None:
@@ -226,7 +256,7 @@ class Reconciler:
             self.maps.lb_config.set(U32(0), want.config)
             count("lb_config", 1)
         for v in state.vips:  # a table no VIP uses is rewritten by whichever VIP takes its id next
-            count("maglev", self._write_table(v.id, v))
+            count("maglev", self._repair_table(v))
         count("vips", self._write_missing("vips", want.vips))
         for map_name in ("vip_addrs", "acl", "reply_sources"):
             count(map_name, self._delete_extra(map_name, getattr(want, map_name)))
@@ -284,17 +314,41 @@ class Reconciler:
             self.maps.maps[map_name].set(U32(index), value)
             report.count(map_name)
 
-    def _write_table(self, vip_id: int, v: VipState | None) -> int:
-        """Write the slots of one VIP's Maglev table that differ from the map; returns how many."""
-        base = vip_id * self.ring_size
-        current = self.maps.maglev.read_range(base, self.ring_size)
-        wanted = maglev_table(v, self.ring_size, self.built_tables)
-        if current == wanted:
-            return 0
-        diff = list(itertools.compress(range(self.ring_size), map(operator.ne, current, wanted)))
-        self.maps.maglev.set_many(array.array("I", [base + i for i in diff]),
-                                  array.array("I", map(wanted.__getitem__, diff)))
-        return len(diff)
+    def _table(self, v: VipState | None) -> list[int]:
+        return maglev_table(v, ring_size_of(v, self.ring_size), self.built_tables) if v is not None else []
+
+    def _write_table(self, vip_id: int, old: VipState | None, new: VipState | None) -> int:
+        """Write one VIP's Maglev table for `new`, over what `old` wrote there (the maps hold what the
+        old state describes: nothing is read). A new VIP's table is written whole, whatever an earlier
+        VIP of its id left. A table that grows is written in place before its VIP key switches to
+        the new size (until then new flows find old or new backends, all valid); the tail a
+        smaller table leaves is cleared by _clear_slots after the switch. Returns the slots written."""
+        wanted = self._table(new)
+        if old is None:
+            indexes = range(len(wanted))
+        else:
+            current = self._table(old)[:len(wanted)]
+            current += [NO_BACKEND] * (len(wanted) - len(current))
+            indexes = list(itertools.compress(range(len(wanted)), map(operator.ne, current, wanted)))
+        return self._set_slots(ring_base(vip_id, self.ring_size), indexes, wanted)
+
+    def _set_slots(self, base: int, indexes, table: list[int]) -> int:
+        self.maps.maglev.set_many(array.array("I", [base + i for i in indexes]),
+                                  array.array("I", map(table.__getitem__, indexes)))
+        return len(indexes)
+
+    def _clear_slots(self, vip_id: int, start: int, end: int) -> int:
+        """Empty slots start..end-1 of a VIP's room (a larger table's tail, or a removed VIP's table):
+        unread by the data plane, cleared so that equal states give equal maps."""
+        return self._set_slots(ring_base(vip_id, self.ring_size), range(start, end), [NO_BACKEND] * end)
+
+    def _repair_table(self, v: VipState) -> int:
+        """Write the slots of one VIP's table that differ from what the map holds (read, not assumed)."""
+        wanted = self._table(v)
+        base = ring_base(v.id, self.ring_size)
+        current = self.maps.maglev.read_range(base, len(wanted))
+        return self._set_slots(base, list(itertools.compress(range(len(wanted)), map(operator.ne, current, wanted))),
+                               wanted)
 
     def _reset_counters(self, map_name: str, index: int) -> None:
         """A reused id starts from zero."""
