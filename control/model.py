@@ -1,6 +1,8 @@
 """Desired state as typed values, and the parsing of operator input into them."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -193,6 +195,10 @@ class VipState:
     acl: dict[str, str] = field(default_factory=dict)
     health: HealthCheck = field(default_factory=HealthCheck)
 
+    def copy(self) -> "VipState":
+        return dataclasses.replace(self, backends=[dataclasses.replace(b) for b in self.backends], acl=dict(self.acl),
+                                   health=dataclasses.replace(self.health))
+
     def backend(self, address: BackendAddress) -> BackendState | None:
         for b in self.backends:
             if b.address == address and b.active:
@@ -246,12 +252,33 @@ class DataPlaneState:
     hook: str = "xdp"  # "xdp", or "tc": the TC build at clsact ingress (loader.HOOKS)
 
 
+class IdPool:
+    """The lowest ids not in `used`, one after another, for a change that takes many (a State's
+    allocate_* scan everything per id). Ids are not freed in between: each comes after the last."""
+
+    def __init__(self, used: set[int], first: int, limit: int):
+        self.used, self.next, self.limit = set(used), first, limit
+
+    def take(self) -> int | None:
+        while self.next < self.limit and self.next in self.used:
+            self.next += 1
+        if self.next >= self.limit:
+            return None
+        self.used.add(self.next)
+        return self.next
+
+
 @dataclass
 class State:
     """Everything an lb instance should be: persisted by a Store, realised by the Reconciler."""
 
     dataplane: DataPlaneState | None = None
     vips: list[VipState] = field(default_factory=list)
+
+    def copy(self) -> "State":
+        """A deep copy (copy.deepcopy takes over half a second on 1,000 VIPs): addresses are frozen
+        and shared, everything a change may edit is copied."""
+        return State(copy.deepcopy(self.dataplane), [v.copy() for v in self.vips])
 
     def vip(self, vip: VipAddress) -> VipState | None:
         for v in self.vips:

@@ -88,9 +88,12 @@ class MapContents:
                     continue
                 by_host.setdefault((bytes(ep.addr), ep.proto), []).append((b.address.port, v.id))
                 members.append((b.id, ep))
+        serving: dict[tuple[bytes, int, int], set[int]] = {}  # endpoint -> its VIPs, once per endpoint
         for bid, ep in members:
-            port = socket.ntohs(ep.port)
-            vip_ids = {vid for p, vid in by_host[(bytes(ep.addr), ep.proto)] if p == port or not p or not port}
+            port, host = socket.ntohs(ep.port), (bytes(ep.addr), ep.proto)
+            vip_ids = serving.get((*host, port))
+            if vip_ids is None:
+                vip_ids = serving[(*host, port)] = {vid for p, vid in by_host[host] if p == port or not p or not port}
             shared = len(vip_ids) > 1
             c.reply_sources[_key(ep)] = (ep, ReplySource(vip_id=0 if shared else min(vip_ids),
                                                          flags=REPLY_SHARED if shared else 0))

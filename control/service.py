@@ -6,7 +6,6 @@ rolled back by the Reconciler; a failed save rolls the maps back too."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import time
 from dataclasses import dataclass
@@ -282,7 +281,7 @@ class Controller:
         wanted = declarative.parse(text, source)
 
         def change(state: State) -> dict[str, Any]:
-            old = copy.deepcopy(state)
+            old = state.copy()
             declarative.merge(state, wanted, time.time())
             return {"dry_run": dry_run, **declarative.plan(old, state, state.dataplane.config["ring_size"])}
 
@@ -407,7 +406,7 @@ class Controller:
         try:
             with self.store.transaction() as state:
                 dp = self.require_attached(state)
-                old = copy.deepcopy(state)
+                old = state.copy()
                 result = change(state)
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
                     sync_routes(maps, {i.ifindex for i in dp.interfaces}, state.backend_ids() | old.backend_ids())
