@@ -172,12 +172,14 @@ class Reconciler:
         self.maps = maps
         self.ring_size = ring_size
         self.built_tables: dict[tuple, list[int]] = {}  # Maglev layouts built during this reconciler's life
+        self.slot_keys, self.slot_values = array.array("I"), array.array("I")  # maglev writes not yet made
 
     def apply(self, old: State, new: State) -> ApplyReport:
         report = ApplyReport()
         try:
             self._apply(old, new, report)
         except BaseException:
+            self.slot_keys, self.slot_values = array.array("I"), array.array("I")  # never made
             self._apply(new, old, ApplyReport())
             raise
         return report
@@ -212,6 +214,7 @@ class Reconciler:
                 shrunk.append((vid, new_size, old_size))
             report.count("maglev", changed)
             report.slots_changed[str((n or o).vip)] = changed
+        self._flush_slots()  # every table in one batch, before the VIP keys that point at them
 
         for k, (key, info) in after.vips.items():
             if k not in before.vips or bytes(before.vips[k][1]) != bytes(info):
@@ -222,6 +225,7 @@ class Reconciler:
             report.count("lb_config")
         for vid, start, end in shrunk:
             report.count("maglev", self._clear_slots(vid, start, end))
+        self._flush_slots()
         for k in before.vip_addrs.keys() - after.vip_addrs.keys():
             m.vip_addrs.delete(before.vip_addrs[k][0])
             report.count("vip_addrs")
@@ -260,6 +264,7 @@ class Reconciler:
             count("lb_config", 1)
         for v in state.vips:  # a table no VIP uses is rewritten by whichever VIP takes its id next
             count("maglev", self._repair_table(v))
+        self._flush_slots()
         count("vips", self._write_missing("vips", want.vips))
         for map_name in ("vip_addrs", "acl", "reply_sources"):
             count(map_name, self._delete_extra(map_name, getattr(want, map_name)))
@@ -336,9 +341,15 @@ class Reconciler:
         return self._set_slots(ring_base(vip_id, self.ring_size), indexes, wanted)
 
     def _set_slots(self, base: int, indexes, table: list[int]) -> int:
-        self.maps.maglev.set_many(array.array("I", [base + i for i in indexes]),
-                                  array.array("I", map(table.__getitem__, indexes)))
+        """Queue writes of table[i] to slot base + i, for each i of `indexes`."""
+        self.slot_keys.extend([base + i for i in indexes])
+        self.slot_values.extend(map(table.__getitem__, indexes))
         return len(indexes)
+
+    def _flush_slots(self) -> None:
+        keys, values = self.slot_keys, self.slot_values
+        self.slot_keys, self.slot_values = array.array("I"), array.array("I")
+        self.maps.maglev.set_many(keys, values)
 
     def _clear_slots(self, vip_id: int, start: int, end: int) -> int:
         """Empty slots start..end-1 of a VIP's room (a larger table's tail, or a removed VIP's table):
