@@ -1,7 +1,9 @@
 """The SQLite store: all or nothing, and concurrent writers serialised."""
 from __future__ import annotations
 
+import json
 import multiprocessing
+import sqlite3
 
 import pytest
 
@@ -54,3 +56,32 @@ def test_concurrent_transactions_lose_nothing(tmp_path):
         p.join(timeout=60)
     assert all(p.exitcode == 0 for p in procs)
     assert sorted(v.id for v in SqliteStore(path).read().vips) == list(range(1, 13))
+
+
+def test_a_long_lived_store_saves_the_same_document_and_sees_other_writers(tmp_path):
+    """The daemon's Store keeps the last State and each VIP's JSON: what it saves is the document
+    state_to_doc gives, and a write by another process (another Store) is read, not the cache."""
+    path = str(tmp_path / "state.db")
+    daemon, other = SqliteStore(path), SqliteStore(path)
+    with daemon.transaction() as state:
+        state.vips = [VipState(VipAddress.parse(f"10.0.0.{i}:80/tcp"), i) for i in range(1, 4)]
+    with daemon.transaction() as state:
+        state.vips[1].mode = "dsr"
+        del state.vips[0]
+        expected = json.dumps(state_to_doc(state), sort_keys=True)
+    assert _saved_doc(path) == expected
+    with other.transaction() as state:
+        state.vips[0].hash = "source"
+    with daemon.transaction() as state:
+        assert [v.hash for v in state.vips] == ["source", "flow"]
+        state.vips[0].acl["192.0.2.0/24"] = "deny"  # edits a copy: the cache stays as saved
+        expected = json.dumps(state_to_doc(state), sort_keys=True)
+    assert _saved_doc(path) == expected and daemon.read().vips[0].acl == {"192.0.2.0/24": "deny"}
+
+
+def _saved_doc(path: str) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT doc FROM state WHERE id = 1").fetchone()[0]
+    finally:
+        conn.close()
