@@ -102,6 +102,34 @@ class MapContents:
         return c
 
 
+def touched(old: State, new: State) -> tuple[State, State]:
+    """The part of `old` and `new` a change touches, so that a change costs what it changes: the VIPs
+    that differ, and every VIP on an address or a backend host of one of them (a VIP address's count
+    and a backend endpoint's shared flag depend on all of those). What is left out is the same on
+    both sides, so MapContents of the two parts differ exactly where those of the whole states do
+    (lb_config excepted: it depends on every VIP, see lb_config_of)."""
+    olds, news = {v.id: v for v in old.vips}, {v.id: v for v in new.vips}
+    changed = {vid for vid in olds.keys() | news.keys() if olds.get(vid) != news.get(vid)}
+
+    def links(v: VipState) -> list[tuple]:
+        return [("vip", v.vip.address), *(("host", b.address.address, v.vip.proto) for b in v.backends)]
+
+    by_link: dict[tuple, set[int]] = {}
+    for v in itertools.chain(old.vips, new.vips):
+        for link in links(v):
+            by_link.setdefault(link, set()).add(v.id)
+    ids = set(changed)
+    for v in (v for vid in changed for v in (olds.get(vid), news.get(vid)) if v is not None):
+        for link in links(v):
+            ids |= by_link[link]
+    return (State(old.dataplane, [v for v in old.vips if v.id in ids]),
+            State(new.dataplane, [v for v in new.vips if v.id in ids]))
+
+
+def lb_config_of(state: State) -> LbConfig:
+    return LbConfig(flags=CFG_ANY_PORT if any(v.vip.any_port for v in state.vips) else 0)
+
+
 def _endpoint(entry: Backend | VipMeta) -> tuple[bytes, int]:
     """Whom a backends or vip_meta entry counts for (its flags may change, the owner stays)."""
     return bytes(entry.addr), entry.port
@@ -185,7 +213,10 @@ class Reconciler:
         return report
 
     def _apply(self, old: State, new: State, report: ApplyReport) -> None:
+        config_before, config_after = lb_config_of(old), lb_config_of(new)
+        old, new = touched(old, new)  # what the change leaves alone is written by nobody
         before, after = MapContents.of(old, self.ring_size), MapContents.of(new, self.ring_size)
+        before.config, after.config = config_before, config_after
         m = self.maps
 
         for k in before.vips.keys() - after.vips.keys():

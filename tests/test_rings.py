@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+import control.reconcile as reconcile
 from control.model import BackendAddress, BackendState, State, VipAddress, VipState
 from control.reconcile import Reconciler, maglev_table, ring_base, slots_moved
 from lb.flowhash import flow_hash_raw
@@ -163,3 +164,32 @@ def test_the_planned_share_of_a_resized_table_is_the_share_of_flows_that_move(ol
     flows = [flow_hash_raw(rng.randbytes(16), rng.randbytes(16), rng.getrandbits(16), 80, 6) for _ in range(40000)]
     measured = sum(before[h % old_size] != after[h % new_size] for h in flows) / len(flows)
     assert abs(share - measured) < 0.01
+
+
+def test_a_change_writes_the_same_entries_whether_or_not_it_looks_at_untouched_vips(monkeypatch):
+    """Reconciler.apply works on the VIPs a change touches (touched()); the maps it leaves must be
+    those a reconciler of the whole states leaves. VIPs share addresses and backend hosts."""
+    def vip(i: int, addr: str, backends: list[str], mode: str = "nat") -> VipState:
+        v = VipAddress.parse(f"{addr}:{80 + i}/tcp")
+        return VipState(v, i, mode=mode, backends=[BackendState(BackendAddress.parse(b, v), 100 + 10 * i + j)
+                                                   for j, b in enumerate(backends)])
+
+    base = [vip(1, "198.19.0.1", ["198.18.1.2:8080"]), vip(2, "198.19.0.1", ["198.18.1.3:8080"]),
+            vip(3, "198.19.0.2", ["198.18.1.2:8080", "198.18.1.4:8080"]), vip(4, "198.19.0.3", ["198.18.1.5:8080"]),
+            VipState(VipAddress.parse("198.19.0.9/tcp"), 5)]
+    changes = [lambda s: s.vips.pop(0), lambda s: s.vips[2].backends.pop(0), lambda s: s.vips.pop(4),
+               lambda s: setattr(s.vips[3], "mode", "dsr"), lambda s: s.vips[1].backends.append(
+                   BackendState(BackendAddress.parse("198.18.1.2:8080", s.vips[1].vip), 99))]
+    for change in changes:
+        old, new = state(*base), state(*[v.copy() for v in base])
+        change(new)
+        whole, part = FakeMaps(), FakeMaps()
+        for maps in (whole, part):
+            Reconciler(maps, MAX_RING).apply(state(), old)
+        Reconciler(part, MAX_RING).apply(old, new)
+        with monkeypatch.context() as m:
+            m.setattr(reconcile, "touched", lambda o, n: (o, n))  # the whole states
+            Reconciler(whole, MAX_RING).apply(old, new)
+        for name in FakeMaps.NAMES + ("maglev",):
+            assert {k: bytes(v) if not isinstance(v, int) else v for k, v in whole.maps[name].items()} == \
+                   {k: bytes(v) if not isinstance(v, int) else v for k, v in part.maps[name].items()}, name
