@@ -62,12 +62,11 @@ class MapContents:
     acl: dict[bytes, tuple[AclKey, AclRule]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, state: State, max_ring: int) -> "MapContents":
+    def of(cls, state: State, max_ring: int, hosts: BackendHosts | None = None) -> "MapContents":
+        """`hosts`: backend_hosts() of a State that `state` is part of (the sharing it decides)."""
         c = cls()
-        # Which VIPs each backend endpoint's replies may belong to. A backend of a VIP of
-        # every port (port 0) overlaps with every port of its address.
-        by_host: dict[tuple[bytes, int], list[tuple[int, int]]] = {}  # (addr, proto) -> [(port, VIP id)]
-        members: list[tuple[int, Endpoint]] = []  # backend id -> its endpoint
+        by_host = backend_hosts(state) if hosts is None else hosts
+        members: list[tuple[int, Endpoint, tuple]] = []  # (backend id, its endpoint, its host)
         for v in state.vips:
             key = vip_key(v)
             c.vips[_key(key)] = (key, VipInfo(id=v.id, flags=vip_flags(v), ring_base=ring_base(v.id, max_ring),
@@ -86,11 +85,10 @@ class MapContents:
                 if not v.replies_through_lb:  # the LB never sees its replies
                     c.backends[b.id] = Backend(addr=ep.addr, port=ep.port, flags=BACKEND_IN_USE)
                     continue
-                by_host.setdefault((bytes(ep.addr), ep.proto), []).append((b.address.port, v.id))
-                members.append((b.id, ep))
-        serving: dict[tuple[bytes, int, int], set[int]] = {}  # endpoint -> its VIPs, once per endpoint
-        for bid, ep in members:
-            port, host = socket.ntohs(ep.port), (bytes(ep.addr), ep.proto)
+                members.append((b.id, ep, (b.address.address, v.vip.proto)))
+        serving: dict[tuple, set[int]] = {}  # endpoint -> its VIPs, once per endpoint
+        for bid, ep, host in members:
+            port = socket.ntohs(ep.port)
             vip_ids = serving.get((*host, port))
             if vip_ids is None:
                 vip_ids = serving[(*host, port)] = {vid for p, vid in by_host[host] if p == port or not p or not port}
@@ -102,17 +100,35 @@ class MapContents:
         return c
 
 
-def touched(old: State, new: State) -> tuple[State, State]:
+BackendHosts = dict[tuple, set[tuple[int, int]]]
+
+
+def backend_hosts(state: State) -> BackendHosts:
+    """(backend address, protocol) -> {(backend port, VIP id)}, over the VIPs whose replies come back
+    through the LB: which VIPs a backend endpoint's replies may belong to (a backend of a VIP of
+    every port, port 0, overlaps with every port of its address)."""
+    hosts: BackendHosts = {}
+    for v in state.vips:
+        if v.replies_through_lb:
+            for b in v.backends:  # retired ones too: their established flows go on
+                hosts.setdefault((b.address.address, v.vip.proto), set()).add((b.address.port, v.id))
+    return hosts
+
+
+def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: BackendHosts) -> tuple[State, State]:
     """The part of `old` and `new` a change touches, so that a change costs what it changes: the VIPs
-    that differ, and every VIP on an address or a backend host of one of them (a VIP address's count
-    and a backend endpoint's shared flag depend on all of those). What is left out is the same on
-    both sides, so MapContents of the two parts differ exactly where those of the whole states do
-    (lb_config excepted: it depends on every VIP, see lb_config_of)."""
+    that differ, every VIP on an address of one of them (a VIP address's count depends on them all),
+    and every VIP on a backend host of one of them whose VIPs change (the shared flags of its
+    endpoints depend on them; with `hosts_*`, the whole states' backend_hosts, MapContents gets
+    them right for the VIPs it sees). What is left out is the same on both sides, so MapContents of
+    the two parts differ exactly where those of the whole states do (lb_config excepted: it
+    depends on every VIP, see lb_config_of)."""
     olds, news = {v.id: v for v in old.vips}, {v.id: v for v in new.vips}
     changed = {vid for vid in olds.keys() | news.keys() if olds.get(vid) != news.get(vid)}
 
     def links(v: VipState) -> list[tuple]:
-        return [("vip", v.vip.address), *(("host", b.address.address, v.vip.proto) for b in v.backends)]
+        hosts = {(b.address.address, v.vip.proto) for b in v.backends}
+        return [("vip", v.vip.address), *(("host", *h) for h in hosts if hosts_before.get(h) != hosts_after.get(h))]
 
     by_link: dict[tuple, set[int]] = {}
     for v in itertools.chain(old.vips, new.vips):
@@ -214,8 +230,10 @@ class Reconciler:
 
     def _apply(self, old: State, new: State, report: ApplyReport) -> None:
         config_before, config_after = lb_config_of(old), lb_config_of(new)
-        old, new = touched(old, new)  # what the change leaves alone is written by nobody
-        before, after = MapContents.of(old, self.ring_size), MapContents.of(new, self.ring_size)
+        hosts_before, hosts_after = backend_hosts(old), backend_hosts(new)
+        old, new = touched(old, new, hosts_before, hosts_after)  # what the change leaves alone is written by nobody
+        before = MapContents.of(old, self.ring_size, hosts_before)
+        after = MapContents.of(new, self.ring_size, hosts_after)
         before.config, after.config = config_before, config_after
         m = self.maps
 

@@ -179,7 +179,13 @@ def test_a_change_writes_the_same_entries_whether_or_not_it_looks_at_untouched_v
             VipState(VipAddress.parse("198.19.0.9/tcp"), 5)]
     changes = [lambda s: s.vips.pop(0), lambda s: s.vips[2].backends.pop(0), lambda s: s.vips.pop(4),
                lambda s: setattr(s.vips[3], "mode", "dsr"), lambda s: s.vips[1].backends.append(
-                   BackendState(BackendAddress.parse("198.18.1.2:8080", s.vips[1].vip), 99))]
+                   BackendState(BackendAddress.parse("198.18.1.2:8080", s.vips[1].vip), 99)),
+               lambda s: s.vips.append(vip(6, "198.19.0.4", ["198.18.1.3:8080"])),
+               lambda s: setattr(s.vips[0].backends[0], "weight", 3),
+               lambda s: s.vips[0].backends.append(BackendState(BackendAddress.parse("198.18.1.4:8080",
+                                                                                     s.vips[0].vip), 98)),
+               lambda s: (setattr(s.vips[0].backends[0], "retired_at", 1.0),  # removed, then added again anew:
+                          s.vips[0].backends.append(BackendState(s.vips[0].backends[0].address, 97)))]  # same host
     for change in changes:
         old, new = state(*base), state(*[v.copy() for v in base])
         change(new)
@@ -188,7 +194,7 @@ def test_a_change_writes_the_same_entries_whether_or_not_it_looks_at_untouched_v
             Reconciler(maps, MAX_RING).apply(state(), old)
         Reconciler(part, MAX_RING).apply(old, new)
         with monkeypatch.context() as m:
-            m.setattr(reconcile, "touched", lambda o, n: (o, n))  # the whole states
+            m.setattr(reconcile, "touched", lambda o, n, *_: (o, n))  # the whole states
             Reconciler(whole, MAX_RING).apply(old, new)
         for name in FakeMaps.NAMES + ("maglev",):
             assert {k: bytes(v) if not isinstance(v, int) else v for k, v in whole.maps[name].items()} == \
