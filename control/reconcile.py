@@ -126,9 +126,11 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
     olds, news = {v.id: v for v in old.vips}, {v.id: v for v in new.vips}
     changed = {vid for vid in olds.keys() | news.keys() if olds.get(vid) != news.get(vid)}
 
+    moved = {h for h in hosts_before.keys() | hosts_after.keys() if hosts_before.get(h) != hosts_after.get(h)}
+
     def links(v: VipState) -> list[tuple]:
         hosts = {(b.address.address, v.vip.proto) for b in v.backends}
-        return [("vip", v.vip.address), *(("host", *h) for h in hosts if hosts_before.get(h) != hosts_after.get(h))]
+        return [("vip", v.vip.address), *(("host", *h) for h in hosts & moved)]
 
     by_link: dict[tuple, set[int]] = {}
     for v in itertools.chain(old.vips, new.vips):
