@@ -199,7 +199,8 @@ class VipState:
 
     def copy(self) -> "VipState":
         v = _shallow_copy(self)
-        v.backends, v.acl, v.health = [_shallow_copy(b) for b in self.backends], dict(self.acl), _shallow_copy(self.health)
+        v.backends = [_shallow_copy(b) for b in self.backends]
+        v.acl, v.health = dict(self.acl), _shallow_copy(self.health)
         return v
 
     def backend(self, address: BackendAddress) -> BackendState | None:
