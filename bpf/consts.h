@@ -4,7 +4,7 @@
 
 /* Sizes are set by the loader at compile time (-D...); these are the defaults. */
 #ifndef LB_RING_SIZE
-#define LB_RING_SIZE 65537 /* Maglev lookup table slots per VIP: a prime */
+#define LB_RING_SIZE 65537 /* the largest Maglev table of a VIP (slots, a prime): each VIP has this much room */
 #endif
 #ifndef LB_MAX_VIPS
 #define LB_MAX_VIPS 256

@@ -206,6 +206,13 @@ static __always_inline void remember_reply(const struct packet *pkt, const struc
 	conn_table.update(&reply_key, &reply);
 }
 
+/* The VIP's Maglev slot for a flow's hash: its table's size varies per VIP (a
+ * variable modulo, only on a new flow). */
+static __always_inline __u32 maglev_slot(const struct vip_info *vip, __u32 hash)
+{
+	return vip->ring_base + hash % vip->ring_size;
+}
+
 /* A new flow: pick a backend on the VIP's Maglev table and remember the
  * choice, with the backend's next hop already in it. */
 static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow_key *key,
@@ -214,7 +221,7 @@ static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow
 	union lb_addr none = {};
 	__u32 hash = vip->flags & LB_VIP_HASH_SOURCE ? flow_hash(&pkt->src, &none, 0, 0, 0)
 						     : flow_hash(&pkt->src, &pkt->dst, pkt->sport, pkt->dport, pkt->proto);
-	__u32 slot = vip->id * LB_RING_SIZE + hash % LB_RING_SIZE;
+	__u32 slot = maglev_slot(vip, hash);
 	__u32 *picked = maglev.lookup(&slot);
 
 	if (!picked || *picked == LB_NO_BACKEND)

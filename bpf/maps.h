@@ -18,7 +18,7 @@ BPF_TABLE_PINNED("array", __u32, struct lb_config, lb_config, 1, PIN(lb_config))
 BPF_TABLE_PINNED("array", __u32, struct lb_state, lb_state, 1, PIN(lb_state));
 /* VIP id -> the VIP itself, for rewriting replies */
 BPF_TABLE_PINNED("array", __u32, struct vip_meta, vip_meta, LB_MAX_VIPS, PIN(vip_meta));
-/* VIP id * LB_RING_SIZE + slot -> backend id: one Maglev table per VIP */
+/* vip_info.ring_base + slot -> backend id: one Maglev table per VIP, in its id's room of LB_RING_SIZE slots */
 BPF_TABLE_PINNED("array", __u32, __u32, maglev, LB_MAX_VIPS * LB_RING_SIZE, PIN(maglev));
 /* backend id -> backend */
 BPF_TABLE_PINNED("array", __u32, struct backend, backends, LB_MAX_BACKENDS, PIN(backends));

@@ -19,10 +19,14 @@ struct vip_key {
 	__u8 pad;
 };
 
-/* vips map value */
+/* vips map value. The VIP's Maglev table is maglev[ring_base .. ring_base + ring_size - 1]:
+ * its size follows its backend count (lb/maglev.py ring_size_for), so a change writes
+ * what the VIP needs, not LB_RING_SIZE slots. */
 struct vip_info {
 	__u32 id;
 	__u32 flags;
+	__u32 ring_base;
+	__u32 ring_size; /* a prime, at most LB_RING_SIZE */
 };
 
 /* vip_meta array, by VIP id: what a reply's source is rewritten back to */

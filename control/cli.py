@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "generic: everywhere (slower)")
     a.add_argument("--hook", choices=("xdp", "tc"), default="xdp",
                    help="xdp (default), or tc: TC ingress, for interfaces without native XDP")
-    a.add_argument("--ring-size", type=_positive, default=65537, help="Maglev table slots per VIP (a prime)")
+    a.add_argument("--ring-size", type=_positive, default=65537,
+                   help="the largest Maglev table of a VIP, in slots (a prime); a VIP gets ~100 per backend")
     a.add_argument("--max-vips", type=_positive, default=256)
     a.add_argument("--max-backends", type=_positive, default=4096)
     a.add_argument("--conn-table-size", type=_positive, default=1 << 20)

@@ -14,6 +14,7 @@ are equal the maps are known to match and nothing is read."""
 from __future__ import annotations
 
 import array
+import collections
 import ctypes
 import itertools
 import ipaddress
@@ -22,7 +23,7 @@ import socket
 from dataclasses import dataclass, field
 
 from control.model import State, VipState
-from lb.maglev import MaglevBackend, build_table
+from lb.maglev import MaglevBackend, build_table, ring_size_for
 from lb.maps import U32, DataPlaneMaps
 from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_SHARED,
                         ADDR_PASS_UNSERVED, VIP_ACTIVE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, LbState, NextHop,
@@ -68,15 +69,15 @@ class MapContents:
     acl: dict[bytes, tuple[AclKey, AclRule]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, state: State) -> "MapContents":
+    def of(cls, state: State, max_ring: int, hosts: BackendHosts | None = None) -> "MapContents":
+        """`hosts`: backend_hosts() of a State that `state` is part of (the sharing it decides)."""
         c = cls()
-        # Which VIPs each backend endpoint's replies may belong to. A backend of a VIP of
-        # every port (port 0) overlaps with every port of its address.
-        by_host: dict[tuple[bytes, int], list[tuple[int, int]]] = {}  # (addr, proto) -> [(port, VIP id)]
-        members: list[tuple[int, Endpoint]] = []  # backend id -> its endpoint
+        by_host = backend_hosts(state) if hosts is None else hosts
+        members: list[tuple[int, Endpoint, tuple]] = []  # (backend id, its endpoint, its host)
         for v in state.vips:
             key = vip_key(v)
-            c.vips[_key(key)] = (key, VipInfo(id=v.id, flags=vip_flags(v)))
+            c.vips[_key(key)] = (key, VipInfo(id=v.id, flags=vip_flags(v), ring_base=ring_base(v.id, max_ring),
+                                              ring_size=ring_size_of(v, max_ring)))
             for prefix, action in v.acl.items():
                 rule_key = acl_key(v.id, ipaddress.ip_network(prefix))
                 c.acl[_key(rule_key)] = (rule_key, AclRule(ACL_ALLOW if action == "allow" else ACL_DENY))
@@ -92,11 +93,13 @@ class MapContents:
                 if not v.replies_through_lb:  # the LB never sees its replies
                     c.backends[b.id] = Backend(addr=ep.addr, port=ep.port, flags=BACKEND_IN_USE)
                     continue
-                by_host.setdefault((bytes(ep.addr), ep.proto), []).append((b.address.port, v.id))
-                members.append((b.id, ep))
-        for bid, ep in members:
+                members.append((b.id, ep, (b.address.address, v.vip.proto)))
+        serving: dict[tuple, set[int]] = {}  # endpoint -> its VIPs, once per endpoint
+        for bid, ep, host in members:
             port = socket.ntohs(ep.port)
-            vip_ids = {vid for p, vid in by_host[(bytes(ep.addr), ep.proto)] if p == port or not p or not port}
+            vip_ids = serving.get((*host, port))
+            if vip_ids is None:
+                vip_ids = serving[(*host, port)] = {vid for p, vid in by_host[host] if p == port or not p or not port}
             shared = len(vip_ids) > 1
             c.reply_sources[_key(ep)] = (ep, ReplySource(vip_id=0 if shared else min(vip_ids),
                                                          flags=REPLY_SHARED if shared else 0))
@@ -117,9 +120,71 @@ def mark_applied(maps: DataPlaneMaps, revision: int) -> None:
     maps.lb_state.set(U32(0), mark)
 
 
+BackendHosts = dict[tuple, set[tuple[int, int]]]
+
+
+def backend_hosts(state: State) -> BackendHosts:
+    """(backend address, protocol) -> {(backend port, VIP id)}, over the VIPs whose replies come back
+    through the LB: which VIPs a backend endpoint's replies may belong to (a backend of a VIP of
+    every port, port 0, overlaps with every port of its address)."""
+    hosts: BackendHosts = {}
+    for v in state.vips:
+        if v.replies_through_lb:
+            for b in v.backends:  # retired ones too: their established flows go on
+                hosts.setdefault((b.address.address, v.vip.proto), set()).add((b.address.port, v.id))
+    return hosts
+
+
+def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: BackendHosts) -> tuple[State, State]:
+    """The part of `old` and `new` a change touches, so that a change costs what it changes: the VIPs
+    that differ, every VIP on an address of one of them (a VIP address's count depends on them all),
+    and every VIP on a backend host of one of them whose VIPs change (the shared flags of its
+    endpoints depend on them; with `hosts_*`, the whole states' backend_hosts, MapContents gets
+    them right for the VIPs it sees). What is left out is the same on both sides, so MapContents of
+    the two parts differ exactly where those of the whole states do (lb_config excepted: it
+    depends on every VIP, see lb_config_of)."""
+    olds, news = {v.id: v for v in old.vips}, {v.id: v for v in new.vips}
+    changed = {vid for vid in olds.keys() | news.keys() if olds.get(vid) != news.get(vid)}
+    flipped = old.pass_unserved ^ new.pass_unserved  # an address's unserved traffic now passed, or dropped
+    changed |= {v.id for v in itertools.chain(old.vips, new.vips) if v.vip.address in flipped}
+
+    moved = {h for h in hosts_before.keys() | hosts_after.keys() if hosts_before.get(h) != hosts_after.get(h)}
+
+    def links(v: VipState) -> list[tuple]:
+        hosts = {(b.address.address, v.vip.proto) for b in v.backends}
+        return [("vip", v.vip.address), *(("host", *h) for h in hosts & moved)]
+
+    by_link: dict[tuple, set[int]] = {}
+    for v in itertools.chain(old.vips, new.vips):
+        for link in links(v):
+            by_link.setdefault(link, set()).add(v.id)
+    ids = set(changed)
+    for v in (v for vid in changed for v in (olds.get(vid), news.get(vid)) if v is not None):
+        for link in links(v):
+            ids |= by_link[link]
+    return (State(old.dataplane, [v for v in old.vips if v.id in ids], pass_unserved=old.pass_unserved),
+            State(new.dataplane, [v for v in new.vips if v.id in ids], pass_unserved=new.pass_unserved))
+
+
+def lb_config_of(state: State) -> LbConfig:
+    return LbConfig(flags=CFG_ANY_PORT if any(v.vip.any_port for v in state.vips) else 0)
+
+
 def _endpoint(entry: Backend | VipMeta) -> tuple[bytes, int]:
     """Whom a backends or vip_meta entry counts for (its flags may change, the owner stays)."""
     return bytes(entry.addr), entry.port
+
+
+def ring_base(vip_id: int, max_ring: int) -> int:
+    """Where a VIP's Maglev table starts in the maglev map: each VIP id has room for the largest table,
+    so a VIP's place follows from its id alone (nodes with the same state hold the same map)."""
+    return vip_id * max_ring
+
+
+def ring_size_of(v: VipState | None, max_ring: int) -> int:
+    """A VIP's Maglev table size, from its count of configured backends (not from health or weights:
+    a backend going down changes slots, not the size); 0 for no VIP."""
+    return ring_size_for(len(v.active_backends()), max_ring) if v is not None else 0
 
 
 def maglev_table(v: VipState | None, ring_size: int,
@@ -144,12 +209,21 @@ def maglev_inputs(v: VipState | None) -> list[tuple[str, int, int]]:
     return sorted((str(b.address), b.weight, b.id) for b in v.maglev_backends()) if v else []
 
 
-def slots_moved(old: VipState | None, new: VipState | None, ring_size: int) -> int:
-    """How many Maglev slots name a different backend in `new` than in `old`."""
-    if maglev_inputs(old) == maglev_inputs(new):
-        return 0
-    before, after = maglev_table(old, ring_size), maglev_table(new, ring_size)
-    return sum(map(operator.ne, before, after))
+def slots_moved(old: VipState, new: VipState, max_ring: int) -> tuple[int, float]:
+    """How many of `new`'s Maglev slots send a flow to another backend than `old`'s did, and the
+    share of new flows that do."""
+    old_size, new_size = ring_size_of(old, max_ring), ring_size_of(new, max_ring)
+    if maglev_inputs(old) == maglev_inputs(new) and old_size == new_size:
+        return 0, 0.0
+    before, after = maglev_table(old, old_size), maglev_table(new, new_size)
+    if old_size == new_size:
+        moved = sum(map(operator.ne, before, after))
+        return moved, moved / new_size
+    # Tables of two sizes (distinct primes): a flow's slot in one says nothing of its slot in the
+    # other, so it keeps its backend with the product of that backend's shares of both tables.
+    old_counts, new_counts = collections.Counter(before), collections.Counter(after)
+    kept = sum(n * old_counts[b] for b, n in new_counts.items()) / (old_size * new_size)
+    return round((1 - kept) * new_size), 1 - kept
 
 
 @dataclass
@@ -166,18 +240,25 @@ class Reconciler:
         self.maps = maps
         self.ring_size = ring_size
         self.built_tables: dict[tuple, list[int]] = {}  # Maglev layouts built during this reconciler's life
+        self.slot_keys, self.slot_values = array.array("I"), array.array("I")  # maglev writes not yet made
 
     def apply(self, old: State, new: State) -> ApplyReport:
         report = ApplyReport()
         try:
             self._apply(old, new, report)
         except BaseException:
+            self.slot_keys, self.slot_values = array.array("I"), array.array("I")  # never made
             self._apply(new, old, ApplyReport())
             raise
         return report
 
     def _apply(self, old: State, new: State, report: ApplyReport) -> None:
-        before, after = MapContents.of(old), MapContents.of(new)
+        config_before, config_after = lb_config_of(old), lb_config_of(new)
+        hosts_before, hosts_after = backend_hosts(old), backend_hosts(new)
+        old, new = touched(old, new, hosts_before, hosts_after)  # what the change leaves alone is written by nobody
+        before = MapContents.of(old, self.ring_size, hosts_before)
+        after = MapContents.of(new, self.ring_size, hosts_after)
+        before.config, after.config = config_before, config_after
         m = self.maps
 
         for k in before.vips.keys() - after.vips.keys():
@@ -194,13 +275,19 @@ class Reconciler:
 
         old_vips = {v.id: v for v in old.vips}
         new_vips = {v.id: v for v in new.vips}
+        shrunk = []  # tables left smaller: their old tails are cleared once no VIP key points at them
         for vid in sorted(old_vips.keys() | new_vips.keys()):
             o, n = old_vips.get(vid), new_vips.get(vid)
-            if o is not None and n is not None and o.vip == n.vip and maglev_inputs(o) == maglev_inputs(n):
+            old_size, new_size = ring_size_of(o, self.ring_size), ring_size_of(n, self.ring_size)
+            same_vip = o is not None and n is not None and o.vip == n.vip
+            if same_vip and maglev_inputs(o) == maglev_inputs(n) and old_size == new_size:
                 continue
-            changed = self._write_table(vid, n)
+            changed = self._write_table(vid, o if same_vip else None, n)  # an id taken anew: written whole
+            if old_size > new_size:
+                shrunk.append((vid, new_size, old_size))
             report.count("maglev", changed)
             report.slots_changed[str((n or o).vip)] = changed
+        self._flush_slots()  # every table in one batch, before the VIP keys that point at them
 
         for k, (key, info) in after.vips.items():
             if k not in before.vips or bytes(before.vips[k][1]) != bytes(info):
@@ -209,6 +296,9 @@ class Reconciler:
         if bytes(before.config) != bytes(after.config) and not after.config.flags & ~before.config.flags:
             m.lb_config.set(U32(0), after.config)  # switches off after the VIPs that needed them
             report.count("lb_config")
+        for vid, start, end in shrunk:
+            report.count("maglev", self._clear_slots(vid, start, end))
+        self._flush_slots()
         for k in before.vip_addrs.keys() - after.vip_addrs.keys():
             m.vip_addrs.delete(before.vip_addrs[k][0])
             report.count("vip_addrs")
@@ -230,7 +320,7 @@ class Reconciler:
         or a hand edit); returns the entries corrected per map. Same order as apply: stale VIP keys
         go first, with the Maglev tables of VIP ids the state lacks, then what a VIP needs is written,
         its key last, and other stale entries after."""
-        want = MapContents.of(state)
+        want = MapContents.of(state, self.ring_size)
         fixed: dict[str, int] = {}
 
         def count(map_name: str, n: int) -> None:
@@ -251,7 +341,8 @@ class Reconciler:
             self.maps.lb_config.set(U32(0), want.config)
             count("lb_config", 1)
         for v in state.vips:  # a table no VIP uses is rewritten by whichever VIP takes its id next
-            count("maglev", self._write_table(v.id, v))
+            count("maglev", self._repair_table(v))
+        self._flush_slots()
         count("vips", self._write_missing("vips", want.vips))
         for map_name in ("vip_addrs", "acl", "reply_sources"):
             count(map_name, self._delete_extra(map_name, getattr(want, map_name)))
@@ -314,17 +405,47 @@ class Reconciler:
             self.maps.maps[map_name].set(U32(index), value)
             report.count(map_name)
 
-    def _write_table(self, vip_id: int, v: VipState | None) -> int:
-        """Write the slots of one VIP's Maglev table that differ from the map; returns how many."""
-        base = vip_id * self.ring_size
-        current = self.maps.maglev.read_range(base, self.ring_size)
-        wanted = maglev_table(v, self.ring_size, self.built_tables)
-        if current == wanted:
-            return 0
-        diff = list(itertools.compress(range(self.ring_size), map(operator.ne, current, wanted)))
-        self.maps.maglev.set_many(array.array("I", [base + i for i in diff]),
-                                  array.array("I", map(wanted.__getitem__, diff)))
-        return len(diff)
+    def _table(self, v: VipState | None) -> list[int]:
+        return maglev_table(v, ring_size_of(v, self.ring_size), self.built_tables) if v is not None else []
+
+    def _write_table(self, vip_id: int, old: VipState | None, new: VipState | None) -> int:
+        """Write one VIP's Maglev table for `new`, over what `old` wrote there (the maps hold what the
+        old state describes: nothing is read). A new VIP's table is written whole, whatever an earlier
+        VIP of its id left. A table that grows is written in place before its VIP key switches to
+        the new size (until then new flows find old or new backends, all valid); the tail a
+        smaller table leaves is cleared by _clear_slots after the switch. Returns the slots written."""
+        wanted = self._table(new)
+        if old is None:
+            indexes = range(len(wanted))
+        else:
+            current = self._table(old)[:len(wanted)]
+            current += [NO_BACKEND] * (len(wanted) - len(current))
+            indexes = list(itertools.compress(range(len(wanted)), map(operator.ne, current, wanted)))
+        return self._set_slots(ring_base(vip_id, self.ring_size), indexes, wanted)
+
+    def _set_slots(self, base: int, indexes, table: list[int]) -> int:
+        """Queue writes of table[i] to slot base + i, for each i of `indexes`."""
+        self.slot_keys.extend([base + i for i in indexes])
+        self.slot_values.extend(map(table.__getitem__, indexes))
+        return len(indexes)
+
+    def _flush_slots(self) -> None:
+        keys, values = self.slot_keys, self.slot_values
+        self.slot_keys, self.slot_values = array.array("I"), array.array("I")
+        self.maps.maglev.set_many(keys, values)
+
+    def _clear_slots(self, vip_id: int, start: int, end: int) -> int:
+        """Empty slots start..end-1 of a VIP's room (a larger table's tail, or a removed VIP's table):
+        unread by the data plane, cleared so that equal states give equal maps."""
+        return self._set_slots(ring_base(vip_id, self.ring_size), range(start, end), [NO_BACKEND] * end)
+
+    def _repair_table(self, v: VipState) -> int:
+        """Write the slots of one VIP's table that differ from what the map holds (read, not assumed)."""
+        wanted = self._table(v)
+        base = ring_base(v.id, self.ring_size)
+        current = self.maps.maglev.read_range(base, len(wanted))
+        return self._set_slots(base, list(itertools.compress(range(len(wanted)), map(operator.ne, current, wanted))),
+                               wanted)
 
     def _reset_counters(self, map_name: str, index: int) -> None:
         """A reused id starts from zero."""

@@ -8,7 +8,6 @@ command repairs the maps to the saved state before it reads or changes them."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import ipaddress
 import logging
 import os
@@ -376,7 +375,7 @@ class Controller:
         wanted = declarative.parse(text, source)
 
         def change(state: State) -> dict[str, Any]:
-            old = copy.deepcopy(state)
+            old = state.copy()
             declarative.merge(state, wanted, time.time())
             if dry_run:  # (a real apply is checked by _change)
                 _refuse_local_backends(state.new_backends(old))
@@ -529,7 +528,7 @@ class Controller:
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
                     if repair_if_interrupted(maps, state) is not None:
                         mark_applied(maps, state.revision)  # repaired: true as long as this change is not saved
-                    old = copy.deepcopy(state)
+                    old = state.copy()
                     result = change(state)
                     state.require_no_new_backend_vips(old)
                     _refuse_local_backends(state.new_backends(old))

@@ -29,34 +29,35 @@ class Store(Protocol):
 
 
 def state_to_doc(state: State) -> dict[str, Any]:
-    dp = state.dataplane
+    return {"dataplane": _dataplane_doc(state.dataplane), "vips": [vip_to_doc(v) for v in state.vips],
+            "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)]}
+
+
+def _dataplane_doc(dp: DataPlaneState | None) -> dict[str, Any] | None:
+    return None if dp is None else {
+        "interfaces": [vars(i) for i in dp.interfaces],
+        "pin_dir": dp.pin_dir,
+        "netns_ino": dp.netns_ino,
+        "config": dp.config,
+        "program_digest": dp.program_digest,
+        "hook": dp.hook,
+    }
+
+
+def vip_to_doc(v: VipState) -> dict[str, Any]:
     return {
-        "dataplane": None if dp is None else {
-            "interfaces": [vars(i) for i in dp.interfaces],
-            "pin_dir": dp.pin_dir,
-            "netns_ino": dp.netns_ino,
-            "config": dp.config,
-            "program_digest": dp.program_digest,
-            "hook": dp.hook,
-        },
-        "vips": [
-            {
-                "vip": str(v.vip),
-                "id": v.id,
-                "mode": v.mode,
-                "hash": v.hash,
-                "acl": v.acl,
-                "health": vars(v.health),
-                "all_down": v.all_down,
-                "backends": [
-                    {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
-                     "retired_at": b.retired_at, "healthy": b.healthy}
-                    for b in v.backends
-                ],
-            }
-            for v in state.vips
+        "vip": str(v.vip),
+        "id": v.id,
+        "mode": v.mode,
+        "hash": v.hash,
+        "acl": v.acl,
+        "health": vars(v.health),
+        "all_down": v.all_down,
+        "backends": [
+            {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
+             "retired_at": b.retired_at, "healthy": b.healthy}
+            for b in v.backends
         ],
-        "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)],
     }
 
 
@@ -84,11 +85,17 @@ class SqliteStore:
     """The whole State as one JSON document in one SQLite row, with a revision.
 
     BEGIN IMMEDIATE takes the database's write lock for the whole transaction, so
-    concurrent lbctl commands run one after another and none is lost."""
+    concurrent lbctl commands run one after another and none is lost.
+
+    A long-lived Store (the daemon's) keeps the State of the last revision it read or saved, and
+    each VIP's JSON as saved: a change then parses nothing (the revision says whether another
+    process wrote since) and serialises only the VIPs it changed."""
 
     def __init__(self, path: str, timeout: float = 30.0):
         self.path = path
         self.timeout = timeout
+        self._cached: tuple[int, State] | None = None  # (revision, the State it holds), never handed out
+        self._vip_json: dict[int, tuple[VipState, str]] = {}  # VIP id -> (the VIP as last saved, its JSON)
 
     def _connect(self) -> sqlite3.Connection:
         # Root's alone: SQLite gives its -wal and -shm the database's own mode; older files are tightened.
@@ -116,14 +123,30 @@ class SqliteStore:
                      " revision INTEGER NOT NULL, doc TEXT NOT NULL)")
         return conn
 
-    @staticmethod
-    def _load(conn: sqlite3.Connection) -> tuple[State, int]:
-        row = conn.execute("SELECT revision, doc FROM state WHERE id = 1").fetchone()
+    def _load(self, conn: sqlite3.Connection) -> tuple[State, int]:
+        row = conn.execute("SELECT revision FROM state WHERE id = 1").fetchone()
         if row is None:
             return State(), 0
-        state = state_from_doc(json.loads(row[1]))
+        if self._cached is None or self._cached[0] != row[0]:
+            doc = conn.execute("SELECT doc FROM state WHERE id = 1").fetchone()[0]
+            self._cached = (row[0], state_from_doc(json.loads(doc)))
+        state = self._cached[1].copy()
         state.revision = row[0]
         return state, row[0]
+
+    def _dump(self, state: State) -> str:
+        """json.dumps(state_to_doc(state), sort_keys=True), from each unchanged VIP's saved JSON."""
+        vips = []
+        for v in state.vips:
+            saved = self._vip_json.get(v.id)
+            if saved is None or saved[0] != v:
+                saved = self._vip_json[v.id] = (v.copy(), json.dumps(vip_to_doc(v), sort_keys=True))
+            vips.append(saved[1])
+        for vid in self._vip_json.keys() - {v.id for v in state.vips}:
+            del self._vip_json[vid]
+        unserved = json.dumps([str(a) for a in sorted(state.pass_unserved, key=address_sort_key)])
+        return f'{{"dataplane": {json.dumps(_dataplane_doc(state.dataplane), sort_keys=True)}, ' \
+               f'"pass_unserved": {unserved}, "vips": [{", ".join(vips)}]}}'
 
     def read(self) -> State:
         conn = self._connect()
@@ -141,9 +164,10 @@ class SqliteStore:
                 state, revision = self._load(conn)
                 yield state
                 conn.execute("INSERT OR REPLACE INTO state (id, revision, doc) VALUES (1, ?, ?)",
-                             (revision + 1, json.dumps(state_to_doc(state), sort_keys=True)))
+                             (revision + 1, self._dump(state)))
                 fault.point("store_commit")
                 conn.execute("COMMIT")
+                self._cached = (revision + 1, state.copy())
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise

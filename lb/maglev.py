@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-DEFAULT_RING_SIZE = 65537
+DEFAULT_RING_SIZE = 65537  # the largest table of a VIP (the room each VIP id has in the maglev map)
+SLOTS_PER_BACKEND = 100    # Maglev needs many more slots than backends for even shares (the paper's M > 100 N)
+MIN_RING_BACKENDS = 16     # tables are sized for at least this many backends, then in steps of powers of two
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,21 @@ def is_prime(n: int) -> bool:
             return False
         f += 2
     return True
+
+
+@functools.cache
+def ring_size_for(backends: int, max_size: int = DEFAULT_RING_SIZE) -> int:
+    """The Maglev table size of a VIP with `backends` backends: the smallest prime of at least
+    SLOTS_PER_BACKEND slots for each of a power of two >= max(backends, MIN_RING_BACKENDS), at most
+    `max_size`. Powers of two: a VIP changes size (every new flow is placed anew) only when its
+    backend count crosses one, not on every added backend. Deterministic: the count alone decides."""
+    room = MIN_RING_BACKENDS
+    while room < backends:
+        room *= 2
+    size = SLOTS_PER_BACKEND * room
+    while size < max_size and not is_prime(size):
+        size += 1
+    return min(size, max_size)
 
 
 def build_table(backends: list[MaglevBackend], size: int = DEFAULT_RING_SIZE) -> list[int]:

@@ -67,7 +67,7 @@ class Tables:
     vip_addrs: dict[bytes, int]                             # addresses of VIPs -> flags (ADDR_PASS_UNSERVED)
     any_port: bool                                          # some VIP takes every port
     vip_meta: dict[int, tuple[bytes, int, int, int]]        # id -> (addr, port, flags, mode)
-    maglev: dict[int, list[int]]                            # VIP id -> ring of backend ids
+    maglev: dict[int, list[int]]                            # VIP id -> its ring of backend ids (its own size)
     backends: dict[int, tuple[bytes, int, int]]             # id -> (addr, port, flags); absent = zeroed
     backend_nh: dict[int, NextHop]                          # id -> cached next hop; absent = none yet
     reply_sources: dict[tuple[bytes, int, int], tuple[int, int]]  # endpoint -> (VIP id, flags)
@@ -86,7 +86,7 @@ class Tables:
         for vid in ids:
             m = maps.vip_meta.get(U32(vid))
             meta[vid] = (bytes(m.addr), ntohs(m.port), m.flags, m.mode)
-        maglev = {vid: maps.maglev.read_range(vid * ring_size, ring_size) for vid in ids}
+        maglev = {v.id: maps.maglev.read_range(v.ring_base, v.ring_size) for _, v in maps.vips.items()}
         config = maps.lb_config.get(U32(0))
         backends = {k.value: (bytes(v.addr), ntohs(v.port), v.flags) for k, v in maps.backends.items() if v.flags}
         backend_nh = {k.value: _nh(v) for k, v in maps.backend_nh.items() if v.ifindex}
@@ -440,11 +440,11 @@ class DataPlaneModel:
     def _new_flow(self, pkt: bytearray, p: Parsed, key: FlowKey, vip: tuple[int, int], ingress: int) -> ModelResult:
         vip_id, flags = vip
         if flags & structs.VIP_HASH_SOURCE:
-            slot = flow_hash_raw(p.src, bytes(16), 0, 0, 0) % self.t.ring_size
+            hashed = flow_hash_raw(p.src, bytes(16), 0, 0, 0)
         else:
-            slot = flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto) % self.t.ring_size
+            hashed = flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto)
         ring = self.t.maglev.get(vip_id)
-        backend_id = ring[slot] if ring is not None and vip_id < self.t.max_vips else structs.NO_BACKEND
+        backend_id = ring[hashed % len(ring)] if ring and vip_id < self.t.max_vips else structs.NO_BACKEND
         be = self._backend(backend_id) if backend_id != structs.NO_BACKEND else None
         if be is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")

@@ -33,7 +33,8 @@ class VipKey(ctypes.Structure):
 
 
 class VipInfo(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+    _fields_ = [("id", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("ring_base", ctypes.c_uint32),
+                ("ring_size", ctypes.c_uint32)]
 
 
 class VipMeta(ctypes.Structure):

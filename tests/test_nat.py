@@ -161,11 +161,10 @@ def test_acl_deny_blocks_a_client_prefix_and_removing_it_lets_it_in(lab, servers
 def expected_backend(lab, vip_addr, sport, dport, proto):
     """The backend the data plane must pick: flow hash -> Maglev slot -> backend id -> address."""
     state = lbctl(lab)("list", "--json").json()
-    ring = state["dataplane"]["ring_size"]
     with DataPlaneMaps.open(state["dataplane"]["pin_dir"]) as maps:
-        vip_id = next(info.id for key, info in maps.vips.items() if key.addr.address() == vip_addr)
-        slot = maglev_slot(lab.client.address, vip_addr, sport, dport, proto, ring)
-        backend_id = maps.maglev.get(U32(vip_id * ring + slot)).value
+        info = next(info for key, info in maps.vips.items() if key.addr.address() == vip_addr)
+        slot = maglev_slot(lab.client.address, vip_addr, sport, dport, proto, info.ring_size)
+        backend_id = maps.maglev.get(U32(info.ring_base + slot)).value
         backend = maps.backends.get(U32(backend_id))
     address = backend.addr.address()
     return next(b for b in lab.backends if b.address == address), socket.ntohs(backend.port)

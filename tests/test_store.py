@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import multiprocessing
+import sqlite3
 
 import pytest
 
@@ -105,3 +107,30 @@ def test_an_existing_directory_chosen_by_the_operator_keeps_its_mode(tmp_path):
     SqliteStore(str(tmp_path / "x.db")).read()
     assert os.stat(tmp_path).st_mode & 0o777 == 0o755
     assert os.stat(tmp_path / "x.db").st_mode & 0o777 == 0o600
+def test_a_long_lived_store_saves_the_same_document_and_sees_other_writers(tmp_path):
+    """The daemon's Store keeps the last State and each VIP's JSON: what it saves is the document
+    state_to_doc gives, and a write by another process (another Store) is read, not the cache."""
+    path = str(tmp_path / "state.db")
+    daemon, other = SqliteStore(path), SqliteStore(path)
+    with daemon.transaction() as state:
+        state.vips = [VipState(VipAddress.parse(f"10.0.0.{i}:80/tcp"), i) for i in range(1, 4)]
+    with daemon.transaction() as state:
+        state.vips[1].mode = "dsr"
+        del state.vips[0]
+        expected = json.dumps(state_to_doc(state), sort_keys=True)
+    assert _saved_doc(path) == expected
+    with other.transaction() as state:
+        state.vips[0].hash = "source"
+    with daemon.transaction() as state:
+        assert [v.hash for v in state.vips] == ["source", "flow"]
+        state.vips[0].acl["192.0.2.0/24"] = "deny"  # edits a copy: the cache stays as saved
+        expected = json.dumps(state_to_doc(state), sort_keys=True)
+    assert _saved_doc(path) == expected and daemon.read().vips[0].acl == {"192.0.2.0/24": "deny"}
+
+
+def _saved_doc(path: str) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT doc FROM state WHERE id = 1").fetchone()[0]
+    finally:
+        conn.close()
