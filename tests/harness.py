@@ -60,6 +60,12 @@ class Harness:
     model: DataPlaneModel
     ifindex: dict[str, int]  # "client", "b1", ... -> the LB's interface
 
+    ring_size: int
+
+    def resnapshot(self) -> None:
+        """The model takes the maps as the control plane left them (after a change between packets)."""
+        self.model.t = Tables.snapshot(self.maps, self.ring_size)
+
     def run(self, frame: bytes, ingress: str) -> tuple[Probe, ModelResult]:
         ifindex = self.ifindex[ingress]
         expected = self.model.process(frame, ifindex)
@@ -86,7 +92,7 @@ def configured_harness(config: dict) -> Iterator[Harness]:
             ifindex.update({b.ns.rsplit("-", 1)[1]: ipr.link_lookup(ifname=b.lb_ifname)[0] for b in lab.backends})
             model = DataPlaneModel(Tables.snapshot(maps, listed["ring_size"]), kernel_fib(ipr))
             try:
-                yield Harness(lab, prog_fd, maps, model, ifindex)
+                yield Harness(lab, prog_fd, maps, model, ifindex, listed["ring_size"])
             finally:
                 import os
                 os.close(prog_fd)

@@ -30,6 +30,11 @@ def test_fixture(harness: Harness, case: dict):
         actual, expected = harness.run(evaluate(setup, names), case["ingress"])
         assert agree(actual, expected), disagreement(evaluate(setup, names), actual, expected)
         backends.add(actual.backend)
+    if case.get("change"):  # the configuration changes between the setup and the packet
+        for command in case["change"]:
+            run_lbctl(harness.lab.lb_ns, *command)
+        harness.resnapshot()
+        backends.clear()
     frame = bytes.fromhex(case["hex"]) if "hex" in case else evaluate(case["packet"], names)
 
     actual, expected = harness.run(frame, case["ingress"])
