@@ -28,6 +28,16 @@
 #define LB_PIN_DIR "/sys/fs/bpf/lb/default"
 #endif
 
+/* How many VIPs one backend endpoint (address, port, protocol) may serve in NAT mode */
+#define LB_REPLY_VIPS 6
+
+/* Idle timeouts (seconds) when lb_config leaves them 0: an established TCP
+ * flow as IPVS has it (15 min; keepalives are usually shorter), a closing one
+ * (FIN or RST seen) long enough for the last ACKs, UDP as conntrack has it. */
+#define LB_TCP_TIMEOUT 900
+#define LB_TCP_CLOSING_TIMEOUT 10
+#define LB_UDP_TIMEOUT 30
+
 /* Backend id 0 never names a backend: an empty Maglev slot holds it. */
 #define LB_NO_BACKEND 0
 
@@ -52,7 +62,7 @@
 #define LB_ICMP_TTL 64
 
 /* flow_entry.flags */
-#define LB_FLOW_REPLY (1U << 0) /* entry keyed by the backend's reply 5-tuple */
+#define LB_FLOW_CLOSING (1U << 0) /* a FIN or an RST was seen: the short timeout applies */
 #define LB_FLOW_LOCAL (1U << 1) /* a connection of the LB host itself, steered at TC egress */
 
 /* skb->mark of a locally generated packet the TC egress program steers to
@@ -63,10 +73,7 @@
 
 /* backend.flags */
 #define LB_BACKEND_IN_USE (1U << 0)
-#define LB_BACKEND_SHARED (1U << 1) /* its endpoint serves several VIPs: flows need reply entries */
-
-/* reply_source.flags */
-#define LB_REPLY_SHARED (1U << 0) /* endpoint behind several VIPs: find the VIP by the reply entry */
+#define LB_BACKEND_NO_NEW (1U << 1) /* removed, drained or down: a SYN naming it picks again */
 
 /* probe_meta.magic: "lbpr" */
 #define LB_PROBE_MAGIC 0x6c627072U
@@ -111,6 +118,7 @@ enum lb_reason {
 	LB_FWD_STEERED,           /* the LB host's own packet to a VIP, marked for a backend: sent to it (TC egress) */
 	LB_PASS_LOCAL_REPLY,      /* a backend's reply to a steered connection, rewritten back to the VIP, for the host */
 	LB_DROP_NEIGH_UNRESOLVED, /* dsr: the backend's MAC is unknown, and the kernel cannot forward a packet to a VIP */
+	LB_DROP_REPLY_NO_FLOW = 26, /* from a NAT backend's endpoint, to be forwarded, but of no flow: never leaves un-NATed */
 	LB_REASON_MAX,
 };
 

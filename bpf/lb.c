@@ -13,6 +13,15 @@
 #include "nexthop.h"
 #include "icmp.h"
 #include "steer.h"
+#include "conn.h"
+
+/* The control plane's switches and timeouts (bcc rewrites map calls in this file only). */
+static __always_inline struct lb_config *config_of(void)
+{
+	__u32 zero = 0;
+
+	return lb_config.lookup(&zero);
+}
 
 /* Count why, and tell a probe (lbctl test-packet) when it asks (ctx.h). */
 static __always_inline int verdict(lb_ctx *ctx, enum lb_reason reason, int action)
@@ -144,26 +153,11 @@ static __always_inline int forward(lb_ctx *ctx, struct packet *pkt, __u32 vip_fl
 	return send(ctx, pkt, nh, resolved, LB_FWD_NAT);
 }
 
-/* A backend shared by several VIPs: its replies cannot name the VIP by
- * themselves, so the flow is remembered by them too. */
-static __always_inline void remember_reply(const struct packet *pkt, const struct backend *be, __u32 backend_id,
-					   __u16 vip_id, __u16 flags)
-{
-	if (!(be->flags & LB_BACKEND_SHARED))
-		return;
-	struct flow_entry reply = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_REPLY | flags };
-	struct flow_key reply_key = {
-		.src = be->addr, .dst = pkt->src, .sport = be->port ? be->port : pkt->dport,
-		.dport = pkt->sport, .proto = pkt->proto,
-	};
-
-	conn_table.update(&reply_key, &reply);
-}
-
 /* A new flow: pick a backend on the VIP's Maglev table and remember the
- * choice, with the backend's next hop already in it. */
+ * choice, with the backend's next hop already in it (an RST is forwarded
+ * without an entry: it opens nothing). */
 static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow_key *key,
-				    const struct vip_info *vip)
+				    const struct vip_info *vip, __u32 now)
 {
 	union lb_addr none = {};
 	__u32 hash = vip->flags & LB_VIP_HASH_SOURCE ? flow_hash(&pkt->src, &none, 0, 0, 0)
@@ -180,10 +174,13 @@ static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow
 	if (!be || !be_nh)
 		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
 	int resolved = ensure_next_hop(ctx, pkt, &be->addr, be_nh);
-	struct flow_entry entry = { .backend_id = backend_id, .vip_id = vip_id, .nh = *be_nh };
+	struct flow_entry entry = {
+		.backend_id = backend_id, .vip_id = vip_id, .generation = be->generation, .last_seen = now,
+		.flags = is_closing(pkt) ? LB_FLOW_CLOSING : 0, .nh = *be_nh,
+	};
 
-	conn_table.update(key, &entry);
-	remember_reply(pkt, be, backend_id, vip_id, 0);
+	if (!is_rst(pkt))
+		conn_table.update(key, &entry);
 	count_flow(vip_id, backend_id, pkt->len, 0, 1);
 	return forward(ctx, pkt, vip->flags, be, &entry.nh, resolved);
 }
@@ -211,15 +208,18 @@ static __always_inline int to_backend(lb_ctx *ctx, struct packet *pkt, const str
 
 	flow_key_of(&key, pkt);
 	struct flow_entry *flow = conn_table.lookup(&key);
+	struct lb_config *config = config_of();
+	__u32 now = lb_clock(config);
 
 	if (!flow)
-		return new_flow(ctx, pkt, &key, vip);
+		return new_flow(ctx, pkt, &key, vip, now);
 
 	__u32 vip_id = vip->id, backend_id = flow->backend_id;
 	struct backend *be = backends.lookup(&backend_id);
 
-	if (!be)
-		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
+	if (!be || !flow_trusted(flow, be, vip_id, pkt, config, now))
+		return new_flow(ctx, pkt, &key, vip, now);
+	flow_touch(flow, pkt, now);
 	count_flow(vip_id, backend_id, pkt->len, 0, 0);
 	int resolved = ensure_next_hop(ctx, pkt, &be->addr, &flow->nh);
 
@@ -242,10 +242,10 @@ static __always_inline struct vip_meta *active_vip(__u32 vip_id)
 	return vip;
 }
 
-/* The flow a backend's reply belongs to, for an endpoint that serves one
- * VIP: the client's own flow (found by its tuple towards that VIP), and
- * only if that flow went to this very backend. */
-static __always_inline struct flow_entry *own_reply_flow(const struct packet *pkt, __u32 vip_id,
+/* The flow a backend's reply belongs to among one VIP's: the client's own
+ * flow (found by its tuple towards that VIP), and only if its entry is still
+ * true and names this very backend. */
+static __always_inline struct flow_entry *vip_reply_flow(const struct packet *pkt, __u32 vip_id,
 							 struct vip_meta **vip_out)
 {
 	struct vip_meta *vip = active_vip(vip_id);
@@ -264,36 +264,36 @@ static __always_inline struct flow_entry *own_reply_flow(const struct packet *pk
 	__u32 backend_id = flow->backend_id;
 	struct backend *be = backends.lookup(&backend_id);
 
-	if (!be || !same_endpoint(be, pkt))
+	if (!be || !same_endpoint(be, pkt) || be->generation != flow->generation || be->vip_id != vip_id ||
+	    flow->vip_id != vip_id)
 		return NULL;
 	*vip_out = vip;
 	return flow;
 }
 
-/* For an endpoint shared by several VIPs, the flow's reply entry names the VIP. */
-static __always_inline struct flow_entry *shared_reply_flow(const struct packet *pkt, struct vip_meta **vip_out)
-{
-	struct flow_key key = {};
-
-	flow_key_of(&key, pkt);
-	struct flow_entry *flow = conn_table.lookup(&key);
-
-	if (!flow || !(flow->flags & LB_FLOW_REPLY))
-		return NULL;
-	struct vip_meta *vip = active_vip(flow->vip_id);
-
-	if (!vip)
-		return NULL;
-	*vip_out = vip;
-	return flow;
-}
-
+/* The VIPs the endpoint serves, in turn (usually one: an endpoint shared by
+ * several VIPs costs a lookup more per VIP, and no entry at all). */
 static __always_inline struct flow_entry *reply_flow(const struct packet *pkt, const struct reply_source *rs,
 						     struct vip_meta **vip)
 {
-	if (rs->flags & LB_REPLY_SHARED)
-		return shared_reply_flow(pkt, vip);
-	return own_reply_flow(pkt, rs->vip_id, vip);
+	for (int i = 0; i < LB_REPLY_VIPS; i++) {
+		if (i >= rs->count)
+			break;
+		struct flow_entry *flow = vip_reply_flow(pkt, rs->vip_ids[i], vip);
+
+		if (flow)
+			return flow;
+	}
+	return NULL;
+}
+
+/* Would the kernel forward this packet (rather than take it for the LB host
+ * itself: a health check's answer)? */
+static __always_inline int would_forward(lb_ctx *ctx, const struct packet *pkt)
+{
+	struct next_hop scratch = {};
+
+	return fib_next_hop(ctx, pkt, &pkt->dst, &scratch) != NH_NO_ROUTE;
 }
 
 static __always_inline int to_client(lb_ctx *ctx, struct packet *pkt, struct flow_entry *flow,
@@ -301,6 +301,7 @@ static __always_inline int to_client(lb_ctx *ctx, struct packet *pkt, struct flo
 {
 	__u32 vip_id = flow->vip_id, backend_id = flow->backend_id;
 
+	flow_touch(flow, pkt, lb_clock(config_of()));
 	count_flow(vip_id, backend_id, pkt->len, 1, 0);
 	nat_rewrite_source(pkt, vip);
 	if (flow->flags & LB_FLOW_LOCAL) /* the LB host's own connection (steered at TC egress) */
@@ -315,8 +316,7 @@ static __always_inline int is_vip_address(const union lb_addr *addr)
 
 static __always_inline int any_port_vips(void)
 {
-	__u32 zero = 0;
-	struct lb_config *config = lb_config.lookup(&zero);
+	struct lb_config *config = config_of();
 
 	return config && (config->flags & LB_CFG_ANY_PORT);
 }
@@ -378,7 +378,7 @@ static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt
 	};
 	struct flow_entry *flow = conn_table.lookup(&key);
 
-	if (!flow || (flow->flags & LB_FLOW_REPLY))
+	if (!flow)
 		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
 	struct vip_meta *vip = active_vip(flow->vip_id);
 
@@ -387,8 +387,8 @@ static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt
 	__u32 backend_id = flow->backend_id;
 	struct backend *be = backends.lookup(&backend_id);
 
-	if (!be)
-		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
+	if (!be || be->generation != flow->generation || be->vip_id != flow->vip_id)
+		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
 	return forward_icmp_error(ctx, pkt, &in, flow, be, vip->mode);
 }
 
@@ -437,14 +437,21 @@ int xdp_lb(lb_ctx *ctx)
 	struct reply_source *rs = reply_sources.lookup(&source);
 	struct vip_meta *reply_vip = NULL;
 	struct flow_entry *flow = rs ? reply_flow(&pkt, rs, &reply_vip) : NULL;
+	int from_backend = rs != NULL;
 
 	if (!flow && any_port) {
 		source.port = 0;
 		rs = reply_sources.lookup(&source);
-		flow = rs ? reply_flow(&pkt, rs, &reply_vip) : NULL;
+		if (rs) {
+			from_backend = 1;
+			flow = reply_flow(&pkt, rs, &reply_vip);
+		}
 	}
 	if (flow && reply_vip)
 		return to_client(ctx, &pkt, flow, reply_vip);
+	/* A NAT backend's answer of no flow would leave with the backend's address. */
+	if (from_backend && would_forward(ctx, &pkt))
+		return verdict(ctx, LB_DROP_REPLY_NO_FLOW, LB_ACT_DROP);
 	return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
 }
 
@@ -492,13 +499,19 @@ int lb_egress(lb_ctx *ctx)
 	struct flow_key key = {};
 
 	flow_key_of(&key, &pkt);
-	int known = conn_table.lookup(&key) != NULL;
+	struct flow_entry *flow = conn_table.lookup(&key);
+	__u32 now = lb_clock(config_of());
+	int known = flow && flow->backend_id == backend_id && flow->generation == be->generation;
 
-	if (!known) {
-		struct flow_entry entry = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_LOCAL };
+	if (known) {
+		flow_touch(flow, &pkt, now);
+	} else {
+		struct flow_entry entry = {
+			.backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_LOCAL, .generation = be->generation,
+			.last_seen = now,
+		};
 
 		conn_table.update(&key, &entry);
-		remember_reply(&pkt, be, backend_id, vip_id, LB_FLOW_LOCAL);
 	}
 	count_flow(vip_id, backend_id, pkt.len, 0, !known);
 	/* Spent: the egress hook of the interface it is redirected to passes it (a DSR

@@ -298,7 +298,8 @@ def merge(state: State, config: Config, now: float) -> None:
         for bs in spec.backends:
             b = v.backend(bs.address) or v.revive(bs.address, bs.weight)
             if b is None:
-                b = BackendState(bs.address, state.allocate_backend_id(removed_backend_ids))
+                b = BackendState(bs.address, state.allocate_backend_id(removed_backend_ids),
+                                 generation=state.new_generation())
                 v.backends.append(b)
             b.weight = bs.weight
 

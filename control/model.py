@@ -171,6 +171,9 @@ class BackendState:
     retired_at: float | None = None
     # Set by the health checker; an unhealthy backend leaves the Maglev table (its flows go on).
     healthy: bool = True
+    # This binding of the id to (VIP, endpoint): a number never used before (State.new_generation).
+    # The data plane trusts a flow entry only while its backend record carries the entry's generation.
+    generation: int = 0
 
     @property
     def active(self) -> bool:
@@ -252,6 +255,12 @@ class State:
 
     dataplane: DataPlaneState | None = None
     vips: list[VipState] = field(default_factory=list)
+    # The last backend generation handed out: only ever grows (never reset, even by detach).
+    generations: int = 0
+
+    def new_generation(self) -> int:
+        self.generations += 1
+        return self.generations
 
     def vip(self, vip: VipAddress) -> VipState | None:
         for v in self.vips:

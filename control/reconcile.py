@@ -14,10 +14,11 @@ import operator
 import socket
 from dataclasses import dataclass, field
 
-from control.model import State, VipState
+from control.errors import InputError
+from control.model import BackendState, State, VipState
 from lb.maglev import MaglevBackend, build_table
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_SHARED,
+from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_NO_NEW, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_VIPS,
                         VIP_ACTIVE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, NextHop,
                         ReplySource, VipAddr, VipInfo, VipKey, VipMeta, be16)
 
@@ -42,6 +43,13 @@ def vip_flags(v: VipState) -> int:
     return flags
 
 
+def backend_record(b: BackendState, vip_id: int, ep: "Endpoint") -> Backend:
+    """What the data plane knows of a backend: its endpoint, the binding (generation, VIP) its flows
+    must still match, and whether a new connection may reach it (removed, drained, down: not)."""
+    flags = BACKEND_IN_USE | (0 if b.serving else BACKEND_NO_NEW)
+    return Backend(addr=ep.addr, port=ep.port, flags=flags, generation=b.generation, vip_id=vip_id)
+
+
 def acl_key(vip_id: int, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> AclKey:
     """LPM key: the VIP id's 32 bits, then the prefix of the (IPv4-mapped) address."""
     bits = network.prefixlen + (96 if network.version == 4 else 0)
@@ -63,6 +71,10 @@ class MapContents:
     @classmethod
     def of(cls, state: State) -> "MapContents":
         c = cls()
+        dp_config = state.dataplane.config if state.dataplane is not None else {}
+        c.config.tcp_timeout = dp_config.get("tcp_timeout", 0)  # 0: the data plane's default
+        c.config.tcp_closing_timeout = dp_config.get("tcp_closing_timeout", 0)
+        c.config.udp_timeout = dp_config.get("udp_timeout", 0)
         # Which VIPs each backend endpoint's replies may belong to. A backend of a VIP of
         # every port (port 0) overlaps with every port of its address.
         by_host: dict[tuple[bytes, int], list[tuple[int, int]]] = {}  # (addr, proto) -> [(port, VIP id)]
@@ -81,19 +93,19 @@ class MapContents:
                                        flags=VIP_ACTIVE)
             for b in v.backends:  # retired ones too: their established flows go on
                 ep = Endpoint(addr=LbAddr.of(b.address.address), port=be16(b.address.port), proto=key.proto)
-                if not v.replies_through_lb:  # the LB never sees its replies
-                    c.backends[b.id] = Backend(addr=ep.addr, port=ep.port, flags=BACKEND_IN_USE)
-                    continue
-                by_host.setdefault((bytes(ep.addr), ep.proto), []).append((b.address.port, v.id))
-                members.append((b.id, ep))
-        for bid, ep in members:
+                c.backends[b.id] = backend_record(b, v.id, ep)
+                if v.replies_through_lb:  # dsr and tunnel: the LB never sees the replies
+                    by_host.setdefault((bytes(ep.addr), ep.proto), []).append((b.address.port, v.id))
+                    members.append(ep)
+        for ep in members:
             port = socket.ntohs(ep.port)
-            vip_ids = {vid for p, vid in by_host[(bytes(ep.addr), ep.proto)] if p == port or not p or not port}
-            shared = len(vip_ids) > 1
-            c.reply_sources[_key(ep)] = (ep, ReplySource(vip_id=0 if shared else min(vip_ids),
-                                                         flags=REPLY_SHARED if shared else 0))
-            c.backends[bid] = Backend(addr=ep.addr, port=ep.port,
-                                      flags=BACKEND_IN_USE | (BACKEND_SHARED if shared else 0))
+            vip_ids = sorted({vid for p, vid in by_host[(bytes(ep.addr), ep.proto)] if p == port or not p or not port})
+            if len(vip_ids) > REPLY_VIPS:
+                raise InputError(f"backend {ep.addr.address()}:{port}/{'tcp' if ep.proto == 6 else 'udp'} would serve "
+                                 f"{len(vip_ids)} NAT VIPs; at most {REPLY_VIPS} may share one backend endpoint")
+            source = ReplySource(count=len(vip_ids))
+            source.vip_ids[:len(vip_ids)] = vip_ids
+            c.reply_sources[_key(ep)] = (ep, source)
         return c
 
 
@@ -149,6 +161,7 @@ class Reconciler:
 
     def apply(self, old: State, new: State) -> ApplyReport:
         report = ApplyReport()
+        MapContents.of(new)  # refuses what the maps cannot hold before anything is written
         try:
             self._apply(old, new, report)
         except BaseException:

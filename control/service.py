@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -96,7 +97,9 @@ class Controller:
                     for iface in ifaces:
                         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
                     sync_routes(maps, {i.ifindex for i in ifaces}, state.backend_ids())
-                    Reconciler(maps, config.ring_size).apply(State(), state)
+                    # the new data plane's settings (lb_config's timeouts) with the state's VIPs
+                    new_dp = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict())
+                    Reconciler(maps, config.ring_size).apply(State(), dataclasses.replace(state, dataplane=new_dp))
             except BaseException:
                 for iface in done:
                     self.detach_interface(iface, hook)
@@ -194,7 +197,7 @@ class Controller:
                 raise InputError(f"backend {backend} already exists in VIP {vip}")
             b = v.revive(backend, weight)
             if b is None:
-                b = BackendState(backend, state.allocate_backend_id(), weight)
+                b = BackendState(backend, state.allocate_backend_id(), weight, generation=state.new_generation())
                 v.backends.append(b)
             return {"vip": str(vip), "backend": str(backend), "id": b.id, "weight": weight, "mode": v.mode}
 

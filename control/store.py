@@ -46,12 +46,13 @@ def state_to_doc(state: State) -> dict[str, Any]:
                 "health": vars(v.health),
                 "backends": [
                     {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
-                     "retired_at": b.retired_at, "healthy": b.healthy}
+                     "retired_at": b.retired_at, "healthy": b.healthy, "generation": b.generation}
                     for b in v.backends
                 ],
             }
             for v in state.vips
         ],
+        "generations": state.generations,
     }
 
 
@@ -62,7 +63,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
         vip = VipAddress.parse(v["vip"])
         backends = [
             BackendState(BackendAddress(ipaddress.ip_address(b["address"]), b["port"]), b["id"], b["weight"],
-                         b["retired_at"], b.get("healthy", True))
+                         b["retired_at"], b.get("healthy", True), b.get("generation", 0))
             for b in v["backends"]
         ]
         health = HealthCheck(**v.get("health", {}))  # documents from before health checks have none
@@ -71,7 +72,14 @@ def state_from_doc(doc: dict[str, Any]) -> State:
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
                                    dp["config"], dp.get("program_digest"), dp.get("hook", "xdp"))
-    return State(dataplane, vips)
+    # Documents from before generations: every backend gets one now, above any seen.
+    generations = max([doc.get("generations", 0)] + [b.generation for v in vips for b in v.backends])
+    state = State(dataplane, vips, generations)
+    for v in vips:
+        for b in v.backends:
+            if not b.generation:
+                b.generation = state.new_generation()
+    return state
 
 
 class SqliteStore:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from lb import bpfsys
-from lb.structs import (FLOW_REPLY, AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, NextHop, ReplySource,
+from lb.structs import (AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, NextHop, ReplySource,
                         RouteKey, VipAddr, VipInfo, VipKey, VipMeta)
 
 U32 = ctypes.c_uint32
@@ -192,11 +192,11 @@ class DataPlaneMaps:
             m.close()
 
     def connections_per_backend(self) -> Counter[int]:
-        """Connection-table entries per backend id, one per flow (reply-keyed twins left out).
-        The table is an LRU hash: closed flows count until they are evicted."""
+        """Connection-table entries per backend id, one per flow. The table is an LRU hash: closed
+        and idle flows count until they are evicted."""
         counts: Counter[int] = Counter()
         for chunk in self.conn_table.raw_values():
-            counts.update(bid for bid, _, flags in _FLOW_HEAD.iter_unpack(chunk) if not flags & FLOW_REPLY)  # a shared backend's 2nd entry
+            counts.update(bid for bid, _, _ in _FLOW_HEAD.iter_unpack(chunk))
         return counts
 
     def __enter__(self) -> "DataPlaneMaps":

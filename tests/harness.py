@@ -41,7 +41,7 @@ def expression_names(lab: Lab) -> dict:
         "ICMPv6PacketTooBig": ICMPv6PacketTooBig,
         "CLIENT6": str(lab.client.address6), "B1_6": str(b1.address6),
         **{f"VIP6_{i}": str(lab.vip6(i)) for i in range(1, 4)},
-        "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address),
+        "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address), "LB_B1": str(b1.lb_address),
         **{f"VIP{i}": str(lab.vip(i)) for i in range(1, 10)},
         "CLIENT_MAC": lab.client.mac, "B1_MAC": b1.mac, "LB_CLIENT_MAC": lab.client.lb_mac, "LB_B1_MAC": b1.lb_mac,
         "B2_MAC": b2.mac, "LB_B2_MAC": b2.lb_mac,

@@ -55,7 +55,7 @@ def test_fixture_table_covers_every_reason_it_can_reach_today():
     assert {"fwd_nat", "fwd_reply", "tx_icmp_echo", "pass_not_ip", "pass_not_vip", "pass_ip_options",
             "pass_fragment", "pass_unsupported_l4", "pass_malformed", "drop_no_backend", "drop_ip_options",
             "drop_fragment", "drop_unsupported_l4", "drop_malformed", "drop_acl", "fwd_dsr", "fwd_tunnel",
-            "fwd_icmp_error", "drop_icmp_no_flow", "drop_neigh_unresolved", "pass_neigh_unresolved"} <= reasons
+            "fwd_icmp_error", "drop_icmp_no_flow", "drop_neigh_unresolved", "pass_neigh_unresolved", "drop_reply_no_flow"} <= reasons
 
 
 def test_lbctl_test_packet_reports_what_the_program_does(harness: Harness, tmp_path):
@@ -81,11 +81,13 @@ def test_reply_to_a_steered_connection_of_the_lb_host_is_handed_to_the_host(harn
     lb_host, vip = LbAddr.of(harness.lab.backends[0].lb_address), LbAddr.of(harness.lab.vip(1))
     b1 = bytes(LbAddr.of(harness.lab.backends[0].address))
     vip_id = t.vips[(bytes(vip), 53, socket.IPPROTO_UDP)][0]
-    backend_id = next(i for i, (addr, port, _) in t.backends.items() if (addr, port) == (b1, 5353))
+    backend_id = next(i for i, (addr, port, *_) in t.backends.items() if (addr, port) == (b1, 5353))
+    generation = t.backends[backend_id][3]
     harness.maps.conn_table.set(
         FlowKey(src=lb_host, dst=vip, sport=socket.htons(40500), dport=socket.htons(53), proto=socket.IPPROTO_UDP),
-        FlowEntry(backend_id=backend_id, vip_id=vip_id, flags=FLOW_LOCAL))
-    t.conn[(bytes(lb_host), bytes(vip), 40500, 53, socket.IPPROTO_UDP)] = Flow(backend_id, vip_id, FLOW_LOCAL)
+        FlowEntry(backend_id=backend_id, vip_id=vip_id, flags=FLOW_LOCAL, generation=generation))
+    t.conn[(bytes(lb_host), bytes(vip), 40500, 53, socket.IPPROTO_UDP)] = Flow(backend_id, vip_id, FLOW_LOCAL,
+                                                                                generation=generation)
     lb_b1 = str(harness.lab.backends[0].lb_address)
     frame = evaluate(f"Ether(src=B1_MAC, dst=LB_B1_MAC)/IP(src=B1, dst='{lb_b1}')/UDP(sport=5353, dport=40500)/Raw(b'ok')",
                      names)

@@ -13,9 +13,11 @@ from lb.loader import BPF_DIR
 
 # Constants of bpf/consts.h and their Python mirrors.
 FLAGS = {
-    "LB_VIP_ACTIVE": structs.VIP_ACTIVE, "LB_FLOW_REPLY": structs.FLOW_REPLY, "LB_NO_BACKEND": structs.NO_BACKEND,
+    "LB_VIP_ACTIVE": structs.VIP_ACTIVE, "LB_FLOW_CLOSING": structs.FLOW_CLOSING, "LB_NO_BACKEND": structs.NO_BACKEND,
     "LB_PROBE_MAGIC": structs.PROBE_MAGIC, "LB_BACKEND_IN_USE": structs.BACKEND_IN_USE,
-    "LB_BACKEND_SHARED": structs.BACKEND_SHARED, "LB_REPLY_SHARED": structs.REPLY_SHARED,
+    "LB_BACKEND_NO_NEW": structs.BACKEND_NO_NEW, "LB_REPLY_VIPS": structs.REPLY_VIPS,
+    "LB_TCP_TIMEOUT": structs.TCP_TIMEOUT, "LB_TCP_CLOSING_TIMEOUT": structs.TCP_CLOSING_TIMEOUT,
+    "LB_UDP_TIMEOUT": structs.UDP_TIMEOUT,
     "LB_MAX_IFINDEX": structs.MAX_IFINDEX, "LB_VIP_HASH_SOURCE": structs.VIP_HASH_SOURCE,
     "LB_CFG_ANY_PORT": structs.CFG_ANY_PORT, "LB_ICMP_TTL": structs.ICMP_TTL, "LB_VIP_ACL": structs.VIP_ACL,
     "LB_VIP_ACL_ALLOWLIST": structs.VIP_ACL_ALLOWLIST,
