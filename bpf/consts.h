@@ -43,6 +43,7 @@
 
 /* vip_meta.flags */
 #define LB_VIP_ACTIVE (1U << 0)
+#define LB_VIP_META_HASH_SOURCE (1U << 1) /* as LB_VIP_HASH_SOURCE: a SYN-ACK without an entry asks Maglev the same way */
 
 /* vip_info.flags */
 #define LB_VIP_HASH_SOURCE (1U << 0) /* pick the backend by the client's address alone (session affinity) */
@@ -74,6 +75,7 @@
 /* backend.flags */
 #define LB_BACKEND_IN_USE (1U << 0)
 #define LB_BACKEND_NO_NEW (1U << 1) /* removed, drained or down: a SYN naming it picks again */
+#define LB_BACKEND_SHARED (1U << 2) /* NAT endpoint of several VIPs: its SYN-ACKs need the SYN's entry */
 
 /* probe_meta.magic: "lbpr" */
 #define LB_PROBE_MAGIC 0x6c627072U

@@ -153,16 +153,35 @@ static __always_inline int forward(lb_ctx *ctx, struct packet *pkt, __u32 vip_fl
 	return send(ctx, pkt, nh, resolved, LB_FWD_NAT);
 }
 
+/* The slot of the VIP's Maglev table a client's flow (client -> VIP) hashes to. */
+static __always_inline __u32 maglev_slot(__u32 vip_id, int by_source, const union lb_addr *client,
+					 const union lb_addr *vip_addr, __be16 sport, __be16 dport, __u8 proto)
+{
+	union lb_addr none = {};
+	__u32 hash = by_source ? flow_hash(client, &none, 0, 0, 0) : flow_hash(client, vip_addr, sport, dport, proto);
+
+	return vip_id * LB_RING_SIZE + hash % LB_RING_SIZE;
+}
+
+/* Does this packet open the flow's entry? An RST opens nothing. A SYN is
+ * forwarded by the hash alone, and the handshake's next packet opens the
+ * entry, so spoofed SYNs never occupy the table (its SYN-ACK finds the VIP by
+ * the same hash, see handshake_reply) -- except to an endpoint shared by
+ * several VIPs, whose SYN-ACK could not tell which VIP the SYN was for. */
+static __always_inline int opens_entry(const struct packet *pkt, const struct backend *be)
+{
+	if (is_rst(pkt))
+		return 0;
+	return !is_syn(pkt) || (be->flags & LB_BACKEND_SHARED);
+}
+
 /* A new flow: pick a backend on the VIP's Maglev table and remember the
- * choice, with the backend's next hop already in it (an RST is forwarded
- * without an entry: it opens nothing). */
+ * choice, with the backend's next hop already in it. */
 static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow_key *key,
 				    const struct vip_info *vip, __u32 now)
 {
-	union lb_addr none = {};
-	__u32 hash = vip->flags & LB_VIP_HASH_SOURCE ? flow_hash(&pkt->src, &none, 0, 0, 0)
-						     : flow_hash(&pkt->src, &pkt->dst, pkt->sport, pkt->dport, pkt->proto);
-	__u32 slot = vip->id * LB_RING_SIZE + hash % LB_RING_SIZE;
+	__u32 slot = maglev_slot(vip->id, vip->flags & LB_VIP_HASH_SOURCE, &pkt->src, &pkt->dst, pkt->sport,
+				 pkt->dport, pkt->proto);
 	__u32 *picked = maglev.lookup(&slot);
 
 	if (!picked || *picked == LB_NO_BACKEND)
@@ -179,9 +198,10 @@ static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow
 		.flags = is_closing(pkt) ? LB_FLOW_CLOSING : 0, .nh = *be_nh,
 	};
 
-	if (!is_rst(pkt))
+	if (opens_entry(pkt, be))
 		conn_table.update(key, &entry);
-	count_flow(vip_id, backend_id, pkt->len, 0, 1);
+	/* a connection counts once, at its SYN (the entry of its next packet is not another) */
+	count_flow(vip_id, backend_id, pkt->len, 0, pkt->proto != IPPROTO_TCP || is_syn(pkt));
 	return forward(ctx, pkt, vip->flags, be, &entry.nh, resolved);
 }
 
@@ -285,6 +305,48 @@ static __always_inline struct flow_entry *reply_flow(const struct packet *pkt, c
 			return flow;
 	}
 	return NULL;
+}
+
+/* A SYN-ACK of a connection whose SYN opened no entry (opens_entry): its
+ * backend, if the one VIP the endpoint serves has its Maglev table send the
+ * client's flow to this very backend; LB_NO_BACKEND otherwise. */
+static __always_inline __u32 handshake_backend(const struct packet *pkt, const struct reply_source *rs,
+					       struct vip_meta **vip_out, __u32 *vip_id_out)
+{
+	if (rs->count != 1 || pkt->proto != IPPROTO_TCP ||
+	    (pkt->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) != (LB_TCP_SYN | LB_TCP_ACK))
+		return LB_NO_BACKEND;
+	__u32 vip_id = rs->vip_ids[0];
+	struct vip_meta *vip = active_vip(vip_id);
+
+	if (!vip)
+		return LB_NO_BACKEND;
+	__u32 slot = maglev_slot(vip_id, vip->flags & LB_VIP_META_HASH_SOURCE, &pkt->dst, &vip->addr, pkt->dport,
+				 vip->port ? vip->port : pkt->sport, pkt->proto);
+	__u32 *picked = maglev.lookup(&slot);
+
+	if (!picked)
+		return LB_NO_BACKEND;
+	__u32 backend_id = *picked;
+	struct backend *be = backends.lookup(&backend_id);
+
+	if (!be || !same_endpoint(be, pkt) || be->vip_id != vip_id)
+		return LB_NO_BACKEND;
+	*vip_out = vip;
+	*vip_id_out = vip_id;
+	return backend_id;
+}
+
+/* Its reply leaves as from the VIP, by the route (no entry caches a next hop). */
+static __always_inline int handshake_reply(lb_ctx *ctx, struct packet *pkt, const struct vip_meta *vip,
+					   __u32 vip_id, __u32 backend_id)
+{
+	struct next_hop nh = {};
+	int resolved = resolve_next_hop(ctx, pkt, &pkt->dst, &nh);
+
+	count_flow(vip_id, backend_id, pkt->len, 1, 0);
+	nat_rewrite_source(pkt, vip);
+	return send(ctx, pkt, &nh, resolved, LB_FWD_REPLY);
 }
 
 /* Would the kernel forward this packet (rather than take it for the LB host
@@ -437,18 +499,27 @@ int xdp_lb(lb_ctx *ctx)
 	struct reply_source *rs = reply_sources.lookup(&source);
 	struct vip_meta *reply_vip = NULL;
 	struct flow_entry *flow = rs ? reply_flow(&pkt, rs, &reply_vip) : NULL;
+	struct reply_source *rs_any_port = NULL;
 	int from_backend = rs != NULL;
 
 	if (!flow && any_port) {
 		source.port = 0;
-		rs = reply_sources.lookup(&source);
-		if (rs) {
+		rs_any_port = reply_sources.lookup(&source);
+		if (rs_any_port) {
 			from_backend = 1;
-			flow = reply_flow(&pkt, rs, &reply_vip);
+			flow = reply_flow(&pkt, rs_any_port, &reply_vip);
 		}
 	}
 	if (flow && reply_vip)
 		return to_client(ctx, &pkt, flow, reply_vip);
+	struct vip_meta *handshake_vip = NULL;
+	__u32 handshake_vip_id = 0;
+	__u32 handshake = rs ? handshake_backend(&pkt, rs, &handshake_vip, &handshake_vip_id) : LB_NO_BACKEND;
+
+	if (handshake == LB_NO_BACKEND && rs_any_port)
+		handshake = handshake_backend(&pkt, rs_any_port, &handshake_vip, &handshake_vip_id);
+	if (handshake != LB_NO_BACKEND && handshake_vip)
+		return handshake_reply(ctx, &pkt, handshake_vip, handshake_vip_id, handshake);
 	/* A NAT backend's answer of no flow would leave with the backend's address. */
 	if (from_backend && would_forward(ctx, &pkt))
 		return verdict(ctx, LB_DROP_REPLY_NO_FLOW, LB_ACT_DROP);

@@ -18,8 +18,8 @@ from control.errors import InputError
 from control.model import BackendState, State, VipState
 from lb.maglev import MaglevBackend, build_table
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_NO_NEW, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_VIPS,
-                        VIP_ACTIVE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, NextHop,
+from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_NO_NEW, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_VIPS,
+                        VIP_ACTIVE, VIP_META_HASH_SOURCE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, NextHop,
                         ReplySource, VipAddr, VipInfo, VipKey, VipMeta, be16)
 
 MODE_CODES = {"nat": MODE_NAT, "dsr": MODE_DSR, "tunnel": MODE_TUNNEL}
@@ -90,14 +90,14 @@ class MapContents:
             if v.vip.any_port:
                 c.config.flags |= CFG_ANY_PORT
             c.vip_meta[v.id] = VipMeta(addr=key.addr, port=key.port, proto=key.proto, mode=MODE_CODES[v.mode],
-                                       flags=VIP_ACTIVE)
+                                       flags=VIP_ACTIVE | (VIP_META_HASH_SOURCE if v.hash == "source" else 0))
             for b in v.backends:  # retired ones too: their established flows go on
                 ep = Endpoint(addr=LbAddr.of(b.address.address), port=be16(b.address.port), proto=key.proto)
                 c.backends[b.id] = backend_record(b, v.id, ep)
                 if v.replies_through_lb:  # dsr and tunnel: the LB never sees the replies
                     by_host.setdefault((bytes(ep.addr), ep.proto), []).append((b.address.port, v.id))
-                    members.append(ep)
-        for ep in members:
+                    members.append((b.id, ep))
+        for bid, ep in members:
             port = socket.ntohs(ep.port)
             vip_ids = sorted({vid for p, vid in by_host[(bytes(ep.addr), ep.proto)] if p == port or not p or not port})
             if len(vip_ids) > REPLY_VIPS:
@@ -106,6 +106,8 @@ class MapContents:
             source = ReplySource(count=len(vip_ids))
             source.vip_ids[:len(vip_ids)] = vip_ids
             c.reply_sources[_key(ep)] = (ep, source)
+            if len(vip_ids) > 1:  # its SYN-ACKs cannot name their VIP: SYNs keep their entries
+                c.backends[bid].flags |= BACKEND_SHARED
         return c
 
 

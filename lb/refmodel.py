@@ -287,6 +287,11 @@ class DataPlaneModel:
             found = self._reply_flow(p, source)
             if found is not None:
                 return self._to_client(pkt, p, found, ingress_ifindex)
+        for port in (p.sport, 0) if self.t.any_port else (p.sport,):
+            handshake = self._handshake_reply(pkt, p, self.t.reply_sources.get((p.src, port, p.proto)),
+                                              ingress_ifindex)
+            if handshake is not None:
+                return handshake
         # lb.c would_forward: a NAT backend's answer of no flow never leaves with the backend's address
         if from_backend and self.fib(p.dst, p, frame, ingress_ifindex)[0] != "none":
             return ModelResult("XDP_DROP", frame, "drop_reply_no_flow")
@@ -431,6 +436,39 @@ class DataPlaneModel:
             return False
         return (now - flow.last_seen) & 0xFFFFFFFF <= self._idle_timeout(flow, p.proto)
 
+    def _opens_entry(self, p: Parsed, be: tuple[bytes, int, int, int, int]) -> bool:
+        """lb.c opens_entry: not an RST; a SYN only to an endpoint shared by several VIPs."""
+        if p.proto == TCP and p.tcp_flags & 0x04:
+            return False
+        return not self._is_syn(p) or bool(be[2] & structs.BACKEND_SHARED)
+
+    def _maglev_pick(self, vip_id: int, by_source: bool, client: bytes, vip_addr: bytes, sport: int, dport: int,
+                     proto: int) -> int:
+        """lb.c maglev_slot, then the slot's backend id."""
+        if by_source:
+            slot = flow_hash_raw(client, bytes(16), 0, 0, 0) % self.t.ring_size
+        else:
+            slot = flow_hash_raw(client, vip_addr, sport, dport, proto) % self.t.ring_size
+        ring = self.t.maglev.get(vip_id)
+        return ring[slot] if ring is not None and vip_id < self.t.max_vips else structs.NO_BACKEND
+
+    def _handshake_reply(self, pkt: bytearray, p: Parsed, vip_ids: tuple[int, ...] | None,
+                         ingress: int) -> ModelResult | None:
+        """lb.c handshake_backend and handshake_reply: a SYN-ACK whose SYN opened no entry."""
+        if vip_ids is None or len(vip_ids) != 1 or p.proto != TCP or p.tcp_flags & 0x12 != 0x12:
+            return None
+        meta = self.t.vip_meta.get(vip_ids[0])
+        if meta is None or not meta[2] & structs.VIP_ACTIVE:
+            return None
+        backend_id = self._maglev_pick(vip_ids[0], bool(meta[2] & structs.VIP_META_HASH_SOURCE), p.dst, meta[0],
+                                       p.dport, meta[1] or p.sport, p.proto)
+        be = self._backend(backend_id)
+        if be is None or be[0] != p.src or be[1] not in (p.sport, 0) or be[4] != vip_ids[0]:
+            return None
+        self._nat(pkt, p, self._addr_off(p, "src"), p.l4, meta[0], meta[1])
+        resolved, nh = self._ensure_next_hop(NextHop(), p.dst, p, pkt, ingress)
+        return self._send(pkt, nh, resolved, ingress, "fwd_reply", (p.src, p.sport))
+
     def _touch(self, flow: Flow, p: Parsed, now: int) -> None:
         """conn.h flow_touch."""
         flow.last_seen = now
@@ -485,7 +523,7 @@ class DataPlaneModel:
         resolved, nh = self._ensure_next_hop(self.t.backend_nh.get(backend_id, NextHop()), be[0], p, pkt, ingress)
         if nh.ifindex:
             self.t.backend_nh[backend_id] = nh
-        if not (p.proto == TCP and p.tcp_flags & 0x04):  # an RST opens nothing
+        if self._opens_entry(p, be):
             self.t.conn[key] = Flow(backend_id, vip_id, structs.FLOW_CLOSING if self._is_closing(p) else 0, nh,
                                     generation=be[3], last_seen=now)
         return self._forward(pkt, p, flags, be, nh, resolved, ingress)
