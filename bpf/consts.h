@@ -31,12 +31,15 @@
 /* How many VIPs one backend endpoint (address, port, protocol) may serve in NAT mode */
 #define LB_REPLY_VIPS 6
 
-/* Idle timeouts (seconds) when lb_config leaves them 0: an established TCP
+/* The connection table's clock ticks every 2^30 ns (1.07 s). */
+#define LB_TICK_SHIFT 30
+/* Idle timeouts (ticks) when lb_config leaves them 0: an established TCP
  * flow as IPVS has it (15 min; keepalives are usually shorter), a closing one
- * (FIN or RST seen) long enough for the last ACKs, UDP as conntrack has it. */
-#define LB_TCP_TIMEOUT 900
+ * (FIN or RST seen) long enough for the last ACKs (10 s), UDP as conntrack has
+ * it (30 s). The control plane writes lb_config's from seconds, rounded up. */
+#define LB_TCP_TIMEOUT 839
 #define LB_TCP_CLOSING_TIMEOUT 10
-#define LB_UDP_TIMEOUT 30
+#define LB_UDP_TIMEOUT 28
 
 /* Backend id 0 never names a backend: an empty Maglev slot holds it. */
 #define LB_NO_BACKEND 0

@@ -93,7 +93,7 @@ struct flow_entry {
 	__u16 vip_id;
 	__u16 flags;
 	__u32 generation;
-	__u32 last_seen; /* seconds of the data plane's clock (lb_clock) */
+	__u32 last_seen; /* ticks of the data plane's clock (lb_clock, about seconds) */
 	struct next_hop nh;       /* towards the backend */
 	struct next_hop reply_nh; /* towards the client */
 };
@@ -110,11 +110,11 @@ struct lb_counters {
 /* lb_config array, one entry: switches the control plane sets */
 struct lb_config {
 	__u32 flags;
-	/* idle timeouts in seconds (0: the default of consts.h) */
+	/* idle timeouts in ticks of 2^30 ns (0: the default of consts.h) */
 	__u32 tcp_timeout;
 	__u32 tcp_closing_timeout; /* after a FIN or an RST */
 	__u32 udp_timeout;
-	/* seconds added to the kernel's clock: tests advance the data plane's time with it */
+	/* ticks added to the kernel's clock: tests advance the data plane's time with it */
 	__u32 clock_offset;
 };
 

@@ -20,7 +20,7 @@ from lb.maglev import MaglevBackend, build_table
 from lb.maps import U32, DataPlaneMaps
 from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_NO_NEW, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_VIPS,
                         VIP_ACTIVE, VIP_META_HASH_SOURCE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, NextHop,
-                        ReplySource, VipAddr, VipInfo, VipKey, VipMeta, be16)
+                        ReplySource, VipAddr, seconds_to_ticks, VipInfo, VipKey, VipMeta, be16)
 
 MODE_CODES = {"nat": MODE_NAT, "dsr": MODE_DSR, "tunnel": MODE_TUNNEL}
 MODE_FLAGS = {"nat": 0, "dsr": VIP_DSR, "tunnel": VIP_TUNNEL}  # what the data plane reads, in the VIP's key lookup
@@ -72,9 +72,8 @@ class MapContents:
     def of(cls, state: State) -> "MapContents":
         c = cls()
         dp_config = state.dataplane.config if state.dataplane is not None else {}
-        c.config.tcp_timeout = dp_config.get("tcp_timeout", 0)  # 0: the data plane's default
-        c.config.tcp_closing_timeout = dp_config.get("tcp_closing_timeout", 0)
-        c.config.udp_timeout = dp_config.get("udp_timeout", 0)
+        for name in ("tcp_timeout", "tcp_closing_timeout", "udp_timeout"):  # absent: 0, the data plane's default
+            setattr(c.config, name, seconds_to_ticks(dp_config[name]) if name in dp_config else 0)
         # Which VIPs each backend endpoint's replies may belong to. A backend of a VIP of
         # every port (port 0) overlaps with every port of its address.
         by_host: dict[tuple[bytes, int], list[tuple[int, int]]] = {}  # (addr, proto) -> [(port, VIP id)]

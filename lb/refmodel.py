@@ -79,7 +79,7 @@ class Tables:
     acl: list[tuple[int, int, bytes, int]]                  # (prefixlen, VIP id, addr, action)
     tx_ports: set[int]                                      # ifindexes the DEVMAP redirects to
     timeouts: tuple[int, int, int] = (0, 0, 0)              # lb_config: TCP, TCP closing, UDP (0: default)
-    clock_offset: int = 0                                   # lb_config: seconds added to the kernel's clock
+    clock_offset: int = 0                                   # lb_config: ticks added to the kernel's clock
 
     @classmethod
     def snapshot(cls, maps: DataPlaneMaps, ring_size: int) -> "Tables":
@@ -190,19 +190,19 @@ def _reason(name: str) -> str:
 CLOCK_MONOTONIC_COARSE = 6  # Linux's clock id (the time module does not name it)
 
 
-def kernel_seconds() -> int:
-    """The clock bpf_ktime_get_coarse_ns() reads (CLOCK_MONOTONIC_COARSE), in whole seconds."""
-    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) // 1_000_000_000
+def kernel_ticks() -> int:
+    """The clock bpf_ktime_get_coarse_ns() reads (CLOCK_MONOTONIC_COARSE), in ticks of 2^30 ns."""
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) >> structs.TICK_SHIFT
 
 
 class DataPlaneModel:
-    def __init__(self, tables: Tables, fib: FibLookup, clock: Callable[[], int] = kernel_seconds):
+    def __init__(self, tables: Tables, fib: FibLookup, clock: Callable[[], int] = kernel_ticks):
         self.t = tables
         self.fib = fib
-        self.clock = clock  # the kernel's seconds; the tables' clock_offset is added as the program does
+        self.clock = clock  # the kernel's ticks; the tables' clock_offset is added as the program does
 
     def now(self) -> int:
-        """conn.h lb_clock: 32-bit seconds."""
+        """conn.h lb_clock: 32-bit ticks."""
         return ((self.clock() & 0xFFFFFFFF) + self.t.clock_offset) & 0xFFFFFFFF
 
     # --- parse.h ------------------------------------------------------------------------

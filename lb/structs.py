@@ -196,9 +196,15 @@ BACKEND_IN_USE = 1 << 0
 BACKEND_NO_NEW = 1 << 1
 BACKEND_SHARED = 1 << 2
 VIP_META_HASH_SOURCE = 1 << 1
-TCP_TIMEOUT = 900  # LB_TCP_TIMEOUT and the others: the idle timeouts when lb_config leaves them 0
+TICK_SHIFT = 30  # LB_TICK_SHIFT: the connection table's clock ticks every 2^30 ns
+TCP_TIMEOUT = 839  # LB_TCP_TIMEOUT and the others: the idle timeouts (ticks) when lb_config leaves them 0
 TCP_CLOSING_TIMEOUT = 10
-UDP_TIMEOUT = 30
+UDP_TIMEOUT = 28
+
+
+def seconds_to_ticks(seconds: int) -> int:
+    """A timeout in the data plane's ticks, rounded up (never shorter than asked)."""
+    return -((-seconds * 1_000_000_000) // (1 << TICK_SHIFT))
 MODE_NAT = 0
 MODE_DSR = 1
 MODE_TUNNEL = 2

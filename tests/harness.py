@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,16 @@ class Harness:
         """The model takes the maps as the control plane left them (after a change between packets)."""
         self.model.t = Tables.snapshot(self.maps, self.ring_size)
 
+    def forget_evicted(self) -> int:
+        """The model forgets the flows the program's LRU table evicted (which ones is the kernel's
+        choice, not the data plane's: the model takes it as given); returns how many."""
+        kept = {(bytes(k.src), bytes(k.dst), socket.ntohs(k.sport), socket.ntohs(k.dport), k.proto)
+                for k in self.maps.conn_table.keys()}
+        gone = [k for k in self.model.t.conn if k not in kept]
+        for k in gone:
+            del self.model.t.conn[k]
+        return len(gone)
+
     def run(self, frame: bytes, ingress: str) -> tuple[Probe, ModelResult]:
         ifindex = self.ifindex[ingress]
         expected = self.model.process(frame, ifindex)
@@ -75,9 +86,9 @@ class Harness:
 
 
 @contextlib.contextmanager
-def configured_harness(config: dict) -> Iterator[Harness]:
+def configured_harness(config: dict, conn_table_size: int = 262144) -> Iterator[Harness]:
     """A lab with two backends, the data plane attached and `config` ([config] of the fixtures) applied."""
-    with lab_with_lb(2, True, "--conn-table-size", "262144") as lab:
+    with lab_with_lb(2, True, "--conn-table-size", str(conn_table_size)) as lab:
         lab.resolve_neighbours()  # so the route mirror knows every host, as after real traffic
         for v in config["vips"]:
             run_lbctl(lab.lb_ns, "add-vip", v["vip"], "--hash", v.get("hash", "flow"), "--mode", v.get("mode", "nat"))

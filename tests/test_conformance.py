@@ -101,10 +101,11 @@ def test_reply_to_a_steered_connection_of_the_lb_host_is_handed_to_the_host(harn
     assert actual.packet.hex() == evaluate(want, names).hex()
 
 
-def advance_clock(harness: Harness, seconds: int) -> None:
-    """Move the data plane's clock (lb_config.clock_offset, for tests) and the model's alike."""
+def advance_clock(harness: Harness, ticks: int) -> None:
+    """Move the data plane's clock (lb_config.clock_offset, for tests; ticks of 2^30 ns, 1.07 s) and
+    the model's alike."""
     config = harness.maps.lb_config.get(U32(0))
-    config.clock_offset = (config.clock_offset + seconds) & 0xFFFFFFFF
+    config.clock_offset = (config.clock_offset + ticks) & 0xFFFFFFFF
     harness.maps.lb_config.set(U32(0), config)
     harness.model.t.clock_offset = config.clock_offset
 
@@ -118,7 +119,7 @@ def send(harness: Harness, names: dict, expression: str, ingress: str = "client"
 
 def test_a_drained_backends_udp_client_moves_once_idle(harness: Harness):
     """A fixed-port UDP client stays with its drained backend while it keeps sending, and moves
-    to a serving backend after the UDP timeout (30 s) of silence."""
+    to a serving backend after the UDP timeout (30 s: 28 ticks) of silence."""
     names = expression_names(harness.lab)
     vip = f"{harness.lab.vip(2)}:97/udp"
     run_lbctl(harness.lab.lb_ns, "add-vip", vip)
@@ -134,14 +135,14 @@ def test_a_drained_backends_udp_client_moves_once_idle(harness: Harness):
     advance_clock(harness, 20)
     assert send(harness, names, datagram).backend == b1  # still talking: stays
     advance_clock(harness, 20)
-    assert send(harness, names, datagram).backend == b1  # 20 s of silence < 30 s
+    assert send(harness, names, datagram).backend == b1  # 20 ticks of silence < 28
     advance_clock(harness, 31)
     assert send(harness, names, datagram).backend == b2  # idle longer than the UDP timeout: moves
     assert send(harness, names, datagram).backend == b2
 
 
 def test_a_closed_tcp_flow_ages_out_after_the_closing_timeout(harness: Harness):
-    """After a FIN, the entry is trusted for 10 s of silence, not 15 min: then its tuple picks again
+    """After a FIN, the entry is trusted for 10 s (10 ticks) of silence, not 15 min: then its tuple picks again
     (here: its removed backend is not picked)."""
     names = expression_names(harness.lab)
     vip = f"{harness.lab.vip(2)}:98/tcp"
@@ -157,7 +158,7 @@ def test_a_closed_tcp_flow_ages_out_after_the_closing_timeout(harness: Harness):
     run_lbctl(harness.lab.lb_ns, "remove-backend", vip, f"{harness.lab.backends[0].address}:9898")
     harness.resnapshot()
     advance_clock(harness, 300)
-    assert send(harness, names, segment.format("A")).backend == b1  # established, 5 min idle: goes on
+    assert send(harness, names, segment.format("A")).backend == b1  # established, 300 ticks idle: goes on
     assert send(harness, names, segment.format("FA")).backend == b1
     advance_clock(harness, 5)
     assert send(harness, names, segment.format("A")).backend == b1  # the last ACK, within 10 s

@@ -241,3 +241,50 @@ def test_program_and_model_agree_across_changes_and_time(harness: Harness, seque
             assert actual.action != "XDP_ABORTED"
             assert agree(actual, expected), disagreement(frame, actual, expected)
             SEEN.add(actual.reason)
+
+
+# --- eviction: a table far smaller than the flows -----------------------------------------------
+EVICTION_EXAMPLES = int(os.environ.get("LB_FUZZ_EVICTION_EXAMPLES", "30"))
+SMALL_TABLE = 512
+EVICTED = [0]
+
+
+@pytest.fixture(scope="module")
+def small_harness() -> Iterator[Harness]:
+    with configured_harness({"vips": CONFIG["vips"][:6]}, conn_table_size=SMALL_TABLE) as h:
+        yield h
+
+
+@st.composite
+def many_flows(draw) -> list[tuple[bytes, str]]:
+    """Packets of thousands of flows (to VIPs and back from their backends), so the table evicts."""
+    out = []
+    for _ in range(draw(st.integers(20, 60))):
+        sport = draw(st.integers(20000, 23000))
+        tcp = draw(st.booleans())
+        if draw(st.integers(0, 3)):
+            l4 = TCP(sport=sport, dport=80, flags=draw(st.sampled_from(["S", "A", "PA", "FA"]))) if tcp \
+                else UDP(sport=sport, dport=53)
+            ip = IP(src="198.18.0.2", dst=draw(st.sampled_from(["198.19.0.1", "198.19.0.3", "198.19.0.5"])))
+            ingress = "client"
+        else:
+            b = draw(st.sampled_from([1, 2]))
+            l4 = TCP(sport=8080, dport=sport, flags=draw(st.sampled_from(["SA", "A"]))) if tcp \
+                else UDP(sport=5353, dport=sport)
+            ip, ingress = IP(src=f"198.18.{b}.2", dst="198.18.0.2"), f"b{b}"
+        out.append((bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / ip / l4), ingress))
+    return out
+
+
+@settings(max_examples=EVICTION_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(many_flows())
+def test_program_and_model_agree_when_the_table_evicts(small_harness: Harness, packets):
+    for frame, ingress in packets:
+        actual, expected = small_harness.run(frame, ingress)
+        assert agree(actual, expected), disagreement(frame, actual, expected)
+        EVICTED[0] += small_harness.forget_evicted()
+
+
+def test_the_small_table_did_evict():
+    assert EVICTED[0] > 0
