@@ -245,7 +245,7 @@ def test_program_and_model_agree_across_changes_and_time(harness: Harness, seque
 
 # --- eviction: a table far smaller than the flows -----------------------------------------------
 EVICTION_EXAMPLES = int(os.environ.get("LB_FUZZ_EVICTION_EXAMPLES", "30"))
-SMALL_TABLE = 512
+SMALL_TABLE = 128
 EVICTED = [0]
 
 
@@ -259,7 +259,7 @@ def small_harness() -> Iterator[Harness]:
 def many_flows(draw) -> list[tuple[bytes, str]]:
     """Packets of thousands of flows (to VIPs and back from their backends), so the table evicts."""
     out = []
-    for _ in range(draw(st.integers(20, 60))):
+    for _ in range(draw(st.integers(40, 100))):
         sport = draw(st.integers(20000, 23000))
         tcp = draw(st.booleans())
         if draw(st.integers(0, 3)):
