@@ -29,7 +29,8 @@ from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
 from lb.probe import probe
 from lb.refmodel import DataPlaneModel, Parsed
-from lb.structs import MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
+from lb.flowhash import flow_hash_raw
+from lb.structs import MAX_IFINDEX, REASONS, VIP_HASH_SOURCE, FlowKey, LbAddr, VipKey, be16
 
 T = TypeVar("T")
 
@@ -393,7 +394,8 @@ class Controller:
 
     @staticmethod
     def _flow_backend(state: State, dp: DataPlaneState, frame: bytes) -> str | None:
-        """The backend the connection table holds for a client's packet."""
+        """The backend the connection table holds for a client's packet, or, when the packet opened
+        no entry (a SYN), the one the VIP's Maglev table picked for it."""
         p = DataPlaneModel.parse(frame)
         if not isinstance(p, Parsed):
             return None
@@ -401,8 +403,18 @@ class Controller:
                       dport=be16(p.dport), proto=p.proto)
         with DataPlaneMaps.open(dp.pin_dir) as maps:
             flow = maps.conn_table.get(key)
+            backend_id = flow.backend_id if flow is not None else None
+            vip = maps.vips.get(VipKey(addr=key.dst, port=key.dport, proto=p.proto)) or \
+                maps.vips.get(VipKey(addr=key.dst, port=0, proto=p.proto))
+            if backend_id is None and vip is not None:  # as lb.c new_flow hashes it
+                by_source = vip.flags & VIP_HASH_SOURCE
+                h = flow_hash_raw(p.src, bytes(16), 0, 0, 0) if by_source else \
+                    flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto)
+                ring = dp.config["ring_size"]
+                picked = maps.maglev.get(U32(vip.id * ring + h % ring))
+                backend_id = picked.value if picked is not None else None
         names = {b.id: str(b.address) for v in state.vips for b in v.backends}
-        return names.get(flow.backend_id) if flow is not None else None
+        return names.get(backend_id) if backend_id is not None else None
 
     def _change(self, change: Callable[[State], T]) -> T:
         """Run `change` on the stored State and bring the maps along, all or nothing."""
