@@ -28,11 +28,25 @@
 #define LB_PIN_DIR "/sys/fs/bpf/lb/default"
 #endif
 
+/* How many VIPs one backend endpoint (address, port, protocol) may serve in NAT mode */
+#define LB_REPLY_VIPS 6
+
+/* The connection table's clock ticks every 2^30 ns (1.07 s). */
+#define LB_TICK_SHIFT 30
+/* Idle timeouts (ticks) when lb_config leaves them 0: an established TCP
+ * flow as IPVS has it (15 min; keepalives are usually shorter), a closing one
+ * (FIN or RST seen) long enough for the last ACKs (10 s), UDP as conntrack has
+ * it (30 s). The control plane writes lb_config's from seconds, rounded up. */
+#define LB_TCP_TIMEOUT 839
+#define LB_TCP_CLOSING_TIMEOUT 10
+#define LB_UDP_TIMEOUT 28
+
 /* Backend id 0 never names a backend: an empty Maglev slot holds it. */
 #define LB_NO_BACKEND 0
 
 /* vip_meta.flags */
 #define LB_VIP_ACTIVE (1U << 0)
+#define LB_VIP_META_HASH_SOURCE (1U << 1) /* as LB_VIP_HASH_SOURCE: a SYN-ACK without an entry asks Maglev the same way */
 
 /* vip_info.flags */
 #define LB_VIP_HASH_SOURCE (1U << 0) /* pick the backend by the client's address alone (session affinity) */
@@ -55,7 +69,7 @@
 #define LB_ICMP_TTL 64
 
 /* flow_entry.flags */
-#define LB_FLOW_REPLY (1U << 0) /* entry keyed by the backend's reply 5-tuple */
+#define LB_FLOW_CLOSING (1U << 0) /* a FIN or an RST was seen: the short timeout applies */
 #define LB_FLOW_LOCAL (1U << 1) /* a connection of the LB host itself, steered at TC egress */
 
 /* skb->mark of a locally generated packet the TC egress program steers to
@@ -66,10 +80,8 @@
 
 /* backend.flags */
 #define LB_BACKEND_IN_USE (1U << 0)
-#define LB_BACKEND_SHARED (1U << 1) /* its endpoint serves several VIPs: flows need reply entries */
-
-/* reply_source.flags */
-#define LB_REPLY_SHARED (1U << 0) /* endpoint behind several VIPs: find the VIP by the reply entry */
+#define LB_BACKEND_NO_NEW (1U << 1) /* removed, drained or down: a SYN naming it picks again */
+#define LB_BACKEND_SHARED (1U << 2) /* NAT endpoint of several VIPs: its SYN-ACKs need the SYN's entry */
 
 /* probe_meta.magic: "lbpr" */
 /* Layout version of the pinned maps: bump it whenever the meaning of a map's key or
@@ -128,7 +140,8 @@ enum lb_reason {
 	LB_PASS_V4_MAPPED = 28,   /* IPv6 with an IPv4-mapped address (::ffff:a.b.c.d, never valid on the wire), not to a VIP */
 	LB_DROP_V4_MAPPED = 29,   /* the same, to a VIP's address (it must not reach an IPv4 VIP) or quoting one */
 	LB_FWD_EGRESS_UNMANAGED = 30, /* dsr, egress interface not the LB's: sent out of it with bpf_redirect (XDP) */
-	LB_REASON_MAX = 31,           /* one past the last value: the size of reason_stats */
+	LB_DROP_REPLY_NO_FLOW = 31,   /* from a NAT backend's endpoint, to be forwarded, but of no flow: never leaves un-NATed */
+	LB_REASON_MAX = 32,           /* one past the last value: the size of reason_stats */
 };
 
 #endif

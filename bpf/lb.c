@@ -13,6 +13,15 @@
 #include "nexthop.h"
 #include "icmp.h"
 #include "steer.h"
+#include "conn.h"
+
+/* The control plane's switches and timeouts (bcc rewrites map calls in this file only). */
+static __always_inline struct lb_config *config_of(void)
+{
+	__u32 zero = 0;
+
+	return lb_config.lookup(&zero);
+}
 
 /* Count why, and tell a probe (lbctl test-packet) when it asks (ctx.h). */
 static __always_inline int verdict(lb_ctx *ctx, enum lb_reason reason, int action)
@@ -190,38 +199,36 @@ static __always_inline int forward(lb_ctx *ctx, struct packet *pkt, __u32 vip_fl
 	return send(ctx, pkt, nh, resolved, LB_FWD_NAT);
 }
 
-/* A backend shared by several VIPs: its replies cannot name the VIP by
- * themselves, so the flow is remembered by them too. */
-static __always_inline void remember_reply(const struct packet *pkt, const struct backend *be, __u32 backend_id,
-					   __u16 vip_id, __u16 flags)
+/* The slot of a VIP's Maglev table a client's flow (client -> VIP) hashes to:
+ * the table's size varies per VIP (a variable modulo, only on a new flow). */
+static __always_inline __u32 maglev_slot(__u32 ring_base, __u32 ring_size, int by_source, const union lb_addr *client,
+					 const union lb_addr *vip_addr, __be16 sport, __be16 dport, __u8 proto)
 {
-	if (!(be->flags & LB_BACKEND_SHARED))
-		return;
-	struct flow_entry reply = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_REPLY | flags };
-	struct flow_key reply_key = {
-		.src = be->addr, .dst = pkt->src, .sport = be->port ? be->port : pkt->dport,
-		.dport = pkt->sport, .proto = pkt->proto,
-	};
+	union lb_addr none = {};
+	__u32 hash = by_source ? flow_hash(client, &none, 0, 0, 0) : flow_hash(client, vip_addr, sport, dport, proto);
 
-	conn_table.update(&reply_key, &reply);
+	return ring_base + hash % ring_size;
 }
 
-/* The VIP's Maglev slot for a flow's hash: its table's size varies per VIP (a
- * variable modulo, only on a new flow). */
-static __always_inline __u32 maglev_slot(const struct vip_info *vip, __u32 hash)
+/* Does this packet open the flow's entry? An RST opens nothing. A SYN is
+ * forwarded by the hash alone, and the handshake's next packet opens the
+ * entry, so spoofed SYNs never occupy the table (its SYN-ACK finds the VIP by
+ * the same hash, see handshake_reply) -- except to an endpoint shared by
+ * several VIPs, whose SYN-ACK could not tell which VIP the SYN was for. */
+static __always_inline int opens_entry(const struct packet *pkt, const struct backend *be)
 {
-	return vip->ring_base + hash % vip->ring_size;
+	if (is_rst(pkt))
+		return 0;
+	return !is_syn(pkt) || (be->flags & LB_BACKEND_SHARED);
 }
 
 /* A new flow: pick a backend on the VIP's Maglev table and remember the
  * choice, with the backend's next hop already in it. */
 static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow_key *key,
-				    const struct vip_info *vip)
+				    const struct vip_info *vip, __u32 now)
 {
-	union lb_addr none = {};
-	__u32 hash = vip->flags & LB_VIP_HASH_SOURCE ? flow_hash(&pkt->src, &none, 0, 0, 0)
-						     : flow_hash(&pkt->src, &pkt->dst, pkt->sport, pkt->dport, pkt->proto);
-	__u32 slot = maglev_slot(vip, hash);
+	__u32 slot = maglev_slot(vip->ring_base, vip->ring_size, vip->flags & LB_VIP_HASH_SOURCE, &pkt->src, &pkt->dst,
+				 pkt->sport, pkt->dport, pkt->proto);
 	__u32 *picked = maglev.lookup(&slot);
 
 	if (!picked || *picked == LB_NO_BACKEND)
@@ -233,11 +240,15 @@ static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow
 	if (!be || !be_nh)
 		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
 	int resolved = ensure_next_hop(ctx, pkt, &be->addr, be_nh);
-	struct flow_entry entry = { .backend_id = backend_id, .vip_id = vip_id, .nh = *be_nh };
+	struct flow_entry entry = {
+		.backend_id = backend_id, .vip_id = vip_id, .generation = be->generation, .last_seen = now,
+		.flags = is_closing(pkt) ? LB_FLOW_CLOSING : 0, .nh = *be_nh,
+	};
 
-	conn_table.update(key, &entry);
-	remember_reply(pkt, be, backend_id, vip_id, 0);
-	count_flow(vip_id, backend_id, pkt->len, 0, 1);
+	if (opens_entry(pkt, be))
+		conn_table.update(key, &entry);
+	/* a connection counts once, at its SYN (the entry of its next packet is not another) */
+	count_flow(vip_id, backend_id, pkt->len, 0, pkt->proto != IPPROTO_TCP || is_syn(pkt));
 	return forward(ctx, pkt, vip->flags, be, &entry.nh, resolved);
 }
 
@@ -264,15 +275,18 @@ static __always_inline int to_backend(lb_ctx *ctx, struct packet *pkt, const str
 
 	flow_key_of(&key, pkt);
 	struct flow_entry *flow = conn_table.lookup(&key);
+	struct lb_config *config = config_of();
+	__u32 now = lb_clock(config);
 
 	if (!flow)
-		return new_flow(ctx, pkt, &key, vip);
+		return new_flow(ctx, pkt, &key, vip, now);
 
 	__u32 vip_id = vip->id, backend_id = flow->backend_id;
 	struct backend *be = backends.lookup(&backend_id);
 
-	if (!be)
-		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
+	if (!be || !flow_trusted(flow, be, vip_id, pkt, config, now))
+		return new_flow(ctx, pkt, &key, vip, now);
+	flow_touch(flow, pkt, now);
 	count_flow(vip_id, backend_id, pkt->len, 0, 0);
 	int resolved = ensure_next_hop(ctx, pkt, &be->addr, &flow->nh);
 
@@ -295,10 +309,10 @@ static __always_inline struct vip_meta *active_vip(__u32 vip_id)
 	return vip;
 }
 
-/* The flow a backend's reply belongs to, for an endpoint that serves one
- * VIP: the client's own flow (found by its tuple towards that VIP), and
- * only if that flow went to this very backend. */
-static __always_inline struct flow_entry *own_reply_flow(const struct packet *pkt, __u32 vip_id,
+/* The flow a backend's reply belongs to among one VIP's: the client's own
+ * flow (found by its tuple towards that VIP), and only if its entry is still
+ * true and names this very backend. */
+static __always_inline struct flow_entry *vip_reply_flow(const struct packet *pkt, __u32 vip_id,
 							 struct vip_meta **vip_out)
 {
 	struct vip_meta *vip = active_vip(vip_id);
@@ -317,36 +331,79 @@ static __always_inline struct flow_entry *own_reply_flow(const struct packet *pk
 	__u32 backend_id = flow->backend_id;
 	struct backend *be = backends.lookup(&backend_id);
 
-	if (!be || !same_endpoint(be, pkt))
+	if (!be || !same_endpoint(be, pkt) || be->generation != flow->generation || be->vip_id != vip_id ||
+	    flow->vip_id != vip_id)
 		return NULL;
 	*vip_out = vip;
 	return flow;
 }
 
-/* For an endpoint shared by several VIPs, the flow's reply entry names the VIP. */
-static __always_inline struct flow_entry *shared_reply_flow(const struct packet *pkt, struct vip_meta **vip_out)
-{
-	struct flow_key key = {};
-
-	flow_key_of(&key, pkt);
-	struct flow_entry *flow = conn_table.lookup(&key);
-
-	if (!flow || !(flow->flags & LB_FLOW_REPLY))
-		return NULL;
-	struct vip_meta *vip = active_vip(flow->vip_id);
-
-	if (!vip)
-		return NULL;
-	*vip_out = vip;
-	return flow;
-}
-
+/* The VIPs the endpoint serves, in turn (usually one: an endpoint shared by
+ * several VIPs costs a lookup more per VIP, and no entry at all). */
 static __always_inline struct flow_entry *reply_flow(const struct packet *pkt, const struct reply_source *rs,
 						     struct vip_meta **vip)
 {
-	if (rs->flags & LB_REPLY_SHARED)
-		return shared_reply_flow(pkt, vip);
-	return own_reply_flow(pkt, rs->vip_id, vip);
+	for (int i = 0; i < LB_REPLY_VIPS; i++) {
+		if (i >= rs->count)
+			break;
+		struct flow_entry *flow = vip_reply_flow(pkt, rs->vip_ids[i], vip);
+
+		if (flow)
+			return flow;
+	}
+	return NULL;
+}
+
+/* A SYN-ACK of a connection whose SYN opened no entry (opens_entry): its
+ * backend, if the one VIP the endpoint serves has its Maglev table send the
+ * client's flow to this very backend; LB_NO_BACKEND otherwise. */
+static __always_inline __u32 handshake_backend(const struct packet *pkt, const struct reply_source *rs,
+					       struct vip_meta **vip_out, __u32 *vip_id_out)
+{
+	if (rs->count != 1 || pkt->proto != IPPROTO_TCP ||
+	    (pkt->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) != (LB_TCP_SYN | LB_TCP_ACK))
+		return LB_NO_BACKEND;
+	__u32 vip_id = rs->vip_ids[0];
+	struct vip_meta *vip = active_vip(vip_id);
+
+	if (!vip)
+		return LB_NO_BACKEND;
+	__u32 slot = maglev_slot(vip->ring_base, vip->ring_size, vip->flags & LB_VIP_META_HASH_SOURCE, &pkt->dst,
+				 &vip->addr, pkt->dport, vip->port ? vip->port : pkt->sport, pkt->proto);
+	__u32 *picked = maglev.lookup(&slot);
+
+	if (!picked)
+		return LB_NO_BACKEND;
+	__u32 backend_id = *picked;
+	struct backend *be = backends.lookup(&backend_id);
+
+	if (!be || !same_endpoint(be, pkt) || be->vip_id != vip_id)
+		return LB_NO_BACKEND;
+	*vip_out = vip;
+	*vip_id_out = vip_id;
+	return backend_id;
+}
+
+/* Its reply leaves as from the VIP, by the route (no entry caches a next hop). */
+static __always_inline int handshake_reply(lb_ctx *ctx, struct packet *pkt, const struct vip_meta *vip,
+					   __u32 vip_id, __u32 backend_id)
+{
+	struct next_hop nh = {};
+	int resolved = resolve_next_hop(ctx, pkt, &pkt->dst, &nh);
+
+	count_flow(vip_id, backend_id, pkt->len, 1, 0);
+	if (nat_rewrite_source(ctx, pkt, vip))
+		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
+	return send(ctx, pkt, &nh, resolved, LB_FWD_REPLY);
+}
+
+/* Would the kernel forward this packet (rather than take it for the LB host
+ * itself: a health check's answer)? */
+static __always_inline int would_forward(lb_ctx *ctx, const struct packet *pkt)
+{
+	struct next_hop scratch = {};
+
+	return fib_next_hop(ctx, pkt, &pkt->dst, &scratch) != NH_NO_ROUTE;
 }
 
 static __always_inline int to_client(lb_ctx *ctx, struct packet *pkt, struct flow_entry *flow,
@@ -354,6 +411,7 @@ static __always_inline int to_client(lb_ctx *ctx, struct packet *pkt, struct flo
 {
 	__u32 vip_id = flow->vip_id, backend_id = flow->backend_id;
 
+	flow_touch(flow, pkt, lb_clock(config_of()));
 	count_flow(vip_id, backend_id, pkt->len, 1, 0);
 	if (nat_rewrite_source(ctx, pkt, vip))
 		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
@@ -383,8 +441,7 @@ static __always_inline int unserved(lb_ctx *ctx, const struct packet *pkt, enum 
 
 static __always_inline int any_port_vips(void)
 {
-	__u32 zero = 0;
-	struct lb_config *config = lb_config.lookup(&zero);
+	struct lb_config *config = config_of();
 
 	return config && (config->flags & LB_CFG_ANY_PORT);
 }
@@ -451,7 +508,7 @@ static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt
 	};
 	struct flow_entry *flow = conn_table.lookup(&key);
 
-	if (!flow || (flow->flags & LB_FLOW_REPLY))
+	if (!flow)
 		return unserved(ctx, pkt, LB_DROP_ICMP_NO_FLOW); /* maybe about the host's own connection */
 	struct vip_meta *vip = active_vip(flow->vip_id);
 
@@ -460,8 +517,8 @@ static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt
 	__u32 backend_id = flow->backend_id;
 	struct backend *be = backends.lookup(&backend_id);
 
-	if (!be)
-		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
+	if (!be || be->generation != flow->generation || be->vip_id != flow->vip_id)
+		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
 	return forward_icmp_error(ctx, pkt, &in, flow, be, vip->mode);
 }
 
@@ -511,14 +568,30 @@ int xdp_lb(lb_ctx *ctx)
 	struct reply_source *rs = reply_sources.lookup(&source);
 	struct vip_meta *reply_vip = NULL;
 	struct flow_entry *flow = rs ? reply_flow(&pkt, rs, &reply_vip) : NULL;
+	struct reply_source *rs_any_port = NULL;
+	int from_backend = rs != NULL;
 
 	if (!flow && any_port) {
 		source.port = 0;
-		rs = reply_sources.lookup(&source);
-		flow = rs ? reply_flow(&pkt, rs, &reply_vip) : NULL;
+		rs_any_port = reply_sources.lookup(&source);
+		if (rs_any_port) {
+			from_backend = 1;
+			flow = reply_flow(&pkt, rs_any_port, &reply_vip);
+		}
 	}
 	if (flow && reply_vip)
 		return to_client(ctx, &pkt, flow, reply_vip);
+	struct vip_meta *handshake_vip = NULL;
+	__u32 handshake_vip_id = 0;
+	__u32 handshake = rs ? handshake_backend(&pkt, rs, &handshake_vip, &handshake_vip_id) : LB_NO_BACKEND;
+
+	if (handshake == LB_NO_BACKEND && rs_any_port)
+		handshake = handshake_backend(&pkt, rs_any_port, &handshake_vip, &handshake_vip_id);
+	if (handshake != LB_NO_BACKEND && handshake_vip)
+		return handshake_reply(ctx, &pkt, handshake_vip, handshake_vip_id, handshake);
+	/* A NAT backend's answer of no flow would leave with the backend's address. */
+	if (from_backend && would_forward(ctx, &pkt))
+		return verdict(ctx, LB_DROP_REPLY_NO_FLOW, LB_ACT_DROP);
 	return unserved(ctx, &pkt, LB_DROP_UNSERVED);
 }
 
@@ -566,13 +639,19 @@ int lb_egress(lb_ctx *ctx)
 	struct flow_key key = {};
 
 	flow_key_of(&key, &pkt);
-	int known = conn_table.lookup(&key) != NULL;
+	struct flow_entry *flow = conn_table.lookup(&key);
+	__u32 now = lb_clock(config_of());
+	int known = flow && flow->backend_id == backend_id && flow->generation == be->generation;
 
-	if (!known) {
-		struct flow_entry entry = { .backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_LOCAL };
+	if (known) {
+		flow_touch(flow, &pkt, now);
+	} else {
+		struct flow_entry entry = {
+			.backend_id = backend_id, .vip_id = vip_id, .flags = LB_FLOW_LOCAL, .generation = be->generation,
+			.last_seen = now,
+		};
 
 		conn_table.update(&key, &entry);
-		remember_reply(&pkt, be, backend_id, vip_id, LB_FLOW_LOCAL);
 	}
 	count_flow(vip_id, backend_id, pkt.len, 0, !known);
 	/* Spent: the egress hook of the interface it is redirected to passes it (a DSR

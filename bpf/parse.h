@@ -35,6 +35,7 @@ struct packet {
 	__be16 sport;
 	__be16 dport;
 	__u8 proto;
+	__u8 tcp_flags;   /* TCP: the header's flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
 	__u32 len;
 	__u16 l3_off; /* where the IP header starts (the TC build's checksum helpers work by offset) */
 	__u16 l4_off; /* where the L4 header starts */
@@ -64,6 +65,7 @@ static __always_inline int parse_l4(struct packet *pkt, void *cursor, void *data
 			return LB_PASS_MALFORMED;
 		pkt->l4_ports = (__be16 *)tcp;
 		pkt->l4_check = &tcp->check;
+		pkt->tcp_flags = ((__u8 *)tcp)[13];
 	} else if (pkt->proto == IPPROTO_UDP) {
 		struct udphdr *udp = cursor;
 

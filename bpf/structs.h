@@ -4,6 +4,7 @@
 #define LB_STRUCTS_H
 
 #include <linux/types.h>
+#include "consts.h"
 
 /* One address type for IPv4 and IPv6: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d). */
 union lb_addr {
@@ -36,14 +37,20 @@ struct vip_meta {
 	__u8 proto;
 	__u8 mode;
 	__u32 flags;
+	__u32 ring_base; /* the VIP's Maglev table, as in vip_info: a SYN-ACK with no entry finds its backend by it */
+	__u32 ring_size;
 };
 
-/* backends array, by backend id */
+/* backends array, by backend id. A flow entry is trusted only while the
+ * record still carries the generation and the VIP the entry names: the control
+ * plane writes a never-used generation whenever it binds the id anew. */
 struct backend {
 	union lb_addr addr;
 	__be16 port;
 	__u16 pad;
 	__u32 flags;
+	__u32 generation;
+	__u32 vip_id;
 };
 
 /* reply_sources hash key: a backend's endpoint as it appears in its replies */
@@ -54,10 +61,11 @@ struct endpoint {
 	__u8 pad;
 };
 
-/* reply_sources value: the VIP a backend endpoint serves, unless it is shared */
+/* reply_sources value: the VIPs a backend endpoint serves; a reply belongs to
+ * the flow of one of them (looked up by the client's tuple towards each) */
 struct reply_source {
-	__u32 vip_id;
-	__u32 flags;
+	__u32 count;
+	__u16 vip_ids[LB_REPLY_VIPS];
 };
 
 /* Where a packet leaves: egress interface and the MACs to write. */
@@ -84,11 +92,15 @@ struct flow_key {
 	__u8 pad[3];
 };
 
-/* conn_table value: the flow's backend and the cached next hops of both directions */
+/* conn_table value: the flow's backend (valid while its generation and VIP
+ * match the backend record), when it was last seen, and the cached next hops
+ * of both directions */
 struct flow_entry {
 	__u32 backend_id;
 	__u16 vip_id;
 	__u16 flags;
+	__u32 generation;
+	__u32 last_seen; /* ticks of the data plane's clock (lb_clock, about seconds) */
 	struct next_hop nh;       /* towards the backend */
 	struct next_hop reply_nh; /* towards the client */
 };
@@ -105,6 +117,12 @@ struct lb_counters {
 /* lb_config array, one entry: switches the control plane sets */
 struct lb_config {
 	__u32 flags;
+	/* idle timeouts in ticks of 2^30 ns (0: the default of consts.h) */
+	__u32 tcp_timeout;
+	__u32 tcp_closing_timeout; /* after a FIN or an RST */
+	__u32 udp_timeout;
+	/* ticks added to the kernel's clock: tests advance the data plane's time with it */
+	__u32 clock_offset;
 };
 
 /* lb_state array, one entry, written and read by the control plane only: what the maps hold */

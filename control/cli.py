@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-vips", type=_positive, default=256)
     a.add_argument("--max-backends", type=_positive, default=4096)
     a.add_argument("--conn-table-size", type=_positive, default=1 << 20)
+    a.add_argument("--tcp-timeout", type=_positive, default=900, metavar="SECONDS",
+                   help="an idle TCP flow's entry is no longer trusted after this (default 15 min)")
+    a.add_argument("--tcp-closing-timeout", type=_positive, default=10, metavar="SECONDS",
+                   help="the same once a FIN or an RST was seen (default 10 s)")
+    a.add_argument("--udp-timeout", type=_positive, default=30, metavar="SECONDS",
+                   help="the same for UDP (default 30 s): a drained backend's clients move once idle this long")
 
     sub.add_parser("detach", help="detach the data plane and remove its pins (the VIPs stay configured)")
 

@@ -70,7 +70,11 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
                 config = DataPlaneConfig(ring_size=_int(p, "ring_size", defaults.ring_size),
                                          max_vips=_int(p, "max_vips", defaults.max_vips),
                                          max_backends=_int(p, "max_backends", defaults.max_backends),
-                                         conn_table_size=_int(p, "conn_table_size", defaults.conn_table_size))
+                                         conn_table_size=_int(p, "conn_table_size", defaults.conn_table_size),
+                                         tcp_timeout=_int(p, "tcp_timeout", defaults.tcp_timeout),
+                                         tcp_closing_timeout=_int(p, "tcp_closing_timeout",
+                                                                  defaults.tcp_closing_timeout),
+                                         udp_timeout=_int(p, "udp_timeout", defaults.udp_timeout))
             except ValueError as e:
                 raise InputError(str(e)) from None
             return ctl.attach(_strings(p, "interfaces"), _str(p, "xdp_mode", "auto"), config,

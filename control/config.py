@@ -328,7 +328,8 @@ def merge(state: State, config: Config, now: float) -> None:
             b = v.backend(bs.address) or v.revive(bs.address, bs.weight)
             if b is None:
                 bid = backend_ids.take()  # when none is free, the State takes back one retired long ago
-                b = BackendState(bs.address, state.allocate_backend_id(removed_backend_ids) if bid is None else bid)
+                b = BackendState(bs.address, state.allocate_backend_id(removed_backend_ids) if bid is None else bid,
+                                 generation=state.new_generation())
                 v.backends.append(b)
             b.weight = bs.weight
 

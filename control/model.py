@@ -226,6 +226,9 @@ class BackendState:
     retired_at: float | None = None
     # Set by the health checker; an unhealthy backend leaves the Maglev table (its flows go on).
     healthy: bool = True
+    # This binding of the id to (VIP, endpoint): a number never used before (State.new_generation).
+    # The data plane trusts a flow entry only while its backend record carries the entry's generation.
+    generation: int = 0
 
     @property
     def active(self) -> bool:
@@ -357,12 +360,18 @@ class State:
     revision: int = field(default=0, compare=False)
     # VIP addresses whose traffic no VIP serves (other ports, protocols) goes to the host, not dropped
     pass_unserved: set[IPAddress] = field(default_factory=set)
+    # The last backend generation handed out: only ever grows (never reset, even by detach).
+    generations: int = 0
+
+    def new_generation(self) -> int:
+        self.generations += 1
+        return self.generations
 
     def copy(self) -> "State":
         """A deep copy (copy.deepcopy takes over half a second on 1,000 VIPs): addresses are frozen
         and shared, everything a change may edit is copied."""
         return State(copy.deepcopy(self.dataplane), [v.copy() for v in self.vips], self.revision,
-                     set(self.pass_unserved))
+                     set(self.pass_unserved), self.generations)
 
     def vip(self, vip: VipAddress) -> VipState | None:
         for v in self.vips:

@@ -22,12 +22,13 @@ import operator
 import socket
 from dataclasses import dataclass, field
 
-from control.model import State, VipState
+from control.errors import InputError
+from control.model import BackendState, State, VipState
 from lb.maglev import MaglevBackend, build_table, ring_size_for
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_SHARED,
-                        ADDR_PASS_UNSERVED, VIP_ACTIVE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, LbState, NextHop,
-                        ReplySource, VipAddr, VipInfo, VipKey, VipMeta, be16)
+from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_NO_NEW, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_VIPS,
+                        ADDR_PASS_UNSERVED, VIP_ACTIVE, VIP_META_HASH_SOURCE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, LbState, NextHop,
+                        ReplySource, VipAddr, seconds_to_ticks, VipInfo, VipKey, VipMeta, be16)
 
 MODE_CODES = {"nat": MODE_NAT, "dsr": MODE_DSR, "tunnel": MODE_TUNNEL}
 MODE_FLAGS = {"nat": 0, "dsr": VIP_DSR, "tunnel": VIP_TUNNEL}  # what the data plane reads, in the VIP's key lookup
@@ -48,6 +49,13 @@ def vip_flags(v: VipState) -> int:
     if "allow" in v.acl.values():
         flags |= VIP_ACL_ALLOWLIST
     return flags
+
+
+def backend_record(b: BackendState, vip_id: int, ep: "Endpoint") -> Backend:
+    """What the data plane knows of a backend: its endpoint, the binding (generation, VIP) its flows
+    must still match, and whether a new connection may reach it (removed, drained, down: not)."""
+    flags = BACKEND_IN_USE | (0 if b.serving else BACKEND_NO_NEW)
+    return Backend(addr=ep.addr, port=ep.port, flags=flags, generation=b.generation, vip_id=vip_id)
 
 
 def acl_key(vip_id: int, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> AclKey:
@@ -72,6 +80,7 @@ class MapContents:
     def of(cls, state: State, max_ring: int, hosts: BackendHosts | None = None) -> "MapContents":
         """`hosts`: backend_hosts() of a State that `state` is part of (the sharing it decides)."""
         c = cls()
+        c.config = lb_config_of(state)
         by_host = backend_hosts(state) if hosts is None else hosts
         members: list[tuple[int, Endpoint, tuple]] = []  # (backend id, its endpoint, its host)
         for v in state.vips:
@@ -84,27 +93,29 @@ class MapContents:
             addr = c.vip_addrs.get(_key(key.addr), (key.addr, VipAddr(0)))
             unserved = ADDR_PASS_UNSERVED if v.vip.address in state.pass_unserved else 0
             c.vip_addrs[_key(key.addr)] = (key.addr, VipAddr(addr[1].vips + 1, unserved))
-            if v.vip.any_port:
-                c.config.flags |= CFG_ANY_PORT
             c.vip_meta[v.id] = VipMeta(addr=key.addr, port=key.port, proto=key.proto, mode=MODE_CODES[v.mode],
-                                       flags=VIP_ACTIVE)
+                                       flags=VIP_ACTIVE | (VIP_META_HASH_SOURCE if v.hash == "source" else 0),
+                                       ring_base=c.vips[_key(key)][1].ring_base, ring_size=c.vips[_key(key)][1].ring_size)
             for b in v.backends:  # retired ones too: their established flows go on
                 ep = Endpoint(addr=LbAddr.of(b.address.address), port=be16(b.address.port), proto=key.proto)
-                if not v.replies_through_lb:  # the LB never sees its replies
-                    c.backends[b.id] = Backend(addr=ep.addr, port=ep.port, flags=BACKEND_IN_USE)
-                    continue
-                members.append((b.id, ep, (b.address.address, v.vip.proto)))
-        serving: dict[tuple, set[int]] = {}  # endpoint -> its VIPs, once per endpoint
+                c.backends[b.id] = backend_record(b, v.id, ep)
+                if v.replies_through_lb:  # (dsr and tunnel: the LB never sees the replies)
+                    members.append((b.id, ep, (b.address.address, v.vip.proto)))
+        serving: dict[tuple, list[int]] = {}  # endpoint -> its VIPs, once per endpoint
         for bid, ep, host in members:
             port = socket.ntohs(ep.port)
             vip_ids = serving.get((*host, port))
             if vip_ids is None:
-                vip_ids = serving[(*host, port)] = {vid for p, vid in by_host[host] if p == port or not p or not port}
-            shared = len(vip_ids) > 1
-            c.reply_sources[_key(ep)] = (ep, ReplySource(vip_id=0 if shared else min(vip_ids),
-                                                         flags=REPLY_SHARED if shared else 0))
-            c.backends[bid] = Backend(addr=ep.addr, port=ep.port,
-                                      flags=BACKEND_IN_USE | (BACKEND_SHARED if shared else 0))
+                vip_ids = serving[(*host, port)] = sorted({vid for p, vid in by_host[host]
+                                                           if p == port or not p or not port})
+            if len(vip_ids) > REPLY_VIPS:
+                raise InputError(f"backend {ep.addr.address()}:{port}/{'tcp' if ep.proto == 6 else 'udp'} would serve "
+                                 f"{len(vip_ids)} NAT VIPs; at most {REPLY_VIPS} may share one backend endpoint")
+            source = ReplySource(count=len(vip_ids))
+            source.vip_ids[:len(vip_ids)] = vip_ids
+            c.reply_sources[_key(ep)] = (ep, source)
+            if len(vip_ids) > 1:  # its SYN-ACKs cannot name their VIP: SYNs keep their entries
+                c.backends[bid].flags |= BACKEND_SHARED
         return c
 
 
@@ -133,6 +144,16 @@ def backend_hosts(state: State) -> BackendHosts:
             for b in v.backends:  # retired ones too: their established flows go on
                 hosts.setdefault((b.address.address, v.vip.proto), set()).add((b.address.port, v.id))
     return hosts
+
+
+def refuse_overshared(hosts: BackendHosts) -> None:
+    """A backend endpoint's replies find their flows through the VIPs it serves, REPLY_VIPS at most."""
+    for (address, proto), ports in hosts.items():
+        for port in {p for p, _ in ports}:
+            vip_ids = {vid for p, vid in ports if p == port or not p or not port}
+            if len(vip_ids) > REPLY_VIPS:
+                raise InputError(f"backend {address}:{port}/{proto} would serve "
+                                 f"{len(vip_ids)} NAT VIPs; at most {REPLY_VIPS} may share one backend endpoint")
 
 
 def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: BackendHosts) -> tuple[State, State]:
@@ -167,7 +188,12 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
 
 
 def lb_config_of(state: State) -> LbConfig:
-    return LbConfig(flags=CFG_ANY_PORT if any(v.vip.any_port for v in state.vips) else 0)
+    """lb_config: the switches that depend on every VIP, and the data plane's idle timeouts."""
+    config = LbConfig(flags=CFG_ANY_PORT if any(v.vip.any_port for v in state.vips) else 0)
+    dp_config = state.dataplane.config if state.dataplane is not None else {}
+    for name in ("tcp_timeout", "tcp_closing_timeout", "udp_timeout"):  # absent: 0, the data plane's default
+        setattr(config, name, seconds_to_ticks(dp_config[name]) if name in dp_config else 0)
+    return config
 
 
 def _endpoint(entry: Backend | VipMeta) -> tuple[bytes, int]:
@@ -244,6 +270,7 @@ class Reconciler:
 
     def apply(self, old: State, new: State) -> ApplyReport:
         report = ApplyReport()
+        refuse_overshared(backend_hosts(new))  # what the maps cannot hold, before anything is written
         try:
             self._apply(old, new, report)
         except BaseException:

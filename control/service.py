@@ -8,6 +8,7 @@ command repairs the maps to the saved state before it reads or changes them."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -34,8 +35,9 @@ from lb.bpfsys import prog_id
 from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
 from lb.probe import probe
-from lb.refmodel import DataPlaneModel, Parsed
-from lb.structs import IPAddress, MAX_IFINDEX, REASONS, FlowKey, LbAddr, be16
+from lb.refmodel import DataPlaneModel
+from lb.flowhash import flow_hash_raw
+from lb.structs import IPAddress, MAX_IFINDEX, REASONS, VIP_HASH_SOURCE, FlowKey, LbAddr, VipKey, be16
 
 log = logging.getLogger("lb.service")
 
@@ -144,7 +146,9 @@ class Controller:
                         maps.tx_ports.set(I32(iface.ifindex), I32(iface.ifindex))
                     sync_routes(maps, {i.ifindex for i in ifaces})
                     mark_applied(maps, state.revision + 1)  # what the commit below saves
-                    Reconciler(maps, config.ring_size).apply(State(), state)
+                    # the new data plane's settings (lb_config's timeouts) with the state's VIPs
+                    new_dp = DataPlaneState(ifaces, pin_dir, self.instance.netns_ino, config.as_dict())
+                    Reconciler(maps, config.ring_size).apply(State(), dataclasses.replace(state, dataplane=new_dp))
             except BaseException:
                 for iface in done:
                     self.detach_interface(iface, hook)
@@ -253,7 +257,7 @@ class Controller:
                 raise InputError(f"backend {backend} already exists in VIP {vip}")
             b = v.revive(backend, weight)
             if b is None:
-                b = BackendState(backend, state.allocate_backend_id(), weight)
+                b = BackendState(backend, state.allocate_backend_id(), weight, generation=state.new_generation())
                 v.backends.append(b)
             return {"vip": str(vip), "backend": str(backend), "id": b.id, "weight": weight, "mode": v.mode}
 
@@ -505,7 +509,8 @@ class Controller:
 
     @staticmethod
     def _flow_backend(state: State, dp: DataPlaneState, frame: bytes) -> str | None:
-        """The backend the connection table holds for a client's packet (or an ICMP error about it)."""
+        """The backend the connection table holds for a client's packet (or an ICMP error about it),
+        or, when the packet opened no entry (a SYN), the one the VIP's Maglev table picked for it."""
         p = DataPlaneModel.client_flow(frame)
         if p is None:
             return None
@@ -513,8 +518,17 @@ class Controller:
                       dport=be16(p.dport), proto=p.proto)
         with DataPlaneMaps.open(dp.pin_dir) as maps:
             flow = maps.conn_table.get(key)
+            backend_id = flow.backend_id if flow is not None else None
+            vip = maps.vips.get(VipKey(addr=key.dst, port=key.dport, proto=p.proto)) or \
+                maps.vips.get(VipKey(addr=key.dst, port=0, proto=p.proto))
+            if backend_id is None and vip is not None:  # as lb.c new_flow hashes it
+                by_source = vip.flags & VIP_HASH_SOURCE
+                h = flow_hash_raw(p.src, bytes(16), 0, 0, 0) if by_source else \
+                    flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto)
+                picked = maps.maglev.get(U32(vip.ring_base + h % vip.ring_size)) if vip.ring_size else None
+                backend_id = picked.value if picked is not None else None
         names = {b.id: str(b.address) for v in state.vips for b in v.backends}
-        return names.get(flow.backend_id) if flow is not None else None
+        return names.get(backend_id) if backend_id is not None else None
 
     def _change(self, change: Callable[[State], T]) -> T:
         """Run `change` on the stored State and bring the maps along, all or nothing. A crash

@@ -30,7 +30,8 @@ class Store(Protocol):
 
 def state_to_doc(state: State) -> dict[str, Any]:
     return {"dataplane": _dataplane_doc(state.dataplane), "vips": [vip_to_doc(v) for v in state.vips],
-            "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)]}
+            "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)],
+            "generations": state.generations}
 
 
 def _dataplane_doc(dp: DataPlaneState | None) -> dict[str, Any] | None:
@@ -55,7 +56,7 @@ def vip_to_doc(v: VipState) -> dict[str, Any]:
         "all_down": v.all_down,
         "backends": [
             {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
-             "retired_at": b.retired_at, "healthy": b.healthy}
+             "retired_at": b.retired_at, "healthy": b.healthy, "generation": b.generation}
             for b in v.backends
         ],
     }
@@ -68,7 +69,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
         vip = VipAddress.parse(v["vip"], usable=False)  # as stored, even from before the check
         backends = [
             BackendState(BackendAddress(ipaddress.ip_address(b["address"]), b["port"]), b["id"], b["weight"],
-                         b["retired_at"], b.get("healthy", True))
+                         b["retired_at"], b.get("healthy", True), b.get("generation", 0))
             for b in v["backends"]
         ]
         health = HealthCheck(**v.get("health", {}))  # documents from before health checks have none
@@ -78,7 +79,15 @@ def state_from_doc(doc: dict[str, Any]) -> State:
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
                                    dp["config"], dp.get("program_digest"), dp.get("hook", "xdp"))
-    return State(dataplane, vips, pass_unserved={ipaddress.ip_address(a) for a in doc.get("pass_unserved", [])})
+    # Documents from before generations: every backend gets one now, above any seen.
+    generations = max([doc.get("generations", 0)] + [b.generation for v in vips for b in v.backends])
+    state = State(dataplane, vips, pass_unserved={ipaddress.ip_address(a) for a in doc.get("pass_unserved", [])},
+                  generations=generations)
+    for v in vips:
+        for b in v.backends:
+            if not b.generation:
+                b.generation = state.new_generation()
+    return state
 
 
 class SqliteStore:
@@ -146,7 +155,7 @@ class SqliteStore:
             del self._vip_json[vid]
         unserved = json.dumps([str(a) for a in sorted(state.pass_unserved, key=address_sort_key)])
         return f'{{"dataplane": {json.dumps(_dataplane_doc(state.dataplane), sort_keys=True)}, ' \
-               f'"pass_unserved": {unserved}, "vips": [{", ".join(vips)}]}}'
+               f'"generations": {state.generations}, "pass_unserved": {unserved}, "vips": [{", ".join(vips)}]}}'
 
     def read(self) -> State:
         conn = self._connect()

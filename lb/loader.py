@@ -54,6 +54,10 @@ class DataPlaneConfig:
     max_backends: int = 4096
     conn_table_size: int = 1 << 20
     max_routes: int = 16384
+    # Idle timeouts in seconds: not compiled in, the control plane writes them to lb_config.
+    tcp_timeout: int = 900
+    tcp_closing_timeout: int = 10
+    udp_timeout: int = 30
 
     def __post_init__(self) -> None:
         if not is_prime(self.ring_size):
@@ -62,6 +66,9 @@ class DataPlaneConfig:
             raise ValueError("at most 65,536 VIPs (a flow records its VIP in 16 bits)")
         if self.max_vips * self.ring_size >= 2**32:
             raise ValueError("max VIPs x ring size must fit in 32 bits")
+        for name in ("tcp_timeout", "tcp_closing_timeout", "udp_timeout"):
+            if not 1 <= getattr(self, name) < 2**31:
+                raise ValueError(f"{name.replace('_', ' ')} must be 1 to {2**31 - 1} seconds")
 
     def cflags(self, pin_dir: str) -> list[str]:
         return [

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from lb import bpfsys
-from lb.structs import (FLOW_REPLY, AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, LbState, NextHop, ReplySource,
+from lb.structs import (AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, LbState, NextHop, ReplySource,
                         RouteKey, VipAddr, VipInfo, VipKey, VipMeta)
 
 U32 = ctypes.c_uint32
@@ -160,8 +160,8 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
 }
 
 
-# backend_id, vip_id, flags of a FlowEntry (bpf/structs.h struct flow_entry), the rest skipped
-_FLOW_HEAD = struct.Struct(f"<IHH{ctypes.sizeof(FlowEntry) - 8}x")
+# backend_id, vip_id, flags, generation of a FlowEntry (bpf/structs.h struct flow_entry), the rest skipped
+_FLOW_HEAD = struct.Struct(f"<IHHI{ctypes.sizeof(FlowEntry) - 12}x")
 
 
 @dataclass
@@ -194,11 +194,13 @@ class DataPlaneMaps:
             m.close()
 
     def connections_per_backend(self) -> Counter[int]:
-        """Connection-table entries per backend id, one per flow (reply-keyed twins left out).
-        The table is an LRU hash: closed flows count until they are evicted."""
+        """Connection-table entries per backend id, one per flow, of the backend as it is bound now
+        (an entry of an earlier binding of the id, which the data plane no longer trusts, is left
+        out). The table is an LRU hash: closed and idle flows count until they are evicted."""
+        generations = {k.value: v.generation for k, v in self.backends.items() if v.flags}
         counts: Counter[int] = Counter()
         for chunk in self.conn_table.raw_values():
-            counts.update(bid for bid, _, flags in _FLOW_HEAD.iter_unpack(chunk) if not flags & FLOW_REPLY)  # a shared backend's 2nd entry
+            counts.update(bid for bid, _, _, gen in _FLOW_HEAD.iter_unpack(chunk) if generations.get(bid) == gen)
         return counts
 
     def __enter__(self) -> "DataPlaneMaps":

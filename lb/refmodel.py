@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -36,6 +37,8 @@ class Flow:
     flags: int
     nh: NextHop = field(default_factory=NextHop)
     reply_nh: NextHop = field(default_factory=NextHop)
+    generation: int = 0
+    last_seen: int = 0
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Parsed:
     proto: int
     check_off: int | None  # offset of the L4 checksum, None for UDP without one
     version: int = 4
+    tcp_flags: int = 0
 
 
 # fib(dst lb_addr, packet, ingress ifindex) -> ("found", NextHop) | ("kernel", None) | ("none", None)
@@ -68,14 +72,16 @@ class Tables:
     any_port: bool                                          # some VIP takes every port
     vip_meta: dict[int, tuple[bytes, int, int, int]]        # id -> (addr, port, flags, mode)
     maglev: dict[int, list[int]]                            # VIP id -> its ring of backend ids (its own size)
-    backends: dict[int, tuple[bytes, int, int]]             # id -> (addr, port, flags); absent = zeroed
+    backends: dict[int, tuple[bytes, int, int, int, int]]   # id -> (addr, port, flags, generation, VIP id); absent = zeroed
     backend_nh: dict[int, NextHop]                          # id -> cached next hop; absent = none yet
-    reply_sources: dict[tuple[bytes, int, int], tuple[int, int]]  # endpoint -> (VIP id, flags)
+    reply_sources: dict[tuple[bytes, int, int], tuple[int, ...]]  # endpoint -> the VIP ids it serves
     conn: dict[FlowKey, Flow]
     routes: list[tuple[int, bytes, NextHop]]                # (prefixlen, addr, next hop)
     acl: list[tuple[int, int, bytes, int]]                  # (prefixlen, VIP id, addr, action)
     tx_ports: set[int]                                      # ifindexes the DEVMAP redirects to
     nh_epoch: int = 0                                       # bumped when the kernel's routes change
+    timeouts: tuple[int, int, int] = (0, 0, 0)              # lb_config: TCP, TCP closing, UDP (0: default)
+    clock_offset: int = 0                                   # lb_config: ticks added to the kernel's clock
 
     @classmethod
     def snapshot(cls, maps: DataPlaneMaps, ring_size: int) -> "Tables":
@@ -88,21 +94,24 @@ class Tables:
             meta[vid] = (bytes(m.addr), ntohs(m.port), m.flags, m.mode)
         maglev = {v.id: maps.maglev.read_range(v.ring_base, v.ring_size) for _, v in maps.vips.items()}
         config = maps.lb_config.get(U32(0))
-        backends = {k.value: (bytes(v.addr), ntohs(v.port), v.flags) for k, v in maps.backends.items() if v.flags}
+        backends = {k.value: (bytes(v.addr), ntohs(v.port), v.flags, v.generation, v.vip_id)
+                    for k, v in maps.backends.items() if v.flags}
         backend_nh = {k.value: _nh(v) for k, v in maps.backend_nh.items() if v.ifindex}
         return cls(
             ring_size=ring_size, max_vips=maps.vip_meta.max_entries, max_backends=maps.backends.max_entries,
             vips=vips, vip_addrs={bytes(k): v.flags for k, v in maps.vip_addrs.items()},
             any_port=bool(config.flags & structs.CFG_ANY_PORT), vip_meta=meta, maglev=maglev, backends=backends, backend_nh=backend_nh,
-            reply_sources={(bytes(k.addr), ntohs(k.port), k.proto): (v.vip_id, v.flags)
+            reply_sources={(bytes(k.addr), ntohs(k.port), k.proto): tuple(v.vip_ids[:min(v.count, structs.REPLY_VIPS)])
                            for k, v in maps.reply_sources.items()},
             conn={(bytes(k.src), bytes(k.dst), ntohs(k.sport), ntohs(k.dport), k.proto):
-                  Flow(v.backend_id, v.vip_id, v.flags, _nh(v.nh), _nh(v.reply_nh))
+                  Flow(v.backend_id, v.vip_id, v.flags, _nh(v.nh), _nh(v.reply_nh), v.generation, v.last_seen)
                   for k, v in maps.conn_table.items()},
             routes=[(k.prefixlen, bytes(k.addr), _nh(v)) for k, v in maps.routes.items()],
             acl=[(k.prefixlen, k.vip_id, bytes(k.addr), v.action) for k, v in maps.acl.items()],
             tx_ports={v.value for _, v in maps.tx_ports.items() if v.value},
             nh_epoch=maps.maps["nh_epoch"].get(U32(0)).value,
+            timeouts=(config.tcp_timeout, config.tcp_closing_timeout, config.udp_timeout),
+            clock_offset=config.clock_offset,
         )
 
 
@@ -181,10 +190,23 @@ def _reason(name: str) -> str:
     return name.removeprefix("LB_").lower()
 
 
+CLOCK_MONOTONIC_COARSE = 6  # Linux's clock id (the time module does not name it)
+
+
+def kernel_ticks() -> int:
+    """The clock bpf_ktime_get_coarse_ns() reads (CLOCK_MONOTONIC_COARSE), in ticks of 2^30 ns."""
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) >> structs.TICK_SHIFT
+
+
 class DataPlaneModel:
-    def __init__(self, tables: Tables, fib: FibLookup):
+    def __init__(self, tables: Tables, fib: FibLookup, clock: Callable[[], int] = kernel_ticks):
         self.t = tables
         self.fib = fib
+        self.clock = clock  # the kernel's ticks; the tables' clock_offset is added as the program does
+
+    def now(self) -> int:
+        """conn.h lb_clock: 32-bit ticks."""
+        return ((self.clock() & 0xFFFFFFFF) + self.t.clock_offset) & 0xFFFFFFFF
 
     # --- parse.h ------------------------------------------------------------------------
     @staticmethod
@@ -246,7 +268,7 @@ class DataPlaneModel:
         if proto == UDP and frame[l4 + 6:l4 + 8] == b"\0\0":
             check_off = None
         sport, dport = struct.unpack_from(">HH", frame, l4)
-        return Parsed(l3, l4, src, dst, sport, dport, proto, check_off, version)
+        return Parsed(l3, l4, src, dst, sport, dport, proto, check_off, version, frame[l4 + 13] if proto == TCP else 0)
 
     # --- lb.c -----------------------------------------------------------------------------
     def process(self, frame: bytes, ingress_ifindex: int) -> ModelResult:
@@ -261,12 +283,23 @@ class DataPlaneModel:
             vip = self.t.vips.get((p.dst, 0, p.proto))
         if vip is not None:
             return self._to_backend(pkt, p, vip, ingress_ifindex)
-        found = None
+        from_backend = False
         for port in (p.sport, 0) if self.t.any_port else (p.sport,):
             source = self.t.reply_sources.get((p.src, port, p.proto))
-            found = self._reply_flow(p, source) if source is not None else None
+            if source is None:
+                continue
+            from_backend = True
+            found = self._reply_flow(p, source)
             if found is not None:
                 return self._to_client(pkt, p, found, ingress_ifindex)
+        for port in (p.sport, 0) if self.t.any_port else (p.sport,):
+            handshake = self._handshake_reply(pkt, p, self.t.reply_sources.get((p.src, port, p.proto)),
+                                              ingress_ifindex)
+            if handshake is not None:
+                return handshake
+        # lb.c would_forward: a NAT backend's answer of no flow never leaves with the backend's address
+        if from_backend and self.fib(p.dst, p, frame, ingress_ifindex)[0] != "none":
+            return ModelResult("XDP_DROP", frame, "drop_reply_no_flow")
         return self._unserved(frame, p.dst, "drop_unserved")
 
     def _unserved(self, frame: bytes, dst: bytes, drop: str) -> ModelResult:
@@ -363,14 +396,14 @@ class DataPlaneModel:
         if p.version == 6 and V4_MAPPED in (q.src[:12], q.dst[:12]):  # it would name an IPv4 flow
             return ModelResult("XDP_DROP", bytes(pkt), "drop_v4_mapped")
         flow = self.t.conn.get((q.dst, q.src, q.dport, q.sport, q.proto))
-        if flow is None or flow.flags & structs.FLOW_REPLY:  # maybe about the host's own connection
+        if flow is None:  # maybe about the host's own connection
             return self._unserved(bytes(pkt), p.dst, "drop_icmp_no_flow")
         meta = self.t.vip_meta.get(flow.vip_id)
         if meta is None or not meta[2] & structs.VIP_ACTIVE or meta[0] != q.src or meta[1] not in (q.sport, 0):
             return self._unserved(bytes(pkt), p.dst, "drop_icmp_no_flow")
         be = self._backend(flow.backend_id)
-        if be is None:
-            return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
+        if be is None or be[3] != flow.generation or be[4] != flow.vip_id:
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
         resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
         if meta[3] == structs.MODE_DSR:
             return self._send_direct(pkt, flow.nh, resolved, ingress, "fwd_icmp_error", None)
@@ -403,10 +436,78 @@ class DataPlaneModel:
             pkt[q.l4:q.l4 + 2] = be[1].to_bytes(2, "big")
             self._replace_check(pkt, icmp_check, old_port, pkt[q.l4:q.l4 + 2], udp_zero_fix=False)
 
-    def _backend(self, backend_id: int) -> tuple[bytes, int, int] | None:
+    def _backend(self, backend_id: int) -> tuple[bytes, int, int, int, int] | None:
         if backend_id >= self.t.max_backends:
             return None
-        return self.t.backends.get(backend_id, (bytes(16), 0, 0))
+        return self.t.backends.get(backend_id, (bytes(16), 0, 0, 0, 0))
+
+    # --- conn.h ---------------------------------------------------------------------------------
+    @staticmethod
+    def _is_syn(p: Parsed) -> bool:
+        return p.proto == TCP and p.tcp_flags & 0x12 == 0x02
+
+    @staticmethod
+    def _is_closing(p: Parsed) -> bool:
+        return p.proto == TCP and bool(p.tcp_flags & 0x05)
+
+    def _idle_timeout(self, flow: Flow, proto: int) -> int:
+        tcp, closing, udp = self.t.timeouts
+        if proto != TCP:
+            return udp or structs.UDP_TIMEOUT
+        if flow.flags & structs.FLOW_CLOSING:
+            return closing or structs.TCP_CLOSING_TIMEOUT
+        return tcp or structs.TCP_TIMEOUT
+
+    def _trusted(self, flow: Flow, be: tuple[bytes, int, int, int, int], vip_id: int, p: Parsed, now: int) -> bool:
+        """conn.h flow_trusted: same binding, not idle too long, no SYN to a backend taking no new connections."""
+        if be[3] != flow.generation or be[4] != vip_id or flow.vip_id != vip_id:
+            return False
+        if not be[2] & structs.BACKEND_IN_USE:
+            return False
+        if be[2] & structs.BACKEND_NO_NEW and self._is_syn(p):
+            return False
+        return (now - flow.last_seen) & 0xFFFFFFFF <= self._idle_timeout(flow, p.proto)
+
+    def _opens_entry(self, p: Parsed, be: tuple[bytes, int, int, int, int]) -> bool:
+        """lb.c opens_entry: not an RST; a SYN only to an endpoint shared by several VIPs."""
+        if p.proto == TCP and p.tcp_flags & 0x04:
+            return False
+        return not self._is_syn(p) or bool(be[2] & structs.BACKEND_SHARED)
+
+    def _maglev_pick(self, vip_id: int, by_source: bool, client: bytes, vip_addr: bytes, sport: int, dport: int,
+                     proto: int) -> int:
+        """lb.c maglev_slot, then the slot's backend id (each VIP's ring has its own size)."""
+        ring = self.t.maglev.get(vip_id)
+        if not ring or vip_id >= self.t.max_vips:
+            return structs.NO_BACKEND
+        if by_source:
+            return ring[flow_hash_raw(client, bytes(16), 0, 0, 0) % len(ring)]
+        return ring[flow_hash_raw(client, vip_addr, sport, dport, proto) % len(ring)]
+
+    def _handshake_reply(self, pkt: bytearray, p: Parsed, vip_ids: tuple[int, ...] | None,
+                         ingress: int) -> ModelResult | None:
+        """lb.c handshake_backend and handshake_reply: a SYN-ACK whose SYN opened no entry."""
+        if vip_ids is None or len(vip_ids) != 1 or p.proto != TCP or p.tcp_flags & 0x12 != 0x12:
+            return None
+        meta = self.t.vip_meta.get(vip_ids[0])
+        if meta is None or not meta[2] & structs.VIP_ACTIVE:
+            return None
+        backend_id = self._maglev_pick(vip_ids[0], bool(meta[2] & structs.VIP_META_HASH_SOURCE), p.dst, meta[0],
+                                       p.dport, meta[1] or p.sport, p.proto)
+        be = self._backend(backend_id)
+        if be is None or be[0] != p.src or be[1] not in (p.sport, 0) or be[4] != vip_ids[0]:
+            return None
+        self._nat(pkt, p, self._addr_off(p, "src"), p.l4, meta[0], meta[1])
+        resolved, nh = self._ensure_next_hop(NextHop(), p.dst, p, pkt, ingress)
+        return self._send(pkt, nh, resolved, ingress, "fwd_reply", (p.src, p.sport))
+
+    def _touch(self, flow: Flow, p: Parsed, now: int) -> None:
+        """conn.h flow_touch."""
+        flow.last_seen = now
+        if self._is_closing(p):
+            flow.flags |= structs.FLOW_CLOSING
+        elif self._is_syn(p):
+            flow.flags &= ~structs.FLOW_CLOSING
 
     def _source_allowed(self, p: Parsed, vip: tuple[int, int]) -> bool:
         """lb.c source_allowed: the longest matching (VIP id, source prefix) rule decides."""
@@ -429,32 +530,30 @@ class DataPlaneModel:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_acl")
         key = (p.src, p.dst, p.sport, p.dport, p.proto)
         flow = self.t.conn.get(key)
+        now = self.now()
         if flow is None:
-            return self._new_flow(pkt, p, key, vip, ingress)
+            return self._new_flow(pkt, p, key, vip, ingress, now)
         be = self._backend(flow.backend_id)
-        if be is None:
-            return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
+        if be is None or not self._trusted(flow, be, vip[0], p, now):
+            return self._new_flow(pkt, p, key, vip, ingress, now)
+        self._touch(flow, p, now)
         resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
         return self._forward(pkt, p, vip[1], be, flow.nh, resolved, ingress)
 
-    def _new_flow(self, pkt: bytearray, p: Parsed, key: FlowKey, vip: tuple[int, int], ingress: int) -> ModelResult:
+    def _new_flow(self, pkt: bytearray, p: Parsed, key: FlowKey, vip: tuple[int, int], ingress: int,
+                  now: int) -> ModelResult:
         vip_id, flags = vip
-        if flags & structs.VIP_HASH_SOURCE:
-            hashed = flow_hash_raw(p.src, bytes(16), 0, 0, 0)
-        else:
-            hashed = flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto)
-        ring = self.t.maglev.get(vip_id)
-        backend_id = ring[hashed % len(ring)] if ring and vip_id < self.t.max_vips else structs.NO_BACKEND
+        backend_id = self._maglev_pick(vip_id, bool(flags & structs.VIP_HASH_SOURCE), p.src, p.dst, p.sport,
+                                       p.dport, p.proto)
         be = self._backend(backend_id) if backend_id != structs.NO_BACKEND else None
         if be is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
         resolved, nh = self._ensure_next_hop(self.t.backend_nh.get(backend_id, NextHop()), be[0], p, pkt, ingress)
         if nh.ifindex:
             self.t.backend_nh[backend_id] = nh
-        self.t.conn[key] = Flow(backend_id, vip_id, 0, nh)
-        if be[2] & structs.BACKEND_SHARED:
-            self.t.conn[(be[0], p.src, be[1] or p.dport, p.sport, p.proto)] = Flow(backend_id, vip_id,
-                                                                                   structs.FLOW_REPLY)
+        if self._opens_entry(p, be):
+            self.t.conn[key] = Flow(backend_id, vip_id, structs.FLOW_CLOSING if self._is_closing(p) else 0, nh,
+                                    generation=be[3], last_seen=now)
         return self._forward(pkt, p, flags, be, nh, resolved, ingress)
 
     def _forward(self, pkt: bytearray, p: Parsed, vip_flags: int, be: tuple[bytes, int, int], nh: NextHop,
@@ -481,29 +580,28 @@ class DataPlaneModel:
         pkt[:] = encapsulate(bytes(pkt), p, be[0])
         return self._send(pkt, nh, resolved, ingress, ok, (be[0], p.dport))
 
-    def _reply_flow(self, p: Parsed, source: tuple[int, int]) -> tuple[Flow, tuple[bytes, int, int]] | None:
-        vip_id, flags = source
-        if flags & structs.REPLY_SHARED:
-            flow = self.t.conn.get((p.src, p.dst, p.sport, p.dport, p.proto))
-            if flow is None or not flow.flags & structs.FLOW_REPLY:
-                return None
-            vip_id = flow.vip_id
-        meta = self.t.vip_meta.get(vip_id)
-        if meta is None or not meta[2] & structs.VIP_ACTIVE:
-            return None
-        if flags & structs.REPLY_SHARED:
+    def _reply_flow(self, p: Parsed, vip_ids: tuple[int, ...]) -> tuple[Flow, tuple[bytes, int, int]] | None:
+        """lb.c reply_flow: each VIP the endpoint serves, the client's flow towards it, if its entry is
+        still true and names this backend."""
+        for vip_id in vip_ids:
+            meta = self.t.vip_meta.get(vip_id)
+            if meta is None or not meta[2] & structs.VIP_ACTIVE:
+                continue
+            flow = self.t.conn.get((p.dst, meta[0], p.dport, meta[1] or p.sport, p.proto))
+            if flow is None:
+                continue
+            be = self._backend(flow.backend_id)
+            if be is None or be[0] != p.src or be[1] not in (p.sport, 0):
+                continue
+            if be[3] != flow.generation or be[4] != vip_id or flow.vip_id != vip_id:
+                continue
             return flow, meta
-        flow = self.t.conn.get((p.dst, meta[0], p.dport, meta[1] or p.sport, p.proto))
-        if flow is None:
-            return None
-        be = self._backend(flow.backend_id)
-        if be is None or be[0] != p.src or be[1] not in (p.sport, 0):
-            return None
-        return flow, meta
+        return None
 
     def _to_client(self, pkt: bytearray, p: Parsed, found: tuple[Flow, tuple[bytes, int, int]],
                    ingress: int) -> ModelResult:
         flow, meta = found
+        self._touch(flow, p, self.now())
         self._nat(pkt, p, self._addr_off(p, "src"), p.l4, meta[0], meta[1])
         if flow.flags & structs.FLOW_LOCAL:  # the LB host's own connection (steered at TC egress)
             return ModelResult("XDP_PASS", bytes(pkt), "pass_local_reply", (p.src, p.sport))

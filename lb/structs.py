@@ -44,19 +44,25 @@ class VipMeta(ctypes.Structure):
         ("proto", ctypes.c_uint8),
         ("mode", ctypes.c_uint8),
         ("flags", ctypes.c_uint32),
+        ("ring_base", ctypes.c_uint32),
+        ("ring_size", ctypes.c_uint32),
     ]
 
 
 class Backend(ctypes.Structure):
-    _fields_ = [("addr", LbAddr), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("flags", ctypes.c_uint32)]
+    _fields_ = [("addr", LbAddr), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("flags", ctypes.c_uint32),
+                ("generation", ctypes.c_uint32), ("vip_id", ctypes.c_uint32)]
 
 
 class Endpoint(ctypes.Structure):
     _fields_ = [("addr", LbAddr), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
 
 
+REPLY_VIPS = 6  # LB_REPLY_VIPS: how many NAT VIPs one backend endpoint may serve
+
+
 class ReplySource(ctypes.Structure):
-    _fields_ = [("vip_id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+    _fields_ = [("count", ctypes.c_uint32), ("vip_ids", ctypes.c_uint16 * REPLY_VIPS)]
 
 
 class NextHop(ctypes.Structure):
@@ -84,6 +90,8 @@ class FlowEntry(ctypes.Structure):
         ("backend_id", ctypes.c_uint32),
         ("vip_id", ctypes.c_uint16),
         ("flags", ctypes.c_uint16),
+        ("generation", ctypes.c_uint32),
+        ("last_seen", ctypes.c_uint32),
         ("nh", NextHop),
         ("reply_nh", NextHop),
     ]
@@ -108,7 +116,8 @@ class AclRule(ctypes.Structure):
 
 
 class LbConfig(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint32)]
+    _fields_ = [("flags", ctypes.c_uint32), ("tcp_timeout", ctypes.c_uint32), ("tcp_closing_timeout", ctypes.c_uint32),
+                ("udp_timeout", ctypes.c_uint32), ("clock_offset", ctypes.c_uint32)]
 
 
 class LbState(ctypes.Structure):
@@ -178,6 +187,7 @@ REASONS: tuple[str, ...] = (
     "LB_PASS_V4_MAPPED",
     "LB_DROP_V4_MAPPED",
     "LB_FWD_EGRESS_UNMANAGED",
+    "LB_DROP_REPLY_NO_FLOW",
 )
 
 # Flags and constants of bpf/consts.h used from Python.
@@ -192,14 +202,24 @@ ACL_DENY = 2
 CFG_ANY_PORT = 1 << 0
 ADDR_PASS_UNSERVED = 1 << 0
 ICMP_TTL = 64
-FLOW_REPLY = 1 << 0
+FLOW_CLOSING = 1 << 0
 FLOW_LOCAL = 1 << 1
 MARK_MAGIC = 0x4C000000
 MARK_MAGIC_MASK = 0xFF000000
 MARK_BACKEND_MASK = 0x00FFFFFF
 BACKEND_IN_USE = 1 << 0
-BACKEND_SHARED = 1 << 1
-REPLY_SHARED = 1 << 0
+BACKEND_NO_NEW = 1 << 1
+BACKEND_SHARED = 1 << 2
+VIP_META_HASH_SOURCE = 1 << 1
+TICK_SHIFT = 30  # LB_TICK_SHIFT: the connection table's clock ticks every 2^30 ns
+TCP_TIMEOUT = 839  # LB_TCP_TIMEOUT and the others: the idle timeouts (ticks) when lb_config leaves them 0
+TCP_CLOSING_TIMEOUT = 10
+UDP_TIMEOUT = 28
+
+
+def seconds_to_ticks(seconds: int) -> int:
+    """A timeout in the data plane's ticks, rounded up (never shorter than asked)."""
+    return -((-seconds * 1_000_000_000) // (1 << TICK_SHIFT))
 MODE_NAT = 0
 MODE_DSR = 1
 MODE_TUNNEL = 2

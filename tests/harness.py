@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ def expression_names(lab: Lab) -> dict:
         "ICMPv6PacketTooBig": ICMPv6PacketTooBig,
         "CLIENT6": str(lab.client.address6), "B1_6": str(b1.address6),
         **{f"VIP6_{i}": str(lab.vip6(i)) for i in range(1, 4)},
-        "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address),
+        "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address), "LB_B1": str(b1.lb_address),
         **{f"VIP{i}": str(lab.vip(i)) for i in range(1, 10)},
         "CLIENT_MAC": lab.client.mac, "B1_MAC": b1.mac, "LB_CLIENT_MAC": lab.client.lb_mac, "LB_B1_MAC": b1.lb_mac,
         "B2_MAC": b2.mac, "LB_B2_MAC": b2.lb_mac, "B3": str(b3.address), "B3_MAC": b3.mac, "LB_B3_MAC": b3.lb_mac,
@@ -60,6 +61,22 @@ class Harness:
     model: DataPlaneModel
     ifindex: dict[str, int]  # "client", "b1", ... -> the LB's interface
 
+    ring_size: int
+
+    def resnapshot(self) -> None:
+        """The model takes the maps as the control plane left them (after a change between packets)."""
+        self.model.t = Tables.snapshot(self.maps, self.ring_size)
+
+    def forget_evicted(self) -> int:
+        """The model forgets the flows the program's LRU table evicted (which ones is the kernel's
+        choice, not the data plane's: the model takes it as given); returns how many."""
+        kept = {(bytes(k.src), bytes(k.dst), socket.ntohs(k.sport), socket.ntohs(k.dport), k.proto)
+                for k in self.maps.conn_table.keys()}
+        gone = [k for k in self.model.t.conn if k not in kept]
+        for k in gone:
+            del self.model.t.conn[k]
+        return len(gone)
+
     def run(self, frame: bytes, ingress: str) -> tuple[Probe, ModelResult]:
         ifindex = self.ifindex[ingress]
         expected = self.model.process(frame, ifindex)
@@ -69,12 +86,12 @@ class Harness:
 
 
 @contextlib.contextmanager
-def configured_harness(config: dict) -> Iterator[Harness]:
+def configured_harness(config: dict, conn_table_size: int = 262144) -> Iterator[Harness]:
     """A lab with three backends, the data plane attached to the client's and the first two's
     links (b3 is behind an interface lb is not attached to) and `config` ([config] of the
     fixtures) applied."""
     with lab_with_lb(3, False) as lab:
-        run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces[:3], "--conn-table-size", "262144")
+        run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces[:3], "--conn-table-size", str(conn_table_size))
         lab.resolve_neighbours()  # so the route mirror knows every host, as after real traffic
         for v in config["vips"]:
             run_lbctl(lab.lb_ns, "add-vip", v["vip"], "--hash", v.get("hash", "flow"), "--mode", v.get("mode", "nat"))
@@ -91,7 +108,7 @@ def configured_harness(config: dict) -> Iterator[Harness]:
             ifindex.update({b.ns.rsplit("-", 1)[1]: ipr.link_lookup(ifname=b.lb_ifname)[0] for b in lab.backends})
             model = DataPlaneModel(Tables.snapshot(maps, listed["ring_size"]), kernel_fib(ipr))
             try:
-                yield Harness(lab, prog_fd, maps, model, ifindex)
+                yield Harness(lab, prog_fd, maps, model, ifindex, listed["ring_size"])
             finally:
                 import os
                 os.close(prog_fd)

@@ -9,6 +9,7 @@ from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
 from lb.refmodel import Flow
+from lb.maps import U32
 from lb.structs import FLOW_LOCAL, FlowEntry, FlowKey, LbAddr
 from tests.conftest import run_lbctl
 from tests.harness import Harness, agree, configured_harness, disagreement, evaluate, expression_names, load_fixtures
@@ -30,6 +31,11 @@ def test_fixture(harness: Harness, case: dict):
         actual, expected = harness.run(evaluate(setup, names), case["ingress"])
         assert agree(actual, expected), disagreement(evaluate(setup, names), actual, expected)
         backends.add(actual.backend)
+    if case.get("change"):  # the configuration changes between the setup and the packet
+        for command in case["change"]:
+            run_lbctl(harness.lab.lb_ns, *command)
+        harness.resnapshot()
+        backends.clear()
     frame = bytes.fromhex(case["hex"]) if "hex" in case else evaluate(case["packet"], names)
 
     actual, expected = harness.run(frame, case["ingress"])
@@ -52,7 +58,7 @@ def test_fixture_table_covers_every_reason_it_can_reach_today():
             "drop_fragment", "drop_unsupported_l4", "drop_malformed", "drop_acl", "fwd_dsr", "fwd_tunnel",
             "fwd_icmp_error", "drop_icmp_no_flow", "drop_neigh_unresolved", "pass_neigh_unresolved",
             "drop_unserved", "pass_unserved", "drop_v4_mapped", "pass_v4_mapped", "pass_egress_unmanaged",
-            "fwd_egress_unmanaged"} <= reasons
+            "fwd_egress_unmanaged", "drop_reply_no_flow"} <= reasons
 
 
 def test_lbctl_test_packet_reports_what_the_program_does(harness: Harness, tmp_path):
@@ -78,11 +84,13 @@ def test_reply_to_a_steered_connection_of_the_lb_host_is_handed_to_the_host(harn
     lb_host, vip = LbAddr.of(harness.lab.backends[0].lb_address), LbAddr.of(harness.lab.vip(1))
     b1 = bytes(LbAddr.of(harness.lab.backends[0].address))
     vip_id = t.vips[(bytes(vip), 53, socket.IPPROTO_UDP)][0]
-    backend_id = next(i for i, (addr, port, _) in t.backends.items() if (addr, port) == (b1, 5353))
+    backend_id = next(i for i, (addr, port, *_) in t.backends.items() if (addr, port) == (b1, 5353))
+    generation = t.backends[backend_id][3]
     harness.maps.conn_table.set(
         FlowKey(src=lb_host, dst=vip, sport=socket.htons(40500), dport=socket.htons(53), proto=socket.IPPROTO_UDP),
-        FlowEntry(backend_id=backend_id, vip_id=vip_id, flags=FLOW_LOCAL))
-    t.conn[(bytes(lb_host), bytes(vip), 40500, 53, socket.IPPROTO_UDP)] = Flow(backend_id, vip_id, FLOW_LOCAL)
+        FlowEntry(backend_id=backend_id, vip_id=vip_id, flags=FLOW_LOCAL, generation=generation))
+    t.conn[(bytes(lb_host), bytes(vip), 40500, 53, socket.IPPROTO_UDP)] = Flow(backend_id, vip_id, FLOW_LOCAL,
+                                                                                generation=generation)
     lb_b1 = str(harness.lab.backends[0].lb_address)
     frame = evaluate(f"Ether(src=B1_MAC, dst=LB_B1_MAC)/IP(src=B1, dst='{lb_b1}')/UDP(sport=5353, dport=40500)/Raw(b'ok')",
                      names)
@@ -93,3 +101,68 @@ def test_reply_to_a_steered_connection_of_the_lb_host_is_handed_to_the_host(harn
     assert (actual.action, actual.reason) == ("XDP_PASS", "pass_local_reply")
     want = f"Ether(src=B1_MAC, dst=LB_B1_MAC)/IP(src=VIP1, dst='{lb_b1}')/UDP(sport=53, dport=40500)/Raw(b'ok')"
     assert actual.packet.hex() == evaluate(want, names).hex()
+
+
+def advance_clock(harness: Harness, ticks: int) -> None:
+    """Move the data plane's clock (lb_config.clock_offset, for tests; ticks of 2^30 ns, 1.07 s) and
+    the model's alike."""
+    config = harness.maps.lb_config.get(U32(0))
+    config.clock_offset = (config.clock_offset + ticks) & 0xFFFFFFFF
+    harness.maps.lb_config.set(U32(0), config)
+    harness.model.t.clock_offset = config.clock_offset
+
+
+def send(harness: Harness, names: dict, expression: str, ingress: str = "client"):
+    frame = evaluate(expression, names)
+    actual, expected = harness.run(frame, ingress)
+    assert agree(actual, expected), disagreement(frame, actual, expected)
+    return actual
+
+
+def test_a_drained_backends_udp_client_moves_once_idle(harness: Harness):
+    """A fixed-port UDP client stays with its drained backend while it keeps sending, and moves
+    to a serving backend after the UDP timeout (30 s: 28 ticks) of silence."""
+    names = expression_names(harness.lab)
+    vip = f"{harness.lab.vip(2)}:97/udp"
+    run_lbctl(harness.lab.lb_ns, "add-vip", vip)
+    run_lbctl(harness.lab.lb_ns, "add-backend", vip, f"{harness.lab.backends[0].address}:5397")
+    harness.resnapshot()
+    datagram = "Ether(src=CLIENT_MAC, dst=LB_CLIENT_MAC)/IP(src=CLIENT, dst=VIP2)/UDP(sport=40200, dport=97)/Raw(b'q')"
+    b1 = (bytes(LbAddr.of(harness.lab.backends[0].address)), 5397)
+    b2 = (bytes(LbAddr.of(harness.lab.backends[1].address)), 5397)
+    assert send(harness, names, datagram).backend == b1
+    run_lbctl(harness.lab.lb_ns, "add-backend", vip, f"{harness.lab.backends[1].address}:5397")
+    run_lbctl(harness.lab.lb_ns, "drain", vip, f"{harness.lab.backends[0].address}:5397")
+    harness.resnapshot()
+    advance_clock(harness, 20)
+    assert send(harness, names, datagram).backend == b1  # still talking: stays
+    advance_clock(harness, 20)
+    assert send(harness, names, datagram).backend == b1  # 20 ticks of silence < 28
+    advance_clock(harness, 31)
+    assert send(harness, names, datagram).backend == b2  # idle longer than the UDP timeout: moves
+    assert send(harness, names, datagram).backend == b2
+
+
+def test_a_closed_tcp_flow_ages_out_after_the_closing_timeout(harness: Harness):
+    """After a FIN, the entry is trusted for 10 s (10 ticks) of silence, not 15 min: then its tuple picks again
+    (here: its removed backend is not picked)."""
+    names = expression_names(harness.lab)
+    vip = f"{harness.lab.vip(2)}:98/tcp"
+    run_lbctl(harness.lab.lb_ns, "add-vip", vip)
+    run_lbctl(harness.lab.lb_ns, "add-backend", vip, f"{harness.lab.backends[0].address}:9898")
+    harness.resnapshot()
+    segment = "Ether(src=CLIENT_MAC, dst=LB_CLIENT_MAC)/IP(src=CLIENT, dst=VIP2)/TCP(sport=40201, dport=98, flags='{}')"
+    b1 = (bytes(LbAddr.of(harness.lab.backends[0].address)), 9898)
+    b2 = (bytes(LbAddr.of(harness.lab.backends[1].address)), 9898)
+    for flags in ("S", "A"):
+        assert send(harness, names, segment.format(flags)).backend == b1
+    run_lbctl(harness.lab.lb_ns, "add-backend", vip, f"{harness.lab.backends[1].address}:9898")
+    run_lbctl(harness.lab.lb_ns, "remove-backend", vip, f"{harness.lab.backends[0].address}:9898")
+    harness.resnapshot()
+    advance_clock(harness, 300)
+    assert send(harness, names, segment.format("A")).backend == b1  # established, 300 ticks idle: goes on
+    assert send(harness, names, segment.format("FA")).backend == b1
+    advance_clock(harness, 5)
+    assert send(harness, names, segment.format("A")).backend == b1  # the last ACK, within 10 s
+    advance_clock(harness, 11)
+    assert send(harness, names, segment.format("A")).backend == b2  # closed and idle: picks again

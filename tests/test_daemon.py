@@ -177,7 +177,7 @@ def test_daemon_restores_maps_to_the_stored_state_and_reports_it(lab: Lab, tmp_p
         replies = {bytes(k) for k in maps.reply_sources.keys()}
         for key in list(maps.vips.keys()):
             maps.vips.delete(key)
-        maps.reply_sources.set(stale, ReplySource(vip_id=1))
+        maps.reply_sources.set(stale, ReplySource(count=1))
     config = tmp_path / "lb.yaml"
     config.write_text("vips: [\n")  # not valid: start and reload must change nothing
     d = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ("--config", str(config)))

@@ -39,6 +39,9 @@ CONFIG = {"vips": [
     # a dsr backend that never answers ARP/ND: its MAC stays unresolved
     {"vip": "198.19.0.11:80/tcp", "backends": ["198.18.1.99"], "mode": "dsr"},
     {"vip": "[2001:2:0:ff::b]:80/tcp", "backends": ["[2001:2:0:1::99]"], "mode": "dsr"},
+    # changed between packets by test_program_and_model_agree_across_changes_and_time
+    {"vip": "198.19.0.12:80/tcp", "backends": ["198.18.1.2:8080"]},
+    {"vip": "198.19.0.12:53/udp", "backends": ["198.18.1.2:5353"]},
 ],
     # what no VIP of these addresses serves goes to the host (other VIP addresses': dropped)
     "pass_unserved": ["198.19.0.5", "2001:2:0:ff::1"]}
@@ -125,8 +128,11 @@ def packets(draw) -> tuple[list[bytes], str]:
         data = data[:draw(st.integers(14, len(data)))]
     opener = []  # an ICMP error to a VIP often quotes a flow opened just before
     if scenario == "to-vip" and icmp_type == "too-big" and (error or draw(st.booleans())):
-        l4 = TCP(sport=sport, dport=dport, flags="S") if quoted == "tcp" else UDP(sport=sport, dport=dport)
-        opener = [bytes(eth / (IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)) / l4)]
+        ip_hdr = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)
+        if quoted == "tcp":  # a SYN opens no entry: the handshake's next packet does
+            opener = [bytes(eth / ip_hdr / TCP(sport=sport, dport=dport, flags=f)) for f in ("S", "A")]
+        else:
+            opener = [bytes(eth / ip_hdr / UDP(sport=sport, dport=dport))]
     return [*opener, bytes(data)], ingress
 
 
@@ -169,3 +175,121 @@ def test_fuzzer_reached_the_main_paths():
             "pass_malformed", "drop_fragment", "drop_unsupported_l4", "fwd_icmp_error", "drop_icmp_no_flow", "drop_neigh_unresolved",
             "drop_unserved", "pass_unserved", "drop_v4_mapped", "pass_v4_mapped"} <= SEEN, SEEN
     assert ICMP_ERROR_MODES == {"nat", "dsr", "tunnel"}, ICMP_ERROR_MODES
+
+
+# --- configuration and time between packets ----------------------------------------------------
+CHANGE_EXAMPLES = int(os.environ.get("LB_FUZZ_CHANGE_EXAMPLES", "40"))
+CHANGE_VIPS = ("198.19.0.12:80/tcp", "198.19.0.12:53/udp")
+CHANGE_BACKENDS = {"198.19.0.12:80/tcp": 8080, "198.19.0.12:53/udp": 5353}
+SHARING_VIP = {"198.19.0.12:80/tcp": "198.19.0.13:80/tcp", "198.19.0.12:53/udp": "198.19.0.13:53/udp"}
+
+
+@st.composite
+def changes(draw, vip: str) -> list[str]:
+    """An lbctl command that changes the VIP: its backends come and go, drain and return, the VIP
+    is re-created (its ids freed and reused) or its backends' endpoints get shared with another VIP."""
+    port = CHANGE_BACKENDS[vip]
+    b = f"198.18.{draw(st.sampled_from([1, 2]))}.2:{port}"
+    return draw(st.sampled_from([
+        ["add-backend", vip, b], ["remove-backend", vip, b], ["drain", vip, b], ["set-weight", vip, b, "1"],
+        ["remove-vip", vip], ["add-vip", vip], ["add-vip", SHARING_VIP[vip]], ["add-backend", SHARING_VIP[vip], b],
+        ["remove-vip", SHARING_VIP[vip]],
+    ]))
+
+
+@st.composite
+def steps(draw) -> list[tuple]:
+    """A few packets of a few flows of one VIP, with configuration changes and the clock moving between them."""
+    vip = draw(st.sampled_from(CHANGE_VIPS))
+    tcp = vip.endswith("/tcp")
+    out = []
+    for _ in range(draw(st.integers(2, 10))):
+        kind = draw(st.sampled_from(["to-vip", "to-vip", "reply", "change", "clock"]))
+        sport = draw(st.integers(41000, 41003))
+        if kind == "to-vip":
+            l4 = TCP(sport=sport, dport=80, flags=draw(st.sampled_from(["S", "A", "PA", "FA", "R"]))) if tcp \
+                else UDP(sport=sport, dport=53)
+            frame = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP(src="198.18.0.2", dst="198.19.0.12") / l4
+            out.append(("packet", bytes(frame), "client"))
+        elif kind == "reply":
+            b = draw(st.sampled_from([1, 2]))
+            l4 = TCP(sport=8080, dport=sport, flags=draw(st.sampled_from(["SA", "A", "FA", "R"]))) if tcp \
+                else UDP(sport=5353, dport=sport)
+            frame = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP(src=f"198.18.{b}.2", dst="198.18.0.2") / l4
+            out.append(("packet", bytes(frame), f"b{b}"))
+        elif kind == "change":
+            out.append(("change", draw(changes(vip))))
+        else:
+            out.append(("clock", draw(st.sampled_from([1, 9, 11, 29, 31, 300, 901]))))
+    return out
+
+
+@settings(max_examples=CHANGE_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(steps())
+def test_program_and_model_agree_across_changes_and_time(harness: Harness, sequence):
+    from lb.maps import U32
+    from tests.conftest import run_lbctl
+
+    for step in sequence:
+        if step[0] == "change":
+            run_lbctl(harness.lab.lb_ns, *step[1], check=False)  # some do not apply (a backend not there...)
+            harness.resnapshot()
+        elif step[0] == "clock":
+            config = harness.maps.lb_config.get(U32(0))
+            config.clock_offset = (config.clock_offset + step[1]) & 0xFFFFFFFF
+            harness.maps.lb_config.set(U32(0), config)
+            harness.model.t.clock_offset = config.clock_offset
+        else:
+            _, frame, ingress = step
+            actual, expected = harness.run(frame, ingress)
+            assert actual.action != "XDP_ABORTED"
+            assert agree(actual, expected), disagreement(frame, actual, expected)
+            SEEN.add(actual.reason)
+
+
+# --- eviction: a table far smaller than the flows -----------------------------------------------
+EVICTION_EXAMPLES = int(os.environ.get("LB_FUZZ_EVICTION_EXAMPLES", "30"))
+SMALL_TABLE = 128
+EVICTED = [0]
+
+
+@pytest.fixture(scope="module")
+def small_harness() -> Iterator[Harness]:
+    with configured_harness({"vips": CONFIG["vips"][:6]}, conn_table_size=SMALL_TABLE) as h:
+        yield h
+
+
+@st.composite
+def many_flows(draw) -> list[tuple[bytes, str]]:
+    """Packets of thousands of flows (to VIPs and back from their backends), so the table evicts."""
+    out = []
+    for _ in range(draw(st.integers(40, 100))):
+        sport = draw(st.integers(20000, 23000))
+        tcp = draw(st.booleans())
+        if draw(st.integers(0, 3)):
+            l4 = TCP(sport=sport, dport=80, flags=draw(st.sampled_from(["S", "A", "PA", "FA"]))) if tcp \
+                else UDP(sport=sport, dport=53)
+            ip = IP(src="198.18.0.2", dst=draw(st.sampled_from(["198.19.0.1", "198.19.0.3", "198.19.0.5"])))
+            ingress = "client"
+        else:
+            b = draw(st.sampled_from([1, 2]))
+            l4 = TCP(sport=8080, dport=sport, flags=draw(st.sampled_from(["SA", "A"]))) if tcp \
+                else UDP(sport=5353, dport=sport)
+            ip, ingress = IP(src=f"198.18.{b}.2", dst="198.18.0.2"), f"b{b}"
+        out.append((bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / ip / l4), ingress))
+    return out
+
+
+@settings(max_examples=EVICTION_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(many_flows())
+def test_program_and_model_agree_when_the_table_evicts(small_harness: Harness, packets):
+    for frame, ingress in packets:
+        actual, expected = small_harness.run(frame, ingress)
+        assert agree(actual, expected), disagreement(frame, actual, expected)
+        EVICTED[0] += small_harness.forget_evicted()
+
+
+def test_the_small_table_did_evict():
+    assert EVICTED[0] > 0

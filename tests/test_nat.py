@@ -219,8 +219,9 @@ def test_packets_rewritten_byte_for_byte(lab, http_vip, l4):
         want[layer].dport = bport
         assert_frame(got, want)
 
+        reply_fields = dict(tcp_fields, flags="SA") if l4 == "tcp" else tcp_fields  # the SYN's answer
         reply = (Ether(src=backend.mac, dst=backend.lb_mac) / IP(src=str(backend.address), dst=str(client.address))
-                 / layer(sport=bport, dport=sport, **tcp_fields) / b"world")
+                 / layer(sport=bport, dport=sport, **reply_fields) / b"world")
         got = exchange(backend, client, reply, lambda f: IP in Ether(f) and Ether(f)[IP].dst == str(client.address))
         want = reply.copy()
         want[Ether].src, want[Ether].dst = client.lb_mac, client.mac

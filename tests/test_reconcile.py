@@ -5,7 +5,7 @@ import ipaddress
 
 from control.reconcile import ApplyReport, Reconciler
 from lb.maps import U32
-from lb.structs import BACKEND_IN_USE, BACKEND_SHARED, Backend, LbAddr, be16
+from lb.structs import BACKEND_IN_USE, BACKEND_NO_NEW, Backend, LbAddr, be16
 
 
 class DictMap(dict):
@@ -41,5 +41,5 @@ def test_counters_restart_when_an_id_is_reused_for_another_address():
 
 def test_counters_go_on_when_only_a_backends_flags_change():
     maps = write_backends({3: backend("198.18.1.2", 8080)},
-                          {3: backend("198.18.1.2", 8080, BACKEND_IN_USE | BACKEND_SHARED)})
+                          {3: backend("198.18.1.2", 8080, BACKEND_IN_USE | BACKEND_NO_NEW)})
     assert 3 in maps.maps["backends"] and 3 not in maps.maps["backend_stats"]

@@ -14,11 +14,12 @@ from control.store import SqliteStore, state_from_doc, state_to_doc
 
 def _vip(text: str, vid: int) -> VipState:
     vip = VipAddress.parse(text)
-    return VipState(vip, vid, backends=[BackendState(BackendAddress.parse("10.0.1.2:8080", vip), 1, 3)])
+    return VipState(vip, vid, backends=[BackendState(BackendAddress.parse("10.0.1.2:8080", vip), 1, 3,
+                                                     generation=vid + 1)])
 
 
 def test_state_round_trips_through_the_document():
-    state = State(vips=[_vip("10.0.0.1:80/tcp", 0), _vip("[2001:db8::1]:53/udp", 1)])
+    state = State(vips=[_vip("10.0.0.1:80/tcp", 0), _vip("[2001:db8::1]:53/udp", 1)], generations=7)
     state.vips[0].health = HealthCheck("http", 8081, "/healthz", 204, 0.5, 0.25, 1, 5)
     state.vips[0].backends[0].healthy = False
     assert state_from_doc(state_to_doc(state)) == state
@@ -38,6 +39,17 @@ def test_a_document_from_before_health_checks_loads_with_none():
     del doc["vips"][0]["backends"][0]["healthy"]
     (v,) = state_from_doc(doc).vips
     assert v.health == HealthCheck() and not v.health.enabled and v.backends[0].healthy
+
+
+def test_a_document_from_before_generations_gives_every_backend_a_new_one():
+    doc = state_to_doc(State(vips=[_vip("10.0.0.1:80/tcp", 0), _vip("10.0.0.2:80/tcp", 1)]))
+    del doc["generations"]
+    for v in doc["vips"]:
+        del v["backends"][0]["generation"]
+    state = state_from_doc(doc)
+    generations = [b.generation for v in state.vips for b in v.backends]
+    assert len(set(generations)) == 2 and 0 not in generations and state.generations == max(generations)
+    assert state.new_generation() > max(generations)
 
 
 def test_transaction_saves_on_success_and_drops_on_error(tmp_path):
