@@ -358,7 +358,7 @@ class Reconciler:
         # A VIP's metadata is written before its table and emptied after it: ids that have metadata
         # the state lacks are the only ones whose tables may hold stale slots (an interrupted change).
         for vid in self._extra_ids("vip_meta", want.vip_meta, VipMeta):
-            count("maglev", self._write_table(vid, None))
+            count("maglev", self._clear_slots(vid, 0, self.ring_size))
         count("backends", self._repair_array("backends", want.backends, Backend))
         count("reply_sources", self._write_missing("reply_sources", want.reply_sources))
         count("acl", self._write_missing("acl", want.acl))
