@@ -70,7 +70,7 @@ def set_tx_checksum(ns: str, ifname: str, on: bool) -> None:
     with in_netns(ns):
         with contextlib.closing(Ethtool()) as ethtool:
             features = ethtool.get_features(ifname)
-            for name in ("tx-checksum-ip-generic",):
+            for name in ("tx-checksum-ip-generic", "tx-checksum-sctp"):  # what `tx off` switches on a veth
                 if name in features.features:
                     features.features[name].enable = on
             ethtool.set_features(ifname, features)

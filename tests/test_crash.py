@@ -45,12 +45,13 @@ def vip_of(i: int) -> str:
 
 
 def config_text(lab: Lab, indexes: range, shift: int = 0) -> str:
-    """VIPs `indexes`, each with two of the lab's three backends (which two: by index and shift)."""
+    """VIPs `indexes`, each with two of the lab's three backends (which two: by index and shift), on a
+    port of the VIP's own (a NAT backend endpoint serves a few VIPs at most)."""
     lines = ["vips:"]
     for i in indexes:
         picked = [lab.backends[(i + shift + k) % len(lab.backends)] for k in range(2)]
         lines.append(f"  - vip: {vip_of(i)}")
-        lines.append("    backends: [" + ", ".join(f"{b.address}:8080" for b in picked) + "]")
+        lines.append("    backends: [" + ", ".join(f"{b.address}:{2000 + i}" for b in picked) + "]")
     return "\n".join(lines) + "\n" if len(lines) > 1 else "vips: []\n"
 
 
