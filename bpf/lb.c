@@ -581,6 +581,9 @@ int xdp_lb(lb_ctx *ctx)
 	}
 	if (flow && reply_vip)
 		return to_client(ctx, &pkt, flow, reply_vip);
+	/* What a backend sends the LB host itself (a health check's answer) is no VIP flow's. */
+	if (!from_backend || !would_forward(ctx, &pkt))
+		return unserved(ctx, &pkt, LB_DROP_UNSERVED);
 	struct vip_meta *handshake_vip = NULL;
 	__u32 handshake_vip_id = 0;
 	__u32 handshake = rs ? handshake_backend(&pkt, rs, &handshake_vip, &handshake_vip_id) : LB_NO_BACKEND;
@@ -590,9 +593,7 @@ int xdp_lb(lb_ctx *ctx)
 	if (handshake != LB_NO_BACKEND && handshake_vip)
 		return handshake_reply(ctx, &pkt, handshake_vip, handshake_vip_id, handshake);
 	/* A NAT backend's answer of no flow would leave with the backend's address. */
-	if (from_backend && would_forward(ctx, &pkt))
-		return verdict(ctx, LB_DROP_REPLY_NO_FLOW, LB_ACT_DROP);
-	return unserved(ctx, &pkt, LB_DROP_UNSERVED);
+	return verdict(ctx, LB_DROP_REPLY_NO_FLOW, LB_ACT_DROP);
 }
 
 #ifdef LB_HOOK_TC

@@ -292,15 +292,16 @@ class DataPlaneModel:
             found = self._reply_flow(p, source)
             if found is not None:
                 return self._to_client(pkt, p, found, ingress_ifindex)
+        # lb.c would_forward: what a backend sends the LB host itself (a health check's answer) is no VIP flow's
+        if not from_backend or self.fib(p.dst, p, frame, ingress_ifindex)[0] == "none":
+            return self._unserved(frame, p.dst, "drop_unserved")
         for port in (p.sport, 0) if self.t.any_port else (p.sport,):
             handshake = self._handshake_reply(pkt, p, self.t.reply_sources.get((p.src, port, p.proto)),
                                               ingress_ifindex)
             if handshake is not None:
                 return handshake
-        # lb.c would_forward: a NAT backend's answer of no flow never leaves with the backend's address
-        if from_backend and self.fib(p.dst, p, frame, ingress_ifindex)[0] != "none":
-            return ModelResult("XDP_DROP", frame, "drop_reply_no_flow")
-        return self._unserved(frame, p.dst, "drop_unserved")
+        # a NAT backend's answer of no flow never leaves with the backend's address
+        return ModelResult("XDP_DROP", frame, "drop_reply_no_flow")
 
     def _unserved(self, frame: bytes, dst: bytes, drop: str) -> ModelResult:
         """lb.c unserved: to a VIP's address, for no VIP of it: dropped, unless its address passes it."""

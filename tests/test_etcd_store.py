@@ -116,7 +116,8 @@ def test_a_transaction_round_trips_a_state(etcd, prefix):
             state.vips.append(_vip(1))
             state.vips[0].health = HealthCheck("http", 8081, "/healthz", 204, 0.5, 0.25, 1, 5)
             state.vips[0].backends[0].healthy = False
-            written = State(state.dataplane, list(state.vips))
+            state.vips[0].backends[0].generation = state.new_generation()  # as every new backend gets
+            written = State(state.dataplane, list(state.vips), generations=state.generations)
         assert etcd.store(prefix).read() == written  # a second client, as another node would read it
         assert etcd.store(prefix + "x").read() == State()  # prefixes are separate states
 
