@@ -42,9 +42,11 @@ def lbctl_add_backend_ms(lb_ns: str, vip: str, address: str, runs: int = 10) -> 
 
 
 def many_vips_config(lab, count: int, port: int = 8080) -> str:
-    """A configuration file of `count` VIPs, each with every lab backend behind it."""
-    backends = "".join(f"      - {b.address}:{port}\n" for b in lab.backends)
-    return "vips:\n" + "".join(f"  - vip: 198.19.{1 + i // 250}.{i % 250 + 1}:80/tcp\n    backends:\n{backends}"
+    """A configuration file of `count` VIPs, each with every lab backend behind it, on a port of its
+    own (a NAT backend endpoint serves a few VIPs at most: structs.REPLY_VIPS)."""
+    def backends(i: int) -> str:
+        return "".join(f"      - {b.address}:{port + i}\n" for b in lab.backends)
+    return "vips:\n" + "".join(f"  - vip: 198.19.{1 + i // 250}.{i % 250 + 1}:80/tcp\n    backends:\n{backends(i)}"
                                for i in range(count))
 
 

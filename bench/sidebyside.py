@@ -163,8 +163,12 @@ def fill(lib: ctypes.CDLL, pairs: list[Pair], katran: Katran, table: int) -> Non
             for case, new in ((p.lb, syn.lb), (p.katran, syn.katran)):
                 opener = Case(f"open_{case.name}", case.prog_fd, new.frame, case.ingress_ifindex, case.action,
                               vary=True, flow_base=CYCLE_BASE, flow_mod=CYCLED, before_block=new.before_block)
+                # a handshake, as a client makes it: lb's entry opens at the SYN's next packet (flood defence)
+                acker = Case(f"ack_{case.name}", case.prog_fd, case.frame, case.ingress_ifindex, case.action,
+                             vary=True, flow_base=CYCLE_BASE, flow_mod=CYCLED)
                 for _ in range(CYCLED // FILL_CHUNK):
                     run_block(lib, opener, FILL_CHUNK)
+                    run_block(lib, acker, FILL_CHUNK)
         elif p.path == "hit":  # the one hot flow, opened with a SYN like any other
             syn_frame = next(q.lb.frame for q in pairs if (q.family, q.mode, q.path) == (p.family, p.mode, "new_flow"))
             for case in (p.lb, p.katran):
