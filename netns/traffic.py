@@ -171,6 +171,57 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+class EchoServers:
+    """An echo server on `port` in each namespace (IPv4 and IPv6), one thread per connection."""
+
+    def __init__(self, namespaces: list[str], port: int, backlog: int = 256):
+        self.stop_event = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        for ns in namespaces:
+            listener = socket_in(ns, socket.AF_INET6)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("::", port))
+            listener.listen(backlog)
+            listener.settimeout(0.2)
+            self.sockets.append(listener)
+            self._spawn(self._serve, listener)
+
+    def _spawn(self, target, *args) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _serve(self, listener: socket.socket) -> None:
+        while not self.stop_event.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.sockets.append(conn)
+            self._spawn(self._echo, conn)
+
+    def _echo(self, conn: socket.socket) -> None:
+        conn.settimeout(0.2)
+        while not self.stop_event.is_set():
+            try:
+                data = conn.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            conn.sendall(data)
+
+    def close(self) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout=6)
+        for s in self.sockets:
+            s.close()
+
+
 @dataclass
 class EchoStream:
     """One long-lived TCP connection from `client_ns` to host:port, exchanging a numbered message
@@ -188,33 +239,12 @@ class EchoStream:
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _sockets: list[socket.socket] = field(default_factory=list)
+    _servers: EchoServers | None = None
 
     def _spawn(self, target, *args) -> None:
         t = threading.Thread(target=target, args=args, daemon=True)
         t.start()
         self._threads.append(t)
-
-    def _serve(self, listener: socket.socket) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except (socket.timeout, OSError):
-                continue
-            self._sockets.append(conn)
-            self._spawn(self._echo, conn)
-
-    def _echo(self, conn: socket.socket) -> None:
-        conn.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                data = conn.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            conn.sendall(data)
 
     def _talk(self, sock: socket.socket) -> None:
         deadline = time.monotonic() + self.limit
@@ -236,14 +266,7 @@ class EchoStream:
             self.error = f"{type(e).__name__}: {e}"
 
     def start(self) -> None:
-        for ns in self.server_nss:
-            listener = socket_in(ns, socket.AF_INET6)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("::", self.port))
-            listener.listen(8)
-            listener.settimeout(0.2)
-            self._sockets.append(listener)
-            self._spawn(self._serve, listener)
+        self._servers = EchoServers(self.server_nss, self.port, backlog=8)
         client = socket_in(self.client_ns, socket.AF_INET)
         self._sockets.append(client)
         client.settimeout(5.0)
@@ -256,6 +279,8 @@ class EchoStream:
             t.join(timeout=6)
         for s in self._sockets:
             s.close()
+        if self._servers is not None:
+            self._servers.close()
 
     @classmethod
     @contextlib.contextmanager

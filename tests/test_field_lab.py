@@ -12,11 +12,12 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from netns.traffic import wait_for  # polling only: the lab itself is built with ip commands
 
 LBCTL = str(Path(sys.executable).parent / "lbctl")
 STATE_DIR = "/var/lib/lb"
@@ -94,12 +95,10 @@ class HandLab:
 
 
 def wait_listening(ns: str, addr: str, port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
     probe = f"import socket; socket.create_connection(('{addr}', {port}), 1).close()"
-    while subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe], capture_output=True).returncode:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing listens on {addr}:{port} in {ns}")
-        time.sleep(0.2)
+    wait_for(lambda: subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe],
+                                    capture_output=True).returncode == 0,
+             timeout, interval=0.2, what=f"something to listen on {addr}:{port} in {ns}")
 
 
 def tcp_csum_errors(ns: str) -> int:

@@ -21,7 +21,7 @@ from lb.structs import REASONS
 from netns.lbctl import lab_with_lb, run_lbctl
 from netns.nsenter import socket_in
 from netns.topology import Lab
-from netns.traffic import wait_for
+from netns.traffic import EchoServers, wait_for
 from netns.xdptools import Generator
 
 PORT = 7000
@@ -37,49 +37,6 @@ def lab() -> Iterator[Lab]:
     with lab_with_lb(2, True, "--conn-table-size", str(TABLE), hosts_tx_checksum=False) as lab:
         lab.resolve_neighbours()
         yield lab
-
-
-class EchoServers:
-    """An echo server on PORT in each backend namespace, one thread per connection."""
-
-    def __init__(self, namespaces: list[str]):
-        self.stop = threading.Event()
-        self.sockets: list[socket.socket] = []
-        for ns in namespaces:
-            listener = socket_in(ns, socket.AF_INET)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("0.0.0.0", PORT))
-            listener.listen(256)
-            listener.settimeout(0.2)
-            self.sockets.append(listener)
-            threading.Thread(target=self._serve, args=(listener,), daemon=True).start()
-
-    def _serve(self, listener: socket.socket) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            self.sockets.append(conn)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    def _echo(self, conn: socket.socket) -> None:
-        conn.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                data = conn.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            conn.sendall(data)
-
-    def close(self) -> None:
-        self.stop.set()
-        for s in self.sockets:
-            s.close()
 
 
 def exchange(sock: socket.socket, n: int) -> None:
@@ -121,7 +78,7 @@ def test_spoofed_syns_do_not_evict_established_flows(lab: Lab):
     for b in lab.backends:
         run_lbctl(lab.lb_ns, "add-backend", vip, f"{b.address}:{PORT}")
     pin_dir = run_lbctl(lab.lb_ns, "list", "--json").json()["dataplane"]["pin_dir"]
-    servers = EchoServers([b.ns for b in lab.backends])
+    servers = EchoServers([b.ns for b in lab.backends], PORT)
     clients: list[socket.socket] = []
     errors: list[str] = []
     rounds = [0]
