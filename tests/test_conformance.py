@@ -119,17 +119,22 @@ def send(harness: Harness, names: dict, expression: str, ingress: str = "client"
     return actual
 
 
+def vip_on_first_backend(harness: Harness, vip: str, port: int) -> tuple[tuple[bytes, int], tuple[bytes, int]]:
+    """`vip` with the lab's first backend on `port`; returns the first two backends' endpoints, as
+    test-packet names them."""
+    run_lbctl(harness.lab.lb_ns, "add-vip", vip)
+    run_lbctl(harness.lab.lb_ns, "add-backend", vip, f"{harness.lab.backends[0].address}:{port}")
+    harness.resnapshot()
+    return tuple((bytes(LbAddr.of(b.address)), port) for b in harness.lab.backends[:2])
+
+
 def test_a_drained_backends_udp_client_moves_once_idle(harness: Harness):
     """A fixed-port UDP client stays with its drained backend while it keeps sending, and moves
     to a serving backend after the UDP timeout (30 s: 28 ticks) of silence."""
     names = expression_names(harness.lab)
     vip = f"{harness.lab.vip(2)}:97/udp"
-    run_lbctl(harness.lab.lb_ns, "add-vip", vip)
-    run_lbctl(harness.lab.lb_ns, "add-backend", vip, f"{harness.lab.backends[0].address}:5397")
-    harness.resnapshot()
+    b1, b2 = vip_on_first_backend(harness, vip, 5397)
     datagram = "Ether(src=CLIENT_MAC, dst=LB_CLIENT_MAC)/IP(src=CLIENT, dst=VIP2)/UDP(sport=40200, dport=97)/Raw(b'q')"
-    b1 = (bytes(LbAddr.of(harness.lab.backends[0].address)), 5397)
-    b2 = (bytes(LbAddr.of(harness.lab.backends[1].address)), 5397)
     assert send(harness, names, datagram).backend == b1
     run_lbctl(harness.lab.lb_ns, "add-backend", vip, f"{harness.lab.backends[1].address}:5397")
     run_lbctl(harness.lab.lb_ns, "drain", vip, f"{harness.lab.backends[0].address}:5397")
@@ -148,12 +153,8 @@ def test_a_closed_tcp_flow_ages_out_after_the_closing_timeout(harness: Harness):
     (here: its removed backend is not picked)."""
     names = expression_names(harness.lab)
     vip = f"{harness.lab.vip(2)}:98/tcp"
-    run_lbctl(harness.lab.lb_ns, "add-vip", vip)
-    run_lbctl(harness.lab.lb_ns, "add-backend", vip, f"{harness.lab.backends[0].address}:9898")
-    harness.resnapshot()
+    b1, b2 = vip_on_first_backend(harness, vip, 9898)
     segment = "Ether(src=CLIENT_MAC, dst=LB_CLIENT_MAC)/IP(src=CLIENT, dst=VIP2)/TCP(sport=40201, dport=98, flags='{}')"
-    b1 = (bytes(LbAddr.of(harness.lab.backends[0].address)), 9898)
-    b2 = (bytes(LbAddr.of(harness.lab.backends[1].address)), 9898)
     for flags in ("S", "A"):
         assert send(harness, names, segment.format(flags)).backend == b1
     run_lbctl(harness.lab.lb_ns, "add-backend", vip, f"{harness.lab.backends[1].address}:9898")
