@@ -75,6 +75,19 @@ static __always_inline int flow_trusted(const struct flow_entry *flow, const str
 	return now - flow->last_seen <= idle_timeout(config, flow, pkt->proto);
 }
 
+/* May a backend's reply use this entry of the client's tuple? Not once idle
+ * past its timeout, and a SYN-ACK not on a closing one: the client may have
+ * reused the port of a closed connection towards another VIP of the same
+ * backend, and that SYN-ACK is the new connection's (a SYN to the same VIP
+ * would have reopened the entry, see flow_touch). */
+static __always_inline int flow_answers_reply(const struct flow_entry *flow, const struct packet *pkt,
+					      const struct lb_config *config, __u32 now)
+{
+	if ((flow->flags & LB_FLOW_CLOSING) && pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & LB_TCP_SYN))
+		return 0;
+	return now - flow->last_seen <= idle_timeout(config, flow, pkt->proto);
+}
+
 /* A packet of the flow: the entry was seen now (written only when the second
  * changed, to keep the cache line clean), and a FIN or an RST starts the close
  * (a SYN on the tuple starts over). */

@@ -222,6 +222,41 @@ static __always_inline int opens_entry(const struct packet *pkt, const struct ba
 	return !is_syn(pkt) || (be->flags & LB_BACKEND_SHARED);
 }
 
+/* A SYN to an endpoint shared by several VIPs starts the client's tuple over
+ * there: the entries of the same client port towards the endpoint's other
+ * VIPs (a closed connection's, kept until they idle out) would otherwise take
+ * this connection's replies, since reply_flow tries the VIPs in turn. */
+static __always_inline void start_over_at_shared_endpoint(const struct packet *pkt, const struct backend *be,
+							  __u32 vip_id)
+{
+	if (!(be->flags & LB_BACKEND_SHARED) || !is_syn(pkt))
+		return;
+	__be16 port = be->port ? be->port : pkt->dport; /* where the backend answers from */
+	struct endpoint ep = { .addr = be->addr, .port = port, .proto = pkt->proto };
+	struct reply_source *rs = reply_sources.lookup(&ep);
+
+	if (!rs) {
+		ep.port = 0; /* a backend of VIPs of every port */
+		rs = reply_sources.lookup(&ep);
+		if (!rs)
+			return;
+	}
+	for (int i = 0; i < LB_REPLY_VIPS; i++) {
+		if (i >= rs->count)
+			break;
+		__u32 other = rs->vip_ids[i];
+		struct vip_meta *vip = vip_meta.lookup(&other);
+
+		if (other == vip_id || !vip)
+			continue;
+		struct flow_key key = {
+			.src = pkt->src, .dst = vip->addr, .sport = pkt->sport, .dport = vip->port ? vip->port : port,
+			.proto = pkt->proto,
+		};
+		conn_table.delete(&key);
+	}
+}
+
 /* A new flow: pick a backend on the VIP's Maglev table and remember the
  * choice, with the backend's next hop already in it. */
 static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow_key *key,
@@ -245,8 +280,10 @@ static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow
 		.flags = is_closing(pkt) ? LB_FLOW_CLOSING : 0, .nh = *be_nh,
 	};
 
-	if (opens_entry(pkt, be))
+	if (opens_entry(pkt, be)) {
+		start_over_at_shared_endpoint(pkt, be, vip_id);
 		conn_table.update(key, &entry);
+	}
 	/* a connection counts once, at its SYN (the entry of its next packet is not another) */
 	count_flow(vip_id, backend_id, pkt->len, 0, pkt->proto != IPPROTO_TCP || is_syn(pkt));
 	return forward(ctx, pkt, vip->flags, be, &entry.nh, resolved);
@@ -286,6 +323,7 @@ static __always_inline int to_backend(lb_ctx *ctx, struct packet *pkt, const str
 
 	if (!be || !flow_trusted(flow, be, vip_id, pkt, config, now))
 		return new_flow(ctx, pkt, &key, vip, now);
+	start_over_at_shared_endpoint(pkt, be, vip_id);
 	flow_touch(flow, pkt, now);
 	count_flow(vip_id, backend_id, pkt->len, 0, 0);
 	int resolved = ensure_next_hop(ctx, pkt, &be->addr, &flow->nh);
@@ -311,7 +349,7 @@ static __always_inline struct vip_meta *active_vip(__u32 vip_id)
 
 /* The flow a backend's reply belongs to among one VIP's: the client's own
  * flow (found by its tuple towards that VIP), and only if its entry is still
- * true and names this very backend. */
+ * true, names this very backend and may answer this reply (flow_answers_reply). */
 static __always_inline struct flow_entry *vip_reply_flow(const struct packet *pkt, __u32 vip_id,
 							 struct vip_meta **vip_out)
 {
@@ -333,6 +371,10 @@ static __always_inline struct flow_entry *vip_reply_flow(const struct packet *pk
 
 	if (!be || !same_endpoint(be, pkt) || be->generation != flow->generation || be->vip_id != vip_id ||
 	    flow->vip_id != vip_id)
+		return NULL;
+	struct lb_config *config = config_of();
+
+	if (!flow_answers_reply(flow, pkt, config, lb_clock(config)))
 		return NULL;
 	*vip_out = vip;
 	return flow;

@@ -469,6 +469,12 @@ class DataPlaneModel:
             return False
         return (now - flow.last_seen) & 0xFFFFFFFF <= self._idle_timeout(flow, p.proto)
 
+    def _answers_reply(self, flow: Flow, p: Parsed) -> bool:
+        """conn.h flow_answers_reply: not idle past its timeout; a SYN-ACK not on a closing entry."""
+        if flow.flags & structs.FLOW_CLOSING and p.proto == TCP and p.tcp_flags & 0x02:
+            return False
+        return (self.now() - flow.last_seen) & 0xFFFFFFFF <= self._idle_timeout(flow, p.proto)
+
     def _opens_entry(self, p: Parsed, be: tuple[bytes, int, int, int, int]) -> bool:
         """lb.c opens_entry: not an RST; a SYN only to an endpoint shared by several VIPs."""
         if p.proto == TCP and p.tcp_flags & 0x04:
@@ -537,9 +543,27 @@ class DataPlaneModel:
         be = self._backend(flow.backend_id)
         if be is None or not self._trusted(flow, be, vip[0], p, now):
             return self._new_flow(pkt, p, key, vip, ingress, now)
+        self._start_over_at_shared_endpoint(p, be, vip[0])
         self._touch(flow, p, now)
         resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
         return self._forward(pkt, p, vip[1], be, flow.nh, resolved, ingress)
+
+    def _start_over_at_shared_endpoint(self, p: Parsed, be: tuple, vip_id: int) -> None:
+        """lb.c start_over_at_shared_endpoint: a SYN to a shared endpoint forgets the client tuple's
+        entries towards the endpoint's other VIPs."""
+        if not be[2] & structs.BACKEND_SHARED or not self._is_syn(p):
+            return
+        port = be[1] or p.dport
+        vip_ids = self.t.reply_sources.get((be[0], port, p.proto))
+        if vip_ids is None:
+            vip_ids = self.t.reply_sources.get((be[0], 0, p.proto))
+            if vip_ids is None:
+                return
+        for other in vip_ids:
+            meta = self.t.vip_meta.get(other)
+            if other == vip_id or meta is None:
+                continue
+            self.t.conn.pop((p.src, meta[0], p.sport, meta[1] or port, p.proto), None)
 
     def _new_flow(self, pkt: bytearray, p: Parsed, key: FlowKey, vip: tuple[int, int], ingress: int,
                   now: int) -> ModelResult:
@@ -553,6 +577,7 @@ class DataPlaneModel:
         if nh.ifindex:
             self.t.backend_nh[backend_id] = nh
         if self._opens_entry(p, be):
+            self._start_over_at_shared_endpoint(p, be, vip_id)
             self.t.conn[key] = Flow(backend_id, vip_id, structs.FLOW_CLOSING if self._is_closing(p) else 0, nh,
                                     generation=be[3], last_seen=now)
         return self._forward(pkt, p, flags, be, nh, resolved, ingress)
@@ -595,6 +620,8 @@ class DataPlaneModel:
             if be is None or be[0] != p.src or be[1] not in (p.sport, 0):
                 continue
             if be[3] != flow.generation or be[4] != vip_id or flow.vip_id != vip_id:
+                continue
+            if not self._answers_reply(flow, p):
                 continue
             return flow, meta
         return None

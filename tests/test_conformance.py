@@ -86,11 +86,12 @@ def test_reply_to_a_steered_connection_of_the_lb_host_is_handed_to_the_host(harn
     vip_id = t.vips[(bytes(vip), 53, socket.IPPROTO_UDP)][0]
     backend_id = next(i for i, (addr, port, *_) in t.backends.items() if (addr, port) == (b1, 5353))
     generation = t.backends[backend_id][3]
+    now = harness.model.now()  # a live entry: an idle one answers no reply
     harness.maps.conn_table.set(
         FlowKey(src=lb_host, dst=vip, sport=socket.htons(40500), dport=socket.htons(53), proto=socket.IPPROTO_UDP),
-        FlowEntry(backend_id=backend_id, vip_id=vip_id, flags=FLOW_LOCAL, generation=generation))
+        FlowEntry(backend_id=backend_id, vip_id=vip_id, flags=FLOW_LOCAL, generation=generation, last_seen=now))
     t.conn[(bytes(lb_host), bytes(vip), 40500, 53, socket.IPPROTO_UDP)] = Flow(backend_id, vip_id, FLOW_LOCAL,
-                                                                                generation=generation)
+                                                                                generation=generation, last_seen=now)
     lb_b1 = str(harness.lab.backends[0].lb_address)
     frame = evaluate(f"Ether(src=B1_MAC, dst=LB_B1_MAC)/IP(src=B1, dst='{lb_b1}')/UDP(sport=5353, dport=40500)/Raw(b'ok')",
                      names)
