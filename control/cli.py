@@ -23,15 +23,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, then settle where the state lives: --store (etcd) or --state (SQLite, env LBCTL_STATE)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.store and args.state:
-        parser.error("--store and --state are mutually exclusive: the state is in etcd or in a SQLite file")
+    if args.node and not args.store:
+        parser.error("--node names a node of a cluster: it goes with --store etcd://HOST:PORT/PREFIX")
     if args.store:
         if not args.store.startswith("etcd://"):
             parser.error(f"--store {args.store}: expected etcd://HOST:PORT/PREFIX")
-        args.state = args.store  # every consumer of args.state (daemon, health, Controller.open) takes a URL
+        from control.etcdstore import parse_url
+        try:
+            location = parse_url(args.store)
+            for node in (args.node, os.environ.get("LB_NODE")):
+                if node:
+                    parse_url(location.with_node(node, None))  # checks the name
+        except InputError as e:
+            parser.error(str(e))
+        # every consumer of args.state (daemon, health, Controller.open) takes the one URL: with --store,
+        # --state is this node's own file (its data plane, map ids, health), the shared part is in etcd
+        node = args.node or location.node or os.environ.get("LB_NODE")
+        args.state = location.with_node(node, args.state or location.local)
     elif args.state is None:
         args.state = os.environ.get("LBCTL_STATE")
-    del args.store
+    del args.store, args.node
     return args
 
 
@@ -190,7 +201,11 @@ def _add_global_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--state", default=default(None),
                    help="desired-state file (default: /var/lib/lb/NETNS.db; env LBCTL_STATE)")
     p.add_argument("--store", metavar="etcd://HOST:PORT/PREFIX", default=default(None),
-                   help="keep the desired state in etcd under PREFIX instead of a SQLite file (not with --state)")
+                   help="a node of a cluster: the shared state in etcd under PREFIX, this node's own part in "
+                        "--state (default: /var/lib/lb/NETNS.node.db)")
+    p.add_argument("--node", default=default(None),
+                   help="this node's name in the cluster (with --store; default: the host's name, and in a "
+                        "named network namespace HOST-NETNS; env LB_NODE)")
     p.add_argument("--api-socket", default=default("LBCTL_API_SOCKET"),
                    help="the daemon's socket (default: /run/lb/NETNS.sock; env LBCTL_API_SOCKET); "
                         "without a daemon there, lbctl works on the maps itself")

@@ -104,7 +104,7 @@ class Controller:
     @classmethod
     def open(cls, state_path: str | None = None) -> "Controller":
         instance = Instance.current()
-        return cls(instance, open_store(state_path or instance.state_path()))
+        return cls(instance, open_store(state_path or instance.state_path(), instance.name))
 
     # --- the data plane itself -------------------------------------------------
 

@@ -3,8 +3,8 @@
 A Store hands out exclusive transactions on the whole State: `with
 store.transaction() as state:` loads it, and the block's changes are saved
 atomically when it exits cleanly, or dropped when it raises. SQLite (one file)
-is the default; a shared store (etcd, later) implements the same two methods
-with a compare-and-swap on a revision."""
+is the default; etcd (etcdstore.py) implements the same two methods, keeping the
+part nodes share in etcd and each node's own part in a SQLite file here."""
 from __future__ import annotations
 
 import contextlib
@@ -170,13 +170,16 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                state, revision = self._load(conn)
+                state, _ = self._load(conn)
                 yield state
+                # state.revision + 1, not the row's: a store built on this one (etcdstore.py) may raise
+                # state.revision while the block runs, to tell the maps' mark that the state moved on.
+                saved = state.revision + 1
                 conn.execute("INSERT OR REPLACE INTO state (id, revision, doc) VALUES (1, ?, ?)",
-                             (revision + 1, self._dump(state)))
+                             (saved, self._dump(state)))
                 fault.point("store_commit")
                 conn.execute("COMMIT")
-                self._cached = (revision + 1, state.copy())
+                self._cached = (saved, state.copy())
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise

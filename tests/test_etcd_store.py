@@ -7,7 +7,6 @@ import functools
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -17,6 +16,8 @@ import pytest
 
 from control.etcdstore import EtcdStore, StoreConflict, StoreUnreachable
 from control.model import BackendAddress, BackendState, HealthCheck, State, VipAddress, VipState
+from control.shared import shared_doc
+from netns.etcd import Etcd, etcd_in
 from netns.lbctl import LBCTL, DaemonProcess, forget, run_lbctl
 from netns.nsenter import in_netns
 from netns.topology import Lab, run_prefix
@@ -25,65 +26,6 @@ from tests.conftest import backend_name
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="no etcd binary (Debian etcd-server; make setup installs it)")
-
-CLIENT_PORT = 2379
-
-
-class Etcd:
-    """One etcd member in its own namespace; stores made here talk to it from inside that namespace."""
-
-    def __init__(self, ns: str, data_dir: str):
-        self.ns = ns
-        self.data_dir = data_dir
-        self.log = open(os.path.join(data_dir, "etcd.log"), "w")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "etcd", "--name", ns, "--data-dir", os.path.join(data_dir, "member"),
-             "--listen-client-urls", f"http://127.0.0.1:{CLIENT_PORT}",
-             "--advertise-client-urls", f"http://127.0.0.1:{CLIENT_PORT}",
-             "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-             "--initial-cluster", f"{ns}=http://127.0.0.1:2380"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-
-    def url(self, prefix: str) -> str:
-        return f"etcd://127.0.0.1:{CLIENT_PORT}/{prefix}"
-
-    def store(self, prefix: str) -> EtcdStore:
-        return EtcdStore.from_url(self.url(prefix))
-
-    def ready(self) -> bool:
-        assert self.proc.poll() is None, f"etcd exited with {self.proc.returncode}; see {self.log.name}"
-        try:
-            with in_netns(self.ns):
-                self.store("ready").read()
-            return True
-        except StoreUnreachable:
-            return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        self.log.close()
-
-
-@contextlib.contextmanager
-def etcd_in(ns: str) -> Iterator[Etcd]:
-    """etcd on the loopback of namespace `ns`, with a temporary data directory; all of it goes afterwards."""
-    data_dir = tempfile.mkdtemp(prefix=f"{ns}-etcd-")
-    server = None
-    try:
-        server = Etcd(ns, data_dir)
-        wait_for(server.ready, timeout=60, interval=0.2, what="etcd to answer")
-        yield server
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
-
 
 @pytest.fixture(scope="module")
 def etcd() -> Iterator[Etcd]:
@@ -109,17 +51,22 @@ def _vip(index: int) -> VipState:
 
 
 def test_a_transaction_round_trips_a_state(etcd, prefix):
+    """What one node writes, another reads: the shared part the same, its own part (ids, health) its own."""
     with in_netns(etcd.ns):
-        store = etcd.store(prefix)
+        store = etcd.store(prefix, "a")
         assert store.read() == State()
         with store.transaction() as state:
-            state.vips.append(_vip(1))
+            state.vips.append(_vip(7))
             state.vips[0].health = HealthCheck("http", 8081, "/healthz", 204, 0.5, 0.25, 1, 5)
-            state.vips[0].backends[0].healthy = False
+            state.vips[0].backends[0].healthy = False  # this node's observation
             state.vips[0].backends[0].generation = state.new_generation()  # as every new backend gets
-            written = State(state.dataplane, list(state.vips), generations=state.generations)
-        assert etcd.store(prefix).read() == written  # a second client, as another node would read it
-        assert etcd.store(prefix + "x").read() == State()  # prefixes are separate states
+            written = state.copy()
+        assert store.read() == written  # the node's own part too, from its file
+        other = etcd.store(prefix, "b").read()  # a second node
+        assert shared_doc(other) == shared_doc(written)
+        assert [(v.id, [(b.id, b.healthy) for b in v.backends]) for v in other.vips] == [(0, [(1, True)])]
+        assert etcd.store(prefix + "x", "a").read() == State()  # prefixes are separate states
+        assert set(store.nodes()) == {"a"}  # b only read
 
 
 def test_a_raising_transaction_changes_nothing(etcd, prefix):
@@ -127,13 +74,14 @@ def test_a_raising_transaction_changes_nothing(etcd, prefix):
         store = etcd.store(prefix)
         with store.transaction() as state:
             state.vips.append(_vip(1))
-        before = store._call("get", store.key, True)[0]
+        before = store.shared.call("get", store.shared.key, True)[0]
         with pytest.raises(RuntimeError):
             with store.transaction() as state:
                 state.vips.clear()
                 raise RuntimeError("half-way")
-        assert store._call("get", store.key, True)[0] == before  # same value, same mod_revision
-        assert store._call("get", store.lock_key) == []  # and the lock is free again
+        assert store.shared.call("get", store.shared.key, True)[0] == before  # same value, same mod_revision
+        assert store.shared.call("get", store.shared.lock_key) == []  # and the lock is free again
+        assert [v.id for v in store.read().vips] == [1]  # nor anything in the node's own file
         with store.transaction() as state:  # which the next writer finds
             state.vips.append(_vip(2))
         assert [v.id for v in store.read().vips] == [1, 2]
@@ -145,7 +93,7 @@ def test_two_concurrent_writers_both_land(etcd, prefix):
     def writer(first: int) -> None:
         try:
             with in_netns(etcd.ns):
-                store = etcd.store(prefix)  # each writer its own client, as two nodes would
+                store = etcd.store(prefix, f"w{first}")  # each writer a node of its own
                 for i in range(first, first + per_writer):
                     with store.transaction() as state:
                         state.vips.append(_vip(i))
@@ -160,8 +108,8 @@ def test_two_concurrent_writers_both_land(etcd, prefix):
         t.join(timeout=120)
     assert not errors and not any(t.is_alive() for t in threads)
     with in_netns(etcd.ns):
-        ids = sorted(v.id for v in etcd.store(prefix).read().vips)
-    assert ids == [*range(1, 1 + per_writer), *range(101, 101 + per_writer)]
+        vips = sorted(str(v.vip) for v in etcd.store(prefix, "reader").read().vips)
+    assert vips == sorted(str(_vip(i).vip) for i in [*range(1, 1 + per_writer), *range(101, 101 + per_writer)])
 
 
 def test_a_write_behind_the_lock_fails_the_compare_and_swap(etcd, prefix):
@@ -170,26 +118,31 @@ def test_a_write_behind_the_lock_fails_the_compare_and_swap(etcd, prefix):
         store = etcd.store(prefix)
         with store.transaction() as state:
             state.vips.append(_vip(1))
-        intruder = etcd.store(prefix)
+        shared = store.shared
         with pytest.raises(StoreConflict, match="nothing was saved"):
             with store.transaction() as state:
                 state.vips.append(_vip(2))
-                intruder._call("put", intruder.key, store._call("get", store.key)[0].replace(b'"id": 1', b'"id": 7'))
-        assert [v.id for v in store.read().vips] == [7]  # the intruder's write stands, ours was not applied
-        assert store._call("get", store.lock_key) == []
+                shared.call("put", shared.key, shared.call("get", shared.key)[0].replace(b'"weight": 3', b'"weight": 7'))
+        assert [[b.weight for b in v.backends] for v in store.read().vips] == [[7]]  # the intruder's write stands
+        assert shared.call("get", shared.lock_key) == []
 
 
-def test_an_unreachable_etcd_is_one_clear_error(etcd):
+def test_an_unreachable_etcd_refuses_changes_in_one_line_and_reads_give_the_last_state(etcd, tmp_path):
     with in_netns(etcd.ns):
+        store = EtcdStore.from_url(f"etcd://127.0.0.1:1/x?local={tmp_path}/n.db")
         with pytest.raises(StoreUnreachable, match="unreachable"):
-            EtcdStore.from_url("etcd://127.0.0.1:1/x").read()
-    result = run_lbctl(etcd.ns, "--store", "etcd://127.0.0.1:1/x", "list", check=False)
+            with store.transaction():
+                pass
+        assert store.reachable is False and store.unreachable_since is not None
+        assert store.read() == State()  # this node's last state: nothing yet
+    result = run_lbctl(etcd.ns, "--store", "etcd://127.0.0.1:1/x", "--state", f"{tmp_path}/n.db",
+                       "add-vip", "10.0.0.1:80/tcp", check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["lbctl: error: etcd at etcd://127.0.0.1:1/x is unreachable; "
                                                   "nothing was changed"]
 
 
-def test_lbctl_store_attaches_adds_lists_and_forwards(prefix):
+def test_lbctl_store_attaches_adds_lists_and_forwards(prefix, tmp_path):
     """lbctl --store on an LB namespace with etcd on its loopback: the data plane follows the state in etcd."""
     with Lab.build(2) as lab, etcd_in(lab.lb_ns) as server:
         url = server.url(prefix)
@@ -215,14 +168,14 @@ def test_lbctl_store_attaches_adds_lists_and_forwards(prefix):
             assert sorted(b["backend"] for b in listed_vip["backends"]) == sorted(
                 f"{b.address}:8080" for b in lab.backends)
             with in_netns(lab.lb_ns):  # the same state, read straight from etcd
-                assert [len(v.backends) for v in server.store(prefix).read().vips] == [2]
+                assert [len(v.backends) for v in server.store(prefix, "other", str(tmp_path)).read().vips] == [2]
             assert lbctl("list", "--json", check=False).json()["vips"] == []  # the SQLite default knows nothing
             names = {b.ns: backend_name(b.ns) for b in lab.backends}
             with Servers.running(names):
                 served = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20))
             assert set(served) == set(names.values())
-            both = lbctl("--state", "/nonexistent/x.db", "list", "--store", url, check=False)
-            assert both.returncode == 2 and "mutually exclusive" in both.stderr
+            alone = lbctl("--node", "n1", "list", check=False)
+            assert alone.returncode == 2 and "goes with --store" in alone.stderr
         finally:
             lbctl("--store", url, "detach", check=False)
             forget(lab.lb_ns)
@@ -247,7 +200,7 @@ def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
                 assert set(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20)) == set(names.values())
                 drained = lab.backends[1]
                 with in_netns(lab.lb_ns):
-                    with server.store(prefix).transaction() as state:
+                    with server.store(prefix, "elsewhere", str(tmp_path)).transaction() as state:
                         (backend,) = [b for b in state.vips[0].backends
                                       if str(b.address.address) == str(drained.address)]
                         backend.weight = 0  # no new flows: every new connection goes to the other backend
@@ -272,13 +225,13 @@ def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
 def test_the_watch_skips_its_own_writes_and_catches_up_after_an_etcd_restart(etcd, prefix):
     calls: list[str] = []
     stop = threading.Event()
-    watched = etcd.store(prefix)
+    watched = etcd.store(prefix, "watched")
 
     def watch() -> None:
         with in_netns(etcd.ns):
             watched.watch(stop, lambda: calls.append("change"), lambda message: calls.append(message))
 
-    other = etcd.store(prefix)
+    other = etcd.store(prefix, "other")
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     restarted = None
