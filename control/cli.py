@@ -334,6 +334,15 @@ def format_plan(r: dict[str, Any]) -> str:
 
 def format_status(data: dict[str, Any]) -> str:
     attached = "data plane: " + ", ".join(f"{i['name']} ({i['mode']})" for i in data.get("interfaces", []))
+    store = data.get("store")
+    if store is not None:
+        import time
+        since = store["unreachable_since"]
+        attached += (f"\nstore: {store['store']}, node {store['node']}: " +
+                     ("reachable" if store["reachable"] else
+                      f"UNREACHABLE since {time.strftime('%H:%M:%S', time.localtime(since))}" if since else
+                      "UNREACHABLE") +
+                     ("" if store["reachable"] else "; forwarding with this node's last state, changes refused"))
     if not data["vips"]:
         return attached + "\nno VIPs"
     rows: list[list[Any]] = [["VIP", "BACKEND", "HEALTH", "WEIGHT", "NEW FLOWS", "CONNECTIONS"]]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, quote, urlsplit
 
-from control.errors import InputError, LbError
+from control.errors import InputError, LbError, StoreUnreachable
 from control.model import State
 from control.shared import merge, normalise, shared_doc
 from control.store import SqliteStore
@@ -39,10 +39,6 @@ from lb.pins import STATE_DIR
 
 LOCK_TTL = 120  # s: longer than any transaction (an attach compiles the data plane inside one)
 FORMAT = 2  # of the shared document: 1 (no "format" key) held the whole State of the writer
-
-
-class StoreUnreachable(LbError):
-    """The shared store does not answer: nothing was read or changed."""
 
 
 class StoreConflict(LbError):

@@ -446,7 +446,9 @@ class Controller:
                                  "serving": v.takes_new_flows(b), "connections": connections.get(b.id, 0)})
             vips.append({"vip": str(v.vip), "mode": v.mode, "health_check": v.health.kind, "all_down": v.all_down,
                          "failing_open": v.failing_open, "backends": backends})
+        shared = getattr(self.store, "status", None)  # a node of a cluster: how it stands with etcd
         return {"vips": vips, "interfaces": [{"name": i.name, "mode": i.mode} for i in dp.interfaces],
+                **({"store": shared()} if shared is not None else {}),
                 "connections_note": "connections = connection-table entries, which include closed connections "
                                     "the LRU table has not evicted yet"}
 

@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from control.etcdstore import EtcdStore, StoreConflict, StoreUnreachable
 from control.model import BackendAddress, BackendState, HealthCheck, State, VipAddress, VipState
@@ -21,8 +22,10 @@ from netns.etcd import Etcd, etcd_in
 from netns.lbctl import LBCTL, DaemonProcess, forget, run_lbctl
 from netns.nsenter import in_netns
 from netns.topology import Lab, run_prefix
-from netns.traffic import Servers, http_get, wait_for
+from netns.traffic import NetnsHTTPConnection, Servers, http_get, wait_for
 from tests.conftest import backend_name
+
+METRICS_PORT = 9464
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="no etcd binary (Debian etcd-server; make setup installs it)")
@@ -181,13 +184,28 @@ def test_lbctl_store_attaches_adds_lists_and_forwards(prefix, tmp_path):
             forget(lab.lb_ns)
 
 
-def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
-    """Another writer (here this test, as another node will) changes the state in etcd; the daemon,
-    watching, brings its maps along within a second, and traffic shows it."""
+def _store_reachable(ns: str) -> float:
+    """lb_store_reachable, scraped from the daemon's metrics inside namespace `ns`."""
+    conn = NetnsHTTPConnection(ns, "127.0.0.1", METRICS_PORT)
+    try:
+        text = conn.get_text("/metrics")
+    finally:
+        conn.close()
+    (value,) = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.name == "lb_store_reachable"]
+    return value
+
+
+def test_the_daemon_follows_other_writers_and_forwards_while_etcd_is_away(prefix, tmp_path):
+    """Another writer (here this test, as another node would) changes the state in etcd; the daemon,
+    watching, brings its maps along within a second, and traffic shows it. With etcd stopped, the data
+    plane goes on forwarding with the node's last state, and the log, the metrics and `lbctl status`
+    say etcd is away; once it is back, a change made elsewhere reaches the maps again."""
     with Lab.build(2) as lab, etcd_in(lab.lb_ns) as server:
         url = server.url(prefix)
         lbctl = functools.partial(run_lbctl, lab.lb_ns)
-        daemon = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ("--store", url))
+        daemon = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"),
+                               ("--store", url, "--metrics", f"127.0.0.1:{METRICS_PORT}"))
         try:
             daemon.start()
             lbctl("--store", url, "attach", *lab.lb_interfaces)
@@ -216,6 +234,34 @@ def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
             elsewhere = lbctl("list", "--store", server.url(prefix + "x"), check=False)
             assert elsewhere.returncode == 2 and f"keeps its state in {url}" in elsewhere.stderr
             assert sorted(b["weight"] for b in listed["vips"][0]["backends"]) == [0, 1]
+            assert _store_reachable(lab.lb_ns) == 1
+
+            server.stop()
+            wait_for(lambda: any(e["msg"].startswith(f"etcd at {url}: watch lost")
+                                 for e in daemon.events(pid=daemon.proc.pid)),
+                     timeout=15, what="the daemon to log etcd's loss")
+            with Servers.running(names):  # still forwarding, with the last state (the drained one left out)
+                served = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20))
+            assert set(served) == {names[b.ns] for b in lab.backends if b is not drained}
+            status = lbctl("status").stdout
+            assert f"store: {url}, node " in status and "UNREACHABLE since" in status, status
+            assert lbctl("status", "--json").json()["store"]["reachable"] is False
+            assert _store_reachable(lab.lb_ns) == 0
+            refused = lbctl("set-weight", vip, f"{drained.address}:8080", "1", check=False)
+            assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+                f"lbctl: error: etcd at {url} is unreachable; nothing was changed"]
+
+            server.restart()
+            wait_for(lambda: daemon.events("the store answers again: catching up with it", daemon.proc.pid),
+                     timeout=15, what="the daemon to catch up")
+            with in_netns(lab.lb_ns):  # the other node undoes the drain
+                with server.store(prefix, "elsewhere", str(tmp_path)).transaction() as state:
+                    for b in state.vips[0].backends:
+                        b.weight = 1
+            with Servers.running(names):
+                wait_for(lambda: set(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(10))
+                         == set(names.values()), timeout=10, what="the undrained backend to serve again")
+            assert ": reachable" in lbctl("status").stdout and _store_reachable(lab.lb_ns) == 1
         finally:
             daemon.stop()
             lbctl("--store", url, "detach", check=False)
