@@ -222,7 +222,8 @@ class EtcdStore:
     """A node of a cluster: the shared part in etcd, this node's own part in its SQLite file (see above).
 
     `reachable` is what the last contact with etcd found (None before any): while etcd is away,
-    read() answers with the node's last state (the maps keep forwarding it) and changes are refused."""
+    read() answers with the node's last state (the maps keep forwarding it), changes to the shared
+    part are refused, and changes to the node's own part alone (health verdicts) go on."""
 
     def __init__(self, location: Location, node: str, local_path: str):
         self.location = location
@@ -280,9 +281,11 @@ class EtcdStore:
     def transaction(self) -> Iterator[State]:
         try:
             lease_id, token = self.shared.lock()
-        except StoreUnreachable:
+        except StoreUnreachable as e:
             self._contact(False)
-            raise
+            with self._node_only(e) as state:
+                yield state
+            return
         try:
             doc, mod_revision = self._shared_doc()
             with self.local.transaction() as state:
@@ -298,6 +301,16 @@ class EtcdStore:
         finally:
             with contextlib.suppress(LbError):  # an unreachable etcd frees the lock when the lease ends
                 self.shared.unlock(lease_id)
+
+    @contextlib.contextmanager
+    def _node_only(self, unreachable: StoreUnreachable) -> Iterator[State]:
+        """A transaction on this node's own part alone, while etcd is away: health verdicts, the data
+        plane's attachment go on; a change to the shared part raises `unreachable`, and nothing is saved."""
+        with self.local.transaction() as state:
+            before = shared_doc(state)
+            yield state
+            if shared_doc(state) != before:
+                raise unreachable
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         return self.shared.nodes()

@@ -90,7 +90,7 @@ def test_a_raising_transaction_changes_nothing(etcd, prefix):
         assert [v.id for v in store.read().vips] == [1, 2]
 
 
-def test_two_concurrent_writers_both_land(etcd, prefix):
+def test_two_nodes_writing_at_once_are_serialised_with_nothing_lost_or_half_applied(etcd, prefix):
     per_writer, errors = 8, []
 
     def writer(first: int) -> None:
@@ -98,9 +98,10 @@ def test_two_concurrent_writers_both_land(etcd, prefix):
             with in_netns(etcd.ns):
                 store = etcd.store(prefix, f"w{first}")  # each writer a node of its own
                 for i in range(first, first + per_writer):
-                    with store.transaction() as state:
+                    with store.transaction() as state:  # one change in three parts: VIP, backend, ACL
                         state.vips.append(_vip(i))
                         threading.Event().wait(0.01)  # widen the window between read and write
+                        state.vips[-1].acl = {f"192.0.2.{i}/32": "deny"}
         except BaseException as e:  # noqa: BLE001  (reported by the main thread)
             errors.append(e)
 
@@ -111,8 +112,10 @@ def test_two_concurrent_writers_both_land(etcd, prefix):
         t.join(timeout=120)
     assert not errors and not any(t.is_alive() for t in threads)
     with in_netns(etcd.ns):
-        vips = sorted(str(v.vip) for v in etcd.store(prefix, "reader").read().vips)
-    assert vips == sorted(str(_vip(i).vip) for i in [*range(1, 1 + per_writer), *range(101, 101 + per_writer)])
+        vips = {str(v.vip): ([(str(b.address), b.weight) for b in v.backends], v.acl)
+                for v in etcd.store(prefix, "reader").read().vips}
+    assert vips == {str(_vip(i).vip): ([("10.0.1.2:8080", 3)], {f"192.0.2.{i}/32": "deny"})
+                    for i in [*range(1, 1 + per_writer), *range(101, 101 + per_writer)]}  # all, and each whole
 
 
 def test_a_write_behind_the_lock_fails_the_compare_and_swap(etcd, prefix):
@@ -130,19 +133,22 @@ def test_a_write_behind_the_lock_fails_the_compare_and_swap(etcd, prefix):
         assert shared.call("get", shared.lock_key) == []
 
 
-def test_an_unreachable_etcd_refuses_changes_in_one_line_and_reads_give_the_last_state(etcd, tmp_path):
+def test_an_unreachable_etcd_refuses_shared_changes_and_the_node_goes_on_with_its_own(etcd, prefix, tmp_path):
     with in_netns(etcd.ns):
-        store = EtcdStore.from_url(f"etcd://127.0.0.1:1/x?local={tmp_path}/n.db")
-        with pytest.raises(StoreUnreachable, match="unreachable"):
-            with store.transaction():
-                pass
-        assert store.reachable is False and store.unreachable_since is not None
-        assert store.read() == State()  # this node's last state: nothing yet
-    result = run_lbctl(etcd.ns, "--store", "etcd://127.0.0.1:1/x", "--state", f"{tmp_path}/n.db",
-                       "add-vip", "10.0.0.1:80/tcp", check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["lbctl: error: etcd at etcd://127.0.0.1:1/x is unreachable; "
-                                                  "nothing was changed"]
+        with etcd.store(prefix, "a", str(tmp_path)).transaction() as state:
+            state.vips.append(_vip(1))
+        away = EtcdStore.from_url(f"etcd://127.0.0.1:1/{prefix}?node=a&local={tmp_path}/{prefix}-a.db")
+        assert [v.id for v in away.read().vips] == [1]  # this node's last state
+        assert away.reachable is False and away.unreachable_since is not None
+        with pytest.raises(StoreUnreachable, match="^etcd at etcd://127.0.0.1:1/.* is unreachable; nothing was changed$"):
+            with away.transaction() as state:
+                state.vips[0].backends[0].weight = 9  # shared
+        with away.transaction() as state:
+            state.vips[0].backends[0].healthy = False  # this node's own: goes on
+        assert [(b.weight, b.healthy) for b in away.read().vips[0].backends] == [(3, False)]
+        assert [(b.weight, b.healthy) for b in etcd.store(prefix, "a", str(tmp_path)).read().vips[0].backends] == [
+            (3, False)]  # etcd again: the node's observation stays its own
+        assert [b.healthy for b in etcd.store(prefix, "b", str(tmp_path)).read().vips[0].backends] == [True]
 
 
 def test_lbctl_store_attaches_adds_lists_and_forwards(prefix, tmp_path):
