@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from control.errors import InputError, LbError, StoreUnreachable
 from control.model import State
-from control.shared import merge, normalise, shared_doc
+from control.shared import merge, normalise, plain_nat_vips, shared_doc
 from control.store import SqliteStore
 from lb.pins import STATE_DIR
 
@@ -293,6 +293,7 @@ class EtcdStore:
                 yield state
                 changed = shared_doc(state)
                 if changed != doc:
+                    self._refuse_plain_nat(doc, changed)
                     mod_revision = self.shared.save({"format": FORMAT, **changed}, mod_revision, token)
             saved = state.revision + 1
             with contextlib.suppress(LbError):  # the change is made; the record catches up with the next one
@@ -301,6 +302,20 @@ class EtcdStore:
         finally:
             with contextlib.suppress(LbError):  # an unreachable etcd frees the lock when the lease ends
                 self.shared.unlock(lease_id)
+
+    def _refuse_plain_nat(self, before: dict[str, Any], after: dict[str, Any]) -> None:
+        """InputError for a change that makes a VIP plain nat in a cluster (more than one node registered):
+        its replies leave the backends for one node, while the router spreads its flows over all of them.
+        VIPs that were plain nat before the cluster formed stay as they are."""
+        new = sorted(plain_nat_vips(after) - plain_nat_vips(before))
+        if not new:
+            return
+        nodes = set(self.nodes()) | {self.node}
+        if len(nodes) > 1:
+            raise InputError(f"VIP {new[0]}: plain nat in a cluster of {len(nodes)} nodes ({', '.join(sorted(nodes))}) "
+                             "would send replies back through whichever node the backends route to; use --mode "
+                             "tunnel or dsr, or route the replies through this node and say so: "
+                             "--replies-via-this-node")
 
     @contextlib.contextmanager
     def _node_only(self, unreachable: StoreUnreachable) -> Iterator[State]:

@@ -33,8 +33,14 @@ def shared_doc(state: State) -> dict[str, Any]:
                           key=lambda item: (address_sort_key(item[0].address), item[0].port))
         vips.append({"vip": str(v.vip), "mode": v.mode, "hash": v.hash, "acl": dict(sorted(v.acl.items())),
                      "health": vars(v.health), "all_down": v.all_down,
+                     **({"replies_via": v.replies_via} if v.replies_via is not None else {}),
                      "backends": [{"address": str(a.address), "port": a.port, "weight": w} for a, w in backends]})
     return {"vips": vips, "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)]}
+
+
+def plain_nat_vips(doc: dict[str, Any]) -> set[str]:
+    """The document's NAT VIPs whose replies no one said how they come back (replies_via unset)."""
+    return {v["vip"] for v in doc.get("vips", []) if v["mode"] == "nat" and v.get("replies_via") is None}
 
 
 def normalise(doc: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +52,8 @@ def normalise(doc: dict[str, Any]) -> dict[str, Any]:
                     for b in v.get("backends", []) if b.get("retired_at") is None]
         vips.append({"vip": v["vip"], "mode": v.get("mode", "nat"), "hash": v.get("hash", "flow"),
                      "acl": v.get("acl", {}), "health": vars(HealthCheck(**v.get("health", {}))),
-                     "all_down": v.get("all_down", "open"), "backends": backends})
+                     "all_down": v.get("all_down", "open"), "backends": backends,
+                     **({"replies_via": v["replies_via"]} if v.get("replies_via") is not None else {})})
     # through the State and back: the same sort order whatever wrote it
     return shared_doc(merge(State(), {"vips": vips, "pass_unserved": doc.get("pass_unserved", [])}))
 
@@ -78,7 +85,7 @@ def merge(local: State, doc: dict[str, Any], now: float | None = None) -> State:
                                  "attach with a larger --max-vips")
             v = VipState(address, vid)
         v.mode, v.hash, v.acl, v.all_down = item["mode"], item["hash"], dict(item["acl"]), item["all_down"]
-        v.health = HealthCheck(**item["health"])
+        v.health, v.replies_via = HealthCheck(**item["health"]), item.get("replies_via")
         wanted = {BackendAddress(ipaddress.ip_address(b["address"]), b["port"]): b["weight"] for b in item["backends"]}
         for b in v.backends:
             if b.active and b.address not in wanted:

@@ -140,3 +140,18 @@ def test_changes_through_any_node_reach_all_and_their_maglev_tables_agree(cluste
     wait_for(lambda: (t := cluster.agree()) is not None and t[V1.split("/")[0]] != v1
              and served(t[V1.split("/")[0]]) == {*BACKENDS[:3], BACKENDS[5]}
              and served(t[V2.split("/")[0]]) == {BACKENDS[4]}, timeout=20, what="the changes everywhere")
+
+
+def test_plain_nat_is_refused_in_the_cluster_unless_replies_come_back_through_the_node(cluster):
+    n0, n1, _ = cluster.nodes
+    refused = n0.lbctl("add-vip", "10.77.0.9:80/tcp", check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "lbctl: error: VIP 10.77.0.9:80/tcp: plain nat in a cluster of 3 nodes (node0, node1, node2) would send "
+        "replies back through whichever node the backends route to; use --mode tunnel or dsr, or route the "
+        "replies through this node and say so: --replies-via-this-node"]
+    assert "10.77.0.9:80/tcp" not in {v["vip"] for v in n1.lbctl("list", "--json").json()["vips"]}
+    n0.lbctl("add-vip", "10.77.0.9:80/tcp", "--replies-via-this-node")
+    wait_for(lambda: {v["vip"]: v.get("replies_via") for v in n1.lbctl("list", "--json").json()["vips"]}.get(
+        "10.77.0.9:80/tcp") == "node0", timeout=20, what="the VIP on node1, with the node its replies go through")
+    n0.lbctl("remove-vip", "10.77.0.9:80/tcp")

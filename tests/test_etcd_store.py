@@ -15,6 +15,7 @@ from typing import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from control.errors import InputError
 from control.etcdstore import EtcdStore, StoreConflict, StoreUnreachable
 from control.model import BackendAddress, BackendState, HealthCheck, State, VipAddress, VipState
 from control.shared import shared_doc
@@ -48,9 +49,10 @@ def prefix(request) -> str:
     return f"t{abs(hash(request.node.name)) % 10**8}{os.urandom(2).hex()}"
 
 
-def _vip(index: int) -> VipState:
+def _vip(index: int, mode: str = "tunnel") -> VipState:
+    """A VIP of id `index` with one backend (tunnel: as a cluster takes it, plain nat only with replies_via)."""
     vip = VipAddress.parse(f"10.0.0.{index}:80/tcp")
-    return VipState(vip, index, backends=[BackendState(BackendAddress.parse("10.0.1.2:8080", vip), 1, 3)])
+    return VipState(vip, index, mode, backends=[BackendState(BackendAddress.parse("10.0.1.2:8080", vip), 1, 3)])
 
 
 def test_a_transaction_round_trips_a_state(etcd, prefix):
@@ -312,3 +314,28 @@ def test_the_watch_skips_its_own_writes_and_catches_up_after_an_etcd_restart(etc
         stop.set()
         if restarted is not None:  # the module's later tests use the restarted etcd
             etcd.proc, etcd.log = restarted.proc, restarted.log
+
+
+def test_plain_nat_is_refused_once_a_second_node_registers(etcd, prefix, tmp_path):
+    """A lone node may hold plain nat VIPs; in a cluster a new one needs the operator to say where replies go."""
+    def nat_vip(index: int, replies_via: str | None = None) -> VipState:
+        v = _vip(index, "nat")
+        v.replies_via = replies_via
+        return v
+
+    with in_netns(etcd.ns):
+        a, b = etcd.store(prefix, "a", str(tmp_path)), etcd.store(prefix, "b", str(tmp_path))
+        with a.transaction() as state:
+            state.vips.append(nat_vip(1))  # alone: accepted
+        with b.transaction():
+            pass  # b registers: now a cluster of two
+        assert set(a.nodes()) == {"a", "b"}
+        with pytest.raises(InputError, match=r"^VIP 10.0.0.2:80/tcp: plain nat in a cluster of 2 nodes \(a, b\)"):
+            with a.transaction() as state:
+                state.vips.append(nat_vip(2))
+        with a.transaction() as state:
+            state.vips.append(nat_vip(3, replies_via="a"))  # said: accepted
+            state.vips.append(_vip(4))
+            state.vips[0].backends[0].weight = 5  # the VIP from before the cluster stays as it is
+        assert [(str(v.vip), v.replies_via) for v in b.read().vips] == [
+            ("10.0.0.1:80/tcp", None), ("10.0.0.3:80/tcp", "a"), ("10.0.0.4:80/tcp", None)]
