@@ -25,7 +25,7 @@ from control.adopt import AdoptReport, adopt
 from control.api import ApiServer, default_socket_path
 from control.commands import CHANGES, dispatch
 from control.config import read_text
-from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError, StoreUnreachable
+from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError
 from control.health import HealthMonitor
 from control.logescape import escape
 from control.metrics import Metrics
@@ -180,10 +180,7 @@ class Daemon:
                 metrics_server, _ = start_http_server(self.metrics_listen[1], self.metrics_listen[0],
                                                       registry=self.metrics.registry)
             start = time.monotonic()
-            try:
-                self.adopted = adopt(self.ctl)
-            except StoreUnreachable as e:  # forward with this node's last state; the watch catches up
-                _event(self.log, f"{e}: forwarding with this node's last state until it answers", logging.WARNING)
+            self.adopted = adopt(self.ctl)  # etcd away: from this node's own part (etcdstore.py)
             self.metrics.reconcile_seconds.labels("start").observe(time.monotonic() - start)
             _event(self.log, "data plane adopted", **self.adopted.as_dict())
             if self.adopted.migrated:

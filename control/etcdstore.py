@@ -189,6 +189,7 @@ class EtcdDocument:
         through this object. Reconnects after etcd was unreachable, calling on_error once per outage.
         The stream blocks between events: run this on a daemon thread, which the process's exit ends."""
         import requests
+        from etcd3gw import exceptions
 
         failed = False
         while not stop.is_set():
@@ -209,7 +210,8 @@ class EtcdDocument:
                             own = self.written_revision
                         if any(r != own for r in revisions):
                             on_change()
-            except (requests.RequestException, ValueError, LbError) as e:
+            # Etcd3Exception: get_url asks etcd for its API path the first time (a daemon started without etcd)
+            except (requests.RequestException, exceptions.Etcd3Exception, ValueError, LbError) as e:
                 if stop.is_set():
                     return
                 if not failed:

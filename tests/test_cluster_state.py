@@ -21,7 +21,7 @@ import pytest
 from lb.maps import DataPlaneMaps
 from lb.pins import stable_bpffs
 from lb.structs import NO_BACKEND, VIP_ACTIVE, LbAddr
-from netns.etcd import CLIENT_PORT, etcd_in
+from netns.etcd import CLIENT_PORT, Etcd, etcd_in
 from netns.lbctl import DaemonProcess, forget, run_lbctl
 from netns.topology import run_prefix, veth_pair
 from netns.traffic import wait_for
@@ -67,12 +67,19 @@ class Node:
 
 @dataclass
 class Cluster:
+    etcd: Etcd | None = None
     nodes: list[Node] = field(default_factory=list)
 
     def agree(self) -> dict[str, bytes] | None:
         """The nodes' translated tables when all are equal, else None."""
         tables = [n.tables() for n in self.nodes]
         return tables[0] if all(t == tables[0] for t in tables) else None
+
+
+def served(table: bytes) -> set[str]:
+    """The backend addresses a translated table (Node.tables) sends flows to."""
+    ends = {table[i:i + 18] for i in range(0, len(table), 18)}
+    return {str(LbAddr.from_buffer_copy(e[:16]).address()) for e in ends if e != bytes(18)}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +100,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
                                ipaddress.ip_address(f"fd00:12:{subnet}::1")),
                       (ns, "eth0", ipaddress.ip_address(f"198.18.{subnet}.2"),
                        ipaddress.ip_address(f"fd00:12:{subnet}::2")))
-        stack.enter_context(etcd_in(etcd_ns, listen="0.0.0.0"))
+        built.etcd = stack.enter_context(etcd_in(etcd_ns, listen="0.0.0.0"))
         for i, ns in enumerate(spaces[1:]):
             url = f"etcd://198.18.{SUBNET + i}.1:{CLIENT_PORT}/{prefix}"
             options = ("--store", url, "--node", f"node{i}")
@@ -123,10 +130,6 @@ def test_changes_through_any_node_reach_all_and_their_maglev_tables_agree(cluste
     n2.daemon.start()
     tables = wait_for(lambda: cluster.agree() == agreed and agreed, timeout=30, what="n2 to catch up")
 
-    def served(table: bytes) -> set[str]:
-        ends = {table[i:i + 18] for i in range(0, len(table), 18)}
-        return {str(LbAddr.from_buffer_copy(e[:16]).address()) for e in ends if e != bytes(18)}
-
     v1, v2 = tables[V1.split("/")[0]], tables[V2.split("/")[0]]
     assert served(v1) == {BACKENDS[0], BACKENDS[2], BACKENDS[5]}  # the removed one takes no slot
     assert served(v2) == {BACKENDS[3], BACKENDS[4]}
@@ -155,3 +158,23 @@ def test_plain_nat_is_refused_in_the_cluster_unless_replies_come_back_through_th
     wait_for(lambda: {v["vip"]: v.get("replies_via") for v in n1.lbctl("list", "--json").json()["vips"]}.get(
         "10.77.0.9:80/tcp") == "node0", timeout=20, what="the VIP on node1, with the node its replies go through")
     n0.lbctl("remove-vip", "10.77.0.9:80/tcp")
+
+
+def test_a_node_starts_while_etcd_is_away_and_catches_up_when_it_returns(cluster):
+    n0, _, n2 = cluster.nodes
+    before = wait_for(cluster.agree, timeout=20, what="the nodes to agree")
+    n2.daemon.stop()
+    cluster.etcd.stop()
+    try:
+        n2.daemon.start()  # from its own part
+        assert n2.tables() == before
+        assert "UNREACHABLE since" in n2.lbctl("status").stdout
+        refused = n0.lbctl("add-backend", V1, "10.78.0.9", check=False)
+        assert refused.returncode == 1 and "unreachable; nothing was changed" in refused.stderr
+    finally:
+        cluster.etcd.restart()
+    n0.lbctl("add-backend", V1, "10.78.0.9")  # once it is back, through another node
+    key = V1.split("/")[0]
+    wait_for(lambda: (t := cluster.agree()) is not None and "10.78.0.9" in served(t[key]),
+             timeout=30, what="every node, n2 included, to take the new backend")
+    assert ": reachable" in n2.lbctl("status").stdout
