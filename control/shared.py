@@ -70,10 +70,9 @@ def merge(local: State, doc: dict[str, Any], now: float | None = None) -> State:
     state = local.copy()
     by_address = {v.vip: v for v in state.vips}
     limits = state.dataplane.config if state.dataplane is not None else {}
-    kept_vips = {VipAddress.parse(v["vip"], usable=False) for v in doc.get("vips", [])}
-    vip_ids = IdPool({v.id for v in state.vips if v.vip in kept_vips}, 0, limits.get("max_vips", _UNATTACHED_LIMIT))
-    backend_ids = IdPool({b.id for v in state.vips if v.vip in kept_vips for b in v.backends}, 1,
-                         limits.get("max_backends", _UNATTACHED_LIMIT))
+    # Ids of VIPs removed here are not reused in the same merge (their counters would carry over), as in apply.
+    vip_ids = IdPool({v.id for v in state.vips}, 0, limits.get("max_vips", _UNATTACHED_LIMIT))
+    backend_ids = IdPool(state.backend_ids(), 1, limits.get("max_backends", _UNATTACHED_LIMIT))
     vips = []
     for item in doc.get("vips", []):
         address = VipAddress.parse(item["vip"], usable=False)  # as stored, even from before a check
