@@ -235,13 +235,14 @@ class EtcdStore:
         self.shared = EtcdDocument(location.host, location.port, location.prefix)
         self.reachable: bool | None = None
         self.unreachable_since: float | None = None
+        self._normalised: tuple[int, dict[str, Any]] = (0, shared_doc(State()))  # (mod_revision, its document)
 
     @classmethod
-    def from_url(cls, url: str, netns: str = "default", default_local: str | None = None) -> "EtcdStore":
+    def from_url(cls, url: str, netns: str = "default") -> "EtcdStore":
+        """The node of `url`; its name and file default from `netns`, the namespace lbctl runs in."""
         location = parse_url(url)
         node = location.node or default_node_name(netns)
-        local = location.local or default_local
-        return cls(location, node, local or os.path.join(STATE_DIR, f"{netns}.node.db"))
+        return cls(location, node, location.local or os.path.join(STATE_DIR, f"{netns}.node.db"))
 
     def _contact(self, ok: bool) -> None:
         if ok:
@@ -258,7 +259,9 @@ class EtcdStore:
             self._contact(False)
             raise
         self._contact(True)
-        return normalise(doc) if doc is not None else shared_doc(State()), mod_revision
+        if self._normalised[0] != mod_revision:  # a daemon reads often, the document changes seldom
+            self._normalised = (mod_revision, normalise(doc) if doc is not None else shared_doc(State()))
+        return self._normalised[1], mod_revision
 
     @staticmethod
     def _follow(state: State, doc: dict[str, Any]) -> None:
