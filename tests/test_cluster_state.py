@@ -143,6 +143,14 @@ def test_changes_through_any_node_reach_all_and_their_maglev_tables_agree(cluste
     wait_for(lambda: (t := cluster.agree()) is not None and t[V1.split("/")[0]] != v1
              and served(t[V1.split("/")[0]]) == {*BACKENDS[:3], BACKENDS[5]}
              and served(t[V2.split("/")[0]]) == {BACKENDS[4]}, timeout=20, what="the changes everywhere")
+    # How long the last change took to reach the other nodes' maps, from their daemons' logs.
+    (made,) = [e["time"] for e in n1.daemon.events("command", n1.daemon.proc.pid)
+               if e["command"] == "add-backend"][-1:]
+    lags = {n.name: min(e["time"] for e in n.daemon.events("state changed in the store: maps reconciled",
+                                                           n.daemon.proc.pid) if e["time"] >= made) - made
+            for n in (n0, n2)}
+    print(f"the change through node1 reached the maps of the others in {lags} s")
+    assert all(lag < 2.0 for lag in lags.values()), lags
 
 
 def test_plain_nat_is_refused_in_the_cluster_unless_replies_come_back_through_the_node(cluster):
