@@ -346,6 +346,10 @@ def format_status(data: dict[str, Any]) -> str:
                       f"UNREACHABLE since {time.strftime('%H:%M:%S', time.localtime(since))}" if since else
                       "UNREACHABLE") +
                      ("" if store["reachable"] else "; forwarding with this node's last state, changes refused"))
+        if store.get("nodes"):
+            attached += "\nnodes: " + ", ".join(
+                f"{name} (last change {time.strftime('%H:%M:%S', time.localtime(record['time']))})"
+                for name, record in sorted(store["nodes"].items()))
     if not data["vips"]:
         return attached + "\nno VIPs"
     rows: list[list[Any]] = [["VIP", "BACKEND", "HEALTH", "WEIGHT", "NEW FLOWS", "CONNECTIONS"]]

@@ -347,7 +347,12 @@ class EtcdStore:
 
         self.shared.watch(stop, changed, lost)
 
-    def status(self) -> dict[str, Any]:
-        """How this node stands with the shared store, for `lbctl status` and metrics."""
-        return {"store": self.path, "node": self.node, "local": self.local.path,
-                "reachable": self.reachable, "unreachable_since": self.unreachable_since}
+    def status(self, with_nodes: bool = False) -> dict[str, Any]:
+        """How this node stands with the shared store, for metrics and (with the registered nodes' names
+        and what each applied last, while etcd answers) for `lbctl status`."""
+        found: dict[str, Any] = {"store": self.path, "node": self.node, "local": self.local.path,
+                                 "reachable": self.reachable, "unreachable_since": self.unreachable_since}
+        if with_nodes and self.reachable:
+            with contextlib.suppress(LbError):
+                found["nodes"] = self.nodes()
+        return found

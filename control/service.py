@@ -453,7 +453,7 @@ class Controller:
                          "failing_open": v.failing_open, "backends": backends})
         shared = getattr(self.store, "status", None)  # a node of a cluster: how it stands with etcd
         return {"vips": vips, "interfaces": [{"name": i.name, "mode": i.mode} for i in dp.interfaces],
-                **({"store": shared()} if shared is not None else {}),
+                **({"store": shared(with_nodes=True)} if shared is not None else {}),
                 "connections_note": "connections = connection-table entries, which include closed connections "
                                     "the LRU table has not evicted yet"}
 

@@ -155,6 +155,8 @@ def test_changes_through_any_node_reach_all_and_their_maglev_tables_agree(cluste
 
 def test_plain_nat_is_refused_in_the_cluster_unless_replies_come_back_through_the_node(cluster):
     n0, n1, _ = cluster.nodes
+    assert "\nnodes: node0 (last change " in n1.lbctl("status").stdout
+    assert set(n1.lbctl("status", "--json").json()["store"]["nodes"]) == {"node0", "node1", "node2"}
     refused = n0.lbctl("add-vip", "10.77.0.9:80/tcp", check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
