@@ -9,7 +9,7 @@ from typing import Any
 
 from control.adopt import adopt
 from control.errors import LbError
-from control.service import Controller
+from control.service import Controller, resolve_dsr_backends
 
 log = logging.getLogger("lb.watch")
 
@@ -30,6 +30,8 @@ def start_store_watch(ctl: Controller, stop: threading.Event) -> threading.Threa
         start = time.monotonic()
         try:
             report = adopt(ctl)
+            # DSR backends another node added: this node's kernel must know their MACs too (service.py)
+            resolve_dsr_backends(ctl.store.read())
         except (LbError, OSError, RuntimeError) as e:
             log.warning("state changed in the store, maps not reconciled", extra={"fields": {"error": str(e)}})
             return
