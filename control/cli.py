@@ -23,15 +23,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, then settle where the state lives: --store (etcd) or --state (SQLite, env LBCTL_STATE)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.store and args.state:
-        parser.error("--store and --state are mutually exclusive: the state is in etcd or in a SQLite file")
+    if args.node and not args.store:
+        parser.error("--node names a node of a cluster: it goes with --store etcd://HOST:PORT/PREFIX")
     if args.store:
         if not args.store.startswith("etcd://"):
             parser.error(f"--store {args.store}: expected etcd://HOST:PORT/PREFIX")
-        args.state = args.store  # every consumer of args.state (daemon, health, Controller.open) takes a URL
+        from control.etcdstore import parse_url
+        try:
+            location = parse_url(args.store)
+            for node in (args.node, os.environ.get("LB_NODE")):
+                if node:
+                    parse_url(location.with_node(node, None))  # checks the name
+        except InputError as e:
+            parser.error(str(e))
+        # every consumer of args.state (daemon, health, Controller.open) takes the one URL: with --store,
+        # --state is this node's own file (its data plane, map ids, health), the shared part is in etcd
+        node = args.node or location.node or os.environ.get("LB_NODE")
+        args.state = location.with_node(node, args.state or location.local)
     elif args.state is None:
         args.state = os.environ.get("LBCTL_STATE")
-    del args.store
+    del args.store, args.node
     return args
 
 
@@ -88,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--all-down", choices=ALL_DOWN, default="open",
                    help="when every backend fails its health check: open (default) keeps sending new flows to "
                         "all of them (a broken check must not take the service down); closed drops them")
+    v.add_argument("--replies-via-this-node", action="store_true",
+                   help="nat in a cluster (refused otherwise): the backends route their replies through this node, "
+                        "which alone should take the VIP's flows")
     v = sub.add_parser("remove-vip", help="remove a VIP and all its backends")
     v.add_argument("vip", metavar="VIP")
 
@@ -190,7 +204,11 @@ def _add_global_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--state", default=default(None),
                    help="desired-state file (default: /var/lib/lb/NETNS.db; env LBCTL_STATE)")
     p.add_argument("--store", metavar="etcd://HOST:PORT/PREFIX", default=default(None),
-                   help="keep the desired state in etcd under PREFIX instead of a SQLite file (not with --state)")
+                   help="a node of a cluster: the shared state in etcd under PREFIX, this node's own part in "
+                        "--state (default: /var/lib/lb/NETNS.node.db)")
+    p.add_argument("--node", default=default(None),
+                   help="this node's name in the cluster (with --store; default: the host's name, and in a "
+                        "named network namespace HOST-NETNS; env LB_NODE)")
     p.add_argument("--api-socket", default=default("LBCTL_API_SOCKET"),
                    help="the daemon's socket (default: /run/lb/NETNS.sock; env LBCTL_API_SOCKET); "
                         "without a daemon there, lbctl works on the maps itself")
@@ -319,6 +337,19 @@ def format_plan(r: dict[str, Any]) -> str:
 
 def format_status(data: dict[str, Any]) -> str:
     attached = "data plane: " + ", ".join(f"{i['name']} ({i['mode']})" for i in data.get("interfaces", []))
+    store = data.get("store")
+    if store is not None:
+        import time
+        since = store["unreachable_since"]
+        attached += (f"\nstore: {store['store']}, node {store['node']}: " +
+                     ("reachable" if store["reachable"] else
+                      f"UNREACHABLE since {time.strftime('%H:%M:%S', time.localtime(since))}" if since else
+                      "UNREACHABLE") +
+                     ("" if store["reachable"] else "; forwarding with this node's last state, changes refused"))
+        if store.get("nodes"):
+            attached += "\nnodes: " + ", ".join(
+                f"{name} (last change {time.strftime('%H:%M:%S', time.localtime(record['time']))})"
+                for name, record in sorted(store["nodes"].items()))
     if not data["vips"]:
         return attached + "\nno VIPs"
     rows: list[list[Any]] = [["VIP", "BACKEND", "HEALTH", "WEIGHT", "NEW FLOWS", "CONNECTIONS"]]

@@ -101,7 +101,7 @@ class Daemon:
     commands_served: int = 0
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self.ctl.store.read)
+        self.metrics = Metrics(self.ctl.store.read, store_status=getattr(self.ctl.store, "status", None))
 
     # lbctl commands arrive here from the API server, one at a time
     def handle(self, command: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +180,7 @@ class Daemon:
                 metrics_server, _ = start_http_server(self.metrics_listen[1], self.metrics_listen[0],
                                                       registry=self.metrics.registry)
             start = time.monotonic()
-            self.adopted = adopt(self.ctl)
+            self.adopted = adopt(self.ctl)  # etcd away: from this node's own part (etcdstore.py)
             self.metrics.reconcile_seconds.labels("start").observe(time.monotonic() - start)
             _event(self.log, "data plane adopted", **self.adopted.as_dict())
             if self.adopted.migrated:

@@ -9,5 +9,9 @@ class InputError(LbError):
     """The request is malformed, names something unknown, or conflicts with what exists."""
 
 
+class StoreUnreachable(LbError):
+    """The shared store (etcd) does not answer: nothing was read from it or changed."""
+
+
 EXIT_ERROR = 1  # something went wrong
 EXIT_USAGE = 2  # bad input: nothing was changed

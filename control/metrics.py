@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,13 +28,20 @@ class DataPlaneCollector(Collector):
     """Reads the maps of the data plane that `read_state()` describes."""
 
     read_state: Callable[[], State]
+    # a shared store's EtcdStore.status (None with SQLite): lb_store_reachable
+    store_status: Callable[[], dict[str, Any]] | None = None
     _conn_cache: tuple[float, str, int] = (0.0, "", 0)  # (when, pin dir, entries)
 
     def describe(self) -> list:
         return []  # collected on demand only: the VIPs are not known in advance
 
     def collect(self) -> Iterator:
-        state = self.read_state()
+        state = self.read_state()  # first: it finds out whether the shared store answers
+        if self.store_status is not None:
+            reachable = GaugeMetricFamily("lb_store_reachable", "1 while the shared store (etcd) answers; 0 while "
+                                          "it does not, and the node forwards with its last state")
+            reachable.add_metric([], 1 if self.store_status()["reachable"] else 0)
+            yield reachable
         dp = state.dataplane
         up = GaugeMetricFamily("lb_dataplane_attached", "1 when the data plane is attached and its pins present")
         try:
@@ -112,9 +119,10 @@ class Metrics:
 
     read_state: Callable[[], State]
     registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=False))
+    store_status: Callable[[], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
-        self.registry.register(DataPlaneCollector(self.read_state))
+        self.registry.register(DataPlaneCollector(self.read_state, self.store_status))
         self.reconcile_seconds = Histogram("lb_reconcile_seconds", "time to apply one command to state and maps",
                                            ["command"], registry=self.registry)
         self.health_check_seconds = Histogram("lb_health_check_seconds", "time of one backend health check",

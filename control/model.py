@@ -251,6 +251,9 @@ class VipState:
     acl: dict[str, str] = field(default_factory=dict)
     health: HealthCheck = field(default_factory=HealthCheck)
     all_down: str = "open"  # ALL_DOWN
+    # nat in a cluster: the node the operator routes the backends' replies through, which alone can
+    # carry the VIP's flows (None: not said; a cluster refuses plain nat then, etcdstore.py)
+    replies_via: str | None = None
 
     def copy(self) -> "VipState":
         v = _shallow_copy(self)

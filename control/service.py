@@ -104,7 +104,7 @@ class Controller:
     @classmethod
     def open(cls, state_path: str | None = None) -> "Controller":
         instance = Instance.current()
-        return cls(instance, open_store(state_path or instance.state_path()))
+        return cls(instance, open_store(state_path or instance.state_path(), instance.name))
 
     # --- the data plane itself -------------------------------------------------
 
@@ -211,8 +211,11 @@ class Controller:
     # --- VIPs and backends -----------------------------------------------------
 
     def add_vip(self, vip_text: str, mode: str = "nat", hash_on: str = "flow",
-                all_down: str = "open") -> dict[str, Any]:
+                all_down: str = "open", replies_via_this_node: bool = False) -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)
+        node = getattr(self.store, "node", None)  # a node of a cluster (etcd) has a name
+        if replies_via_this_node and (mode != "nat" or node is None):
+            raise InputError("--replies-via-this-node is for a nat VIP on a node of a cluster (--store etcd://...)")
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
         if hash_on not in HASHES:
@@ -224,7 +227,8 @@ class Controller:
             if state.vip(vip) is not None:
                 raise InputError(f"VIP {vip} already exists")
             free = state.allocate_vip_id()
-            state.vips.append(VipState(vip, free, mode, hash=hash_on, all_down=all_down))
+            state.vips.append(VipState(vip, free, mode, hash=hash_on, all_down=all_down,
+                                       replies_via=node if replies_via_this_node else None))
             warning = None
             if vip.address.version == 6:  # attach checked IPv4's
                 warning = forwarding.describe([s for s in forwarding.missing_settings([], True) if "ipv6" in s])
@@ -420,6 +424,7 @@ class Controller:
                     "mode": v.mode,
                     "hash": v.hash,
                     "acl": dict(v.acl),
+                    **({"replies_via": v.replies_via} if v.replies_via is not None else {}),
                     "backends": [{"backend": str(b.address), "weight": b.weight} for b in v.active_backends()],
                 }
                 for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
@@ -446,7 +451,9 @@ class Controller:
                                  "serving": v.takes_new_flows(b), "connections": connections.get(b.id, 0)})
             vips.append({"vip": str(v.vip), "mode": v.mode, "health_check": v.health.kind, "all_down": v.all_down,
                          "failing_open": v.failing_open, "backends": backends})
+        shared = getattr(self.store, "status", None)  # a node of a cluster: how it stands with etcd
         return {"vips": vips, "interfaces": [{"name": i.name, "mode": i.mode} for i in dp.interfaces],
+                **({"store": shared(with_nodes=True)} if shared is not None else {}),
                 "connections_note": "connections = connection-table entries, which include closed connections "
                                     "the LRU table has not evicted yet"}
 

@@ -3,8 +3,8 @@
 A Store hands out exclusive transactions on the whole State: `with
 store.transaction() as state:` loads it, and the block's changes are saved
 atomically when it exits cleanly, or dropped when it raises. SQLite (one file)
-is the default; a shared store (etcd, later) implements the same two methods
-with a compare-and-swap on a revision."""
+is the default; etcd (etcdstore.py) implements the same two methods, keeping the
+part nodes share in etcd and each node's own part in a SQLite file here."""
 from __future__ import annotations
 
 import contextlib
@@ -54,6 +54,7 @@ def vip_to_doc(v: VipState) -> dict[str, Any]:
         "acl": v.acl,
         "health": vars(v.health),
         "all_down": v.all_down,
+        **({"replies_via": v.replies_via} if v.replies_via is not None else {}),
         "backends": [
             {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
              "retired_at": b.retired_at, "healthy": b.healthy, "generation": b.generation}
@@ -74,7 +75,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
         ]
         health = HealthCheck(**v.get("health", {}))  # documents from before health checks have none
         vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow"), v.get("acl", {}), health,
-                             v.get("all_down", "open")))
+                             v.get("all_down", "open"), v.get("replies_via")))
     dataplane = None
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
@@ -170,13 +171,16 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                state, revision = self._load(conn)
+                state, _ = self._load(conn)
                 yield state
+                # state.revision + 1, not the row's: a store built on this one (etcdstore.py) may raise
+                # state.revision while the block runs, to tell the maps' mark that the state moved on.
+                saved = state.revision + 1
                 conn.execute("INSERT OR REPLACE INTO state (id, revision, doc) VALUES (1, ?, ?)",
-                             (revision + 1, self._dump(state)))
+                             (saved, self._dump(state)))
                 fault.point("store_commit")
                 conn.execute("COMMIT")
-                self._cached = (revision + 1, state.copy())
+                self._cached = (saved, state.copy())
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise

@@ -40,9 +40,10 @@ def run_lbctl(ns: str, *args: str, check: bool = True, env: dict[str, str] | Non
 def forget(ns: str) -> None:
     """Detach the namespace's data plane and delete its state file, whatever is left of them."""
     run_lbctl(ns, "detach", check=False)
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(STATE_DIR, f"{ns}.db{suffix}"))
+    for name in (f"{ns}.db", f"{ns}.node.db"):  # .node.db: its own part as a node of a cluster (--store)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(STATE_DIR, name + suffix))
 
 
 @dataclass

@@ -7,83 +7,29 @@ import functools
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
 from typing import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from control.errors import InputError
 from control.etcdstore import EtcdStore, StoreConflict, StoreUnreachable
 from control.model import BackendAddress, BackendState, HealthCheck, State, VipAddress, VipState
+from control.shared import shared_doc
+from netns.etcd import Etcd, etcd_in
 from netns.lbctl import LBCTL, DaemonProcess, forget, run_lbctl
 from netns.nsenter import in_netns
 from netns.topology import Lab, run_prefix
-from netns.traffic import Servers, http_get, wait_for
+from netns.traffic import NetnsHTTPConnection, Servers, http_get, wait_for
 from tests.conftest import backend_name
+
+METRICS_PORT = 9464
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="no etcd binary (Debian etcd-server; make setup installs it)")
-
-CLIENT_PORT = 2379
-
-
-class Etcd:
-    """One etcd member in its own namespace; stores made here talk to it from inside that namespace."""
-
-    def __init__(self, ns: str, data_dir: str):
-        self.ns = ns
-        self.data_dir = data_dir
-        self.log = open(os.path.join(data_dir, "etcd.log"), "w")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "etcd", "--name", ns, "--data-dir", os.path.join(data_dir, "member"),
-             "--listen-client-urls", f"http://127.0.0.1:{CLIENT_PORT}",
-             "--advertise-client-urls", f"http://127.0.0.1:{CLIENT_PORT}",
-             "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-             "--initial-cluster", f"{ns}=http://127.0.0.1:2380"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-
-    def url(self, prefix: str) -> str:
-        return f"etcd://127.0.0.1:{CLIENT_PORT}/{prefix}"
-
-    def store(self, prefix: str) -> EtcdStore:
-        return EtcdStore.from_url(self.url(prefix))
-
-    def ready(self) -> bool:
-        assert self.proc.poll() is None, f"etcd exited with {self.proc.returncode}; see {self.log.name}"
-        try:
-            with in_netns(self.ns):
-                self.store("ready").read()
-            return True
-        except StoreUnreachable:
-            return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        self.log.close()
-
-
-@contextlib.contextmanager
-def etcd_in(ns: str) -> Iterator[Etcd]:
-    """etcd on the loopback of namespace `ns`, with a temporary data directory; all of it goes afterwards."""
-    data_dir = tempfile.mkdtemp(prefix=f"{ns}-etcd-")
-    server = None
-    try:
-        server = Etcd(ns, data_dir)
-        wait_for(server.ready, timeout=60, interval=0.2, what="etcd to answer")
-        yield server
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
-
 
 @pytest.fixture(scope="module")
 def etcd() -> Iterator[Etcd]:
@@ -103,23 +49,29 @@ def prefix(request) -> str:
     return f"t{abs(hash(request.node.name)) % 10**8}{os.urandom(2).hex()}"
 
 
-def _vip(index: int) -> VipState:
+def _vip(index: int, mode: str = "tunnel") -> VipState:
+    """A VIP of id `index` with one backend (tunnel: as a cluster takes it, plain nat only with replies_via)."""
     vip = VipAddress.parse(f"10.0.0.{index}:80/tcp")
-    return VipState(vip, index, backends=[BackendState(BackendAddress.parse("10.0.1.2:8080", vip), 1, 3)])
+    return VipState(vip, index, mode, backends=[BackendState(BackendAddress.parse("10.0.1.2:8080", vip), 1, 3)])
 
 
 def test_a_transaction_round_trips_a_state(etcd, prefix):
+    """What one node writes, another reads: the shared part the same, its own part (ids, health) its own."""
     with in_netns(etcd.ns):
-        store = etcd.store(prefix)
+        store = etcd.store(prefix, "a")
         assert store.read() == State()
         with store.transaction() as state:
-            state.vips.append(_vip(1))
+            state.vips.append(_vip(7))
             state.vips[0].health = HealthCheck("http", 8081, "/healthz", 204, 0.5, 0.25, 1, 5)
-            state.vips[0].backends[0].healthy = False
+            state.vips[0].backends[0].healthy = False  # this node's observation
             state.vips[0].backends[0].generation = state.new_generation()  # as every new backend gets
-            written = State(state.dataplane, list(state.vips), generations=state.generations)
-        assert etcd.store(prefix).read() == written  # a second client, as another node would read it
-        assert etcd.store(prefix + "x").read() == State()  # prefixes are separate states
+            written = state.copy()
+        assert store.read() == written  # the node's own part too, from its file
+        other = etcd.store(prefix, "b").read()  # a second node
+        assert shared_doc(other) == shared_doc(written)
+        assert [(v.id, [(b.id, b.healthy) for b in v.backends]) for v in other.vips] == [(0, [(1, True)])]
+        assert etcd.store(prefix + "x", "a").read() == State()  # prefixes are separate states
+        assert set(store.nodes()) == {"a"}  # b only read
 
 
 def test_a_raising_transaction_changes_nothing(etcd, prefix):
@@ -127,29 +79,31 @@ def test_a_raising_transaction_changes_nothing(etcd, prefix):
         store = etcd.store(prefix)
         with store.transaction() as state:
             state.vips.append(_vip(1))
-        before = store._call("get", store.key, True)[0]
+        before = store.shared.call("get", store.shared.key, True)[0]
         with pytest.raises(RuntimeError):
             with store.transaction() as state:
                 state.vips.clear()
                 raise RuntimeError("half-way")
-        assert store._call("get", store.key, True)[0] == before  # same value, same mod_revision
-        assert store._call("get", store.lock_key) == []  # and the lock is free again
+        assert store.shared.call("get", store.shared.key, True)[0] == before  # same value, same mod_revision
+        assert store.shared.call("get", store.shared.lock_key) == []  # and the lock is free again
+        assert [v.id for v in store.read().vips] == [1]  # nor anything in the node's own file
         with store.transaction() as state:  # which the next writer finds
             state.vips.append(_vip(2))
         assert [v.id for v in store.read().vips] == [1, 2]
 
 
-def test_two_concurrent_writers_both_land(etcd, prefix):
+def test_two_nodes_writing_at_once_are_serialised_with_nothing_lost_or_half_applied(etcd, prefix):
     per_writer, errors = 8, []
 
     def writer(first: int) -> None:
         try:
             with in_netns(etcd.ns):
-                store = etcd.store(prefix)  # each writer its own client, as two nodes would
+                store = etcd.store(prefix, f"w{first}")  # each writer a node of its own
                 for i in range(first, first + per_writer):
-                    with store.transaction() as state:
+                    with store.transaction() as state:  # one change in three parts: VIP, backend, ACL
                         state.vips.append(_vip(i))
                         threading.Event().wait(0.01)  # widen the window between read and write
+                        state.vips[-1].acl = {f"192.0.2.{i}/32": "deny"}
         except BaseException as e:  # noqa: BLE001  (reported by the main thread)
             errors.append(e)
 
@@ -160,8 +114,10 @@ def test_two_concurrent_writers_both_land(etcd, prefix):
         t.join(timeout=120)
     assert not errors and not any(t.is_alive() for t in threads)
     with in_netns(etcd.ns):
-        ids = sorted(v.id for v in etcd.store(prefix).read().vips)
-    assert ids == [*range(1, 1 + per_writer), *range(101, 101 + per_writer)]
+        vips = {str(v.vip): ([(str(b.address), b.weight) for b in v.backends], v.acl)
+                for v in etcd.store(prefix, "reader").read().vips}
+    assert vips == {str(_vip(i).vip): ([("10.0.1.2:8080", 3)], {f"192.0.2.{i}/32": "deny"})
+                    for i in [*range(1, 1 + per_writer), *range(101, 101 + per_writer)]}  # all, and each whole
 
 
 def test_a_write_behind_the_lock_fails_the_compare_and_swap(etcd, prefix):
@@ -170,26 +126,34 @@ def test_a_write_behind_the_lock_fails_the_compare_and_swap(etcd, prefix):
         store = etcd.store(prefix)
         with store.transaction() as state:
             state.vips.append(_vip(1))
-        intruder = etcd.store(prefix)
+        shared = store.shared
         with pytest.raises(StoreConflict, match="nothing was saved"):
             with store.transaction() as state:
                 state.vips.append(_vip(2))
-                intruder._call("put", intruder.key, store._call("get", store.key)[0].replace(b'"id": 1', b'"id": 7'))
-        assert [v.id for v in store.read().vips] == [7]  # the intruder's write stands, ours was not applied
-        assert store._call("get", store.lock_key) == []
+                shared.call("put", shared.key, shared.call("get", shared.key)[0].replace(b'"weight": 3', b'"weight": 7'))
+        assert [[b.weight for b in v.backends] for v in store.read().vips] == [[7]]  # the intruder's write stands
+        assert shared.call("get", shared.lock_key) == []
 
 
-def test_an_unreachable_etcd_is_one_clear_error(etcd):
+def test_an_unreachable_etcd_refuses_shared_changes_and_the_node_goes_on_with_its_own(etcd, prefix, tmp_path):
     with in_netns(etcd.ns):
-        with pytest.raises(StoreUnreachable, match="unreachable"):
-            EtcdStore.from_url("etcd://127.0.0.1:1/x").read()
-    result = run_lbctl(etcd.ns, "--store", "etcd://127.0.0.1:1/x", "list", check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["lbctl: error: etcd at etcd://127.0.0.1:1/x is unreachable; "
-                                                  "nothing was changed"]
+        with etcd.store(prefix, "a", str(tmp_path)).transaction() as state:
+            state.vips.append(_vip(1))
+        away = EtcdStore.from_url(f"etcd://127.0.0.1:1/{prefix}?node=a&local={tmp_path}/{prefix}-a.db")
+        assert [v.id for v in away.read().vips] == [1]  # this node's last state
+        assert away.reachable is False and away.unreachable_since is not None
+        with pytest.raises(StoreUnreachable, match="^etcd at etcd://127.0.0.1:1/.* is unreachable; nothing was changed$"):
+            with away.transaction() as state:
+                state.vips[0].backends[0].weight = 9  # shared
+        with away.transaction() as state:
+            state.vips[0].backends[0].healthy = False  # this node's own: goes on
+        assert [(b.weight, b.healthy) for b in away.read().vips[0].backends] == [(3, False)]
+        assert [(b.weight, b.healthy) for b in etcd.store(prefix, "a", str(tmp_path)).read().vips[0].backends] == [
+            (3, False)]  # etcd again: the node's observation stays its own
+        assert [b.healthy for b in etcd.store(prefix, "b", str(tmp_path)).read().vips[0].backends] == [True]
 
 
-def test_lbctl_store_attaches_adds_lists_and_forwards(prefix):
+def test_lbctl_store_attaches_adds_lists_and_forwards(prefix, tmp_path):
     """lbctl --store on an LB namespace with etcd on its loopback: the data plane follows the state in etcd."""
     with Lab.build(2) as lab, etcd_in(lab.lb_ns) as server:
         url = server.url(prefix)
@@ -215,26 +179,41 @@ def test_lbctl_store_attaches_adds_lists_and_forwards(prefix):
             assert sorted(b["backend"] for b in listed_vip["backends"]) == sorted(
                 f"{b.address}:8080" for b in lab.backends)
             with in_netns(lab.lb_ns):  # the same state, read straight from etcd
-                assert [len(v.backends) for v in server.store(prefix).read().vips] == [2]
+                assert [len(v.backends) for v in server.store(prefix, "other", str(tmp_path)).read().vips] == [2]
             assert lbctl("list", "--json", check=False).json()["vips"] == []  # the SQLite default knows nothing
             names = {b.ns: backend_name(b.ns) for b in lab.backends}
             with Servers.running(names):
                 served = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20))
             assert set(served) == set(names.values())
-            both = lbctl("--state", "/nonexistent/x.db", "list", "--store", url, check=False)
-            assert both.returncode == 2 and "mutually exclusive" in both.stderr
+            alone = lbctl("--node", "n1", "list", check=False)
+            assert alone.returncode == 2 and "goes with --store" in alone.stderr
         finally:
             lbctl("--store", url, "detach", check=False)
             forget(lab.lb_ns)
 
 
-def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
-    """Another writer (here this test, as another node will) changes the state in etcd; the daemon,
-    watching, brings its maps along within a second, and traffic shows it."""
+def _store_reachable(ns: str) -> float:
+    """lb_store_reachable, scraped from the daemon's metrics inside namespace `ns`."""
+    conn = NetnsHTTPConnection(ns, "127.0.0.1", METRICS_PORT)
+    try:
+        text = conn.get_text("/metrics")
+    finally:
+        conn.close()
+    (value,) = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.name == "lb_store_reachable"]
+    return value
+
+
+def test_the_daemon_follows_other_writers_and_forwards_while_etcd_is_away(prefix, tmp_path):
+    """Another writer (here this test, as another node would) changes the state in etcd; the daemon,
+    watching, brings its maps along within a second, and traffic shows it. With etcd stopped, the data
+    plane goes on forwarding with the node's last state, and the log, the metrics and `lbctl status`
+    say etcd is away; once it is back, a change made elsewhere reaches the maps again."""
     with Lab.build(2) as lab, etcd_in(lab.lb_ns) as server:
         url = server.url(prefix)
         lbctl = functools.partial(run_lbctl, lab.lb_ns)
-        daemon = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ("--store", url))
+        daemon = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"),
+                               ("--store", url, "--metrics", f"127.0.0.1:{METRICS_PORT}"))
         try:
             daemon.start()
             lbctl("--store", url, "attach", *lab.lb_interfaces)
@@ -247,7 +226,7 @@ def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
                 assert set(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20)) == set(names.values())
                 drained = lab.backends[1]
                 with in_netns(lab.lb_ns):
-                    with server.store(prefix).transaction() as state:
+                    with server.store(prefix, "elsewhere", str(tmp_path)).transaction() as state:
                         (backend,) = [b for b in state.vips[0].backends
                                       if str(b.address.address) == str(drained.address)]
                         backend.weight = 0  # no new flows: every new connection goes to the other backend
@@ -263,6 +242,34 @@ def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
             elsewhere = lbctl("list", "--store", server.url(prefix + "x"), check=False)
             assert elsewhere.returncode == 2 and f"keeps its state in {url}" in elsewhere.stderr
             assert sorted(b["weight"] for b in listed["vips"][0]["backends"]) == [0, 1]
+            assert _store_reachable(lab.lb_ns) == 1
+
+            server.stop()
+            wait_for(lambda: any(e["msg"].startswith(f"etcd at {url}: watch lost")
+                                 for e in daemon.events(pid=daemon.proc.pid)),
+                     timeout=15, what="the daemon to log etcd's loss")
+            with Servers.running(names):  # still forwarding, with the last state (the drained one left out)
+                served = Counter(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20))
+            assert set(served) == {names[b.ns] for b in lab.backends if b is not drained}
+            status = lbctl("status").stdout
+            assert f"store: {url}, node " in status and "UNREACHABLE since" in status, status
+            assert lbctl("status", "--json").json()["store"]["reachable"] is False
+            assert _store_reachable(lab.lb_ns) == 0
+            refused = lbctl("set-weight", vip, f"{drained.address}:8080", "1", check=False)
+            assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+                f"lbctl: error: etcd at {url} is unreachable; nothing was changed"]
+
+            server.restart()
+            wait_for(lambda: daemon.events("the store answers again: catching up with it", daemon.proc.pid),
+                     timeout=15, what="the daemon to catch up")
+            with in_netns(lab.lb_ns):  # the other node undoes the drain
+                with server.store(prefix, "elsewhere", str(tmp_path)).transaction() as state:
+                    for b in state.vips[0].backends:
+                        b.weight = 1
+            with Servers.running(names):
+                wait_for(lambda: set(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(10))
+                         == set(names.values()), timeout=10, what="the undrained backend to serve again")
+            assert ": reachable" in lbctl("status").stdout and _store_reachable(lab.lb_ns) == 1
         finally:
             daemon.stop()
             lbctl("--store", url, "detach", check=False)
@@ -272,13 +279,13 @@ def test_the_daemon_follows_a_change_another_writer_makes(prefix, tmp_path):
 def test_the_watch_skips_its_own_writes_and_catches_up_after_an_etcd_restart(etcd, prefix):
     calls: list[str] = []
     stop = threading.Event()
-    watched = etcd.store(prefix)
+    watched = etcd.store(prefix, "watched")
 
     def watch() -> None:
         with in_netns(etcd.ns):
             watched.watch(stop, lambda: calls.append("change"), lambda message: calls.append(message))
 
-    other = etcd.store(prefix)
+    other = etcd.store(prefix, "other")
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     restarted = None
@@ -307,3 +314,28 @@ def test_the_watch_skips_its_own_writes_and_catches_up_after_an_etcd_restart(etc
         stop.set()
         if restarted is not None:  # the module's later tests use the restarted etcd
             etcd.proc, etcd.log = restarted.proc, restarted.log
+
+
+def test_plain_nat_is_refused_once_a_second_node_registers(etcd, prefix, tmp_path):
+    """A lone node may hold plain nat VIPs; in a cluster a new one needs the operator to say where replies go."""
+    def nat_vip(index: int, replies_via: str | None = None) -> VipState:
+        v = _vip(index, "nat")
+        v.replies_via = replies_via
+        return v
+
+    with in_netns(etcd.ns):
+        a, b = etcd.store(prefix, "a", str(tmp_path)), etcd.store(prefix, "b", str(tmp_path))
+        with a.transaction() as state:
+            state.vips.append(nat_vip(1))  # alone: accepted
+        with b.transaction():
+            pass  # b registers: now a cluster of two
+        assert set(a.nodes()) == {"a", "b"}
+        with pytest.raises(InputError, match=r"^VIP 10.0.0.2:80/tcp: plain nat in a cluster of 2 nodes \(a, b\)"):
+            with a.transaction() as state:
+                state.vips.append(nat_vip(2))
+        with a.transaction() as state:
+            state.vips.append(nat_vip(3, replies_via="a"))  # said: accepted
+            state.vips.append(_vip(4))
+            state.vips[0].backends[0].weight = 5  # the VIP from before the cluster stays as it is
+        assert [(str(v.vip), v.replies_via) for v in b.read().vips] == [
+            ("10.0.0.1:80/tcp", None), ("10.0.0.3:80/tcp", "a"), ("10.0.0.4:80/tcp", None)]
