@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("--json", action="store_true", help="print JSON")
 
+    c = sub.add_parser("connections", help="list the connection table's entries: client, VIP, backend, TCP state, "
+                                            "age, and whether the data plane still trusts the entry")
+    c.add_argument("--vip", metavar="ADDR[:PORT][/PROTO]", help="only entries towards this VIP address (and port)")
+    c.add_argument("--backend", metavar="ADDR[:PORT]", help="only entries of this backend (and port)")
+    c.add_argument("--limit", type=_positive, metavar="N",
+                   help="at most N entries (the table is read until N match: bounded time and memory)")
+    c.add_argument("--json", action="store_true", help="print JSON")
+
     ap = sub.add_parser("apply", help="make the running state equal to a configuration file, as one change")
     ap.add_argument("-f", "--file", required=True, metavar="FILE", help="the YAML file (- for standard input)")
     ap.add_argument("--dry-run", action="store_true",
@@ -462,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         print(result["yaml"], end="")
     elif args.command == "status":
         print(format_status(result))
+    elif args.command == "connections":
+        from control.connections import format_connections
+        print(format_connections(result))
     elif args.command == "decap":
         print(format_decap(result))
     else:

@@ -22,6 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from control.errors import InputError, LbError
 from control import config as declarative
 from control import forwarding
+from control.connections import Filters, list_connections
 from control.model import (ALL_DOWN, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface,
                            State, VipAddress, VipState, address_sort_key, format_endpoint, parse_prefix,
                            parse_vip_address)
@@ -449,6 +450,15 @@ class Controller:
         return {"vips": vips, "interfaces": [{"name": i.name, "mode": i.mode} for i in dp.interfaces],
                 "connections_note": "connections = connection-table entries, which include closed connections "
                                     "the LRU table has not evicted yet"}
+
+    def connections(self, vip: str | None = None, backend: str | None = None,
+                    limit: int | None = None) -> dict[str, Any]:
+        """The connection table's entries (control/connections.py), filtered, at most `limit`."""
+        filters = Filters.parse(vip, backend, limit)  # bad filters: refused before anything is read
+        state = self.read_state()
+        dp = self.require_attached(state)
+        with DataPlaneMaps.open(dp.pin_dir) as maps:
+            return list_connections(maps, state, filters)
 
     def stats(self) -> dict[str, Any]:
         state = self.read_state()
