@@ -37,7 +37,7 @@ from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
 from lb.probe import probe
 from lb.refmodel import DataPlaneModel
-from lb.flowhash import flow_hash_raw
+from lb.flowhash import ring_index
 from lb.structs import IPAddress, MAX_IFINDEX, REASONS, VIP_HASH_SOURCE, FlowKey, LbAddr, VipKey, be16
 
 log = logging.getLogger("lb.service")
@@ -531,11 +531,10 @@ class Controller:
             backend_id = flow.backend_id if flow is not None else None
             vip = maps.vips.get(VipKey(addr=key.dst, port=key.dport, proto=p.proto)) or \
                 maps.vips.get(VipKey(addr=key.dst, port=0, proto=p.proto))
-            if backend_id is None and vip is not None:  # as lb.c new_flow hashes it
-                by_source = vip.flags & VIP_HASH_SOURCE
-                h = flow_hash_raw(p.src, bytes(16), 0, 0, 0) if by_source else \
-                    flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto)
-                picked = maps.maglev.get(U32(vip.ring_base + h % vip.ring_size)) if vip.ring_size else None
+            if backend_id is None and vip is not None and vip.ring_size:  # as lb.c new_flow picks it
+                slot = vip.ring_base + ring_index(p.src, p.dst, p.sport, p.dport, p.proto, vip.ring_size,
+                                                  bool(vip.flags & VIP_HASH_SOURCE))
+                picked = maps.maglev.get(U32(slot))
                 backend_id = picked.value if picked is not None else None
         names = {b.id: str(b.address) for v in state.vips for b in v.backends}
         return names.get(backend_id) if backend_id is not None else None
