@@ -456,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     if isinstance(result, dict) and result.get("warning"):
         print(f"lbctl: warning: {result['warning']}", file=sys.stderr)
-    if getattr(args, "json", False):
+    if args.command == "connections":
+        from control.connections import connections_json, format_connections
+        print(connections_json(result) if args.json else format_connections(result))
+    elif getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     elif args.command == "list":
         print(format_list(result))
@@ -470,9 +473,6 @@ def main(argv: list[str] | None = None) -> int:
         print(result["yaml"], end="")
     elif args.command == "status":
         print(format_status(result))
-    elif args.command == "connections":
-        from control.connections import format_connections
-        print(format_connections(result))
     elif args.command == "decap":
         print(format_decap(result))
     else:

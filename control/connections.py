@@ -6,12 +6,13 @@ it was even when the data plane no longer trusts the entry (the backend removed 
 id reused): such stale entries are listed as such, not hidden."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from control.errors import InputError
-from control.model import BackendAddress, DataPlaneState, State, format_endpoint, parse_endpoint_filter
-from lb.conntable import PROTOCOL_NAMES, Connection, ConnectionFilter, connections
+from control.model import State, format_endpoint, parse_endpoint_filter
+from lb.conntable import PROTOCOL_NAMES, SECONDS_PER_TICK, Connection, ConnectionFilter, connections, endpoint_text
 from lb.maps import DataPlaneMaps
 from lb.structs import PROTOCOLS, IPAddress
 
@@ -59,47 +60,59 @@ class Filters:
 def list_connections(maps: DataPlaneMaps, state: State, filters: Filters = Filters()) -> dict[str, Any]:
     """Entries matching the filters, at most filters.limit (reading stops there), sorted by VIP then client."""
     limit = filters.limit
-    # generation -> (the backend as configured, its VIP's mode): known while the state keeps the binding
-    bindings = {b.generation: (b.address, v.mode) for v in state.vips for b in v.backends}
     found = list(connections(maps, filters.of(state), None if limit is None else limit + 1))
     truncated = limit is not None and len(found) > limit
-    found = found[:limit] if truncated else found
-    found.sort(key=lambda c: (_endpoint_order(c.vip), c.proto, _endpoint_order(c.client)))
-    rows = [_row(c, bindings) for c in found]
-    return {"connections": rows, "shown": len(rows), "truncated": truncated,
-            "stale": sum(not r["valid"] for r in rows), "table_size": maps.conn_table.max_entries}
+    if truncated:
+        del found[limit:]
+    found.sort(key=Connection.sort_key, reverse=True)
+    rows, listed = _Rows(state), []
+    while found:  # each entry freed as its row is made: a full table is not held twice
+        listed.append(rows.row(found.pop()))
+    return {"connections": listed, "shown": len(listed), "truncated": truncated,
+            "stale": sum(not r["valid"] for r in listed), "table_size": maps.conn_table.max_entries}
 
 
-def _endpoint_order(endpoint: tuple[IPAddress, int]) -> tuple[int, int, int]:
-    return endpoint[0].version, int(endpoint[0]), endpoint[1]
+class _Rows:
+    """Entries as JSON rows. What an entry shares with the others of its binding (VIP, backend, mode)
+    is made once per binding: a full table has a million entries and a few bindings."""
 
+    def __init__(self, state: State):
+        # generation -> (the backend as configured, its VIP's mode): known while the state keeps the binding
+        self.bindings = {b.generation: (b.address, v.mode) for v in state.vips for b in v.backends}
+        self.shared: dict[tuple, dict[str, Any]] = {}
 
-def _row(c: Connection, bindings: dict[int, tuple[BackendAddress, str]]) -> dict[str, Any]:
-    known = bindings.get(c.generation)
-    if c.backend is not None:
-        backend = format_endpoint(*c.backend)
-    elif known is not None:  # the record changed, the state still knows the binding
-        backend = format_endpoint(known[0].address, known[0].port or c.vip[1])
-    else:
-        backend = None
-    proto = PROTOCOL_NAMES.get(c.proto, str(c.proto))
-    return {
-        "proto": proto,
-        "client": format_endpoint(*c.client),
-        "vip": f"{format_endpoint(*c.vip)}/{proto}",
-        "vip_id": c.vip_id,
-        "mode": known[1] if known is not None else None,
-        "via": None,  # full NAT's source address:port towards the backend (issue 15); other modes have none
-        "backend": backend,
-        "backend_id": c.backend_id,
-        "generation": c.generation,
-        "state": c.state,
-        "local": c.local,
-        "age": round(c.age_seconds, 1),
-        "expires_in": round(c.expires_in_seconds, 1),
-        "valid": c.stale is None,
-        "stale": c.stale,
-    }
+    def _shared(self, c: Connection) -> dict[str, Any]:
+        known = self.bindings.get(c.generation)
+        if c.backend is not None:
+            backend = endpoint_text(*c.backend)
+        elif known is not None:  # the record changed, the state still knows the binding
+            backend = format_endpoint(known[0].address, known[0].port or c.vip[1])
+        else:
+            backend = None
+        proto = PROTOCOL_NAMES.get(c.proto, str(c.proto))
+        # every field, in FIELDS' order; the entry's own are filled in by row()
+        return {"proto": proto, "client": None, "vip": f"{endpoint_text(*c.vip)}/{proto}", "vip_id": c.vip_id,
+                "mode": known[1] if known is not None else None,
+                "via": None,  # full NAT's source address:port towards the backend (issue 15); other modes have none
+                "backend": backend, "backend_id": c.backend_id, "generation": c.generation, "state": None,
+                "local": False, "age": None, "expires_in": None, "valid": None, "stale": None}
+
+    def row(self, c: Connection) -> dict[str, Any]:
+        key = (c.vip, c.proto, c.vip_id, c.backend_id, c.generation, c.backend)
+        shared = self.shared.get(key)
+        if shared is None:
+            shared = self.shared[key] = self._shared(c)
+        row = shared.copy()
+        row["client"] = endpoint_text(*c.client)
+        row["state"] = c.state
+        row["local"] = c.local
+        # whole seconds (a tick is 1.07 s); the arithmetic of Connection.age_seconds and expires_in_seconds,
+        # inline: a million rows
+        row["age"] = round(c.age_ticks * SECONDS_PER_TICK)
+        row["expires_in"] = round(max(0, c.idle_timeout_ticks - c.age_ticks) * SECONDS_PER_TICK)
+        row["valid"] = c.stale is None
+        row["stale"] = c.stale
+        return row
 
 
 def format_connections(data: dict[str, Any]) -> str:
@@ -107,15 +120,15 @@ def format_connections(data: dict[str, Any]) -> str:
     other modes); ENTRY says whether the data plane still trusts the entry, and why not."""
     lines = []
     if data["connections"]:
-        rows: list[list[Any]] = [["PROTO", "CLIENT", "VIP", "VIA", "BACKEND", "STATE", "AGE", "EXPIRES", "ENTRY"]]
+        rows: list[tuple[str, ...]] = [("PROTO", "CLIENT", "VIP", "VIA", "BACKEND", "STATE", "AGE", "EXPIRES", "ENTRY")]
         for r in data["connections"]:
-            state = r["state"] + (" (local)" if r["local"] else "")
-            entry = "valid" if r["valid"] else f"stale: {r['stale']}" if r["stale"] != "idle" else "expired"
-            rows.append([r["proto"], r["client"], r["vip"].rsplit("/", 1)[0], r["via"] or "-",
+            state = r["state"] + " (local)" if r["local"] else r["state"]
+            entry = "valid" if r["valid"] else "expired" if r["stale"] == "idle" else f"stale: {r['stale']}"
+            rows.append((r["proto"], r["client"], r["vip"].rpartition("/")[0], r["via"] or "-",
                          r["backend"] or f"? (id {r['backend_id']})", state, f"{r['age']:.0f}s",
-                         f"{r['expires_in']:.0f}s", entry])
-        widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+                         f"{r['expires_in']:.0f}s", entry))
+        line = "  ".join(f"{{:<{max(map(len, column))}}}" for column in zip(*rows))
+        lines += [line.format(*row).rstrip() for row in rows]
     summary = f"{data['shown']} connection(s)"
     if data["stale"]:
         summary += f", {data['stale']} no longer trusted (a packet of theirs picks a backend again)"
@@ -123,3 +136,12 @@ def format_connections(data: dict[str, Any]) -> str:
         summary += "; --limit reached, more entries match"
     lines.append(summary)
     return "\n".join(lines)
+
+
+def connections_json(data: dict[str, Any]) -> str:
+    """--json: one entry per line (json's indented writer is pure Python, some ten times slower
+    than its compact one, and a full table has a million entries)."""
+    head = json.dumps({k: v for k, v in data.items() if k != "connections"}, indent=2)[:-2]
+    # one compact dump, then a line break between entries (no value holds "}, {": addresses and words)
+    entries = json.dumps(data["connections"])[1:-1].replace("}, {", "},\n    {")
+    return head + (f',\n  "connections": [\n    {entries}\n  ]\n}}' if entries else ',\n  "connections": []\n}')

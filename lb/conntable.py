@@ -26,6 +26,7 @@ _KEY = struct.Struct("!16s16sHHB3x")
 # struct flow_entry: backend_id, vip_id, flags, generation, last_seen (the cached next hops skipped)
 _ENTRY = struct.Struct(f"<IHHII{ctypes.sizeof(FlowEntry) - 16}x")
 assert _KEY.size == ctypes.sizeof(FlowKey)
+_SORT_TAIL, _SORT_PORT = struct.Struct(">HB"), struct.Struct(">H")
 
 SECONDS_PER_TICK = (1 << structs.TICK_SHIFT) / 1e9
 PROTOCOL_NAMES = {number: name for name, number in structs.PROTOCOLS.items()}
@@ -48,6 +49,24 @@ def raw_address(address: IPAddress) -> bytes:
     return V4_MAPPED + address.packed if address.version == 4 else address.packed
 
 
+def address_text(raw: bytes) -> str:
+    """str(address_of(raw)), some ten times faster (a listing formats a million of them). libc's
+    inet_ntop writes IPv6 as ipaddress does (RFC 5952) except below ::/80, where it may write a
+    dotted quad: those go through ipaddress."""
+    if raw[:12] == V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:])
+    if raw[:10] == bytes(10):
+        return str(ipaddress.IPv6Address(raw))
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def endpoint_text(raw: bytes, port: int) -> str:
+    """ADDR:PORT with IPv6 in brackets (control.model.format_endpoint, from raw bytes)."""
+    if raw[:12] == V4_MAPPED:
+        return f"{socket.inet_ntop(socket.AF_INET, raw[12:])}:{port}"
+    return f"[{address_text(raw)}]:{port}"
+
+
 @dataclass(frozen=True)
 class ConnectionFilter:
     """Entries to keep: towards a VIP address (and port, protocol), and of certain backend bindings.
@@ -60,20 +79,21 @@ class ConnectionFilter:
     generations: dict[int, int | None] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Connection:
-    """One connection-table entry, decoded."""
+    """One connection-table entry, decoded. Addresses stay raw 16-byte lb_addr (IPv4-mapped):
+    address_of and endpoint_text turn them into addresses and text."""
     proto: int
-    client: tuple[IPAddress, int]
-    vip: tuple[IPAddress, int]      # what the client sent to (an any-port VIP: the port it used)
+    client: tuple[bytes, int]
+    vip: tuple[bytes, int]        # what the client sent to (an any-port VIP: the port it used)
     vip_id: int
     backend_id: int
     generation: int
-    backend: tuple[IPAddress, int] | None  # from the backend record, while the entry names its binding
+    backend: tuple[bytes, int] | None  # from the backend record, while it still holds the entry's binding
     flags: int
     age_ticks: int
     idle_timeout_ticks: int
-    stale: str | None                # None: the data plane trusts it; else one of the reasons above
+    stale: str | None             # None: the data plane trusts it; else one of the reasons above
 
     @property
     def state(self) -> str:
@@ -96,6 +116,13 @@ class Connection:
     def expires_in_seconds(self) -> float:
         """Seconds of idleness left before the data plane stops trusting the entry (0: already)."""
         return max(0, self.idle_timeout_ticks - self.age_ticks) * SECONDS_PER_TICK
+
+    def sort_key(self) -> bytes:
+        """By VIP, protocol, then client; IPv4 before IPv6. One bytes object: a million of them sort
+        several times faster than tuples."""
+        (vip, vport), (client, cport) = self.vip, self.client
+        return b"".join((b"\0" if vip[:12] == V4_MAPPED else b"\1", vip, _SORT_TAIL.pack(vport, self.proto),
+                         b"\0" if client[:12] == V4_MAPPED else b"\1", client, _SORT_PORT.pack(cport)))
 
 
 class _Context:
@@ -134,18 +161,20 @@ class _Context:
         return self.timeouts["closing" if flags & structs.FLOW_CLOSING else "tcp"]
 
 
-def _stale(ctx: _Context, be: structs.Backend | None, generation: int, vip_id: int, key_vip: int | None,
-           age: int, timeout: int) -> str | None:
-    """conn.h flow_trusted, for any packet of the flow but a SYN."""
+def _binding(ctx: _Context, backend_id: int, generation: int, vip_id: int, dst: bytes, dport: int,
+             proto: int) -> tuple[str | None, tuple[bytes, int] | None]:
+    """conn.h flow_trusted's checks of the binding (any packet of the flow but a SYN; idle time is
+    the caller's): why the entry is no longer trusted (None: it is), and the backend's endpoint
+    while its record still holds the entry's binding."""
+    be = ctx.backend(backend_id)
     if be is None or not be.flags & structs.BACKEND_IN_USE:
-        return STALE_BACKEND_GONE
+        return STALE_BACKEND_GONE, None
     if be.generation != generation:
-        return STALE_BACKEND_REBOUND
-    if be.vip_id != vip_id or key_vip != vip_id:
-        return STALE_VIP_CHANGED
-    if age > timeout:
-        return EXPIRED
-    return None
+        return STALE_BACKEND_REBOUND, None
+    endpoint = (bytes(be.addr.b), socket.ntohs(be.port) or dport)
+    if be.vip_id != vip_id or ctx.vip_id(dst, dport, proto) != vip_id:
+        return STALE_VIP_CHANGED, endpoint
+    return None, endpoint
 
 
 def connections(maps: DataPlaneMaps, match: ConnectionFilter = ConnectionFilter(), limit: int | None = None,
@@ -154,29 +183,43 @@ def connections(maps: DataPlaneMaps, match: ConnectionFilter = ConnectionFilter(
     `now`: the kernel's ticks (default: its clock now; the table's clock_offset is added)."""
     ctx = _Context(maps, now)
     vip_raw = raw_address(match.vip_address) if match.vip_address is not None else None
+    filtering = match != ConnectionFilter()
+    bindings: dict[tuple, tuple[str | None, tuple[bytes, int] | None]] = {}  # few: one per backend and VIP port
+    timeouts = {(p, closing): ctx.timeout(p, closing) for p in structs.PROTOCOLS.values()
+                for closing in (0, structs.FLOW_CLOSING)}
+    now, closing_flag = ctx.now, structs.FLOW_CLOSING
     found = 0
     for keys, values in maps.conn_table.raw_items(chunk):
         for (src, dst, sport, dport, proto), (backend_id, vip_id, flags, generation, last_seen) in zip(
                 _KEY.iter_unpack(keys), _ENTRY.iter_unpack(values)):
-            if vip_raw is not None and dst != vip_raw:
+            if filtering and not _matches(match, vip_raw, dst, dport, proto, generation):
                 continue
-            if (match.vip_port is not None and dport != match.vip_port) or \
-                    (match.proto is not None and proto != match.proto):
-                continue
-            if match.generations is not None:
-                if generation not in match.generations:
-                    continue
-                port = match.generations[generation]
-                if port is not None and dport != port:
-                    continue
-            be = ctx.backend(backend_id)
-            trusted_binding = be is not None and be.generation == generation
-            age = (ctx.now - last_seen) & 0xFFFFFFFF
-            timeout = ctx.timeout(proto, flags)
-            backend = (address_of(bytes(be.addr.b)), socket.ntohs(be.port) or dport) if trusted_binding else None
-            yield Connection(proto, (address_of(src), sport), (address_of(dst), dport), vip_id, backend_id,
-                             generation, backend, flags, age, timeout,
-                             _stale(ctx, be, generation, vip_id, ctx.vip_id(dst, dport, proto), age, timeout))
+            binding = (backend_id, generation, vip_id, dst, dport, proto)
+            known = bindings.get(binding)
+            if known is None:
+                known = bindings[binding] = _binding(ctx, *binding)
+            stale, backend = known
+            age = (now - last_seen) & 0xFFFFFFFF
+            timeout = timeouts.get((proto, flags & closing_flag)) or ctx.timeout(proto, flags)
+            if stale is None and age > timeout:
+                stale = EXPIRED
+            yield Connection(proto, (src, sport), (dst, dport), vip_id, backend_id, generation,
+                             backend, flags, age, timeout, stale)
             found += 1
             if limit is not None and found >= limit:
                 return
+
+
+def _matches(match: ConnectionFilter, vip_raw: bytes | None, dst: bytes, dport: int, proto: int,
+             generation: int) -> bool:
+    if vip_raw is not None and dst != vip_raw:
+        return False
+    if (match.vip_port is not None and dport != match.vip_port) or (match.proto is not None and proto != match.proto):
+        return False
+    if match.generations is not None:
+        if generation not in match.generations:
+            return False
+        port = match.generations[generation]
+        if port is not None and dport != port:
+            return False
+    return True

@@ -12,7 +12,7 @@ from control.connections import FIELDS, Filters, format_connections, list_connec
 from control.errors import InputError
 from control.model import BackendAddress, BackendState, State, VipAddress, VipState
 from lb import structs
-from lb.conntable import connections
+from lb.conntable import address_text, connections, endpoint_text, raw_address as raw
 from lb.structs import Backend, FlowEntry, FlowKey, LbAddr, LbConfig, VipInfo, VipKey, be16
 
 CLIENT = ipaddress.ip_address("192.0.2.7")
@@ -73,7 +73,8 @@ def test_entries_are_decoded_with_client_vip_backend_state_and_age():
     maps = FakeMaps([flow(40000, idle=3), flow(40001, flags=structs.FLOW_CLOSING)], {1: backend()})
     found = {c.client[1]: c for c in connections(maps, now=NOW)}
     c = found[40000]
-    assert (c.client, c.vip, c.backend) == ((CLIENT, 40000), (VIP, 80), (BACKEND, 8080))
+    assert (c.client, c.vip, c.backend) == ((raw(CLIENT), 40000), (raw(VIP), 80), (raw(BACKEND), 8080))
+    assert endpoint_text(*c.client) == "192.0.2.7:40000"
     assert (c.state, c.stale, c.age_ticks, c.idle_timeout_ticks) == ("ESTABLISHED", None, 3, structs.TCP_TIMEOUT)
     assert found[40001].state == "CLOSING" and found[40001].idle_timeout_ticks == structs.TCP_CLOSING_TIMEOUT
 
@@ -89,6 +90,15 @@ def test_trust_follows_the_data_planes_rules(entry, backends, stale):
     (c,) = connections(FakeMaps([entry], backends), now=NOW)
     assert c.stale == stale
     assert (c.backend is None) == (stale in ("backend gone", "backend rebound"))
+
+
+@pytest.mark.parametrize("text", ["2001:db8::1", "2001:db8:0:1:0:0:0:1", "::1", "::", "::1.2.3.4", "::ffff:0:1.2.3.4",
+                                  "fe80::1:0:0:0", "1:0:0:2:0:0:0:3", "2001:db8:1:2:3:4:5:6", "0:0:1::",
+                                  "198.51.100.7", "0.0.0.0"])
+def test_address_text_writes_what_ipaddress_writes(text):
+    address = ipaddress.ip_address(text)
+    assert address_text(raw(address)) == str(address)
+    assert endpoint_text(raw(address), 80) == (f"[{address}]:80" if address.version == 6 else f"{address}:80")
 
 
 def test_limit_stops_reading_and_filters_select():
