@@ -10,6 +10,7 @@ import pytest
 
 from control.connections import FIELDS
 from lb.maps import U32, DataPlaneMaps
+from netns.lbctl import DaemonProcess
 from netns.nsenter import socket_in
 from netns.topology import Lab
 from netns.traffic import NetnsHTTPConnection, wait_for
@@ -290,3 +291,19 @@ def test_idle_entries_show_expired_by_the_data_planes_clock(lab, nat_vips, udp_f
 
 def lab_pin_dir(lab: Lab) -> str:
     return lbctl(lab)("list", "--json").json()["dataplane"]["pin_dir"]
+
+
+def test_connections_through_the_daemon(lab, nat_vips, backends, udp_flows, tmp_path):
+    """With a daemon on the API socket, lbctl connections is served by it: the same rows, the same errors."""
+    daemon = DaemonProcess(lab.lb_ns, str(tmp_path / "daemon.log"), ())
+    try:
+        daemon.start()
+        rows = by_client(connections(lab, "--vip", nat_vips["udp"]))
+        assert daemon.events("command")[-1]["command"] == "connections"
+        for port, name in udp_flows:
+            assert rows[f"{lab.client.address}:{port}"]["backend"] == f"{backends[name].address}:5353"
+        bad = lbctl(lab)("connections", "--backend", "198.18.1.2/udp", check=False)
+        assert bad.returncode == 2 and "without /udp" in bad.stderr
+        assert daemon.events("command failed")[-1]["command"] == "connections"
+    finally:
+        daemon.stop()
