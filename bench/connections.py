@@ -3,7 +3,7 @@
 `.venv/bin/python -m bench.connections [ENTRIES]` builds a one-backend lab, fills conn_table with
 ENTRIES (default 1,048,576) entries of a NAT VIP, each naming the backend's binding, and times
 lbctl as an operator runs it: a --limit'ed listing, a filter that matches nothing (the whole
-table is read), and the whole table as JSON. Prints wall time and peak RSS."""
+table is read), and the whole table as JSON. Prints wall and CPU time and peak RSS."""
 from __future__ import annotations
 
 import json
@@ -36,13 +36,15 @@ def fill(maps: DataPlaneMaps, vip: LbAddr, backend_id: int, vip_id: int, generat
         bpfsys.map_update_batch(maps.conn_table.fd, keys, values, n)
 
 
-def timed(ns: str, *args: str) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MiB) of the lbctl process (GNU time's %M), and its output."""
+def timed(ns: str, *args: str) -> tuple[float, float, float, str]:
+    """Wall seconds, CPU seconds (user + system: what the listing costs, whatever else the machine
+    runs), peak RSS in MiB of the lbctl process (GNU time), and its output."""
     start = time.monotonic()
-    proc = subprocess.run(["ip", "netns", "exec", ns, "/usr/bin/time", "-f", "%M", LBCTL, *args],
+    proc = subprocess.run(["ip", "netns", "exec", ns, "/usr/bin/time", "-f", "%U %S %M", LBCTL, *args],
                           capture_output=True, text=True, check=True)
     elapsed = time.monotonic() - start
-    return elapsed, int(proc.stderr.strip().splitlines()[-1]) / 1024, proc.stdout
+    user, system, rss = proc.stderr.strip().splitlines()[-1].split()
+    return elapsed, float(user) + float(system), int(rss) / 1024, proc.stdout
 
 
 def main(entries: int) -> None:
@@ -60,11 +62,13 @@ def main(entries: int) -> None:
         cases = [("--limit 100", ("connections", "--limit", "100")),
                  ("--vip (no match: whole table read)", ("connections", "--vip", f"{lab.vip(2)}")),
                  ("--backend --limit 10", ("connections", "--backend", f"{lab.backends[0].address}", "--limit", "10")),
-                 ("--json, whole table", ("connections", "--json"))]
+                 ("whole table, text", ("connections",)),
+                 ("whole table, --json", ("connections", "--json"))]
         for name, args in cases:
-            seconds, rss, out = timed(lab.lb_ns, *args)
+            seconds, cpu, rss, out = timed(lab.lb_ns, *args)
             shown = json.loads(out)["shown"] if "--json" in args else out.strip().splitlines()[-1]
-            print(f"{name}: {seconds:.2f} s, peak RSS {rss:.0f} MiB ({shown})", flush=True)
+            print(f"{name}: {seconds:.2f} s ({cpu:.2f} s CPU), peak RSS {rss:.0f} MiB ({shown})", flush=True)
+        print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
 
 
 if __name__ == "__main__":
