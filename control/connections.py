@@ -12,7 +12,7 @@ from typing import Any
 
 from control.errors import InputError
 from control.model import State, format_endpoint, parse_endpoint_filter
-from lb.conntable import PROTOCOL_NAMES, SECONDS_PER_TICK, Connection, ConnectionFilter, connections, endpoint_text
+from lb.conntable import PROTOCOL_NAMES, Connection, ConnectionFilter, connections, endpoint_text
 from lb.maps import DataPlaneMaps
 from lb.structs import PROTOCOLS, IPAddress
 
@@ -106,10 +106,8 @@ class _Rows:
         row["client"] = endpoint_text(*c.client)
         row["state"] = c.state
         row["local"] = c.local
-        # whole seconds (a tick is 1.07 s); the arithmetic of Connection.age_seconds and expires_in_seconds,
-        # inline: a million rows
-        row["age"] = round(c.age_ticks * SECONDS_PER_TICK)
-        row["expires_in"] = round(max(0, c.idle_timeout_ticks - c.age_ticks) * SECONDS_PER_TICK)
+        row["age"] = round(c.age_seconds)  # whole seconds: a tick is 1.07 s
+        row["expires_in"] = round(c.expires_in_seconds)
         row["valid"] = c.stale is None
         row["stale"] = c.stale
         return row
