@@ -3,6 +3,7 @@ plane's trust rules (generation, VIP, idle time), filters, and the text table.""
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import socket
 
@@ -11,7 +12,8 @@ import pytest
 from control.connections import FIELDS, Filters, format_connections, list_connections
 from control.errors import InputError
 from control.model import BackendAddress, BackendState, State, VipAddress, VipState
-from lb import structs
+from lb import bpfsys, structs
+from lb.maps import BpfMap
 from lb.conntable import address_text, connections, endpoint_text, raw_address as raw
 from lb.structs import Backend, FlowEntry, FlowKey, LbAddr, LbConfig, VipInfo, VipKey, be16
 
@@ -157,3 +159,45 @@ def test_text_table_has_a_column_per_field_and_says_what_is_stale():
     assert lines[3].endswith("stale: backend gone")
     assert lines[4] == ("3 connection(s), 2 no longer trusted (a packet of theirs picks a backend again); "
                         "--limit reached, more entries match")
+
+
+@pytest.mark.parametrize("refusal", [errno.EINVAL, 524])  # no batch command (before 5.6); no batch ops (ENOTSUPP)
+def test_a_map_without_batch_lookup_is_read_entry_by_entry(monkeypatch, refusal):
+    pairs = [flow(port) for port in range(1, 8)]
+    keys = [k for k, _ in pairs]
+    entries = {bytes(k): v for k, v in pairs}
+
+    def no_batch(*args):
+        raise bpfsys.BpfError(refusal, "map batch lookup: unsupported")
+
+    def next_key(fd, key, next_key):
+        at = 0 if key is None else next(i for i, k in enumerate(keys) if bytes(k) == bytes(key)) + 1
+        if at == len(keys):
+            return False
+        ctypes.memmove(ctypes.addressof(next_key), bytes(keys[at]), ctypes.sizeof(FlowKey))
+        return True
+
+    def lookup(fd, key, value):
+        ctypes.memmove(ctypes.addressof(value), bytes(entries[bytes(key)]), ctypes.sizeof(FlowEntry))
+        return True
+
+    monkeypatch.setattr(bpfsys, "map_lookup_batch", no_batch)
+    monkeypatch.setattr(bpfsys, "map_next_key", next_key)
+    monkeypatch.setattr(bpfsys, "map_lookup", lookup)
+    table = BpfMap.__new__(BpfMap)
+    table.fd, table.key_type, table.value_type, table.percpu, table.ncpus = -1, FlowKey, FlowEntry, False, 1
+    read = list(table.raw_items(chunk=3))
+    assert [len(k) // ctypes.sizeof(FlowKey) for k, _ in read] == [3, 3, 1]
+    assert b"".join(k for k, _ in read) == b"".join(map(bytes, keys))
+    assert b"".join(v for _, v in read) == b"".join(bytes(v) for _, v in pairs)
+
+
+def test_other_batch_failures_are_not_hidden(monkeypatch):
+    def failing(*args):
+        raise bpfsys.BpfError(errno.EPERM, "map batch lookup: Operation not permitted")
+
+    monkeypatch.setattr(bpfsys, "map_lookup_batch", failing)
+    table = BpfMap.__new__(BpfMap)
+    table.fd, table.key_type, table.value_type, table.percpu, table.ncpus = -1, FlowKey, FlowEntry, False, 1
+    with pytest.raises(bpfsys.BpfError):
+        list(table.raw_items())
