@@ -154,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("--json", action="store_true", help="print JSON")
 
+    c = sub.add_parser("connections", help="list the connection table's entries: client, VIP, backend, TCP state, "
+                                            "age, and whether the data plane still trusts the entry")
+    c.add_argument("--vip", metavar="ADDR[:PORT][/PROTO]", help="only entries towards this VIP address (and port)")
+    c.add_argument("--backend", metavar="ADDR[:PORT]", help="only entries of this backend (and port)")
+    c.add_argument("--limit", type=_positive, metavar="N",
+                   help="at most N entries (the table is read until N match: bounded time and memory)")
+    c.add_argument("--json", action="store_true", help="print JSON")
+
     ap = sub.add_parser("apply", help="make the running state equal to a configuration file, as one change")
     ap.add_argument("-f", "--file", required=True, metavar="FILE", help="the YAML file (- for standard input)")
     ap.add_argument("--dry-run", action="store_true",
@@ -479,7 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     if isinstance(result, dict) and result.get("warning"):
         print(f"lbctl: warning: {result['warning']}", file=sys.stderr)
-    if getattr(args, "json", False):
+    if args.command == "connections":
+        from control.connections import connections_json, format_connections
+        print(connections_json(result) if args.json else format_connections(result))
+    elif getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     elif args.command == "list":
         print(format_list(result))

@@ -98,6 +98,8 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
             return ctl.list()
         case "stats":
             return ctl.stats()
+        case "connections":
+            return ctl.connections(_str(p, "vip", None), _str(p, "backend", None), _int(p, "limit", None))
         case "test-packet":
             return ctl.test_packet(_frame(p), _str(p, "ingress", None))
         case "apply":

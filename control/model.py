@@ -110,6 +110,19 @@ def parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise InputError(f"{text!r} is not an address prefix (as in 10.1.0.0/16 or 2001:db8::/32)") from None
 
 
+def parse_endpoint_filter(text: str, what: str, with_proto: bool) -> tuple[IPAddress, int | None, str | None]:
+    """ADDR[:PORT] (and [/PROTO] where `with_proto`) to select by: an address, a port and protocol if
+    given. No unicast check: it selects, it configures nothing."""
+    address, port, proto = _split(text)
+    if proto is not None:
+        if not with_proto:
+            raise InputError(f"{text!r}: {what} takes ADDR[:PORT], without /{proto}")
+        proto = proto.lower()
+        if proto not in PROTOCOLS:
+            raise InputError(f"{text!r}: unknown protocol {proto!r} (expected one of: {', '.join(PROTOCOLS)})")
+    return address, None if port is None else _parse_port(port, text), proto
+
+
 def format_endpoint(address: IPAddress, port: int) -> str:
     """ADDR:PORT, IPv6 in brackets; port 0 (every port) is left out."""
     host = f"[{address}]" if address.version == 6 else str(address)

@@ -22,6 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from control.errors import InputError, LbError
 from control import config as declarative
 from control import forwarding
+from control.connections import Filters, list_connections
 from control.model import (ALL_DOWN, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface,
                            State, VipAddress, VipState, address_sort_key, format_endpoint, parse_prefix,
                            parse_vip_address)
@@ -36,7 +37,7 @@ from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
 from lb.probe import probe
 from lb.refmodel import DataPlaneModel
-from lb.flowhash import flow_hash_raw
+from lb.flowhash import ring_index
 from lb.structs import IPAddress, MAX_IFINDEX, REASONS, VIP_HASH_SOURCE, FlowKey, LbAddr, VipKey, be16
 
 log = logging.getLogger("lb.service")
@@ -457,6 +458,15 @@ class Controller:
                 "connections_note": "connections = connection-table entries, which include closed connections "
                                     "the LRU table has not evicted yet"}
 
+    def connections(self, vip: str | None = None, backend: str | None = None,
+                    limit: int | None = None) -> dict[str, Any]:
+        """The connection table's entries (control/connections.py), filtered, at most `limit`."""
+        filters = Filters.parse(vip, backend, limit)  # bad filters: refused before anything is read
+        state = self.read_state()
+        dp = self.require_attached(state)
+        with DataPlaneMaps.open(dp.pin_dir) as maps:
+            return list_connections(maps, state, filters)
+
     def stats(self) -> dict[str, Any]:
         state = self.read_state()
         dp = self.require_attached(state)
@@ -528,11 +538,10 @@ class Controller:
             backend_id = flow.backend_id if flow is not None else None
             vip = maps.vips.get(VipKey(addr=key.dst, port=key.dport, proto=p.proto)) or \
                 maps.vips.get(VipKey(addr=key.dst, port=0, proto=p.proto))
-            if backend_id is None and vip is not None:  # as lb.c new_flow hashes it
-                by_source = vip.flags & VIP_HASH_SOURCE
-                h = flow_hash_raw(p.src, bytes(16), 0, 0, 0) if by_source else \
-                    flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto)
-                picked = maps.maglev.get(U32(vip.ring_base + h % vip.ring_size)) if vip.ring_size else None
+            if backend_id is None and vip is not None and vip.ring_size:  # as lb.c new_flow picks it
+                slot = vip.ring_base + ring_index(p.src, p.dst, p.sport, p.dport, p.proto, vip.ring_size,
+                                                  bool(vip.flags & VIP_HASH_SOURCE))
+                picked = maps.maglev.get(U32(slot))
                 backend_id = picked.value if picked is not None else None
         names = {b.id: str(b.address) for v in state.vips for b in v.backends}
         return names.get(backend_id) if backend_id is not None else None

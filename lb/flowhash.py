@@ -47,5 +47,15 @@ def flow_hash(src: IPAddress, dst: IPAddress, sport: int, dport: int, proto: int
     return flow_hash_raw(bytes(LbAddr.of(src)), bytes(LbAddr.of(dst)), sport, dport, proto)
 
 
+def ring_index(client: bytes, vip_addr: bytes, sport: int, dport: int, proto: int, ring_size: int,
+               by_source: bool = False) -> int:
+    """lb.c maglev_slot without the VIP's ring_base: the slot of a VIP's Maglev table a new flow
+    takes, hashed on the whole flow or, for session affinity, on the client's address alone.
+    Addresses as 16-byte lb_addr. The one Python copy: the reference model and test-packet use it."""
+    if by_source:
+        return flow_hash_raw(client, bytes(16), 0, 0, 0) % ring_size
+    return flow_hash_raw(client, vip_addr, sport, dport, proto) % ring_size
+
+
 def maglev_slot(src: IPAddress, dst: IPAddress, sport: int, dport: int, proto: int, ring_size: int) -> int:
-    return flow_hash(src, dst, sport, dport, proto) % ring_size
+    return ring_index(bytes(LbAddr.of(src)), bytes(LbAddr.of(dst)), sport, dport, proto, ring_size)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
+import itertools
 import os
 import struct
 from collections import Counter
@@ -16,6 +18,11 @@ from lb.structs import (AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, 
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
 I32 = ctypes.c_int32
+
+
+# What bpf(BPF_MAP_LOOKUP_BATCH) fails with where it cannot serve a map: a kernel before 5.6 knows no
+# such command (EINVAL); a map type without batch operations gives the kernel's ENOTSUPP (524).
+BATCH_UNSUPPORTED = (errno.EINVAL, 524)
 
 
 class MapLayoutError(RuntimeError):
@@ -97,22 +104,23 @@ class BpfMap:
         karr, varr = _ctypes_array(self.key_type, keys), _ctypes_array(self.value_type, values)
         bpfsys.map_update_batch(self.fd, karr, varr, len(keys))
 
-    def _batches(self, chunk: int) -> Iterator[tuple[int, ctypes.Array]]:
-        """A hash map read in batches: (entries got, the values buffer), no per-entry syscalls."""
+    def _batches(self, chunk: int) -> Iterator[tuple[int, ctypes.Array, ctypes.Array]]:
+        """A hash map read in batches: (entries got, the keys buffer, the values buffer), no
+        per-entry syscalls. The buffers are reused by the next batch."""
         keys = (self.key_type * chunk)()
         values = (self.value_type * (chunk * self.ncpus))()
         cursor = None  # hash maps' batch cursor is a u32 bucket index
         while True:
             out_batch = U32()
             got, done = bpfsys.map_lookup_batch(self.fd, keys, values, chunk, cursor, out_batch)
-            yield got, values
+            yield got, keys, values
             if done:
                 return
             cursor = out_batch
 
     def count(self, chunk: int = 8192) -> int:
         """Entries of a hash map, read in batches (a 1M-entry table takes some 130 calls)."""
-        return sum(got for got, _ in self._batches(chunk))
+        return sum(got for got, _, _ in self._batches(chunk))
 
     def read_range(self, start: int, count: int) -> list[int]:
         """Values of keys start..start+count-1 of a u32-keyed array of scalars, batched."""
@@ -134,8 +142,36 @@ class BpfMap:
     def raw_values(self, chunk: int = 8192) -> Iterator[bytes]:
         """The values of a hash map, a batch at a time, as packed bytes (no per-entry objects)."""
         size = ctypes.sizeof(self.value_type) * self.ncpus
-        for got, values in self._batches(chunk):
+        for got, _, values in self._batches(chunk):
             yield bytes(values)[:got * size]
+
+    def raw_items(self, chunk: int = 8192) -> Iterator[tuple[bytes, bytes]]:
+        """The keys and values of a hash map, a batch at a time, as packed bytes (no per-entry objects).
+        Where the kernel has no batch lookup for the map, entry by entry (get_next_key), the same bytes."""
+        key_size, value_size = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type) * self.ncpus
+        batches = self._batches(chunk)
+        try:
+            first = next(batches)
+        except bpfsys.BpfError as e:
+            if e.errno not in BATCH_UNSUPPORTED:
+                raise
+            yield from self._raw_items_by_key(chunk)
+            return
+        except StopIteration:
+            return
+        for got, keys, values in itertools.chain([first], batches):
+            yield ctypes.string_at(keys, got * key_size), ctypes.string_at(values, got * value_size)
+
+    def _raw_items_by_key(self, chunk: int) -> Iterator[tuple[bytes, bytes]]:
+        keys, values = [], []
+        for key, value in self.items():
+            keys.append(bytes(key))
+            values.append(b"".join(map(bytes, value)) if self.percpu else bytes(value))
+            if len(keys) == chunk:
+                yield b"".join(keys), b"".join(values)
+                keys, values = [], []
+        if keys:
+            yield b"".join(keys), b"".join(values)
 
 
 # Every map of bpf/maps.h: name -> (key type, value type).

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from lb import structs
-from lb.flowhash import flow_hash_raw
+from lb.flowhash import ring_index
 from lb.maps import U32, DataPlaneMaps
 
 V4_MAPPED = bytes(10) + b"\xff\xff"
@@ -487,9 +487,7 @@ class DataPlaneModel:
         ring = self.t.maglev.get(vip_id)
         if not ring or vip_id >= self.t.max_vips:
             return structs.NO_BACKEND
-        if by_source:
-            return ring[flow_hash_raw(client, bytes(16), 0, 0, 0) % len(ring)]
-        return ring[flow_hash_raw(client, vip_addr, sport, dport, proto) % len(ring)]
+        return ring[ring_index(client, vip_addr, sport, dport, proto, len(ring), by_source)]
 
     def _handshake_reply(self, pkt: bytearray, p: Parsed, vip_ids: tuple[int, ...] | None,
                          ingress: int) -> ModelResult | None:

@@ -127,6 +127,9 @@ BAD_INPUT = [
     ("unserved", "not-an-address", "pass"),
     ("unserved", "127.0.0.1", "pass"),
     ("unserved", "::ffff:198.19.0.1", "pass"),
+    ("connections", "--vip", "198.19.0.1:80/sctp"),
+    ("connections", "--backend", "2001:db8::1"),
+    ("connections", "--limit", "-1"),
 ]
 
 
@@ -175,7 +178,7 @@ def bare_lab() -> Iterator[Lab]:
 
 @pytest.mark.parametrize("args", [
     ("add-vip", VIP), ("remove-vip", VIP), ("add-backend", VIP, BACKEND), ("remove-backend", VIP, BACKEND),
-    ("stats",), ("detach",), ("drain", VIP, BACKEND), ("status",),
+    ("stats",), ("detach",), ("drain", VIP, BACKEND), ("status",), ("connections",),
 ], ids=lambda a: a[0])
 def test_commands_need_an_attached_data_plane(bare_lab, args):
     result = run_lbctl(bare_lab.lb_ns, *args, check=False)
