@@ -11,7 +11,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 [ -e /proc/sys/kernel/unprivileged_bpf_disabled ] || die "this kernel has no BPF syscall (CONFIG_BPF_SYSCALL); lb cannot run here"
 [ -e /sys/kernel/btf/vmlinux ] || say "notice: kernel has no BTF (/sys/kernel/btf/vmlinux); continuing"
 
-packages=(python3-bpfcc bpfcc-tools libbpf1 iproute2 ethtool python3-venv python3-pip gcc libc6-dev linux-libc-dev nftables wrk nginx-light etcd-server)
+packages=(python3-bpfcc bpfcc-tools libbpf1 iproute2 ethtool python3-venv python3-pip gcc libc6-dev linux-libc-dev nftables wrk nginx-light etcd-server exabgp bird2)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

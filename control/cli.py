@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--all-down", choices=ALL_DOWN, default="open",
                    help="when every backend fails its health check: open (default) keeps sending new flows to "
                         "all of them (a broken check must not take the service down); closed drops them")
+    v.add_argument("--min-healthy", type=_weight, default=1, metavar="N",
+                   help="with BGP (lbctl daemon --bgp-peer): announce the VIP's address only while at least N of "
+                        "its backends pass this node's health checks (default 1; 0: always)")
     v.add_argument("--replies-via-this-node", action="store_true",
                    help="nat in a cluster (refused otherwise): the backends route their replies through this node, "
                         "which alone should take the VIP's flows")

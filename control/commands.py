@@ -83,7 +83,8 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
             return ctl.detach()
         case "add-vip":
             return ctl.add_vip(_str(p, "vip"), _str(p, "mode", "nat"), _str(p, "hash", "flow"),
-                               _str(p, "all_down", "open"), _bool(p, "replies_via_this_node", False))
+                               _str(p, "all_down", "open"), _bool(p, "replies_via_this_node", False),
+                               _int(p, "min_healthy", 1))
         case "remove-vip":
             return ctl.remove_vip(_str(p, "vip"))
         case "add-backend":

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import yaml
 
 from control.errors import InputError
-from control.model import (ALL_DOWN, CHECK_KINDS, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, HealthCheck,
+from control.model import (ALL_DOWN, CHECK_KINDS, HASHES, MAX_MIN_HEALTHY, MAX_WEIGHT, MODES, BackendAddress, BackendState, HealthCheck,
                            IdPool, State, VipAddress, VipState, address_sort_key, is_whole_number, parse_prefix,
                            parse_vip_address)
 from lb.structs import IPAddress
@@ -41,6 +41,7 @@ class VipSpec:
     acl: dict[str, str] = field(default_factory=dict)
     backends: list[BackendSpec] = field(default_factory=list)
     all_down: str = "open"
+    min_healthy: int = 1
 
 
 @dataclass
@@ -150,7 +151,8 @@ class _Reader:
         return config
 
     def vip(self, node: yaml.Node) -> VipSpec:
-        keys = self.mapping(node, "a VIP", ("vip", "mode", "hash", "health", "all_down", "acl", "backends"), ("vip",))
+        keys = self.mapping(node, "a VIP", ("vip", "mode", "hash", "health", "all_down", "min_healthy", "acl",
+                                                       "backends"), ("vip",))
         spec = VipSpec(self.parsed(keys["vip"], "vip", VipAddress.parse))
         if "mode" in keys:
             spec.mode = self.choice(keys["mode"], "mode", MODES)
@@ -160,6 +162,8 @@ class _Reader:
             spec.health = self.health(keys["health"], spec.vip)
         if "all_down" in keys:
             spec.all_down = self.choice(keys["all_down"], "all_down", ALL_DOWN)
+        if "min_healthy" in keys:
+            spec.min_healthy = self.integer(keys["min_healthy"], "min_healthy", 0, MAX_MIN_HEALTHY)
         if "acl" in keys:
             spec.acl = self.acl(keys["acl"], spec.vip)
         seen: dict[BackendAddress, int] = {}
@@ -260,7 +264,7 @@ def config_of(state: State) -> Config:
     return Config([
         VipSpec(v.vip, v.mode, v.hash, copy.deepcopy(v.health), dict(v.acl),
                 [BackendSpec(b.address, b.weight) for b in sorted(v.active_backends(), key=lambda b: b.id)],
-                v.all_down)
+                v.all_down, v.min_healthy)
         for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
     ], set(state.pass_unserved))
 
@@ -284,6 +288,8 @@ def to_yaml(config: Config) -> str:
             doc["health"] = _health_doc(v.health)
         if v.all_down != "open":
             doc["all_down"] = v.all_down
+        if v.min_healthy != 1:
+            doc["min_healthy"] = v.min_healthy
         if v.acl:
             doc["acl"] = dict(v.acl)
         doc["backends"] = [{"address": str(b.address), "weight": b.weight} for b in v.backends]
@@ -316,6 +322,7 @@ def merge(state: State, config: Config, now: float) -> None:
             v = by_vip[spec.vip] = VipState(spec.vip, state.allocate_vip_id(removed_ids) if vip_id is None else vip_id)
             state.vips.append(v)
         v.mode, v.hash, v.acl, v.all_down = spec.mode, spec.hash, dict(spec.acl), spec.all_down
+        v.min_healthy = spec.min_healthy
         if v.health != spec.health:
             v.health = copy.deepcopy(spec.health)
             for b in v.backends:  # a new check starts from healthy; no check means no verdict
@@ -347,7 +354,7 @@ def _describe_health(check: HealthCheck) -> str:
 
 def _vip_changes(old: VipState, new: VipState) -> list[str]:
     changes = []
-    for name in ("mode", "hash", "all_down"):
+    for name in ("mode", "hash", "all_down", "min_healthy"):
         if getattr(old, name) != getattr(new, name):
             changes.append(f"{name}: {getattr(old, name)} -> {getattr(new, name)}")
     if old.health != new.health:

@@ -22,6 +22,7 @@ CHECK_KINDS = ("none", "tcp", "http")
 # the backends): "open" keeps sending new flows to all of them, as production LBs do; "closed" drops them.
 ALL_DOWN = ("open", "closed")
 MAX_WEIGHT = 65535
+MAX_MIN_HEALTHY = 1000  # a VIP's min_healthy: how many of its backends must pass for BGP to announce it
 
 _ENDPOINT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^:/\[\]]+))(?::(?P<port>[^/]*))?(?:/(?P<proto>.*))?$")
 
@@ -264,6 +265,8 @@ class VipState:
     acl: dict[str, str] = field(default_factory=dict)
     health: HealthCheck = field(default_factory=HealthCheck)
     all_down: str = "open"  # ALL_DOWN
+    # BGP (control/bgp.py): the VIP's address is announced only while this many backends take new flows
+    min_healthy: int = 1
     # nat in a cluster: the node the operator routes the backends' replies through, which alone can
     # carry the VIP's flows (None: not said; a cluster refuses plain nat then, etcdstore.py)
     replies_via: str | None = None
@@ -310,6 +313,11 @@ class VipState:
     def takes_new_flows(self, backend: BackendState) -> bool:
         """Whether new flows may pick this backend (what status and metrics call serving)."""
         return any(b is backend for b in self.maglev_backends())
+
+    def ready_to_announce(self) -> bool:
+        """Enough backends take new flows (active, healthy by this node's checks, weight above 0) for
+        this node to draw the VIP's traffic: failing open does not count."""
+        return sum(1 for b in self.backends if b.serving) >= self.min_healthy
 
     @property
     def replies_through_lb(self) -> bool:

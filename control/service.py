@@ -23,9 +23,9 @@ from control.errors import InputError, LbError
 from control import config as declarative
 from control import forwarding
 from control.connections import Filters, list_connections
-from control.model import (ALL_DOWN, HASHES, MAX_WEIGHT, MODES, BackendAddress, BackendState, DataPlaneState, Interface,
-                           State, VipAddress, VipState, address_sort_key, format_endpoint, parse_prefix,
-                           parse_vip_address)
+from control.model import (ALL_DOWN, HASHES, MAX_MIN_HEALTHY, MAX_WEIGHT, MODES, BackendAddress, BackendState,
+                           DataPlaneState, Interface, State, VipAddress, VipState, address_sort_key, format_endpoint,
+                           parse_prefix, parse_vip_address)
 from control.reconcile import Reconciler, mark_applied
 from control.recovery import marked_revision, recover, repair_if_interrupted
 from control.routes import keep_resolved, solicit_neighbour, sync_routes
@@ -212,8 +212,11 @@ class Controller:
     # --- VIPs and backends -----------------------------------------------------
 
     def add_vip(self, vip_text: str, mode: str = "nat", hash_on: str = "flow",
-                all_down: str = "open", replies_via_this_node: bool = False) -> dict[str, Any]:
+                all_down: str = "open", replies_via_this_node: bool = False,
+                min_healthy: int = 1) -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)
+        if not 0 <= min_healthy <= MAX_MIN_HEALTHY:
+            raise InputError(f"min-healthy {min_healthy} is out of range 0-{MAX_MIN_HEALTHY}")
         node = getattr(self.store, "node", None)  # a node of a cluster (etcd) has a name
         if replies_via_this_node and (mode != "nat" or node is None):
             raise InputError("--replies-via-this-node is for a nat VIP on a node of a cluster (--store etcd://...)")
@@ -228,12 +231,13 @@ class Controller:
             if state.vip(vip) is not None:
                 raise InputError(f"VIP {vip} already exists")
             free = state.allocate_vip_id()
-            state.vips.append(VipState(vip, free, mode, hash=hash_on, all_down=all_down,
+            state.vips.append(VipState(vip, free, mode, hash=hash_on, all_down=all_down, min_healthy=min_healthy,
                                        replies_via=node if replies_via_this_node else None))
             warning = None
             if vip.address.version == 6:  # attach checked IPv4's
                 warning = forwarding.describe([s for s in forwarding.missing_settings([], True) if "ipv6" in s])
             return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on, "all_down": all_down,
+                    "min_healthy": min_healthy,
                     "warning": warning}
 
         return self._change(change)

@@ -32,7 +32,7 @@ def shared_doc(state: State) -> dict[str, Any]:
         backends = sorted(((b.address, b.weight) for b in v.active_backends()),
                           key=lambda item: (address_sort_key(item[0].address), item[0].port))
         vips.append({"vip": str(v.vip), "mode": v.mode, "hash": v.hash, "acl": dict(sorted(v.acl.items())),
-                     "health": vars(v.health), "all_down": v.all_down,
+                     "health": vars(v.health), "all_down": v.all_down, "min_healthy": v.min_healthy,
                      **({"replies_via": v.replies_via} if v.replies_via is not None else {}),
                      "backends": [{"address": str(a.address), "port": a.port, "weight": w} for a, w in backends]})
     return {"vips": vips, "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)]}
@@ -52,7 +52,8 @@ def normalise(doc: dict[str, Any]) -> dict[str, Any]:
                     for b in v.get("backends", []) if b.get("retired_at") is None]
         vips.append({"vip": v["vip"], "mode": v.get("mode", "nat"), "hash": v.get("hash", "flow"),
                      "acl": v.get("acl", {}), "health": vars(HealthCheck(**v.get("health", {}))),
-                     "all_down": v.get("all_down", "open"), "backends": backends,
+                     "all_down": v.get("all_down", "open"), "min_healthy": v.get("min_healthy", 1),
+                     "backends": backends,
                      **({"replies_via": v["replies_via"]} if v.get("replies_via") is not None else {})})
     # through the State and back: the same sort order whatever wrote it
     return shared_doc(merge(State(), {"vips": vips, "pass_unserved": doc.get("pass_unserved", [])}))
@@ -85,6 +86,7 @@ def merge(local: State, doc: dict[str, Any], now: float | None = None) -> State:
             v = VipState(address, vid)
         v.mode, v.hash, v.acl, v.all_down = item["mode"], item["hash"], dict(item["acl"]), item["all_down"]
         v.health, v.replies_via = HealthCheck(**item["health"]), item.get("replies_via")
+        v.min_healthy = item.get("min_healthy", 1)
         wanted = {BackendAddress(ipaddress.ip_address(b["address"]), b["port"]): b["weight"] for b in item["backends"]}
         for b in v.backends:
             if b.active and b.address not in wanted:

@@ -54,6 +54,7 @@ def vip_to_doc(v: VipState) -> dict[str, Any]:
         "acl": v.acl,
         "health": vars(v.health),
         "all_down": v.all_down,
+        "min_healthy": v.min_healthy,
         **({"replies_via": v.replies_via} if v.replies_via is not None else {}),
         "backends": [
             {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
@@ -75,7 +76,7 @@ def state_from_doc(doc: dict[str, Any]) -> State:
         ]
         health = HealthCheck(**v.get("health", {}))  # documents from before health checks have none
         vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow"), v.get("acl", {}), health,
-                             v.get("all_down", "open"), v.get("replies_via")))
+                             v.get("all_down", "open"), v.get("min_healthy", 1), v.get("replies_via")))
     dataplane = None
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
