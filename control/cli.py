@@ -52,6 +52,12 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _weight_free_int(text: str) -> int:
+    if not is_whole_number(text):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
 def _weight(text: str) -> int:
     if not is_whole_number(text):
         raise argparse.ArgumentTypeError(f"expected a whole number 0-65535, got {text!r}")
@@ -200,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow --metrics on a wildcard address: every VIP and backend and their health, to anyone "
                         "who reaches the host")
     d.add_argument("--log-format", choices=("text", "json"), default="text")
+    g = d.add_argument_group("BGP", "announce VIP addresses to a router with ExaBGP (control/bgp.py)")
+    g.add_argument("--bgp-peer", metavar="ADDR", help="the router to announce VIPs to (enables BGP)")
+    g.add_argument("--bgp-local-as", type=_weight_free_int, metavar="N", help="this node's AS number")
+    g.add_argument("--bgp-peer-as", type=_weight_free_int, metavar="N", help="the router's AS number")
+    g.add_argument("--bgp-router-id", metavar="ADDR", help="default: the local address of the session (IPv4)")
+    g.add_argument("--bgp-local-address", metavar="ADDR",
+                   help="the session's source (default: the address the routes pick towards the peer)")
+    g.add_argument("--bgp-hold-time", type=_weight_free_int, default=3, metavar="SECONDS",
+                   help="BGP hold time (default 3, the least allowed: a frozen node loses its routes within it)")
+    g.add_argument("--bgp-settle", type=float, default=5.0, metavar="SECONDS",
+                   help="wait this long after start before announcing anything (default 5): a joining node has "
+                        "its state before it draws flows")
     for command in _subparsers(p):  # people type them after the command too: lbctl daemon --state FILE
         _add_global_options(command, defaults=False)
     return p

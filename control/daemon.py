@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control.adopt import AdoptReport, adopt
+from control.bgp import BgpOptions, follow as follow_bgp
 from control.api import ApiServer, default_socket_path
 from control.commands import CHANGES, dispatch
 from control.config import read_text
@@ -96,6 +97,7 @@ class Daemon:
     socket_path: str
     config_path: str | None = None
     metrics_listen: tuple[str, int] | None = None
+    bgp: BgpOptions | None = None
     started: float = field(default_factory=time.time)
     adopted: AdoptReport = field(default_factory=AdoptReport)
     commands_served: int = 0
@@ -166,6 +168,21 @@ class Daemon:
                 if writes:
                     _event(self.log, "route mirror refreshed", writes=writes)
 
+    def start_bgp(self, stop: threading.Event) -> threading.Thread | None:
+        """With --bgp-peer: announce the VIPs this node can serve until `stop`, then withdraw them."""
+        if self.bgp is None:
+            return None
+        t = threading.Thread(target=follow_bgp, args=(self.bgp, self.serving_state, stop), name="bgp", daemon=True)
+        t.start()
+        return t
+
+    def serving_state(self) -> Any:
+        """The stored state, or None while the data plane is not there (detached, pins gone)."""
+        state = self.ctl.store.read()
+        if state.dataplane is None or not self.ctl.pins_alive(state.dataplane):
+            return None
+        return state
+
     def _observe_check(self, target: Any, result: Any) -> None:
         self.metrics.health_check_seconds.labels(str(target.vip), str(target.backend)).observe(result.duration)
 
@@ -173,7 +190,7 @@ class Daemon:
         # Socket and port first: a second daemon must stop before it adopts or applies anything.
         api = ApiServer(self.socket_path, self.handle, self.describe)
         metrics_server = None
-        health = routes = None
+        health = routes = bgp = None
         try:
             if self.metrics_listen:
                 from prometheus_client import start_http_server
@@ -194,6 +211,7 @@ class Daemon:
             health = self.start_health_checks(stop)
             routes = self.start_route_mirror(stop)
             start_store_watch(self.ctl, stop)  # etcd: changes made through other nodes reach our maps
+            bgp = self.start_bgp(stop)
             _event(self.log, "ready", socket=self.socket_path, metrics=self.metrics_listen)
             while not stop.is_set():
                 if reload.wait(timeout=0.5):
@@ -201,6 +219,9 @@ class Daemon:
                     _event(self.log, "SIGHUP: reloading the config", config=self.config_path)
                     self.apply_config()
         finally:
+            stop.set()  # on an error too: BGP withdraws before the daemon goes
+            if bgp is not None:
+                bgp.join(timeout=15)
             api.close()
             if metrics_server is not None:
                 metrics_server.shutdown()
@@ -223,7 +244,11 @@ def serve(args: argparse.Namespace) -> int:
         listen = parse_listen(args.metrics, args.metrics_public) if args.metrics else None
         ctl = Controller.open(args.state)
         path = args.api_socket or default_socket_path(Instance.current().name)
-        daemon = Daemon(ctl, log, path, args.config, listen)
+        bgp = None
+        if args.bgp_peer:
+            bgp = BgpOptions.parse(args.bgp_peer, args.bgp_local_as, args.bgp_peer_as, args.bgp_router_id,
+                                   args.bgp_local_address, args.bgp_hold_time, args.bgp_settle)
+        daemon = Daemon(ctl, log, path, args.config, listen, bgp)
         stop, reload = threading.Event(), threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
