@@ -29,7 +29,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ class BgpOptions:
     hold_time: int = MIN_HOLD_TIME
     settle: float = 5.0
     runtime_dir: str = "/run/lb"
+    name: str = "lb"  # the instance's (network namespace's) name: ExaBGP's files go to runtime_dir/bgp-NAME
 
     def __post_init__(self) -> None:
         for name in ("local_as", "peer_as"):
@@ -71,7 +71,7 @@ class BgpOptions:
     @classmethod
     def parse(cls, peer: str, local_as: int | None, peer_as: int | None, router_id: str | None = None,
               local_address: str | None = None, hold_time: int = MIN_HOLD_TIME, settle: float = 5.0,
-              runtime_dir: str = "/run/lb") -> "BgpOptions":
+              runtime_dir: str = "/run/lb", name: str = "lb") -> "BgpOptions":
         if local_as is None or peer_as is None:
             raise InputError("--bgp-peer needs --bgp-local-as and --bgp-peer-as")
 
@@ -87,7 +87,7 @@ class BgpOptions:
             if rid.version != 4:
                 raise InputError(f"--bgp-router-id {router_id!r}: a router id is written as an IPv4 address")
         local = address(local_address, "--bgp-local-address") if local_address else None
-        return cls(address(peer, "--bgp-peer"), local_as, peer_as, rid, local, hold_time, settle, runtime_dir)
+        return cls(address(peer, "--bgp-peer"), local_as, peer_as, rid, local, hold_time, settle, runtime_dir, name)
 
     def resolved_local_address(self) -> IPAddress:
         """The local address given, or the one the kernel's routes pick to reach the peer."""
@@ -168,7 +168,7 @@ def _die_with_parent() -> None:
 class ExaBgp:
     """An ExaBGP process with one neighbour, driven through a FIFO its API helper (cat) relays."""
 
-    def __init__(self, options: BgpOptions, name: str = "lb"):
+    def __init__(self, options: BgpOptions):
         self.options = options
         self.local = options.resolved_local_address()
         router_id = options.router_id or (self.local if self.local.version == 4 else None)
@@ -178,8 +178,10 @@ class ExaBgp:
         exabgp = shutil.which("exabgp") or ("/usr/sbin/exabgp" if os.path.exists("/usr/sbin/exabgp") else None)
         if exabgp is None:
             raise LbError("exabgp is not installed (make setup installs Debian's exabgp)")
-        os.makedirs(options.runtime_dir, mode=0o700, exist_ok=True)
-        self.dir = tempfile.mkdtemp(prefix=f"bgp-{name}-", dir=options.runtime_dir)
+        # one directory per daemon (one daemon per namespace): what a killed daemon left goes now
+        self.dir = os.path.join(options.runtime_dir, f"bgp-{name}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir, mode=0o700)
         self.fifo = os.path.join(self.dir, "api")
         os.mkfifo(self.fifo, 0o600)
         self.config = os.path.join(self.dir, "exabgp.conf")

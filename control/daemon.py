@@ -247,7 +247,8 @@ def serve(args: argparse.Namespace) -> int:
         bgp = None
         if args.bgp_peer:
             bgp = BgpOptions.parse(args.bgp_peer, args.bgp_local_as, args.bgp_peer_as, args.bgp_router_id,
-                                   args.bgp_local_address, args.bgp_hold_time, args.bgp_settle)
+                                   args.bgp_local_address, args.bgp_hold_time, args.bgp_settle,
+                                   name=Instance.current().name)
         daemon = Daemon(ctl, log, path, args.config, listen, bgp)
         stop, reload = threading.Event(), threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

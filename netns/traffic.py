@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import http.server
+import selectors
 import socket
 import socketserver
 import threading
@@ -291,3 +292,92 @@ class EchoStream:
             yield stream
         finally:
             stream.stop()
+
+
+class EchoConnections:
+    """`n` long-lived TCP connections from `client_ns` to host:port (echo servers behind). Each
+    round() sends every connection a numbered message and waits for all the echoes at once;
+    `failed` maps a connection's index to why it broke (the first time), so a test sees any
+    connection that broke at any moment, not only at the end."""
+
+    def __init__(self, client_ns: str, host: str, port: int, n: int, timeout: float = 5.0):
+        self.client_ns, self.host, self.port, self.timeout = client_ns, host, port, timeout
+        self.socks: list[socket.socket] = []
+        self.failed: dict[int, str] = {}
+        self.rounds = 0
+        self._serial = 0
+        try:
+            for _ in range(n):
+                sock = socket_in(client_ns, socket.AF_INET)
+                self.socks.append(sock)
+                sock.settimeout(timeout)
+                sock.connect((host, port))
+        except BaseException:
+            self.close()
+            raise
+
+    def local_ports(self) -> list[int]:
+        return [s.getsockname()[1] for s in self.socks]
+
+    def round(self) -> int:
+        """One message on every connection still up; returns how many echoed it back in time."""
+        self._serial += 1
+        message = f"{self._serial:010d}".encode() * 4
+        pending: dict[int, bytes] = {}
+        for i, sock in enumerate(self.socks):
+            if i in self.failed:
+                continue
+            try:
+                sock.sendall(message)
+                pending[i] = b""
+            except OSError as e:
+                self.failed[i] = f"send: {e}"
+        with selectors.DefaultSelector() as sel:
+            for i in pending:
+                sel.register(self.socks[i], selectors.EVENT_READ, i)
+            deadline = time.monotonic() + self.timeout
+            while pending and time.monotonic() < deadline:
+                for key, _ in sel.select(timeout=max(deadline - time.monotonic(), 0)):
+                    i = key.data
+                    try:
+                        chunk = self.socks[i].recv(len(message) - len(pending[i]))
+                    except OSError as e:
+                        chunk, error = b"", f"recv: {e}"
+                    else:
+                        error = "closed by the peer"
+                    if not chunk:
+                        self.failed[i] = error
+                        del pending[i]
+                        sel.unregister(self.socks[i])
+                        continue
+                    pending[i] += chunk
+                    if len(pending[i]) == len(message):
+                        if pending[i] != message:
+                            self.failed[i] = f"echo {pending[i][:20]!r} differs"
+                        del pending[i]
+                        sel.unregister(self.socks[i])
+        for i in pending:
+            self.failed[i] = f"no echo within {self.timeout}s"
+        self.rounds += 1
+        return len(self.socks) - len(self.failed)
+
+    @contextlib.contextmanager
+    def flowing(self, interval: float = 0.1) -> Iterator["EchoConnections"]:
+        """Rounds on a thread, one every `interval`, until the block ends (traffic during a change)."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                self.round()
+
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            t.join(timeout=self.timeout + 5)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
