@@ -179,7 +179,7 @@ class ExaBgp:
         if exabgp is None:
             raise LbError("exabgp is not installed (make setup installs Debian's exabgp)")
         # one directory per daemon (one daemon per namespace): what a killed daemon left goes now
-        self.dir = os.path.join(options.runtime_dir, f"bgp-{name}")
+        self.dir = os.path.join(options.runtime_dir, f"bgp-{options.name}")
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir, mode=0o700)
         self.fifo = os.path.join(self.dir, "api")
@@ -262,7 +262,14 @@ def follow(options: BgpOptions, read_state: Callable[[], State | None], stop: th
     every `interval` until `stop`, then withdraw everything and stop the speaker. `read_state`
     raising (the store unreachable) keeps the announcements as they are: the data plane goes on
     forwarding with its last state. A speaker that dies is started again."""
-    speaker = speaker_factory(options)
+    speaker = None
+    while speaker is None:  # a speaker that cannot start (no route to the peer yet) is tried again
+        try:
+            speaker = speaker_factory(options)
+        except (LbError, OSError) as e:
+            _event("bgp speaker not started; trying again in 5 s", logging.ERROR, error=str(e))
+            if stop.wait(5.0):
+                return
     announcer = Announcer(speaker, options.settle)
     _event("bgp speaker started", peer=str(options.peer), local=str(speaker.local), settle=options.settle,
            hold_time=options.hold_time, log=speaker.log_path)

@@ -266,13 +266,28 @@ class Cluster:
         """The node dies: kill -9 its daemon (its ExaBGP goes with it) and, once the router no longer
         sends it the VIP's flows, its data plane goes too (as a reboot would take it). Returns the
         seconds the router took to drop the node's route."""
-        node.daemon.kill9()
         start = time.monotonic()
+        node.daemon.kill9()
         wait_for(lambda: str(node.up_address) not in self.next_hops(vip), 15, interval=0.02,
                  what=f"the router to drop {node.name}'s route")
         took = time.monotonic() - start
         self.lbctl(node, "detach")
         return took
+
+    def signal_node(self, node: Node, sig: int) -> None:
+        """`sig` to the node's daemon and every process under it (ExaBGP and its helper)."""
+        for pid in _descendants(node.daemon.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def freeze_node(self, node: Node, vip: ipaddress.IPv4Address) -> float:
+        """The node hangs (SIGSTOP: no keepalive, no close): returns the seconds until the router
+        drops its route, which only the BGP hold timer notices."""
+        start = time.monotonic()
+        self.signal_node(node, signal.SIGSTOP)
+        wait_for(lambda: str(node.up_address) not in self.next_hops(vip), 30, interval=0.02,
+                 what=f"the router to drop frozen {node.name}'s route")
+        return time.monotonic() - start
 
     # --- what the router does -----------------------------------------------------------------
 
@@ -299,6 +314,14 @@ class Cluster:
                  what=f"the router's route to {vip} through {sorted(want)} (has {sorted(self.next_hops(vip))})")
         return time.monotonic() - start
 
+    def diagnosis(self) -> str:
+        """What to read when the cluster misbehaves: BIRD's sessions and routes, each daemon's last events."""
+        parts = [self.birdc("show", "protocols"), self.birdc("show", "route")]
+        for n in self.nodes:
+            if n.daemon is not None:
+                parts.append(f"--- {n.name} daemon log ---\n{n.daemon.log_tail()}")
+        return "\n".join(parts)
+
     # --- teardown -----------------------------------------------------------------------------
 
     def teardown(self) -> None:
@@ -315,6 +338,18 @@ class Cluster:
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
         self.namespaces.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+    return found
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
