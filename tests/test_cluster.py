@@ -170,6 +170,24 @@ def test_a_frozen_node_loses_its_route_within_the_hold_time_and_gets_it_back(clu
     print(f"lb3 announced the VIP again {took:.2f}s after it thawed")
 
 
+def test_a_stopping_daemon_withdraws_while_its_data_plane_forwards_and_a_restart_settles_first(
+        cluster: Cluster, connections: EchoConnections):
+    lb3 = cluster.nodes[2]
+    with connections.flowing(interval=0.1):
+        assert lb3.daemon.stop() == 0  # SIGTERM
+        assert str(lb3.up_address) not in cluster.next_hops(VIP)  # withdrawn before the daemon exited
+        assert lb3.daemon.events("bgp: withdrawn all", lb3.daemon.proc.pid)[0]["withdrawn"] == [f"{VIP}/32"]
+        rounds = connections.rounds
+        wait_for(lambda: connections.rounds >= rounds + 5, 30, what="traffic while lb3's daemon is away")
+        start = time.monotonic()
+        cluster.start_daemon(lb3, settle=2.0)
+        cluster.wait_for_next_hops(VIP, cluster.nodes, timeout=30)
+        took = time.monotonic() - start
+    assert connections.failed == {}
+    assert took >= 2.0  # not before the settle time
+    print(f"lb3's daemon restarted: the VIP announced again {took:.2f}s after its start (settle 2 s)")
+
+
 def test_a_killed_nodes_connections_move_to_the_others_with_their_backends(cluster: Cluster,
                                                                           connections: EchoConnections):
     lb1 = cluster.nodes[0]
