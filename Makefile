@@ -1,7 +1,7 @@
 # lb: every target that needs the toolchain runs `setup` first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup test demo fuzz bench clean
+.PHONY: setup test demo demo-cluster fuzz bench clean
 
 setup:
 	@bash setup.sh
@@ -22,6 +22,10 @@ bench: setup
 
 demo: setup
 	$(PY) -m netns.demo
+
+# Three LB nodes behind a BGP router with ECMP: a node is killed, its connections move with their backends.
+demo-cluster: setup
+	$(PY) -m netns.demo_cluster
 
 clean:
 	rm -rf .venv .pytest_cache

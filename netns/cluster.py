@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from lb.maps import DataPlaneMaps
 from netns.lbctl import LBCTL, DaemonProcess, run_lbctl
 from netns.nsenter import in_netns, netlink_in, write_sysctl
 from netns.topology import Lab, lab_mac, run_prefix
@@ -288,6 +289,26 @@ class Cluster:
         wait_for(lambda: str(node.up_address) not in self.next_hops(vip), 30, interval=0.02,
                  what=f"the router to drop frozen {node.name}'s route")
         return time.monotonic() - start
+
+    # --- where connections are -----------------------------------------------------------------
+
+    def carried_by(self, node: Node, client_ports: list[int]) -> int:
+        """How many of the client's connections (by port) the node's connection table holds."""
+        ports = set(client_ports)
+        with DataPlaneMaps.open(os.path.join(BPFFS, node.ns)) as maps:
+            return sum(1 for key in maps.conn_table.keys() if socket.ntohs(key.sport) in ports)
+
+    def backend_of_connections(self, port: int) -> dict[int, str]:
+        """client port -> the backend holding the connection (from each backend's own sockets)."""
+        owner = {}
+        for b in self.backends:
+            out = subprocess.run(["ip", "netns", "exec", b.ns, "ss", "-Htn", "state", "established",
+                                  f"( sport = :{port} )"], capture_output=True, text=True, check=True).stdout
+            for line in out.splitlines():
+                host, _, peer_port = line.split()[-1].rpartition(":")
+                if host.strip("[]").removeprefix("::ffff:") == str(self.client_address):
+                    owner[int(peer_port)] = b.name
+        return owner
 
     # --- what the router does -----------------------------------------------------------------
 

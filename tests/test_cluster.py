@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from typing import Iterator
@@ -65,26 +64,6 @@ def apply(c: Cluster, nodes: list[Node], backends: list[str], min_healthy: int =
         c.lbctl(n, "apply", "-f", path)
 
 
-def backend_of_connections(c: Cluster) -> dict[int, str]:
-    """client port -> the backend holding the connection (from each backend's own sockets)."""
-    owner = {}
-    for b in c.backends:
-        out = subprocess.run(["ip", "netns", "exec", b.ns, "ss", "-Htn", "state", "established",
-                              f"( sport = :{PORT} )"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            peer = line.split()[-1]
-            if peer.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:") == str(c.client_address):
-                owner[int(peer.rsplit(":", 1)[1])] = b.name
-    return owner
-
-
-def carried_by(node: Node, conns: EchoConnections) -> int:
-    """How many of `conns` the node's connection table holds (matched by client port)."""
-    ports = set(conns.local_ports())
-    with DataPlaneMaps.open(os.path.join(BPFFS, node.ns)) as maps:
-        return sum(1 for key in maps.conn_table.keys() if socket.ntohs(key.sport) in ports)
-
-
 def maglev_table(node: Node) -> list[int]:
     with DataPlaneMaps.open(os.path.join(BPFFS, node.ns)) as maps:
         return maps.maglev.read_range(0, RING)
@@ -101,10 +80,10 @@ def connections(cluster: Cluster) -> Iterator[EchoConnections]:
 
 
 def test_the_router_spreads_connections_over_every_node(cluster: Cluster, connections: EchoConnections):
-    per_node = {n.name: carried_by(n, connections) for n in cluster.nodes}
+    per_node = {n.name: cluster.carried_by(n, connections.local_ports()) for n in cluster.nodes}
     assert sum(per_node.values()) == CONNECTIONS  # each on exactly one node
     assert all(n >= CONNECTIONS // 10 for n in per_node.values()), per_node
-    assert set(backend_of_connections(cluster).values()) == {"b1", "b2", "b3"}
+    assert set(cluster.backend_of_connections(PORT).values()) == {"b1", "b2", "b3"}
 
 
 def test_an_etcd_restart_under_traffic_breaks_nothing_and_loses_nothing(cluster: Cluster,
@@ -191,8 +170,8 @@ def test_a_stopping_daemon_withdraws_while_its_data_plane_forwards_and_a_restart
 def test_a_killed_nodes_connections_move_to_the_others_with_their_backends(cluster: Cluster,
                                                                           connections: EchoConnections):
     lb1 = cluster.nodes[0]
-    owners = backend_of_connections(cluster)
-    on_lb1 = carried_by(lb1, connections)
+    owners = cluster.backend_of_connections(PORT)
+    on_lb1 = cluster.carried_by(lb1, connections.local_ports())
     assert on_lb1 >= CONNECTIONS // 10
     with connections.flowing(interval=0.1):
         took = cluster.kill_node(lb1, VIP)
@@ -202,7 +181,7 @@ def test_a_killed_nodes_connections_move_to_the_others_with_their_backends(clust
           f"{on_lb1} of {CONNECTIONS} connections were on lb1")
     assert connections.failed == {}
     assert connections.round() == CONNECTIONS
-    assert backend_of_connections(cluster) == owners
+    assert cluster.backend_of_connections(PORT) == owners
     assert cluster.next_hops(VIP) == {str(n.up_address) for n in cluster.nodes[1:]}
 
 
@@ -211,7 +190,7 @@ def test_share_of_connections_broken_by_a_node_and_a_backend_change_together(clu
     """Measured, not a limit: lb2 dies while b4 joins on lb3. A flow moved to lb3 whose slot now
     points at b4 has no entry there and goes to b4, which resets it (Maglev paper, section 3.4)."""
     lb2, lb3 = cluster.nodes[1], cluster.nodes[2]
-    on_lb2 = carried_by(lb2, connections)
+    on_lb2 = cluster.carried_by(lb2, connections.local_ports())
     before = maglev_table(lb3)
     lb3_apply = [str(b.address) for b in cluster.backends]  # b4 joins
     apply(cluster, [lb3], lb3_apply)
