@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from lb.maps import DataPlaneMaps
-from netns.lbctl import LBCTL, DaemonProcess, run_lbctl
+from netns.lbctl import LBCTL, STATE_DIR, DaemonProcess, run_lbctl
 from netns.nsenter import in_netns, netlink_in, write_sysctl
 from netns.topology import Lab, lab_mac, run_prefix
 from netns.traffic import wait_for
@@ -38,6 +38,13 @@ SERVICE_NET = 50  # 198.18.50.0/24: the bridge of nodes and backends
 ETCD_PORT = 2379
 BPFFS = "/run/lb/bpffs/lb"  # where lb pins each namespace's maps (bind mount of /sys/fs/bpf)
 ROUTER_SERVICE_ADDRESS = ipaddress.ip_address(f"198.18.{SERVICE_NET}.1")
+
+
+def nodes_share_state() -> bool:
+    """Whether this lbctl keeps a node's own part of the state (data plane, ids, health) apart from
+    what nodes share (`--node`): then every node can use one etcd prefix."""
+    out = subprocess.run([LBCTL, "--help"], capture_output=True, text=True, timeout=60).stdout
+    return "--node" in out
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Cluster:
     namespaces: list[str] = field(default_factory=list)
     etcd: subprocess.Popen | None = None
     bird: subprocess.Popen | None = None
+    shared: bool = False  # the nodes share one desired state (nodes_share_state())
 
     # --- building -----------------------------------------------------------------------------
 
@@ -77,7 +85,7 @@ class Cluster:
     @contextlib.contextmanager
     def build(cls, n_nodes: int = 3, n_backends: int = 3, prefix: str | None = None) -> Iterator["Cluster"]:
         prefix = prefix or run_prefix()
-        cluster = cls(prefix, tempfile.mkdtemp(prefix=f"{prefix}-cluster-"))
+        cluster = cls(prefix, tempfile.mkdtemp(prefix=f"{prefix}-cluster-"), shared=nodes_share_state())
         try:
             cluster._create(n_nodes, n_backends)
             yield cluster
@@ -155,7 +163,8 @@ class Cluster:
             # frames the node's XDP sends into these veths arrive only with an XDP program or GRO on the peer
             Lab._prepare_peer(self.router_ns, f"lb{i}d", True)
             Lab._prepare_peer(self.router_ns, f"to-lb{i}", True)
-            store = f"etcd://{ROUTER_SERVICE_ADDRESS}:{ETCD_PORT}/{self.prefix}/lb{i}"
+            # one prefix for all once lbctl keeps each node's own part apart (--node); until then one each
+            store = f"etcd://{ROUTER_SERVICE_ADDRESS}:{ETCD_PORT}/{self.prefix}" + ("" if self.shared else f"/lb{i}")
             self.nodes.append(Node(f"lb{i}", ns, ipaddress.ip_address(f"198.18.{subnet}.2"),
                                    ipaddress.ip_address(f"198.18.{subnet}.1"), down, store))
         self.start_etcd()
@@ -353,6 +362,10 @@ class Cluster:
             with contextlib.suppress(Exception):
                 run_lbctl(n.ns, "--store", n.store, "detach", check=False)
             shutil.rmtree(os.path.join(BPFFS, n.ns), ignore_errors=True)  # pins, if etcd was gone
+            for name in (f"{n.ns}.db", f"{n.ns}.node.db"):  # a node's own part of the state, if kept in a file
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(STATE_DIR, name + suffix))
         _stop(self.bird)
         _stop(self.etcd)
         for ns in reversed(self.namespaces):

@@ -3,10 +3,11 @@ long-lived TCP connections spread over the nodes by the router's L4 hash, a node
 restarted, a backend down on one node only, and a node change together with a backend change.
 
 One lab for the module (three data-plane compiles); the tests run in file order, the node kills
-last. Today each node keeps its desired state under its own etcd prefix, filled with the same
-file: the split of shared and node-local state (issue 16) will let them share one."""
+last. The nodes share one etcd prefix where lbctl keeps each node's own part apart (--node);
+otherwise each node keeps its desired state under its own prefix, filled with the same file."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -17,7 +18,8 @@ from typing import Iterator
 import pytest
 
 from lb.maps import DataPlaneMaps
-from netns.cluster import BPFFS, Cluster, Node
+from lb.structs import LbAddr
+from netns.cluster import BPFFS, Cluster, Node, nodes_share_state
 from netns.topology import VIP_NETWORK
 from netns.traffic import EchoConnections, EchoServers, wait_for
 
@@ -101,6 +103,31 @@ def test_an_etcd_restart_under_traffic_breaks_nothing_and_loses_nothing(cluster:
     assert [cluster.lbctl(n, "export").stdout for n in cluster.nodes] == before
     # and changes go through again
     apply(cluster, cluster.nodes, [str(b.address) for b in cluster.backends[:3]])
+
+
+def backend_ids_in_table(node: Node, address: str) -> set[int]:
+    """The ids of `address`'s backends that the node's Maglev table of the VIP holds."""
+    key = bytes(LbAddr.of(ipaddress.ip_address(address)))
+    with DataPlaneMaps.open(os.path.join(BPFFS, node.ns)) as maps:
+        ids = {k.value for k, v in maps.backends.items() if v.flags and bytes(v.addr) == key}
+        return ids & set(maps.maglev.read_range(0, RING))
+
+
+@pytest.mark.skipif(not nodes_share_state(), reason="the nodes do not share one desired state yet (issue 16's split)")
+def test_a_backend_added_through_one_node_is_served_by_every_node_within_a_second(cluster: Cluster):
+    b4 = str(cluster.backends[3].address)
+    cluster.lbctl(cluster.nodes[0], "add-backend", f"{VIP}:{PORT}/tcp", b4)
+    added = time.monotonic()
+    try:
+        for n in cluster.nodes:
+            wait_for(lambda: backend_ids_in_table(n, b4), 5, interval=0.01, what=f"{n.name} to serve {b4}")
+        took = time.monotonic() - added
+        print(f"a backend added through lb1 was in every node's Maglev table {took:.2f}s later")
+        assert took <= 1.0
+    finally:
+        cluster.lbctl(cluster.nodes[0], "remove-backend", f"{VIP}:{PORT}/tcp", b4)
+    for n in cluster.nodes:
+        wait_for(lambda: not backend_ids_in_table(n, b4), 5, what=f"{n.name} to drop {b4}")
 
 
 def test_a_backend_down_on_one_node_moves_only_that_nodes_share_of_its_slots(cluster: Cluster):
