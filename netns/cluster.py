@@ -242,7 +242,12 @@ class Cluster:
         self.lbctl(node, "attach", "up0", "down0")
 
     def attach_all(self) -> None:
-        """Every node's data plane, compiled side by side (a compile takes tens of seconds here)."""
+        """Every node's data plane, compiled side by side (a compile takes tens of seconds here); one
+        after another where the nodes share a state, whose lock an attach holds while it compiles."""
+        if self.shared:
+            for n in self.nodes:
+                self.attach(n)
+            return
         procs = [subprocess.Popen(["ip", "netns", "exec", n.ns, LBCTL, "--store", n.store, "attach", "up0", "down0"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in self.nodes]
         failed = []
