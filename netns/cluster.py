@@ -277,7 +277,7 @@ class Cluster:
                                      "--bgp-settle", str(settle), *extra)).start()
         return node.daemon
 
-    def kill_node(self, node: Node, vip: ipaddress.IPv4Address) -> float:
+    def kill_node(self, node: Node, vip: ipaddress.IPv4Address, detach: bool = True) -> float:
         """The node dies: kill -9 its daemon (its ExaBGP goes with it) and, once the router no longer
         sends it the VIP's flows, its data plane goes too (as a reboot would take it). Returns the
         seconds the router took to drop the node's route."""
@@ -286,7 +286,8 @@ class Cluster:
         wait_for(lambda: str(node.up_address) not in self.next_hops(vip), 15, interval=0.02,
                  what=f"the router to drop {node.name}'s route")
         took = time.monotonic() - start
-        self.lbctl(node, "detach")
+        if detach:
+            self.lbctl(node, "detach")
         return took
 
     def signal_node(self, node: Node, sig: int) -> None:

@@ -219,9 +219,11 @@ def test_share_of_connections_broken_by_a_node_and_a_backend_change_together(clu
     lb2, lb3 = cluster.nodes[1], cluster.nodes[2]
     on_lb2 = cluster.carried_by(lb2, connections.local_ports())
     before = maglev_table(lb3)
-    lb3_apply = [str(b.address) for b in cluster.backends]  # b4 joins
-    apply(cluster, [lb3], lb3_apply)
-    took = cluster.kill_node(lb2, VIP)
+    # lb2 dies first (a node that dies in the middle of a change of the shared state would hold its lock),
+    # then b4 joins before the moved connections' next packets reach lb3
+    took = cluster.kill_node(lb2, VIP, detach=False)
+    apply(cluster, [lb3], [str(b.address) for b in cluster.backends])
+    cluster.lbctl(lb2, "detach")
     slots_moved = sum(1 for a, b in zip(before, maglev_table(lb3)) if a != b) / RING
     for _ in range(3):
         connections.round()
