@@ -1,7 +1,8 @@
 """VIP announcements over BGP, for a cluster of LB nodes behind an ECMP router.
 
 One job: decide which VIP addresses this node announces, and tell the speaker.
-An address (its /32 or /128) is announced while this node's data plane is
+An address (its /32 or /128) of the session's IP version (the next hop is
+this node's address on the session) is announced while this node's data plane is
 attached and at least one VIP on it has `min_healthy` backends taking new flows
 by this node's own health checks (VipState.ready_to_announce; one ready VIP
 keeps the address: withdrawing it would take the healthy VIPs of the address
@@ -106,11 +107,13 @@ def host_prefix(address: IPAddress) -> Prefix:
     return ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
 
 
-def wanted_prefixes(state: State | None) -> set[Prefix]:
-    """The prefixes this node should announce for `state` (None: nothing, the node is not serving)."""
+def wanted_prefixes(state: State | None, version: int | None = None) -> set[Prefix]:
+    """The prefixes this node should announce for `state` (None: nothing, the node is not serving),
+    of one IP version if given (a session's next hop is an address of its own family)."""
     if state is None or state.dataplane is None:
         return set()
-    return {host_prefix(v.vip.address) for v in state.vips if v.ready_to_announce()}
+    return {host_prefix(v.vip.address) for v in state.vips
+            if v.ready_to_announce() and version in (None, v.vip.address.version)}
 
 
 class Speaker(Protocol):
@@ -124,6 +127,7 @@ class Announcer:
 
     speaker: Speaker
     settle: float
+    version: int | None = None  # announce only VIPs of this IP version (the session's): None for all
     clock: Callable[[], float] = time.monotonic
     started: float = field(default=0.0)
     announced: set[Prefix] = field(default_factory=set)
@@ -137,7 +141,7 @@ class Announcer:
 
     def update(self, state: State | None) -> tuple[list[Prefix], list[Prefix]]:
         """Announce and withdraw what differs; returns (announced, withdrawn) by this call."""
-        wanted = wanted_prefixes(state) if self.settled else set()
+        wanted = wanted_prefixes(state, self.version) if self.settled else set()
         return self._set(wanted)
 
     def withdraw_all(self) -> list[Prefix]:
@@ -200,7 +204,7 @@ class ExaBgp:
 
     def _config_text(self) -> str:
         o = self.options
-        families = "ipv4 unicast; ipv6 unicast;"
+        families = "ipv4 unicast;" if o.peer.version == 4 else "ipv6 unicast;"
         return (f"process lb {{\n  run /bin/cat {self.fifo};\n  encoder text;\n}}\n"
                 f"neighbor {o.peer} {{\n  router-id {self.router_id};\n  local-address {self.local};\n"
                 f"  local-as {o.local_as};\n  peer-as {o.peer_as};\n  hold-time {o.hold_time};\n"
@@ -270,7 +274,7 @@ def follow(options: BgpOptions, read_state: Callable[[], State | None], stop: th
             _event("bgp speaker not started; trying again in 5 s", logging.ERROR, error=str(e))
             if stop.wait(5.0):
                 return
-    announcer = Announcer(speaker, options.settle)
+    announcer = Announcer(speaker, options.settle, options.peer.version)
     _event("bgp speaker started", peer=str(options.peer), local=str(speaker.local), settle=options.settle,
            hold_time=options.hold_time, log=speaker.log_path)
     unreadable = False  # logged once per outage

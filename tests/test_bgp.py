@@ -63,10 +63,17 @@ def test_an_address_is_withdrawn_when_healthy_backends_drop_below_min_healthy():
 
 def test_failing_open_is_not_ready_and_min_healthy_zero_always_is():
     speaker = FakeSpeaker()
-    announcer = Announcer(speaker, settle=0.0)
+    announcer = Announcer(speaker, settle=0.0)  # no version: both
     announcer.update(state(vip("198.19.0.1:80/tcp", [False, False]),
                            vip("[2001:2:0:ff::1]:80/tcp", [False], min_healthy=0, vid=1)))
     assert speaker.commands == ["announce 2001:2:0:ff::1/128"]
+
+
+def test_a_session_announces_only_addresses_of_its_own_ip_version():
+    speaker = FakeSpeaker()
+    announcer = Announcer(speaker, settle=0.0, version=4)
+    announcer.update(state(vip("198.19.0.1:80/tcp", [True]), vip("[2001:2:0:ff::1]:80/tcp", [True], vid=1)))
+    assert speaker.commands == ["announce 198.19.0.1/32"]
 
 
 def test_one_ready_vip_keeps_its_address_announced():
