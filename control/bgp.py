@@ -165,7 +165,8 @@ class Announcer:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the thread that started it ends (the daemon's main thread)."""
+    """In the child before exec: SIGTERM when the thread that started it ends (the daemon's BGP
+    thread, which ends only with the daemon; kill -9 of the daemon ends it too)."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
