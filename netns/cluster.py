@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from lb.maps import DataPlaneMaps
-from netns.lbctl import LBCTL, STATE_DIR, DaemonProcess, run_lbctl
+from netns.lbctl import STATE_DIR, DaemonProcess, run_lbctl
 from netns.nsenter import in_netns, netlink_in, write_sysctl
 from netns.topology import Lab, lab_mac, run_prefix
 from netns.traffic import wait_for
@@ -38,13 +38,6 @@ SERVICE_NET = 50  # 198.18.50.0/24: the bridge of nodes and backends
 ETCD_PORT = 2379
 BPFFS = "/run/lb/bpffs/lb"  # where lb pins each namespace's maps (bind mount of /sys/fs/bpf)
 ROUTER_SERVICE_ADDRESS = ipaddress.ip_address(f"198.18.{SERVICE_NET}.1")
-
-
-def nodes_share_state() -> bool:
-    """Whether this lbctl keeps a node's own part of the state (data plane, ids, health) apart from
-    what nodes share (`--node`): then every node can use one etcd prefix."""
-    out = subprocess.run([LBCTL, "--help"], capture_output=True, text=True, timeout=60).stdout
-    return "--node" in out
 
 
 @dataclass
@@ -77,7 +70,6 @@ class Cluster:
     namespaces: list[str] = field(default_factory=list)
     etcd: subprocess.Popen | None = None
     bird: subprocess.Popen | None = None
-    shared: bool = False  # the nodes share one desired state (nodes_share_state())
 
     # --- building -----------------------------------------------------------------------------
 
@@ -85,7 +77,7 @@ class Cluster:
     @contextlib.contextmanager
     def build(cls, n_nodes: int = 3, n_backends: int = 3, prefix: str | None = None) -> Iterator["Cluster"]:
         prefix = prefix or run_prefix()
-        cluster = cls(prefix, tempfile.mkdtemp(prefix=f"{prefix}-cluster-"), shared=nodes_share_state())
+        cluster = cls(prefix, tempfile.mkdtemp(prefix=f"{prefix}-cluster-"))
         try:
             cluster._create(n_nodes, n_backends)
             yield cluster
@@ -163,8 +155,8 @@ class Cluster:
             # frames the node's XDP sends into these veths arrive only with an XDP program or GRO on the peer
             Lab._prepare_peer(self.router_ns, f"lb{i}d", True)
             Lab._prepare_peer(self.router_ns, f"to-lb{i}", True)
-            # one prefix for all once lbctl keeps each node's own part apart (--node); until then one each
-            store = f"etcd://{ROUTER_SERVICE_ADDRESS}:{ETCD_PORT}/{self.prefix}" + ("" if self.shared else f"/lb{i}")
+            # one shared state for all; each node's own part (named after its namespace) in its state file
+            store = f"etcd://{ROUTER_SERVICE_ADDRESS}:{ETCD_PORT}/{self.prefix}"
             self.nodes.append(Node(f"lb{i}", ns, ipaddress.ip_address(f"198.18.{subnet}.2"),
                                    ipaddress.ip_address(f"198.18.{subnet}.1"), down, store))
         self.start_etcd()
@@ -242,21 +234,10 @@ class Cluster:
         self.lbctl(node, "attach", "up0", "down0")
 
     def attach_all(self) -> None:
-        """Every node's data plane, compiled side by side (a compile takes tens of seconds here); one
-        after another where the nodes share a state, whose lock an attach holds while it compiles."""
-        if self.shared:
-            for n in self.nodes:
-                self.attach(n)
-            return
-        procs = [subprocess.Popen(["ip", "netns", "exec", n.ns, LBCTL, "--store", n.store, "attach", "up0", "down0"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in self.nodes]
-        failed = []
-        for n, proc in zip(self.nodes, procs):
-            _, err = proc.communicate(timeout=300)
-            if proc.returncode:
-                failed.append(f"{n.name}: {err.strip()[-300:]}")
-        if failed:
-            raise RuntimeError(f"lbctl attach failed on {'; '.join(failed)}")
+        """Every node's data plane, one after another: an attach holds the shared state's lock while
+        it compiles (tens of seconds here), so side by side they would wait on each other anyway."""
+        for n in self.nodes:
+            self.attach(n)
 
     def prepare_backends_for(self, vip: ipaddress.IPv4Address) -> None:
         """dsr: every backend holds the VIP on its loopback; every node routes the VIP towards a

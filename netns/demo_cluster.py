@@ -49,8 +49,9 @@ def main() -> None:
                 f.write(f"vips:\n  - vip: {VIP}:{PORT}/tcp\n    mode: dsr\n    min_healthy: 1\n"
                         f"    health: {{kind: tcp, interval: 1s, timeout: 500ms}}\n    backends: [{backends}]\n")
             print(open(path).read().rstrip())
+            print(f"  $ lbctl apply -f lb.yaml (through {cluster.nodes[0].name}; the nodes share the state)")
+            cluster.lbctl(cluster.nodes[0], "apply", "-f", path)
             for n in cluster.nodes:
-                cluster.lbctl(n, "apply", "-f", path)
                 cluster.start_daemon(n, settle=2.0)
                 print(f"  {n.name}: lbctl daemon --store {n.store} --bgp-peer {n.router_address} "
                       f"--bgp-local-as 65001 --bgp-peer-as 65000 --bgp-settle 2")

@@ -3,8 +3,7 @@ long-lived TCP connections spread over the nodes by the router's L4 hash, a node
 restarted, a backend down on one node only, and a node change together with a backend change.
 
 One lab for the module (three data-plane compiles); the tests run in file order, the node kills
-last. The nodes share one etcd prefix where lbctl keeps each node's own part apart (--node);
-otherwise each node keeps its desired state under its own prefix, filled with the same file."""
+last. The nodes share one desired state in etcd; each keeps its own part (data plane, ids, health)."""
 from __future__ import annotations
 
 import ipaddress
@@ -19,7 +18,7 @@ import pytest
 
 from lb.maps import DataPlaneMaps
 from lb.structs import LbAddr
-from netns.cluster import BPFFS, Cluster, Node, nodes_share_state
+from netns.cluster import BPFFS, Cluster, Node
 from netns.topology import VIP_NETWORK
 from netns.traffic import EchoConnections, EchoServers, wait_for
 
@@ -45,7 +44,7 @@ def cluster() -> Iterator[Cluster]:
         servers = EchoServers([b.ns for b in c.backends], PORT, backlog=512)
         try:
             c.attach_all()
-            apply(c, c.nodes, [str(b.address) for b in c.backends[:3]])
+            apply(c, c.nodes[0], [str(b.address) for b in c.backends[:3]])  # the others catch up on start
             for n in c.nodes:
                 c.start_daemon(n, settle=2.0)
             try:
@@ -58,12 +57,12 @@ def cluster() -> Iterator[Cluster]:
             servers.close()
 
 
-def apply(c: Cluster, nodes: list[Node], backends: list[str], min_healthy: int = 1) -> None:
+def apply(c: Cluster, node: Node, backends: list[str], min_healthy: int = 1) -> None:
+    """`lbctl apply` of the VIP's file through one node (the state is shared: every node follows)."""
     path = os.path.join(c.workdir, "lb.yaml")
     with open(path, "w") as f:
         f.write(config(backends, min_healthy))
-    for n in nodes:
-        c.lbctl(n, "apply", "-f", path)
+    c.lbctl(node, "apply", "-f", path)
 
 
 def maglev_table(node: Node) -> list[int]:
@@ -102,7 +101,7 @@ def test_an_etcd_restart_under_traffic_breaks_nothing_and_loses_nothing(cluster:
     assert connections.failed == {}
     assert [cluster.lbctl(n, "export").stdout for n in cluster.nodes] == before
     # and changes go through again
-    apply(cluster, cluster.nodes, [str(b.address) for b in cluster.backends[:3]])
+    apply(cluster, cluster.nodes[1], [str(b.address) for b in cluster.backends[:3]], min_healthy=1)
 
 
 def backend_ids_in_table(node: Node, address: str) -> set[int]:
@@ -113,7 +112,6 @@ def backend_ids_in_table(node: Node, address: str) -> set[int]:
         return ids & set(maps.maglev.read_range(0, RING))
 
 
-@pytest.mark.skipif(not nodes_share_state(), reason="the nodes do not share one desired state yet (issue 16's split)")
 def test_a_backend_added_through_one_node_is_served_by_every_node_within_a_second(cluster: Cluster):
     b4 = str(cluster.backends[3].address)
     cluster.lbctl(cluster.nodes[0], "add-backend", f"{VIP}:{PORT}/tcp", b4)
@@ -152,15 +150,15 @@ def test_a_backend_down_on_one_node_moves_only_that_nodes_share_of_its_slots(clu
               f"lb1's and lb3's tables unchanged")
         # lb2 still announces (2 healthy >= min_healthy 1) ...
         assert cluster.next_hops(VIP) == {str(n.up_address) for n in cluster.nodes}
-        # ... until it needs all three: then it withdraws, and keeps forwarding what still reaches it
-        apply(cluster, [lb2], [str(b.address) for b in cluster.backends[:3]], min_healthy=3)
+        # ... until the VIP needs all three: then lb2 alone withdraws (the others see three up)
+        apply(cluster, lb1, [str(b.address) for b in cluster.backends[:3]], min_healthy=3)
         took = cluster.wait_for_next_hops(VIP, [lb1, lb3], timeout=15)
         print(f"lb2 withdrew the VIP {took:.2f}s after min_healthy rose above its healthy backends")
     finally:
         subprocess.run(["ip", "netns", "exec", b3.ns, "ip", "route", "del", "blackhole", f"{lb2.down_address}/32"],
                        check=False)
     wait_for(lambda: maglev_table(lb2) == before["lb2"], 20, what="lb2 to take b3 back")
-    apply(cluster, [lb2], [str(b.address) for b in cluster.backends[:3]], min_healthy=1)
+    apply(cluster, lb1, [str(b.address) for b in cluster.backends[:3]], min_healthy=1)
     cluster.wait_for_next_hops(VIP, cluster.nodes, timeout=15)
 
 
@@ -214,7 +212,7 @@ def test_a_killed_nodes_connections_move_to_the_others_with_their_backends(clust
 
 def test_share_of_connections_broken_by_a_node_and_a_backend_change_together(cluster: Cluster,
                                                                            connections: EchoConnections):
-    """Measured, not a limit: lb2 dies while b4 joins on lb3. A flow moved to lb3 whose slot now
+    """Measured, not a limit: lb2 dies while b4 joins. A flow moved to lb3 whose slot now
     points at b4 has no entry there and goes to b4, which resets it (Maglev paper, section 3.4)."""
     lb2, lb3 = cluster.nodes[1], cluster.nodes[2]
     on_lb2 = cluster.carried_by(lb2, connections.local_ports())
@@ -222,7 +220,7 @@ def test_share_of_connections_broken_by_a_node_and_a_backend_change_together(clu
     # lb2 dies first (a node that dies in the middle of a change of the shared state would hold its lock),
     # then b4 joins before the moved connections' next packets reach lb3
     took = cluster.kill_node(lb2, VIP, detach=False)
-    apply(cluster, [lb3], [str(b.address) for b in cluster.backends])
+    apply(cluster, lb3, [str(b.address) for b in cluster.backends])
     cluster.lbctl(lb2, "detach")
     slots_moved = sum(1 for a, b in zip(before, maglev_table(lb3)) if a != b) / RING
     for _ in range(3):
