@@ -36,6 +36,7 @@ from netns.traffic import wait_for
 ROUTER_AS, NODE_AS = 65000, 65001
 SERVICE_NET = 50  # 198.18.50.0/24: the bridge of nodes and backends
 ETCD_PORT = 2379
+RUN_DIR = "/run/lb"
 BPFFS = "/run/lb/bpffs/lb"  # where lb pins each namespace's maps (bind mount of /sys/fs/bpf)
 ROUTER_SERVICE_ADDRESS = ipaddress.ip_address(f"198.18.{SERVICE_NET}.1")
 
@@ -349,6 +350,7 @@ class Cluster:
             with contextlib.suppress(Exception):
                 run_lbctl(n.ns, "--store", n.store, "detach", check=False)
             shutil.rmtree(os.path.join(BPFFS, n.ns), ignore_errors=True)  # pins, if etcd was gone
+            shutil.rmtree(os.path.join(RUN_DIR, f"bgp-{n.ns}"), ignore_errors=True)  # a killed daemon's ExaBGP files
             for name in (f"{n.ns}.db", f"{n.ns}.node.db"):  # a node's own part of the state, if kept in a file
                 for suffix in ("", "-wal", "-shm"):
                     with contextlib.suppress(FileNotFoundError):
