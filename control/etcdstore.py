@@ -37,7 +37,8 @@ from control.shared import merge, normalise, plain_nat_vips, shared_doc
 from control.store import SqliteStore
 from lb.pins import STATE_DIR
 
-LOCK_TTL = 120  # s: longer than any transaction (an attach compiles the data plane inside one)
+LOCK_TTL = 10  # s: how long a writer that died (kill -9, a frozen host) can keep the others waiting
+LOCK_REFRESH = LOCK_TTL / 4  # s: a live writer keeps its lease alive, however long it takes (an attach compiles)
 FORMAT = 2  # of the shared document: 1 (no "format" key) held the whole State of the writer
 
 
@@ -146,14 +147,38 @@ class EtcdDocument:
                             "create_revision": 0}],
                "success": [{"request_put": {"key": _b64(self.lock_key), "value": _b64(token), "lease": lease_id}}]}
         deadline, pause = time.monotonic() + self.lock_wait, 0.005
+        refreshed = time.monotonic()
         while not self.call("transaction", txn).get("succeeded", False):
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 self.unlock(lease_id)
                 raise StoreConflict(f"etcd at {self.path}: another writer held {self.lock_key} for more than "
                                     f"{self.lock_wait:g} s; nothing was changed")
+            if now - refreshed > LOCK_REFRESH:  # our own lease must outlive the wait
+                self.call("post", "/lease/keepalive", {"ID": lease_id})
+                refreshed = now
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
         return lease_id, token
+
+    @contextlib.contextmanager
+    def kept_alive(self, lease_id: str) -> Iterator[None]:
+        """Keep the lock's lease alive while the block runs: a short lease frees the lock soon after a
+        writer dies, and a live writer's long change (an attach compiles) keeps it."""
+        stop = threading.Event()
+
+        def refresh() -> None:
+            while not stop.wait(LOCK_REFRESH):
+                with contextlib.suppress(LbError):  # a missed refresh: the save's compare-and-swap tells
+                    self.call("post", "/lease/keepalive", {"ID": lease_id})
+
+        keeper = threading.Thread(target=refresh, name="etcd-lock-keepalive", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join(timeout=LOCK_REFRESH + 5)
 
     def unlock(self, lease_id: str) -> None:
         # Revoking the lease deletes the lock key with it.
@@ -292,8 +317,8 @@ class EtcdStore:
                 yield state
             return
         try:
-            doc, mod_revision = self._shared_doc()
-            with self.local.transaction() as state:
+            with self.shared.kept_alive(lease_id), self.local.transaction() as state:
+                doc, mod_revision = self._shared_doc()
                 self._follow(state, doc)
                 yield state
                 changed = shared_doc(state)

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from control.errors import InputError
-from control.etcdstore import EtcdStore, StoreConflict, StoreUnreachable
+from control.etcdstore import LOCK_TTL, EtcdStore, StoreConflict, StoreUnreachable
 from control.model import BackendAddress, BackendState, HealthCheck, State, VipAddress, VipState
 from control.shared import shared_doc
 from netns.etcd import Etcd, etcd_in
@@ -133,6 +133,31 @@ def test_a_write_behind_the_lock_fails_the_compare_and_swap(etcd, prefix):
                 shared.call("put", shared.key, shared.call("get", shared.key)[0].replace(b'"weight": 3', b'"weight": 7'))
         assert [[b.weight for b in v.backends] for v in store.read().vips] == [[7]]  # the intruder's write stands
         assert shared.call("get", shared.lock_key) == []
+
+
+def test_a_writer_that_died_holding_the_lock_frees_it_within_the_lease(etcd, prefix):
+    """kill -9 of a writer mid-change: its lease is not kept alive, so the next writer waits at most
+    about LOCK_TTL, not a long lease's worth."""
+    with in_netns(etcd.ns):
+        etcd.store(prefix, "dead").shared.lock()  # taken, then never refreshed nor released
+        started = time.monotonic()
+        with etcd.store(prefix, "next").transaction() as state:
+            state.vips.append(_vip(1))
+        waited = time.monotonic() - started
+    assert 0 < waited < LOCK_TTL + 5
+
+
+def test_a_live_writer_keeps_the_lock_past_its_lease(etcd, prefix):
+    """A change that takes longer than the lease (an attach compiles) keeps the lock: its save succeeds."""
+    with in_netns(etcd.ns):
+        store = etcd.store(prefix, "slow")
+        with store.transaction() as state:
+            state.vips.append(_vip(1))
+            lease_ends = time.monotonic() + LOCK_TTL + 3
+            while time.monotonic() < lease_ends:  # outlive the lease while holding the lock
+                assert store.shared.call("get", store.shared.lock_key) != []
+                time.sleep(1)
+        assert [v.id for v in store.read().vips] == [1]
 
 
 def test_an_unreachable_etcd_refuses_shared_changes_and_the_node_goes_on_with_its_own(etcd, prefix, tmp_path):
