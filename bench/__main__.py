@@ -270,7 +270,7 @@ def main() -> None:
     if not ONLY:
         sections.run("plots", plots_section)
     sections.run("summary", lambda: summary(results))
-    log(f"\nresults in {RESULTS.relative_to(ROOT)}, plots: {', '.join(written) or 'none'} ({results['elapsed_s']} s)\n")
+    log(f"\nresults in {RESULTS}, plots: {', '.join(written) or 'none'} ({results['elapsed_s']} s)\n")
     width = max(len(row[0]) for row in rows)
     for what, value, op, target, ok in rows:
         shown = "not measured" if value is None else f"{value:>12.3f}"
