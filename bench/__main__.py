@@ -320,6 +320,8 @@ def summary(results: dict) -> None:
         e = results["endtoend"]
         log("  delivered Mpps: " + ", ".join(f"{k} {v['median'] / 1e6:.2f}" for k, v in e["rate"].items()
                                              if isinstance(v, dict) and "_over_" not in k))
+        for part, error in e.get("errors", {}).items():
+            log(f"  end to end, {part} not set up: {error}")
         if "onearm" in e:
             log(f"  one-armed: packets at the backends still in IPIP {e['onearm']['not_decapsulated']}, "
                 f"decapsulated per backend {e['onearm']['decapsulated_per_backend']}")

@@ -25,7 +25,7 @@ import socket
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -93,6 +93,7 @@ class Bench:
     configs: dict[str, Config]
     closers: list[Callable[[], None]]  # last first
     arm: OneArm | None = None
+    errors: dict[str, str] = field(default_factory=dict)  # part that could not be set up -> why (the rest runs)
 
     def close(self) -> None:
         """Take the sinks off the backends (afterwards they receive normally again), the one-armed set-up away."""
@@ -193,6 +194,8 @@ def build(lab: Lab, pin_dir: str, katran_path: Path | None = None) -> Bench:
     bench = Bench(lab, lb_prog, sinks, generator, configs, [])
     try:
         one_armed(bench, pin_dir, katran_path)
+    except Exception as e:  # noqa: BLE001 -- the two-armed runs go on; the results say what is missing
+        bench.errors["one_armed"] = f"{type(e).__name__}: {e}"
     except BaseException:
         bench.close()
         raise
@@ -229,9 +232,13 @@ def one_armed(bench: Bench, pin_dir: str, katran_path: Path | None) -> None:
     bench.configs["lb_tunnel"] = config(bench.lb_prog_fd, tunnel_gen)
     bench.configs["lb_nat_onearm"] = config(bench.lb_prog_fd, nat_gen)
     if katran_path is not None:
-        with DataPlaneMaps.open(pin_dir) as maps:
-            table = maps.conn_table.max_entries  # Katran's table per CPU as large as lb's
-        katran = stack.enter_context(katran_on_arm(arm, katran_path, table, tunnel_vip))
+        try:
+            with DataPlaneMaps.open(pin_dir) as maps:
+                table = maps.conn_table.max_entries  # Katran's table per CPU as large as lb's
+            katran = stack.enter_context(katran_on_arm(arm, katran_path, table, tunnel_vip))
+        except Exception as e:  # noqa: BLE001 -- lb's rows go on without Katran's; its target then fails
+            bench.errors["katran"] = f"{type(e).__name__}: {e}"
+            return
         bench.configs["katran_tunnel"] = config(katran.prog, tunnel_gen)
 
 
@@ -292,6 +299,8 @@ def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: f
         for name in ("lb_tunnel", "lb_nat_onearm"):
             out["rate"][f"{name}_over_katran"] = med([a["delivered_pps"] / k["delivered_pps"]
                                                       for a, k in zip(rates[name], rates["katran_tunnel"])])
+    if bench.errors:
+        out["errors"] = dict(bench.errors)
     if bench.arm is not None:
         # Every packet the one-armed runs delivered reached a backend's stack decapsulated (tunnel) or
         # plain (NAT); these counted the ones that still carried an IPIP header (0 when all is well).

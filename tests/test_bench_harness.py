@@ -155,7 +155,7 @@ def test_cpu_per_packet_not_above_the_drop_floor_is_not_a_figure():
 
     class Saturated:
         configs = dict.fromkeys(endtoend.TWO_ARMED + ("ingress_drop",))
-        arm = None
+        arm, errors = None, {}
 
         def rate(self, name, n):
             return {"offered_pps": 1e6, "delivered_pps": 1e6, "lost": 0}
