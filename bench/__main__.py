@@ -324,7 +324,8 @@ def summary(results: dict) -> None:
             log(f"  end to end, {part} not set up: {error}")
         if "onearm" in e:
             log(f"  one-armed: packets at the backends still in IPIP {e['onearm']['not_decapsulated']}, "
-                f"decapsulated per backend {e['onearm']['decapsulated_per_backend']}")
+                f"decapsulated per backend {e['onearm']['decapsulated_per_backend']}, "
+                f"lb's reasons {e['onearm']['lb_reasons']}")
         log(f"  CPU ns/packet at 300 kpps (busy time from {', '.join(e['cpu']['busy_source'])}): " + ", ".join(
             f"{n} {e['cpu'][n]['median']:.0f}" if e["cpu"][n] else f"{n} not above the floor"
             for n in ("xdp_lb", "nftables", "bare_redirect")))

@@ -35,7 +35,8 @@ from scapy.layers.l2 import Ether
 from bench.busy import BusyClock
 from bench.katran import Katran
 from lb import loader
-from lb.maps import DataPlaneMaps
+from lb.maps import U32, DataPlaneMaps
+from lb.structs import REASONS
 from netns.lbctl import run_lbctl
 from netns.onearm import OneArm
 from netns.topology import Lab
@@ -82,6 +83,14 @@ class Config:
     generator: Generator
     delivered: Callable[[], int]
     not_decapsulated: Callable[[], int] = lambda: 0  # packets that reached a backend's stack still in IPIP
+    lb_reasons: Callable[[], dict[str, int]] | None = None  # lb's reason counters, where lb is the LB
+
+
+def lb_reason_counters(pin_dir: str) -> dict[str, int]:
+    """What lb's data plane did with the packets so far, by reason (as lbctl stats shows it)."""
+    with DataPlaneMaps.open(pin_dir) as maps:
+        return {name.removeprefix("LB_").lower(): sum(maps.reason_stats.get(U32(code)) or [])
+                for code, name in enumerate(REASONS)}
 
 
 @dataclass
@@ -117,6 +126,7 @@ class Bench:
     def rate(self, name: str, packets: int) -> dict[str, float]:
         """Full speed: offered and delivered packets per second."""
         with self.config(name) as c:
+            reasons = c.lb_reasons() if c.lb_reasons else {}
             c.generator.send(20_000)  # warm-up: neighbours, caches, conntrack
             before, encapsulated = c.delivered(), c.not_decapsulated()
             start = time.monotonic()
@@ -124,8 +134,11 @@ class Bench:
             elapsed = time.monotonic() - start
             delivered = _settled(c.delivered, before)
             encapsulated = c.not_decapsulated() - encapsulated
+            # lb's path for these packets (warm-up included): forwarded as expected, none left to the kernel
+            reasons = {k: n - reasons[k] for k, n in (c.lb_reasons() if c.lb_reasons else {}).items()
+                       if n != reasons[k]}
         return {"offered_pps": sent / elapsed, "delivered_pps": delivered / elapsed, "lost": sent - delivered,
-                "not_decapsulated": encapsulated}
+                "not_decapsulated": encapsulated, "lb_reasons": reasons}
 
     def cpu_per_packet(self, name: str, pps: int, seconds: float) -> dict[str, float]:
         """At a fixed offered rate: busy CPU time over the window (bench/busy.py) and packets delivered."""
@@ -144,6 +157,14 @@ class Bench:
             delivered = _settled(c.delivered, before)
         return {"busy_s": busy, "delivered": delivered, "sent": sent, "elapsed_s": elapsed,
                 "busy_source": clock.source}
+
+
+def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, n in c.items():
+            total[k] = total.get(k, 0) + n
+    return total
 
 
 def _settled(delivered: Callable[[], int], before: int) -> int:
@@ -226,11 +247,12 @@ def one_armed(bench: Bench, pin_dir: str, katran_path: Path | None) -> None:
     def off_arm() -> None:
         detach(lab.lb_ns, arm.arm)
 
-    def config(prog_fd: int, generator: Generator) -> Config:
-        return Config(on_arm(prog_fd), off_arm, generator, arm.delivered, lambda: arm.arrived()[1])
+    def config(prog_fd: int, generator: Generator, reasons=None) -> Config:
+        return Config(on_arm(prog_fd), off_arm, generator, arm.delivered, lambda: arm.arrived()[1], reasons)
 
-    bench.configs["lb_tunnel"] = config(bench.lb_prog_fd, tunnel_gen)
-    bench.configs["lb_nat_onearm"] = config(bench.lb_prog_fd, nat_gen)
+    reasons = lambda: lb_reason_counters(pin_dir)  # noqa: E731
+    bench.configs["lb_tunnel"] = config(bench.lb_prog_fd, tunnel_gen, reasons)
+    bench.configs["lb_nat_onearm"] = config(bench.lb_prog_fd, nat_gen, reasons)
     if katran_path is not None:
         try:
             with DataPlaneMaps.open(pin_dir) as maps:
@@ -306,5 +328,7 @@ def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: f
         # plain (NAT); these counted the ones that still carried an IPIP header (0 when all is well).
         out["onearm"] = {"not_decapsulated": {n: sum(x["not_decapsulated"] for x in rates[n])
                                               for n in ONE_ARMED if n in rates},
+                         "lb_reasons": {n: _summed([x.get("lb_reasons", {}) for x in rates[n]])
+                                        for n in ("lb_tunnel", "lb_nat_onearm") if n in rates},
                          "decapsulated_per_backend": bench.arm.decapsulated()}
     return out
