@@ -326,6 +326,9 @@ def summary(results: dict) -> None:
             log(f"  one-armed: packets at the backends still in IPIP {e['onearm']['not_decapsulated']}, "
                 f"decapsulated per backend {e['onearm']['decapsulated_per_backend']}, "
                 f"lb's reasons {e['onearm']['lb_reasons']}")
+            above = e["onearm"].get("ns_above_bare_hairpin", {})
+            log("  one-armed ns per packet above the bare hairpin's (1/rate): " + ", ".join(
+                f"{n} {v['median']:.0f}" if v else f"{n} -" for n, v in above.items()))
         log(f"  CPU ns/packet at 300 kpps (busy time from {', '.join(e['cpu']['busy_source'])}): " + ", ".join(
             f"{n} {e['cpu'][n]['median']:.0f}" if e["cpu"][n] else f"{n} not above the floor"
             for n in ("xdp_lb", "nftables", "bare_redirect")))

@@ -11,7 +11,9 @@ XDP program that counts and drops on the LB's ingress.
 In the same run, one-armed (netns/onearm.py, Katran's topology: the LB sends
 every packet back to a router, which forwards it to the backends' second
 links): Katran in tunnel mode, lb in tunnel mode on the same packets byte for
-byte (same VIP, same backends), and lb in NAT mode. The backends strip the
+byte (same VIP, same backends), lb in NAT mode, and the one-armed ceiling: a
+bare hairpin that puts one fixed IPIP header on every frame and sends it back
+(netns/bpf/onearm.c). The backends strip the
 IPIP header with lb's decap program and count, at TC ingress, the packets
 that reached their stack (those still encapsulated apart). These rows share
 the router hop and the backends' stack, so they compare with each other, not
@@ -46,7 +48,7 @@ FLOWS = 1024
 VIP_PORT, BACKEND_PORT = 53, 5353
 TUNNEL_VIP, NAT_VIP = 5, 6  # lab.vip(i) of the one-armed runs: lb's tunnel VIP (Katran's too), lb's NAT VIP
 TWO_ARMED = ("xdp_lb", "nftables", "bare_redirect")
-ONE_ARMED = ("lb_tunnel", "lb_nat_onearm", "katran_tunnel")
+ONE_ARMED = ("lb_tunnel", "lb_nat_onearm", "katran_tunnel", "bare_hairpin")
 
 
 def nft_ruleset(lab: Lab, proto: str = "udp", vip_port: int = VIP_PORT, backend_port: int = BACKEND_PORT,
@@ -253,6 +255,7 @@ def one_armed(bench: Bench, pin_dir: str, katran_path: Path | None) -> None:
     reasons = lambda: lb_reason_counters(pin_dir)  # noqa: E731
     bench.configs["lb_tunnel"] = config(bench.lb_prog_fd, tunnel_gen, reasons)
     bench.configs["lb_nat_onearm"] = config(bench.lb_prog_fd, nat_gen, reasons)
+    bench.configs["bare_hairpin"] = config(arm.bare_tunnel_hairpin(len(arm.frame(tunnel_vip, VIP_PORT))), tunnel_gen)
     if katran_path is not None:
         try:
             with DataPlaneMaps.open(pin_dir) as maps:
@@ -331,4 +334,11 @@ def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: f
                          "lb_reasons": {n: _summed([x.get("lb_reasons", {}) for x in rates[n]])
                                         for n in ("lb_tunnel", "lb_nat_onearm") if n in rates},
                          "decapsulated_per_backend": bench.arm.decapsulated()}
+        if "bare_hairpin" in rates:
+            # Under live frames the whole path runs on the generator's CPU: 1/rate is the time per packet.
+            # Above the bare hairpin's, it is the LB's own (beyond a fixed encapsulation), the lab's taken out.
+            above = {n: [(1 / a["delivered_pps"] - 1 / b["delivered_pps"]) * 1e9
+                         for a, b in zip(rates[n], rates["bare_hairpin"]) if a["delivered_pps"] and b["delivered_pps"]]
+                     for n in ("lb_tunnel", "lb_nat_onearm", "katran_tunnel") if n in rates}
+            out["onearm"]["ns_above_bare_hairpin"] = {n: med(v) if v else None for n, v in above.items()}
     return out

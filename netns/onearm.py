@@ -149,6 +149,19 @@ class OneArm:
         return bytes(Ether(src=self.router_mac, dst=self.arm_mac) / IP(src=str(self.lab.client.address), dst=str(vip))
                      / UDP(sport=1024, dport=port, chksum=0) / payload)
 
+    def bare_tunnel_hairpin(self, frame_len: int = 60) -> int:
+        """The fd of xdp_hairpin_ipip (onearm.c), set to send every frame of `frame_len` bytes to the first
+        backend in IPIP, as a tunnel LB would: the one-armed ceiling. Attach it on the arm."""
+        inner_len = frame_len - 14
+        outer = bytes(Ether(src=self.arm_mac, dst=self.router_mac)
+                      / IP(src="172.16.0.1", dst=str(self.backend_addresses[0]), proto=4, len=inner_len + 20,
+                           flags="DF", id=0, ttl=64))[:34]
+        table = self.bpf["hairpin_header"]
+        header = table[ctypes.c_int(0)]
+        ctypes.memmove(ctypes.addressof(header), outer, len(outer))
+        table[ctypes.c_int(0)] = header
+        return self.bpf.load_func(b"xdp_hairpin_ipip", self.bpf.XDP).fd
+
     def arrived(self) -> tuple[int, int]:
         """(plain IPv4, still IPIP) packets that reached the backends' stacks, over all backends."""
         table = self.bpf["arrived"]
