@@ -13,11 +13,10 @@ every packet back to a router, which forwards it to the backends' second
 links): Katran in tunnel mode, lb in tunnel mode on the same packets byte for
 byte (same VIP, same backends), lb in NAT mode, and the one-armed ceiling: a
 bare hairpin that puts one fixed IPIP header on every frame and sends it back
-(netns/bpf/onearm.c). The backends strip the
-IPIP header with lb's decap program and count, at TC ingress, the packets
-that reached their stack (those still encapsulated apart). These rows share
-the router hop and the backends' stack, so they compare with each other, not
-with the two-armed rows."""
+(netns/bpf/onearm.c). The backends strip the IPIP header with lb's decap
+program and count, at TC ingress, the packets that reached their stack (those
+still encapsulated apart). These rows share the router hop and the backends'
+stack, so they compare with each other, not with the two-armed rows."""
 from __future__ import annotations
 
 import contextlib
@@ -322,8 +321,9 @@ def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: f
     out["rate"]["xdp_over_redirect"] = r["xdp_lb"]["median"] / r["bare_redirect"]["median"]
     if "katran_tunnel" in rates:  # per repetition (the runs of one repetition are close in time), then the median
         for name in ("lb_tunnel", "lb_nat_onearm"):
-            out["rate"][f"{name}_over_katran"] = med([a["delivered_pps"] / k["delivered_pps"]
-                                                      for a, k in zip(rates[name], rates["katran_tunnel"])])
+            per_rep = [a["delivered_pps"] / k["delivered_pps"]
+                       for a, k in zip(rates[name], rates["katran_tunnel"]) if k["delivered_pps"]]
+            out["rate"][f"{name}_over_katran"] = med(per_rep) if per_rep else None
     if bench.errors:
         out["errors"] = dict(bench.errors)
     if bench.arm is not None:
