@@ -6,27 +6,48 @@ backend namespace counts what arrives. In the same run and topology, the LB is
 in turn: lb's XDP data plane; the kernel's nftables DNAT (numgen over the
 backends, as kube-proxy's nftables mode does; lb's program detached); a bare
 MAC-rewrite + DEVMAP redirect (the ceiling); and, for CPU accounting only, an
-XDP program that counts and drops on the LB's ingress."""
+XDP program that counts and drops on the LB's ingress.
+
+In the same run, one-armed (netns/onearm.py, Katran's topology: the LB sends
+every packet back to a router, which forwards it to the backends' second
+links): Katran in tunnel mode, lb in tunnel mode on the same packets byte for
+byte (same VIP, same backends), lb in NAT mode, and the one-armed ceiling: a
+bare hairpin that puts one fixed IPIP header on every frame and sends it back
+(netns/bpf/onearm.c). The backends strip the IPIP header with lb's decap
+program and count, at TC ingress, the packets that reached their stack (those
+still encapsulated apart). These rows share the router hop and the backends'
+stack, so they compare with each other, not with the two-armed rows."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import random
+import socket
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from bench.busy import BusyClock
+from bench.katran import Katran
 from lb import loader
+from lb.maps import U32, DataPlaneMaps
+from lb.structs import REASONS
+from netns.lbctl import run_lbctl
+from netns.onearm import OneArm
 from netns.topology import Lab
 from netns.xdptools import BareRedirect, Generator, Sink, attach, detach
 
 FLOWS = 1024
 VIP_PORT, BACKEND_PORT = 53, 5353
+TUNNEL_VIP, NAT_VIP = 5, 6  # lab.vip(i) of the one-armed runs: lb's tunnel VIP (Katran's too), lb's NAT VIP
+TWO_ARMED = ("xdp_lb", "nftables", "bare_redirect")
+ONE_ARMED = ("lb_tunnel", "lb_nat_onearm", "katran_tunnel", "bare_hairpin")
 
 
 def nft_ruleset(lab: Lab, proto: str = "udp", vip_port: int = VIP_PORT, backend_port: int = BACKEND_PORT,
@@ -56,72 +77,111 @@ def switch_lb(lab: Lab, prog_fd: int | None) -> None:
 
 
 @dataclass
+class Config:
+    """One LB set-up: how to switch it on and off, what sends its traffic, what counts its deliveries."""
+    enable: Callable[[], None]
+    disable: Callable[[], None]
+    generator: Generator
+    delivered: Callable[[], int]
+    not_decapsulated: Callable[[], int] = lambda: 0  # packets that reached a backend's stack still in IPIP
+    lb_reasons: Callable[[], dict[str, int]] | None = None  # lb's reason counters, where lb is the LB
+
+
+def lb_reason_counters(pin_dir: str) -> dict[str, int]:
+    """What lb's data plane did with the packets so far, by reason (as lbctl stats shows it)."""
+    with DataPlaneMaps.open(pin_dir) as maps:
+        return {name.removeprefix("LB_").lower(): sum(maps.reason_stats.get(U32(code)) or [])
+                for code, name in enumerate(REASONS)}
+
+
+@dataclass
 class Bench:
     lab: Lab
     lb_prog_fd: int
     sinks: list[Sink]
     generator: Generator
-    configs: dict[str, tuple[Callable[[], None], Callable[[], None]]]  # name -> (enable, disable)
+    configs: dict[str, Config]
+    closers: list[Callable[[], None]]  # last first
+    arm: OneArm | None = None
+    errors: dict[str, str] = field(default_factory=dict)  # part that could not be set up -> why (the rest runs)
 
     def close(self) -> None:
-        """Take the sinks off the backends: afterwards they receive normally again."""
+        """Take the sinks off the backends (afterwards they receive normally again), the one-armed set-up away."""
         for sink in self.sinks:
             sink.detach()
+        while self.closers:
+            self.closers.pop()()
 
     def delivered(self) -> int:
         return sum(s.count() for s in self.sinks)
 
     @contextlib.contextmanager
-    def config(self, name: str) -> Iterator[None]:
-        enable, disable = self.configs[name]
-        enable()
+    def config(self, name: str) -> Iterator[Config]:
+        c = self.configs[name]
+        c.enable()
         try:
-            yield
+            yield c
         finally:
-            disable()
+            c.disable()
 
     def rate(self, name: str, packets: int) -> dict[str, float]:
         """Full speed: offered and delivered packets per second."""
-        with self.config(name):
-            self.generator.send(20_000)  # warm-up: neighbours, caches, conntrack
-            before = self.delivered()
+        with self.config(name) as c:
+            reasons = c.lb_reasons() if c.lb_reasons else {}
+            c.generator.send(20_000)  # warm-up: neighbours, caches, conntrack
+            before, encapsulated = c.delivered(), c.not_decapsulated()
             start = time.monotonic()
-            sent = self.generator.send(packets)
+            sent = c.generator.send(packets)
             elapsed = time.monotonic() - start
-            delivered = self._settled(before)
-        return {"offered_pps": sent / elapsed, "delivered_pps": delivered / elapsed, "lost": sent - delivered}
+            delivered = _settled(c.delivered, before)
+            encapsulated = c.not_decapsulated() - encapsulated
+            # lb's path for these packets (warm-up included): forwarded as expected, none left to the kernel
+            reasons = {k: n - reasons[k] for k, n in (c.lb_reasons() if c.lb_reasons else {}).items()
+                       if n != reasons[k]}
+        return {"offered_pps": sent / elapsed, "delivered_pps": delivered / elapsed, "lost": sent - delivered,
+                "not_decapsulated": encapsulated, "lb_reasons": reasons}
 
     def cpu_per_packet(self, name: str, pps: int, seconds: float) -> dict[str, float]:
         """At a fixed offered rate: busy CPU time over the window (bench/busy.py) and packets delivered."""
         per_call = pps // 10
-        with self.config(name):
-            self.generator.send(per_call)
+        with self.config(name) as c:
+            c.generator.send(per_call)
             clock = BusyClock()
-            before, mark = self.delivered(), clock.read()
+            before, mark = c.delivered(), clock.read()
             start = time.monotonic()
             sent = 0
             for tick in range(int(seconds * 10)):
-                sent += self.generator.send(per_call)
+                sent += c.generator.send(per_call)
                 time.sleep(max(0.0, start + (tick + 1) / 10 - time.monotonic()))
             elapsed = time.monotonic() - start
             busy = clock.busy_since(mark)
-            delivered = self._settled(before)
+            delivered = _settled(c.delivered, before)
         return {"busy_s": busy, "delivered": delivered, "sent": sent, "elapsed_s": elapsed,
                 "busy_source": clock.source}
 
-    def _settled(self, before: int) -> int:
-        """Delivered since `before`, once the sinks stop counting (bounded wait)."""
-        last, deadline = -1, time.monotonic() + 2
-        while time.monotonic() < deadline:
-            now = self.delivered() - before
-            if now == last:
-                return now
-            last = now
-            time.sleep(0.05)
-        return last
+
+def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, n in c.items():
+            total[k] = total.get(k, 0) + n
+    return total
 
 
-def build(lab: Lab, pin_dir: str) -> Bench:
+def _settled(delivered: Callable[[], int], before: int) -> int:
+    """Delivered since `before`, once the counters stop counting (bounded wait)."""
+    last, deadline = -1, time.monotonic() + 2
+    while time.monotonic() < deadline:
+        now = delivered() - before
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.05)
+    return last
+
+
+def build(lab: Lab, pin_dir: str, katran_path: Path | None = None) -> Bench:
+    """Every configuration; Katran's only with its object (katran_path)."""
     lb_prog = loader.pinned_program(pin_dir)
     c = lab.client
     template = bytes(Ether(src=c.mac, dst=c.lb_mac) / IP(src=str(c.address), dst=str(lab.vip(1)))
@@ -143,19 +203,83 @@ def build(lab: Lab, pin_dir: str) -> Bench:
         subprocess.run(["ip", "netns", "exec", lab.lb_ns, "ethtool", "-K", c.lb_ifname, "gro", "on" if on else "off"],
                        check=True, capture_output=True)
 
+    def two_armed(enable: Callable[[], None], disable: Callable[[], None]) -> Config:
+        return Config(enable, disable, generator, lambda: sum(s.count() for s in sinks))
+
     configs = {
-        "xdp_lb": (lambda: None, lambda: None),
-        "nftables": (lambda: (lb_off(), gro(True), nft(lab, ruleset)),
-                     lambda: (nft(lab, "delete table ip lbbench\n"), gro(False), lb_on())),
-        "bare_redirect": (lambda: (lb_off(), redirect.attach()), lambda: (redirect.detach(), lb_on())),
-        "ingress_drop": (lambda: (lb_off(), drop.attach()), lambda: (drop.detach(), lb_on())),
+        "xdp_lb": two_armed(lambda: None, lambda: None),
+        "nftables": two_armed(lambda: (lb_off(), gro(True), nft(lab, ruleset)),
+                              lambda: (nft(lab, "delete table ip lbbench\n"), gro(False), lb_on())),
+        "bare_redirect": two_armed(lambda: (lb_off(), redirect.attach()), lambda: (redirect.detach(), lb_on())),
+        "ingress_drop": two_armed(lambda: (lb_off(), drop.attach()), lambda: (drop.detach(), lb_on())),
     }
-    return Bench(lab, lb_prog, sinks, generator, configs)
+    bench = Bench(lab, lb_prog, sinks, generator, configs, [])
+    try:
+        one_armed(bench, pin_dir, katran_path)
+    except Exception as e:  # noqa: BLE001 -- the two-armed runs go on; the results say what is missing
+        bench.errors["one_armed"] = f"{type(e).__name__}: {e}"
+    except BaseException:
+        bench.close()
+        raise
+    return bench
+
+
+def one_armed(bench: Bench, pin_dir: str, katran_path: Path | None) -> None:
+    """The one-armed configurations (see the module's text); bench.close() removes them."""
+    lab, stack = bench.lab, contextlib.ExitStack()
+    bench.closers.append(stack.close)
+    tunnel_vip, nat_vip = lab.vip(TUNNEL_VIP), lab.vip(NAT_VIP)
+    arm = bench.arm = stack.enter_context(OneArm.build(lab, [tunnel_vip]))
+    reals = [str(a) for a in arm.backend_addresses]
+    # After the routes to the backends' kt0 addresses exist: each lbctl change refreshes lb's route mirror.
+    for vip, mode, backends in ((f"{tunnel_vip}:{VIP_PORT}/udp", "tunnel", reals),
+                                (f"{nat_vip}:{VIP_PORT}/udp", "nat", [f"{r}:{BACKEND_PORT}" for r in reals])):
+        run_lbctl(lab.lb_ns, "add-vip", vip, "--mode", mode)
+        stack.callback(run_lbctl, lab.lb_ns, "remove-vip", vip, check=False)
+        for backend in backends:
+            run_lbctl(lab.lb_ns, "add-backend", vip, backend)
+    # Katran's and lb's tunnel runs send the very same frames.
+    tunnel_gen = Generator(arm.ns, arm.router_if, arm.frame(tunnel_vip, VIP_PORT), FLOWS)
+    nat_gen = Generator(arm.ns, arm.router_if, arm.frame(nat_vip, VIP_PORT), FLOWS)
+
+    def on_arm(prog_fd: int) -> Callable[[], None]:
+        return lambda: attach(lab.lb_ns, arm.arm, prog_fd)
+
+    def off_arm() -> None:
+        detach(lab.lb_ns, arm.arm)
+
+    def config(prog_fd: int, generator: Generator, reasons=None) -> Config:
+        return Config(on_arm(prog_fd), off_arm, generator, arm.delivered, lambda: arm.arrived()[1], reasons)
+
+    reasons = lambda: lb_reason_counters(pin_dir)  # noqa: E731
+    bench.configs["lb_tunnel"] = config(bench.lb_prog_fd, tunnel_gen, reasons)
+    bench.configs["lb_nat_onearm"] = config(bench.lb_prog_fd, nat_gen, reasons)
+    bench.configs["bare_hairpin"] = config(arm.bare_tunnel_hairpin(len(arm.frame(tunnel_vip, VIP_PORT))), tunnel_gen)
+    if katran_path is not None:
+        try:
+            with DataPlaneMaps.open(pin_dir) as maps:
+                table = maps.conn_table.max_entries  # Katran's table per CPU as large as lb's
+            katran = stack.enter_context(katran_on_arm(arm, katran_path, table, tunnel_vip))
+        except Exception as e:  # noqa: BLE001 -- lb's rows go on without Katran's; its target then fails
+            bench.errors["katran"] = f"{type(e).__name__}: {e}"
+            return
+        bench.configs["katran_tunnel"] = config(katran.prog, tunnel_gen)
+
+
+def katran_on_arm(arm: OneArm, path: Path, table: int, vip: ipaddress.IPv4Address) -> Katran:
+    """Katran with vip:VIP_PORT/udp over the backends' kt0 addresses, sending to the arm's router."""
+    katran = Katran(path, table, cpu=0, every_cpu=True, router_mac=bytes.fromhex(arm.router_mac.replace(":", "")))
+    try:
+        katran.add_vip(str(vip), VIP_PORT, socket.IPPROTO_UDP, [str(a) for a in arm.backend_addresses])
+    except BaseException:
+        katran.close()
+        raise
+    return katran
 
 
 def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: float, progress=print) -> dict:
     rng = random.Random(2)
-    rates: dict[str, list[dict]] = {n: [] for n in ("xdp_lb", "nftables", "bare_redirect")}
+    rates: dict[str, list[dict]] = {n: [] for n in TWO_ARMED + ONE_ARMED if n in bench.configs}
     cpu: dict[str, list[dict]] = {n: [] for n in ("xdp_lb", "nftables", "bare_redirect", "ingress_drop")}
     for rep in range(reps):
         for name in rng.sample(list(rates), len(rates)):
@@ -195,4 +319,26 @@ def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: f
     r = out["rate"]
     out["rate"]["xdp_over_nft"] = r["xdp_lb"]["median"] / r["nftables"]["median"]
     out["rate"]["xdp_over_redirect"] = r["xdp_lb"]["median"] / r["bare_redirect"]["median"]
+    if "katran_tunnel" in rates:  # per repetition (the runs of one repetition are close in time), then the median
+        for name in ("lb_tunnel", "lb_nat_onearm"):
+            per_rep = [a["delivered_pps"] / k["delivered_pps"]
+                       for a, k in zip(rates[name], rates["katran_tunnel"]) if k["delivered_pps"]]
+            out["rate"][f"{name}_over_katran"] = med(per_rep) if per_rep else None
+    if bench.errors:
+        out["errors"] = dict(bench.errors)
+    if bench.arm is not None:
+        # Every packet the one-armed runs delivered reached a backend's stack decapsulated (tunnel) or
+        # plain (NAT); these counted the ones that still carried an IPIP header (0 when all is well).
+        out["onearm"] = {"not_decapsulated": {n: sum(x["not_decapsulated"] for x in rates[n])
+                                              for n in ONE_ARMED if n in rates},
+                         "lb_reasons": {n: _summed([x.get("lb_reasons", {}) for x in rates[n]])
+                                        for n in ("lb_tunnel", "lb_nat_onearm") if n in rates},
+                         "decapsulated_per_backend": bench.arm.decapsulated()}
+        if "bare_hairpin" in rates:
+            # Under live frames the whole path runs on the generator's CPU: 1/rate is the time per packet.
+            # Above the bare hairpin's, it is the LB's own (beyond a fixed encapsulation), the lab's taken out.
+            above = {n: [(1 / a["delivered_pps"] - 1 / b["delivered_pps"]) * 1e9
+                         for a, b in zip(rates[n], rates["bare_hairpin"]) if a["delivered_pps"] and b["delivered_pps"]]
+                     for n in ("lb_tunnel", "lb_nat_onearm", "katran_tunnel") if n in rates}
+            out["onearm"]["ns_above_bare_hairpin"] = {n: med(v) if v else None for n, v in above.items()}
     return out

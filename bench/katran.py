@@ -5,7 +5,7 @@ lb: the bench finds it at LB_BENCH_KATRAN or the shared path, and skips the comp
 without it. This module writes Katran's maps the way its user-space library does for one
 VIP: the VIP, its reals, a 65,537-slot consistent-hash ring (filled with lb's own Maglev:
 which real a slot holds does not change the cost), the default router MAC, and one LRU
-connection table for the bench's CPU (Katran's production set-up: a table per CPU).
+connection table for the bench's CPU, or one per CPU (Katran's production set-up) for live traffic.
 
 Map layouts (katran/lib/bpf/balancer_structs.h), as ctypes structures below."""
 from __future__ import annotations
@@ -81,9 +81,12 @@ U32 = ctypes.c_uint32
 
 
 class Katran:
-    """Katran's program with its maps filled: `with Katran(path, lru_entries, cpu) as k:`."""
+    """Katran's program with its maps filled: `with Katran(path, lru_entries, cpu) as k:`.
+    every_cpu: a connection table for every CPU, not only `cpu` (live traffic runs where the kernel
+    puts it); router_mac: where Katran sends every packet (its default gateway)."""
 
-    def __init__(self, path: Path, lru_entries: int, cpu: int) -> None:
+    def __init__(self, path: Path, lru_entries: int, cpu: int, every_cpu: bool = False,
+                 router_mac: bytes = ROUTER_MAC) -> None:
         self.obj = BpfObject(str(path))
         try:
             self.prog = self.obj.program_fd(PROGRAM)
@@ -92,13 +95,16 @@ class Katran:
             self.cpu = cpu
             self.reals: dict[ipaddress._BaseAddress, int] = {}
             self.vips = 0
-            bpfsys.map_update(self.obj.map_fd("ctl_array"), U32(0), (ctypes.c_uint8 * 8)(*ROUTER_MAC))
-            # One connection table, on the bench's CPU (the others fall back to Katran's small shared one:
-            # the checks say if one was used).
-            self.lru = self.obj.create_map(BPF_MAP_TYPE_LRU_HASH, "kb_lru", ctypes.sizeof(FlowKey),
-                                           ctypes.sizeof(RealPosLru), lru_entries)
+            bpfsys.map_update(self.obj.map_fd("ctl_array"), U32(0), (ctypes.c_uint8 * 8)(*router_mac))
+            # One connection table on the bench's CPU (without every_cpu, the others fall back to Katran's
+            # small shared one: the checks say if one was used).
+            for c in range(self.ncpus) if every_cpu else (cpu,):
+                lru = self.obj.create_map(BPF_MAP_TYPE_LRU_HASH, "kb_lru", ctypes.sizeof(FlowKey),
+                                          ctypes.sizeof(RealPosLru), lru_entries)
+                bpfsys.map_update(self.obj.map_fd("lru_mapping"), U32(c), U32(lru))
+                if c == cpu:
+                    self.lru = lru
             self.lru_entries = lru_entries
-            bpfsys.map_update(self.obj.map_fd("lru_mapping"), U32(cpu), U32(self.lru))
         except BaseException:
             self.obj.close()
             raise

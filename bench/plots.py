@@ -78,7 +78,11 @@ def _endtoend(results: dict, out_dir: Path) -> str:
     e2e = results["endtoend"]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 4))
     names, colors = ["xdp_lb", "nftables", "bare_redirect"], ["tab:blue", "tab:orange", "tab:gray"]
-    a1.bar(names, [e2e["rate"][n]["median"] / 1e6 for n in names], color=colors)
+    one_armed = [n for n in ("lb_tunnel", "lb_nat_onearm", "katran_tunnel", "bare_hairpin") if n in e2e["rate"]]
+    shade = {"lb_tunnel": "tab:cyan", "lb_nat_onearm": "tab:blue", "katran_tunnel": "tab:red", "bare_hairpin": "tab:gray"}
+    a1.bar(names + one_armed, [e2e["rate"][n]["median"] / 1e6 for n in names + one_armed],
+           color=colors + [shade[n] for n in one_armed])
+    a1.tick_params(axis="x", labelrotation=30)
     a1.set_ylabel("Mpps delivered to the backends")
     a1.set_title("Full speed, 60-byte UDP, 1,024 flows")
     a2.bar(names, [e2e["cpu"][n]["median"] if e2e["cpu"][n] else 0 for n in names], color=colors)

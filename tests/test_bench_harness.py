@@ -154,6 +154,9 @@ def test_cpu_per_packet_not_above_the_drop_floor_is_not_a_figure():
     from bench import endtoend
 
     class Saturated:
+        configs = dict.fromkeys(endtoend.TWO_ARMED + ("ingress_drop",))
+        arm, errors = None, {}
+
         def rate(self, name, n):
             return {"offered_pps": 1e6, "delivered_pps": 1e6, "lost": 0}
 
@@ -165,3 +168,12 @@ def test_cpu_per_packet_not_above_the_drop_floor_is_not_a_figure():
     assert cpu["xdp_lb"] is None and cpu["xdp_over_nft_ratio"] is None
     assert cpu["nftables"]["median"] == pytest.approx(0.5 / 900_000 * 1e9)
     assert cpu["busy_source"] == ["proc_stat"]
+
+
+def test_the_katran_end_to_end_target_is_checked_unless_katran_was_skipped():
+    targets = json.loads((bench_main.ROOT / "bench" / "targets.json").read_text())
+    results = {"endtoend": {"rate": {"lb_tunnel_over_katran": {"median": 1.1}}}}
+    rows = {r[0]: r for r in bench_main.verdicts(results, targets)}
+    assert rows["rate lb tunnel/Katran tunnel, one-armed"][1:] == (1.1, ">=", 1.3, False)
+    results["skipped_sections"] = {"endtoend_katran": "no Katran object"}
+    assert not any("Katran tunnel" in r[0] for r in bench_main.verdicts(results, targets))
