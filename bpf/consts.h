@@ -24,6 +24,9 @@
 /* The DEVMAP is indexed by ifindex itself (no lookup on the way out): an
  * interface with a larger ifindex cannot be attached. */
 #define LB_MAX_IFINDEX 65536
+#ifndef LB_MAX_VLANS
+#define LB_MAX_VLANS 4096
+#endif
 #ifndef LB_PIN_DIR
 #define LB_PIN_DIR "/sys/fs/bpf/lb/default"
 #endif
@@ -141,7 +144,8 @@ enum lb_reason {
 	LB_DROP_V4_MAPPED = 29,   /* the same, to a VIP's address (it must not reach an IPv4 VIP) or quoting one */
 	LB_FWD_EGRESS_UNMANAGED = 30, /* dsr, egress interface not the LB's: sent out of it with bpf_redirect (XDP) */
 	LB_DROP_REPLY_NO_FLOW = 31,   /* from a NAT backend's endpoint, to be forwarded, but of no flow: never leaves un-NATed */
-	LB_REASON_MAX = 32,           /* one past the last value: the size of reason_stats */
+	LB_PASS_VLAN_UNMANAGED = 32,  /* its egress is a VLAN device on an interface lb is not attached to: left to the kernel as it arrived (XDP) */
+	LB_REASON_MAX = 33,           /* one past the last value: the size of reason_stats */
 };
 
 #endif

@@ -35,6 +35,8 @@ BPF_TABLE_PINNED("lpm_trie", struct route_key, struct next_hop, routes, LB_MAX_R
 /* one counter the control plane bumps when the kernel's routes or neighbours change: cached next hops
  * (a backend's, a flow's) of an older epoch are resolved again */
 BPF_TABLE_PINNED("array", __u32, __u32, nh_epoch, 1, PIN(nh_epoch));
+/* ifindex of a VLAN device -> its lower device and tag, mirrored from the kernel's links */
+BPF_TABLE_PINNED("hash", __u32, struct egress_vlan, egress_vlans, LB_MAX_VLANS, PIN(egress_vlans));
 /* ifindex -> ifindex, for each interface the LB sends out of with XDP_REDIRECT */
 BPF_XDP_REDIRECT_MAP("devmap:" PIN(tx_ports), int, tx_ports, LB_MAX_IFINDEX);
 /* per-CPU counters */

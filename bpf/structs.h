@@ -76,6 +76,14 @@ struct next_hop {
 	__u32 epoch;   /* a cached copy is good while it equals the nh_epoch map's (see ensure_next_hop) */
 };
 
+/* egress_vlans hash value, by ifindex: an egress interface that is a VLAN device. The
+ * data plane sends out of its lower device, the frame carrying the VLAN's tag (vlan.h). */
+struct egress_vlan {
+	__u32 lower_ifindex;
+	__be16 proto; /* ETH_P_8021Q or ETH_P_8021AD */
+	__be16 tci;   /* the VLAN id (priority 0) */
+};
+
 /* routes LPM trie key: prefixlen counts bits of the (IPv4-mapped) address */
 struct route_key {
 	__u32 prefixlen;

@@ -15,7 +15,7 @@ from typing import Any
 
 from lb import bpfsys
 from lb.maps import MAP_TYPES, U32, BpfMap
-from lb.structs import LAYOUT_VERSION, MAX_ACL_RULES, MAX_IFINDEX, REASONS, LbState
+from lb.structs import LAYOUT_VERSION, MAX_ACL_RULES, MAX_IFINDEX, MAX_VLANS, REASONS, LbState
 
 HASH, ARRAY, PERCPU_ARRAY, LRU_HASH, LPM_TRIE, DEVMAP = 1, 2, 6, 9, 11, 14
 PREVIOUS_LAYOUT = 1  # the maps of a data plane that has no lb_state map
@@ -47,6 +47,7 @@ def expected(config: Any) -> dict[str, MapSpec]:
         "backend_nh": (ARRAY, config.max_backends), "reply_sources": (HASH, config.max_backends),
         "conn_table": (LRU_HASH, config.conn_table_size), "acl": (LPM_TRIE, MAX_ACL_RULES),
         "routes": (LPM_TRIE, config.max_routes), "tx_ports": (DEVMAP, MAX_IFINDEX),
+        "egress_vlans": (HASH, MAX_VLANS),
         "vip_stats": (PERCPU_ARRAY, config.max_vips), "backend_stats": (PERCPU_ARRAY, config.max_backends),
         "reason_stats": (PERCPU_ARRAY, len(REASONS)),
     }

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from lb import bpfsys
-from lb.structs import (AclKey, AclRule, Backend, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, LbState, NextHop, ReplySource,
+from lb.structs import (AclKey, AclRule, Backend, EgressVlan, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, LbState, NextHop, ReplySource,
                         RouteKey, VipAddr, VipInfo, VipKey, VipMeta)
 
 U32 = ctypes.c_uint32
@@ -189,6 +189,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "routes": (RouteKey, NextHop),
     "acl": (AclKey, AclRule),
     "nh_epoch": (U32, U32),
+    "egress_vlans": (U32, EgressVlan),
     "tx_ports": (I32, I32),
     "vip_stats": (U32, LbCounters),
     "backend_stats": (U32, LbCounters),

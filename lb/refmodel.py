@@ -82,6 +82,7 @@ class Tables:
     nh_epoch: int = 0                                       # bumped when the kernel's routes change
     timeouts: tuple[int, int, int] = (0, 0, 0)              # lb_config: TCP, TCP closing, UDP (0: default)
     clock_offset: int = 0                                   # lb_config: ticks added to the kernel's clock
+    egress_vlans: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # VLAN device -> (lower, proto, tci)
 
     @classmethod
     def snapshot(cls, maps: DataPlaneMaps, ring_size: int) -> "Tables":
@@ -112,6 +113,7 @@ class Tables:
             nh_epoch=maps.maps["nh_epoch"].get(U32(0)).value,
             timeouts=(config.tcp_timeout, config.tcp_closing_timeout, config.udp_timeout),
             clock_offset=config.clock_offset,
+            egress_vlans={k.value: (v.lower_ifindex, ntohs(v.proto), ntohs(v.tci)) for k, v in maps.egress_vlans.items()},
         )
 
 
@@ -687,13 +689,23 @@ class DataPlaneModel:
             return ModelResult("XDP_PASS", bytes(pkt), "pass_neigh_unresolved", backend)
         if resolved == "none":
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_route", backend)
-        if nh.ifindex != ingress and nh.ifindex not in self.t.tx_ports:  # unmanaged_egress
-            if not direct:  # the kernel forwards it, as it arrived
+        tagged = _tagged(pkt)
+        if not tagged and (nh.ifindex == ingress or nh.ifindex in self.t.tx_ports):  # transmit, untagged
+            pkt[0:6], pkt[6:12] = nh.dmac, nh.smac
+            return ModelResult("XDP_TX" if nh.ifindex == ingress else "XDP_REDIRECT", bytes(pkt), ok, backend)
+        vlan = self.t.egress_vlans.get(nh.ifindex)  # transmit_vlan
+        out = vlan[0] if vlan else nh.ifindex
+        if out != ingress and out not in self.t.tx_ports:
+            if vlan:
+                return ModelResult("XDP_PASS", bytes(pkt), "pass_vlan_unmanaged", backend)
+            if not direct:  # unmanaged_egress: the kernel forwards it, as it arrived
                 return ModelResult("XDP_PASS", bytes(pkt), "pass_egress_unmanaged", backend)
+            _retag(pkt, None)
             pkt[0:6], pkt[6:12] = nh.dmac, nh.smac
             return ModelResult("XDP_REDIRECT", bytes(pkt), "fwd_egress_unmanaged", backend)
+        _retag(pkt, vlan)
         pkt[0:6], pkt[6:12] = nh.dmac, nh.smac
-        return ModelResult("XDP_TX" if nh.ifindex == ingress else "XDP_REDIRECT", bytes(pkt), ok, backend)
+        return ModelResult("XDP_TX" if out == ingress else "XDP_REDIRECT", bytes(pkt), ok, backend)
 
     def _resolve(self, dst: bytes, p: Parsed, pkt: bytes, ingress: int) -> tuple[str, NextHop | None]:
         best: tuple[int, NextHop] | None = None
@@ -705,6 +717,19 @@ class DataPlaneModel:
         if best is not None and best[1].ifindex:
             return "found", best[1]
         return self.fib(dst, p, pkt, ingress)
+
+
+def _tagged(frame: bytes | bytearray) -> bool:
+    return int.from_bytes(frame[12:14], "big") in (ETH_P_8021Q, ETH_P_8021AD)
+
+
+def _retag(pkt: bytearray, vlan: tuple[int, int, int] | None) -> None:
+    """vlan.h vlan_retag: the egress VLAN's tag pushed or put in place of the client's, or the client's stripped."""
+    tagged = _tagged(pkt)
+    if vlan is not None:
+        pkt[12:16 if tagged else 12] = vlan[1].to_bytes(2, "big") + vlan[2].to_bytes(2, "big")
+    elif tagged:
+        del pkt[12:16]
 
 
 def kernel_fib(ipr) -> FibLookup:

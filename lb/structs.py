@@ -70,6 +70,12 @@ class NextHop(ctypes.Structure):
                 ("epoch", ctypes.c_uint32)]
 
 
+class EgressVlan(ctypes.Structure):
+    """struct egress_vlan: proto and tci in network byte order."""
+
+    _fields_ = [("lower_ifindex", ctypes.c_uint32), ("proto", ctypes.c_uint16), ("tci", ctypes.c_uint16)]
+
+
 class RouteKey(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", LbAddr)]
 
@@ -143,6 +149,7 @@ C_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "struct reply_source": ReplySource,
     "struct next_hop": NextHop,
     "struct route_key": RouteKey,
+    "struct egress_vlan": EgressVlan,
     "struct flow_key": FlowKey,
     "struct flow_entry": FlowEntry,
     "struct lb_counters": LbCounters,
@@ -188,6 +195,7 @@ REASONS: tuple[str, ...] = (
     "LB_DROP_V4_MAPPED",
     "LB_FWD_EGRESS_UNMANAGED",
     "LB_DROP_REPLY_NO_FLOW",
+    "LB_PASS_VLAN_UNMANAGED",
 )
 
 # Flags and constants of bpf/consts.h used from Python.
@@ -231,6 +239,7 @@ LAYOUT_VERSION = 2  # LB_LAYOUT_VERSION: the pinned maps' layout (lb/layout.py)
 PROBE_MAGIC = 0x6C627072
 MAX_IFINDEX = 65536
 MAX_ACL_RULES = 16384
+MAX_VLANS = 4096  # LB_MAX_VLANS: VLAN devices the egress_vlans map holds
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 HASHES = ("flow", "source")
