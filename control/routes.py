@@ -20,8 +20,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
 
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import LbAddr, NextHop, RouteKey
+from lb.structs import EgressVlan, LbAddr, NextHop, RouteKey
 
+ETH_P_8021Q = 0x8100
 # NUD states whose lladdr can be used to send
 _USABLE_NUD = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE, STALE, DELAY, PROBE, PERMANENT
 
@@ -85,7 +86,7 @@ def kernel_next_hops(ifindexes: set[int]) -> dict[bytes, tuple[RouteKey, NextHop
 
 
 def sync_routes(maps: DataPlaneMaps, ifindexes: set[int]) -> int:
-    """Make the routes map equal to the kernel's view; returns the number of writes.
+    """Make the routes map (and egress_vlans) equal to the kernel's view; returns the number of writes.
 
     When anything changed, the next-hop epoch moves on: every cached next hop (a
     backend's, a flow's, both directions) is resolved again on its next packet."""
@@ -104,6 +105,41 @@ def sync_routes(maps: DataPlaneMaps, ifindexes: set[int]) -> int:
             writes += 1
     if writes:
         bump_nh_epoch(maps)
+    return writes + sync_vlans(maps)
+
+
+def vlan_devices(links) -> dict[int, EgressVlan]:
+    """The VLAN devices among netlink link messages (RTM_NEWLINK): ifindex -> lower device and tag."""
+    out: dict[int, EgressVlan] = {}
+    for link in links:
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is None or info.get_attr("IFLA_INFO_KIND") != "vlan":
+            continue
+        data, lower = info.get_attr("IFLA_INFO_DATA"), link.get_attr("IFLA_LINK")
+        vid = data.get_attr("IFLA_VLAN_ID") if data is not None else None
+        if not lower or vid is None:  # a VLAN in another namespace's device, or malformed: the kernel's to send
+            continue
+        proto = data.get_attr("IFLA_VLAN_PROTOCOL") or ETH_P_8021Q
+        out[link["index"]] = EgressVlan(lower_ifindex=lower, proto=socket.htons(proto), tci=socket.htons(vid & 0xFFF))
+    return out
+
+
+
+def sync_vlans(maps: DataPlaneMaps) -> int:
+    """Make the egress_vlans map equal to the kernel's VLAN devices; returns the number of writes."""
+    with IPRoute() as ipr:
+        wanted = vlan_devices(ipr.get_links())
+    if len(wanted) > maps.egress_vlans.max_entries:  # the rest are sent as any unmanaged egress is
+        wanted = dict(sorted(wanted.items())[:maps.egress_vlans.max_entries])
+    current = {k.value: bytes(v) for k, v in maps.egress_vlans.items()}
+    writes = 0
+    for ifindex in current.keys() - wanted.keys():
+        maps.egress_vlans.delete(U32(ifindex))
+        writes += 1
+    for ifindex, vlan in wanted.items():
+        if current.get(ifindex) != bytes(vlan):
+            maps.egress_vlans.set(U32(ifindex), vlan)
+            writes += 1
     return writes
 
 

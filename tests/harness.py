@@ -16,9 +16,10 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
 from lb import loader
-from lb.maps import DataPlaneMaps
+from lb.maps import U32, DataPlaneMaps
 from lb.probe import Probe, probe
 from lb.refmodel import DataPlaneModel, ModelResult, Tables, kernel_fib
+from lb.structs import EgressVlan
 from netns.nsenter import in_netns, netlink_in
 from netns.topology import Lab
 from tests.conftest import lab_with_lb, run_lbctl
@@ -62,9 +63,24 @@ class Harness:
     ifindex: dict[str, int]  # "client", "b1", ... -> the LB's interface
 
     ring_size: int
+    vlans: dict[str, list] | None = None  # made-up VLAN devices: see set_egress_vlans
 
     def resnapshot(self) -> None:
         """The model takes the maps as the control plane left them (after a change between packets)."""
+        self.set_egress_vlans(self.vlans)
+
+    def set_egress_vlans(self, vlans: dict[str, list] | None) -> None:
+        """Have the data plane and the model take LB interfaces for VLAN devices (this kernel has no
+        VLAN devices to mirror): {"b3": ["b1", 300]} makes b3's interface a VLAN device, id 300,
+        on b1's; a third item 0x88a8 makes it 802.1ad. None or {}: none. Kept across resnapshot()
+        (the control plane's mirror, run by every change, would remove them)."""
+        self.vlans = vlans
+        for key in list(self.maps.egress_vlans.keys()):
+            self.maps.egress_vlans.delete(key)
+        for egress, (lower, vid, *proto) in (vlans or {}).items():
+            self.maps.egress_vlans.set(U32(self.ifindex[egress]), EgressVlan(
+                lower_ifindex=self.ifindex[lower], proto=socket.htons(proto[0] if proto else 0x8100),
+                tci=socket.htons(vid)))
         self.model.t = Tables.snapshot(self.maps, self.ring_size)
 
     def forget_evicted(self) -> int:

@@ -23,10 +23,19 @@ def harness() -> Iterator[Harness]:
         yield h
 
 
+@pytest.fixture(autouse=True)
+def no_made_up_vlans(harness: Harness) -> Iterator[None]:
+    """A case's VLAN devices (egress_vlans) end with it."""
+    yield
+    if harness.vlans:
+        harness.set_egress_vlans(None)
+
+
 @pytest.mark.parametrize("case", FIXTURES["case"], ids=[c["name"] for c in FIXTURES["case"]])
 def test_fixture(harness: Harness, case: dict):
     names = expression_names(harness.lab)
     backends = set()
+    harness.set_egress_vlans(case.get("egress_vlans"))
     for setup in case.get("setup", []):
         actual, expected = harness.run(evaluate(setup, names), case["ingress"])
         assert agree(actual, expected), disagreement(evaluate(setup, names), actual, expected)
@@ -58,7 +67,7 @@ def test_fixture_table_covers_every_reason_it_can_reach_today():
             "drop_fragment", "drop_unsupported_l4", "drop_malformed", "drop_acl", "fwd_dsr", "fwd_tunnel",
             "fwd_icmp_error", "drop_icmp_no_flow", "drop_neigh_unresolved", "pass_neigh_unresolved",
             "drop_unserved", "pass_unserved", "drop_v4_mapped", "pass_v4_mapped", "pass_egress_unmanaged",
-            "fwd_egress_unmanaged", "drop_reply_no_flow"} <= reasons
+            "fwd_egress_unmanaged", "drop_reply_no_flow", "pass_vlan_unmanaged"} <= reasons
 
 
 def test_lbctl_test_packet_reports_what_the_program_does(harness: Harness, tmp_path):
