@@ -8,6 +8,7 @@ program that only returns XDP_DROP in the same round. Reported: the median
 over rounds, with min and max."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
@@ -68,6 +69,10 @@ class Case:
     flow_mod: int = 0
     warmup_calls: int = 0        # calls before timing (to establish flows)
     before_block: Callable[[], None] | None = None  # untimed, before each block (a rate limit's reset)
+    netns: str | None = None     # run in this namespace (the ingress ifindex is its); None: the caller's
+
+    def namespace(self) -> contextlib.AbstractContextManager:
+        return in_netns(self.netns) if self.netns else contextlib.nullcontext()
 
     def __post_init__(self) -> None:
         self.flow_index = ctypes.c_uint64(0)
@@ -85,9 +90,10 @@ def run_block(lib: ctypes.CDLL, case: Case, n: int) -> list[int]:
     durations = (ctypes.c_uint32 * n)()
     bad = ctypes.c_uint32()
     sport_off, saddr_off = case.offsets()
-    rc = lib.bench_run(case.prog_fd, case.frame, len(case.frame), case.ingress_ifindex, n, int(case.vary),
-                       sport_off, saddr_off, case.flow_base, case.flow_mod, ctypes.byref(case.flow_index),
-                       durations, ACTIONS[case.action], ctypes.byref(bad))
+    with case.namespace():
+        rc = lib.bench_run(case.prog_fd, case.frame, len(case.frame), case.ingress_ifindex, n, int(case.vary),
+                           sport_off, saddr_off, case.flow_base, case.flow_mod, ctypes.byref(case.flow_index),
+                           durations, ACTIONS[case.action], ctypes.byref(bad))
     if rc < 0:
         raise OSError(-rc, f"{case.name}: BPF_PROG_TEST_RUN failed: {os.strerror(-rc)}")
     if bad.value:
@@ -99,7 +105,8 @@ def check_path(case: Case) -> None:
     """Once per case: the path timed is the path named."""
     if case.reason is None:
         return
-    result = probe(case.prog_fd, case.frame, case.ingress_ifindex)
+    with case.namespace():
+        result = probe(case.prog_fd, case.frame, case.ingress_ifindex)
     if (result.action, result.reason) != (case.action, case.reason):
         raise AssertionError(f"{case.name}: expected {case.action}/{case.reason}, "
                              f"got {result.action}/{result.reason}")

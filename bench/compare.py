@@ -1,0 +1,139 @@
+"""The per-packet cost of two revisions, measured in ONE run: python -m bench.compare REV [REV2]
+
+Each revision (REV2: HEAD by default) is built from git (`git archive`, as tests/test_upgrade.py
+takes the previous release) and attached by its own lbctl in a lab of its own, with the same
+VIPs. bench/perpacket.py's harness then times the paths of both (hit, hit over 100k flows, new
+flow, not a VIP, a reply), the blocks of every case of both revisions interleaved in random order
+against one XDP_DROP floor, each block in its lab's namespace. Figures of different runs do not
+compare (the machine's speed varies 2x from day to day); the two columns of one run do.
+
+    python -m bench.compare d1b86fe            # the release before issue 12's work, against HEAD
+    python -m bench.compare A B --rounds 5 --blocks 40 --json out.json"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from bench import perpacket
+from lb import loader
+from netns.lbctl import STATE_DIR
+from netns.nsenter import in_netns
+from netns.topology import Lab
+
+ROOT = Path(__file__).resolve().parent.parent
+PATHS = ("hit", "hit_100k", "new_flow", "not_vip", "reply_hit")
+
+
+def source_tree(rev: str, into: Path) -> Path:
+    """The revision's files, from git, in a directory of their own."""
+    tree = into / rev.replace("/", "_")
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise SystemExit(f"bench.compare: no revision {rev}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+def lbctl(tree: Path, ns: str, *args: str, check: bool = True) -> str:
+    """The revision's own lbctl (its modules first on the path, run from its tree) in namespace ns."""
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                           "import sys; from control.cli import main; sys.exit(main())", *args],
+                          capture_output=True, text=True, timeout=600, cwd=tree,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(tree)})
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{tree.name}: lbctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+@contextlib.contextmanager
+def revision_lab(tree: Path) -> Iterator[tuple[Lab, str]]:
+    """A lab with the revision's data plane attached (native XDP, as the bench times it), VIP 1 on
+    port 80/tcp over the lab's backends; yields the lab and the pin directory."""
+    with Lab.build(3, hosts_tx_checksum=False) as lab:
+        try:
+            lbctl(tree, lab.lb_ns, "attach", *lab.lb_interfaces, "--xdp-mode", "native")
+            vip = f"{lab.vip(1)}:80/tcp"
+            lbctl(tree, lab.lb_ns, "add-vip", vip)
+            for b in lab.backends:
+                lbctl(tree, lab.lb_ns, "add-backend", vip, f"{b.address}:8080")
+            lab.resolve_neighbours()
+            lbctl(tree, lab.lb_ns, "add-vip", f"{lab.vip(2)}:80/tcp")  # any change refreshes the route mirror
+            yield lab, json.loads(lbctl(tree, lab.lb_ns, "list", "--json"))["dataplane"]["pin_dir"]
+        finally:
+            lbctl(tree, lab.lb_ns, "detach", check=False)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(STATE_DIR, f"{lab.lb_ns}.db{suffix}"))
+
+
+def compare(revs: list[str], rounds: int, blocks: int) -> dict:
+    baselines = perpacket.load_baselines()
+    with tempfile.TemporaryDirectory(prefix="lb-compare-") as tmp, contextlib.ExitStack() as stack:
+        cases, drop, progs = [], None, []
+        for rev in revs:
+            tree = source_tree(rev, Path(tmp))
+            print(f"{rev}: attaching its data plane (compiled by its own loader)", flush=True)
+            lab, pin_dir = stack.enter_context(revision_lab(tree))
+            prog = loader.pinned_program(pin_dir)
+            progs.append(prog)
+            with in_netns(lab.lb_ns):
+                rev_cases, rev_drop = perpacket.lab_cases(lab, prog, baselines)
+            for case in rev_cases:
+                if case.name in PATHS:
+                    case.name, case.netns = f"{case.name}@{rev}", lab.lb_ns
+                    cases.append(case)
+            if drop is None:
+                drop = rev_drop
+                drop.netns = lab.lb_ns
+        try:
+            figures = perpacket.measure(cases, drop, rounds=rounds, blocks=blocks,
+                                        progress=lambda m: print(m, flush=True))
+        finally:
+            for fd in progs:
+                os.close(fd)
+    return figures
+
+
+def table(figures: dict, revs: list[str]) -> str:
+    first, second = revs
+    lines = [f"{'path':<10} {first:>12} {second:>12} {'change':>8}   (ns per packet, net of XDP_DROP; median of rounds)"]
+    for path in PATHS:
+        a, b = figures.get(f"{path}@{first}"), figures.get(f"{path}@{second}")
+        if a is None or b is None:
+            continue
+        change = (b["median_ns"] - a["median_ns"]) / a["median_ns"] * 100 if a["median_ns"] else float("nan")
+        lines.append(f"{path:<10} {a['median_ns']:>12.1f} {b['median_ns']:>12.1f} {change:>+7.1f}%")
+    lines.append(f"XDP_DROP floor {figures['xdp_drop_floor']['median_ns']:.1f} ns")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("rev")
+    parser.add_argument("rev2", nargs="?", default="HEAD")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--blocks", type=int, default=40, help="blocks of 1,000 calls per case and round")
+    parser.add_argument("--json", help="write the figures here too")
+    args = parser.parse_args()
+    revs = [args.rev, args.rev2]
+    if args.rev == args.rev2:
+        parser.error("two different revisions, please")
+    commits = {rev: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True,
+                                   text=True).stdout.strip() for rev in revs}
+    figures = compare(revs, args.rounds, args.blocks)
+    print(" ".join(f"{rev} = {commit}" for rev, commit in commits.items() if commit != rev))
+    print(table(figures, revs))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"revisions": commits, "figures": figures}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
