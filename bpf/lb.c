@@ -79,35 +79,10 @@ static __always_inline int resolve_next_hop(lb_ctx *ctx, const struct packet *pk
 	return fib_next_hop(ctx, pkt, dst, nh);
 }
 
-#ifndef LB_HOOK_TC
-/* A tagged frame, or an egress lb is not attached to (a VLAN device's lower
- * device may be): the frame leaves by the VLAN's lower device with the VLAN's
- * tag, or by the egress itself untagged. XDP_PASS, the frame untouched, when
- * the egress is neither one of the LB's nor a VLAN device; LB_ACT_VLAN_UNMANAGED
- * when it is a VLAN device whose lower device is not the LB's. */
-static __always_inline int transmit_vlan(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh)
-{
-	__u32 ifindex = nh->ifindex;
-	struct egress_vlan *vlan = egress_vlans.lookup(&ifindex);
-
-	if (!vlan && !frame_tagged(pkt))
-		return XDP_PASS;
-	__u32 out = vlan ? vlan->lower_ifindex : ifindex;
-	int action = out == ctx->ingress_ifindex ? XDP_TX : tx_ports.redirect_map(out, XDP_PASS);
-
-	if (action == XDP_PASS)
-		return vlan ? LB_ACT_VLAN_UNMANAGED : XDP_PASS;
-	if (vlan_retag(ctx, pkt, vlan))
-		return XDP_DROP; /* no room for the tag */
-	write_macs(pkt, nh);
-	return action;
-}
-#endif
-
 /* XDP_TX back out of the ingress interface, XDP_REDIRECT through the DEVMAP
  * otherwise, with the next hop's MACs; XDP_PASS, the frame untouched, when
- * the egress interface is not one of the LB's. (TC: bpf_redirect to any.)
- * Tagged frames and VLAN egresses take transmit_vlan's way. */
+ * the egress interface is not one of the LB's. (TC: bpf_redirect to any, the
+ * client's VLAN tag removed first.) */
 static __always_inline int transmit(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh)
 {
 #ifdef LB_HOOK_TC
@@ -118,8 +93,6 @@ static __always_inline int transmit(lb_ctx *ctx, struct packet *pkt, const struc
 		return LB_ACT_TX(ctx);
 	return LB_ACT_REDIRECT(nh->ifindex);
 #else
-	if (frame_tagged(pkt))
-		return transmit_vlan(ctx, pkt, nh);
 	if (nh->ifindex == ctx->ingress_ifindex) {
 		write_macs(pkt, nh);
 		return LB_ACT_TX(ctx);
@@ -128,8 +101,6 @@ static __always_inline int transmit(lb_ctx *ctx, struct packet *pkt, const struc
 
 	if (action == XDP_REDIRECT)
 		write_macs(pkt, nh);
-	else
-		action = transmit_vlan(ctx, pkt, nh);
 	return action;
 #endif
 }
@@ -150,6 +121,33 @@ static __always_inline int unmanaged_egress(lb_ctx *ctx, struct packet *pkt, con
 	write_macs(pkt, nh);
 	return verdict(ctx, LB_FWD_EGRESS_UNMANAGED, bpf_redirect(nh->ifindex, 0));
 }
+
+#ifndef LB_HOOK_TC
+/* A tagged frame, or an egress lb is not attached to (it may be a VLAN
+ * device): the frame leaves by the egress VLAN device's lower device with the
+ * VLAN's tag, or by the egress itself untagged. A VLAN device on an interface
+ * lb is not attached to gets the packet as it came, for the kernel. */
+static __always_inline int send_vlan(lb_ctx *ctx, struct packet *pkt, const struct next_hop *nh,
+				     enum lb_reason ok, int direct)
+{
+	__u32 ifindex = nh->ifindex;
+	struct egress_vlan *vlan = egress_vlans.lookup(&ifindex);
+
+	if (!vlan && !frame_tagged(pkt))
+		return unmanaged_egress(ctx, pkt, nh, direct);
+	__u32 out = vlan ? vlan->lower_ifindex : ifindex;
+	int action = out == ctx->ingress_ifindex ? XDP_TX : tx_ports.redirect_map(out, XDP_PASS);
+
+	if (action == XDP_PASS && vlan)
+		return verdict(ctx, LB_PASS_VLAN_UNMANAGED, LB_ACT_PASS);
+	if (action == XDP_PASS)
+		return unmanaged_egress(ctx, pkt, nh, direct);
+	if (vlan_retag(ctx, pkt, vlan))
+		return verdict(ctx, LB_DROP_NO_HEADROOM, LB_ACT_DROP); /* no room for the tag */
+	write_macs(pkt, nh);
+	return verdict(ctx, ok, action);
+}
+#endif
 
 static __always_inline __u32 current_nh_epoch(void)
 {
@@ -187,14 +185,20 @@ static __always_inline int send_to(lb_ctx *ctx, struct packet *pkt, const struct
 	if (resolved == NH_NO_ROUTE)
 		return verdict(ctx, LB_DROP_NO_ROUTE, LB_ACT_DROP);
 
+#ifdef LB_HOOK_TC
 	int action = transmit(ctx, pkt, nh);
 
-	if (action == LB_ACT_VLAN_UNMANAGED)
-		return verdict(ctx, LB_PASS_VLAN_UNMANAGED, LB_ACT_PASS);
-	if (action == LB_ACT_DROP) /* the tag could not be changed */
+	if (action == LB_ACT_DROP) /* the client's tag could not be removed */
 		return verdict(ctx, LB_DROP_NO_HEADROOM, LB_ACT_DROP);
 	if (action == LB_ACT_PASS)
 		return unmanaged_egress(ctx, pkt, nh, direct);
+#else
+	/* an untagged frame out of one of the LB's interfaces: transmit's way, nothing more */
+	int action = frame_tagged(pkt) ? LB_ACT_PASS : transmit(ctx, pkt, nh);
+
+	if (action == LB_ACT_PASS)
+		return send_vlan(ctx, pkt, nh, ok, direct);
+#endif
 	return verdict(ctx, ok, action);
 }
 

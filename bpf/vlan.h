@@ -11,9 +11,6 @@
 #include "parse.h"
 #include "structs.h"
 
-/* transmit()'s answer for an egress VLAN device whose lower device lb cannot send out of */
-#define LB_ACT_VLAN_UNMANAGED -2
-
 static __always_inline int frame_tagged(const struct packet *pkt)
 {
 	return pkt->l3_off != sizeof(struct ethhdr);
