@@ -1,20 +1,24 @@
 """The per-packet cost of two revisions, measured in ONE run: python -m bench.compare REV [REV2]
 
 Each revision (REV2: HEAD by default) is built from git (`git archive`, as tests/test_upgrade.py
-takes the previous release) and attached by its own lbctl in a lab of its own, with the same
-VIPs. bench/perpacket.py's harness then times the paths of both (hit, hit over 100k flows, new
-flow, not a VIP, a reply), the blocks of every case of both revisions interleaved in random order
-against one XDP_DROP floor, each block in its lab's namespace. Figures of different runs do not
-compare (the machine's speed varies 2x from day to day); the two columns of one run do.
+takes the previous release) and attached by its own lbctl in labs of its own (--labs, each with
+the same VIPs). bench/perpacket.py's harness then times the paths of both (hit, hit over 100k
+flows, new flow, not a VIP, a reply), the blocks of every case of every lab interleaved in random
+order against one XDP_DROP floor, each block in its lab's namespace. One load of a program can
+run 10-20% faster or slower than another load of the same program (where its code and maps land):
+a revision's figure is the median over rounds of its labs' mean, and the spread of its labs'
+medians is shown beside it. Figures of different runs do not compare (the machine's speed varies
+2x from day to day); the columns of one run do.
 
     python -m bench.compare d1b86fe            # the release before issue 12's work, against HEAD
-    python -m bench.compare A B --rounds 5 --blocks 40 --json out.json"""
+    python -m bench.compare A B --labs 3 --rounds 5 --blocks 40 --json out.json"""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,43 +78,57 @@ def revision_lab(tree: Path) -> Iterator[tuple[Lab, str]]:
                     os.remove(os.path.join(STATE_DIR, f"{lab.lb_ns}.db{suffix}"))
 
 
-def compare(revs: list[str], rounds: int, blocks: int) -> dict:
+def compare(revs: list[str], rounds: int, blocks: int, labs: int) -> dict:
+    """{path@rev: {median_ns, min_ns, max_ns, labs_ns: [each lab's median]}} and the XDP_DROP floor."""
     baselines = perpacket.load_baselines()
     with tempfile.TemporaryDirectory(prefix="lb-compare-") as tmp, contextlib.ExitStack() as stack:
+        trees = {rev: source_tree(rev, Path(tmp)) for rev in revs}
         cases, drop, progs = [], None, []
-        for rev in revs:
-            tree = source_tree(rev, Path(tmp))
-            print(f"{rev}: attaching its data plane (compiled by its own loader)", flush=True)
-            lab, pin_dir = stack.enter_context(revision_lab(tree))
-            prog = loader.pinned_program(pin_dir)
-            progs.append(prog)
-            with in_netns(lab.lb_ns):
-                rev_cases, rev_drop = perpacket.lab_cases(lab, prog, baselines)
-            for case in rev_cases:
-                if case.name in PATHS:
-                    case.name, case.netns = f"{case.name}@{rev}", lab.lb_ns
-                    cases.append(case)
-            if drop is None:
-                drop = rev_drop
-                drop.netns = lab.lb_ns
+        for i in range(labs):
+            for rev in revs:  # alternating, so that neither revision's labs all come first
+                print(f"{rev}: attaching its data plane in lab {i + 1}/{labs} (compiled by its own loader)", flush=True)
+                lab, pin_dir = stack.enter_context(revision_lab(trees[rev]))
+                prog = loader.pinned_program(pin_dir)
+                progs.append(prog)
+                with in_netns(lab.lb_ns):
+                    lab_cases, lab_drop = perpacket.lab_cases(lab, prog, baselines)
+                for case in lab_cases:
+                    if case.name in PATHS:
+                        case.name, case.netns = f"{case.name}@{rev}#{i}", lab.lb_ns
+                        cases.append(case)
+                if drop is None:
+                    drop = lab_drop
+                    drop.netns = lab.lb_ns
         try:
-            figures = perpacket.measure(cases, drop, rounds=rounds, blocks=blocks,
+            per_lab = perpacket.measure(cases, drop, rounds=rounds, blocks=blocks,
                                         progress=lambda m: print(m, flush=True))
         finally:
             for fd in progs:
                 os.close(fd)
+    figures: dict = {"xdp_drop_floor": per_lab["xdp_drop_floor"]}
+    for rev in revs:
+        for path in PATHS:
+            runs = [per_lab[f"{path}@{rev}#{i}"] for i in range(labs) if f"{path}@{rev}#{i}" in per_lab]
+            if not runs:
+                continue
+            means = [statistics.fmean(r["net_ns_rounds"][k] for r in runs) for k in range(rounds)]
+            figures[f"{path}@{rev}"] = {"median_ns": statistics.median(means), "min_ns": min(means),
+                                        "max_ns": max(means), "labs_ns": [round(r["median_ns"], 1) for r in runs]}
     return figures
 
 
 def table(figures: dict, revs: list[str]) -> str:
     first, second = revs
-    lines = [f"{'path':<10} {first:>12} {second:>12} {'change':>8}   (ns per packet, net of XDP_DROP; median of rounds)"]
+    lines = [f"{'path':<10} {first:>12} {'(labs)':>13} {second:>12} {'(labs)':>13} {'change':>8}",
+             "           (ns per packet, net of XDP_DROP; median over rounds of the labs' mean; labs: min-max of their medians)"]
     for path in PATHS:
         a, b = figures.get(f"{path}@{first}"), figures.get(f"{path}@{second}")
         if a is None or b is None:
             continue
         change = (b["median_ns"] - a["median_ns"]) / a["median_ns"] * 100 if a["median_ns"] else float("nan")
-        lines.append(f"{path:<10} {a['median_ns']:>12.1f} {b['median_ns']:>12.1f} {change:>+7.1f}%")
+        spread = [f"{min(x['labs_ns']):.0f}-{max(x['labs_ns']):.0f}" for x in (a, b)]
+        lines.append(f"{path:<10} {a['median_ns']:>12.1f} {spread[0]:>13} {b['median_ns']:>12.1f} {spread[1]:>13} "
+                     f"{change:>+7.1f}%")
     lines.append(f"XDP_DROP floor {figures['xdp_drop_floor']['median_ns']:.1f} ns")
     return "\n".join(lines)
 
@@ -121,6 +139,7 @@ def main() -> None:
     parser.add_argument("rev2", nargs="?", default="HEAD")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--blocks", type=int, default=40, help="blocks of 1,000 calls per case and round")
+    parser.add_argument("--labs", type=int, default=3, help="labs (program loads) per revision")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
     revs = [args.rev, args.rev2]
@@ -128,7 +147,7 @@ def main() -> None:
         parser.error("two different revisions, please")
     commits = {rev: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True,
                                    text=True).stdout.strip() for rev in revs}
-    figures = compare(revs, args.rounds, args.blocks)
+    figures = compare(revs, args.rounds, args.blocks, args.labs)
     print(" ".join(f"{rev} = {commit}" for rev, commit in commits.items() if commit != rev))
     print(table(figures, revs))
     if args.json:
