@@ -74,7 +74,7 @@ def udp_from_client(lab: Lab, dst: str, sport: int, tag: int | None) -> Ether:
     return frame / IP(src=str(c.address), dst=dst, id=1) / UDP(sport=sport, dport=53) / b"tagged?"
 
 
-@pytest.mark.parametrize("hook", [[], ["--hook", "tc"]], ids=["default", "tc"])
+@pytest.mark.parametrize("hook", [[], ["--xdp-mode", "native"], ["--hook", "tc"]], ids=["default", "native", "tc"])
 def test_a_clients_tagged_frames_reach_a_backend_on_an_untagged_link_untagged(lab: Lab, hook: list[str]):
     run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces, *hook)
     lab.resolve_neighbours()  # lb sends itself (a packet for an unresolved neighbour goes to the kernel)
