@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK = os.environ.get("LB_BENCH_QUICK") == "1"
 ONLY = {name for name in os.environ.get("LB_BENCH_ONLY", "").split(",") if name}
 RESULTS, DOCS = ROOT / "bench" / ("results-partial.json" if ONLY else "results.json"), ROOT / "docs"
+LAB_SECTIONS = ("perpacket", "perpacket_modes", "scaling_flows", "scaling_backends", "control", "endtoend", "http",
+                "memory", "katran", "scaling_vips")
 
 
 def lbctl(ns: str, *args: str) -> str:
@@ -125,6 +127,11 @@ def main() -> None:
     # A stopped run still tears its lab down: SIGTERM unwinds like an exception.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     targets = json.loads((ROOT / "bench" / "targets.json").read_text())
+    unknown = ONLY - set(LAB_SECTIONS)
+    if unknown:
+        print(f"LB_BENCH_ONLY: no section {', '.join(sorted(unknown))} (sections: {', '.join(LAB_SECTIONS)})",
+              file=sys.stderr)
+        sys.exit(2)
     results: dict[str, Any] = {"machine": machine(), "quick": QUICK}
     sections = Sections(results, log)
     started = time.monotonic()
@@ -271,7 +278,7 @@ def main() -> None:
         sections.run("plots", plots_section)
     sections.run("summary", lambda: summary(results))
     log(f"\nresults in {RESULTS}, plots: {', '.join(written) or 'none'} ({results['elapsed_s']} s)\n")
-    width = max(len(row[0]) for row in rows)
+    width = max((len(row[0]) for row in rows), default=0)
     for what, value, op, target, ok in rows:
         shown = "not measured" if value is None else f"{value:>12.3f}"
         log(f"  {what:<{width}}  {shown:>12}  target {op} {target:<8}  {'PASS' if ok else 'FAIL'}")
@@ -279,7 +286,7 @@ def main() -> None:
         if name in results.get("skipped_sections", {}):
             log(f"  {what} skipped: {results['skipped_sections'][name]}")
     if sections.failed:
-        log("\nFAILED sections (the others' figures are in bench/results.json):")
+        log(f"\nFAILED sections (the others' figures are in {RESULTS}):")
         for name, error in sections.failed.items():
             log(f"  {name}: {error}")
         sys.exit(1)

@@ -177,3 +177,30 @@ def test_the_katran_end_to_end_target_is_checked_unless_katran_was_skipped():
     assert rows["rate lb tunnel/Katran tunnel, one-armed"][1:] == (1.1, ">=", 1.3, False)
     results["skipped_sections"] = {"endtoend_katran": "no Katran object"}
     assert not any("Katran tunnel" in r[0] for r in bench_main.verdicts(results, targets))
+
+
+def test_an_unknown_section_is_a_clear_error_before_any_lab(monkeypatch, capsys):
+    monkeypatch.setattr(bench_main, "ONLY", {"katran", "nope"})
+    monkeypatch.setattr(bench_main, "bench_lab", lambda: pytest.fail("no lab for a bad selection"))
+    with pytest.raises(SystemExit) as exit_:
+        bench_main.main()
+    assert exit_.value.code == 2
+    assert "no section nope" in capsys.readouterr().err
+
+
+def test_side_by_side_reads_lbs_flow_key_from_the_frames_it_sends():
+    import ipaddress
+    import socket
+
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+
+    from bench.sidebyside import flow_key_of, with_flow
+    for ip in (IP(src="10.0.0.1", dst="198.19.0.1"), IPv6(src="fd00::1", dst="fd00:19::1")):
+        frame = with_flow(bytes(Ether() / ip / TCP(sport=1000, dport=80, flags="A")), 0x1234_5678)
+        key = flow_key_of(frame)
+        parsed = Ether(frame)[1]
+        assert (key.src.address(), key.dst.address()) == (ipaddress.ip_address(parsed.src),
+                                                          ipaddress.ip_address(parsed.dst))
+        assert (socket.ntohs(key.sport), socket.ntohs(key.dport), key.proto) == (0x5678, 80, socket.IPPROTO_TCP)
