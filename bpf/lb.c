@@ -302,8 +302,7 @@ static __always_inline void start_over_at_shared_endpoint(const struct packet *p
 	}
 }
 
-/* A new flow: pick a backend on the VIP's Maglev table and remember the
- * choice, with the backend's next hop already in it. */
+/* A new flow: pick a backend on the VIP's Maglev table and remember the choice. */
 static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow_key *key,
 				    const struct vip_info *vip, __u32 now)
 {
@@ -322,7 +321,7 @@ static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow
 	int resolved = ensure_next_hop(ctx, pkt, &be->addr, be_nh);
 	struct flow_entry entry = {
 		.backend_id = backend_id, .vip_id = vip_id, .generation = be->generation, .last_seen = now,
-		.flags = is_closing(pkt) ? LB_FLOW_CLOSING : 0, .nh = *be_nh,
+		.flags = is_closing(pkt) ? LB_FLOW_CLOSING : 0,
 	};
 
 	if (opens_entry(pkt, be)) {
@@ -331,7 +330,7 @@ static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow
 	}
 	/* a connection counts once, at its SYN (the entry of its next packet is not another) */
 	count_flow(vip_id, backend_id, pkt->len, 0, pkt->proto != IPPROTO_TCP || is_syn(pkt));
-	return forward(ctx, pkt, vip->flags, be, &entry.nh, resolved);
+	return forward(ctx, pkt, vip->flags, be, be_nh, resolved);
 }
 
 /* The VIP's source rules: the longest matching prefix decides; without a
@@ -365,15 +364,16 @@ static __always_inline int to_backend(lb_ctx *ctx, struct packet *pkt, const str
 
 	__u32 vip_id = vip->id, backend_id = flow->backend_id;
 	struct backend *be = backends.lookup(&backend_id);
+	struct next_hop *be_nh = backend_nh.lookup(&backend_id);
 
-	if (!be || !flow_trusted(flow, be, vip_id, pkt, config, now))
+	if (!be || !be_nh || !flow_trusted(flow, be, vip_id, pkt, config, now))
 		return new_flow(ctx, pkt, &key, vip, now);
 	start_over_at_shared_endpoint(pkt, be, vip_id);
 	flow_touch(flow, pkt, now);
 	count_flow(vip_id, backend_id, pkt->len, 0, 0);
-	int resolved = ensure_next_hop(ctx, pkt, &be->addr, &flow->nh);
+	int resolved = ensure_next_hop(ctx, pkt, &be->addr, be_nh);
 
-	return forward(ctx, pkt, vip->flags, be, &flow->nh, resolved);
+	return forward(ctx, pkt, vip->flags, be, be_nh, resolved);
 }
 
 /* Is the packet's source this backend? (port 0: the backend keeps the client's port) */
@@ -558,17 +558,17 @@ static __always_inline int unbalanceable(lb_ctx *ctx, const struct packet *pkt, 
  * source); DSR and tunnel backends hold the VIP and get it as it came, to
  * their MAC or encapsulated. The next hop is resolved before the packet grows. */
 static __always_inline int forward_icmp_error(lb_ctx *ctx, struct packet *pkt, struct icmp_inner *in,
-					      struct flow_entry *flow, const struct backend *be, __u8 mode)
+					      const struct backend *be, struct next_hop *nh, __u8 mode)
 {
-	int resolved = ensure_next_hop(ctx, pkt, &be->addr, &flow->nh);
+	int resolved = ensure_next_hop(ctx, pkt, &be->addr, nh);
 
 	if (mode == LB_MODE_DSR)
-		return send_direct(ctx, pkt, &flow->nh, resolved, LB_FWD_ICMP_ERROR);
+		return send_direct(ctx, pkt, nh, resolved, LB_FWD_ICMP_ERROR);
 	if (mode == LB_MODE_TUNNEL)
-		return send_encapsulated(ctx, pkt, be, &flow->nh, resolved, LB_FWD_ICMP_ERROR);
+		return send_encapsulated(ctx, pkt, be, nh, resolved, LB_FWD_ICMP_ERROR);
 	if (icmp_error_rewrite_to_backend(ctx, pkt, in, be))
 		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
-	return send(ctx, pkt, &flow->nh, resolved, LB_FWD_ICMP_ERROR);
+	return send(ctx, pkt, nh, resolved, LB_FWD_ICMP_ERROR);
 }
 
 /* Does the quoted packet come from this VIP? (port 0: the VIP takes every port) */
@@ -603,10 +603,11 @@ static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt
 		return unserved(ctx, pkt, LB_DROP_ICMP_NO_FLOW);
 	__u32 backend_id = flow->backend_id;
 	struct backend *be = backends.lookup(&backend_id);
+	struct next_hop *be_nh = backend_nh.lookup(&backend_id);
 
-	if (!be || be->generation != flow->generation || be->vip_id != flow->vip_id)
+	if (!be || !be_nh || be->generation != flow->generation || be->vip_id != flow->vip_id)
 		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
-	return forward_icmp_error(ctx, pkt, &in, flow, be, vip->mode);
+	return forward_icmp_error(ctx, pkt, &in, be, be_nh, vip->mode);
 }
 
 static __always_inline int handle_icmp(lb_ctx *ctx, struct packet *pkt)

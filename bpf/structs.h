@@ -101,15 +101,16 @@ struct flow_key {
 };
 
 /* conn_table value: the flow's backend (valid while its generation and VIP
- * match the backend record), when it was last seen, and the cached next hops
- * of both directions */
+ * match the backend record), when it was last seen, and the cached next hop
+ * towards the client. (The way to the backend is the backend's, in backend_nh:
+ * without a copy of it here, an entry with the LRU's element header and the key
+ * fills exactly two cache lines.) */
 struct flow_entry {
 	__u32 backend_id;
 	__u16 vip_id;
 	__u16 flags;
 	__u32 generation;
 	__u32 last_seen; /* ticks of the data plane's clock (lb_clock, about seconds) */
-	struct next_hop nh;       /* towards the backend */
 	struct next_hop reply_nh; /* towards the client */
 };
 

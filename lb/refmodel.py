@@ -35,7 +35,6 @@ class Flow:
     backend_id: int
     vip_id: int
     flags: int
-    nh: NextHop = field(default_factory=NextHop)
     reply_nh: NextHop = field(default_factory=NextHop)
     generation: int = 0
     last_seen: int = 0
@@ -105,7 +104,7 @@ class Tables:
             reply_sources={(bytes(k.addr), ntohs(k.port), k.proto): tuple(v.vip_ids[:min(v.count, structs.REPLY_VIPS)])
                            for k, v in maps.reply_sources.items()},
             conn={(bytes(k.src), bytes(k.dst), ntohs(k.sport), ntohs(k.dport), k.proto):
-                  Flow(v.backend_id, v.vip_id, v.flags, _nh(v.nh), _nh(v.reply_nh), v.generation, v.last_seen)
+                  Flow(v.backend_id, v.vip_id, v.flags, _nh(v.reply_nh), v.generation, v.last_seen)
                   for k, v in maps.conn_table.items()},
             routes=[(k.prefixlen, bytes(k.addr), _nh(v)) for k, v in maps.routes.items()],
             acl=[(k.prefixlen, k.vip_id, bytes(k.addr), v.action) for k, v in maps.acl.items()],
@@ -407,13 +406,13 @@ class DataPlaneModel:
         be = self._backend(flow.backend_id)
         if be is None or be[3] != flow.generation or be[4] != flow.vip_id:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
-        resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
+        resolved, nh = self._backend_next_hop(flow.backend_id, be, p, pkt, ingress)
         if meta[3] == structs.MODE_DSR:
-            return self._send_direct(pkt, flow.nh, resolved, ingress, "fwd_icmp_error", None)
+            return self._send_direct(pkt, nh, resolved, ingress, "fwd_icmp_error", None)
         if meta[3] == structs.MODE_TUNNEL:
-            return self._send_encapsulated(pkt, p, be, flow.nh, resolved, ingress, "fwd_icmp_error")
+            return self._send_encapsulated(pkt, p, be, nh, resolved, ingress, "fwd_icmp_error")
         self._icmp_error_rewrite_to_backend(pkt, p, q, be)
-        return self._send(pkt, flow.nh, resolved, ingress, "fwd_icmp_error", None)
+        return self._send(pkt, nh, resolved, ingress, "fwd_icmp_error", None)
 
     def _icmp_error_rewrite_to_backend(self, pkt: bytearray, p: Parsed, q: Parsed,
                                        be: tuple[bytes, int, int]) -> None:
@@ -545,8 +544,18 @@ class DataPlaneModel:
             return self._new_flow(pkt, p, key, vip, ingress, now)
         self._start_over_at_shared_endpoint(p, be, vip[0])
         self._touch(flow, p, now)
-        resolved, flow.nh = self._ensure_next_hop(flow.nh, be[0], p, pkt, ingress)
-        return self._forward(pkt, p, vip[1], be, flow.nh, resolved, ingress)
+        resolved, nh = self._backend_next_hop(flow.backend_id, be, p, pkt, ingress)
+        return self._forward(pkt, p, vip[1], be, nh, resolved, ingress)
+
+    def _backend_next_hop(self, backend_id: int, be: tuple, p: Parsed, pkt: bytearray,
+                          ingress: int) -> tuple[str, NextHop]:
+        """The backend's cached next hop (backend_nh), resolved again when stale."""
+        resolved, nh = self._ensure_next_hop(self.t.backend_nh.get(backend_id, NextHop()), be[0], p, pkt, ingress)
+        if nh.ifindex:
+            self.t.backend_nh[backend_id] = nh
+        else:
+            self.t.backend_nh.pop(backend_id, None)
+        return resolved, nh
 
     def _start_over_at_shared_endpoint(self, p: Parsed, be: tuple, vip_id: int) -> None:
         """lb.c start_over_at_shared_endpoint: a SYN to a shared endpoint forgets the client tuple's
@@ -573,12 +582,10 @@ class DataPlaneModel:
         be = self._backend(backend_id) if backend_id != structs.NO_BACKEND else None
         if be is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
-        resolved, nh = self._ensure_next_hop(self.t.backend_nh.get(backend_id, NextHop()), be[0], p, pkt, ingress)
-        if nh.ifindex:
-            self.t.backend_nh[backend_id] = nh
+        resolved, nh = self._backend_next_hop(backend_id, be, p, pkt, ingress)
         if self._opens_entry(p, be):
             self._start_over_at_shared_endpoint(p, be, vip_id)
-            self.t.conn[key] = Flow(backend_id, vip_id, structs.FLOW_CLOSING if self._is_closing(p) else 0, nh,
+            self.t.conn[key] = Flow(backend_id, vip_id, structs.FLOW_CLOSING if self._is_closing(p) else 0,
                                     generation=be[3], last_seen=now)
         return self._forward(pkt, p, flags, be, nh, resolved, ingress)
 

@@ -98,7 +98,6 @@ class FlowEntry(ctypes.Structure):
         ("flags", ctypes.c_uint16),
         ("generation", ctypes.c_uint32),
         ("last_seen", ctypes.c_uint32),
-        ("nh", NextHop),
         ("reply_nh", NextHop),
     ]
 
