@@ -31,6 +31,15 @@
 #define LB_PIN_DIR "/sys/fs/bpf/lb/default"
 #endif
 
+/* The address filter (addr_filter map): one word per bucket of addresses (hash.h
+ * addr_bucket). A set bit says no address of that kind falls in the bucket, so a
+ * packet to or from it needs no hash lookup for it; 0 (a new map, or a bucket in
+ * use) says nothing: the maps are asked. The control plane keeps it (lb/addrfilter.py). */
+#define LB_ADDR_FILTER_SIZE 4096 /* a power of two */
+#define LB_ADDR_FILTER_BITS 12
+#define LB_FILTER_NO_VIP (1U << 0)     /* no VIP's address */
+#define LB_FILTER_NO_BACKEND (1U << 1) /* no NAT backend endpoint's address (no replies to rewrite) */
+
 /* How many VIPs one backend endpoint (address, port, protocol) may serve in NAT mode */
 #define LB_REPLY_VIPS 6
 

@@ -48,4 +48,11 @@ static __always_inline __u32 flow_hash(const union lb_addr *src, const union lb_
 	return murmur_final(h, 40);
 }
 
+/* An address's bucket in the address filter: a multiplicative hash of its words
+ * as loaded (lb/addrfilter.py computes the same). */
+static __always_inline __u32 addr_bucket(const union lb_addr *addr)
+{
+	return ((addr->w[0] ^ addr->w[1] ^ addr->w[2] ^ addr->w[3]) * 0x9e3779b1U) >> (32 - LB_ADDR_FILTER_BITS);
+}
+
 #endif

@@ -507,6 +507,15 @@ static __always_inline int to_client(lb_ctx *ctx, struct packet *pkt, struct flo
 	return send(ctx, pkt, &flow->reply_nh, ensure_next_hop(ctx, pkt, &pkt->dst, &flow->reply_nh), LB_FWD_REPLY);
 }
 
+/* What the address filter knows of an address's bucket: LB_FILTER_* bits, 0 when nothing. */
+static __always_inline __u32 addr_filter_of(const union lb_addr *addr)
+{
+	__u32 bucket = addr_bucket(addr);
+	__u32 *known = addr_filter.lookup(&bucket);
+
+	return known ? *known : 0;
+}
+
 static __always_inline int is_vip_address(const union lb_addr *addr)
 {
 	return vip_addrs.lookup((union lb_addr *)addr) != NULL;
@@ -635,31 +644,38 @@ int xdp_lb(lb_ctx *ctx)
 	if (pkt.icmp)
 		return handle_icmp(ctx, &pkt);
 
-	struct vip_key vkey = { .addr = pkt.dst, .port = pkt.dport, .proto = pkt.proto };
-	struct vip_info *vip = vips.lookup(&vkey);
-
-	if (vip)
-		return to_backend(ctx, &pkt, vip);
-
+	/* Most packets a host sees are neither to a VIP nor from a backend: the
+	 * filter lets them leave without a hash lookup. */
+	int maybe_vip = !(addr_filter_of(&pkt.dst) & LB_FILTER_NO_VIP);
+	int maybe_backend = !(addr_filter_of(&pkt.src) & LB_FILTER_NO_BACKEND);
 	int any_port = any_port_vips();
 
-	if (any_port) {
-		vkey.port = 0;
-		vip = vips.lookup(&vkey);
+	if (maybe_vip) {
+		struct vip_key vkey = { .addr = pkt.dst, .port = pkt.dport, .proto = pkt.proto };
+		struct vip_info *vip = vips.lookup(&vkey);
+
 		if (vip)
 			return to_backend(ctx, &pkt, vip);
+		if (any_port) {
+			vkey.port = 0;
+			vip = vips.lookup(&vkey);
+			if (vip)
+				return to_backend(ctx, &pkt, vip);
+		}
 	}
+	if (!maybe_backend && !maybe_vip)
+		return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
 
 	/* A reply from a backend? Its endpoint names the VIP; a backend of a VIP
 	 * of every port is listed under port 0, and is tried second. */
 	struct endpoint source = { .addr = pkt.src, .port = pkt.sport, .proto = pkt.proto };
-	struct reply_source *rs = reply_sources.lookup(&source);
+	struct reply_source *rs = maybe_backend ? reply_sources.lookup(&source) : NULL;
 	struct vip_meta *reply_vip = NULL;
 	struct flow_entry *flow = rs ? reply_flow(&pkt, rs, &reply_vip) : NULL;
 	struct reply_source *rs_any_port = NULL;
 	int from_backend = rs != NULL;
 
-	if (!flow && any_port) {
+	if (!flow && any_port && maybe_backend) {
 		source.port = 0;
 		rs_any_port = reply_sources.lookup(&source);
 		if (rs_any_port) {
@@ -671,7 +687,7 @@ int xdp_lb(lb_ctx *ctx)
 		return to_client(ctx, &pkt, flow, reply_vip);
 	/* What a backend sends the LB host itself (a health check's answer) is no VIP flow's. */
 	if (!from_backend || !would_forward(ctx, &pkt))
-		return unserved(ctx, &pkt, LB_DROP_UNSERVED);
+		return maybe_vip ? unserved(ctx, &pkt, LB_DROP_UNSERVED) : verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
 	struct vip_meta *handshake_vip = NULL;
 	__u32 handshake_vip_id = 0;
 	__u32 handshake = rs ? handshake_backend(&pkt, rs, &handshake_vip, &handshake_vip_id) : LB_NO_BACKEND;

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from control.errors import InputError
 from control.model import BackendState, State, VipState
+from lb import addrfilter
 from lb.maglev import MaglevBackend, build_table, ring_size_for
 from lb.maps import U32, DataPlaneMaps
 from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_NO_NEW, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_VIPS,
@@ -117,6 +118,14 @@ class MapContents:
             if len(vip_ids) > 1:  # its SYN-ACKs cannot name their VIP: SYNs keep their entries
                 c.backends[bid].flags |= BACKEND_SHARED
         return c
+
+
+def filter_addresses(state: State) -> tuple[list[bytes], list[bytes]]:
+    """What the address filter must leave open (lb/addrfilter.py): every VIP's address (vips,
+    vip_addrs) and every NAT backend's, retired ones too (reply_sources)."""
+    vips = [bytes(LbAddr.of(v.vip.address)) for v in state.vips]
+    backends = [bytes(LbAddr.of(b.address.address)) for v in state.vips if v.replies_through_lb for b in v.backends]
+    return vips, backends
 
 
 def applied_revision(maps: DataPlaneMaps) -> int:
@@ -282,11 +291,14 @@ class Reconciler:
     def _apply(self, old: State, new: State, report: ApplyReport) -> None:
         config_before, config_after = lb_config_of(old), lb_config_of(new)
         hosts_before, hosts_after = backend_hosts(old), backend_hosts(new)
+        whole_new = new
         old, new = touched(old, new, hosts_before, hosts_after)  # what the change leaves alone is written by nobody
         before = MapContents.of(old, self.ring_size, hosts_before)
         after = MapContents.of(new, self.ring_size, hosts_after)
         before.config, after.config = config_before, config_after
         m = self.maps
+        # addresses coming into use first: the filter must never claim "none here" for one the maps name
+        opened = addrfilter.open_buckets(m, *filter_addresses(new))
 
         for k in before.vips.keys() - after.vips.keys():
             m.vips.delete(before.vips[k][0])
@@ -341,6 +353,9 @@ class Reconciler:
         for vid in before.vip_meta.keys() - after.vip_meta.keys():
             m.vip_meta.set(U32(vid), VipMeta())
             report.count("vip_meta")
+        closed = addrfilter.sync(m, *filter_addresses(whole_new))  # and those no longer in use, last
+        if opened + closed:
+            report.count("addr_filter", opened + closed)
 
     def repair(self, state: State) -> dict[str, int]:
         """Make the maps hold exactly what `state` describes, whatever they hold now (after a crash,
@@ -353,6 +368,9 @@ class Reconciler:
         def count(map_name: str, n: int) -> None:
             if n:
                 fixed[map_name] = fixed.get(map_name, 0) + n
+
+        addresses = filter_addresses(state)
+        count("addr_filter", addrfilter.open_buckets(self.maps, *addresses))
 
         count("vips", self._delete_extra("vips", want.vips))
         # A VIP's metadata is written before its table and emptied after it: ids that have metadata
@@ -373,6 +391,7 @@ class Reconciler:
         count("vips", self._write_missing("vips", want.vips))
         for map_name in ("vip_addrs", "acl", "reply_sources"):
             count(map_name, self._delete_extra(map_name, getattr(want, map_name)))
+        count("addr_filter", addrfilter.sync(self.maps, *addresses))
         return fixed
 
     def _write_missing(self, map_name: str, want: dict[bytes, tuple]) -> int:

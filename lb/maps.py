@@ -184,6 +184,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "maglev": (U32, U32),
     "backends": (U32, Backend),
     "backend_nh": (U32, NextHop),
+    "addr_filter": (U32, U32),
     "reply_sources": (Endpoint, ReplySource),
     "conn_table": (FlowKey, FlowEntry),
     "routes": (RouteKey, NextHop),

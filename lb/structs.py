@@ -58,6 +58,10 @@ class Endpoint(ctypes.Structure):
     _fields_ = [("addr", LbAddr), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
 
 
+ADDR_FILTER_SIZE = 4096  # LB_ADDR_FILTER_SIZE, LB_ADDR_FILTER_BITS: the address filter's buckets
+ADDR_FILTER_BITS = 12
+FILTER_NO_VIP = 1 << 0  # LB_FILTER_*: what a bucket of the address filter holds none of
+FILTER_NO_BACKEND = 1 << 1
 REPLY_VIPS = 6  # LB_REPLY_VIPS: how many NAT VIPs one backend endpoint may serve
 
 

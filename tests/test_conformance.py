@@ -177,3 +177,18 @@ def test_a_closed_tcp_flow_ages_out_after_the_closing_timeout(harness: Harness):
     assert send(harness, names, segment.format("A")).backend == b1  # the last ACK, within 10 s
     advance_clock(harness, 11)
     assert send(harness, names, segment.format("A")).backend == b2  # closed and idle: picks again
+
+
+def test_the_address_filter_is_kept_for_the_vips_and_backends_the_maps_name(harness: Harness):
+    """Every VIP's and NAT backend's bucket is open (the fixtures above pass through it), and
+    the buckets no address uses let a packet skip the lookups (the point of the filter)."""
+    from lb import addrfilter
+    from lb.structs import ADDR_FILTER_SIZE, FILTER_NO_BACKEND, FILTER_NO_VIP
+
+    words = harness.maps.addr_filter.read_range(0, ADDR_FILTER_SIZE)
+    vips = [bytes(k) for k in harness.maps.vip_addrs.keys()]
+    backends = [bytes(k.addr) for k in harness.maps.reply_sources.keys()]
+    assert vips and backends
+    assert not any(words[addrfilter.bucket(a)] & FILTER_NO_VIP for a in vips)
+    assert not any(words[addrfilter.bucket(a)] & FILTER_NO_BACKEND for a in backends)
+    assert sum(w == FILTER_NO_VIP | FILTER_NO_BACKEND for w in words) >= ADDR_FILTER_SIZE - len(vips) - len(backends)

@@ -1,0 +1,61 @@
+"""The address filter (bpf/consts.h LB_ADDR_FILTER_*): for each bucket of addresses, whether no
+VIP address and no NAT backend endpoint falls in it, so that the data plane passes a packet
+that is neither to a VIP nor from a backend without a hash lookup.
+
+A bucket's word may only claim "none here" while it is true: the control plane opens the
+buckets of addresses before they come into use (open_buckets) and closes what the maps no
+longer hold after a change (rebuild). A word of 0 claims nothing, so a new, empty filter is
+merely slower, never wrong."""
+from __future__ import annotations
+
+import array
+import struct
+from typing import Iterable
+
+from lb.maps import U32, DataPlaneMaps
+from lb.structs import ADDR_FILTER_BITS, ADDR_FILTER_SIZE, FILTER_NO_BACKEND, FILTER_NO_VIP
+
+_ALL = FILTER_NO_VIP | FILTER_NO_BACKEND
+
+
+def bucket(addr: bytes) -> int:
+    """hash.h addr_bucket of a 16-byte lb_addr (words as the CPU loads them)."""
+    w0, w1, w2, w3 = struct.unpack("=4I", addr)
+    return (((w0 ^ w1 ^ w2 ^ w3) * 0x9E3779B1) & 0xFFFFFFFF) >> (32 - ADDR_FILTER_BITS)
+
+
+def words(vip_addrs: Iterable[bytes], backend_addrs: Iterable[bytes]) -> list[int]:
+    """The whole filter for these addresses."""
+    out = [_ALL] * ADDR_FILTER_SIZE
+    for addr in vip_addrs:
+        out[bucket(addr)] &= ~FILTER_NO_VIP
+    for addr in backend_addrs:
+        out[bucket(addr)] &= ~FILTER_NO_BACKEND
+    return out
+
+
+def _write(maps: DataPlaneMaps, changed: dict[int, int]) -> int:
+    if changed:
+        maps.addr_filter.set_many(array.array("I", changed), array.array("I", changed.values()))
+    return len(changed)
+
+
+def open_buckets(maps: DataPlaneMaps, vip_addrs: Iterable[bytes], backend_addrs: Iterable[bytes]) -> int:
+    """Before the maps name these addresses: their buckets claim nothing of their kind."""
+    have = maps.addr_filter.read_range(0, ADDR_FILTER_SIZE)
+    changed: dict[int, int] = {}
+    for kind, addrs in ((FILTER_NO_VIP, vip_addrs), (FILTER_NO_BACKEND, backend_addrs)):
+        for addr in addrs:
+            b = bucket(addr)
+            word = changed.get(b, have[b])
+            if word & kind:
+                changed[b] = word & ~kind
+    return _write(maps, changed)
+
+
+def sync(maps: DataPlaneMaps, vip_addrs: Iterable[bytes], backend_addrs: Iterable[bytes]) -> int:
+    """After a change: the filter of every address the maps now name (the words that differ are
+    written; buckets no address uses any more claim "none"). Returns how many were written."""
+    want = words(vip_addrs, backend_addrs)
+    have = maps.addr_filter.read_range(0, ADDR_FILTER_SIZE)
+    return _write(maps, {i: w for i, (w, h) in enumerate(zip(want, have)) if w != h})
