@@ -47,7 +47,9 @@ def _katran(side: dict, out_dir: Path) -> str:
     _bars(ax, names, [r[n]["lb_ns"] for n in names], None, "tab:blue", 0.2, label="lb")
     for i, n in enumerate(names):
         top = max(r[n]["katran_ns"], r[n]["lb_ns"])
-        label = "-" if r[n]["ratio"] is None else f"{r[n]['ratio']:.2f}"
+        bound = r[n].get("ratio_bound")
+        label = (f"{r[n]['ratio']:.2f}" if r[n]["ratio"] is not None
+                 else f"<={bound:.2f}" if bound is not None else "-")
         ax.annotate(label, (i, top), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("net ns per packet (minus XDP_DROP)")

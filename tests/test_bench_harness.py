@@ -146,7 +146,20 @@ def test_a_ratio_needs_net_figures_above_the_floor_in_most_rounds():
              "katran_not_vip": {"median_ns": 20, "net_ns_rounds": [20, 22, 18]}}
     out = ratios(pairs, timed)
     assert out["v4_nat_hit"]["ratio"] == 0.5 and out["v4_nat_hit"]["ratio_min"] == 0.4
+    assert out["v4_nat_hit"]["ratio_bound"] is None
     assert out["v4_not_vip"]["ratio"] is None
+    assert out["v4_not_vip"]["ratio_bound"] == 5 / 18  # lb's worst round over Katran's best
+
+
+def test_a_path_at_the_floor_is_judged_by_its_bound_and_without_one_fails():
+    from bench.sidebyside import verdicts
+    result = {"ratios": {"v4_not_vip": {"ratio": None, "ratio_bound": 0.28, "path": "not_vip"},
+                         "v6_not_vip": {"ratio": None, "ratio_bound": 0.9, "path": "not_vip"},
+                         "v4_nat_hit": {"ratio": None, "ratio_bound": None, "path": "hit"}}}
+    rows = {r[0].split(" (")[0]: r for r in verdicts(result, {"hit": 0.6, "not_vip": 0.6})}
+    assert rows["lb/Katran v4_not_vip"][1:] == (0.28, "<=", 0.6, True)
+    assert rows["lb/Katran v6_not_vip"][4] is False
+    assert rows["lb/Katran v4_nat_hit"][1] is None and rows["lb/Katran v4_nat_hit"][4] is False
 
 
 def test_cpu_per_packet_not_above_the_drop_floor_is_not_a_figure():
