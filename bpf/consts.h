@@ -40,6 +40,14 @@
 #define LB_FILTER_NO_VIP (1U << 0)     /* no VIP's address */
 #define LB_FILTER_NO_BACKEND (1U << 1) /* no NAT backend endpoint's address (no replies to rewrite) */
 
+/* vip_slots: a direct-mapped index of the VIPs of one port (hash.h vip_slot), so
+ * that most packets to a VIP find it without a hash lookup: a slot holds the VIP's
+ * id + 1 when exactly one such VIP falls in it, 0 otherwise (then the vips map is
+ * asked). A slot's VIP counts only if its vip_meta names the packet's address,
+ * port and protocol, so a stale slot is slower, never wrong. */
+#define LB_VIP_SLOTS 4096 /* a power of two */
+#define LB_VIP_SLOT_BITS 12
+
 /* How many VIPs one backend endpoint (address, port, protocol) may serve in NAT mode */
 #define LB_REPLY_VIPS 6
 
@@ -100,7 +108,7 @@
  * value changes (sizes are checked on their own). A data plane whose maps carry
  * another version is migrated by lbctl daemon (control/adopt.py), never reinterpreted.
  * 1: before lb_state recorded it. */
-#define LB_LAYOUT_VERSION 2
+#define LB_LAYOUT_VERSION 3 /* 3: vip_meta.info_flags (vip_slots) */
 
 #define LB_PROBE_MAGIC 0x6c627072U
 

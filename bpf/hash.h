@@ -48,6 +48,14 @@ static __always_inline __u32 flow_hash(const union lb_addr *src, const union lb_
 	return murmur_final(h, 40);
 }
 
+/* A VIP key's slot in vip_slots (lb/addrfilter.py computes the same): the
+ * address's words and the port (as loaded) and protocol, hashed as addr_bucket. */
+static __always_inline __u32 vip_slot(const union lb_addr *addr, __be16 port, __u8 proto)
+{
+	return ((addr->w[0] ^ addr->w[1] ^ addr->w[2] ^ addr->w[3] ^ ((__u32)port << 8) ^ proto) * 0x9e3779b1U) >>
+	       (32 - LB_VIP_SLOT_BITS);
+}
+
 /* An address's bucket in the address filter: a multiplicative hash of its words
  * as loaded (lb/addrfilter.py computes the same). */
 static __always_inline __u32 addr_bucket(const union lb_addr *addr)

@@ -347,6 +347,47 @@ static __always_inline int source_allowed(const struct packet *pkt, const struct
 	return !(vip->flags & LB_VIP_ACL_ALLOWLIST);
 }
 
+/* The VIP of the packet's address, port and protocol by its slot (no hash lookup),
+ * if the slot's VIP record names exactly those. */
+static __always_inline int slot_vip(const struct packet *pkt, struct vip_info *vip)
+{
+	__u32 slot = vip_slot(&pkt->dst, pkt->dport, pkt->proto);
+	__u32 *held = vip_slots.lookup(&slot);
+
+	if (!held || !*held)
+		return 0;
+	__u32 vip_id = *held - 1;
+	struct vip_meta *meta = vip_meta.lookup(&vip_id);
+
+	if (!meta || !(meta->flags & LB_VIP_ACTIVE) || meta->port != pkt->dport || meta->proto != pkt->proto ||
+	    meta->addr.w[0] != pkt->dst.w[0] || meta->addr.w[1] != pkt->dst.w[1] || meta->addr.w[2] != pkt->dst.w[2] ||
+	    meta->addr.w[3] != pkt->dst.w[3])
+		return 0;
+	vip->id = vip_id;
+	vip->flags = meta->info_flags;
+	vip->ring_base = meta->ring_base;
+	vip->ring_size = meta->ring_size;
+	return 1;
+}
+
+/* The VIP of the packet: of its address, port and protocol, else of its address's every port. */
+static __always_inline int vip_of(const struct packet *pkt, int any_port, struct vip_info *vip)
+{
+	if (slot_vip(pkt, vip))
+		return 1;
+	struct vip_key key = { .addr = pkt->dst, .port = pkt->dport, .proto = pkt->proto };
+	struct vip_info *found = vips.lookup(&key);
+
+	if (!found && any_port) {
+		key.port = 0;
+		found = vips.lookup(&key);
+	}
+	if (!found)
+		return 0;
+	*vip = *found;
+	return 1;
+}
+
 static __always_inline int to_backend(lb_ctx *ctx, struct packet *pkt, const struct vip_info *vip)
 {
 	struct flow_key key = {};
@@ -651,17 +692,10 @@ int xdp_lb(lb_ctx *ctx)
 	int any_port = any_port_vips();
 
 	if (maybe_vip) {
-		struct vip_key vkey = { .addr = pkt.dst, .port = pkt.dport, .proto = pkt.proto };
-		struct vip_info *vip = vips.lookup(&vkey);
+		struct vip_info vip;
 
-		if (vip)
-			return to_backend(ctx, &pkt, vip);
-		if (any_port) {
-			vkey.port = 0;
-			vip = vips.lookup(&vkey);
-			if (vip)
-				return to_backend(ctx, &pkt, vip);
-		}
+		if (vip_of(&pkt, any_port, &vip))
+			return to_backend(ctx, &pkt, &vip);
 	}
 	if (!maybe_backend && !maybe_vip)
 		return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);

@@ -26,6 +26,8 @@ BPF_TABLE_PINNED("array", __u32, struct backend, backends, LB_MAX_BACKENDS, PIN(
 BPF_TABLE_PINNED("array", __u32, struct next_hop, backend_nh, LB_MAX_BACKENDS, PIN(backend_nh));
 /* addr_bucket(address) -> LB_FILTER_* bits: which lookups an address can skip (consts.h) */
 BPF_TABLE_PINNED("array", __u32, __u32, addr_filter, LB_ADDR_FILTER_SIZE, PIN(addr_filter));
+/* vip_slot(address, port, protocol) -> VIP id + 1, or 0 (consts.h) */
+BPF_TABLE_PINNED("array", __u32, __u32, vip_slots, LB_VIP_SLOTS, PIN(vip_slots));
 /* backend (address, port, protocol) -> the VIP its replies are rewritten to */
 BPF_TABLE_PINNED("hash", struct endpoint, struct reply_source, reply_sources, LB_MAX_BACKENDS, PIN(reply_sources));
 /* 5-tuple -> backend: by the client's tuple; also by the backend's reply tuple for shared backends */

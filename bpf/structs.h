@@ -39,6 +39,7 @@ struct vip_meta {
 	__u32 flags;
 	__u32 ring_base; /* the VIP's Maglev table, as in vip_info: a SYN-ACK with no entry finds its backend by it */
 	__u32 ring_size;
+	__u32 info_flags; /* vip_info.flags: a packet that finds its VIP through vip_slots reads them here */
 };
 
 /* backends array, by backend id. A flow entry is trusted only while the

@@ -95,6 +95,7 @@ class MapContents:
             unserved = ADDR_PASS_UNSERVED if v.vip.address in state.pass_unserved else 0
             c.vip_addrs[_key(key.addr)] = (key.addr, VipAddr(addr[1].vips + 1, unserved))
             c.vip_meta[v.id] = VipMeta(addr=key.addr, port=key.port, proto=key.proto, mode=MODE_CODES[v.mode],
+                                       info_flags=c.vips[_key(key)][1].flags,
                                        flags=VIP_ACTIVE | (VIP_META_HASH_SOURCE if v.hash == "source" else 0),
                                        ring_base=c.vips[_key(key)][1].ring_base, ring_size=c.vips[_key(key)][1].ring_size)
             for b in v.backends:  # retired ones too: their established flows go on
@@ -126,6 +127,11 @@ def filter_addresses(state: State) -> tuple[list[bytes], list[bytes]]:
     vips = [bytes(LbAddr.of(v.vip.address)) for v in state.vips]
     backends = [bytes(LbAddr.of(b.address.address)) for v in state.vips if v.replies_through_lb for b in v.backends]
     return vips, backends
+
+
+def slot_vips(state: State) -> list[tuple[bytes, int, int, int]]:
+    """The VIPs as lb/addrfilter.py sync_slots takes them: (address, be16 port, protocol, id)."""
+    return [(bytes(LbAddr.of(v.vip.address)), be16(v.vip.port), PROTOCOLS[v.vip.proto], v.id) for v in state.vips]
 
 
 def applied_revision(maps: DataPlaneMaps) -> int:
@@ -356,6 +362,9 @@ class Reconciler:
         closed = addrfilter.sync(m, *filter_addresses(whole_new))  # and those no longer in use, last
         if opened + closed:
             report.count("addr_filter", opened + closed)
+        slotted = addrfilter.sync_slots(m, slot_vips(whole_new))
+        if slotted:
+            report.count("vip_slots", slotted)
 
     def repair(self, state: State) -> dict[str, int]:
         """Make the maps hold exactly what `state` describes, whatever they hold now (after a crash,
@@ -392,6 +401,7 @@ class Reconciler:
         for map_name in ("vip_addrs", "acl", "reply_sources"):
             count(map_name, self._delete_extra(map_name, getattr(want, map_name)))
         count("addr_filter", addrfilter.sync(self.maps, *addresses))
+        count("vip_slots", addrfilter.sync_slots(self.maps, slot_vips(state)))
         return fixed
 
     def _write_missing(self, map_name: str, want: dict[bytes, tuple]) -> int:

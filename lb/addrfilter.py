@@ -1,11 +1,20 @@
-"""The address filter (bpf/consts.h LB_ADDR_FILTER_*): for each bucket of addresses, whether no
+"""The data plane's two direct-mapped indexes, kept by the control plane beside the hash maps
+they spare lookups in.
+
+The address filter (bpf/consts.h LB_ADDR_FILTER_*): for each bucket of addresses, whether no
 VIP address and no NAT backend endpoint falls in it, so that the data plane passes a packet
 that is neither to a VIP nor from a backend without a hash lookup.
 
 A bucket's word may only claim "none here" while it is true: the control plane opens the
 buckets of addresses before they come into use (open_buckets) and closes what the maps no
 longer hold after a change (rebuild). A word of 0 claims nothing, so a new, empty filter is
-merely slower, never wrong."""
+merely slower, never wrong.
+
+The VIP slots (LB_VIP_SLOTS): the id + 1 of the one VIP of a port whose (address, port,
+protocol) falls in a slot, so that a packet to it finds it without a lookup in the vips map.
+The data plane trusts a slot only when the VIP's record (vip_meta) names the packet's
+address, port and protocol, so slots are written once a change is done (sync_slots), and a
+stale or empty one is merely slower."""
 from __future__ import annotations
 
 import array
@@ -13,7 +22,7 @@ import struct
 from typing import Iterable
 
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import ADDR_FILTER_BITS, ADDR_FILTER_SIZE, FILTER_NO_BACKEND, FILTER_NO_VIP
+from lb.structs import ADDR_FILTER_BITS, ADDR_FILTER_SIZE, FILTER_NO_BACKEND, FILTER_NO_VIP, VIP_SLOT_BITS, VIP_SLOTS
 
 _ALL = FILTER_NO_VIP | FILTER_NO_BACKEND
 
@@ -22,6 +31,39 @@ def bucket(addr: bytes) -> int:
     """hash.h addr_bucket of a 16-byte lb_addr (words as the CPU loads them)."""
     w0, w1, w2, w3 = struct.unpack("=4I", addr)
     return (((w0 ^ w1 ^ w2 ^ w3) * 0x9E3779B1) & 0xFFFFFFFF) >> (32 - ADDR_FILTER_BITS)
+
+
+def vip_slot(addr: bytes, port: int, proto: int) -> int:
+    """hash.h vip_slot: `port` as the C side stores it (be16), `addr` a 16-byte lb_addr."""
+    w0, w1, w2, w3 = struct.unpack("=4I", addr)
+    return (((w0 ^ w1 ^ w2 ^ w3 ^ (port << 8) ^ proto) * 0x9E3779B1) & 0xFFFFFFFF) >> (32 - VIP_SLOT_BITS)
+
+
+def slots(vips: Iterable[tuple[bytes, int, int, int]]) -> list[int]:
+    """The whole slot table for VIPs given as (address, be16 port, protocol, id); a VIP of every
+    port (port 0) has none, and a slot two VIPs fall in holds neither."""
+    out = [0] * VIP_SLOTS
+    crowded = set()
+    for addr, port, proto, vip_id in vips:
+        if not port:
+            continue
+        s = vip_slot(addr, port, proto)
+        if out[s] or s in crowded:
+            out[s] = 0
+            crowded.add(s)
+        else:
+            out[s] = vip_id + 1
+    return out
+
+
+def sync_slots(maps: DataPlaneMaps, vips: Iterable[tuple[bytes, int, int, int]]) -> int:
+    """After a change (the VIPs' records written): the slots of these VIPs, the words that differ."""
+    want = slots(vips)
+    have = maps.vip_slots.read_range(0, VIP_SLOTS)
+    changed = {i: w for i, (w, h) in enumerate(zip(want, have)) if w != h}
+    if changed:
+        maps.vip_slots.set_many(array.array("I", changed), array.array("I", changed.values()))
+    return len(changed)
 
 
 def words(vip_addrs: Iterable[bytes], backend_addrs: Iterable[bytes]) -> list[int]:

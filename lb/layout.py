@@ -15,7 +15,7 @@ from typing import Any
 
 from lb import bpfsys
 from lb.maps import MAP_TYPES, U32, BpfMap
-from lb.structs import ADDR_FILTER_SIZE, LAYOUT_VERSION, MAX_ACL_RULES, MAX_IFINDEX, MAX_VLANS, REASONS, LbState
+from lb.structs import ADDR_FILTER_SIZE, LAYOUT_VERSION, MAX_ACL_RULES, MAX_IFINDEX, MAX_VLANS, REASONS, VIP_SLOTS, LbState
 
 HASH, ARRAY, PERCPU_ARRAY, LRU_HASH, LPM_TRIE, DEVMAP = 1, 2, 6, 9, 11, 14
 PREVIOUS_LAYOUT = 1  # the maps of a data plane that has no lb_state map
@@ -45,7 +45,7 @@ def expected(config: Any) -> dict[str, MapSpec]:
         "lb_state": (ARRAY, 1), "vip_meta": (ARRAY, config.max_vips),
         "maglev": (ARRAY, config.max_vips * config.ring_size), "backends": (ARRAY, config.max_backends),
         "backend_nh": (ARRAY, config.max_backends), "reply_sources": (HASH, config.max_backends),
-        "addr_filter": (ARRAY, ADDR_FILTER_SIZE),
+        "addr_filter": (ARRAY, ADDR_FILTER_SIZE), "vip_slots": (ARRAY, VIP_SLOTS),
         "conn_table": (LRU_HASH, config.conn_table_size), "acl": (LPM_TRIE, MAX_ACL_RULES),
         "routes": (LPM_TRIE, config.max_routes), "tx_ports": (DEVMAP, MAX_IFINDEX),
         "egress_vlans": (HASH, MAX_VLANS),

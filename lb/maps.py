@@ -185,6 +185,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "backends": (U32, Backend),
     "backend_nh": (U32, NextHop),
     "addr_filter": (U32, U32),
+    "vip_slots": (U32, U32),
     "reply_sources": (Endpoint, ReplySource),
     "conn_table": (FlowKey, FlowEntry),
     "routes": (RouteKey, NextHop),

@@ -46,6 +46,7 @@ class VipMeta(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("ring_base", ctypes.c_uint32),
         ("ring_size", ctypes.c_uint32),
+        ("info_flags", ctypes.c_uint32),
     ]
 
 
@@ -60,6 +61,8 @@ class Endpoint(ctypes.Structure):
 
 ADDR_FILTER_SIZE = 4096  # LB_ADDR_FILTER_SIZE, LB_ADDR_FILTER_BITS: the address filter's buckets
 ADDR_FILTER_BITS = 12
+VIP_SLOTS = 4096  # LB_VIP_SLOTS, LB_VIP_SLOT_BITS: the direct-mapped index of the VIPs of one port
+VIP_SLOT_BITS = 12
 FILTER_NO_VIP = 1 << 0  # LB_FILTER_*: what a bucket of the address filter holds none of
 FILTER_NO_BACKEND = 1 << 1
 REPLY_VIPS = 6  # LB_REPLY_VIPS: how many NAT VIPs one backend endpoint may serve
@@ -238,7 +241,7 @@ ENCAP_TTL = 64
 ENCAP_SRC4_PREFIX = 0xAC100000  # 172.16.0.0/16
 ENCAP_SRC6_PREFIX = 0xFD006C62  # fd00:6c62::/96
 NO_BACKEND = 0
-LAYOUT_VERSION = 2  # LB_LAYOUT_VERSION: the pinned maps' layout (lb/layout.py)
+LAYOUT_VERSION = 3  # LB_LAYOUT_VERSION: the pinned maps' layout (lb/layout.py)
 PROBE_MAGIC = 0x6C627072
 MAX_IFINDEX = 65536
 MAX_ACL_RULES = 16384

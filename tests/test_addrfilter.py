@@ -44,3 +44,33 @@ def test_neighbouring_addresses_spread_over_the_buckets():
     base = int(ipaddress.ip_address("198.19.0.0"))
     buckets = {addrfilter.bucket(bytes(LbAddr.of(ipaddress.ip_address(base + i)))) for i in range(1024)}
     assert len(buckets) > 600
+
+
+def test_python_and_c_put_a_vip_in_the_same_slot(tmp_path):
+    import socket
+
+    from lb.structs import VIP_SLOT_BITS, be16
+    keys = [(bytes(LbAddr.of(ipaddress.ip_address(a))), be16(port), proto)
+            for a in ADDRESSES for port, proto in ((80, socket.IPPROTO_TCP), (53, socket.IPPROTO_UDP), (65535, 6))]
+    lines = ["#include <stdio.h>", "#include <linux/types.h>", "#define __always_inline inline",
+             '#include "consts.h"', '#include "structs.h"', '#include "hash.h"', "int main(void) {",
+             "union lb_addr a;"]
+    for addr, port, proto in keys:
+        lines.append("{ static const unsigned char b[16] = {" + ",".join(str(x) for x in addr) + "};")
+        lines.append(f'__builtin_memcpy(a.b, b, 16); printf("%u\\n", vip_slot(&a, {port}, {proto})); }}')
+    lines.append("return 0; }")
+    (tmp_path / "slot.c").write_text("\n".join(lines))
+    subprocess.run(["gcc", f"-I{BPF_DIR}", "-o", str(tmp_path / "slot"), str(tmp_path / "slot.c")], check=True)
+    out = subprocess.run([str(tmp_path / "slot")], check=True, capture_output=True, text=True).stdout.split()
+    assert [int(x) for x in out] == [addrfilter.vip_slot(*k) for k in keys]
+    assert all(0 <= int(x) < 1 << VIP_SLOT_BITS for x in out)
+
+
+def test_a_slot_holds_its_one_vip_and_not_two_nor_a_vip_of_every_port():
+    from lb.structs import be16
+    a = bytes(LbAddr.of(ipaddress.ip_address("198.19.0.1")))
+    table = addrfilter.slots([(a, be16(80), 6, 0), (a, be16(443), 6, 7), (a, 0, 6, 9)])
+    assert table[addrfilter.vip_slot(a, be16(80), 6)] == 1 and table[addrfilter.vip_slot(a, be16(443), 6)] == 8
+    assert sum(1 for w in table if w) == 2
+    clash = addrfilter.slots([(a, be16(80), 6, 0), (a, be16(80), 6, 3)])  # as two VIPs of one slot
+    assert not any(clash)

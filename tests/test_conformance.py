@@ -192,3 +192,14 @@ def test_the_address_filter_is_kept_for_the_vips_and_backends_the_maps_name(harn
     assert not any(words[addrfilter.bucket(a)] & FILTER_NO_VIP for a in vips)
     assert not any(words[addrfilter.bucket(a)] & FILTER_NO_BACKEND for a in backends)
     assert sum(w == FILTER_NO_VIP | FILTER_NO_BACKEND for w in words) >= ADDR_FILTER_SIZE - len(vips) - len(backends)
+
+
+def test_every_vip_of_one_port_has_its_slot_unless_it_shares_it(harness: Harness):
+    """The fixtures above found their VIPs through vip_slots (or the vips map, for a shared slot)."""
+    from lb import addrfilter
+    from lb.structs import VIP_SLOTS
+
+    slots = harness.maps.vip_slots.read_range(0, VIP_SLOTS)
+    keyed = [(bytes(k.addr), k.port, k.proto, v.id) for k, v in harness.maps.vips.items()]
+    assert keyed and slots == addrfilter.slots(keyed)
+    assert any(slots[addrfilter.vip_slot(a, p, proto)] == vid + 1 for a, p, proto, vid in keyed if p)

@@ -83,7 +83,7 @@ def test_upgrade_from_the_previous_release_keeps_a_stream_and_its_counters(lab: 
             d.start()
             adopted = d.events("data plane adopted")[0]
             assert adopted["program"] == "replaced"
-            migrated = d.events("maps migrated to layout version 2")
+            migrated = d.events(f"maps migrated to layout version {LAYOUT_VERSION}")
             assert migrated, d.log_tail()
             moved = migrated[0]["migrated"]
             assert "recreated empty" in moved["conn_table"] and "rebuilt" in moved["vips"]
