@@ -22,9 +22,9 @@ class FakeMap(dict):
 
     ncpus = 1
 
-    def __init__(self, readable: bool = True):
+    def __init__(self, readable: bool = True, default: int = NO_BACKEND):
         super().__init__()
-        self.readable = readable
+        self.readable, self.default = readable, default
         self.written = 0
 
     @staticmethod
@@ -44,7 +44,7 @@ class FakeMap(dict):
 
     def read_range(self, start: int, count: int) -> list[int]:
         assert self.readable, "apply() read the maglev map"
-        return [self.get(i, NO_BACKEND) for i in range(start, start + count)]
+        return [self.get(i, self.default) for i in range(start, start + count)]
 
 
 class FakeMaps:
@@ -54,6 +54,8 @@ class FakeMaps:
     def __init__(self) -> None:
         self.maps = {name: FakeMap() for name in self.NAMES}
         self.maps["maglev"] = FakeMap(readable=False)
+        for name in ("addr_filter", "vip_slots"):  # arrays of words, zero when new
+            self.maps[name] = FakeMap(default=0)
         for name, m in self.maps.items():
             setattr(self, name, m)
 
