@@ -49,7 +49,7 @@ def bench_lab():
     # --xdp-mode native makes sure of it.
     with Lab.build(3, hosts_tx_checksum=False) as lab:
         try:
-            lbctl(lab.lb_ns, "attach", *lab.lb_interfaces, "--xdp-mode", "native")
+            lbctl(lab.lb_ns, "attach", *lab.lb_interfaces, "--xdp-mode", "native", "--fullnat-table-size", "262144")
             for vip, port in ((f"{lab.vip(1)}:80/tcp", 8080), (f"{lab.vip(1)}:53/udp", 5353)):
                 lbctl(lab.lb_ns, "add-vip", vip)
                 for b in lab.backends:
@@ -66,6 +66,10 @@ def bench_lab():
                 lbctl(lab.lb_ns, "add-vip", vip, "--mode", mode)
                 for b in lab.backends:
                     lbctl(lab.lb_ns, "add-backend", vip, str(b.address))
+            # full NAT from the LB's own address on b1's link (perpacket.FULLNAT_VIP)
+            lbctl(lab.lb_ns, "add-vip", f"{lab.vip(5)}:80/tcp", "--mode", "fullnat", "--snat", str(lab.backends[0].lb_address))
+            for b in lab.backends:
+                lbctl(lab.lb_ns, "add-backend", f"{lab.vip(5)}:80/tcp", f"{b.address}:8080")
             lab.resolve_neighbours()
             lbctl(lab.lb_ns, "add-vip", f"{lab.vip(2)}:80/tcp")  # any change refreshes the route mirror
             yield lab, json.loads(lbctl(lab.lb_ns, "list", "--json"))["dataplane"]["pin_dir"]

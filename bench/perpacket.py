@@ -156,19 +156,31 @@ def _client_ifindex(lab: Lab) -> int:
 
 
 def mode_cases(lab: Lab, lb_prog: int) -> list[Case]:
-    """Hit and new flow over IPv6 (NAT) and through the dsr and tunnel VIPs of the bench lab.
-    Timed apart from the main table, with fewer calls, so that their new flows do not fill the
-    connection table under the main figures."""
+    """Hit and new flow over IPv6 (NAT) and through the dsr, tunnel and fullnat VIPs of the bench lab,
+    and the reply of a full-NAT flow. Timed apart from the main table, with fewer calls, so that
+    their new flows do not fill the connection table under the main figures."""
     client_if = _client_ifindex(lab)
     paths = {"v6": (str(lab.vip6(1)), 80, "fwd_nat"), "dsr": (str(lab.vip(3)), MODE_PORT, "fwd_dsr"),
-             "tunnel": (str(lab.vip(4)), MODE_PORT, "fwd_tunnel")}
+             "tunnel": (str(lab.vip(4)), MODE_PORT, "fwd_tunnel"), "fullnat": (str(lab.vip(5)), 80, "fwd_fullnat")}
     cases = []
     for i, (name, (dst, dport, reason)) in enumerate(paths.items()):
         frame = _client_frame(lab, dst, 1000, dport)
         cases += [Case(f"hit_{name}", lb_prog, frame, client_if, "XDP_REDIRECT", reason),
                   Case(f"new_flow_{name}", lb_prog, frame, client_if, "XDP_REDIRECT", reason,
                        vary=True, flow_base=0x6000000 + i * 0x400000)]
+    cases.append(fullnat_reply_case(lab, lb_prog, next(c for c in cases if c.name == "hit_fullnat")))
     return cases
+
+
+def fullnat_reply_case(lab: Lab, lb_prog: int, hit: Case) -> Case:
+    """The backend's answer to the full-NAT flow of `hit`, to the source address and port it took."""
+    out = Ether(probe(lb_prog, hit.frame, hit.ingress_ifindex).packet)
+    b = next(h for h in lab.backends if str(h.address) == out[IP].dst)
+    with in_netns(lab.lb_ns):
+        b_if = socket.if_nametoindex(b.lb_ifname)
+    reply = bytes(Ether(src=b.mac, dst=b.lb_mac) / IP(src=out[IP].dst, dst=out[IP].src)
+                  / TCP(sport=out[TCP].dport, dport=out[TCP].sport, flags="A") / (b"x" * 6))
+    return Case("reply_hit_fullnat", lb_prog, reply, b_if, "XDP_REDIRECT", "fwd_fullnat_reply")
 
 
 def lab_cases(lab: Lab, lb_prog: int, baselines: dict[str, int]) -> tuple[list[Case], Case]:

@@ -51,6 +51,15 @@
 /* How many VIPs one backend endpoint (address, port, protocol) may serve in NAT mode */
 #define LB_REPLY_VIPS 6
 
+/* Full NAT: a VIP's pool of source addresses (each with its range of ports),
+ * and how many (address, port) slots a new flow tries from its hash before it
+ * is dropped as exhausted (fullnat.h). */
+#define LB_SNAT_ADDRS 8
+#define LB_SNAT_PROBES 8
+#ifndef LB_FULLNAT_TABLE_SIZE
+#define LB_FULLNAT_TABLE_SIZE 65536
+#endif
+
 /* The connection table's clock ticks every 2^30 ns (1.07 s). */
 #define LB_TICK_SHIFT 30
 /* Idle timeouts (ticks) when lb_config leaves them 0: an established TCP
@@ -74,6 +83,7 @@
 #define LB_VIP_ACL_ALLOWLIST (1U << 2) /* it has allow rules: a source no rule matches is denied */
 #define LB_VIP_DSR (1U << 3)         /* forwarding mode dsr: only the MACs change */
 #define LB_VIP_TUNNEL (1U << 4)      /* forwarding mode tunnel: IPIP / IPv6-in-IPv6 to the backend */
+#define LB_VIP_FULLNAT (1U << 5)     /* forwarding mode fullnat: source and destination rewritten (fullnat.h) */
 
 /* vip_addr.flags */
 #define LB_ADDR_PASS_UNSERVED (1U << 0) /* what no VIP of the address serves goes to the host, not dropped */
@@ -84,6 +94,7 @@
 
 /* lb_config.flags */
 #define LB_CFG_ANY_PORT (1U << 0) /* some VIP takes every port: look up port 0 too */
+#define LB_CFG_FULLNAT (1U << 1)  /* some VIP is full NAT: a packet of no VIP may be a reply to a source address */
 
 /* An ICMP echo reply leaves with this TTL. */
 #define LB_ICMP_TTL 64
@@ -107,8 +118,9 @@
 /* Layout version of the pinned maps: bump it whenever the meaning of a map's key or
  * value changes (sizes are checked on their own). A data plane whose maps carry
  * another version is migrated by lbctl daemon (control/adopt.py), never reinterpreted.
- * 1: before lb_state recorded it. */
-#define LB_LAYOUT_VERSION 3 /* 3: vip_meta.info_flags (vip_slots) */
+ * 1: before lb_state recorded it. 3: vip_meta.info_flags (vip_slots). 4: full NAT (vip_info flag,
+ * lb_config flag, its maps). */
+#define LB_LAYOUT_VERSION 4
 
 #define LB_PROBE_MAGIC 0x6c627072U
 
@@ -116,6 +128,7 @@
 #define LB_MODE_NAT 0
 #define LB_MODE_DSR 1
 #define LB_MODE_TUNNEL 2
+#define LB_MODE_FULLNAT 3
 
 /* Tunnel mode's outer header: hop limit, and the prefixes of its source
  * address, whose low bits come from the client (see tunnel.h). */
@@ -162,7 +175,10 @@ enum lb_reason {
 	LB_FWD_EGRESS_UNMANAGED = 30, /* dsr, egress interface not the LB's: sent out of it with bpf_redirect (XDP) */
 	LB_DROP_REPLY_NO_FLOW = 31,   /* from a NAT backend's endpoint, to be forwarded, but of no flow: never leaves un-NATed */
 	LB_PASS_VLAN_UNMANAGED = 32,  /* its egress is a VLAN device on an interface lb is not attached to: left to the kernel as it arrived (XDP) */
-	LB_REASON_MAX = 33,           /* one past the last value: the size of reason_stats */
+	LB_FWD_FULLNAT = 33,          /* client -> full-NAT VIP, rewritten to a source address and port -> a backend */
+	LB_FWD_FULLNAT_REPLY = 34,    /* backend -> a full-NAT source address and port, rewritten to VIP -> client */
+	LB_DROP_SNAT_EXHAUSTED = 35,  /* full NAT: no free source port among the slots a new flow may take */
+	LB_REASON_MAX = 36,           /* one past the last value: the size of reason_stats */
 };
 
 #endif

@@ -1,4 +1,4 @@
-/* lb data plane: XDP (or TC, see ctx.h) layer-4 load balancer; NAT, DSR and tunnel modes per VIP.
+/* lb data plane: XDP (or TC, see ctx.h) layer-4 load balancer; NAT, full NAT, DSR and tunnel modes per VIP.
  * The path of a packet, top-down: parse, VIP or reply?, pick a backend
  * (connection table, then Maglev), rewrite, send. Everything is counted. */
 #include <uapi/linux/bpf.h>
@@ -15,6 +15,7 @@
 #include "steer.h"
 #include "conn.h"
 #include "vlan.h"
+#include "fullnat.h"
 
 /* The control plane's switches and timeouts (bcc rewrites map calls in this file only). */
 static __always_inline struct lb_config *config_of(void)
@@ -333,6 +334,236 @@ static __always_inline int new_flow(lb_ctx *ctx, struct packet *pkt, struct flow
 	return forward(ctx, pkt, vip->flags, be, be_nh, resolved);
 }
 
+static __always_inline struct vip_meta *active_vip(__u32 vip_id)
+{
+	struct vip_meta *vip = vip_meta.lookup(&vip_id);
+
+	if (!vip || !(vip->flags & LB_VIP_ACTIVE))
+		return NULL;
+	/* keep the branch: a compiler that turns the test into a mask of the pointer gets it refused */
+	asm volatile("" : "+r"(vip));
+	return vip;
+}
+
+/* --- Full NAT (fullnat.h) --------------------------------------------------- */
+
+
+static __always_inline struct fullnat_scratch *scratch(void)
+{
+	__u32 zero = 0;
+
+	return fullnat_scratch.lookup(&zero);
+}
+
+/* May a new flow take this port over from its owner? Yes when the owner is
+ * the flow itself (picking again), and when the owner's flow is over: its
+ * VIP gone, its entry gone (evicted), holding another port or backend, or
+ * idle past its timeout. */
+static __always_inline int snat_port_reclaimable(struct fullnat_scratch *s, const struct fullnat_owner *owner,
+						 const struct lb_config *config, __u32 now)
+{
+	const struct fullnat_owner *mine = &s->owner;
+	const struct flow_key *rkey = &s->rkey;
+
+	if (owner->vip_id == mine->vip_id && owner->client_port == mine->client_port &&
+	    owner->vip_port == mine->vip_port && addr_equal(&owner->client, &mine->client))
+		return 1;
+	struct vip_meta *vip = active_vip(owner->vip_id);
+
+	if (!vip)
+		return 1;
+	fullnat_client_key(&s->key, owner, &vip->addr, rkey->proto);
+	struct fullnat_flow *f = fullnat_flows.lookup(&s->key);
+
+	if (!f || !fullnat_holds(f, &rkey->dst, rkey->dport))
+		return 1;
+	__u32 backend_id = f->flow.backend_id;
+	struct backend *be = backends.lookup(&backend_id);
+
+	if (!be || !addr_equal(&be->addr, &rkey->src) || be->generation != f->flow.generation)
+		return 1;
+	return now - f->flow.last_seen > idle_timeout(config, &f->flow, rkey->proto);
+}
+
+/* Take a source (address, port) for a new flow to this backend: the first
+ * probed slot whose reverse entry this flow can insert (fullnat.h), into
+ * s->flow. Returns 0, or -1 when the probed slots are all busy. */
+static __always_inline int snat_allocate(struct fullnat_scratch *s, const struct packet *pkt,
+					 const struct backend *be, __u32 vip_id, const struct lb_config *config, __u32 now)
+{
+	struct snat_pool *pool = snat_pools.lookup(&vip_id);
+
+	if (!pool)
+		return -1;
+	s->owner.client = pkt->src;
+	s->owner.client_port = pkt->sport;
+	s->owner.vip_port = pkt->dport;
+	s->owner.vip_id = vip_id;
+	__builtin_memset(&s->rkey, 0, sizeof(s->rkey));
+	s->rkey.src = be->addr;
+	s->rkey.sport = be->port ? be->port : pkt->dport;
+	s->rkey.proto = pkt->proto;
+	__u32 h = flow_hash(&pkt->src, &pkt->dst, pkt->sport, pkt->dport, pkt->proto);
+
+	for (__u32 i = 0; i < LB_SNAT_PROBES; i++) {
+		__u32 a = 0;
+
+		if (snat_slot(pool, h, i, &a, &s->rkey.dport))
+			return -1;
+		s->rkey.dst = pool->addrs[a];
+		if (fullnat_ports.insert(&s->rkey, &s->owner) == 0)
+			goto taken;
+		struct fullnat_owner *owner = fullnat_ports.lookup(&s->rkey);
+
+		/* delete, then insert only where none is: of two CPUs taking the same stale port over, one wins */
+		if (owner && snat_port_reclaimable(s, owner, config, now)) {
+			fullnat_ports.delete(&s->rkey);
+			if (fullnat_ports.insert(&s->rkey, &s->owner) == 0)
+				goto taken;
+		}
+	}
+	return -1;
+taken:
+	s->flow.snat_addr = s->rkey.dst;
+	s->flow.snat_port = s->rkey.dport;
+	return 0;
+}
+
+/* A new full-NAT flow: its backend as new_flow picks it, a source port, both
+ * entries. Every packet opens one, a SYN too: the SYN-ACK must find its port.
+ * Returns the next hop's resolution, with the backend and the entry, or minus
+ * the reason of a drop. */
+static __always_inline int fullnat_new_flow(lb_ctx *ctx, struct packet *pkt, struct flow_key *key,
+					    const struct vip_info *vip, const struct lb_config *config, __u32 now,
+					    struct backend **be_out, struct next_hop **nh_out, struct fullnat_flow **f_out)
+{
+	__u32 slot = maglev_slot(vip->ring_base, vip->ring_size, vip->flags & LB_VIP_HASH_SOURCE, &pkt->src, &pkt->dst,
+				 pkt->sport, pkt->dport, pkt->proto);
+	__u32 *picked = maglev.lookup(&slot);
+
+	if (!picked || *picked == LB_NO_BACKEND)
+		return -LB_DROP_NO_BACKEND;
+	__u32 backend_id = *picked, vip_id = vip->id;
+	struct backend *be = backends.lookup(&backend_id);
+	struct next_hop *be_nh = backend_nh.lookup(&backend_id);
+	struct fullnat_scratch *s = scratch();
+
+	if (!be || !be_nh || !s)
+		return -LB_DROP_NO_BACKEND;
+	struct fullnat_flow *f = &s->flow;
+
+	__builtin_memset(f, 0, sizeof(*f));
+	f->flow.backend_id = backend_id;
+	f->flow.vip_id = vip_id;
+	f->flow.generation = be->generation;
+	f->flow.last_seen = now;
+	f->flow.flags = is_closing(pkt) ? LB_FLOW_CLOSING : 0;
+	if (snat_allocate(s, pkt, be, vip_id, config, now))
+		return -LB_DROP_SNAT_EXHAUSTED;
+	int resolved = ensure_next_hop(ctx, pkt, &be->addr, be_nh);
+
+	fullnat_flows.update(key, f);
+	count_flow(vip_id, backend_id, pkt->len, 0, pkt->proto != IPPROTO_TCP || is_syn(pkt));
+	*be_out = be;
+	*nh_out = be_nh;
+	*f_out = f;
+	return resolved;
+}
+
+/* A client's packet to a full-NAT VIP: its flow's entry while true (conn.h), a new flow otherwise. */
+static __always_inline int fullnat_to_backend(lb_ctx *ctx, struct packet *pkt, const struct vip_info *vip)
+{
+	struct flow_key key = {};
+
+	flow_key_of(&key, pkt);
+	struct fullnat_flow *f = fullnat_flows.lookup(&key);
+	struct lb_config *config = config_of();
+	__u32 now = lb_clock(config);
+
+	struct backend *be = NULL;
+	struct next_hop *be_nh = NULL; /* the backend's own (backend_nh), as a NAT flow's */
+	int resolved;
+
+	if (f) {
+		__u32 backend_id = f->flow.backend_id;
+
+		be = backends.lookup(&backend_id);
+		be_nh = backend_nh.lookup(&backend_id);
+		if (be && be_nh && flow_trusted(&f->flow, be, vip->id, pkt, config, now)) {
+			flow_touch(&f->flow, pkt, now);
+			count_flow(vip->id, backend_id, pkt->len, 0, 0);
+		} else {
+			f = NULL;
+		}
+	}
+	if (f) {
+		resolved = ensure_next_hop(ctx, pkt, &be->addr, be_nh);
+	} else {
+		resolved = fullnat_new_flow(ctx, pkt, &key, vip, config, now, &be, &be_nh, &f);
+		if (resolved < 0)
+			return verdict(ctx, -resolved, LB_ACT_DROP);
+	}
+	if (!be || !be_nh || !f)
+		return verdict(ctx, LB_DROP_NO_BACKEND, LB_ACT_DROP);
+	/* one rewrite and one send for both ways in: the TC build's checksum helpers cost the verifier */
+	if (fullnat_rewrite_to_backend(ctx, pkt, be, &f->snat_addr, f->snat_port))
+		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
+	/* From an address of this host: the kernel would drop it as a martian, so it is never left to
+	 * the kernel to forward (the control plane keeps full-NAT backends' MACs resolved, as DSR's). */
+	return send_direct(ctx, pkt, be_nh, resolved, LB_FWD_FULLNAT);
+}
+
+/* A backend's packet to a source address and port of the pool: the reply of
+ * the flow that owns the port, if that flow's entry still holds the port and
+ * names this very backend; dropped otherwise (it must not leave un-NATed). */
+static __always_inline int fullnat_to_client(lb_ctx *ctx, struct packet *pkt, const struct fullnat_owner *found,
+					     struct fullnat_scratch *s)
+{
+	struct fullnat_owner *owner = &s->owner;
+
+	*owner = *found;
+	struct vip_meta *vip = active_vip(owner->vip_id);
+
+	if (!vip)
+		return verdict(ctx, LB_DROP_REPLY_NO_FLOW, LB_ACT_DROP);
+	fullnat_client_key(&s->key, owner, &vip->addr, pkt->proto);
+	struct fullnat_flow *f = fullnat_flows.lookup(&s->key);
+
+	if (!f || !fullnat_holds(f, &pkt->dst, pkt->dport) || f->flow.vip_id != owner->vip_id)
+		return verdict(ctx, LB_DROP_REPLY_NO_FLOW, LB_ACT_DROP);
+	__u32 backend_id = f->flow.backend_id;
+	struct backend *be = backends.lookup(&backend_id);
+
+	if (!be || be->generation != f->flow.generation || !addr_equal(&be->addr, &pkt->src))
+		return verdict(ctx, LB_DROP_REPLY_NO_FLOW, LB_ACT_DROP);
+	s->rkey.src = vip->addr; /* the VIP's address, kept while the packet changes */
+
+	flow_touch(&f->flow, pkt, lb_clock(config_of()));
+	count_flow(owner->vip_id, backend_id, pkt->len, 1, 0);
+	if (fullnat_rewrite_to_client(ctx, pkt, owner, &s->rkey.src))
+		return verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
+	/* (pkt's addresses are those it arrived with: the client is the owner's) */
+	return send(ctx, pkt, &f->flow.reply_nh, ensure_next_hop(ctx, pkt, &owner->client, &f->flow.reply_nh),
+		    LB_FWD_FULLNAT_REPLY);
+}
+
+/* Is the packet a reply to a full-NAT source address and port? Its tuple names
+ * the port's owner. Returns 1 with the action in *action if so, 0 if not. */
+static __always_inline int fullnat_reply(lb_ctx *ctx, struct packet *pkt, int *action)
+{
+	struct fullnat_scratch *s = scratch();
+
+	if (!s)
+		return 0;
+	flow_key_of(&s->key, pkt);
+	struct fullnat_owner *owner = fullnat_ports.lookup(&s->key);
+
+	if (!owner)
+		return 0;
+	*action = fullnat_to_client(ctx, pkt, owner, s);
+	return 1;
+}
+
 /* The VIP's source rules: the longest matching prefix decides; without a
  * match, a VIP with allow rules denies and one with deny rules only allows. */
 static __always_inline int source_allowed(const struct packet *pkt, const struct vip_info *vip)
@@ -394,6 +625,8 @@ static __always_inline int to_backend(lb_ctx *ctx, struct packet *pkt, const str
 
 	if (!source_allowed(pkt, vip))
 		return verdict(ctx, LB_DROP_ACL, LB_ACT_DROP);
+	if (vip->flags & LB_VIP_FULLNAT)
+		return fullnat_to_backend(ctx, pkt, vip);
 
 	flow_key_of(&key, pkt);
 	struct flow_entry *flow = conn_table.lookup(&key);
@@ -422,15 +655,6 @@ static __always_inline int same_endpoint(const struct backend *be, const struct 
 {
 	return (be->port == pkt->sport || !be->port) && be->addr.w[0] == pkt->src.w[0] &&
 	       be->addr.w[1] == pkt->src.w[1] && be->addr.w[2] == pkt->src.w[2] && be->addr.w[3] == pkt->src.w[3];
-}
-
-static __always_inline struct vip_meta *active_vip(__u32 vip_id)
-{
-	struct vip_meta *vip = vip_meta.lookup(&vip_id);
-
-	if (!vip || !(vip->flags & LB_VIP_ACTIVE))
-		return NULL;
-	return vip;
 }
 
 /* The flow a backend's reply belongs to among one VIP's: the client's own
@@ -576,13 +800,6 @@ static __always_inline int unserved(lb_ctx *ctx, const struct packet *pkt, enum 
 	return verdict(ctx, drop, LB_ACT_DROP);
 }
 
-static __always_inline int any_port_vips(void)
-{
-	struct lb_config *config = config_of();
-
-	return config && (config->flags & LB_CFG_ANY_PORT);
-}
-
 /* What the program cannot balance it drops when it was meant for a VIP, and
  * passes to the kernel otherwise. */
 static __always_inline int unbalanceable(lb_ctx *ctx, const struct packet *pkt, int reason)
@@ -628,28 +845,132 @@ static __always_inline int quote_from_vip(const struct icmp_inner *in, const str
 	       vip->addr.w[1] == in->src.w[1] && vip->addr.w[2] == in->src.w[2] && vip->addr.w[3] == in->src.w[3];
 }
 
+static __always_inline int fullnat_configured(void)
+{
+	struct lb_config *config = config_of();
+
+	return config && (config->flags & LB_CFG_FULLNAT);
+}
+
+/* "Too big" about a full-NAT flow's reply, which left as VIP -> client: to the
+ * backend, about the packet it sent (backend -> the flow's source address and
+ * port), from that source address. Returns 1 with the action in *action when
+ * the quote is a full-NAT flow's, 0 otherwise. */
+static __always_inline int fullnat_icmp_to_backend(lb_ctx *ctx, struct packet *pkt, struct icmp_inner *in,
+						   struct flow_key *key, int *action)
+{
+	struct fullnat_flow *f = fullnat_flows.lookup(key);
+	struct fullnat_scratch *s = scratch();
+
+	if (!f || !s)
+		return 0;
+	struct vip_meta *vip = active_vip(f->flow.vip_id);
+	__u32 backend_id = f->flow.backend_id;
+	struct backend *be = backends.lookup(&backend_id);
+	struct next_hop *be_nh = backend_nh.lookup(&backend_id);
+
+	if (!vip || !quote_from_vip(in, vip) || !be || !be_nh || be->generation != f->flow.generation ||
+	    be->vip_id != f->flow.vip_id) {
+		*action = verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
+		return 1;
+	}
+	struct fullnat_icmp *to = &s->icmp;
+
+	to->outer_src = f->snat_addr;
+	to->outer_dst = be->addr;
+	to->quote_src = be->addr;
+	to->quote_sport = be->port ? be->port : in->ports[0];
+	to->quote_dst = f->snat_addr;
+	to->quote_dport = f->snat_port;
+	int resolved = ensure_next_hop(ctx, pkt, &be->addr, be_nh);
+
+	if (fullnat_icmp_rewrite(ctx, pkt, in, to))
+		*action = verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
+	else
+		*action = send_direct(ctx, pkt, be_nh, resolved, LB_FWD_ICMP_ERROR);
+	return 1;
+}
+
+/* An ICMP error from a backend's side about a packet the LB sent it from a
+ * full-NAT source address and port (the quote): to the client that owns the
+ * port, about its own packet (client -> VIP), from the VIP. Returns 1 with the
+ * action in *action when the quote names a full-NAT port, 0 otherwise. */
+static __always_inline int fullnat_icmp_to_client(lb_ctx *ctx, struct packet *pkt, struct icmp_inner *quote,
+						  int *action)
+{
+	struct fullnat_scratch *s = scratch();
+
+	if (!s || icmp_parse_inner(pkt, (void *)(long)ctx->data_end, quote) != LB_PARSE_OK)
+		return 0;
+	if (pkt->ip_version == 6 && (addr_is_v4_mapped(&quote->src) || addr_is_v4_mapped(&quote->dst)))
+		return 0;
+	__builtin_memset(&s->key, 0, sizeof(s->key));
+	s->key.src = quote->dst;
+	s->key.dst = quote->src;
+	s->key.sport = quote->ports[1];
+	s->key.dport = quote->ports[0];
+	s->key.proto = quote->proto;
+	struct fullnat_owner *found = fullnat_ports.lookup(&s->key);
+
+	if (!found)
+		return 0;
+	struct fullnat_owner *owner = &s->owner;
+
+	*owner = *found;
+	struct vip_meta *vip = active_vip(owner->vip_id);
+
+	if (!vip) {
+		*action = verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
+		return 1;
+	}
+	fullnat_client_key(&s->key, owner, &vip->addr, quote->proto);
+	struct fullnat_flow *f = fullnat_flows.lookup(&s->key);
+
+	if (!f || !fullnat_holds(f, &quote->src, quote->ports[0]) || f->flow.vip_id != owner->vip_id) {
+		*action = verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
+		return 1;
+	}
+	struct fullnat_icmp *to = &s->icmp;
+
+	to->outer_src = vip->addr;
+	to->outer_dst = owner->client;
+	to->quote_src = owner->client;
+	to->quote_sport = owner->client_port;
+	to->quote_dst = vip->addr;
+	to->quote_dport = owner->vip_port;
+	if (fullnat_icmp_rewrite(ctx, pkt, quote, to)) {
+		*action = verdict(ctx, LB_DROP_MALFORMED, LB_ACT_DROP);
+		return 1;
+	}
+	*action = send(ctx, pkt, &f->flow.reply_nh, ensure_next_hop(ctx, pkt, &owner->client, &f->flow.reply_nh),
+		       LB_FWD_ICMP_ERROR);
+	return 1;
+}
+
 /* "Fragmentation needed" / "packet too big" about a reply that left as
  * VIP -> client: reversed, the quote is the client's flow, which names the
  * backend that sent the reply and must lower its path MTU. */
-static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt)
+static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt, struct icmp_inner *in)
 {
-	struct icmp_inner in = {};
-	int rc = icmp_parse_inner(pkt, (void *)(long)ctx->data_end, &in);
+	int rc = icmp_parse_inner(pkt, (void *)(long)ctx->data_end, in);
 
 	if (rc != LB_PARSE_OK)
 		return unbalanceable(ctx, pkt, rc);
-	if (pkt->ip_version == 6 && (addr_is_v4_mapped(&in.src) || addr_is_v4_mapped(&in.dst)))
+	if (pkt->ip_version == 6 && (addr_is_v4_mapped(&in->src) || addr_is_v4_mapped(&in->dst)))
 		return verdict(ctx, LB_DROP_V4_MAPPED, LB_ACT_DROP); /* it would name an IPv4 flow */
 	struct flow_key key = {
-		.src = in.dst, .dst = in.src, .sport = in.ports[1], .dport = in.ports[0], .proto = in.proto,
+		.src = in->dst, .dst = in->src, .sport = in->ports[1], .dport = in->ports[0], .proto = in->proto,
 	};
 	struct flow_entry *flow = conn_table.lookup(&key);
+	int action = 0;
 
+	if (!flow && fullnat_configured() && fullnat_icmp_to_backend(ctx, pkt, in, &key, &action))
+		return action;
 	if (!flow)
 		return unserved(ctx, pkt, LB_DROP_ICMP_NO_FLOW); /* maybe about the host's own connection */
 	struct vip_meta *vip = active_vip(flow->vip_id);
 
-	if (!vip || !quote_from_vip(&in, vip))
+	if (!vip || !quote_from_vip(in, vip))
 		return unserved(ctx, pkt, LB_DROP_ICMP_NO_FLOW);
 	__u32 backend_id = flow->backend_id;
 	struct backend *be = backends.lookup(&backend_id);
@@ -657,15 +978,23 @@ static __always_inline int icmp_error_to_backend(lb_ctx *ctx, struct packet *pkt
 
 	if (!be || !be_nh || be->generation != flow->generation || be->vip_id != flow->vip_id)
 		return verdict(ctx, LB_DROP_ICMP_NO_FLOW, LB_ACT_DROP);
-	return forward_icmp_error(ctx, pkt, &in, be, be_nh, vip->mode);
+	return forward_icmp_error(ctx, pkt, in, be, be_nh, vip->mode);
 }
 
 static __always_inline int handle_icmp(lb_ctx *ctx, struct packet *pkt)
 {
-	if (icmp_is_neighbour_discovery(pkt) || !is_vip_address(&pkt->dst))
+	struct icmp_inner quote = {}; /* one for both ways: the stack is short */
+	int action = 0;
+
+	if (icmp_is_neighbour_discovery(pkt))
 		return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
+	if (!is_vip_address(&pkt->dst)) {
+		if (fullnat_configured() && icmp_is_error(pkt) && fullnat_icmp_to_client(ctx, pkt, &quote, &action))
+			return action;
+		return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
+	}
 	if (icmp_is_too_big(pkt))
-		return icmp_error_to_backend(ctx, pkt);
+		return icmp_error_to_backend(ctx, pkt, &quote);
 	if (!icmp_is_echo_request(pkt))
 		return unserved(ctx, pkt, LB_DROP_UNSUPPORTED_L4);
 	if (icmp_echo_reply(ctx, pkt))
@@ -686,10 +1015,13 @@ int xdp_lb(lb_ctx *ctx)
 		return handle_icmp(ctx, &pkt);
 
 	/* Most packets a host sees are neither to a VIP nor from a backend: the
-	 * filter lets them leave without a hash lookup. */
+	 * filter lets them leave without a hash lookup. (Full NAT's backends count
+	 * as backends there: a reply to a full-NAT source comes from one.) */
 	int maybe_vip = !(addr_filter_of(&pkt.dst) & LB_FILTER_NO_VIP);
 	int maybe_backend = !(addr_filter_of(&pkt.src) & LB_FILTER_NO_BACKEND);
-	int any_port = any_port_vips();
+	struct lb_config *config = config_of();
+	__u32 cfg_flags = config ? config->flags : 0;
+	int any_port = cfg_flags & LB_CFG_ANY_PORT;
 
 	if (maybe_vip) {
 		struct vip_info vip;
@@ -699,6 +1031,11 @@ int xdp_lb(lb_ctx *ctx)
 	}
 	if (!maybe_backend && !maybe_vip)
 		return verdict(ctx, LB_PASS_NOT_VIP, LB_ACT_PASS);
+	/* A reply to a full-NAT source address and port? Its tuple names the port's owner. */
+	int action = 0;
+
+	if (maybe_backend && (cfg_flags & LB_CFG_FULLNAT) && fullnat_reply(ctx, &pkt, &action))
+		return action;
 
 	/* A reply from a backend? Its endpoint names the VIP; a backend of a VIP
 	 * of every port is listed under port 0, and is tried second. */

@@ -32,6 +32,32 @@ BPF_TABLE_PINNED("array", __u32, __u32, vip_slots, LB_VIP_SLOTS, PIN(vip_slots))
 BPF_TABLE_PINNED("hash", struct endpoint, struct reply_source, reply_sources, LB_MAX_BACKENDS, PIN(reply_sources));
 /* 5-tuple -> backend: by the client's tuple; also by the backend's reply tuple for shared backends */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_entry, conn_table, LB_CONN_TABLE_SIZE, PIN(conn_table));
+/* Full NAT (fullnat.h): VIP id -> its source addresses and ports; the client's
+ * tuple -> its flow and source port; a reply's tuple -> the client that owns the port */
+BPF_TABLE_PINNED("array", __u32, struct snat_pool, snat_pools, LB_MAX_VIPS, PIN(snat_pools));
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct fullnat_flow, fullnat_flows, LB_FULLNAT_TABLE_SIZE,
+		 PIN(fullnat_flows));
+BPF_TABLE_PINNED("hash", struct flow_key, struct fullnat_owner, fullnat_ports, LB_FULLNAT_TABLE_SIZE,
+		 PIN(fullnat_ports));
+/* Per-CPU room for what full NAT's new flows and replies build (the program's 512 bytes of
+ * stack are spent by the paths it shares with NAT); scratch, not pinned, not shared. */
+/* Where a full-NAT ICMP error goes, and what its quote becomes (fullnat.h fullnat_icmp_rewrite). */
+struct fullnat_icmp {
+	union lb_addr outer_src, outer_dst;
+	union lb_addr quote_src, quote_dst;
+	__be16 quote_sport, quote_dport;
+	union lb_addr from_src, from_dst; /* the outer addresses it arrived with */
+	__be32 old_words[8], new_words[8]; /* the quote's addresses, before and after, for the checksum */
+};
+
+struct fullnat_scratch {
+	struct fullnat_flow flow; /* a new flow's entry */
+	struct fullnat_owner owner;
+	struct flow_key rkey;     /* a source port's reverse tuple */
+	struct flow_key key;      /* a client's tuple */
+	struct fullnat_icmp icmp; /* an ICMP error's translation */
+};
+BPF_PERCPU_ARRAY(fullnat_scratch, struct fullnat_scratch, 1);
 /* (VIP, source prefix) -> allow or deny */
 BPF_TABLE_PINNED("lpm_trie", struct acl_key, struct acl_rule, acl, LB_MAX_ACL_RULES, PIN(acl), BPF_F_NO_PREALLOC);
 /* destination prefix -> next hop, mirrored from the kernel's routes and neighbours */

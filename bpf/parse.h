@@ -171,8 +171,13 @@ static __always_inline int parse_packet(lb_ctx *ctx, struct packet *pkt)
  * them. The addresses and ports pkt holds stay those it arrived with. */
 static __always_inline int packet_reload(lb_ctx *ctx, struct packet *pkt)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	lb_ctx *skb = ctx;
+
+	/* read the skb's fields right here: a compiler that keeps &ctx->data in a
+	 * register over the helpers' calls gets "dereference of modified ctx ptr" */
+	asm volatile("" : "+r"(skb));
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
 	void *l3 = data + (pkt->l3_off & 0x3f); /* bounded for the verifier: 14 or 18 */
 	void *l4 = data + (pkt->l4_off & 0x7f); /* at most 18 + 40 */
 

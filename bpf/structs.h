@@ -115,6 +115,34 @@ struct flow_entry {
 	struct next_hop reply_nh; /* towards the client */
 };
 
+/* snat_pools array, by VIP id: a full-NAT VIP's source addresses, each with
+ * ports port_min .. port_min + port_count - 1 (host order) */
+struct snat_pool {
+	__u32 count; /* addresses in addrs, at most LB_SNAT_ADDRS */
+	__u16 port_min;
+	__u16 port_count;
+	union lb_addr addrs[LB_SNAT_ADDRS];
+};
+
+/* fullnat_flows value, by the client's flow_key (as conn_table's): the flow
+ * as conn_table holds it, and the source address and port it took */
+struct fullnat_flow {
+	struct flow_entry flow;
+	union lb_addr snat_addr;
+	__be16 snat_port;
+	__u16 pad;
+};
+
+/* fullnat_ports value, by a reply's flow_key (backend -> source address and
+ * port): whose the port is. Inserted only where none is (BPF_NOEXIST), so
+ * two flows never share a tuple towards a backend. */
+struct fullnat_owner {
+	union lb_addr client;
+	__be16 client_port;
+	__be16 vip_port; /* the client's destination port (a VIP of every port keeps it) */
+	__u32 vip_id;
+};
+
 /* per-CPU counters, per VIP and per backend */
 struct lb_counters {
 	__u64 packets;

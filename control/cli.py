@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-vips", type=_positive, default=256)
     a.add_argument("--max-backends", type=_positive, default=4096)
     a.add_argument("--conn-table-size", type=_positive, default=1 << 20)
+    a.add_argument("--fullnat-table-size", type=_positive, default=1 << 16,
+                   help="full-NAT flows held at once (each holds one source port)")
     a.add_argument("--tcp-timeout", type=_positive, default=900, metavar="SECONDS",
                    help="an idle TCP flow's entry is no longer trusted after this (default 15 min)")
     a.add_argument("--tcp-closing-timeout", type=_positive, default=10, metavar="SECONDS",
@@ -98,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "dsr: change only the MACs, the backend (on a directly connected network, with the VIP on "
                         "its loopback) answers the client itself; tunnel: IPIP / IPv6-in-IPv6 to the backend, "
                         "which decapsulates (lbctl decap) and answers itself. dsr and tunnel backends use the "
-                        "VIP's port")
+                        "VIP's port; fullnat: rewrite the source too, to an address of this host (lbctl snat, "
+                        "--snat) and a port of its own, so backends anywhere answer the LB")
     v.add_argument("--hash", choices=HASHES, default="flow",
                    help="what picks the backend: the whole flow (default), or the client's address alone "
                         "(session affinity)")
@@ -111,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--replies-via-this-node", action="store_true",
                    help="nat in a cluster (refused otherwise): the backends route their replies through this node, "
                         "which alone should take the VIP's flows")
+    v.add_argument("--snat", action="append", default=None, metavar="ADDR",
+                   help="fullnat: a source address of this VIP's own (repeatable; default: the pool, lbctl snat)")
     v = sub.add_parser("remove-vip", help="remove a VIP and all its backends")
     v.add_argument("vip", metavar="VIP")
 
@@ -133,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     a = acl_sub.add_parser("remove", help="remove the rule of a prefix")
     a.add_argument("vip", metavar="VIP")
     a.add_argument("prefix", metavar="PREFIX")
+
+    sn = sub.add_parser("snat", help="full NAT's source addresses (this host's own) and ports")
+    sn_sub = sn.add_subparsers(dest="snat_command", required=True, parser_class=_Parser)
+    a = sn_sub.add_parser("add", help="add addresses of this host to the pool full-NAT VIPs take their sources from")
+    a.add_argument("addresses", nargs="+", metavar="ADDR")
+    a = sn_sub.add_parser("remove", help="take addresses out of the pool")
+    a.add_argument("addresses", nargs="+", metavar="ADDR")
+    a = sn_sub.add_parser("ports", help="the source ports used on each address: FIRST-LAST (default 1024-65535)")
+    a.add_argument("ports", metavar="FIRST-LAST")
+    a = sn_sub.add_parser("list", help="the pool, the ports, and each full-NAT VIP's sources")
+    a.add_argument("--json", action="store_true", help="print JSON")
 
     u = sub.add_parser("unserved", help="traffic to a VIP's address that no VIP of it serves (other ports and "
                                         "protocols): drop it (default) or pass it to this host (for SSH to "
@@ -267,12 +283,24 @@ def format_list(data: dict[str, Any]) -> str:
     if not data["vips"]:
         lines.append("no VIPs")
         return "\n".join(lines)
+    snat = data.get("snat") or {}
+    if snat.get("pool"):
+        lines.append(f"full NAT source pool: {', '.join(snat['pool'])} (ports {snat['ports']})")
     rows: list[list[Any]] = [["VIP", "MODE", "BACKEND", "WEIGHT"]]
     for v in data["vips"]:
         rows.append([v["vip"], v["mode"], "-" if not v["backends"] else "", ""])
+        if "snat" in v:
+            rows.append(["", "from", ", ".join(v["snat"]) or "(none)", ""])
         rows.extend(["", "", b["backend"], b["weight"]] for b in v["backends"])
         rows.extend(["", f"{action} from", prefix, ""] for prefix, action in v["acl"].items())
     lines.append(_table(rows))
+    return "\n".join(lines)
+
+
+def format_snat(r: dict[str, Any]) -> str:
+    lines = [f"full NAT source pool: {', '.join(r['pool']) or 'empty'}; ports {r['ports']}"]
+    lines += [f"{v['vip']}: sources {', '.join(v['sources']) or 'none'}" + (" (its own)" if v["own"] else "")
+              for v in r["vips"]]
     return "\n".join(lines)
 
 
@@ -314,7 +342,10 @@ def format_change(command: str, r: dict[str, Any]) -> str:
         case "detach":
             return f"detached from {', '.join(r['detached']) or 'no interface'}"
         case "add-vip":
-            return f"added VIP {r['vip']} ({r['mode']}, hash on {r['hash']})"
+            sources = f", sources {', '.join(r['snat'])}" if r.get("snat") else ""
+            return f"added VIP {r['vip']} ({r['mode']}, hash on {r['hash']}{sources})"
+        case "snat":
+            return format_snat(r)
         case "remove-vip":
             return f"removed VIP {r['removed']}"
         case "add-backend":

@@ -14,8 +14,9 @@ from lb.loader import DataPlaneConfig
 
 # Commands that change desired state (their timing is the reconcile time).
 CHANGES = frozenset({"attach", "detach", "add-vip", "remove-vip", "add-backend", "remove-backend", "acl", "apply",
-                     "drain", "set-weight", "unserved"})
+                     "drain", "set-weight", "unserved", "snat"})
 ACL_COMMANDS = ("add", "remove")
+SNAT_COMMANDS = ("add", "remove", "ports", "list")
 
 
 def _param(params: dict[str, Any], name: str, default: Any = ...) -> Any:
@@ -71,6 +72,8 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
                                          max_vips=_int(p, "max_vips", defaults.max_vips),
                                          max_backends=_int(p, "max_backends", defaults.max_backends),
                                          conn_table_size=_int(p, "conn_table_size", defaults.conn_table_size),
+                                         fullnat_table_size=_int(p, "fullnat_table_size",
+                                                                 defaults.fullnat_table_size),
                                          tcp_timeout=_int(p, "tcp_timeout", defaults.tcp_timeout),
                                          tcp_closing_timeout=_int(p, "tcp_closing_timeout",
                                                                   defaults.tcp_closing_timeout),
@@ -84,7 +87,7 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
         case "add-vip":
             return ctl.add_vip(_str(p, "vip"), _str(p, "mode", "nat"), _str(p, "hash", "flow"),
                                _str(p, "all_down", "open"), _bool(p, "replies_via_this_node", False),
-                               _int(p, "min_healthy", 1))
+                               _int(p, "min_healthy", 1), _strings(p, "snat") if p.get("snat") else [])
         case "remove-vip":
             return ctl.remove_vip(_str(p, "vip"))
         case "add-backend":
@@ -111,6 +114,18 @@ def dispatch(ctl: Controller, command: str, params: dict[str, Any]) -> dict[str,
             return ctl.status()
         case "unserved":
             return ctl.unserved(_str(p, "address"), _str(p, "action"))
+        case "snat":
+            match _str(p, "snat_command", "list"):
+                case "add":
+                    return ctl.snat_add(_strings(p, "addresses"))
+                case "remove":
+                    return ctl.snat_remove(_strings(p, "addresses"))
+                case "ports":
+                    return ctl.snat_ports(_str(p, "ports"))
+                case "list":
+                    return ctl.snat_list()
+                case other:
+                    raise InputError(f"unknown snat command {other!r} (expected one of: {', '.join(SNAT_COMMANDS)})")
         case "acl":
             match _str(p, "acl_command"):
                 case "add":

@@ -17,8 +17,8 @@ import yaml
 
 from control.errors import InputError
 from control.model import (ALL_DOWN, CHECK_KINDS, HASHES, MAX_MIN_HEALTHY, MAX_WEIGHT, MODES, BackendAddress, BackendState, HealthCheck,
-                           IdPool, State, VipAddress, VipState, address_sort_key, is_whole_number, parse_prefix,
-                           parse_vip_address)
+                           IdPool, State, VipAddress, VipState, address_sort_key, is_whole_number, parse_port_range,
+                           parse_prefix, parse_vip_address, SNAT_PORTS)
 from lb.structs import IPAddress
 from control.reconcile import slots_moved
 
@@ -42,12 +42,15 @@ class VipSpec:
     backends: list[BackendSpec] = field(default_factory=list)
     all_down: str = "open"
     min_healthy: int = 1
+    snat: list[IPAddress] = field(default_factory=list)  # fullnat: the VIP's own source addresses
 
 
 @dataclass
 class Config:
     vips: list[VipSpec] = field(default_factory=list)
     pass_unserved: set[IPAddress] = field(default_factory=set)  # see State.pass_unserved
+    snat: set[IPAddress] = field(default_factory=set)  # full NAT's source pool (State.snat)
+    snat_ports: tuple[int, int] = SNAT_PORTS
 
 
 # --- durations ------------------------------------------------------------------
@@ -130,8 +133,10 @@ class _Reader:
     def config(self, root: yaml.Node | None) -> Config:
         if root is None:  # most likely a mistake: applied, it would remove every VIP
             raise InputError(f"{self.source}:1: the file is empty; to remove every VIP, write: vips: []")
-        top = self.mapping(root, "the file", ("vips", "pass_unserved"), ("vips",))
+        top = self.mapping(root, "the file", ("vips", "pass_unserved", "snat"), ("vips",))
         config = Config()
+        if "snat" in top:
+            self.snat(top["snat"], config)
         for node in self.sequence(top["pass_unserved"], "pass_unserved") if "pass_unserved" in top else []:
             address = self.parsed(node, "pass_unserved address", parse_vip_address)
             if address in config.pass_unserved:
@@ -150,9 +155,20 @@ class _Reader:
                 self.fail(node, f"backend {address}: its address is a VIP's address; a backend must be another host")
         return config
 
+    def snat(self, node: yaml.Node, config: Config) -> None:
+        """snat: {addresses: [ADDR, ...], ports: FIRST-LAST}: full NAT's source pool."""
+        keys = self.mapping(node, "snat", ("addresses", "ports"), ())
+        for item in self.sequence(keys["addresses"], "snat addresses") if "addresses" in keys else []:
+            address = self.parsed(item, "snat address", parse_vip_address)
+            if address in config.snat:
+                self.fail(item, f"{address} is listed twice in snat addresses")
+            config.snat.add(address)
+        if "ports" in keys:
+            config.snat_ports = self.parsed(keys["ports"], "snat ports", parse_port_range)
+
     def vip(self, node: yaml.Node) -> VipSpec:
         keys = self.mapping(node, "a VIP", ("vip", "mode", "hash", "health", "all_down", "min_healthy", "acl",
-                                                       "backends"), ("vip",))
+                                                       "backends", "snat"), ("vip",))
         spec = VipSpec(self.parsed(keys["vip"], "vip", VipAddress.parse))
         if "mode" in keys:
             spec.mode = self.choice(keys["mode"], "mode", MODES)
@@ -166,6 +182,15 @@ class _Reader:
             spec.min_healthy = self.integer(keys["min_healthy"], "min_healthy", 0, MAX_MIN_HEALTHY)
         if "acl" in keys:
             spec.acl = self.acl(keys["acl"], spec.vip)
+        if "snat" in keys:
+            if spec.mode != "fullnat":
+                self.fail(keys["snat"], f"snat names full NAT's source addresses; VIP {spec.vip} is {spec.mode}")
+            for item in self.sequence(keys["snat"], "snat"):
+                address = self.parsed(item, "snat address", parse_vip_address)
+                if address.version != spec.vip.address.version:
+                    self.fail(item, f"source address {address} and VIP {spec.vip} are of different IP versions")
+                if address not in spec.snat:
+                    spec.snat.append(address)
         seen: dict[BackendAddress, int] = {}
         for item in self.sequence(keys["backends"], "backends") if "backends" in keys else []:
             backend = self.backend(item, spec.vip)
@@ -264,9 +289,9 @@ def config_of(state: State) -> Config:
     return Config([
         VipSpec(v.vip, v.mode, v.hash, copy.deepcopy(v.health), dict(v.acl),
                 [BackendSpec(b.address, b.weight) for b in sorted(v.active_backends(), key=lambda b: b.id)],
-                v.all_down, v.min_healthy)
+                v.all_down, v.min_healthy, list(v.snat))
         for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
-    ], set(state.pass_unserved))
+    ], set(state.pass_unserved), set(state.snat), state.snat_ports)
 
 
 def _health_doc(check: HealthCheck) -> dict[str, Any]:
@@ -292,12 +317,17 @@ def to_yaml(config: Config) -> str:
             doc["min_healthy"] = v.min_healthy
         if v.acl:
             doc["acl"] = dict(v.acl)
+        if v.snat:
+            doc["snat"] = [str(a) for a in v.snat]
         doc["backends"] = [{"address": str(b.address), "weight": b.weight} for b in v.backends]
         vips.append(doc)
     header = "# lb configuration: lbctl apply -f FILE makes the running state equal to this file\n"
     doc: dict[str, Any] = {"vips": vips}
     if config.pass_unserved:
         doc["pass_unserved"] = [str(a) for a in sorted(config.pass_unserved, key=address_sort_key)]
+    if config.snat or config.snat_ports != SNAT_PORTS:
+        doc["snat"] = {"addresses": [str(a) for a in sorted(config.snat, key=address_sort_key)],
+                       "ports": f"{config.snat_ports[0]}-{config.snat_ports[1]}"}
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
@@ -305,6 +335,7 @@ def merge(state: State, config: Config, now: float) -> None:
     """Make `state` what `config` describes. What stays keeps its id (its flows go on); removed
     backends are retired as `lbctl remove-backend` does, removed VIPs go with their backends."""
     state.pass_unserved = set(config.pass_unserved)
+    state.snat, state.snat_ports = set(config.snat), config.snat_ports
     wanted = {spec.vip for spec in config.vips}
     # what removed VIPs leave is not reused in the same change (its counters would carry over)
     removed = [v for v in state.vips if v.vip not in wanted]
@@ -323,6 +354,7 @@ def merge(state: State, config: Config, now: float) -> None:
             state.vips.append(v)
         v.mode, v.hash, v.acl, v.all_down = spec.mode, spec.hash, dict(spec.acl), spec.all_down
         v.min_healthy = spec.min_healthy
+        v.snat = list(spec.snat)
         if v.health != spec.health:
             v.health = copy.deepcopy(spec.health)
             for b in v.backends:  # a new check starts from healthy; no check means no verdict
@@ -357,6 +389,9 @@ def _vip_changes(old: VipState, new: VipState) -> list[str]:
     for name in ("mode", "hash", "all_down", "min_healthy"):
         if getattr(old, name) != getattr(new, name):
             changes.append(f"{name}: {getattr(old, name)} -> {getattr(new, name)}")
+    if old.snat != new.snat:
+        changes.append(f"snat: {', '.join(map(str, old.snat)) or 'the pool'} -> "
+                       f"{', '.join(map(str, new.snat)) or 'the pool'}")
     if old.health != new.health:
         changes.append(f"health: {_describe_health(old.health)} -> {_describe_health(new.health)}")
     for prefix in sorted(old.acl.keys() | new.acl.keys()):

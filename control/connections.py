@@ -110,6 +110,8 @@ class _Rows:
         row["expires_in"] = round(c.expires_in_seconds)
         row["valid"] = c.stale is None
         row["stale"] = c.stale
+        if c.via is not None:
+            row["via"] = endpoint_text(*c.via)
         return row
 
 

@@ -63,7 +63,7 @@ class Target:
     @classmethod
     def of(cls, v: VipState, b: BackendState) -> "Target":
         check = v.health
-        if v.mode == "nat":  # the backend answers on its own address
+        if v.mode in ("nat", "fullnat"):  # the backend answers on its own address
             host, port, mark = str(b.address.address), check.port or b.address.port, None
         else:  # dsr/tunnel: the backend answers only for the VIP's address. The mark has the data
             # plane's TC egress program (bpf/lb.c lb_egress) send the connection to this backend the

@@ -15,7 +15,12 @@ T = TypeVar("T")
 # nat: rewrite the destination to the backend, replies come back through the LB.
 # dsr: only the MACs change; the backend holds the VIP and answers the client itself.
 # tunnel: the packet goes inside IPIP / IPv6-in-IPv6 to the backend, which answers directly.
-MODES = ("nat", "dsr", "tunnel")
+# fullnat: rewrite the source too, to an address of the LB's (State.snat or VipState.snat) and a port
+# the data plane allocates: backends answer the LB whatever their routes.
+MODES = ("nat", "dsr", "tunnel", "fullnat")
+# Full NAT's source ports, unless the operator narrows them (lbctl snat ports)
+SNAT_PORTS = (1024, 65535)
+SNAT_ADDRS = 8  # source addresses one full-NAT VIP may use (bpf/consts.h LB_SNAT_ADDRS)
 HASHES = ("flow", "source")  # source: session affinity on the client's address
 CHECK_KINDS = ("none", "tcp", "http")
 # When every backend of a VIP fails its check (often the check path or the LB's own network, not
@@ -77,6 +82,17 @@ def parse_vip_address(text: str) -> IPAddress:
     address = _parse_address(stripped, text)
     require_unicast(address, text, "a VIP's address")
     return address
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """FIRST-LAST, both in 1-65535."""
+    first, sep, last = text.strip().partition("-")
+    if not sep or not is_whole_number(first) or not is_whole_number(last):
+        raise InputError(f"{text!r}: expected a port range FIRST-LAST, as in 1024-65535")
+    lo, hi = int(first), int(last)
+    if not 1 <= lo <= hi <= 65535:
+        raise InputError(f"{text!r}: ports must satisfy 1 <= FIRST <= LAST <= 65535")
+    return lo, hi
 
 
 def address_sort_key(address: IPAddress) -> tuple[int, int]:
@@ -270,11 +286,13 @@ class VipState:
     # nat in a cluster: the node the operator routes the backends' replies through, which alone can
     # carry the VIP's flows (None: not said; a cluster refuses plain nat then, etcdstore.py)
     replies_via: str | None = None
+    # fullnat: this VIP's own source addresses (empty: the node's pool, State.snat, of its family)
+    snat: list[IPAddress] = field(default_factory=list)
 
     def copy(self) -> "VipState":
         v = _shallow_copy(self)
         v.backends = [_shallow_copy(b) for b in self.backends]
-        v.acl, v.health = dict(self.acl), _shallow_copy(self.health)
+        v.acl, v.health, v.snat = dict(self.acl), _shallow_copy(self.health), list(self.snat)
         return v
 
     def backend(self, address: BackendAddress) -> BackendState | None:
@@ -326,7 +344,7 @@ class VipState:
 
     def check_backend(self, backend: BackendAddress) -> None:
         """dsr and tunnel leave the packet's L4 header alone: a backend listens on the VIP's port."""
-        if self.mode != "nat" and backend.port != self.vip.port:
+        if self.mode in ("dsr", "tunnel") and backend.port != self.vip.port:
             raise InputError(f"backend {backend}: VIP {self.vip} is in {self.mode} mode, which cannot change the "
                              f"port; write the backend without a port (it must listen on the VIP's port)")
 
@@ -386,6 +404,33 @@ class State:
     pass_unserved: set[IPAddress] = field(default_factory=set)
     # The last backend generation handed out: only ever grows (never reset, even by detach).
     generations: int = 0
+    # Full NAT's source addresses (the node's pool: addresses of this host) and their ports, first and last
+    snat: set[IPAddress] = field(default_factory=set)
+    snat_ports: tuple[int, int] = SNAT_PORTS
+
+    def snat_sources(self, v: VipState) -> list[IPAddress]:
+        """The source addresses a full-NAT VIP's flows take: its own, or the pool's of its IP version."""
+        chosen = v.snat or [a for a in self.snat if a.version == v.vip.address.version]
+        return sorted(chosen, key=address_sort_key)
+
+    def require_snat(self) -> None:
+        """InputError unless every full-NAT VIP has source addresses of its IP version, and few enough."""
+        for v in self.vips:
+            if v.mode != "fullnat":
+                continue
+            sources = self.snat_sources(v)
+            if not sources:
+                raise InputError(f"VIP {v.vip} is fullnat but has no IPv{v.vip.address.version} source address; "
+                                 f"add one to the pool (lbctl snat add ADDR) or give the VIP its own (--snat ADDR)")
+            if len(sources) > SNAT_ADDRS:
+                raise InputError(f"VIP {v.vip} would take {len(sources)} source addresses; at most {SNAT_ADDRS}")
+            wrong = [a for a in sources if a.version != v.vip.address.version]
+            if wrong:
+                raise InputError(f"VIP {v.vip}: source address {wrong[0]} is not of the VIP's IP version")
+
+    def snat_addresses(self) -> set[IPAddress]:
+        """Every source address the state names (the pool's and the VIPs' own)."""
+        return set(self.snat) | {a for v in self.vips for a in v.snat}
 
     def new_generation(self) -> int:
         self.generations += 1
@@ -395,7 +440,7 @@ class State:
         """A deep copy (copy.deepcopy takes over half a second on 1,000 VIPs): addresses are frozen
         and shared, everything a change may edit is copied."""
         return State(copy.deepcopy(self.dataplane), [v.copy() for v in self.vips], self.revision,
-                     set(self.pass_unserved), self.generations)
+                     set(self.pass_unserved), self.generations, set(self.snat), self.snat_ports)
 
     def vip(self, vip: VipAddress) -> VipState | None:
         for v in self.vips:

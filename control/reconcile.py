@@ -27,12 +27,13 @@ from control.model import BackendState, State, VipState
 from lb import addrfilter
 from lb.maglev import MaglevBackend, build_table, ring_size_for
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import (ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_NO_NEW, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_VIPS,
+from lb.structs import (CFG_FULLNAT, MODE_FULLNAT, SNAT_ADDRS, VIP_FULLNAT, SnatPool, ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_NO_NEW, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_VIPS,
                         ADDR_PASS_UNSERVED, VIP_ACTIVE, VIP_META_HASH_SOURCE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, LbState, NextHop,
                         ReplySource, VipAddr, seconds_to_ticks, VipInfo, VipKey, VipMeta, be16)
 
-MODE_CODES = {"nat": MODE_NAT, "dsr": MODE_DSR, "tunnel": MODE_TUNNEL}
-MODE_FLAGS = {"nat": 0, "dsr": VIP_DSR, "tunnel": VIP_TUNNEL}  # what the data plane reads, in the VIP's key lookup
+MODE_CODES = {"nat": MODE_NAT, "dsr": MODE_DSR, "tunnel": MODE_TUNNEL, "fullnat": MODE_FULLNAT}
+# what the data plane reads, in the VIP's key lookup
+MODE_FLAGS = {"nat": 0, "dsr": VIP_DSR, "tunnel": VIP_TUNNEL, "fullnat": VIP_FULLNAT}
 
 
 def _key(struct: ctypes.Structure) -> bytes:
@@ -76,6 +77,7 @@ class MapContents:
     backends: dict[int, Backend] = field(default_factory=dict)
     reply_sources: dict[bytes, tuple[Endpoint, ReplySource]] = field(default_factory=dict)
     acl: dict[bytes, tuple[AclKey, AclRule]] = field(default_factory=dict)
+    snat_pools: dict[int, SnatPool] = field(default_factory=dict)  # full-NAT VIPs' source pools, by VIP id
 
     @classmethod
     def of(cls, state: State, max_ring: int, hosts: BackendHosts | None = None) -> "MapContents":
@@ -98,6 +100,8 @@ class MapContents:
                                        info_flags=c.vips[_key(key)][1].flags,
                                        flags=VIP_ACTIVE | (VIP_META_HASH_SOURCE if v.hash == "source" else 0),
                                        ring_base=c.vips[_key(key)][1].ring_base, ring_size=c.vips[_key(key)][1].ring_size)
+            if v.mode == "fullnat":
+                c.snat_pools[v.id] = snat_pool(state, v)
             for b in v.backends:  # retired ones too: their established flows go on
                 ep = Endpoint(addr=LbAddr.of(b.address.address), port=be16(b.address.port), proto=key.proto)
                 c.backends[b.id] = backend_record(b, v.id, ep)
@@ -123,15 +127,28 @@ class MapContents:
 
 def filter_addresses(state: State) -> tuple[list[bytes], list[bytes]]:
     """What the address filter must leave open (lb/addrfilter.py): every VIP's address (vips,
-    vip_addrs) and every NAT backend's, retired ones too (reply_sources)."""
+    vip_addrs) and every NAT or full-NAT backend's, retired ones too (reply_sources; a full-NAT
+    backend's replies, to a source of the pool, are looked up by the data plane only from these)."""
     vips = [bytes(LbAddr.of(v.vip.address)) for v in state.vips]
-    backends = [bytes(LbAddr.of(b.address.address)) for v in state.vips if v.replies_through_lb for b in v.backends]
+    backends = [bytes(LbAddr.of(b.address.address)) for v in state.vips
+                if v.replies_through_lb or v.mode == "fullnat" for b in v.backends]
     return vips, backends
 
 
 def slot_vips(state: State) -> list[tuple[bytes, int, int, int]]:
     """The VIPs as lb/addrfilter.py sync_slots takes them: (address, be16 port, protocol, id)."""
     return [(bytes(LbAddr.of(v.vip.address)), be16(v.vip.port), PROTOCOLS[v.vip.proto], v.id) for v in state.vips]
+
+
+def snat_pool(state: State, v: VipState) -> SnatPool:
+    """A full-NAT VIP's source addresses and ports as the data plane reads them (none: an empty pool,
+    whose new flows are dropped as exhausted; the service refuses such a state before it is written)."""
+    sources = state.snat_sources(v)[:SNAT_ADDRS]
+    first, last = state.snat_ports
+    pool = SnatPool(count=len(sources), port_min=first, port_count=last - first + 1)
+    for i, address in enumerate(sources):
+        pool.addrs[i] = LbAddr.of(address)
+    return pool
 
 
 def applied_revision(maps: DataPlaneMaps) -> int:
@@ -183,6 +200,8 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
     changed = {vid for vid in olds.keys() | news.keys() if olds.get(vid) != news.get(vid)}
     flipped = old.pass_unserved ^ new.pass_unserved  # an address's unserved traffic now passed, or dropped
     changed |= {v.id for v in itertools.chain(old.vips, new.vips) if v.vip.address in flipped}
+    if (old.snat, old.snat_ports) != (new.snat, new.snat_ports):  # every full-NAT VIP's pool may change
+        changed |= {v.id for v in itertools.chain(old.vips, new.vips) if v.mode == "fullnat"}
 
     moved = {h for h in hosts_before.keys() | hosts_after.keys() if hosts_before.get(h) != hosts_after.get(h)}
 
@@ -198,13 +217,17 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
     for v in (v for vid in changed for v in (olds.get(vid), news.get(vid)) if v is not None):
         for link in links(v):
             ids |= by_link[link]
-    return (State(old.dataplane, [v for v in old.vips if v.id in ids], pass_unserved=old.pass_unserved),
-            State(new.dataplane, [v for v in new.vips if v.id in ids], pass_unserved=new.pass_unserved))
+    return (State(old.dataplane, [v for v in old.vips if v.id in ids], pass_unserved=old.pass_unserved,
+                  snat=old.snat, snat_ports=old.snat_ports),
+            State(new.dataplane, [v for v in new.vips if v.id in ids], pass_unserved=new.pass_unserved,
+                  snat=new.snat, snat_ports=new.snat_ports))
 
 
 def lb_config_of(state: State) -> LbConfig:
     """lb_config: the switches that depend on every VIP, and the data plane's idle timeouts."""
-    config = LbConfig(flags=CFG_ANY_PORT if any(v.vip.any_port for v in state.vips) else 0)
+    flags = (CFG_ANY_PORT if any(v.vip.any_port for v in state.vips) else 0) | \
+        (CFG_FULLNAT if any(v.mode == "fullnat" for v in state.vips) else 0)
+    config = LbConfig(flags=flags)
     dp_config = state.dataplane.config if state.dataplane is not None else {}
     for name in ("tcp_timeout", "tcp_closing_timeout", "udp_timeout"):  # absent: 0, the data plane's default
         setattr(config, name, seconds_to_ticks(dp_config[name]) if name in dp_config else 0)
@@ -313,6 +336,7 @@ class Reconciler:
         self._write_keyed("reply_sources", before.reply_sources, after.reply_sources, report)
         self._write_keyed("acl", before.acl, after.acl, report)
         self._write_by_id("vip_meta", "vip_stats", before.vip_meta, after.vip_meta, report)
+        self._write_pools(before.snat_pools, after.snat_pools, report)
         self._write_keyed("vip_addrs", before.vip_addrs, after.vip_addrs, report)
         if bytes(before.config) != bytes(after.config) and after.config.flags & ~before.config.flags:
             m.lb_config.set(U32(0), after.config)  # switches on before the VIPs that need them
@@ -365,6 +389,16 @@ class Reconciler:
         slotted = addrfilter.sync_slots(m, slot_vips(whole_new))
         if slotted:
             report.count("vip_slots", slotted)
+        for vid in before.snat_pools.keys() - after.snat_pools.keys():
+            m.snat_pools.set(U32(vid), SnatPool())
+            report.count("snat_pools")
+
+    def _write_pools(self, before: dict[int, SnatPool], after: dict[int, SnatPool], report: ApplyReport) -> None:
+        """Full-NAT VIPs' source pools that are new or changed (before the VIP keys that use them)."""
+        for vid, pool in after.items():
+            if vid not in before or bytes(before[vid]) != bytes(pool):
+                self.maps.snat_pools.set(U32(vid), pool)
+                report.count("snat_pools")
 
     def repair(self, state: State) -> dict[str, int]:
         """Make the maps hold exactly what `state` describes, whatever they hold now (after a crash,
@@ -390,6 +424,7 @@ class Reconciler:
         count("reply_sources", self._write_missing("reply_sources", want.reply_sources))
         count("acl", self._write_missing("acl", want.acl))
         count("vip_meta", self._repair_array("vip_meta", want.vip_meta, VipMeta))
+        count("snat_pools", self._repair_array("snat_pools", want.snat_pools, SnatPool))
         count("vip_addrs", self._write_missing("vip_addrs", want.vip_addrs))
         if bytes(self.maps.lb_config.get(U32(0)) or LbConfig()) != bytes(want.config):
             self.maps.lb_config.set(U32(0), want.config)

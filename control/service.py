@@ -25,6 +25,7 @@ from control import forwarding
 from control.connections import Filters, list_connections
 from control.model import (ALL_DOWN, HASHES, MAX_MIN_HEALTHY, MAX_WEIGHT, MODES, BackendAddress, BackendState,
                            DataPlaneState, Interface, State, VipAddress, VipState, address_sort_key, format_endpoint,
+                           parse_port_range,
                            parse_prefix, parse_vip_address)
 from control.reconcile import Reconciler, mark_applied
 from control.recovery import marked_revision, recover, repair_if_interrupted
@@ -82,12 +83,31 @@ def _refuse_local_backends(added: list[tuple[VipAddress, BackendAddress]]) -> No
                              f"lb forwards to other hosts")
 
 
+def _refuse_foreign_sources(state: State, added: set[IPAddress]) -> None:
+    """Full NAT's source addresses must be this host's (replies to them must come to the LB), and no VIP's."""
+    if not added:
+        return
+    with IPRoute() as ipr:
+        local = {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}
+    vip_addresses = {v.vip.address for v in state.vips}
+    for address in sorted(added, key=address_sort_key):
+        if address not in local:
+            raise InputError(f"source address {address} is not an address of this host; full NAT's replies "
+                             f"must come back to the LB (add it to an interface first)")
+        if address in vip_addresses:
+            raise InputError(f"source address {address} is a VIP's address; give full NAT an address of its own")
+
+
+# Modes whose packets the kernel cannot forward for the data plane while a backend's MAC is unresolved:
+# dsr's are addressed to the VIP, fullnat's come from an address of this host (a martian to it).
+DIRECT_MODES = ("dsr", "fullnat")
+
+
 def resolve_dsr_backends(state: State) -> None:
-    """Have the kernel learn every DSR backend's MAC now, and keep it (a managed neighbour entry): the
-    data plane drops a DSR packet whose next hop is unresolved (the kernel could not forward it: it is
-    addressed to the VIP)."""
+    """Have the kernel learn every DSR and full-NAT backend's MAC now, and keep it (a managed
+    neighbour entry): the data plane drops such a packet whose next hop is unresolved (DIRECT_MODES)."""
     for v in state.vips:
-        if v.mode == "dsr":
+        if v.mode in DIRECT_MODES:
             for b in v.active_backends():
                 resolve_dsr_backend(b.address.address)
 
@@ -213,7 +233,7 @@ class Controller:
 
     def add_vip(self, vip_text: str, mode: str = "nat", hash_on: str = "flow",
                 all_down: str = "open", replies_via_this_node: bool = False,
-                min_healthy: int = 1) -> dict[str, Any]:
+                min_healthy: int = 1, snat: list[str] | None = None) -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)
         if not 0 <= min_healthy <= MAX_MIN_HEALTHY:
             raise InputError(f"min-healthy {min_healthy} is out of range 0-{MAX_MIN_HEALTHY}")
@@ -222,6 +242,9 @@ class Controller:
             raise InputError("--replies-via-this-node is for a nat VIP on a node of a cluster (--store etcd://...)")
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
+        sources = list(dict.fromkeys(parse_vip_address(a) for a in snat or []))
+        if sources and mode != "fullnat":
+            raise InputError(f"--snat names full NAT's source addresses; VIP {vip} is {mode}, not fullnat")
         if hash_on not in HASHES:
             raise InputError(f"unknown hash {hash_on!r} (expected one of: {', '.join(HASHES)})")
         if all_down not in ALL_DOWN:
@@ -232,13 +255,14 @@ class Controller:
                 raise InputError(f"VIP {vip} already exists")
             free = state.allocate_vip_id()
             state.vips.append(VipState(vip, free, mode, hash=hash_on, all_down=all_down, min_healthy=min_healthy,
-                                       replies_via=node if replies_via_this_node else None))
+                                       replies_via=node if replies_via_this_node else None, snat=sources))
             warning = None
             if vip.address.version == 6:  # attach checked IPv4's
                 warning = forwarding.describe([s for s in forwarding.missing_settings([], True) if "ipv6" in s])
             return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on, "all_down": all_down,
                     "min_healthy": min_healthy,
-                    "warning": warning}
+                    "warning": warning, "snat": [str(a) for a in state.snat_sources(state.vips[-1])]
+                    if mode == "fullnat" else []}
 
         return self._change(change)
 
@@ -271,7 +295,7 @@ class Controller:
             return {"vip": str(vip), "backend": str(backend), "id": b.id, "weight": weight, "mode": v.mode}
 
         result = self._change(change)
-        if result.get("mode") == "dsr":
+        if result.get("mode") in DIRECT_MODES:
             resolve_dsr_backend(backend.address)
         return result
 
@@ -300,6 +324,52 @@ class Controller:
                     "vips": sum(v.vip.address == address for v in state.vips)}
 
         return self._change(change)
+
+    def snat_add(self, addresses: list[str]) -> dict[str, Any]:
+        """Add addresses of this host to full NAT's pool (the source of full-NAT VIPs without their own)."""
+        parsed = [parse_vip_address(a) for a in addresses]
+        if not parsed:
+            raise InputError("name at least one address")
+
+        def change(state: State) -> dict[str, Any]:
+            new = [a for a in dict.fromkeys(parsed) if a not in state.snat]
+            state.snat.update(new)
+            return {"added": [str(a) for a in new], **self._snat_view(state)}
+
+        return self._change(change)
+
+    def snat_remove(self, addresses: list[str]) -> dict[str, Any]:
+        """Take addresses out of the pool (refused while a full-NAT VIP would be left without one)."""
+        parsed = [parse_vip_address(a) for a in addresses]
+
+        def change(state: State) -> dict[str, Any]:
+            for a in parsed:
+                if a not in state.snat:
+                    raise InputError(f"{a} is not in full NAT's source pool")
+            state.snat.difference_update(parsed)
+            return {"removed": [str(a) for a in parsed], **self._snat_view(state)}
+
+        return self._change(change)
+
+    def snat_ports(self, port_range: str) -> dict[str, Any]:
+        """The source ports full NAT allocates on each address (FIRST-LAST)."""
+        ports = parse_port_range(port_range)
+
+        def change(state: State) -> dict[str, Any]:
+            state.snat_ports = ports
+            return self._snat_view(state)
+
+        return self._change(change)
+
+    def snat_list(self) -> dict[str, Any]:
+        return self._snat_view(self.read_state())
+
+    @staticmethod
+    def _snat_view(state: State) -> dict[str, Any]:
+        return {"pool": [str(a) for a in sorted(state.snat, key=address_sort_key)],
+                "ports": f"{state.snat_ports[0]}-{state.snat_ports[1]}",
+                "vips": [{"vip": str(v.vip), "sources": [str(a) for a in state.snat_sources(v)], "own": bool(v.snat)}
+                         for v in sorted(state.vips, key=lambda v: v.vip.sort_key()) if v.mode == "fullnat"]}
 
     def acl_add(self, vip_text: str, prefix_text: str, action: str) -> dict[str, Any]:
         vip = VipAddress.parse(vip_text)
@@ -431,10 +501,13 @@ class Controller:
                     "acl": dict(v.acl),
                     **({"replies_via": v.replies_via} if v.replies_via is not None else {}),
                     "backends": [{"backend": str(b.address), "weight": b.weight} for b in v.active_backends()],
+                    **({"snat": [str(a) for a in state.snat_sources(v)]} if v.mode == "fullnat" else {}),
                 }
                 for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
             ],
             "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)],
+            "snat": {"pool": [str(a) for a in sorted(state.snat, key=address_sort_key)],
+                     "ports": f"{state.snat_ports[0]}-{state.snat_ports[1]}"},
         }
 
     def status(self) -> dict[str, Any]:
@@ -455,7 +528,8 @@ class Controller:
                 backends.append({"backend": str(b.address), "id": b.id, "weight": b.weight, "health": health,
                                  "serving": v.takes_new_flows(b), "connections": connections.get(b.id, 0)})
             vips.append({"vip": str(v.vip), "mode": v.mode, "health_check": v.health.kind, "all_down": v.all_down,
-                         "failing_open": v.failing_open, "backends": backends})
+                         "failing_open": v.failing_open, "backends": backends,
+                         **({"snat": [str(a) for a in state.snat_sources(v)]} if v.mode == "fullnat" else {})})
         shared = getattr(self.store, "status", None)  # a node of a cluster: how it stands with etcd
         return {"vips": vips, "interfaces": [{"name": i.name, "mode": i.mode} for i in dp.interfaces],
                 **({"store": shared(with_nodes=True)} if shared is not None else {}),
@@ -566,6 +640,8 @@ class Controller:
                     result = change(state)
                     state.require_no_new_backend_vips(old)
                     _refuse_local_backends(state.new_backends(old))
+                    state.require_snat()
+                    _refuse_foreign_sources(state, state.snat_addresses() - old.snat_addresses())
                     mark_applied(maps, state.revision + 1)  # before the first write; the commit makes it true
                     sync_routes(maps, {i.ifindex for i in dp.interfaces})
                     Reconciler(maps, dp.config["ring_size"]).apply(old, state)

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Protocol
 from lb.pins import STATE_DIR
 from lb.private import private_dir, private_file, tighten_if_present
 from control.model import (BackendAddress, BackendState, DataPlaneState, HealthCheck, Interface, State,
-                           VipAddress, VipState, address_sort_key)
+                           VipAddress, VipState, address_sort_key, SNAT_PORTS)
 from lb import fault
 
 
@@ -29,9 +29,20 @@ class Store(Protocol):
 
 
 def state_to_doc(state: State) -> dict[str, Any]:
-    return {"dataplane": _dataplane_doc(state.dataplane), "vips": [vip_to_doc(v) for v in state.vips],
-            "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)],
-            "generations": state.generations}
+    doc = {"dataplane": _dataplane_doc(state.dataplane), "vips": [vip_to_doc(v) for v in state.vips],
+           "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)],
+           "generations": state.generations}
+    snat = _snat_doc(state)
+    if snat is not None:
+        doc["snat"] = snat
+    return doc
+
+
+def _snat_doc(state: State) -> dict[str, Any] | None:
+    """Full NAT's pool and ports, None when they are the defaults (documents stay as they were)."""
+    if not state.snat and state.snat_ports == SNAT_PORTS:
+        return None
+    return {"addresses": [str(a) for a in sorted(state.snat, key=address_sort_key)], "ports": list(state.snat_ports)}
 
 
 def _dataplane_doc(dp: DataPlaneState | None) -> dict[str, Any] | None:
@@ -56,6 +67,7 @@ def vip_to_doc(v: VipState) -> dict[str, Any]:
         "all_down": v.all_down,
         "min_healthy": v.min_healthy,
         **({"replies_via": v.replies_via} if v.replies_via is not None else {}),
+        **({"snat": [str(a) for a in v.snat]} if v.snat else {}),
         "backends": [
             {"address": str(b.address.address), "port": b.address.port, "id": b.id, "weight": b.weight,
              "retired_at": b.retired_at, "healthy": b.healthy, "generation": b.generation}
@@ -76,15 +88,18 @@ def state_from_doc(doc: dict[str, Any]) -> State:
         ]
         health = HealthCheck(**v.get("health", {}))  # documents from before health checks have none
         vips.append(VipState(vip, v["id"], v["mode"], backends, v.get("hash", "flow"), v.get("acl", {}), health,
-                             v.get("all_down", "open"), v.get("min_healthy", 1), v.get("replies_via")))
+                             v.get("all_down", "open"), v.get("min_healthy", 1), v.get("replies_via"),
+                             [ipaddress.ip_address(a) for a in v.get("snat", [])]))
     dataplane = None
     if dp is not None:
         dataplane = DataPlaneState([Interface(**i) for i in dp["interfaces"]], dp["pin_dir"], dp["netns_ino"],
                                    dp["config"], dp.get("program_digest"), dp.get("hook", "xdp"))
     # Documents from before generations: every backend gets one now, above any seen.
     generations = max([doc.get("generations", 0)] + [b.generation for v in vips for b in v.backends])
+    snat = doc.get("snat", {})
     state = State(dataplane, vips, pass_unserved={ipaddress.ip_address(a) for a in doc.get("pass_unserved", [])},
-                  generations=generations)
+                  generations=generations, snat={ipaddress.ip_address(a) for a in snat.get("addresses", [])},
+                  snat_ports=tuple(snat.get("ports", SNAT_PORTS)))
     for v in vips:
         for b in v.backends:
             if not b.generation:
@@ -156,8 +171,11 @@ class SqliteStore:
         for vid in self._vip_json.keys() - {v.id for v in state.vips}:
             del self._vip_json[vid]
         unserved = json.dumps([str(a) for a in sorted(state.pass_unserved, key=address_sort_key)])
+        snat = _snat_doc(state)
+        snat_part = "" if snat is None else f'"snat": {json.dumps(snat, sort_keys=True)}, '
         return f'{{"dataplane": {json.dumps(_dataplane_doc(state.dataplane), sort_keys=True)}, ' \
-               f'"generations": {state.generations}, "pass_unserved": {unserved}, "vips": [{", ".join(vips)}]}}'
+               f'"generations": {state.generations}, "pass_unserved": {unserved}, {snat_part}' \
+               f'"vips": [{", ".join(vips)}]}}'
 
     def read(self) -> State:
         conn = self._connect()

@@ -23,7 +23,9 @@ from lb.structs import FlowEntry, FlowKey, IPAddress, LbAddr
 _KEY = struct.Struct("!16s16sHHB3x")
 # struct flow_entry: backend_id, vip_id, flags, generation, last_seen (the cached next hops skipped)
 _ENTRY = struct.Struct(f"<IHHII{ctypes.sizeof(FlowEntry) - 16}x")
-assert _KEY.size == ctypes.sizeof(FlowKey)
+# struct fullnat_flow: a flow_entry, then the source address and port (network order) it took
+_FULLNAT_ENTRY = struct.Struct(f"<IHHII{ctypes.sizeof(FlowEntry) - 16}x16sH2x")
+assert _KEY.size == ctypes.sizeof(FlowKey) and _FULLNAT_ENTRY.size == ctypes.sizeof(structs.FullnatFlow)
 _SORT_TAIL, _SORT_PORT = struct.Struct(">HB"), struct.Struct(">H")
 
 SECONDS_PER_TICK = (1 << structs.TICK_SHIFT) / 1e9
@@ -85,6 +87,7 @@ class Connection:
     age_ticks: int
     idle_timeout_ticks: int
     stale: str | None             # None: the data plane trusts it; else one of the reasons above
+    via: tuple[bytes, int] | None = None  # full NAT: the source address and port towards the backend
 
     @property
     def state(self) -> str:
@@ -180,25 +183,33 @@ def connections(maps: DataPlaneMaps, match: ConnectionFilter = ConnectionFilter(
                 for closing in (0, structs.FLOW_CLOSING)}
     now, closing_flag = ctx.now, structs.FLOW_CLOSING
     found = 0
-    for keys, values in maps.conn_table.raw_items(chunk):
-        for (src, dst, sport, dport, proto), (backend_id, vip_id, flags, generation, last_seen) in zip(
-                _KEY.iter_unpack(keys), _ENTRY.iter_unpack(values)):
-            if filtering and not _matches(match, vip_raw, dst, dport, proto, generation):
-                continue
-            binding = (backend_id, generation, vip_id, dst, dport, proto)
-            known = bindings.get(binding)
-            if known is None:
-                known = bindings[binding] = _binding(ctx, *binding)
-            stale, backend = known
-            age = (now - last_seen) & 0xFFFFFFFF
-            timeout = timeouts.get((proto, flags & closing_flag)) or ctx.timeout(proto, flags)
-            if stale is None and age > timeout:
-                stale = EXPIRED
-            yield Connection(proto, (src, sport), (dst, dport), vip_id, backend_id, generation,
-                             backend, flags, age, timeout, stale)
-            found += 1
-            if limit is not None and found >= limit:
-                return
+    for (src, dst, sport, dport, proto), (backend_id, vip_id, flags, generation, last_seen, *source) in _entries(
+            maps, chunk):
+        if filtering and not _matches(match, vip_raw, dst, dport, proto, generation):
+            continue
+        binding = (backend_id, generation, vip_id, dst, dport, proto)
+        known = bindings.get(binding)
+        if known is None:
+            known = bindings[binding] = _binding(ctx, *binding)
+        stale, backend = known
+        age = (now - last_seen) & 0xFFFFFFFF
+        timeout = timeouts.get((proto, flags & closing_flag)) or ctx.timeout(proto, flags)
+        if stale is None and age > timeout:
+            stale = EXPIRED
+        via = (source[0], socket.ntohs(source[1])) if source else None
+        yield Connection(proto, (src, sport), (dst, dport), vip_id, backend_id, generation,
+                         backend, flags, age, timeout, stale, via)
+        found += 1
+        if limit is not None and found >= limit:
+            return
+
+
+def _entries(maps: DataPlaneMaps, chunk: int) -> Iterator[tuple[tuple, tuple]]:
+    """(key, value) of the connection table's entries, then full NAT's (their values end with the
+    source address and port: a seventh and eighth field)."""
+    for table, entry in ((maps.conn_table, _ENTRY), (maps.fullnat_flows, _FULLNAT_ENTRY)):
+        for keys, values in table.raw_items(chunk):
+            yield from zip(_KEY.iter_unpack(keys), entry.iter_unpack(values))
 
 
 def _matches(match: ConnectionFilter, vip_raw: bytes | None, dst: bytes, dport: int, proto: int,

@@ -51,6 +51,8 @@ def expected(config: Any) -> dict[str, MapSpec]:
         "egress_vlans": (HASH, MAX_VLANS),
         "vip_stats": (PERCPU_ARRAY, config.max_vips), "backend_stats": (PERCPU_ARRAY, config.max_backends),
         "reason_stats": (PERCPU_ARRAY, len(REASONS)),
+        "snat_pools": (ARRAY, config.max_vips), "fullnat_flows": (LRU_HASH, config.fullnat_table_size),
+        "fullnat_ports": (HASH, config.fullnat_table_size),
     }
     return {name: MapSpec(kind, ctypes.sizeof(MAP_TYPES[name][0]), ctypes.sizeof(MAP_TYPES[name][1]), entries)
             for name, (kind, entries) in types_and_sizes.items()}

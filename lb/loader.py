@@ -53,6 +53,7 @@ class DataPlaneConfig:
     max_vips: int = 256
     max_backends: int = 4096
     conn_table_size: int = 1 << 20
+    fullnat_table_size: int = 1 << 16  # full-NAT flows (and source ports) the data plane holds at once
     max_routes: int = 16384
     # Idle timeouts in seconds: not compiled in, the control plane writes them to lb_config.
     tcp_timeout: int = 900
@@ -77,6 +78,7 @@ class DataPlaneConfig:
             f"-DLB_MAX_VIPS={self.max_vips}",
             f"-DLB_MAX_BACKENDS={self.max_backends}",
             f"-DLB_CONN_TABLE_SIZE={self.conn_table_size}",
+            f"-DLB_FULLNAT_TABLE_SIZE={self.fullnat_table_size}",
             f"-DLB_MAX_ROUTES={self.max_routes}",
             f'-DLB_PIN_DIR="{pin_dir}"',
         ]

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 from lb import bpfsys
 from lb.structs import (AclKey, AclRule, Backend, EgressVlan, Endpoint, FlowEntry, FlowKey, LbAddr, LbConfig, LbCounters, LbState, NextHop, ReplySource,
-                        RouteKey, VipAddr, VipInfo, VipKey, VipMeta)
+                        RouteKey, FullnatFlow, FullnatOwner, SnatPool, VipAddr, VipInfo, VipKey, VipMeta)
 
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
@@ -190,6 +190,9 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "conn_table": (FlowKey, FlowEntry),
     "routes": (RouteKey, NextHop),
     "acl": (AclKey, AclRule),
+    "snat_pools": (U32, SnatPool),
+    "fullnat_flows": (FlowKey, FullnatFlow),
+    "fullnat_ports": (FlowKey, FullnatOwner),
     "nh_epoch": (U32, U32),
     "egress_vlans": (U32, EgressVlan),
     "tx_ports": (I32, I32),
@@ -201,6 +204,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
 
 # backend_id, vip_id, flags, generation of a FlowEntry (bpf/structs.h struct flow_entry), the rest skipped
 _FLOW_HEAD = struct.Struct(f"<IHHI{ctypes.sizeof(FlowEntry) - 12}x")
+_FULLNAT_HEAD = struct.Struct(f"<IHHI{ctypes.sizeof(FullnatFlow) - 12}x")  # a FullnatFlow starts with its FlowEntry
 
 
 @dataclass
@@ -233,13 +237,14 @@ class DataPlaneMaps:
             m.close()
 
     def connections_per_backend(self) -> Counter[int]:
-        """Connection-table entries per backend id, one per flow, of the backend as it is bound now
+        """Connection-table entries (and full NAT's) per backend id, one per flow, of the backend as it is bound now
         (an entry of an earlier binding of the id, which the data plane no longer trusts, is left
         out). The table is an LRU hash: closed and idle flows count until they are evicted."""
         generations = {k.value: v.generation for k, v in self.backends.items() if v.flags}
         counts: Counter[int] = Counter()
-        for chunk in self.conn_table.raw_values():
-            counts.update(bid for bid, _, _, gen in _FLOW_HEAD.iter_unpack(chunk) if generations.get(bid) == gen)
+        for table, head in ((self.conn_table, _FLOW_HEAD), (self.fullnat_flows, _FULLNAT_HEAD)):
+            for chunk in table.raw_values():
+                counts.update(bid for bid, _, _, gen in head.iter_unpack(chunk) if generations.get(bid) == gen)
         return counts
 
     def __enter__(self) -> "DataPlaneMaps":

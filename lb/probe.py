@@ -21,15 +21,18 @@ class Probe:
     backend: tuple[bytes, int] | None  # (16-byte lb_addr, port)
 
 
-def backend_of(before: bytes, after: bytes) -> tuple[bytes, int] | None:
-    """The backend a rewrite involved: the new destination (NAT), the outer one (tunnel), or the source a
-    reply came from. DSR changes no address: its backend shows only in the MAC."""
+def backend_of(before: bytes, after: bytes, reason: str | None = None) -> tuple[bytes, int] | None:
+    """The backend a rewrite involved: the new destination (NAT, full NAT), the outer one (tunnel), or the
+    source a reply came from (a full-NAT reply changes its destination too). DSR changes no address: its
+    backend shows only in the MAC."""
     tunnel = decapsulated(after) if len(after) > len(before) else None
     p_in, p_out = DataPlaneModel.parse(before), DataPlaneModel.parse(tunnel[1] if tunnel else after)
     if tunnel and isinstance(p_out, Parsed):
         return tunnel[0], p_out.dport
     if not isinstance(p_in, Parsed) or not isinstance(p_out, Parsed) or p_in.proto in (ICMP, ICMPV6):
         return None
+    if reason == "fwd_fullnat_reply":
+        return p_in.src, p_in.sport
     if (p_in.dst, p_in.dport) != (p_out.dst, p_out.dport):
         return p_out.dst, p_out.dport
     if (p_in.src, p_in.sport) != (p_out.src, p_out.sport):
@@ -42,4 +45,4 @@ def probe(prog_fd: int, frame: bytes, ingress_ifindex: int) -> Probe:
     result = run_xdp(prog_fd, frame, ingress_ifindex, meta=bytes(asked))
     answer = ProbeMeta.from_buffer_copy(result.meta) if len(result.meta) == ctypes.sizeof(ProbeMeta) else asked
     reason = REASONS[answer.reason].removeprefix("LB_").lower() if answer.reason < len(REASONS) else None
-    return Probe(result.action, result.packet, reason, backend_of(frame, result.packet))
+    return Probe(result.action, result.packet, reason, backend_of(frame, result.packet, reason))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from lb import structs
-from lb.flowhash import ring_index
+from lb.flowhash import flow_hash_raw, ring_index
 from lb.maps import U32, DataPlaneMaps
 
 V4_MAPPED = bytes(10) + b"\xff\xff"
@@ -38,6 +38,23 @@ class Flow:
     reply_nh: NextHop = field(default_factory=NextHop)
     generation: int = 0
     last_seen: int = 0
+
+
+@dataclass
+class FullnatFlow(Flow):
+    """A full-NAT flow (fullnat_flows): the entry as conn_table's, and the source it took."""
+
+    snat_addr: bytes = bytes(16)
+    snat_port: int = 0
+
+
+@dataclass(frozen=True)
+class SnatPool:
+    """A full-NAT VIP's source addresses, each with ports port_min .. port_min + port_count - 1."""
+
+    addrs: tuple[bytes, ...]
+    port_min: int
+    port_count: int
 
 
 @dataclass
@@ -82,6 +99,11 @@ class Tables:
     timeouts: tuple[int, int, int] = (0, 0, 0)              # lb_config: TCP, TCP closing, UDP (0: default)
     clock_offset: int = 0                                   # lb_config: ticks added to the kernel's clock
     egress_vlans: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # VLAN device -> (lower, proto, tci)
+    fullnat: bool = False                                   # lb_config: some VIP is full NAT
+    snat_pools: dict[int, SnatPool] = field(default_factory=dict)      # VIP id -> its source pool
+    fullnat_flows: dict[FlowKey, FullnatFlow] = field(default_factory=dict)  # client tuple -> flow
+    fullnat_ports: dict[FlowKey, tuple[bytes, int, int, int]] = field(default_factory=dict)
+    # reply tuple (backend -> source address, port) -> (client, client port, VIP port, VIP id)
 
     @classmethod
     def snapshot(cls, maps: DataPlaneMaps, ring_size: int) -> "Tables":
@@ -113,7 +135,19 @@ class Tables:
             timeouts=(config.tcp_timeout, config.tcp_closing_timeout, config.udp_timeout),
             clock_offset=config.clock_offset,
             egress_vlans={k.value: (v.lower_ifindex, ntohs(v.proto), ntohs(v.tci)) for k, v in maps.egress_vlans.items()},
+            fullnat=bool(config.flags & structs.CFG_FULLNAT),
+            snat_pools={k.value: SnatPool(tuple(bytes(a) for a in v.addrs[:v.count]), v.port_min, v.port_count)
+                        for k, v in maps.snat_pools.items() if v.count},
+            fullnat_flows={_flow_key(k): FullnatFlow(v.flow.backend_id, v.flow.vip_id, v.flow.flags, _nh(v.flow.reply_nh), v.flow.generation, v.flow.last_seen,
+                                                     bytes(v.snat_addr), ntohs(v.snat_port))
+                           for k, v in maps.fullnat_flows.items()},
+            fullnat_ports={_flow_key(k): (bytes(v.client), ntohs(v.client_port), ntohs(v.vip_port), v.vip_id)
+                           for k, v in maps.fullnat_ports.items()},
         )
+
+
+def _flow_key(k: structs.FlowKey) -> FlowKey:
+    return bytes(k.src), bytes(k.dst), socket.ntohs(k.sport), socket.ntohs(k.dport), k.proto
 
 
 def _nh(nh: structs.NextHop) -> NextHop:
@@ -284,6 +318,10 @@ class DataPlaneModel:
             vip = self.t.vips.get((p.dst, 0, p.proto))
         if vip is not None:
             return self._to_backend(pkt, p, vip, ingress_ifindex)
+        if self.t.fullnat:  # a reply to a full-NAT source address and port?
+            owner = self.t.fullnat_ports.get((p.src, p.dst, p.sport, p.dport, p.proto))
+            if owner is not None:
+                return self._fullnat_to_client(pkt, p, owner, ingress_ifindex)
         from_backend = False
         for port in (p.sport, 0) if self.t.any_port else (p.sport,):
             source = self.t.reply_sources.get((p.src, port, p.proto))
@@ -326,7 +364,13 @@ class DataPlaneModel:
         """icmp.h: echo requests to a VIP address are answered; a "too big" error about a flow
         goes to its backend; other ICMP to a VIP is dropped; IPv6 neighbour discovery is the kernel's."""
         v6 = p.version == 6
-        if (v6 and 133 <= pkt[p.l4] <= 137) or p.dst not in self.t.vip_addrs:
+        if v6 and 133 <= pkt[p.l4] <= 137:
+            return ModelResult("XDP_PASS", bytes(pkt), "pass_not_vip")
+        if p.dst not in self.t.vip_addrs:
+            if self.t.fullnat and pkt[p.l4] in ((1, 2, 3) if v6 else (3, 11)):  # an error, maybe full NAT's
+                handled = self._fullnat_icmp_to_client(pkt, p, ingress)
+                if handled is not None:
+                    return handled
             return ModelResult("XDP_PASS", bytes(pkt), "pass_not_vip")
         if (pkt[p.l4], pkt[p.l4 + 1]) == ((2, 0) if v6 else (3, 4)):  # packet too big / fragmentation needed
             return self._icmp_error_to_backend(pkt, p, ingress)
@@ -398,6 +442,10 @@ class DataPlaneModel:
         if p.version == 6 and V4_MAPPED in (q.src[:12], q.dst[:12]):  # it would name an IPv4 flow
             return ModelResult("XDP_DROP", bytes(pkt), "drop_v4_mapped")
         flow = self.t.conn.get((q.dst, q.src, q.dport, q.sport, q.proto))
+        if flow is None and self.t.fullnat:
+            handled = self._fullnat_icmp_to_backend(pkt, p, q, ingress)
+            if handled is not None:
+                return handled
         if flow is None:  # maybe about the host's own connection
             return self._unserved(bytes(pkt), p.dst, "drop_icmp_no_flow")
         meta = self.t.vip_meta.get(flow.vip_id)
@@ -534,6 +582,8 @@ class DataPlaneModel:
     def _to_backend(self, pkt: bytearray, p: Parsed, vip: tuple[int, int], ingress: int) -> ModelResult:
         if not self._source_allowed(p, vip):
             return ModelResult("XDP_DROP", bytes(pkt), "drop_acl")
+        if vip[1] & structs.VIP_FULLNAT:
+            return self._fullnat_to_backend(pkt, p, vip, ingress)
         key = (p.src, p.dst, p.sport, p.dport, p.proto)
         flow = self.t.conn.get(key)
         now = self.now()
@@ -643,6 +693,156 @@ class DataPlaneModel:
         resolved, flow.reply_nh = self._ensure_next_hop(flow.reply_nh, p.dst, p, pkt, ingress)
         return self._send(pkt, flow.reply_nh, resolved, ingress, "fwd_reply", (p.src, p.sport))
 
+    # --- full NAT (lb.c's full-NAT section, fullnat.h) --------------------------------------------
+    def _fullnat_to_backend(self, pkt: bytearray, p: Parsed, vip: tuple[int, int], ingress: int) -> ModelResult:
+        """lb.c fullnat_to_backend: the flow's entry while true, else a new flow with a source port."""
+        vip_id, flags = vip
+        key = (p.src, p.dst, p.sport, p.dport, p.proto)
+        now = self.now()
+        flow = self.t.fullnat_flows.get(key)
+        be = self._backend(flow.backend_id) if flow is not None else None
+        if flow is not None and be is not None and self._trusted(flow, be, vip_id, p, now):
+            self._touch(flow, p, now)
+            resolved, nh = self._backend_next_hop(flow.backend_id, be, p, pkt, ingress)
+        else:
+            backend_id = self._maglev_pick(vip_id, bool(flags & structs.VIP_HASH_SOURCE), p.src, p.dst, p.sport,
+                                           p.dport, p.proto)
+            be = self._backend(backend_id) if backend_id != structs.NO_BACKEND else None
+            if be is None:
+                return ModelResult("XDP_DROP", bytes(pkt), "drop_no_backend")
+            source = self._snat_allocate(p, be, vip_id, now)
+            if source is None:
+                return ModelResult("XDP_DROP", bytes(pkt), "drop_snat_exhausted")
+            resolved, nh = self._backend_next_hop(backend_id, be, p, pkt, ingress)
+            flow = FullnatFlow(backend_id, vip_id, structs.FLOW_CLOSING if self._is_closing(p) else 0,
+                               generation=be[3], last_seen=now, snat_addr=source[0], snat_port=source[1])
+            self.t.fullnat_flows[key] = flow
+        self._nat(pkt, p, self._addr_off(p, "dst"), p.l4 + 2, be[0], be[1])
+        self._nat(pkt, p, self._addr_off(p, "src"), p.l4, flow.snat_addr, flow.snat_port, always_port=True)
+        # from the LB's own address: never left to the kernel to forward (lb.c send_direct)
+        return self._send_direct(pkt, nh, resolved, ingress, "fwd_fullnat", (be[0], be[1] or p.dport))
+
+    def _snat_allocate(self, p: Parsed, be: tuple, vip_id: int, now: int) -> tuple[bytes, int] | None:
+        """lb.c snat_allocate: the first of SNAT_PROBES slots from the tuple's hash that is free or
+        reclaimable; the reverse entry is written there."""
+        pool = self.t.snat_pools.get(vip_id)
+        if pool is None or not pool.addrs or not pool.port_count:
+            return None
+        count, slots = len(pool.addrs), len(pool.addrs) * pool.port_count
+        mine = (p.src, p.sport, p.dport, vip_id)
+        h = flow_hash_raw(p.src, p.dst, p.sport, p.dport, p.proto)
+        for i in range(structs.SNAT_PROBES):
+            slot = ((h + i * ((h >> 16) | 1)) & 0xFFFFFFFF) % slots
+            addr, port = pool.addrs[slot % count], (pool.port_min + slot // count) & 0xFFFF
+            rkey = (be[0], addr, be[1] or p.dport, port, p.proto)
+            owner = self.t.fullnat_ports.get(rkey)
+            if owner is None or self._snat_reclaimable(owner, mine, rkey, now):
+                self.t.fullnat_ports[rkey] = mine
+                return addr, port
+        return None
+
+    def _snat_reclaimable(self, owner: tuple[bytes, int, int, int], mine: tuple[bytes, int, int, int],
+                          rkey: FlowKey, now: int) -> bool:
+        """lb.c snat_port_reclaimable: the owner is this flow, or its flow is over."""
+        if owner == mine:
+            return True
+        meta = self.t.vip_meta.get(owner[3])
+        if meta is None or not meta[2] & structs.VIP_ACTIVE:
+            return True
+        flow = self.t.fullnat_flows.get((owner[0], meta[0], owner[1], owner[2], rkey[4]))
+        if flow is None or (flow.snat_addr, flow.snat_port) != (rkey[1], rkey[3]):
+            return True
+        be = self._backend(flow.backend_id)
+        if be is None or be[0] != rkey[0] or be[3] != flow.generation:
+            return True
+        return (now - flow.last_seen) & 0xFFFFFFFF > self._idle_timeout(flow, rkey[4])
+
+    def _fullnat_to_client(self, pkt: bytearray, p: Parsed, owner: tuple[bytes, int, int, int],
+                           ingress: int) -> ModelResult:
+        """lb.c fullnat_to_client: the owner's flow, if it still holds the port and names this backend."""
+        client, client_port, vip_port, vip_id = owner
+        meta = self.t.vip_meta.get(vip_id)
+        if meta is None or not meta[2] & structs.VIP_ACTIVE:
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_reply_no_flow")
+        flow = self.t.fullnat_flows.get((client, meta[0], client_port, vip_port, p.proto))
+        if flow is None or (flow.snat_addr, flow.snat_port) != (p.dst, p.dport) or flow.vip_id != vip_id:
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_reply_no_flow")
+        be = self._backend(flow.backend_id)
+        if be is None or be[3] != flow.generation or be[0] != p.src:
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_reply_no_flow")
+        self._touch(flow, p, self.now())
+        self._nat(pkt, p, self._addr_off(p, "dst"), p.l4 + 2, client, client_port, always_port=True)
+        self._nat(pkt, p, self._addr_off(p, "src"), p.l4, meta[0], vip_port, always_port=True)
+        resolved, flow.reply_nh = self._ensure_next_hop(flow.reply_nh, client, p, pkt, ingress)
+        result = self._send(pkt, flow.reply_nh, resolved, ingress, "fwd_fullnat_reply", (p.src, p.sport))
+        if result.reason != "fwd_fullnat_reply":  # lb/probe.py cannot tell such a reply from a client's packet
+            result = replace(result, backend=(client, client_port))
+        return result
+
+    def _fullnat_icmp_to_backend(self, pkt: bytearray, p: Parsed, q: Parsed, ingress: int) -> ModelResult | None:
+        """lb.c fullnat_icmp_to_backend: "too big" about a full-NAT flow's reply, to its backend."""
+        flow = self.t.fullnat_flows.get((q.dst, q.src, q.dport, q.sport, q.proto))
+        if flow is None:
+            return None
+        meta = self.t.vip_meta.get(flow.vip_id)
+        be = self._backend(flow.backend_id)
+        if meta is None or not meta[2] & structs.VIP_ACTIVE or meta[0] != q.src or meta[1] not in (q.sport, 0) or \
+                be is None or be[3] != flow.generation or be[4] != flow.vip_id:
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
+        resolved, nh = self._backend_next_hop(flow.backend_id, be, p, pkt, ingress)
+        self._fullnat_icmp_rewrite(pkt, p, q, flow.snat_addr, be[0], be[0], be[1] or q.sport, flow.snat_addr,
+                                   flow.snat_port)
+        return self._send_direct(pkt, nh, resolved, ingress, "fwd_icmp_error", None)
+
+    def _fullnat_icmp_to_client(self, pkt: bytearray, p: Parsed, ingress: int) -> ModelResult | None:
+        """lb.c fullnat_icmp_to_client: an error about a packet sent from a full-NAT source port,
+        to the client that owns the port."""
+        q = self._parse_quote(pkt, p)
+        if isinstance(q, str) or (p.version == 6 and V4_MAPPED in (q.src[:12], q.dst[:12])):
+            return None
+        owner = self.t.fullnat_ports.get((q.dst, q.src, q.dport, q.sport, q.proto))
+        if owner is None:
+            return None
+        client, client_port, vip_port, vip_id = owner
+        meta = self.t.vip_meta.get(vip_id)
+        if meta is None or not meta[2] & structs.VIP_ACTIVE:
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
+        flow = self.t.fullnat_flows.get((client, meta[0], client_port, vip_port, q.proto))
+        if flow is None or (flow.snat_addr, flow.snat_port) != (q.src, q.sport) or flow.vip_id != vip_id:
+            return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
+        self._fullnat_icmp_rewrite(pkt, p, q, meta[0], client, client, client_port, meta[0], vip_port)
+        resolved, flow.reply_nh = self._ensure_next_hop(flow.reply_nh, client, p, pkt, ingress)
+        return self._send(pkt, flow.reply_nh, resolved, ingress, "fwd_icmp_error", None)
+
+    def _fullnat_icmp_rewrite(self, pkt: bytearray, p: Parsed, q: Parsed, outer_src: bytes, outer_dst: bytes,
+                              quote_src: bytes, quote_sport: int, quote_dst: bytes, quote_dport: int) -> None:
+        """fullnat.h fullnat_icmp_rewrite: outer destination and source (ICMPv6's checksum covers them,
+        ICMP's not), the quote's addresses (its IPv4 header checksum in place) and ports; the ICMP
+        checksum told of the quote's address words, its header checksum, then its ports."""
+        icmp_check = p.l4 + 2
+        outer = replace(p, check_off=icmp_check if p.version == 6 else None)
+        self._nat(pkt, outer, self._addr_off(p, "dst"), 0, outer_dst, 0)
+        self._nat(pkt, outer, self._addr_off(p, "src"), 0, outer_src, 0)
+        src, dst = self._addr_off(q, "src"), self._addr_off(q, "dst")
+        size = 16 if q.version == 6 else 4
+        new_src, new_dst = (quote_src, quote_dst) if q.version == 6 else (quote_src[12:], quote_dst[12:])
+        old_src, old_dst = bytes(pkt[src:src + size]), bytes(pkt[dst:dst + size])
+        old_check = bytes(pkt[q.l3 + 10:q.l3 + 12])
+        if q.version == 4:
+            self._replace_check(pkt, q.l3 + 10, old_src, new_src, udp_zero_fix=False)
+            self._replace_check(pkt, q.l3 + 10, old_dst, new_dst, udp_zero_fix=False)
+        pkt[src:src + size], pkt[dst:dst + size] = new_src, new_dst
+        old_ports = bytes(pkt[q.l4:q.l4 + 4])
+        pkt[q.l4:q.l4 + 4] = quote_sport.to_bytes(2, "big") + quote_dport.to_bytes(2, "big")
+        for i in range(0, size, 4):
+            self._replace_check(pkt, icmp_check, old_src[i:i + 4], new_src[i:i + 4], udp_zero_fix=False)
+        for i in range(0, size, 4):
+            self._replace_check(pkt, icmp_check, old_dst[i:i + 4], new_dst[i:i + 4], udp_zero_fix=False)
+        if q.version == 4:
+            self._replace_check(pkt, icmp_check, old_check, bytes(pkt[q.l3 + 10:q.l3 + 12]), udp_zero_fix=False)
+        self._replace_check(pkt, icmp_check, old_ports[:2], pkt[q.l4:q.l4 + 2], udp_zero_fix=False)
+        self._replace_check(pkt, icmp_check, old_ports[2:], pkt[q.l4 + 2:q.l4 + 4], udp_zero_fix=False)
+
     # --- nat.h: address first, then port, checksums after each ---------------------------------
     @staticmethod
     def _addr_off(p: Parsed, which: str) -> int:
@@ -650,8 +850,10 @@ class DataPlaneModel:
             return p.l3 + (8 if which == "src" else 24)
         return p.l3 + (12 if which == "src" else 16)
 
-    def _nat(self, pkt: bytearray, p: Parsed, addr_off: int, port_off: int, new_addr: bytes, new_port: int) -> None:
-        """nat.h: the address (IPv4: IP checksum, then L4; IPv6: L4 word by word), then the port."""
+    def _nat(self, pkt: bytearray, p: Parsed, addr_off: int, port_off: int, new_addr: bytes, new_port: int,
+             always_port: bool = False) -> None:
+        """nat.h: the address (IPv4: IP checksum, then L4; IPv6: L4 word by word), then the port (port 0:
+        the port stays, unless `always_port`: full NAT writes its ports whatever they are)."""
         udp_fix = p.proto == UDP
         if p.version == 6:
             for i in range(0, 16, 4):
@@ -665,7 +867,7 @@ class DataPlaneModel:
             self._replace_check(pkt, p.l3 + 10, old_addr, new_addr[12:], udp_zero_fix=False)
             if p.check_off is not None:
                 self._replace_check(pkt, p.check_off, old_addr, new_addr[12:], udp_zero_fix=udp_fix)
-        if not new_port:  # port 0: the VIP takes every port, the port stays
+        if not new_port and not always_port:  # port 0: the VIP takes every port, the port stays
             return
         old_port = bytes(pkt[port_off:port_off + 2])
         new_port_b = new_port.to_bytes(2, "big")

@@ -109,6 +109,27 @@ class FlowEntry(ctypes.Structure):
     ]
 
 
+SNAT_ADDRS = 8  # LB_SNAT_ADDRS: source addresses in one full-NAT VIP's pool
+SNAT_PROBES = 8  # LB_SNAT_PROBES: (address, port) slots a new full-NAT flow tries
+
+
+class SnatPool(ctypes.Structure):
+    """port_min and port_count in host order (the data plane computes with them)."""
+
+    _fields_ = [("count", ctypes.c_uint32), ("port_min", ctypes.c_uint16), ("port_count", ctypes.c_uint16),
+                ("addrs", LbAddr * SNAT_ADDRS)]
+
+
+class FullnatFlow(ctypes.Structure):
+    _fields_ = [("flow", FlowEntry), ("snat_addr", LbAddr), ("snat_port", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16)]
+
+
+class FullnatOwner(ctypes.Structure):
+    _fields_ = [("client", LbAddr), ("client_port", ctypes.c_uint16), ("vip_port", ctypes.c_uint16),
+                ("vip_id", ctypes.c_uint32)]
+
+
 class LbCounters(ctypes.Structure):
     _fields_ = [
         ("packets", ctypes.c_uint64),
@@ -165,6 +186,9 @@ C_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "struct acl_key": AclKey,
     "struct acl_rule": AclRule,
     "struct vip_addr": VipAddr,
+    "struct snat_pool": SnatPool,
+    "struct fullnat_flow": FullnatFlow,
+    "struct fullnat_owner": FullnatOwner,
 }
 
 # enum lb_reason, in order: the index is the member's explicit value in bpf/consts.h (append only).
@@ -202,6 +226,9 @@ REASONS: tuple[str, ...] = (
     "LB_FWD_EGRESS_UNMANAGED",
     "LB_DROP_REPLY_NO_FLOW",
     "LB_PASS_VLAN_UNMANAGED",
+    "LB_FWD_FULLNAT",
+    "LB_FWD_FULLNAT_REPLY",
+    "LB_DROP_SNAT_EXHAUSTED",
 )
 
 # Flags and constants of bpf/consts.h used from Python.
@@ -211,9 +238,11 @@ VIP_ACL = 1 << 1
 VIP_ACL_ALLOWLIST = 1 << 2
 VIP_DSR = 1 << 3
 VIP_TUNNEL = 1 << 4
+VIP_FULLNAT = 1 << 5
 ACL_ALLOW = 1
 ACL_DENY = 2
 CFG_ANY_PORT = 1 << 0
+CFG_FULLNAT = 1 << 1
 ADDR_PASS_UNSERVED = 1 << 0
 ICMP_TTL = 64
 FLOW_CLOSING = 1 << 0
@@ -237,11 +266,12 @@ def seconds_to_ticks(seconds: int) -> int:
 MODE_NAT = 0
 MODE_DSR = 1
 MODE_TUNNEL = 2
+MODE_FULLNAT = 3
 ENCAP_TTL = 64
 ENCAP_SRC4_PREFIX = 0xAC100000  # 172.16.0.0/16
 ENCAP_SRC6_PREFIX = 0xFD006C62  # fd00:6c62::/96
 NO_BACKEND = 0
-LAYOUT_VERSION = 3  # LB_LAYOUT_VERSION: the pinned maps' layout (lb/layout.py)
+LAYOUT_VERSION = 4  # LB_LAYOUT_VERSION: the pinned maps' layout (lb/layout.py)
 PROBE_MAGIC = 0x6C627072
 MAX_IFINDEX = 65536
 MAX_ACL_RULES = 16384

@@ -44,6 +44,7 @@ def expression_names(lab: Lab) -> dict:
         "CLIENT6": str(lab.client.address6), "B1_6": str(b1.address6),
         **{f"VIP6_{i}": str(lab.vip6(i)) for i in range(1, 4)},
         "CLIENT": str(lab.client.address), "B1": str(b1.address), "B2": str(b2.address), "LB_B1": str(b1.lb_address),
+        "LB_B1_6": str(b1.lb_address6), "LB_B2": str(b2.lb_address),
         **{f"VIP{i}": str(lab.vip(i)) for i in range(1, 10)},
         "CLIENT_MAC": lab.client.mac, "B1_MAC": b1.mac, "LB_CLIENT_MAC": lab.client.lb_mac, "LB_B1_MAC": b1.lb_mac,
         "B2_MAC": b2.mac, "LB_B2_MAC": b2.lb_mac, "B3": str(b3.address), "B3_MAC": b3.mac, "LB_B3_MAC": b3.lb_mac,
@@ -109,8 +110,12 @@ def configured_harness(config: dict, conn_table_size: int = 262144) -> Iterator[
     with lab_with_lb(3, False) as lab:
         run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces[:3], "--conn-table-size", str(conn_table_size))
         lab.resolve_neighbours()  # so the route mirror knows every host, as after real traffic
+        if "snat_ports" in config:  # full NAT's source ports ([config] snat_ports = "FIRST-LAST")
+            run_lbctl(lab.lb_ns, "snat", "ports", config["snat_ports"])
         for v in config["vips"]:
-            run_lbctl(lab.lb_ns, "add-vip", v["vip"], "--hash", v.get("hash", "flow"), "--mode", v.get("mode", "nat"))
+            sources = [arg for address in v.get("snat", []) for arg in ("--snat", address)]
+            run_lbctl(lab.lb_ns, "add-vip", v["vip"], "--hash", v.get("hash", "flow"), "--mode", v.get("mode", "nat"),
+                      *sources)
             for b in v["backends"]:
                 run_lbctl(lab.lb_ns, "add-backend", v["vip"], b)
             for prefix, action in v.get("acl", {}).items():

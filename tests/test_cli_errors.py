@@ -185,7 +185,8 @@ def test_commands_need_an_attached_data_plane(bare_lab, args):
     assert result.returncode == 2
     assert "not attached" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     listed = run_lbctl(bare_lab.lb_ns, "list", "--json").json()
-    assert listed == {"dataplane": None, "vips": [], "pass_unserved": []}
+    assert listed == {"dataplane": None, "vips": [], "pass_unserved": [],
+                      "snat": {"pool": [], "ports": "1024-65535"}}
 
 
 def test_backend_of_dsr_vip_named_with_the_vips_port_is_accepted(configured):

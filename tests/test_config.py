@@ -317,7 +317,7 @@ def test_an_invalid_file_changes_nothing(lab, clean, tmp_path):
     bad = lab_config(lab, (2, 2, 2), extra=f"  - vip: {lab.vip(2)}:80/tcp\n    mode: teleport\n")
     result = run("apply", "-f", lab_file(lab, tmp_path, bad), check=False)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().endswith("unknown mode 'teleport' (expected one of: nat, dsr, tunnel)")
+    assert result.stderr.strip().endswith("unknown mode 'teleport' (expected one of: nat, dsr, tunnel, fullnat)")
     assert f"lb.yaml:{bad.count(chr(10))}:" in result.stderr
     assert snapshot(run) == before
 

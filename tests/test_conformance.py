@@ -67,7 +67,8 @@ def test_fixture_table_covers_every_reason_it_can_reach_today():
             "drop_fragment", "drop_unsupported_l4", "drop_malformed", "drop_acl", "fwd_dsr", "fwd_tunnel",
             "fwd_icmp_error", "drop_icmp_no_flow", "drop_neigh_unresolved", "pass_neigh_unresolved",
             "drop_unserved", "pass_unserved", "drop_v4_mapped", "pass_v4_mapped", "pass_egress_unmanaged",
-            "fwd_egress_unmanaged", "drop_reply_no_flow", "pass_vlan_unmanaged"} <= reasons
+            "fwd_egress_unmanaged", "drop_reply_no_flow", "pass_vlan_unmanaged", "fwd_fullnat",
+            "fwd_fullnat_reply"} <= reasons
 
 
 def test_lbctl_test_packet_reports_what_the_program_does(harness: Harness, tmp_path):

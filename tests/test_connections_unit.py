@@ -43,8 +43,10 @@ class FakeMap:
 
 
 class FakeMaps:
-    def __init__(self, flows: list[tuple[FlowKey, FlowEntry]], backends: dict[int, Backend]):
+    def __init__(self, flows: list[tuple[FlowKey, FlowEntry]], backends: dict[int, Backend],
+                 fullnat: list[tuple[FlowKey, structs.FullnatFlow]] = ()):
         self.conn_table = FakeMap(flows, max_entries=1024)
+        self.fullnat_flows = FakeMap(list(fullnat), max_entries=1024)
         self.lb_config = FakeMap({0: LbConfig(clock_offset=OFFSET)})
         self.vips = FakeMap([(VipKey(addr=LbAddr.of(VIP), port=be16(80), proto=socket.IPPROTO_TCP), VipInfo(id=3)),
                              (VipKey(addr=LbAddr.of(VIP), port=0, proto=socket.IPPROTO_UDP), VipInfo(id=4))])
@@ -79,6 +81,19 @@ def test_entries_are_decoded_with_client_vip_backend_state_and_age():
     assert endpoint_text(*c.client) == "192.0.2.7:40000"
     assert (c.state, c.stale, c.age_ticks, c.idle_timeout_ticks) == ("ESTABLISHED", None, 3, structs.TCP_TIMEOUT)
     assert found[40001].state == "CLOSING" and found[40001].idle_timeout_ticks == structs.TCP_CLOSING_TIMEOUT
+
+
+def test_a_fullnat_flow_shows_the_source_address_and_port_it_took():
+    key, entry = flow(40002)
+    source = ipaddress.ip_address("198.51.100.1")
+    full = structs.FullnatFlow(flow=entry, snat_addr=LbAddr.of(source), snat_port=be16(51000))
+    maps = FakeMaps([flow(40000)], {1: backend()}, [(key, full)])
+    found = {c.client[1]: c for c in connections(maps, now=NOW)}
+    assert found[40000].via is None
+    assert found[40002].via == (raw(source), 51000) and found[40002].stale is None
+    rows = {r["client"]: r for r in list_connections(maps, state())["connections"]}
+    assert rows["192.0.2.7:40002"]["via"] == "198.51.100.1:51000" and rows["192.0.2.7:40000"]["via"] is None
+    assert "198.51.100.1:51000" in format_connections(list_connections(maps, state()))
 
 
 @pytest.mark.parametrize("entry, backends, stale", [

@@ -45,7 +45,16 @@ CONFIG = {"vips": [
     # behind a VLAN device (VLANS)
     {"vip": "198.19.0.9:80/tcp", "backends": ["198.18.3.2:8080"]},
     {"vip": "198.19.0.9:53/udp", "backends": ["198.18.3.2:5353"]},
+    # full NAT from the LB's address on b1's link, with 8 source ports (exhausted by the fuzzer's clients)
+    {"vip": "198.19.0.14:80/tcp", "backends": ["198.18.1.2:8080", "198.18.2.2:8080"], "mode": "fullnat",
+     "snat": ["198.18.1.1"]},
+    {"vip": "198.19.0.14:53/udp", "backends": ["198.18.1.2:5353"], "mode": "fullnat", "snat": ["198.18.1.1"]},
+    {"vip": "[2001:2:0:ff::e]:80/tcp", "backends": ["[2001:2:0:1::2]:8080"], "mode": "fullnat",
+     "snat": ["2001:2:0:1::1"]},
+    # changed between packets, full NAT
+    {"vip": "198.19.0.15:80/tcp", "backends": ["198.18.1.2:8080"], "mode": "fullnat", "snat": ["198.18.1.1"]},
 ],
+    "snat_ports": "40000-40007",
     # what no VIP of these addresses serves goes to the host (other VIP addresses': dropped)
     "pass_unserved": ["198.19.0.5", "2001:2:0:ff::1"]}
 SEEN: set[str] = set()  # reasons reached, to check the fuzzer explores
@@ -88,13 +97,15 @@ def packets(draw) -> tuple[list[bytes], str]:
         src = draw(st.sampled_from(["198.18.0.2", "198.18.0.7"]))
         dst = draw(st.sampled_from(["198.19.0.1", "198.19.0.2", "198.19.0.3", "198.19.0.4", "198.19.0.5",
                                     "198.19.0.6", "198.19.0.7", "198.19.0.8", "198.19.0.9", "198.19.0.10",
-                                    "198.19.0.11"]))
+                                    "198.19.0.11", "198.19.0.14", "198.19.0.14", "198.19.0.14"]))
         sport, dport = draw(client_ports), draw(st.sampled_from([service_port, service_port, 81, 2222]))
         ingress = "client"
     elif scenario == "reply":
         b = draw(st.sampled_from([1, 2]))
-        src, dst = f"198.18.{b}.2", "198.18.0.2"
-        sport, dport = draw(st.sampled_from([8080 if proto == "tcp" else 5353, 22, 2222])), draw(client_ports)
+        src, dst = f"198.18.{b}.2", draw(st.sampled_from(["198.18.0.2", "198.18.0.2", "198.18.1.1"]))
+        sport = draw(st.sampled_from([8080 if proto == "tcp" else 5353, 22, 2222]))
+        # to the client (NAT), or to a full-NAT source port
+        dport = draw(client_ports) if dst == "198.18.0.2" else draw(st.integers(40000, 40007))
         ingress = f"b{b}"
     else:
         src, dst, sport, dport = draw(addresses), draw(addresses), draw(ports), draw(ports)
@@ -190,16 +201,20 @@ def vlan_change(before: bytes, after: bytes) -> str:
 def test_fuzzer_reached_the_main_paths():
     assert {"fwd_nat", "fwd_dsr", "fwd_tunnel", "fwd_reply", "tx_icmp_echo", "pass_not_vip", "drop_no_backend",
             "pass_malformed", "drop_fragment", "drop_unsupported_l4", "fwd_icmp_error", "drop_icmp_no_flow", "drop_neigh_unresolved",
-            "drop_unserved", "pass_unserved", "drop_v4_mapped", "pass_v4_mapped"} <= SEEN, SEEN
+            "drop_unserved", "pass_unserved", "drop_v4_mapped", "pass_v4_mapped", "fwd_fullnat", "fwd_fullnat_reply",
+            "drop_snat_exhausted"} <= SEEN, SEEN
     assert ICMP_ERROR_MODES == {"nat", "dsr", "tunnel"}, ICMP_ERROR_MODES
     assert VLAN_CHANGES == {"untagged", "pushed", "replaced", "stripped"}, VLAN_CHANGES
 
 
 # --- configuration and time between packets ----------------------------------------------------
 CHANGE_EXAMPLES = int(os.environ.get("LB_FUZZ_CHANGE_EXAMPLES", "40"))
-CHANGE_VIPS = ("198.19.0.12:80/tcp", "198.19.0.12:53/udp")
-CHANGE_BACKENDS = {"198.19.0.12:80/tcp": 8080, "198.19.0.12:53/udp": 5353}
-SHARING_VIP = {"198.19.0.12:80/tcp": "198.19.0.13:80/tcp", "198.19.0.12:53/udp": "198.19.0.13:53/udp"}
+CHANGE_VIPS = ("198.19.0.12:80/tcp", "198.19.0.12:53/udp", "198.19.0.15:80/tcp")
+CHANGE_BACKENDS = {"198.19.0.12:80/tcp": 8080, "198.19.0.12:53/udp": 5353, "198.19.0.15:80/tcp": 8080}
+SHARING_VIP = {"198.19.0.12:80/tcp": "198.19.0.13:80/tcp", "198.19.0.12:53/udp": "198.19.0.13:53/udp",
+               "198.19.0.15:80/tcp": "198.19.0.16:80/tcp"}
+FULLNAT_ADD = {"198.19.0.15:80/tcp": ["--mode", "fullnat", "--snat", "198.18.1.1"],
+               "198.19.0.16:80/tcp": ["--mode", "fullnat", "--snat", "198.18.1.1"]}  # how add-vip re-creates them
 
 
 @st.composite
@@ -210,7 +225,8 @@ def changes(draw, vip: str) -> list[str]:
     b = f"198.18.{draw(st.sampled_from([1, 2]))}.2:{port}"
     return draw(st.sampled_from([
         ["add-backend", vip, b], ["remove-backend", vip, b], ["drain", vip, b], ["set-weight", vip, b, "1"],
-        ["remove-vip", vip], ["add-vip", vip], ["add-vip", SHARING_VIP[vip]], ["add-backend", SHARING_VIP[vip], b],
+        ["remove-vip", vip], ["add-vip", vip, *FULLNAT_ADD.get(vip, [])],
+        ["add-vip", SHARING_VIP[vip], *FULLNAT_ADD.get(SHARING_VIP[vip], [])], ["add-backend", SHARING_VIP[vip], b],
         ["remove-vip", SHARING_VIP[vip]],
     ]))
 
@@ -220,6 +236,8 @@ def steps(draw) -> list[tuple]:
     """A few packets of a few flows of one VIP, with configuration changes and the clock moving between them."""
     vip = draw(st.sampled_from(CHANGE_VIPS))
     tcp = vip.endswith("/tcp")
+    fullnat = vip in FULLNAT_ADD
+    vip_address = vip.split(":")[0]
     out = []
     for _ in range(draw(st.integers(2, 10))):
         kind = draw(st.sampled_from(["to-vip", "to-vip", "reply", "change", "clock"]))
@@ -227,13 +245,14 @@ def steps(draw) -> list[tuple]:
         if kind == "to-vip":
             l4 = TCP(sport=sport, dport=80, flags=draw(st.sampled_from(["S", "A", "PA", "FA", "R"]))) if tcp \
                 else UDP(sport=sport, dport=53)
-            frame = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP(src="198.18.0.2", dst="198.19.0.12") / l4
+            frame = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP(src="198.18.0.2", dst=vip_address) / l4
             out.append(("packet", bytes(frame), "client"))
         elif kind == "reply":
             b = draw(st.sampled_from([1, 2]))
-            l4 = TCP(sport=8080, dport=sport, flags=draw(st.sampled_from(["SA", "A", "FA", "R"]))) if tcp \
-                else UDP(sport=5353, dport=sport)
-            frame = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP(src=f"198.18.{b}.2", dst="198.18.0.2") / l4
+            to, dport = ("198.18.1.1", draw(st.integers(40000, 40007))) if fullnat else ("198.18.0.2", sport)
+            l4 = TCP(sport=8080, dport=dport, flags=draw(st.sampled_from(["SA", "A", "FA", "R"]))) if tcp \
+                else UDP(sport=5353, dport=dport)
+            frame = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP(src=f"198.18.{b}.2", dst=to) / l4
             out.append(("packet", bytes(frame), f"b{b}"))
         elif kind == "change":
             out.append(("change", draw(changes(vip))))

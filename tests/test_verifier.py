@@ -16,7 +16,8 @@ from lb.bpfsys import prog_id
 from lb.pins import stable_bpffs
 
 CONFIGS = {
-    "smallest": loader.DataPlaneConfig(ring_size=2, max_vips=1, max_backends=2, conn_table_size=1),
+    "smallest": loader.DataPlaneConfig(ring_size=2, max_vips=1, max_backends=2, conn_table_size=1,
+                                       fullnat_table_size=1),
     "default": loader.DataPlaneConfig(),
     "large": loader.DataPlaneConfig(ring_size=131071, max_vips=1024, max_backends=65536, conn_table_size=1 << 21),
 }
