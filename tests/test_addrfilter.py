@@ -74,3 +74,19 @@ def test_a_slot_holds_its_one_vip_and_not_two_nor_a_vip_of_every_port():
     assert sum(1 for w in table if w) == 2
     clash = addrfilter.slots([(a, be16(80), 6, 0), (a, be16(80), 6, 3)])  # as two VIPs of one slot
     assert not any(clash)
+
+
+def test_full_nat_and_nat_backends_are_backends_to_the_filter_and_dsr_ones_are_not():
+    """A reply to a full-NAT source address comes from the flow's backend: the data plane looks
+    for it only when the filter leaves the backend's bucket open (lb.c xdp_lb)."""
+    from control.model import BackendAddress, BackendState, State, VipAddress, VipState
+    from control.reconcile import filter_addresses
+
+    vips = []
+    for i, mode in enumerate(("fullnat", "nat", "dsr")):
+        vip = VipAddress.parse(f"10.0.0.{i + 1}:80/tcp")
+        backend = BackendState(BackendAddress.parse(f"10.0.1.{i + 1}", vip), i + 1)
+        vips.append(VipState(vip, i, mode=mode, backends=[backend]))
+    vip_addrs, backend_addrs = filter_addresses(State(vips=vips))
+    assert len(vip_addrs) == 3
+    assert backend_addrs == [bytes(LbAddr.of(ipaddress.ip_address(a))) for a in ("10.0.1.1", "10.0.1.2")]

@@ -204,3 +204,17 @@ def test_every_vip_of_one_port_has_its_slot_unless_it_shares_it(harness: Harness
     keyed = [(bytes(k.addr), k.port, k.proto, v.id) for k, v in harness.maps.vips.items()]
     assert keyed and slots == addrfilter.slots(keyed)
     assert any(slots[addrfilter.vip_slot(a, p, proto)] == vid + 1 for a, p, proto, vid in keyed if p)
+
+
+def test_full_nat_backends_keep_their_address_filter_bucket_open(harness: Harness):
+    """A reply to a full-NAT source comes from the flow's backend: the data plane looks it up only
+    if the backend's bucket may hold a backend, so every full-NAT backend's must say so."""
+    from lb import addrfilter
+    from lb.structs import ADDR_FILTER_SIZE, BACKEND_IN_USE, FILTER_NO_BACKEND, MODE_FULLNAT, VIP_ACTIVE
+
+    words = harness.maps.addr_filter.read_range(0, ADDR_FILTER_SIZE)
+    fullnat = {k.value for k, v in harness.maps.vip_meta.items() if v.flags & VIP_ACTIVE and v.mode == MODE_FULLNAT}
+    backends = [bytes(b.addr) for _, b in harness.maps.backends.items()
+                if b.flags & BACKEND_IN_USE and b.vip_id in fullnat]
+    assert backends  # the fixtures' lab has full-NAT VIPs
+    assert not any(words[addrfilter.bucket(a)] & FILTER_NO_BACKEND for a in backends)
