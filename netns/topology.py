@@ -247,6 +247,17 @@ class Lab:
         if not tx_checksum:
             set_tx_checksum(ns, ifname, False)
 
+    def pin_neighbours(self) -> None:
+        """Make the LB's neighbour entries (learned by resolve_neighbours) permanent: a long test run on a
+        loaded machine must not see one go stale, get garbage-collected and the packet go to the kernel."""
+        with netlink_in(self.lb_ns) as ipr:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for n in ipr.get_neighbours(family=family):
+                    mac, dst = n.get_attr("NDA_LLADDR"), n.get_attr("NDA_DST")
+                    if mac and dst and n["state"] & 0x1E:  # reachable, stale, delay, probe
+                        ipr.neigh("replace", dst=dst, lladdr=mac, ifindex=n["ifindex"], family=family,
+                                  state=0x80)  # NUD_PERMANENT
+
     def resolve_neighbours(self, timeout: float = 5.0) -> None:
         """Have the LB learn every host's MAC, IPv4 and IPv6 (as traffic would), polling until it has."""
         wanted = {str(a) for h in (self.client, *self.backends) for a in (h.address, h.address6)}

@@ -110,6 +110,7 @@ def configured_harness(config: dict, conn_table_size: int = 262144) -> Iterator[
     with lab_with_lb(3, False) as lab:
         run_lbctl(lab.lb_ns, "attach", *lab.lb_interfaces[:3], "--conn-table-size", str(conn_table_size))
         lab.resolve_neighbours()  # so the route mirror knows every host, as after real traffic
+        lab.pin_neighbours()  # and keeps knowing them through a long run (the fixtures expect resolved MACs)
         if "snat_ports" in config:  # full NAT's source ports ([config] snat_ports = "FIRST-LAST")
             run_lbctl(lab.lb_ns, "snat", "ports", config["snat_ports"])
         for v in config["vips"]:
