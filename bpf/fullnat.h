@@ -69,11 +69,11 @@ static __always_inline void fullnat_client_key(struct flow_key *key, const struc
 	key->proto = proto;
 }
 
-/* client -> VIP becomes (source address, port) -> backend: the destination
- * first (address, then the port unless the backend keeps the VIP's), then
- * the source, as the reference model does it. Non-zero: the packet cannot be sent. */
-static __always_inline int fullnat_rewrite_to_backend(lb_ctx *ctx, struct packet *pkt, const struct backend *be,
-						      const union lb_addr *snat_addr, __be16 snat_port)
+/* Full NAT's rewrite of both ends: the destination first (address, then the
+ * port unless keep_dport), then the source, as the reference model does it.
+ * Non-zero: the packet cannot be sent. */
+static __always_inline int fullnat_rewrite(lb_ctx *ctx, struct packet *pkt, const union lb_addr *dst, __be16 dport,
+					   int keep_dport, const union lb_addr *src, __be16 sport)
 {
 	struct csum_target t = {};
 	union lb_addr from_dst = pkt->dst, from_src = pkt->src;
@@ -82,53 +82,39 @@ static __always_inline int fullnat_rewrite_to_backend(lb_ctx *ctx, struct packet
 
 	csum_target_of(&t, pkt);
 	if (version == 6) {
-		nat_write_addr6(pkt->ip6->daddr.in6_u.u6_addr32, &be->addr);
-		nat_write_addr6(pkt->ip6->saddr.in6_u.u6_addr32, snat_addr);
+		nat_write_addr6(pkt->ip6->daddr.in6_u.u6_addr32, dst);
+		nat_write_addr6(pkt->ip6->saddr.in6_u.u6_addr32, src);
 	} else {
-		pkt->ip4->daddr = be->addr.w[3];
-		pkt->ip4->saddr = snat_addr->w[3];
+		pkt->ip4->daddr = dst->w[3];
+		pkt->ip4->saddr = src->w[3];
 	}
-	if (be->port)
-		pkt->l4_ports[1] = be->port;
-	pkt->l4_ports[0] = snat_port;
+	if (!keep_dport)
+		pkt->l4_ports[1] = dport;
+	pkt->l4_ports[0] = sport;
 
-	int err = nat_addr_changed(ctx, &t, version, &from_dst, &be->addr);
+	int err = nat_addr_changed(ctx, &t, version, &from_dst, dst);
 
-	if (be->port)
-		err |= csum_l4_replace2(ctx, &t, from_dport, be->port);
-	err |= nat_addr_changed(ctx, &t, version, &from_src, snat_addr);
-	err |= csum_l4_replace2(ctx, &t, from_sport, snat_port);
+	if (!keep_dport)
+		err |= csum_l4_replace2(ctx, &t, from_dport, dport);
+	err |= nat_addr_changed(ctx, &t, version, &from_src, src);
+	err |= csum_l4_replace2(ctx, &t, from_sport, sport);
 	return nat_done(ctx, pkt, err);
 }
 
-/* backend -> (source address, port) becomes VIP -> client: the destination
- * first (the client's address and port), then the source (the VIP's address
- * and the port the client sent to). Non-zero: the packet cannot be sent. */
+/* client -> VIP becomes (source address, port) -> backend (a backend of port
+ * 0 keeps the VIP's port). */
+static __always_inline int fullnat_rewrite_to_backend(lb_ctx *ctx, struct packet *pkt, const struct backend *be,
+						      const union lb_addr *snat_addr, __be16 snat_port)
+{
+	return fullnat_rewrite(ctx, pkt, &be->addr, be->port, !be->port, snat_addr, snat_port);
+}
+
+/* backend -> (source address, port) becomes VIP -> client: the client's
+ * address and port, from the VIP's address and the port the client sent to. */
 static __always_inline int fullnat_rewrite_to_client(lb_ctx *ctx, struct packet *pkt, const struct fullnat_owner *owner,
 						     const union lb_addr *vip_addr)
 {
-	struct csum_target t = {};
-	union lb_addr from_dst = pkt->dst, from_src = pkt->src;
-	__be16 from_dport = pkt->dport, from_sport = pkt->sport;
-	int version = pkt->ip_version;
-
-	csum_target_of(&t, pkt);
-	if (version == 6) {
-		nat_write_addr6(pkt->ip6->daddr.in6_u.u6_addr32, &owner->client);
-		nat_write_addr6(pkt->ip6->saddr.in6_u.u6_addr32, vip_addr);
-	} else {
-		pkt->ip4->daddr = owner->client.w[3];
-		pkt->ip4->saddr = vip_addr->w[3];
-	}
-	pkt->l4_ports[1] = owner->client_port;
-	pkt->l4_ports[0] = owner->vip_port;
-
-	int err = nat_addr_changed(ctx, &t, version, &from_dst, &owner->client);
-
-	err |= csum_l4_replace2(ctx, &t, from_dport, owner->client_port);
-	err |= nat_addr_changed(ctx, &t, version, &from_src, vip_addr);
-	err |= csum_l4_replace2(ctx, &t, from_sport, owner->vip_port);
-	return nat_done(ctx, pkt, err);
+	return fullnat_rewrite(ctx, pkt, &owner->client, owner->client_port, 0, vip_addr, owner->vip_port);
 }
 
 /* An ICMP error (path MTU, unreachable, time exceeded) carries an error type? */

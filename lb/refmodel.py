@@ -757,16 +757,27 @@ class DataPlaneModel:
             return True
         return (now - flow.last_seen) & 0xFFFFFFFF > self._idle_timeout(flow, rkey[4])
 
-    def _fullnat_to_client(self, pkt: bytearray, p: Parsed, owner: tuple[bytes, int, int, int],
-                           ingress: int) -> ModelResult:
-        """lb.c fullnat_to_client: the owner's flow, if it still holds the port and names this backend."""
+    def _port_owner_flow(self, owner: tuple[bytes, int, int, int], snat_addr: bytes, snat_port: int,
+                         proto: int) -> tuple[FullnatFlow, tuple] | None:
+        """The full-NAT flow that owns a source port: its VIP still active, and the flow still holding
+        that very address and port (with its VIP's record)."""
         client, client_port, vip_port, vip_id = owner
         meta = self.t.vip_meta.get(vip_id)
         if meta is None or not meta[2] & structs.VIP_ACTIVE:
+            return None
+        flow = self.t.fullnat_flows.get((client, meta[0], client_port, vip_port, proto))
+        if flow is None or (flow.snat_addr, flow.snat_port) != (snat_addr, snat_port) or flow.vip_id != vip_id:
+            return None
+        return flow, meta
+
+    def _fullnat_to_client(self, pkt: bytearray, p: Parsed, owner: tuple[bytes, int, int, int],
+                           ingress: int) -> ModelResult:
+        """lb.c fullnat_to_client: the owner's flow, if it still holds the port and names this backend."""
+        client, client_port, vip_port, _ = owner
+        found = self._port_owner_flow(owner, p.dst, p.dport, p.proto)
+        if found is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_reply_no_flow")
-        flow = self.t.fullnat_flows.get((client, meta[0], client_port, vip_port, p.proto))
-        if flow is None or (flow.snat_addr, flow.snat_port) != (p.dst, p.dport) or flow.vip_id != vip_id:
-            return ModelResult("XDP_DROP", bytes(pkt), "drop_reply_no_flow")
+        flow, meta = found
         be = self._backend(flow.backend_id)
         if be is None or be[3] != flow.generation or be[0] != p.src:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_reply_no_flow")
@@ -803,13 +814,11 @@ class DataPlaneModel:
         owner = self.t.fullnat_ports.get((q.dst, q.src, q.dport, q.sport, q.proto))
         if owner is None:
             return None
-        client, client_port, vip_port, vip_id = owner
-        meta = self.t.vip_meta.get(vip_id)
-        if meta is None or not meta[2] & structs.VIP_ACTIVE:
+        client, client_port, vip_port, _ = owner
+        found = self._port_owner_flow(owner, q.src, q.sport, q.proto)
+        if found is None:
             return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
-        flow = self.t.fullnat_flows.get((client, meta[0], client_port, vip_port, q.proto))
-        if flow is None or (flow.snat_addr, flow.snat_port) != (q.src, q.sport) or flow.vip_id != vip_id:
-            return ModelResult("XDP_DROP", bytes(pkt), "drop_icmp_no_flow")
+        flow, meta = found
         self._fullnat_icmp_rewrite(pkt, p, q, meta[0], client, client, client_port, meta[0], vip_port)
         resolved, flow.reply_nh = self._ensure_next_hop(flow.reply_nh, client, p, pkt, ingress)
         return self._send(pkt, flow.reply_nh, resolved, ingress, "fwd_icmp_error", None)
