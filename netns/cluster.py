@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from lb.maps import DataPlaneMaps
+from lb.structs import FLOW_CLOSING
 from netns.lbctl import STATE_DIR, DaemonProcess, run_lbctl
 from netns.nsenter import in_netns, netlink_in, write_sysctl
 from netns.topology import Lab, lab_mac, run_prefix
@@ -289,11 +290,18 @@ class Cluster:
 
     # --- where connections are -----------------------------------------------------------------
 
-    def carried_by(self, node: Node, client_ports: list[int]) -> int:
-        """How many of the client's connections (by port) the node's connection table holds."""
+    def ports_carried_by(self, node: Node, client_ports: list[int]) -> set[int]:
+        """The client's ports whose connections the node's connection table holds (not closing)."""
         ports = set(client_ports)
         with DataPlaneMaps.open(os.path.join(BPFFS, node.ns)) as maps:
-            return sum(1 for key in maps.conn_table.keys() if socket.ntohs(key.sport) in ports)
+            return {socket.ntohs(key.sport) for key, entry in maps.conn_table.items()
+                    if socket.ntohs(key.sport) in ports and not entry.flags & FLOW_CLOSING}
+
+    def carried_by(self, node: Node, client_ports: list[int]) -> int:
+        """How many of the client's connections (by port) the node's connection table holds. A closed
+        connection's entry (closing, kept a few seconds) is not counted: the client may already have
+        reused its port for one of these, carried by another node."""
+        return len(self.ports_carried_by(node, client_ports))
 
     def backend_of_connections(self, port: int) -> dict[int, str]:
         """client port -> the backend holding the connection (from each backend's own sockets)."""
