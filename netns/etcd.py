@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+import urllib.error
+import urllib.request
 from typing import Iterator
 
-from control.etcdstore import EtcdStore, StoreUnreachable
 from netns.nsenter import in_netns
 from netns.traffic import wait_for
 
@@ -16,8 +18,7 @@ CLIENT_PORT = 2379
 
 
 class Etcd:
-    """One etcd member in namespace `ns`, serving clients on `listen` (its loopback by default); stores
-    made with store() talk to it from inside that namespace."""
+    """One etcd member in namespace `ns`, serving clients on `listen` (its loopback by default) at url()."""
 
     def __init__(self, ns: str, data_dir: str, listen: str = "127.0.0.1"):
         self.ns = ns
@@ -35,19 +36,14 @@ class Etcd:
     def url(self, prefix: str) -> str:
         return f"etcd://127.0.0.1:{CLIENT_PORT}/{prefix}"
 
-    def store(self, prefix: str, node: str = "ready", local_dir: str | None = None) -> EtcdStore:
-        """A node's store: `node`'s own part in a file of `local_dir` (the etcd's data directory by default)."""
-        local = os.path.join(local_dir or self.data_dir, f"{prefix}-{node}.db")
-        return EtcdStore.from_url(f"{self.url(prefix)}?node={node}&local={local}")
-
     def ready(self) -> bool:
+        """Does the member answer, with a leader (etcd's own /health: writes would go through)?"""
         assert self.proc.poll() is None, f"etcd exited with {self.proc.returncode}; see {self.log.name}"
+        host = "127.0.0.1" if self.listen == "0.0.0.0" else self.listen
         try:
-            with in_netns(self.ns):
-                with self.store("ready").transaction():  # a write: a read would answer from the node's file
-                    pass
-            return True
-        except StoreUnreachable:
+            with in_netns(self.ns), urllib.request.urlopen(f"http://{host}:{CLIENT_PORT}/health", timeout=2) as r:
+                return json.load(r).get("health") == "true"
+        except (OSError, ValueError):  # not listening yet, or no leader yet
             return False
 
     def stop(self) -> None:

@@ -31,6 +31,13 @@ METRICS_PORT = 9464
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="no etcd binary (Debian etcd-server; make setup installs it)")
 
+def node_store(etcd: Etcd, prefix: str, node: str = "ready", local_dir: str | None = None) -> EtcdStore:
+    """A node's store on the lab's etcd: `node`'s own part in a file of `local_dir` (the etcd's data
+    directory by default). Used from inside the etcd's namespace."""
+    local = os.path.join(local_dir or etcd.data_dir, f"{prefix}-{node}.db")
+    return EtcdStore.from_url(f"{etcd.url(prefix)}?node={node}&local={local}")
+
+
 @pytest.fixture(scope="module")
 def etcd() -> Iterator[Etcd]:
     ns = f"{run_prefix()}-etcd"
@@ -58,7 +65,7 @@ def _vip(index: int, mode: str = "tunnel") -> VipState:
 def test_a_transaction_round_trips_a_state(etcd, prefix):
     """What one node writes, another reads: the shared part the same, its own part (ids, health) its own."""
     with in_netns(etcd.ns):
-        store = etcd.store(prefix, "a")
+        store = node_store(etcd, prefix, "a")
         assert store.read() == State()
         with store.transaction() as state:
             state.vips.append(_vip(7))
@@ -67,16 +74,16 @@ def test_a_transaction_round_trips_a_state(etcd, prefix):
             state.vips[0].backends[0].generation = state.new_generation()  # as every new backend gets
             written = state.copy()
         assert store.read() == written  # the node's own part too, from its file
-        other = etcd.store(prefix, "b").read()  # a second node
+        other = node_store(etcd, prefix, "b").read()  # a second node
         assert shared_doc(other) == shared_doc(written)
         assert [(v.id, [(b.id, b.healthy) for b in v.backends]) for v in other.vips] == [(0, [(1, True)])]
-        assert etcd.store(prefix + "x", "a").read() == State()  # prefixes are separate states
+        assert node_store(etcd, prefix + "x", "a").read() == State()  # prefixes are separate states
         assert set(store.nodes()) == {"a"}  # b only read
 
 
 def test_a_raising_transaction_changes_nothing(etcd, prefix):
     with in_netns(etcd.ns):
-        store = etcd.store(prefix)
+        store = node_store(etcd, prefix)
         with store.transaction() as state:
             state.vips.append(_vip(1))
         before = store.shared.call("get", store.shared.key, True)[0]
@@ -98,7 +105,7 @@ def test_two_nodes_writing_at_once_are_serialised_with_nothing_lost_or_half_appl
     def writer(first: int) -> None:
         try:
             with in_netns(etcd.ns):
-                store = etcd.store(prefix, f"w{first}")  # each writer a node of its own
+                store = node_store(etcd, prefix, f"w{first}")  # each writer a node of its own
                 for i in range(first, first + per_writer):
                     with store.transaction() as state:  # one change in three parts: VIP, backend, ACL
                         state.vips.append(_vip(i))
@@ -115,7 +122,7 @@ def test_two_nodes_writing_at_once_are_serialised_with_nothing_lost_or_half_appl
     assert not errors and not any(t.is_alive() for t in threads)
     with in_netns(etcd.ns):
         vips = {str(v.vip): ([(str(b.address), b.weight) for b in v.backends], v.acl)
-                for v in etcd.store(prefix, "reader").read().vips}
+                for v in node_store(etcd, prefix, "reader").read().vips}
     assert vips == {str(_vip(i).vip): ([("10.0.1.2:8080", 3)], {f"192.0.2.{i}/32": "deny"})
                     for i in [*range(1, 1 + per_writer), *range(101, 101 + per_writer)]}  # all, and each whole
 
@@ -123,7 +130,7 @@ def test_two_nodes_writing_at_once_are_serialised_with_nothing_lost_or_half_appl
 def test_a_write_behind_the_lock_fails_the_compare_and_swap(etcd, prefix):
     """A writer that does not take the lock (or whose lease ran out) cannot be overwritten by a stale state."""
     with in_netns(etcd.ns):
-        store = etcd.store(prefix)
+        store = node_store(etcd, prefix)
         with store.transaction() as state:
             state.vips.append(_vip(1))
         shared = store.shared
@@ -139,9 +146,9 @@ def test_a_writer_that_died_holding_the_lock_frees_it_within_the_lease(etcd, pre
     """kill -9 of a writer mid-change: its lease is not kept alive, so the next writer waits at most
     about LOCK_TTL, not a long lease's worth."""
     with in_netns(etcd.ns):
-        etcd.store(prefix, "dead").shared.lock()  # taken, then never refreshed nor released
+        node_store(etcd, prefix, "dead").shared.lock()  # taken, then never refreshed nor released
         started = time.monotonic()
-        with etcd.store(prefix, "next").transaction() as state:
+        with node_store(etcd, prefix, "next").transaction() as state:
             state.vips.append(_vip(1))
         waited = time.monotonic() - started
     assert 0 < waited < LOCK_TTL + 5
@@ -150,7 +157,7 @@ def test_a_writer_that_died_holding_the_lock_frees_it_within_the_lease(etcd, pre
 def test_a_live_writer_keeps_the_lock_past_its_lease(etcd, prefix):
     """A change that takes longer than the lease (an attach compiles) keeps the lock: its save succeeds."""
     with in_netns(etcd.ns):
-        store = etcd.store(prefix, "slow")
+        store = node_store(etcd, prefix, "slow")
         with store.transaction() as state:
             state.vips.append(_vip(1))
             lease_ends = time.monotonic() + LOCK_TTL + 3
@@ -162,7 +169,7 @@ def test_a_live_writer_keeps_the_lock_past_its_lease(etcd, prefix):
 
 def test_an_unreachable_etcd_refuses_shared_changes_and_the_node_goes_on_with_its_own(etcd, prefix, tmp_path):
     with in_netns(etcd.ns):
-        with etcd.store(prefix, "a", str(tmp_path)).transaction() as state:
+        with node_store(etcd, prefix, "a", str(tmp_path)).transaction() as state:
             state.vips.append(_vip(1))
         away = EtcdStore.from_url(f"etcd://127.0.0.1:1/{prefix}?node=a&local={tmp_path}/{prefix}-a.db")
         assert [v.id for v in away.read().vips] == [1]  # this node's last state
@@ -173,9 +180,9 @@ def test_an_unreachable_etcd_refuses_shared_changes_and_the_node_goes_on_with_it
         with away.transaction() as state:
             state.vips[0].backends[0].healthy = False  # this node's own: goes on
         assert [(b.weight, b.healthy) for b in away.read().vips[0].backends] == [(3, False)]
-        assert [(b.weight, b.healthy) for b in etcd.store(prefix, "a", str(tmp_path)).read().vips[0].backends] == [
+        assert [(b.weight, b.healthy) for b in node_store(etcd, prefix, "a", str(tmp_path)).read().vips[0].backends] == [
             (3, False)]  # etcd again: the node's observation stays its own
-        assert [b.healthy for b in etcd.store(prefix, "b", str(tmp_path)).read().vips[0].backends] == [True]
+        assert [b.healthy for b in node_store(etcd, prefix, "b", str(tmp_path)).read().vips[0].backends] == [True]
 
 
 def test_lbctl_store_attaches_adds_lists_and_forwards(prefix, tmp_path):
@@ -204,7 +211,7 @@ def test_lbctl_store_attaches_adds_lists_and_forwards(prefix, tmp_path):
             assert sorted(b["backend"] for b in listed_vip["backends"]) == sorted(
                 f"{b.address}:8080" for b in lab.backends)
             with in_netns(lab.lb_ns):  # the same state, read straight from etcd
-                assert [len(v.backends) for v in server.store(prefix, "other", str(tmp_path)).read().vips] == [2]
+                assert [len(v.backends) for v in node_store(server, prefix, "other", str(tmp_path)).read().vips] == [2]
             assert lbctl("list", "--json", check=False).json()["vips"] == []  # the SQLite default knows nothing
             names = {b.ns: backend_name(b.ns) for b in lab.backends}
             with Servers.running(names):
@@ -251,7 +258,7 @@ def test_the_daemon_follows_other_writers_and_forwards_while_etcd_is_away(prefix
                 assert set(http_get(lab.client.ns, str(lab.vip(1)), 80) for _ in range(20)) == set(names.values())
                 drained = lab.backends[1]
                 with in_netns(lab.lb_ns):
-                    with server.store(prefix, "elsewhere", str(tmp_path)).transaction() as state:
+                    with node_store(server, prefix, "elsewhere", str(tmp_path)).transaction() as state:
                         (backend,) = [b for b in state.vips[0].backends
                                       if str(b.address.address) == str(drained.address)]
                         backend.weight = 0  # no new flows: every new connection goes to the other backend
@@ -288,7 +295,7 @@ def test_the_daemon_follows_other_writers_and_forwards_while_etcd_is_away(prefix
             wait_for(lambda: daemon.events("the store answers again: catching up with it", daemon.proc.pid),
                      timeout=15, what="the daemon to catch up")
             with in_netns(lab.lb_ns):  # the other node undoes the drain
-                with server.store(prefix, "elsewhere", str(tmp_path)).transaction() as state:
+                with node_store(server, prefix, "elsewhere", str(tmp_path)).transaction() as state:
                     for b in state.vips[0].backends:
                         b.weight = 1
             with Servers.running(names):
@@ -304,13 +311,13 @@ def test_the_daemon_follows_other_writers_and_forwards_while_etcd_is_away(prefix
 def test_the_watch_skips_its_own_writes_and_catches_up_after_an_etcd_restart(etcd, prefix):
     calls: list[str] = []
     stop = threading.Event()
-    watched = etcd.store(prefix, "watched")
+    watched = node_store(etcd, prefix, "watched")
 
     def watch() -> None:
         with in_netns(etcd.ns):
             watched.watch(stop, lambda: calls.append("change"), lambda message: calls.append(message))
 
-    other = etcd.store(prefix, "other")
+    other = node_store(etcd, prefix, "other")
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     restarted = None
@@ -349,7 +356,7 @@ def test_plain_nat_is_refused_once_a_second_node_registers(etcd, prefix, tmp_pat
         return v
 
     with in_netns(etcd.ns):
-        a, b = etcd.store(prefix, "a", str(tmp_path)), etcd.store(prefix, "b", str(tmp_path))
+        a, b = node_store(etcd, prefix, "a", str(tmp_path)), node_store(etcd, prefix, "b", str(tmp_path))
         with a.transaction() as state:
             state.vips.append(nat_vip(1))  # alone: accepted
         with b.transaction():
