@@ -223,6 +223,19 @@ class EchoServers:
             s.close()
 
 
+def echo_once(sock: socket.socket, message: bytes) -> None:
+    """Send a message on an echo connection and read it back whole, or raise ConnectionError."""
+    sock.sendall(message)
+    answer = b""
+    while len(answer) < len(message):
+        chunk = sock.recv(len(message) - len(answer))
+        if not chunk:
+            raise ConnectionError("the connection was closed")
+        answer += chunk
+    if answer != message:
+        raise ConnectionError(f"echo {answer[:20]!r} differs from {message[:20]!r}")
+
+
 @dataclass
 class EchoStream:
     """One long-lived TCP connection from `client_ns` to host:port, exchanging a numbered message
@@ -251,16 +264,7 @@ class EchoStream:
         deadline = time.monotonic() + self.limit
         try:
             while not self._stop.is_set() and time.monotonic() < deadline:
-                message = f"{self.exchanged:010d}".encode() * 10
-                sock.sendall(message)
-                answer = b""
-                while len(answer) < len(message):
-                    chunk = sock.recv(len(message) - len(answer))
-                    if not chunk:
-                        raise ConnectionError("the connection was closed")
-                    answer += chunk
-                if answer != message:
-                    raise ConnectionError(f"echo {answer[:20]!r} differs from {message[:20]!r}")
+                echo_once(sock, f"{self.exchanged:010d}".encode() * 10)
                 self.exchanged += 1
                 self._stop.wait(self.interval)  # pacing, not synchronisation
         except OSError as e:

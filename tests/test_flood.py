@@ -21,7 +21,7 @@ from lb.structs import REASONS
 from netns.lbctl import lab_with_lb, run_lbctl
 from netns.nsenter import socket_in
 from netns.topology import Lab
-from netns.traffic import EchoServers, wait_for
+from netns.traffic import EchoServers, echo_once, wait_for
 from netns.xdptools import Generator
 
 PORT = 7000
@@ -40,16 +40,7 @@ def lab() -> Iterator[Lab]:
 
 
 def exchange(sock: socket.socket, n: int) -> None:
-    message = f"{n:08d}".encode() * 8
-    sock.sendall(message)
-    answer = b""
-    while len(answer) < len(message):
-        chunk = sock.recv(len(message) - len(answer))
-        if not chunk:
-            raise ConnectionError("closed")
-        answer += chunk
-    if answer != message:
-        raise ConnectionError("echo differs")
+    echo_once(sock, f"{n:08d}".encode() * 8)
 
 
 def connect(lab: Lab, timeout: float = 10.0) -> socket.socket:
