@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nat in a cluster (refused otherwise): the backends route their replies through this node, "
                         "which alone should take the VIP's flows")
     v.add_argument("--snat", action="append", default=None, metavar="ADDR",
-                   help="fullnat: a source address of this VIP's own (repeatable; default: the pool, lbctl snat)")
+                   help="fullnat: a source address of this VIP's own (repeatable; default: the pool, lbctl snat; "
+                        "not in a cluster, where every node uses its own pool)")
     v = sub.add_parser("remove-vip", help="remove a VIP and all its backends")
     v.add_argument("vip", metavar="VIP")
 
@@ -139,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("vip", metavar="VIP")
     a.add_argument("prefix", metavar="PREFIX")
 
-    sn = sub.add_parser("snat", help="full NAT's source addresses (this host's own) and ports")
+    sn = sub.add_parser("snat", help="full NAT's source addresses (this host's own) and ports",
+                        description="Full NAT's source addresses (addresses of this host) and ports. On a node of "
+                                    "a cluster (--store etcd://...) they are this node's own, kept in its own "
+                                    "part of the state and never shared: add addresses of each node on that "
+                                    "node. A full-NAT VIP's flows through a node leave from that node's "
+                                    "addresses, so the backends' replies come back to the node that holds the "
+                                    "flow; a node without one for a VIP's IP version does not announce the VIP.")
     sn_sub = sn.add_subparsers(dest="snat_command", required=True, parser_class=_Parser)
     a = sn_sub.add_parser("add", help="add addresses of this host to the pool full-NAT VIPs take their sources from")
     a.add_argument("addresses", nargs="+", metavar="ADDR")

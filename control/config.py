@@ -20,6 +20,7 @@ from control.model import (ALL_DOWN, CHECK_KINDS, HASHES, MAX_MIN_HEALTHY, MAX_W
                            IdPool, State, VipAddress, VipState, address_sort_key, is_whole_number, parse_port_range,
                            parse_prefix, parse_vip_address, SNAT_PORTS)
 from lb.structs import IPAddress
+from control.etcdstore import valid_node_name
 from control.reconcile import slots_moved
 
 _DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s)?\s*$", re.ASCII)
@@ -43,6 +44,7 @@ class VipSpec:
     all_down: str = "open"
     min_healthy: int = 1
     snat: list[IPAddress] = field(default_factory=list)  # fullnat: the VIP's own source addresses
+    replies_via: str | None = None  # nat in a cluster: the node its replies come back through (VipState)
 
 
 @dataclass
@@ -51,6 +53,18 @@ class Config:
     pass_unserved: set[IPAddress] = field(default_factory=set)  # see State.pass_unserved
     snat: set[IPAddress] = field(default_factory=set)  # full NAT's source pool (State.snat)
     snat_ports: tuple[int, int] = SNAT_PORTS
+
+    def names_snat(self) -> bool:
+        """Whether the file says anything of full NAT's source addresses or ports (each node's own in a cluster)."""
+        return bool(self.snat) or self.snat_ports != SNAT_PORTS or any(v.snat for v in self.vips)
+
+    def shared_part(self) -> "Config":
+        """What a cluster's nodes share of this configuration: all but full NAT's sources (each node's own)."""
+        shared = copy.deepcopy(self)
+        shared.snat, shared.snat_ports = set(), SNAT_PORTS
+        for v in shared.vips:
+            v.snat = []
+        return shared
 
 
 # --- durations ------------------------------------------------------------------
@@ -168,7 +182,7 @@ class _Reader:
 
     def vip(self, node: yaml.Node) -> VipSpec:
         keys = self.mapping(node, "a VIP", ("vip", "mode", "hash", "health", "all_down", "min_healthy", "acl",
-                                                       "backends", "snat"), ("vip",))
+                                                       "backends", "snat", "replies_via"), ("vip",))
         spec = VipSpec(self.parsed(keys["vip"], "vip", VipAddress.parse))
         if "mode" in keys:
             spec.mode = self.choice(keys["mode"], "mode", MODES)
@@ -191,6 +205,15 @@ class _Reader:
                     self.fail(item, f"source address {address} and VIP {spec.vip} are of different IP versions")
                 if address not in spec.snat:
                     spec.snat.append(address)
+        if "replies_via" in keys:
+            if spec.mode != "nat":
+                self.fail(keys["replies_via"], f"replies_via is for a nat VIP (its replies come back through that "
+                                               f"node); VIP {spec.vip} is {spec.mode}")
+            name = self.scalar(keys["replies_via"], "replies_via")
+            if not valid_node_name(name):
+                self.fail(keys["replies_via"], f"replies_via {name!r}: a node name is 1-63 letters, digits, "
+                                               "'.', '_' or '-'")
+            spec.replies_via = name
         seen: dict[BackendAddress, int] = {}
         for item in self.sequence(keys["backends"], "backends") if "backends" in keys else []:
             backend = self.backend(item, spec.vip)
@@ -289,7 +312,7 @@ def config_of(state: State) -> Config:
     return Config([
         VipSpec(v.vip, v.mode, v.hash, copy.deepcopy(v.health), dict(v.acl),
                 [BackendSpec(b.address, b.weight) for b in sorted(v.active_backends(), key=lambda b: b.id)],
-                v.all_down, v.min_healthy, list(v.snat))
+                v.all_down, v.min_healthy, list(v.snat), v.replies_via)
         for v in sorted(state.vips, key=lambda v: v.vip.sort_key())
     ], set(state.pass_unserved), set(state.snat), state.snat_ports)
 
@@ -319,6 +342,8 @@ def to_yaml(config: Config) -> str:
             doc["acl"] = dict(v.acl)
         if v.snat:
             doc["snat"] = [str(a) for a in v.snat]
+        if v.replies_via is not None:
+            doc["replies_via"] = v.replies_via
         doc["backends"] = [{"address": str(b.address), "weight": b.weight} for b in v.backends]
         vips.append(doc)
     header = "# lb configuration: lbctl apply -f FILE makes the running state equal to this file\n"
@@ -331,11 +356,14 @@ def to_yaml(config: Config) -> str:
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
-def merge(state: State, config: Config, now: float) -> None:
+def merge(state: State, config: Config, now: float, node_own: bool = True) -> None:
     """Make `state` what `config` describes. What stays keeps its id (its flows go on); removed
-    backends are retired as `lbctl remove-backend` does, removed VIPs go with their backends."""
+    backends are retired as `lbctl remove-backend` does, removed VIPs go with their backends.
+    Without `node_own` (a node of a cluster), full NAT's sources, the pool's and the VIPs' own, stay
+    as they are: they are the node's own, never in a shared file (Config.shared_part)."""
     state.pass_unserved = set(config.pass_unserved)
-    state.snat, state.snat_ports = set(config.snat), config.snat_ports
+    if node_own:
+        state.snat, state.snat_ports = set(config.snat), config.snat_ports
     wanted = {spec.vip for spec in config.vips}
     # what removed VIPs leave is not reused in the same change (its counters would carry over)
     removed = [v for v in state.vips if v.vip not in wanted]
@@ -353,8 +381,9 @@ def merge(state: State, config: Config, now: float) -> None:
             v = by_vip[spec.vip] = VipState(spec.vip, state.allocate_vip_id(removed_ids) if vip_id is None else vip_id)
             state.vips.append(v)
         v.mode, v.hash, v.acl, v.all_down = spec.mode, spec.hash, dict(spec.acl), spec.all_down
-        v.min_healthy = spec.min_healthy
-        v.snat = list(spec.snat)
+        v.min_healthy, v.replies_via = spec.min_healthy, spec.replies_via
+        if node_own:
+            v.snat = list(spec.snat)
         if v.health != spec.health:
             v.health = copy.deepcopy(spec.health)
             for b in v.backends:  # a new check starts from healthy; no check means no verdict
@@ -386,7 +415,7 @@ def _describe_health(check: HealthCheck) -> str:
 
 def _vip_changes(old: VipState, new: VipState) -> list[str]:
     changes = []
-    for name in ("mode", "hash", "all_down", "min_healthy"):
+    for name in ("mode", "hash", "all_down", "min_healthy", "replies_via"):
         if getattr(old, name) != getattr(new, name):
             changes.append(f"{name}: {getattr(old, name)} -> {getattr(new, name)}")
     if old.snat != new.snat:

@@ -237,7 +237,7 @@ class Controller:
         vip = VipAddress.parse(vip_text)
         if not 0 <= min_healthy <= MAX_MIN_HEALTHY:
             raise InputError(f"min-healthy {min_healthy} is out of range 0-{MAX_MIN_HEALTHY}")
-        node = getattr(self.store, "node", None)  # a node of a cluster (etcd) has a name
+        node = self._node()
         if replies_via_this_node and (mode != "nat" or node is None):
             raise InputError("--replies-via-this-node is for a nat VIP on a node of a cluster (--store etcd://...)")
         if mode not in MODES:
@@ -245,6 +245,9 @@ class Controller:
         sources = list(dict.fromkeys(parse_vip_address(a) for a in snat or []))
         if sources and mode != "fullnat":
             raise InputError(f"--snat names full NAT's source addresses; VIP {vip} is {mode}, not fullnat")
+        if sources and node is not None:
+            raise InputError("--snat: in a cluster a full-NAT VIP takes each node's own source addresses "
+                             "(lbctl snat add ADDR on every node), so that replies return to the node of the flow")
         if hash_on not in HASHES:
             raise InputError(f"unknown hash {hash_on!r} (expected one of: {', '.join(HASHES)})")
         if all_down not in ALL_DOWN:
@@ -456,10 +459,17 @@ class Controller:
         """Make the running state equal to a configuration file, as one change; or, with
         dry_run, only say what that would do. An invalid file changes nothing."""
         wanted = declarative.parse(text, source)
+        cluster = self._node() is not None
+        if cluster and wanted.names_snat():
+            raise InputError(f"{source}: full NAT's source addresses and ports (snat) are each node's own in a "
+                             "cluster, never in the shared state: set them on each node with lbctl snat")
+        if not cluster and any(v.replies_via is not None for v in wanted.vips):
+            raise InputError(f"{source}: replies_via names the node of a cluster a nat VIP's replies come back "
+                             "through; this state is one node's (a cluster's is --store etcd://...)")
 
         def change(state: State) -> dict[str, Any]:
             old = state.copy()
-            declarative.merge(state, wanted, time.time())
+            declarative.merge(state, wanted, time.time(), node_own=not cluster)
             if dry_run:  # (a real apply is checked by _change)
                 _refuse_local_backends(state.new_backends(old))
             return {"dry_run": dry_run, **declarative.plan(old, state, state.dataplane.config["ring_size"])}
@@ -473,7 +483,14 @@ class Controller:
         return result
 
     def export(self) -> dict[str, Any]:
-        return {"yaml": declarative.to_yaml(declarative.config_of(self.read_state()))}
+        """The state as a configuration file; on a node of a cluster, the shared part alone (what
+        apply -f through any node makes every node's), without this node's full NAT sources."""
+        config = declarative.config_of(self.read_state())
+        return {"yaml": declarative.to_yaml(config.shared_part() if self._node() is not None else config)}
+
+    def _node(self) -> str | None:
+        """This node's name when the store is a cluster's (etcd); None for one node's own state."""
+        return getattr(self.store, "node", None)
 
     # --- reading ---------------------------------------------------------------
 

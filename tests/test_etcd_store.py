@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from control.errors import InputError
 from control.etcdstore import LOCK_TTL, EtcdStore, StoreConflict, StoreUnreachable
-from control.model import BackendAddress, BackendState, HealthCheck, State, VipAddress, VipState
+from control.model import SNAT_PORTS, BackendAddress, BackendState, HealthCheck, State, VipAddress, VipState
 from control.shared import shared_doc
 from netns.etcd import Etcd, etcd_in
 from netns.lbctl import LBCTL, DaemonProcess, forget, run_lbctl
@@ -183,6 +185,28 @@ def test_an_unreachable_etcd_refuses_shared_changes_and_the_node_goes_on_with_it
         assert [(b.weight, b.healthy) for b in node_store(etcd, prefix, "a", str(tmp_path)).read().vips[0].backends] == [
             (3, False)]  # etcd again: the node's observation stays its own
         assert [b.healthy for b in node_store(etcd, prefix, "b", str(tmp_path)).read().vips[0].backends] == [True]
+
+
+def test_full_nat_sources_are_each_nodes_own_and_change_while_etcd_is_away(etcd, prefix, tmp_path):
+    """A full-NAT VIP is shared; the source addresses its flows take are the node's (replies must come back
+    to the node that holds the flow): `lbctl snat` lands in the node's own part, never in etcd."""
+    a_source, b_source, later = (ipaddress.ip_address(f"198.18.50.{i}") for i in (31, 32, 33))
+    with in_netns(etcd.ns):
+        a, b = node_store(etcd, prefix, "a", str(tmp_path)), node_store(etcd, prefix, "b", str(tmp_path))
+        with a.transaction() as state:
+            state.snat, state.snat_ports = {a_source}, (20000, 29999)
+            state.vips.append(_vip(1, "fullnat"))
+        with b.transaction() as state:
+            state.snat.add(b_source)
+        assert (a.read().snat, a.read().snat_ports) == ({a_source}, (20000, 29999))
+        assert (b.read().snat, b.read().snat_ports) == ({b_source}, SNAT_PORTS)
+        assert [v.mode for v in b.read().vips] == ["fullnat"]
+        stored, _ = a.shared.load()
+        assert "snat" not in json.dumps(stored) and "198.18.50.3" not in json.dumps(stored)
+        away = EtcdStore.from_url(f"etcd://127.0.0.1:1/{prefix}?node=b&local={tmp_path}/{prefix}-b.db")
+        with away.transaction() as state:
+            state.snat.add(later)  # the node's own part: goes on without etcd
+        assert b.read().snat == {b_source, later} and a.read().snat == {a_source}
 
 
 def test_lbctl_store_attaches_adds_lists_and_forwards(prefix, tmp_path):

@@ -2,9 +2,17 @@
 how a node's own ids follow the shared document, and why their Maglev tables agree anyway."""
 from __future__ import annotations
 
-from control.model import BackendAddress, BackendState, HealthCheck, State, VipAddress, VipState
+import ipaddress
+from types import SimpleNamespace
+
+import pytest
+
+from control import config as declarative
+from control.errors import InputError
+from control.model import BackendAddress, BackendState, DataPlaneState, HealthCheck, State, VipAddress, VipState
+from control.service import Controller
 from control.reconcile import maglev_table
-from control.shared import merge, normalise, shared_doc
+from control.shared import merge, normalise, plain_nat_vips, shared_doc
 from lb.maglev import ring_size_for
 from lb.structs import NO_BACKEND
 
@@ -85,3 +93,86 @@ def test_a_whole_state_document_from_before_the_split_is_read_as_its_shared_part
                   pass_unserved={V1.address})
     assert normalise(old) == shared_doc(state)
     assert shared_doc(merge(State(), normalise(old))) == normalise(old)
+
+
+def attached(state: State) -> State:
+    state.dataplane = DataPlaneState([], "/nonexistent", 0, {"ring_size": 1601, "max_vips": 16, "max_backends": 64})
+    return state
+
+
+def a_node(name: str, snat: str) -> State:
+    """A node of a cluster that follows a shared state of three VIPs: nat with its replies through lb1,
+    full NAT, tunnel with a check; and its own full NAT source (the pool) and ports."""
+    vips = [{"vip": "10.0.0.1:80/tcp", "mode": "nat", "hash": "flow", "acl": {"192.0.2.0/24": "deny"},
+             "health": vars(HealthCheck()), "all_down": "open", "replies_via": "lb1",
+             "backends": [{"address": "10.0.1.1", "port": 8080, "weight": 2}]},
+            {"vip": "10.0.0.2:80/tcp", "mode": "fullnat", "hash": "flow", "acl": {}, "health": vars(HealthCheck()),
+             "all_down": "closed", "backends": [{"address": "10.0.1.2", "port": 8080, "weight": 1}]},
+            {"vip": "10.0.0.3:80/tcp", "mode": "tunnel", "hash": "source", "acl": {},
+             "health": vars(HealthCheck("tcp", interval=0.5, timeout=0.4)), "all_down": "open", "min_healthy": 2,
+             "backends": [{"address": "10.0.1.3", "port": 80, "weight": 1}, {"address": "10.0.1.4", "port": 80,
+                                                                              "weight": 1}]}]
+    node = merge(attached(State()), normalise({"vips": vips, "pass_unserved": ["10.0.0.3"]}))
+    node.snat, node.snat_ports = {ipaddress.ip_address(snat)}, (20000, 29999)
+    return node
+
+
+class FakeNodeStore:
+    """Enough of a cluster node's store for export and apply's checks: a name and a State."""
+
+    def __init__(self, state: State, node: str | None = "lb2"):
+        self.state, self.node = state, node
+
+    def read(self) -> State:
+        return self.state.copy()
+
+
+def exported(state: State, node: str | None = "lb2") -> str:
+    ctl = Controller(SimpleNamespace(netns_ino=0, name="default"), FakeNodeStore(state, node))
+    return ctl.export()["yaml"]
+
+
+def test_an_exported_cluster_state_re_applies_identically_on_any_node_and_keeps_each_nodes_sources():
+    lb2, lb3 = a_node("lb2", "198.18.50.32"), attached(State(snat={ipaddress.ip_address("198.18.50.33")}))
+    text = exported(lb2)
+    assert "replies_via: lb1" in text
+    assert "198.18.50.32" not in text and "snat" not in text  # the node's own part stays out of the shared file
+    again = lb2.copy()
+    declarative.merge(again, declarative.parse(text), now=1.0, node_own=False)
+    assert again == lb2  # through the node it came from: nothing changes, its pool and ports included
+    assert declarative.plan(lb2, again, 1601)["empty"]
+    declarative.merge(lb3, declarative.parse(text), now=1.0, node_own=False)  # a node that had none of it
+    assert shared_doc(lb3) == shared_doc(lb2)
+    assert lb3.snat == {ipaddress.ip_address("198.18.50.33")}  # its own source, not lb2's
+    assert exported(lb3) == text
+
+
+def test_a_file_without_replies_via_makes_the_vip_plain_nat_again():
+    lb2 = a_node("lb2", "198.18.50.32")
+    changed = lb2.copy()
+    declarative.merge(changed, declarative.parse(exported(lb2).replace("  replies_via: lb1\n", "")), 1.0, node_own=False)
+    (nat,) = [c for c in declarative.plan(lb2, changed, 1601)["changed"]]
+    assert nat["vip"] == "10.0.0.1:80/tcp" and nat["settings"] == ["replies_via: lb1 -> None"]
+    assert plain_nat_vips(shared_doc(changed)) == {"10.0.0.1:80/tcp"}  # which a cluster refuses (etcdstore.py)
+
+
+@pytest.mark.parametrize("node, text, message", [
+    ("lb2", "vips: []\nsnat: {addresses: [198.18.50.32]}\n",
+     r"^f.yaml: full NAT's source addresses and ports \(snat\) are each node's own in a cluster"),
+    ("lb2", "vips:\n  - {vip: 10.0.0.2:80/tcp, mode: fullnat, snat: [198.18.50.32]}\n", r"^f.yaml: full NAT's source"),
+    (None, "vips:\n  - {vip: 10.0.0.1:80/tcp, mode: nat, replies_via: lb1}\n",
+     r"^f.yaml: replies_via names the node of a cluster .*; this state is one node's"),
+    (None, "vips:\n  - {vip: 10.0.0.1:80/tcp, mode: tunnel, replies_via: lb1}\n",
+     r"^f.yaml:2: replies_via is for a nat VIP .*; VIP 10.0.0.1:80/tcp is tunnel$"),
+    ("lb2", "vips:\n  - {vip: 10.0.0.1:80/tcp, mode: nat, replies_via: 'a b'}\n", r"^f.yaml:2: replies_via 'a b': a node name"),
+])
+def test_apply_refuses_what_is_not_its_stores_to_hold(node, text, message):
+    ctl = Controller(SimpleNamespace(netns_ino=0, name="default"), FakeNodeStore(attached(State()), node))
+    with pytest.raises(InputError, match=message):
+        ctl.apply(text, source="f.yaml")
+
+
+def test_a_vip_of_its_own_sources_is_refused_in_a_cluster():
+    ctl = Controller(SimpleNamespace(netns_ino=0, name="default"), FakeNodeStore(attached(State())))
+    with pytest.raises(InputError, match=r"^--snat: in a cluster a full-NAT VIP takes each node's own source"):
+        ctl.add_vip("10.0.0.2:80/tcp", "fullnat", snat=["198.18.50.32"])
