@@ -4,7 +4,8 @@ One job: decide which VIP addresses this node announces, and tell the speaker.
 An address (its /32 or /128) of the session's IP version (the next hop is
 this node's address on the session) is announced while this node's data plane is
 attached and at least one VIP on it has `min_healthy` backends taking new flows
-by this node's own health checks (VipState.ready_to_announce; one ready VIP
+by this node's own health checks (VipState.ready_to_announce; a full-NAT VIP
+also needs a source address of this node's pool; one ready VIP
 keeps the address: withdrawing it would take the healthy VIPs of the address
 down with the broken one), and only after `settle` seconds from the start, so
 that a node that joins has its state before it draws flows. Everything is
@@ -112,8 +113,11 @@ def wanted_prefixes(state: State | None, version: int | None = None) -> set[Pref
     of one IP version if given (a session's next hop is an address of its own family)."""
     if state is None or state.dataplane is None:
         return set()
+    # a full-NAT VIP also needs a source address of this node's own (its pool: each node's, never shared),
+    # or its new flows here would be dropped as the pool's exhaustion
     return {host_prefix(v.vip.address) for v in state.vips
-            if v.ready_to_announce() and version in (None, v.vip.address.version)}
+            if v.ready_to_announce() and (v.mode != "fullnat" or state.snat_sources(v))
+            and version in (None, v.vip.address.version)}
 
 
 class Speaker(Protocol):

@@ -76,6 +76,18 @@ def test_a_session_announces_only_addresses_of_its_own_ip_version():
     assert speaker.commands == ["announce 198.19.0.1/32"]
 
 
+def test_a_full_nat_vip_is_announced_only_while_this_node_has_a_source_address_for_it():
+    speaker = FakeSpeaker()
+    announcer = Announcer(speaker, settle=0.0)
+    v4, v6 = vip("198.19.0.1:80/tcp", [True]), vip("[2001:2:0:ff::1]:80/tcp", [True], vid=1)
+    v4.mode = v6.mode = "fullnat"
+    announcer.update(state(v4, v6))  # no pool on this node: its new flows would be dropped
+    s = state(v4, v6)
+    s.snat = {ipaddress.ip_address("198.18.50.31")}  # an IPv4 source: the IPv4 VIP only
+    announcer.update(s)
+    assert speaker.commands == ["announce 198.19.0.1/32"]
+
+
 def test_one_ready_vip_keeps_its_address_announced():
     speaker = FakeSpeaker()
     announcer = Announcer(speaker, settle=0.0)
