@@ -6,10 +6,13 @@ plane, and the same backends behind them; one etcd holds the desired state.
                                       198.18.1i.1 --- 198.18.1i.2 up0 [LB node i] down0 198.18.50.1i
                                       br0 198.18.50.1 (bridge: nodes' down0, backends' eth0)
     backend j 198.18.50.(100+j), the VIP on its loopback (dsr), default route via 198.18.50.1
+    node i also holds 198.18.50.3i on down0: its full NAT source (snat), and routes clients via the router
 
 The router learns the VIP's /32 from every node (next hop: the node's up0) and installs one
 multipath route; clients reach the VIP through it. Backends answer clients directly through
-the router (dsr). The lab knows lb only as commands (lbctl); nothing of the product imports it.
+the router (dsr). A full-NAT VIP's flows reach the backends from the source address of the node
+that carries them, which that node alone answers ARP for on the bridge: the backends' replies come
+back to it, and it sends them on to the client through the router. The lab knows lb only as commands (lbctl); nothing of the product imports it.
 `with Cluster.build() as cluster:` always tears everything down: daemons, ExaBGP (it dies with
 its daemon), BIRD, etcd, namespaces, files."""
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from lb.maps import DataPlaneMaps
-from lb.structs import FLOW_CLOSING
+from lb.structs import FLOW_CLOSING, LbAddr
 from netns.lbctl import STATE_DIR, DaemonProcess, run_lbctl
 from netns.nsenter import in_netns, netlink_in, write_sysctl
 from netns.topology import Lab, lab_mac, run_prefix
@@ -49,6 +52,7 @@ class Node:
     up_address: ipaddress.IPv4Address  # on up0, towards the router: the BGP session and next hop
     router_address: ipaddress.IPv4Address  # the router's end of up0's link
     down_address: ipaddress.IPv4Address  # on down0, the backends' bridge
+    snat_address: ipaddress.IPv4Address  # on down0 too: full NAT's source, this node's own (lbctl snat add)
     store: str  # its --store URL
     daemon: DaemonProcess | None = None
 
@@ -152,6 +156,10 @@ class Cluster:
             self._address(self.router_ns, f"lb{i}d", "", master=bridge)
             down = ipaddress.ip_address(f"198.18.{SERVICE_NET}.{10 + i}")
             self._address(ns, "down0", str(down))
+            snat = ipaddress.ip_address(f"198.18.{SERVICE_NET}.{30 + i}")
+            self._address(ns, "down0", str(snat))
+            with netlink_in(ns) as ipr:  # full NAT's replies leave for the client through the router
+                ipr.route("add", dst="default", gateway=f"198.18.{subnet}.1")
             for key in ("up0", "down0"):
                 write_sysctl(ns, f"net.ipv4.conf.{key}.rp_filter", "0")
             # frames the node's XDP sends into these veths arrive only with an XDP program or GRO on the peer
@@ -160,7 +168,7 @@ class Cluster:
             # one shared state for all; each node's own part (named after its namespace) in its state file
             store = f"etcd://{ROUTER_SERVICE_ADDRESS}:{ETCD_PORT}/{self.prefix}"
             self.nodes.append(Node(f"lb{i}", ns, ipaddress.ip_address(f"198.18.{subnet}.2"),
-                                   ipaddress.ip_address(f"198.18.{subnet}.1"), down, store))
+                                   ipaddress.ip_address(f"198.18.{subnet}.1"), down, snat, store))
         self.start_etcd()
         self.start_bird()
 
@@ -314,6 +322,28 @@ class Cluster:
                 if host.strip("[]").removeprefix("::ffff:") == str(self.client_address):
                     owner[int(peer_port)] = b.name
         return owner
+
+    def full_nat_sources(self, node: Node, vip: ipaddress.IPv4Address,
+                         closing: bool = False) -> dict[int, tuple[str, int]]:
+        """client port -> (source address, source port) of the node's full-NAT flows to `vip` (with
+        `closing`, also those a FIN or RST closed)."""
+        to = bytes(LbAddr.of(vip))
+        with DataPlaneMaps.open(os.path.join(BPFFS, node.ns)) as maps:
+            return {socket.ntohs(key.sport): (str(entry.snat_addr.address()), socket.ntohs(entry.snat_port))
+                    for key, entry in maps.fullnat_flows.items()
+                    if bytes(key.dst) == to and (closing or not entry.flow.flags & FLOW_CLOSING)}
+
+    def peers_of_backends(self, port: int) -> set[tuple[str, int]]:
+        """(address, port) of every established connection to `port` on the backends, as the backends see
+        their peers (the client's own for dsr, a node's source for full NAT)."""
+        peers = set()
+        for b in self.backends:
+            out = subprocess.run(["ip", "netns", "exec", b.ns, "ss", "-Htn", "state", "established",
+                                  f"( sport = :{port} )"], capture_output=True, text=True, check=True).stdout
+            for line in out.splitlines():
+                host, _, peer_port = line.split()[-1].rpartition(":")
+                peers.add((host.strip("[]").removeprefix("::ffff:"), int(peer_port)))
+        return peers
 
     # --- what the router does -----------------------------------------------------------------
 

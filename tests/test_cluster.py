@@ -196,6 +196,92 @@ def test_a_stopping_daemon_withdraws_while_its_data_plane_forwards_and_a_restart
     print(f"lb3's daemon restarted: the VIP announced again {took:.2f}s after its start (settle 2 s)")
 
 
+FULLNAT_VIP = VIP_NETWORK[2]
+FULLNAT_CONNECTIONS = 150
+
+
+def moved_between(c: Cluster, before: dict[str, dict[int, tuple[str, int]]], nodes: list[Node]) -> set[int]:
+    """Client ports of full-NAT connections one of `nodes` carried in `before` that another of them now
+    has an entry of (a packet of theirs reached it since: the router moved them)."""
+    now = {n.name: c.full_nat_sources(n, FULLNAT_VIP, closing=True) for n in nodes}
+    return {p for n in nodes for p in before.get(n.name, {})
+            if any(p in now[m.name] and now[m.name][p] != before[n.name][p] for m in nodes if m is not n)}
+
+
+def test_full_nat_leaves_each_node_from_its_own_source_and_only_a_dead_nodes_flows_break(cluster: Cluster):
+    """Measured, beside what must hold: full NAT's connections carried by a node reach the backends from
+    that node's source address, so a connection the router moves to another node reaches its backend
+    from another source, and the backend resets it (tunnel and dsr connections move unbroken). A dead
+    node's connections move; so do some of the survivors' (the kernel's ECMP is hash-threshold: removing
+    or adding a next hop moves flows between the others too). Those that stay on their node echo on."""
+    lb1 = cluster.nodes[0]
+    target = f"{FULLNAT_VIP}:{PORT}/tcp"
+    for n in cluster.nodes:  # each node's own source, in its own part of the state
+        cluster.lbctl(n, "snat", "add", str(n.snat_address))
+    cluster.lbctl(lb1, "add-vip", target, "--mode", "fullnat")
+    conns = None
+    try:
+        for b in cluster.backends[:3]:
+            cluster.lbctl(lb1, "add-backend", target, str(b.address))
+        cluster.wait_for_next_hops(FULLNAT_VIP, cluster.nodes, timeout=30)
+        conns = EchoConnections(cluster.client_ns, str(FULLNAT_VIP), PORT, FULLNAT_CONNECTIONS)
+        assert conns.round() == FULLNAT_CONNECTIONS, conns.failed
+        sources = {n.name: cluster.full_nat_sources(n, FULLNAT_VIP) for n in cluster.nodes}
+        ports = conns.local_ports()
+        assert sorted(p for s in sources.values() for p in s) == sorted(ports)  # each on exactly one node
+        for n in cluster.nodes:
+            assert len(sources[n.name]) >= FULLNAT_CONNECTIONS // 10, {k: len(v) for k, v in sources.items()}
+            assert {address for address, _ in sources[n.name].values()} == {str(n.snat_address)}
+        # the backends hold every connection from the source its node gave it
+        assert {src for s in sources.values() for src in s.values()} <= cluster.peers_of_backends(PORT)
+
+        on_lb1 = set(sources["lb1"])
+        with conns.flowing(interval=0.1):
+            took = cluster.kill_node(lb1, FULLNAT_VIP, detach=False)  # its data plane stays: no recompile
+            rounds = conns.rounds
+            wait_for(lambda: conns.rounds >= rounds + 5, 30, what="full-NAT traffic after the kill")
+        broken = {ports[i] for i in conns.failed}
+        moved = moved_between(cluster, sources, cluster.nodes[1:])
+        print(f"full NAT: lb1 killed (route dropped in {took:.2f}s) carrying {len(on_lb1)} of "
+              f"{FULLNAT_CONNECTIONS} connections; the router also moved {len(moved)} of the survivors'; broken: "
+              f"{len(broken & on_lb1)} of lb1's, {len(broken & moved)} of the moved, {len(broken - on_lb1 - moved)} "
+              f"others ({'; '.join(sorted(set(conns.failed.values()))[:2])})")
+        assert broken <= on_lb1 | moved  # only connections that changed node break
+        assert conns.round() == FULLNAT_CONNECTIONS - len(conns.failed)
+
+        # connections opened while lb1 is away; then lb1 comes back and the router's hash moves some flows to it
+        during = EchoConnections(cluster.client_ns, str(FULLNAT_VIP), PORT, FULLNAT_CONNECTIONS)
+        try:
+            assert during.round() == FULLNAT_CONNECTIONS, during.failed
+            survivors = {n.name: cluster.full_nat_sources(n, FULLNAT_VIP) for n in cluster.nodes[1:]}
+            cluster.start_daemon(lb1, settle=2.0)
+            cluster.wait_for_next_hops(FULLNAT_VIP, cluster.nodes, timeout=30)
+            cluster.wait_for_next_hops(VIP, cluster.nodes, timeout=30)
+            for _ in range(3):
+                conns.round()
+                during.round()
+            moved = moved_between(cluster, survivors, cluster.nodes)
+            old_broken = {ports[i] for i in conns.failed} - broken
+            new_ports = during.local_ports()
+            new_broken = {new_ports[i] for i in during.failed}
+            print(f"full NAT: lb1 back: of the {FULLNAT_CONNECTIONS - len(broken)} connections from before its death "
+                  f"{len(old_broken)} broke ({len(moved & (set(ports) - broken))} moved); of the {FULLNAT_CONNECTIONS} opened "
+                  f"while it was away {len(new_broken)} broke ({len(moved & set(new_ports))} moved)")
+            assert old_broken | new_broken <= moved  # again only connections that changed node
+            assert during.round() == FULLNAT_CONNECTIONS - len(during.failed)
+        finally:
+            during.close()
+    finally:
+        if conns is not None:
+            conns.close()
+        if lb1.daemon is None or lb1.daemon.proc.poll() is not None:  # the later tests need all three nodes
+            cluster.start_daemon(lb1, settle=2.0)
+        cluster.lbctl(cluster.nodes[1], "remove-vip", target)
+        for n in cluster.nodes:
+            cluster.lbctl(n, "snat", "remove", str(n.snat_address))
+        cluster.wait_for_next_hops(VIP, cluster.nodes, timeout=30)
+
+
 def test_a_killed_nodes_connections_move_to_the_others_with_their_backends(cluster: Cluster,
                                                                           connections: EchoConnections):
     lb1 = cluster.nodes[0]
