@@ -417,7 +417,8 @@ def _vip_changes(old: VipState, new: VipState) -> list[str]:
     changes = []
     for name in ("mode", "hash", "all_down", "min_healthy", "replies_via"):
         if getattr(old, name) != getattr(new, name):
-            changes.append(f"{name}: {getattr(old, name)} -> {getattr(new, name)}")
+            was, now = (getattr(v, name) for v in (old, new))
+            changes.append(f"{name}: {'(none)' if was is None else was} -> {'(none)' if now is None else now}")
     if old.snat != new.snat:
         changes.append(f"snat: {', '.join(map(str, old.snat)) or 'the pool'} -> "
                        f"{', '.join(map(str, new.snat)) or 'the pool'}")

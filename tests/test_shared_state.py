@@ -152,7 +152,7 @@ def test_a_file_without_replies_via_makes_the_vip_plain_nat_again():
     changed = lb2.copy()
     declarative.merge(changed, declarative.parse(exported(lb2).replace("  replies_via: lb1\n", "")), 1.0, node_own=False)
     (nat,) = [c for c in declarative.plan(lb2, changed, 1601)["changed"]]
-    assert nat["vip"] == "10.0.0.1:80/tcp" and nat["settings"] == ["replies_via: lb1 -> None"]
+    assert nat["vip"] == "10.0.0.1:80/tcp" and nat["settings"] == ["replies_via: lb1 -> (none)"]
     assert plain_nat_vips(shared_doc(changed)) == {"10.0.0.1:80/tcp"}  # which a cluster refuses (etcdstore.py)
 
 
