@@ -230,12 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "who reaches the host")
     d.add_argument("--log-format", choices=("text", "json"), default="text")
     g = d.add_argument_group("BGP", "announce VIP addresses to a router with ExaBGP (control/bgp.py)")
-    g.add_argument("--bgp-peer", metavar="ADDR", help="the router to announce VIPs to (enables BGP)")
+    g.add_argument("--bgp-peer", metavar="ADDR", action="append", default=None,
+                   help="the router to announce VIPs to (enables BGP); repeatable: one session each, which "
+                        "announces the VIPs of its own IP version (an IPv4 and an IPv6 peer for both)")
     g.add_argument("--bgp-local-as", type=_weight_free_int, metavar="N", help="this node's AS number")
     g.add_argument("--bgp-peer-as", type=_weight_free_int, metavar="N", help="the router's AS number")
     g.add_argument("--bgp-router-id", metavar="ADDR", help="default: the local address of the session (IPv4)")
     g.add_argument("--bgp-local-address", metavar="ADDR",
-                   help="the session's source (default: the address the routes pick towards the peer)")
+                   help="the session's source (default: the address the routes pick towards the peer); "
+                        "with several peers, for those of its IP version")
     g.add_argument("--bgp-hold-time", type=_weight_free_int, default=3, metavar="SECONDS",
                    help="BGP hold time (default 3, the least allowed: a frozen node loses its routes within it)")
     g.add_argument("--bgp-settle", type=float, default=5.0, metavar="SECONDS",

@@ -67,6 +67,24 @@ def make_logger(log_format: str) -> logging.Logger:
     return logging.getLogger("lb.daemon")
 
 
+def bgp_sessions(args: Any, name: str) -> list[BgpOptions]:
+    """The daemon's BGP sessions, one per --bgp-peer (none without). The first keeps the instance's name
+    for its ExaBGP files, the others take NAME-2, NAME-3...; --bgp-local-address goes to the peers of
+    its IP version."""
+    peers = args.bgp_peer or []
+    if len(set(peers)) != len(peers):
+        raise InputError("--bgp-peer: a peer is given twice")
+    sessions = []
+    for i, peer in enumerate(peers):
+        local = args.bgp_local_address
+        if local is not None and len(peers) > 1 and (":" in local) != (":" in peer):
+            local = None
+        sessions.append(BgpOptions.parse(peer, args.bgp_local_as, args.bgp_peer_as, args.bgp_router_id, local,
+                                         args.bgp_hold_time, args.bgp_settle,
+                                         name=name if i == 0 else f"{name}-{i + 1}"))
+    return sessions
+
+
 def _event(log: logging.Logger, msg: str, level: int = logging.INFO, **fields: Any) -> None:
     log.log(level, msg, extra={"fields": fields})
 
@@ -97,7 +115,7 @@ class Daemon:
     socket_path: str
     config_path: str | None = None
     metrics_listen: tuple[str, int] | None = None
-    bgp: BgpOptions | None = None
+    bgp: list[BgpOptions] = field(default_factory=list)  # one BGP session (an ExaBGP) each
     started: float = field(default_factory=time.time)
     adopted: AdoptReport = field(default_factory=AdoptReport)
     commands_served: int = 0
@@ -168,13 +186,16 @@ class Daemon:
                 if writes:
                     _event(self.log, "route mirror refreshed", writes=writes)
 
-    def start_bgp(self, stop: threading.Event) -> threading.Thread | None:
-        """With --bgp-peer: announce the VIPs this node can serve until `stop`, then withdraw them."""
-        if self.bgp is None:
-            return None
-        t = threading.Thread(target=follow_bgp, args=(self.bgp, self.serving_state, stop), name="bgp", daemon=True)
-        t.start()
-        return t
+    def start_bgp(self, stop: threading.Event) -> list[threading.Thread]:
+        """With --bgp-peer: announce the VIPs this node can serve until `stop`, then withdraw them;
+        a thread (and a speaker) per peer."""
+        threads = []
+        for options in self.bgp:
+            t = threading.Thread(target=follow_bgp, args=(options, self.serving_state, stop),
+                                 name=f"bgp-{options.peer}", daemon=True)
+            t.start()
+            threads.append(t)
+        return threads
 
     def serving_state(self) -> Any:
         """The stored state, or None while the data plane is not there (detached, pins gone)."""
@@ -190,7 +211,8 @@ class Daemon:
         # Socket and port first: a second daemon must stop before it adopts or applies anything.
         api = ApiServer(self.socket_path, self.handle, self.describe)
         metrics_server = None
-        health = routes = bgp = None
+        health = routes = None
+        bgp: list[threading.Thread] = []
         try:
             if self.metrics_listen:
                 from prometheus_client import start_http_server
@@ -220,8 +242,8 @@ class Daemon:
                     self.apply_config()
         finally:
             stop.set()  # on an error too: BGP withdraws before the daemon goes
-            if bgp is not None:
-                bgp.join(timeout=15)
+            for t in bgp:  # withdrawn side by side: each thread ends its own session
+                t.join(timeout=15)
             api.close()
             if metrics_server is not None:
                 metrics_server.shutdown()
@@ -244,11 +266,7 @@ def serve(args: argparse.Namespace) -> int:
         listen = parse_listen(args.metrics, args.metrics_public) if args.metrics else None
         ctl = Controller.open(args.state)
         path = args.api_socket or default_socket_path(Instance.current().name)
-        bgp = None
-        if args.bgp_peer:
-            bgp = BgpOptions.parse(args.bgp_peer, args.bgp_local_as, args.bgp_peer_as, args.bgp_router_id,
-                                   args.bgp_local_address, args.bgp_hold_time, args.bgp_settle,
-                                   name=Instance.current().name)
+        bgp = bgp_sessions(args, Instance.current().name)
         daemon = Daemon(ctl, log, path, args.config, listen, bgp)
         stop, reload = threading.Event(), threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -119,3 +119,17 @@ def test_everything_is_withdrawn_when_the_data_plane_goes_or_the_daemon_stops():
 def test_bad_bgp_options_are_refused_with_one_line(args, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace("[", r"\[")):
         BgpOptions.parse(*args)
+
+
+def test_a_daemon_with_an_ipv4_and_an_ipv6_peer_runs_a_session_each():
+    from control.cli import parse_args
+    from control.daemon import bgp_sessions
+
+    args = parse_args(["daemon", "--bgp-peer", "198.18.11.1", "--bgp-peer", "fd00:18:11::1", "--bgp-local-as", "65001",
+                       "--bgp-peer-as", "65000", "--bgp-router-id", "198.18.11.2", "--bgp-local-address", "198.18.11.2"])
+    v4, v6 = bgp_sessions(args, "lb1")
+    assert (str(v4.peer), str(v4.local_address), v4.name) == ("198.18.11.1", "198.18.11.2", "lb1")
+    assert (str(v6.peer), v6.local_address, v6.name) == ("fd00:18:11::1", None, "lb1-2")  # the source: its routes'
+    assert str(v6.router_id) == "198.18.11.2"
+    with pytest.raises(InputError, match="^--bgp-peer: a peer is given twice$"):
+        bgp_sessions(parse_args(["daemon", "--bgp-peer", "198.18.11.1", "--bgp-peer", "198.18.11.1"]), "lb1")
