@@ -7,6 +7,8 @@ plane, and the same backends behind them; one etcd holds the desired state.
                                       br0 198.18.50.1 (bridge: nodes' down0, backends' eth0)
     backend j 198.18.50.(100+j), the VIP on its loopback (dsr), default route via 198.18.50.1
     node i also holds 198.18.50.3i on down0: its full NAT source (snat), and routes clients via the router
+    IPv6 beside IPv4: 198.18.X.Y is also fd00:18:X::Y, and each node has a second BGP session, over IPv6
+    (a session carries the VIPs of its own IP version)
 
 The router learns the VIP's /32 from every node (next hop: the node's up0) and installs one
 multipath route; clients reach the VIP through it. Backends answer clients directly through
@@ -51,6 +53,8 @@ class Node:
     ns: str
     up_address: ipaddress.IPv4Address  # on up0, towards the router: the BGP session and next hop
     router_address: ipaddress.IPv4Address  # the router's end of up0's link
+    up_address6: ipaddress.IPv6Address  # the same for IPv6 VIPs: their own BGP session
+    router_address6: ipaddress.IPv6Address
     down_address: ipaddress.IPv4Address  # on down0, the backends' bridge
     snat_address: ipaddress.IPv4Address  # on down0 too: full NAT's source, this node's own (lbctl snat add)
     store: str  # its --store URL
@@ -62,6 +66,13 @@ class Backend:
     name: str
     ns: str
     address: ipaddress.IPv4Address
+    address6: ipaddress.IPv6Address
+
+
+def v6(address: str) -> ipaddress.IPv6Address:
+    """The lab's IPv6 twin of one of its IPv4 addresses: 198.18.X.Y is fd00:18:X::Y."""
+    _, _, x, y = address.split(".")
+    return ipaddress.ip_address(f"fd00:18:{x}::{y}")
 
 
 @dataclass
@@ -71,6 +82,7 @@ class Cluster:
     router_ns: str = ""
     client_ns: str = ""
     client_address: ipaddress.IPv4Address = ipaddress.ip_address("198.18.0.2")
+    client_address6: ipaddress.IPv6Address = v6("198.18.0.2")
     nodes: list[Node] = field(default_factory=list)
     backends: list[Backend] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
@@ -94,6 +106,8 @@ class Cluster:
         ns = f"{self.prefix}-{role}"
         subprocess.run(["ip", "netns", "add", ns], check=True)
         self.namespaces.append(ns)
+        for key in ("all", "default"):  # addresses usable at once (no duplicate detection in a lab)
+            write_sysctl(ns, f"net.ipv6.conf.{key}.accept_dad", "0")
         with netlink_in(ns) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         return ns
@@ -106,10 +120,12 @@ class Cluster:
 
     @staticmethod
     def _address(ns: str, ifname: str, address: str, prefixlen: int = 24, master: int | None = None) -> int:
+        """`address`/`prefixlen` and its IPv6 twin (/64) on the interface, brought up."""
         with netlink_in(ns) as ipr:
             idx = ipr.link_lookup(ifname=ifname)[0]
             if address:
                 ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
+                ipr.addr("add", index=idx, address=str(v6(address)), prefixlen=64)
             if master is not None:
                 ipr.link("set", index=idx, master=master)
             ipr.link("set", index=idx, state="up")
@@ -118,7 +134,8 @@ class Cluster:
     def _create(self, n_nodes: int, n_backends: int) -> None:
         self.router_ns = self._add_ns("rtr")
         for key, value in (("net.ipv4.ip_forward", "1"), ("net.ipv4.fib_multipath_hash_policy", "1"),
-                           ("net.ipv4.conf.all.rp_filter", "0"), ("net.ipv4.conf.default.rp_filter", "0")):
+                           ("net.ipv4.conf.all.rp_filter", "0"), ("net.ipv4.conf.default.rp_filter", "0"),
+                           ("net.ipv6.conf.all.forwarding", "1"), ("net.ipv6.fib_multipath_hash_policy", "1")):
             write_sysctl(self.router_ns, key, value)
         # clients
         self.client_ns = self._add_ns("client")
@@ -127,6 +144,7 @@ class Cluster:
         self._address(self.client_ns, "eth0", str(self.client_address))
         with netlink_in(self.client_ns) as ipr:
             ipr.route("add", dst="default", gateway="198.18.0.1")
+            ipr.route("add", dst="default", gateway=str(v6("198.18.0.1")), family=socket.AF_INET6)
         # the backends' bridge, in the router's namespace (the router is their gateway back to clients)
         with netlink_in(self.router_ns) as ipr:
             ipr.link("add", ifname="br0", kind="bridge")
@@ -140,13 +158,14 @@ class Cluster:
             self._address(ns, "eth0", str(address))
             with netlink_in(ns) as ipr:
                 ipr.route("add", dst="default", gateway=str(ROUTER_SERVICE_ADDRESS))
+                ipr.route("add", dst="default", gateway=str(v6(str(ROUTER_SERVICE_ADDRESS))), family=socket.AF_INET6)
             for key in ("all", "default", "eth0"):  # answers from the VIP (on lo) leave by eth0
                 write_sysctl(ns, f"net.ipv4.conf.{key}.rp_filter", "0")
-            self.backends.append(Backend(f"b{j}", ns, address))
+            self.backends.append(Backend(f"b{j}", ns, address, v6(str(address))))
         for i in range(1, n_nodes + 1):
             ns = self._add_ns(f"lb{i}")
             for key, value in (("net.ipv4.ip_forward", "1"), ("net.ipv4.conf.all.rp_filter", "0"),
-                               ("net.ipv4.conf.default.rp_filter", "0")):
+                               ("net.ipv4.conf.default.rp_filter", "0"), ("net.ipv6.conf.all.forwarding", "1")):
                 write_sysctl(ns, key, value)
             subnet = 10 + i
             self._veth(self.router_ns, f"to-lb{i}", ns, "up0", lab_mac(subnet, 1), lab_mac(subnet, 2))
@@ -168,7 +187,8 @@ class Cluster:
             # one shared state for all; each node's own part (named after its namespace) in its state file
             store = f"etcd://{ROUTER_SERVICE_ADDRESS}:{ETCD_PORT}/{self.prefix}"
             self.nodes.append(Node(f"lb{i}", ns, ipaddress.ip_address(f"198.18.{subnet}.2"),
-                                   ipaddress.ip_address(f"198.18.{subnet}.1"), down, snat, store))
+                                   ipaddress.ip_address(f"198.18.{subnet}.1"), v6(f"198.18.{subnet}.2"),
+                                   v6(f"198.18.{subnet}.1"), down, snat, store))
         self.start_etcd()
         self.start_bird()
 
@@ -208,14 +228,17 @@ class Cluster:
 
     def bird_config(self) -> str:
         sessions = "".join(
-            f"protocol bgp {n.name} {{\n  local {n.router_address} as {ROUTER_AS};\n"
-            f"  neighbor {n.up_address} as {NODE_AS};\n"
+            f"protocol bgp {n.name}{suffix} {{\n  local {router} as {ROUTER_AS};\n"
+            f"  neighbor {up} as {NODE_AS};\n"
             f"  hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 2;\n"
-            f"  ipv4 {{ import all; export none; }};\n}}\n" for n in self.nodes)
+            f"  {family} {{ import all; export none; }};\n}}\n"
+            for n in self.nodes for suffix, router, up, family in (("", n.router_address, n.up_address, "ipv4"),
+                                                                 ("v6", n.router_address6, n.up_address6, "ipv6")))
         return (f"router id 198.18.0.1;\nlog \"{self.workdir}/bird.log\" all;\n"
                 "protocol device { scan time 1; }\n"
                 # ECMP: equal BGP routes from several nodes become one multipath kernel route
-                "protocol kernel { ipv4 { export all; }; merge paths on; }\n" + sessions)
+                "protocol kernel { ipv4 { export all; }; merge paths on; }\n"
+                "protocol kernel { ipv6 { export all; }; merge paths on; }\n" + sessions)
 
     def start_bird(self) -> None:
         config = os.path.join(self.workdir, "bird.conf")
@@ -249,21 +272,24 @@ class Cluster:
         for n in self.nodes:
             self.attach(n)
 
-    def prepare_backends_for(self, vip: ipaddress.IPv4Address) -> None:
+    def prepare_backends_for(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
         """dsr: every backend holds the VIP on its loopback; every node routes the VIP towards a
         backend, for its health checks (the check's mark picks the backend)."""
         for b in self.backends:
             write_sysctl(b.ns, "net.ipv4.conf.all.arp_ignore", "1")
             write_sysctl(b.ns, "net.ipv4.conf.all.arp_announce", "2")
             with netlink_in(b.ns) as ipr:
-                ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=str(vip), prefixlen=32)
+                ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=str(vip), prefixlen=vip.max_prefixlen)
+        first = self.backends[0].address if vip.version == 4 else self.backends[0].address6
         for n in self.nodes:
             with netlink_in(n.ns) as ipr:
-                ipr.route("add", dst=f"{vip}/32", gateway=str(self.backends[0].address))
+                ipr.route("add", dst=f"{vip}/{vip.max_prefixlen}", gateway=str(first),
+                          family=socket.AF_INET if vip.version == 4 else socket.AF_INET6)
 
     def start_daemon(self, node: Node, settle: float = 1.0, *extra: str) -> DaemonProcess:
         node.daemon = DaemonProcess(node.ns, os.path.join(self.workdir, f"{node.name}.log"),
                                     ("--store", node.store, "--bgp-peer", str(node.router_address),
+                                     "--bgp-peer", str(node.router_address6), "--bgp-router-id", str(node.up_address),
                                      "--bgp-local-as", str(NODE_AS), "--bgp-peer-as", str(ROUTER_AS),
                                      "--bgp-settle", str(settle), *extra)).start()
         return node.daemon
@@ -274,7 +300,7 @@ class Cluster:
         seconds the router took to drop the node's route."""
         start = time.monotonic()
         node.daemon.kill9()
-        wait_for(lambda: str(node.up_address) not in self.next_hops(vip), 15, interval=0.02,
+        wait_for(lambda: self.up_address(node, vip) not in self.next_hops(vip), 15, interval=0.02,
                  what=f"the router to drop {node.name}'s route")
         took = time.monotonic() - start
         if detach:
@@ -292,7 +318,7 @@ class Cluster:
         drops its route, which only the BGP hold timer notices."""
         start = time.monotonic()
         self.signal_node(node, signal.SIGSTOP)
-        wait_for(lambda: str(node.up_address) not in self.next_hops(vip), 30, interval=0.02,
+        wait_for(lambda: self.up_address(node, vip) not in self.next_hops(vip), 30, interval=0.02,
                  what=f"the router to drop frozen {node.name}'s route")
         return time.monotonic() - start
 
@@ -319,7 +345,7 @@ class Cluster:
                                   f"( sport = :{port} )"], capture_output=True, text=True, check=True).stdout
             for line in out.splitlines():
                 host, _, peer_port = line.split()[-1].rpartition(":")
-                if host.strip("[]").removeprefix("::ffff:") == str(self.client_address):
+                if host.strip("[]").removeprefix("::ffff:") in (str(self.client_address), str(self.client_address6)):
                     owner[int(peer_port)] = b.name
         return owner
 
@@ -347,11 +373,16 @@ class Cluster:
 
     # --- what the router does -----------------------------------------------------------------
 
-    def next_hops(self, vip: ipaddress.IPv4Address) -> set[str]:
+    @staticmethod
+    def up_address(node: Node, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+        """The node's next hop for the VIP at the router: its up0 address of the VIP's IP version."""
+        return str(node.up_address if vip.version == 4 else node.up_address6)
+
+    def next_hops(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> set[str]:
         """The next hops of the router's route to the VIP (empty: no route)."""
         with netlink_in(self.router_ns) as ipr:
-            routes = [r for r in ipr.get_routes(family=socket.AF_INET)
-                      if r["dst_len"] == 32 and r.get_attr("RTA_DST") == str(vip)]
+            routes = [r for r in ipr.get_routes(family=socket.AF_INET if vip.version == 4 else socket.AF_INET6)
+                      if r["dst_len"] == vip.max_prefixlen and r.get_attr("RTA_DST") == str(vip)]
         hops: set[str] = set()
         for r in routes:
             gateway = r.get_attr("RTA_GATEWAY")
@@ -364,7 +395,7 @@ class Cluster:
 
     def wait_for_next_hops(self, vip: ipaddress.IPv4Address, nodes: list[Node], timeout: float = 30.0) -> float:
         """Poll until the router's route to the VIP goes exactly through `nodes`; returns the seconds taken."""
-        want = {str(n.up_address) for n in nodes}
+        want = {self.up_address(n, vip) for n in nodes}
         start = time.monotonic()
         wait_for(lambda: self.next_hops(vip) == want, timeout, interval=0.02,
                  what=f"the router's route to {vip} through {sorted(want)} (has {sorted(self.next_hops(vip))})")
@@ -388,7 +419,8 @@ class Cluster:
             with contextlib.suppress(Exception):
                 run_lbctl(n.ns, "--store", n.store, "detach", check=False)
             shutil.rmtree(os.path.join(BPFFS, n.ns), ignore_errors=True)  # pins, if etcd was gone
-            shutil.rmtree(os.path.join(RUN_DIR, f"bgp-{n.ns}"), ignore_errors=True)  # a killed daemon's ExaBGP files
+            for session in ("", "-2"):  # a killed daemon's ExaBGP files (its IPv4 and IPv6 sessions)
+                shutil.rmtree(os.path.join(RUN_DIR, f"bgp-{n.ns}{session}"), ignore_errors=True)
             for name in (f"{n.ns}.db", f"{n.ns}.node.db"):  # a node's own part of the state, if kept in a file
                 for suffix in ("", "-wal", "-shm"):
                     with contextlib.suppress(FileNotFoundError):

@@ -312,7 +312,7 @@ class EchoConnections:
         self._serial = 0
         try:
             for _ in range(n):
-                sock = socket_in(client_ns, socket.AF_INET)
+                sock = socket_in(client_ns, socket.AF_INET6 if ":" in host else socket.AF_INET)
                 self.socks.append(sock)
                 sock.settimeout(timeout)
                 sock.connect((host, port))

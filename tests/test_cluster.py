@@ -19,13 +19,14 @@ import pytest
 from lb.maps import DataPlaneMaps
 from lb.structs import LbAddr
 from netns.cluster import BPFFS, Cluster, Node
-from netns.topology import VIP_NETWORK
+from netns.topology import VIP6_NETWORK, VIP_NETWORK
 from netns.traffic import EchoConnections, EchoServers, wait_for
 
 pytestmark = pytest.mark.skipif(not all(shutil.which(b) for b in ("etcd", "bird", "exabgp")),
                                 reason="needs etcd, bird and exabgp (make setup installs them)")
 
 VIP = VIP_NETWORK[1]
+VIP6 = VIP6_NETWORK[1]
 PORT = 8080
 CONNECTIONS = 200
 RING = 1601  # the Maglev table of a VIP of up to 16 backends (lb.maglev.ring_size_for)
@@ -41,6 +42,7 @@ def config(backends: list[str], min_healthy: int = 1) -> str:
 def cluster() -> Iterator[Cluster]:
     with Cluster.build(n_nodes=3, n_backends=4) as c:
         c.prepare_backends_for(VIP)
+        c.prepare_backends_for(VIP6)
         servers = EchoServers([b.ns for b in c.backends], PORT, backlog=512)
         try:
             c.attach_all()
@@ -89,6 +91,30 @@ def test_the_router_spreads_connections_over_every_node(cluster: Cluster, connec
     assert sum(per_node.values()) <= CONNECTIONS * 1.1, per_node
     assert all(n >= CONNECTIONS // 10 for n in per_node.values()), per_node
     assert set(cluster.backend_of_connections(PORT).values()) == {"b1", "b2", "b3"}
+
+
+def test_an_ipv6_vip_is_spread_over_every_node_by_the_routers_ecmp_for_its_128(cluster: Cluster):
+    """Each node announces the IPv6 VIP over its IPv6 session; the router's /128 takes all three as next hops."""
+    target = f"[{VIP6}]:{PORT}/tcp"
+    cluster.lbctl(cluster.nodes[0], "add-vip", target, "--mode", "dsr")
+    conns = None
+    try:
+        for b in cluster.backends[:3]:
+            cluster.lbctl(cluster.nodes[0], "add-backend", target, f"[{b.address6}]")
+        took = cluster.wait_for_next_hops(VIP6, cluster.nodes, timeout=30)
+        print(f"the router's route to {VIP6}/128 went through all three nodes {took:.2f}s after the last change")
+        conns = EchoConnections(cluster.client_ns, str(VIP6), PORT, CONNECTIONS)
+        assert conns.round() == CONNECTIONS, conns.failed
+        held = {n.name: cluster.ports_carried_by(n, conns.local_ports()) for n in cluster.nodes}
+        assert set().union(*held.values()) == set(conns.local_ports())
+        assert all(len(ports) >= CONNECTIONS // 10 for ports in held.values()), {k: len(v) for k, v in held.items()}
+        assert set(cluster.backend_of_connections(PORT).values()) == {"b1", "b2", "b3"}
+        print(f"IPv6: {CONNECTIONS} connections over the nodes: {', '.join(f'{k} {len(v)}' for k, v in held.items())}")
+    finally:
+        if conns is not None:
+            conns.close()
+        cluster.lbctl(cluster.nodes[1], "remove-vip", target)
+    cluster.wait_for_next_hops(VIP6, [], timeout=30)
 
 
 def test_an_etcd_restart_under_traffic_breaks_nothing_and_loses_nothing(cluster: Cluster,
@@ -184,7 +210,8 @@ def test_a_stopping_daemon_withdraws_while_its_data_plane_forwards_and_a_restart
     with connections.flowing(interval=0.1):
         assert lb3.daemon.stop() == 0  # SIGTERM
         assert str(lb3.up_address) not in cluster.next_hops(VIP)  # withdrawn before the daemon exited
-        assert lb3.daemon.events("bgp: withdrawn all", lb3.daemon.proc.pid)[0]["withdrawn"] == [f"{VIP}/32"]
+        withdrawn = [p for e in lb3.daemon.events("bgp: withdrawn all", lb3.daemon.proc.pid) for p in e["withdrawn"]]
+        assert withdrawn == [f"{VIP}/32"]  # by its IPv4 session; its IPv6 one had nothing to withdraw
         rounds = connections.rounds
         wait_for(lambda: connections.rounds >= rounds + 5, 30, what="traffic while lb3's daemon is away")
         start = time.monotonic()
