@@ -125,6 +125,7 @@ class Run:
     lb_prog: int
     drop: perpacket.Case
     cases: list[perpacket.Case]
+    baselines: dict[str, int]
 
 
 def main() -> None:
@@ -146,7 +147,7 @@ def main() -> None:
         with bench_lab() as (lab, pin_dir):
             r.lab, r.pin_dir = lab, pin_dir
             r.lb_prog = loader.pinned_program(pin_dir)
-            baselines = perpacket.load_baselines()
+            r.baselines = baselines = perpacket.load_baselines()
             with in_netns(lab.lb_ns):
                 r.cases, r.drop = perpacket.lab_cases(lab, r.lb_prog, baselines)
             in_lab_sections()
@@ -244,7 +245,8 @@ def main() -> None:
             sections.skip("katran", katran.SKIPPED)
             return
         log(f"side by side with Katran ({path}): the same frames, both connection tables full")
-        results["katran"] = sidebyside.run(r.lab, r.lb_prog, r.pin_dir, r.drop, path, quick=QUICK, progress=log)
+        results["katran"] = sidebyside.run(r.lab, r.lb_prog, r.pin_dir, r.drop, path, quick=QUICK, progress=log,
+                                           line_prog=getattr(r, "baselines", {}).get("xdp_line64"))
 
     def section(name: str, body) -> None:
         if not ONLY or name in ONLY:

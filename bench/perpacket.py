@@ -49,7 +49,7 @@ def build_loop() -> ctypes.CDLL:
 def load_baselines() -> dict[str, int]:
     from bcc import BPF
     bpf = BPF(src_file=os.fsencode(HERE / "baselines.c"))
-    fds = {name: os.dup(bpf.load_func(name.encode(), BPF.XDP).fd) for name in ("xdp_drop", "xdp_macswap")}
+    fds = {name: os.dup(bpf.load_func(name.encode(), BPF.XDP).fd) for name in ("xdp_drop", "xdp_macswap", "xdp_line64")}
     bpf.cleanup()
     return fds
 

@@ -108,7 +108,8 @@ def pinned_to_one_cpu() -> Iterator[int]:
 
 
 def run(lab: Lab, lb_prog: int, pin_dir: str, drop: Case, katran_path: Path, quick: bool,
-        progress: Callable[[str], None] = print) -> dict:
+        progress: Callable[[str], None] = print, line_prog: int | None = None) -> dict:
+    """line_prog: the memory floor (bench/baselines.c, xdp_line64), timed on the hit_100k frames when given."""
     with in_netns(lab.lb_ns), pinned_to_one_cpu() as cpu, DataPlaneMaps.open(pin_dir) as maps:
         table = maps.conn_table.max_entries
         with Katran(katran_path, lru_entries=table, cpu=cpu) as katran:
@@ -123,6 +124,8 @@ def run(lab: Lab, lb_prog: int, pin_dir: str, drop: Case, katran_path: Path, qui
                 raise AssertionError(f"not at steady state: tables of {table:,} entries hold {occupancy} after the fill")
             verified = {f"{p.family}_{p.mode}_{p.path}": verify(p, katran, maps, lab) for p in pairs}
             cases = list({id(c): c for p in pairs for c in (p.lb, p.katran)}.values())  # Katran's SYN serves two rows
+            floors = floor_cases(pairs, line_prog) if line_prog is not None else []
+            cases += [case for case, _ in floors]
             before = counters(pairs, katran, maps)
             rounds, blocks = (2, 2) if quick else (7, 20)
             timed = perpacket.measure(cases, drop, rounds=rounds, blocks=blocks, progress=progress)
@@ -130,7 +133,29 @@ def run(lab: Lab, lb_prog: int, pin_dir: str, drop: Case, katran_path: Path, qui
             checks = check_counters(pairs, katran, maps, before, after, rounds * blocks * perpacket.BLOCK)
     return {"table_entries": table, "occupancy_after_fill": occupancy, "cpu": cpu,
             "calls_per_case": rounds * blocks * perpacket.BLOCK, "verified": verified, "checks": checks,
-            "cases": timed, "ratios": ratios(pairs, timed)}
+            "cases": timed, "ratios": ratios(pairs, timed), "floor": floor_ratios(floors, timed)}
+
+
+def floor_cases(pairs: list[Pair], line_prog: int) -> list[tuple[Case, Pair]]:
+    """The memory floor on each family's hit_100k frames (the same flows, the same order), beside the
+    Katran case it is compared with (its NAT hit_100k)."""
+    return [(Case(f"floor_{p.family}_line64_100k", line_prog, p.lb.frame, p.lb.ingress_ifindex, "XDP_DROP",
+                  vary=True, flow_base=CYCLE_BASE, flow_mod=CYCLED), p)
+            for p in pairs if p.path == "hit_100k" and p.mode == "nat"]
+
+
+def floor_ratios(floors: list[tuple[Case, Pair]], timed: dict) -> dict:
+    """Each floor over Katran's hit_100k, per round, then median, min and max: what share of Katran's whole
+    hit over 100k flows one uncached line of a 64 MiB map costs alone (no table in one such map does better)."""
+    out = {}
+    for case, p in floors:
+        f_r, k_r = timed[case.name]["net_ns_rounds"], timed[p.katran.name]["net_ns_rounds"]
+        per_round = [a / b for a, b in zip(f_r, k_r) if b > 0]
+        out[f"{p.family}_line64_100k"] = {
+            "floor_ns": timed[case.name]["median_ns"], "katran_ns": timed[p.katran.name]["median_ns"],
+            "over_katran": statistics.median(per_round) if per_round else None,
+            "over_katran_min": min(per_round, default=None), "over_katran_max": max(per_round, default=None)}
+    return out
 
 
 def build_pairs(lab: Lab, lb_prog: int, katran: Katran, client_if: int) -> list[Pair]:
@@ -373,3 +398,7 @@ def print_table(result: dict, log: Callable[[str], None]) -> None:
         else:
             ratio = "within the floor's noise"
         log(f"    {name:<22} Katran {r['katran_ns']:>7.0f}  lb {r['lb_ns']:>7.0f}  lb/Katran {ratio}")
+    for name, r in result.get("floor", {}).items():
+        if r["over_katran"] is not None:
+            log(f"    floor {name:<16} Katran {r['katran_ns']:>7.0f}  one line of 64 MiB {r['floor_ns']:>5.0f}  "
+                f"floor/Katran {r['over_katran']:.2f} [{r['over_katran_min']:.2f}-{r['over_katran_max']:.2f}]")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -217,3 +218,41 @@ def test_side_by_side_reads_lbs_flow_key_from_the_frames_it_sends():
         assert (key.src.address(), key.dst.address()) == (ipaddress.ip_address(parsed.src),
                                                           ipaddress.ip_address(parsed.dst))
         assert (socket.ntohs(key.sport), socket.ntohs(key.dport), key.proto) == (0x5678, 80, socket.IPPROTO_TCP)
+
+
+def test_the_memory_floor_is_compared_with_katrans_hit_over_100k_flows_round_by_round():
+    from bench.perpacket import Case
+    from bench.sidebyside import Pair, floor_cases, floor_ratios
+    pairs = [Pair(family, mode, "hit_100k", Case(f"lb_{family}_{mode}", 0, b"", 0, "XDP_REDIRECT"),
+                  Case(f"katran_{family}_{mode}_hit_100k", 0, b"", 0, "XDP_TX"), ("198.19.0.1", 80))
+             for family in ("v4", "v6") for mode in ("nat", "tunnel")]
+    floors = floor_cases(pairs, line_prog=7)
+    assert [(c.name, c.prog_fd, c.action, p.mode) for c, p in floors] == [
+        ("floor_v4_line64_100k", 7, "XDP_DROP", "nat"), ("floor_v6_line64_100k", 7, "XDP_DROP", "nat")]
+    assert all(c.vary and c.flow_mod == 100_000 for c, _ in floors)  # the same cycled flows as hit_100k
+    timed = {"floor_v4_line64_100k": {"median_ns": 250, "net_ns_rounds": [250, 300, 200]},
+             "katran_v4_nat_hit_100k": {"median_ns": 400, "net_ns_rounds": [500, 400, 400]},
+             "floor_v6_line64_100k": {"median_ns": 240, "net_ns_rounds": [240]},
+             "katran_v6_nat_hit_100k": {"median_ns": 0, "net_ns_rounds": [0]}}
+    out = floor_ratios(floors, timed)
+    v4 = out["v4_line64_100k"]  # per round 250/500, 300/400, 200/400
+    assert (v4["over_katran"], v4["over_katran_min"], v4["over_katran_max"]) == (0.5, 0.5, 0.75)
+    assert out["v6_line64_100k"]["over_katran"] is None  # Katran at the floor in every round: no ratio
+
+
+def test_the_memory_floor_reads_a_line_and_drops_both_families():
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+
+    from bench.perpacket import load_baselines
+    from lb.testrun import run_xdp
+    fds = load_baselines()
+    try:
+        for ip in (IP(src="10.0.0.1", dst="198.19.0.1"), IPv6(src="fd00::1", dst="fd00::2")):
+            frame = bytes(Ether() / ip / TCP(sport=1000, dport=80, flags="A"))
+            assert run_xdp(fds["xdp_line64"], frame).action == "XDP_DROP"
+        assert run_xdp(fds["xdp_line64"], b"\0" * 20).action == "XDP_ABORTED"  # too short to hold a flow
+    finally:
+        for fd in fds.values():
+            os.close(fd)
