@@ -16,19 +16,13 @@ import ipaddress
 import select
 import socket
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
-
+from lb import rtnl
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import EgressVlan, LbAddr, NextHop, RouteKey
+from lb.structs import EgressVlan, IPAddress, LbAddr, NextHop, RouteKey
 
 ETH_P_8021Q = 0x8100
 # NUD states whose lladdr can be used to send
 _USABLE_NUD = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE, STALE, DELAY, PROBE, PERMANENT
-
-
-def _mac(text: str) -> bytes:
-    return bytes.fromhex(text.replace(":", ""))
 
 
 def _route_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> RouteKey:
@@ -48,40 +42,34 @@ _DEFAULT_RULES = {(0, 255), (32766, 254), (32767, 253)}
 _RTN_UNICAST = 1
 
 
-def policy_routing(ipr: IPRoute) -> bool:
+def policy_routing() -> bool:
     """Does any rule beyond the defaults choose the table (so the main table is not the whole story)?"""
-    return any((r.get_attr("FRA_PRIORITY") or 0, r.get_attr("FRA_TABLE") or r["table"]) not in _DEFAULT_RULES
-               for family in (socket.AF_INET, socket.AF_INET6) for r in ipr.get_rules(family=family))
+    return any((r.priority, r.table) not in _DEFAULT_RULES
+               for family in (socket.AF_INET, socket.AF_INET6) for r in rtnl.rules(family))
 
 
 def kernel_next_hops(ifindexes: set[int]) -> dict[bytes, tuple[RouteKey, NextHop]]:
     """What the routes map should hold, read from the kernel over netlink."""
     out: dict[bytes, tuple[RouteKey, NextHop]] = {}
-    with IPRoute() as ipr:
-        if policy_routing(ipr):
-            return out
-        link_macs = {link["index"]: _mac(link.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00")
-                     for link in ipr.get_links() if link["index"] in ifindexes}
-        neighbours: dict[tuple[int, str], bytes] = {}
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for n in ipr.get_neighbours(family=family):
-                dst, lladdr = n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR")
-                if n["ifindex"] in ifindexes and dst and lladdr and n["state"] & _USABLE_NUD:
-                    neighbours[(n["ifindex"], dst)] = _mac(lladdr)
-                    key = _route_key(ipaddress.ip_network(dst))
-                    out[bytes(key)] = (key, _next_hop(n["ifindex"], link_macs[n["ifindex"]], _mac(lladdr)))
-            for r in ipr.get_routes(family=family, table=254):
-                oif, gw = r.get_attr("RTA_OIF"), r.get_attr("RTA_GATEWAY")
-                dst = r.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
-                key = _route_key(ipaddress.ip_network(f"{dst}/{r['dst_len']}"))
-                if r["type"] != _RTN_UNICAST:  # blackhole, unreachable, prohibit: the FIB says so, whatever else
-                    out[bytes(key)] = (key, NextHop())
-                elif (oif in ifindexes and gw and (oif, gw) in neighbours
-                      and not r.get_attr("RTA_MULTIPATH")):
-                    # a more specific neighbour entry wins over a route to the same prefix
-                    out.setdefault(bytes(key), (key, _next_hop(oif, link_macs[oif], neighbours[(oif, gw)])))
-                else:  # ECMP, on-link, another interface, an unresolved gateway: the FIB decides
-                    out.setdefault(bytes(key), (key, NextHop()))
+    if policy_routing():
+        return out
+    link_macs = {link.index: link.address.ljust(6, b"\0")[:6] for link in rtnl.links() if link.index in ifindexes}
+    neighbours: dict[tuple[int, IPAddress], bytes] = {}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for n in rtnl.neighbours(family):
+            if n.ifindex in ifindexes and n.dst and n.lladdr and n.state & _USABLE_NUD:
+                neighbours[(n.ifindex, n.dst)] = n.lladdr
+                key = _route_key(ipaddress.ip_network(n.dst))
+                out[bytes(key)] = (key, _next_hop(n.ifindex, link_macs[n.ifindex], n.lladdr))
+        for r in rtnl.routes(family, table=254):
+            key = _route_key(r.dst)
+            if r.type != _RTN_UNICAST:  # blackhole, unreachable, prohibit: the FIB says so, whatever else
+                out[bytes(key)] = (key, NextHop())
+            elif r.oif in ifindexes and r.gateway and (r.oif, r.gateway) in neighbours and not r.multipath:
+                # a more specific neighbour entry wins over a route to the same prefix
+                out.setdefault(bytes(key), (key, _next_hop(r.oif, link_macs[r.oif], neighbours[(r.oif, r.gateway)])))
+            else:  # ECMP, on-link, another interface, an unresolved gateway: the FIB decides
+                out.setdefault(bytes(key), (key, NextHop()))
     return out
 
 
@@ -108,27 +96,23 @@ def sync_routes(maps: DataPlaneMaps, ifindexes: set[int]) -> int:
     return writes + sync_vlans(maps)
 
 
-def vlan_devices(links) -> dict[int, EgressVlan]:
-    """The VLAN devices among netlink link messages (RTM_NEWLINK): ifindex -> lower device and tag."""
+def vlan_devices(links: list[rtnl.Link]) -> dict[int, EgressVlan]:
+    """The VLAN devices among the kernel's links: ifindex -> lower device and tag."""
     out: dict[int, EgressVlan] = {}
     for link in links:
-        info = link.get_attr("IFLA_LINKINFO")
-        if info is None or info.get_attr("IFLA_INFO_KIND") != "vlan":
+        if link.kind != "vlan":
             continue
-        data, lower = info.get_attr("IFLA_INFO_DATA"), link.get_attr("IFLA_LINK")
-        vid = data.get_attr("IFLA_VLAN_ID") if data is not None else None
-        if not lower or vid is None:  # a VLAN in another namespace's device, or malformed: the kernel's to send
+        if not link.lower or link.vlan_id is None:  # a VLAN in another namespace's device, or malformed: the kernel's
             continue
-        proto = data.get_attr("IFLA_VLAN_PROTOCOL") or ETH_P_8021Q
-        out[link["index"]] = EgressVlan(lower_ifindex=lower, proto=socket.htons(proto), tci=socket.htons(vid & 0xFFF))
+        proto = link.vlan_protocol or ETH_P_8021Q
+        out[link.index] = EgressVlan(lower_ifindex=link.lower, proto=socket.htons(proto),
+                                     tci=socket.htons(link.vlan_id & 0xFFF))
     return out
-
 
 
 def sync_vlans(maps: DataPlaneMaps) -> int:
     """Make the egress_vlans map equal to the kernel's VLAN devices; returns the number of writes."""
-    with IPRoute() as ipr:
-        wanted = vlan_devices(ipr.get_links())
+    wanted = vlan_devices(rtnl.links())
     if len(wanted) > maps.egress_vlans.max_entries:  # the rest are sent as any unmanaged egress is
         wanted = dict(sorted(wanted.items())[:maps.egress_vlans.max_entries])
     current = {k.value: bytes(v) for k, v in maps.egress_vlans.items()}
@@ -158,6 +142,8 @@ def keep_resolved(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
     it resolved, though the kernel itself never sends to it (otherwise it would garbage-collect the
     entry, and lb drops DSR packets to an unresolved backend). False if that could not be done (the
     host is not on a link, or the kernel predates managed neighbours)."""
+    from pyroute2 import IPRoute  # writes go through pyroute2 (lb/rtnl.py only reads)
+
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     with IPRoute() as ipr:
         try:
@@ -199,9 +185,10 @@ class KernelChanges:
     """Netlink notifications of the kernel's links, neighbours and routes (IPv4 and IPv6), as a
     context manager: wait() says whether any came, after letting a burst settle."""
 
-    GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+    GROUPS = 0x1 | 0x4 | 0x40 | 0x400  # RTMGRP_LINK, _NEIGH, _IPV4_ROUTE, _IPV6_ROUTE
 
     def __enter__(self) -> "KernelChanges":
+        from pyroute2 import IPRoute
         self.ipr = IPRoute()
         self.ipr.bind(groups=self.GROUPS)
         return self

@@ -12,17 +12,13 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from control.errors import InputError, LbError
-from control import config as declarative
 from control import forwarding
-from control.connections import Filters, list_connections
 from control.model import (ALL_DOWN, HASHES, MAX_MIN_HEALTHY, MAX_WEIGHT, MODES, BackendAddress, BackendState,
                            DataPlaneState, Interface, State, VipAddress, VipState, address_sort_key, format_endpoint,
                            parse_port_range,
@@ -32,13 +28,10 @@ from control.recovery import marked_revision, recover, repair_if_interrupted
 from control.routes import keep_resolved, solicit_neighbour, sync_routes
 from control.store import Store
 from control.stores import open_store
-from lb import loader, offload
+from lb import loader, rtnl
 from lb.bpfsys import prog_id
 from lb.maps import I32, U32, DataPlaneMaps
 from lb.pins import Instance
-from lb.probe import probe
-from lb.refmodel import DataPlaneModel
-from lb.flowhash import ring_index
 from lb.structs import IPAddress, MAX_IFINDEX, REASONS, VIP_HASH_SOURCE, FlowKey, LbAddr, VipKey, be16
 
 log = logging.getLogger("lb.service")
@@ -48,11 +41,11 @@ T = TypeVar("T")
 UNSERVED_ACTIONS = ("drop", "pass")  # what happens to traffic to a VIP's address that no VIP serves
 
 
-def _ifindex(ipr: IPRoute, name: str) -> int:
+def _ifindex(name: str) -> int:
     try:
-        return loader.interface_index(ipr, name)
-    except loader.UnknownInterface as e:
-        raise InputError(str(e)) from None
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise InputError(f"unknown interface {name!r} in this network namespace") from None
 
 
 def choose_xdp_mode(iface: Interface, requested: str) -> str | None:
@@ -61,6 +54,7 @@ def choose_xdp_mode(iface: Interface, requested: str) -> str | None:
     XDP_TX/REDIRECT would break: lb/offload.py). Returns the one line to tell the operator, if any."""
     if requested not in ("auto", "native"):
         return None
+    from lb import offload
     partial = offload.partial_checksums(iface.ifindex)
     if requested == "auto":
         iface.mode = "generic" if partial else "native"
@@ -75,8 +69,7 @@ def _refuse_local_backends(added: list[tuple[VipAddress, BackendAddress]]) -> No
     """A backend must be another host: the data plane forwards, and cannot deliver to its own host."""
     if not added:
         return
-    with IPRoute() as ipr:
-        local = {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}
+    local = rtnl.addresses()
     for vip, backend in added:
         if backend.address in local:
             raise InputError(f"backend {backend} of VIP {vip}: {backend.address} is an address of this host; "
@@ -87,8 +80,7 @@ def _refuse_foreign_sources(state: State, added: set[IPAddress]) -> None:
     """Full NAT's source addresses must be this host's (replies to them must come to the LB), and no VIP's."""
     if not added:
         return
-    with IPRoute() as ipr:
-        local = {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}
+    local = rtnl.addresses()
     vip_addresses = {v.vip.address for v in state.vips}
     for address in sorted(added, key=address_sort_key):
         if address not in local:
@@ -139,8 +131,7 @@ class Controller:
             mode = "tc"
         if len(set(ifnames)) != len(ifnames):
             raise InputError("an interface is named twice")
-        with IPRoute() as ipr:
-            ifaces = [Interface(name, _ifindex(ipr, name), mode) for name in ifnames]
+        ifaces = [Interface(name, _ifindex(name), mode) for name in ifnames]
         for iface in ifaces:
             if iface.ifindex >= MAX_IFINDEX:
                 raise InputError(f"{iface.name}: ifindex {iface.ifindex} is above the data plane's limit {MAX_IFINDEX - 1}")
@@ -191,6 +182,7 @@ class Controller:
     @staticmethod
     def detach_interface(iface: Interface, hook: str) -> None:
         """Take lb's programs off the interface: the hook's, then the egress one."""
+        from pyroute2.netlink.exceptions import NetlinkError
         if hook == "tc":
             with contextlib.suppress(NetlinkError):
                 loader.detach_tc(iface.ifindex)
@@ -458,6 +450,7 @@ class Controller:
     def apply(self, text: str, dry_run: bool = False, source: str = "<file>") -> dict[str, Any]:
         """Make the running state equal to a configuration file, as one change; or, with
         dry_run, only say what that would do. An invalid file changes nothing."""
+        from control import config as declarative
         wanted = declarative.parse(text, source)
         cluster = self._node() is not None
         if cluster and wanted.names_snat():
@@ -485,6 +478,7 @@ class Controller:
     def export(self) -> dict[str, Any]:
         """The state as a configuration file; on a node of a cluster, the shared part alone (what
         apply -f through any node makes every node's), without this node's full NAT sources."""
+        from control import config as declarative
         config = declarative.config_of(self.read_state())
         return {"yaml": declarative.to_yaml(config.shared_part() if self._node() is not None else config)}
 
@@ -556,6 +550,7 @@ class Controller:
     def connections(self, vip: str | None = None, backend: str | None = None,
                     limit: int | None = None) -> dict[str, Any]:
         """The connection table's entries (control/connections.py), filtered, at most `limit`."""
+        from control.connections import Filters, list_connections
         filters = Filters.parse(vip, backend, limit)  # bad filters: refused before anything is read
         state = self.read_state()
         dp = self.require_attached(state)
@@ -587,8 +582,8 @@ class Controller:
         state = self.read_state()
         dp = self.require_attached(state)
         ifname = ingress or dp.interfaces[0].name
-        with IPRoute() as ipr:
-            ifindex = _ifindex(ipr, ifname)
+        from lb.probe import probe
+        ifindex = _ifindex(ifname)
         if len(frame) < 14:
             raise InputError(f"a packet needs at least an Ethernet header (14 bytes), got {len(frame)}")
         prog_fd = loader.pinned_program(dp.pin_dir)
@@ -623,6 +618,8 @@ class Controller:
     def _flow_backend(state: State, dp: DataPlaneState, frame: bytes) -> str | None:
         """The backend the connection table holds for a client's packet (or an ICMP error about it),
         or, when the packet opened no entry (a SYN), the one the VIP's Maglev table picked for it."""
+        from lb.flowhash import ring_index
+        from lb.refmodel import DataPlaneModel
         p = DataPlaneModel.client_flow(frame)
         if p is None:
             return None

@@ -9,14 +9,14 @@ import hashlib
 import os
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Callable
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING, Callable
 
 from lb import bpfsys, layout
 from lb.maglev import DEFAULT_RING_SIZE, is_prime
 from lb.private import private_dir
+
+if TYPE_CHECKING:  # the functions that attach and detach import pyroute2 (150 ms) themselves: lbctl's
+    from pyroute2 import IPRoute  # other commands need none of it
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM_PIN = "xdp_lb"  # the XDP build: attached with hook "xdp", and always the probe's engine
@@ -199,6 +199,8 @@ def replace_program(config: DataPlaneConfig, pin_dir: str, interfaces: list[tupl
 
 
 def _swap_xdp(ifindex: int, mode: str, new_fd: int, old_fd: int) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     flags = XDP_MODES[mode]
     attrs = [("IFLA_XDP_FD", new_fd), ("IFLA_XDP_FLAGS", flags)]
     if attached_prog_id(ifindex) == bpfsys.prog_id(old_fd):
@@ -239,6 +241,8 @@ def attach_pinned(pin: str, ifindex: int, ifname: str, prog_fd: int, xdp_mode: s
 
 
 def attach_xdp(ifindex: int, ifname: str, prog_fd: int, mode: str) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     flags = XDP_MODES[mode]
     try:
         with IPRoute() as ipr:
@@ -254,6 +258,7 @@ def attach_xdp(ifindex: int, ifname: str, prog_fd: int, mode: str) -> None:
 
 def attached_prog_id(ifindex: int) -> int:
     """The id of the XDP program attached to an interface, 0 for none."""
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         links = ipr.link("get", index=ifindex)
     xdp = links[0].get_attr("IFLA_XDP") if links else None
@@ -263,6 +268,7 @@ def attached_prog_id(ifindex: int) -> int:
 
 
 def detach_xdp(ifindex: int, mode: str) -> None:
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", XDP_MODES[mode])]})
 
@@ -275,6 +281,8 @@ TC_FILTER_NAME = "lb"
 
 
 def attach_tc(ifindex: int, ifname: str, prog_fd: int, parent: int = TC_INGRESS) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     try:
         with IPRoute() as ipr:
             try:
@@ -293,6 +301,8 @@ def attach_tc(ifindex: int, ifname: str, prog_fd: int, parent: int = TC_INGRESS)
 
 def replace_tc(ifindex: int, prog_fd: int, parent: int = TC_INGRESS) -> None:
     """Put another program in lb's filter in one step (the filter is created if it is missing)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     try:
         with IPRoute() as ipr:
             _tc_filter(ipr, "replace-filter", ifindex, prog_fd, parent)
@@ -307,6 +317,7 @@ def _tc_filter(ipr: IPRoute, command: str, ifindex: int, prog_fd: int, parent: i
 
 def tc_attached(ifindex: int, parent: int = TC_INGRESS) -> bool:
     """Does lb's filter sit on the interface's TC ingress (or egress)?"""
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         filters = ipr.get_filters(index=ifindex, parent=parent)
     return any(f["info"] >> 16 == TC_PRIO and f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") == TC_FILTER_NAME
@@ -315,6 +326,7 @@ def tc_attached(ifindex: int, parent: int = TC_INGRESS) -> bool:
 
 def detach_tc(ifindex: int, parent: int = TC_INGRESS) -> None:
     """Remove lb's filter; and the clsact qdisc once no filter is left on it."""
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         ipr.tc("del-filter", index=ifindex, parent=parent, prio=TC_PRIO)
         left = [f for parent in (TC_INGRESS, TC_EGRESS) for f in ipr.get_filters(index=ifindex, parent=parent)]

@@ -15,6 +15,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Dot1Q, Ether
 
 from control.routes import vlan_devices
+from lb import rtnl
 from lb.maps import U32, DataPlaneMaps
 from lb.structs import EgressVlan
 from netns.packets import capture, send_frame
@@ -23,8 +24,8 @@ from tests.conftest import lab_with_lb, run_lbctl
 
 
 def link_message(index: int, name: str, lower: int | None = None, kind: str | None = None,
-                 data: list | None = None) -> ifinfmsg:
-    """An RTM_NEWLINK message as the kernel would send it, encoded and decoded again."""
+                 data: list | None = None) -> rtnl.Link:
+    """An RTM_NEWLINK message as the kernel would send it (encoded by pyroute2), read by lb/rtnl.py."""
     msg = ifinfmsg()
     msg["index"], msg["family"] = index, 0
     msg["attrs"] = [("IFLA_IFNAME", name)]
@@ -34,9 +35,7 @@ def link_message(index: int, name: str, lower: int | None = None, kind: str | No
         info = [("IFLA_INFO_KIND", kind)] + ([("IFLA_INFO_DATA", {"attrs": data})] if data else [])
         msg["attrs"].append(("IFLA_LINKINFO", {"attrs": info}))
     msg.encode()
-    out = ifinfmsg(msg.data)
-    out.decode()
-    return out
+    return rtnl.link_of(bytes(msg.data)[16:])  # after the nlmsghdr
 
 
 def test_the_mirror_reads_vlan_devices_as_netlink_reports_them():
