@@ -4,10 +4,9 @@ POST /v1/command with {"command": ..., "params": {...}} runs one lbctl command t
 control.commands.dispatch, one at a time (a lock serialises them, so concurrent callers
 are applied one after another, each whole). The answer is {"result": ...}, or
 {"error": "one line", "exit_code": 2|1} with the same message lbctl direct prints.
-GET /v1/daemon describes the daemon itself."""
+GET /v1/daemon describes the daemon itself. The client is control/apiclient.py."""
 from __future__ import annotations
 
-import http.client
 import http.server
 import json
 import os
@@ -18,15 +17,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from control.apiclient import ENV_SOCKET, RUN_DIR, ApiClient, NoDaemon, default_socket_path  # noqa: F401
 from control.errors import EXIT_ERROR, EXIT_USAGE, InputError, LbError
 from lb.private import private_dir
-
-RUN_DIR = "/run/lb"
-ENV_SOCKET = "LBCTL_API_SOCKET"
-
-
-def default_socket_path(instance_name: str) -> str:
-    return os.path.join(RUN_DIR, f"{instance_name}.sock")
 
 
 # --- server -------------------------------------------------------------------------------
@@ -142,56 +135,3 @@ def _refuse_if_live(path: str) -> None:
     finally:
         probe.close()
     raise LbError(f"another daemon already answers on {path}")
-
-
-# --- client -------------------------------------------------------------------------------
-
-class NoDaemon(Exception):
-    """No daemon listens on the socket (nothing was sent): lbctl works on the maps itself."""
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-@dataclass
-class ApiClient:
-    path: str
-    timeout: float = 300.0  # an attach compiles the program
-
-    def _request(self, method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        conn = _UnixConnection(self.path, self.timeout)
-        try:
-            try:
-                conn.connect()
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise NoDaemon(self.path) from None
-            data = None if body is None else json.dumps(body).encode()
-            conn.request(method, url, body=data, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            answer = json.loads(response.read())
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            raise LbError(f"the daemon at {self.path} did not answer: {e}") from None
-        finally:
-            conn.close()
-        if "error" in answer:  # the same exception lbctl direct would have raised: same line, same exit code
-            error = InputError if answer.get("exit_code") == EXIT_USAGE else LbError
-            raise error(answer["error"])
-        return answer["result"]
-
-    def command(self, command: str, params: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", "/v1/command", {"command": command, "params": params})
-
-    def describe(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/daemon")

@@ -487,7 +487,7 @@ def command_params(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """One command: through the daemon when one answers on the API socket, else on the maps here;
     both end in control.commands.dispatch."""
-    from control.api import ApiClient, NoDaemon, default_socket_path
+    from control.apiclient import ApiClient, NoDaemon, default_socket_path
     from lb.pins import Instance
 
     if os.geteuid() != 0:

@@ -8,6 +8,7 @@ part nodes share in etcd and each node's own part in a SQLite file here."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import ipaddress
 import json
 import os
@@ -29,7 +30,12 @@ class Store(Protocol):
 
 
 def state_to_doc(state: State) -> dict[str, Any]:
-    doc = {"dataplane": _dataplane_doc(state.dataplane), "vips": [vip_to_doc(v) for v in state.vips],
+    return {**head_to_doc(state), "vips": [vip_to_doc(v) for v in state.vips]}
+
+
+def head_to_doc(state: State) -> dict[str, Any]:
+    """Everything of a State but its VIPs."""
+    doc = {"dataplane": _dataplane_doc(state.dataplane),
            "pass_unserved": [str(a) for a in sorted(state.pass_unserved, key=address_sort_key)],
            "generations": state.generations}
     snat = _snat_doc(state)
@@ -108,20 +114,25 @@ def state_from_doc(doc: dict[str, Any]) -> State:
 
 
 class SqliteStore:
-    """The whole State as one JSON document in one SQLite row, with a revision.
+    """The State in SQLite: one row per VIP (table vips: its id, its place in the State's list, its
+    JSON) and one row for the rest and the revision (table head). A change writes the head and the
+    rows of the VIPs it changed: adding a backend writes two small rows whatever the state holds.
+    A database of the older layout (the whole State as one document in table state) is read, and
+    written in this layout by the first change, which deletes the old row.
 
     BEGIN IMMEDIATE takes the database's write lock for the whole transaction, so
     concurrent lbctl commands run one after another and none is lost.
 
-    A long-lived Store (the daemon's) keeps the State of the last revision it read or saved, and
-    each VIP's JSON as saved: a change then parses nothing (the revision says whether another
-    process wrote since) and serialises only the VIPs it changed."""
+    A long-lived Store (the daemon's) keeps the State of the last revision it read or saved: a
+    change then parses nothing (the revision says whether another process wrote since)."""
 
     def __init__(self, path: str, timeout: float = 30.0):
         self.path = path
         self.timeout = timeout
         self._cached: tuple[int, State] | None = None  # (revision, the State it holds), never handed out
-        self._vip_json: dict[int, tuple[VipState, str]] = {}  # VIP id -> (the VIP as last saved, its JSON)
+        # VIP id -> (the VIP as its row holds it, never handed out; the row's place): the rows as stored
+        self._rows: dict[int, tuple[VipState, int]] = {}
+        self._head = ""  # the head row's document as stored
 
     def _connect(self) -> sqlite3.Connection:
         # Root's alone: SQLite gives its -wal and -shm the database's own mode; older files are tightened.
@@ -145,37 +156,82 @@ class SqliteStore:
                     raise
                 time.sleep(0.01)
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 1),"
+        conn.execute("CREATE TABLE IF NOT EXISTS head (id INTEGER PRIMARY KEY CHECK (id = 1),"
                      " revision INTEGER NOT NULL, doc TEXT NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS vips (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, doc TEXT NOT NULL)")
         return conn
 
     def _load(self, conn: sqlite3.Connection) -> tuple[State, int]:
-        row = conn.execute("SELECT revision FROM state WHERE id = 1").fetchone()
+        row = conn.execute("SELECT revision FROM head WHERE id = 1").fetchone()
         if row is None:
-            return State(), 0
+            return self._load_older(conn)
         if self._cached is None or self._cached[0] != row[0]:
-            doc = conn.execute("SELECT doc FROM state WHERE id = 1").fetchone()[0]
-            self._cached = (row[0], state_from_doc(json.loads(doc)))
-        state = self._cached[1].copy()
+            head = conn.execute("SELECT doc FROM head WHERE id = 1").fetchone()[0]
+            rows = conn.execute("SELECT id, seq, doc FROM vips ORDER BY seq").fetchall()
+            state = state_from_doc({**json.loads(head), "vips": [json.loads(doc) for _, _, doc in rows]})
+            self._rows = {v.id: (v.copy(), seq) for v, (_, seq, _) in zip(state.vips, rows)}
+            self._head = head
+            self._cached = (row[0], self._stored_state(state, [self._rows[v.id][0] for v in state.vips]))
+        else:
+            state = self._cached[1].copy()
         state.revision = row[0]
         return state, row[0]
 
-    def _dump(self, state: State) -> str:
-        """json.dumps(state_to_doc(state), sort_keys=True), from each unchanged VIP's saved JSON."""
-        vips = []
-        for v in state.vips:
-            saved = self._vip_json.get(v.id)
-            if saved is None or saved[0] != v:
-                saved = self._vip_json[v.id] = (v.copy(), json.dumps(vip_to_doc(v), sort_keys=True))
-            vips.append(saved[1])
-        for vid in self._vip_json.keys() - {v.id for v in state.vips}:
-            del self._vip_json[vid]
-        unserved = json.dumps([str(a) for a in sorted(state.pass_unserved, key=address_sort_key)])
-        snat = _snat_doc(state)
-        snat_part = "" if snat is None else f'"snat": {json.dumps(snat, sort_keys=True)}, '
-        return f'{{"dataplane": {json.dumps(_dataplane_doc(state.dataplane), sort_keys=True)}, ' \
-               f'"generations": {state.generations}, "pass_unserved": {unserved}, {snat_part}' \
-               f'"vips": [{", ".join(vips)}]}}'
+    def _load_older(self, conn: sqlite3.Connection) -> tuple[State, int]:
+        """The older layout's document, if the database has one; an empty State otherwise."""
+        self._cached, self._rows, self._head = None, {}, ""
+        if not self._has_older_table(conn):
+            return State(), 0
+        row = conn.execute("SELECT revision, doc FROM state WHERE id = 1").fetchone()
+        if row is None:
+            return State(), 0
+        state = state_from_doc(json.loads(row[1]))
+        state.revision = row[0]
+        return state, row[0]
+
+    @staticmethod
+    def _has_older_table(conn: sqlite3.Connection) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'state'").fetchone() is not None
+
+    @staticmethod
+    def _stored_state(state: State, vips: list[VipState]) -> State:
+        """A State of these VIPs and `state`'s other parts, sharing nothing an edit of `state` changes."""
+        return State(copy.deepcopy(state.dataplane), vips, state.revision, set(state.pass_unserved),
+                     state.generations, set(state.snat), state.snat_ports)
+
+    def _places(self, state: State) -> list[int]:
+        """Each VIP's place (the rows' order is the State's list order): rows keep theirs while the
+        list keeps their order and new VIPs come after them, as changes do; otherwise all renumbered."""
+        known = [self._rows[v.id][1] if v.id in self._rows else None for v in state.vips]
+        first_new = next((i for i, p in enumerate(known) if p is None), len(known))
+        kept = known[:first_new]
+        if all(p is None for p in known[first_new:]) and all(a < b for a, b in zip(kept, kept[1:])):
+            start = (kept[-1] + 1) if kept else 0
+            return kept + list(range(start, start + len(known) - first_new))
+        return list(range(len(known)))
+
+    def _save(self, conn: sqlite3.Connection, state: State, revision: int) -> tuple[State, dict, str]:
+        """Write the head, and the rows of the VIPs that changed, came, went or moved. Returns what
+        is then stored (the State, the rows, the head), for the cache once committed."""
+        if not self._head:  # the first save in this layout (or of a new database): no older row stays
+            if self._has_older_table(conn):
+                conn.execute("DELETE FROM state")
+            conn.execute("DELETE FROM vips")
+        rows: dict[int, tuple[VipState, int]] = {}
+        for v, place in zip(state.vips, self._places(state)):
+            was = self._rows.get(v.id)
+            if was is None or was[1] != place or was[0] != v:
+                was = (v.copy(), place)
+                conn.execute("INSERT OR REPLACE INTO vips (id, seq, doc) VALUES (?, ?, ?)",
+                             (v.id, place, json.dumps(vip_to_doc(v), sort_keys=True)))
+            rows[v.id] = was
+        for vid in self._rows.keys() - rows.keys():
+            conn.execute("DELETE FROM vips WHERE id = ?", (vid,))
+        head = json.dumps(head_to_doc(state), sort_keys=True)
+        conn.execute("INSERT OR REPLACE INTO head (id, revision, doc) VALUES (1, ?, ?)", (revision, head))
+        stored = self._stored_state(state, [rows[v.id][0] for v in state.vips])
+        stored.revision = revision
+        return stored, rows, head
 
     def read(self) -> State:
         conn = self._connect()
@@ -195,11 +251,10 @@ class SqliteStore:
                 # state.revision + 1, not the row's: a store built on this one (etcdstore.py) may raise
                 # state.revision while the block runs, to tell the maps' mark that the state moved on.
                 saved = state.revision + 1
-                conn.execute("INSERT OR REPLACE INTO state (id, revision, doc) VALUES (1, ?, ?)",
-                             (saved, self._dump(state)))
+                stored, rows, head = self._save(conn, state, saved)
                 fault.point("store_commit")
                 conn.execute("COMMIT")
-                self._cached = (saved, state.copy())
+                self._cached, self._rows, self._head = (saved, stored), rows, head
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise

@@ -93,7 +93,7 @@ def test_state_database_and_its_wal_and_shm_are_root_only(tmp_path):
     reader = sqlite3.connect(path)  # an open reader keeps the -wal and -shm in place
     try:
         reader.execute("BEGIN")
-        reader.execute("SELECT * FROM state").fetchall()
+        reader.execute("SELECT * FROM head").fetchall()
         with store.transaction() as state:
             state.vips.append(_vip("10.0.0.2:80/tcp", 2))
         for suffix in ("", "-wal", "-shm"):
@@ -141,8 +141,74 @@ def test_a_long_lived_store_saves_the_same_document_and_sees_other_writers(tmp_p
 
 
 def _saved_doc(path: str) -> str:
+    """The document the rows make up: the head's, with each VIP row's in the rows' order."""
     conn = sqlite3.connect(path)
     try:
-        return conn.execute("SELECT doc FROM state WHERE id = 1").fetchone()[0]
+        head = json.loads(conn.execute("SELECT doc FROM head WHERE id = 1").fetchone()[0])
+        vips = [json.loads(doc) for (doc,) in conn.execute("SELECT doc FROM vips ORDER BY seq")]
+        return json.dumps({**head, "vips": vips}, sort_keys=True)
+    finally:
+        conn.close()
+
+
+def _statements(monkeypatch) -> list[str]:
+    """Every SQL statement the stores run from now on."""
+    seen: list[str] = []
+    connect = SqliteStore._connect
+
+    def traced(self):
+        conn = connect(self)
+        conn.set_trace_callback(seen.append)
+        return conn
+
+    monkeypatch.setattr(SqliteStore, "_connect", traced)
+    return seen
+
+
+def test_a_change_writes_the_rows_of_the_vips_it_changes(tmp_path, monkeypatch):
+    """One row per VIP: a change to one VIP writes its row and the head, whatever else is stored;
+    a VIP removed takes its row along, and the list keeps its order."""
+    path = str(tmp_path / "state.db")
+    with SqliteStore(path).transaction() as state:
+        state.vips = [_vip(f"10.0.{i // 250}.{i % 250 + 1}:80/tcp", i) for i in range(300)]
+    seen = _statements(monkeypatch)
+    for store in (SqliteStore(path), SqliteStore(path)):  # a new process's, and the same one again
+        for _ in range(2):
+            seen.clear()
+            with store.transaction() as state:
+                state.vips[7].backends[0].weight += 1
+            writes = [s for s in seen if s.startswith(("INSERT", "DELETE", "UPDATE"))]
+            assert len(writes) == 2 and "INTO vips" in writes[0] and "INTO head" in writes[1], writes
+    with SqliteStore(path).transaction() as state:
+        del state.vips[3]
+        state.vips.append(_vip("10.9.0.1:80/tcp", 3))
+    again = SqliteStore(path).read()
+    assert [v.id for v in again.vips] == [i for i in range(300) if i != 3] + [3]
+    assert next(v for v in again.vips if v.id == 7).backends[0].weight == 7 and str(again.vips[-1].vip) == "10.9.0.1:80/tcp"
+    assert _saved_doc(path) == json.dumps(state_to_doc(again), sort_keys=True)
+
+
+def test_a_database_of_the_older_layout_is_read_and_then_written_in_rows(tmp_path):
+    """Before rows per VIP, the whole State was one document in table state: it is read as it
+    was, and the first change writes the rows and deletes that document."""
+    path = str(tmp_path / "state.db")
+    state = State(vips=[_vip("10.0.0.1:80/tcp", 0), _vip("10.0.0.2:80/tcp", 1)], generations=5)
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE state (id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL,"
+                 " doc TEXT NOT NULL)")
+    conn.execute("INSERT INTO state VALUES (1, 41, ?)", (json.dumps(state_to_doc(state)),))
+    conn.commit()
+    conn.close()
+
+    store = SqliteStore(path)
+    read = store.read()
+    assert read.revision == 41 and read == state
+    with store.transaction() as changed:
+        changed.vips[1].mode = "dsr"
+    again = SqliteStore(path).read()
+    assert again.revision == 42 and [v.mode for v in again.vips] == ["nat", "dsr"] and again.generations == 5
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM state").fetchone()[0] == 0
     finally:
         conn.close()
