@@ -199,24 +199,26 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
     olds, news = {v.id: v for v in old.vips}, {v.id: v for v in new.vips}
     changed = {vid for vid in olds.keys() | news.keys() if olds.get(vid) != news.get(vid)}
     flipped = old.pass_unserved ^ new.pass_unserved  # an address's unserved traffic now passed, or dropped
-    changed |= {v.id for v in itertools.chain(old.vips, new.vips) if v.vip.address in flipped}
+    if flipped:
+        changed |= {v.id for v in itertools.chain(old.vips, new.vips) if v.vip.address in flipped}
     if (old.snat, old.snat_ports) != (new.snat, new.snat_ports):  # every full-NAT VIP's pool may change
         changed |= {v.id for v in itertools.chain(old.vips, new.vips) if v.mode == "fullnat"}
 
     moved = {h for h in hosts_before.keys() | hosts_after.keys() if hosts_before.get(h) != hosts_after.get(h)}
 
-    def links(v: VipState) -> list[tuple]:
-        hosts = {(b.address.address, v.vip.proto) for b in v.backends}
-        return [("vip", v.vip.address), *(("host", *h) for h in hosts & moved)]
+    def hosts_of(v: VipState) -> set[tuple]:
+        return {(b.address.address, v.vip.proto) for b in v.backends}
 
-    by_link: dict[tuple, set[int]] = {}
-    for v in itertools.chain(old.vips, new.vips):
-        for link in links(v):
-            by_link.setdefault(link, set()).add(v.id)
-    ids = set(changed)
+    addresses: set = set()  # the changed VIPs' addresses, and their backend hosts whose VIPs change
+    hosts: set[tuple] = set()
     for v in (v for vid in changed for v in (olds.get(vid), news.get(vid)) if v is not None):
-        for link in links(v):
-            ids |= by_link[link]
+        addresses.add(v.vip.address)
+        if moved:
+            hosts |= hosts_of(v) & moved
+    ids = set(changed)
+    for v in itertools.chain(old.vips, new.vips):  # one pass, no index of every VIP's links
+        if v.vip.address in addresses or (hosts and not hosts.isdisjoint(hosts_of(v))):
+            ids.add(v.id)
     return (State(old.dataplane, [v for v in old.vips if v.id in ids], pass_unserved=old.pass_unserved,
                   snat=old.snat, snat_ports=old.snat_ports),
             State(new.dataplane, [v for v in new.vips if v.id in ids], pass_unserved=new.pass_unserved,
