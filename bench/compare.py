@@ -11,6 +11,8 @@ medians is shown beside it. Figures of different runs do not compare (the machin
 2x from day to day); the columns of one run do.
 
     python -m bench.compare d1b86fe            # the release before issue 12's work, against HEAD
+
+The control plane's figures of two revisions: bench/compare_control.py.
     python -m bench.compare A B --labs 3 --rounds 5 --blocks 40 --json out.json"""
 from __future__ import annotations
 
