@@ -16,11 +16,22 @@ bare hairpin that puts one fixed IPIP header on every frame and sends it back
 (netns/bpf/onearm.c). The backends strip the IPIP header with lb's decap
 program and count, at TC ingress, the packets that reached their stack (those
 still encapsulated apart). These rows share the router hop and the backends'
-stack, so they compare with each other, not with the two-armed rows."""
+stack, so they compare with each other, not with the two-armed rows.
+
+There the whole path runs in the generator's softirq on one CPU, so the lab's
+shared cost (the router, the backends' stacks: several times the LB's) sets
+the rate. The LB as a deployment sees it gets a core of its own
+(OneArm.own_core): the arm's receive, and with it the LB's XDP program and
+its XDP_TX, runs in a threaded-NAPI kthread pinned alone to CPU 1 at a
+real-time priority; the router's receive, the backends' stacks and the
+generator share CPU 0. The LB's core time per packet (the kthread's run time
+over the packets its program saw) gives the rate one LB core sustains,
+1/that, for each one-armed configuration in the same run."""
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import random
 import socket
 import statistics
@@ -160,6 +171,50 @@ class Bench:
                 "busy_source": clock.source}
 
 
+def arm_received(bench: Bench) -> int:
+    """Frames the LB's arm took in (its XDP program saw each): the veth's own count."""
+    out = subprocess.run(["ip", "netns", "exec", bench.lab.lb_ns, "ethtool", "-S", bench.arm.arm],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(v) for k, v in (line.split(":") for line in out.splitlines()[1:]) if k.strip().endswith("xdp_packets"))
+
+
+def lb_core(bench: Bench, names: list[str], reps: int, packets: int, progress=print) -> dict:
+    """The one-armed configurations with the LB on a core of its own (module text): per repetition, in
+    random order, one full-speed send; the LB core's ns per packet, the rate it sustains (1/that),
+    and what the backends got (its core is not the bottleneck of the rest: their CPU is)."""
+    rng = random.Random(4)
+    rows: dict[str, list[dict]] = {n: [] for n in names}
+    with bench.arm.own_core() as core:
+        for rep in range(reps):
+            for name in rng.sample(names, len(names)):
+                with bench.config(name) as c:
+                    c.generator.send(20_000)  # warm-up
+                    seen, ran, delivered = arm_received(bench), core.runtime_ns(), c.delivered()
+                    start = time.monotonic()
+                    c.generator.send(packets)
+                    elapsed = time.monotonic() - start
+                    got = _settled(c.delivered, delivered)
+                    seen, ran = arm_received(bench) - seen, core.runtime_ns() - ran
+                rows[name].append({"ns_per_packet": ran / max(1, seen), "lb_packets": seen, "delivered": got,
+                                   "delivered_pps": got / elapsed, "lb_core_busy": ran / 1e9 / elapsed})
+            progress(f"  LB on its own core, rep {rep + 1}/{reps}: " + ", ".join(
+                f"{n} {v[-1]['ns_per_packet']:.0f} ns" for n, v in rows.items()))
+
+    def med(values: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    out: dict = {n: {"ns_per_packet": med([r["ns_per_packet"] for r in v]),
+                     "mpps_per_core": statistics.median(1e3 / r["ns_per_packet"] for r in v),
+                     "delivered_pps": statistics.median(r["delivered_pps"] for r in v),
+                     "lb_core_busy": statistics.median(r["lb_core_busy"] for r in v)} for n, v in rows.items()}
+    if "katran_tunnel" in rows:  # rate per core = 1/ns: lb's over Katran's is Katran's ns over lb's
+        for name in ("lb_tunnel", "lb_nat_onearm"):
+            if name in rows:
+                out[f"{name}_over_katran"] = med([k["ns_per_packet"] / a["ns_per_packet"]
+                                                  for a, k in zip(rows[name], rows["katran_tunnel"])])
+    return out
+
+
 def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
     total: dict[str, int] = {}
     for c in counts:
@@ -277,7 +332,8 @@ def katran_on_arm(arm: OneArm, path: Path, table: int, vip: ipaddress.IPv4Addres
     return katran
 
 
-def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: float, progress=print) -> dict:
+def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: float, progress=print,
+        core_packets: int = 2_000_000) -> dict:
     rng = random.Random(2)
     rates: dict[str, list[dict]] = {n: [] for n in TWO_ARMED + ONE_ARMED if n in bench.configs}
     cpu: dict[str, list[dict]] = {n: [] for n in ("xdp_lb", "nftables", "bare_redirect", "ingress_drop")}
@@ -341,4 +397,6 @@ def run(bench: Bench, reps: int, rate_packets: int, cpu_pps: int, cpu_seconds: f
                          for a, b in zip(rates[n], rates["bare_hairpin"]) if a["delivered_pps"] and b["delivered_pps"]]
                      for n in ("lb_tunnel", "lb_nat_onearm", "katran_tunnel") if n in rates}
             out["onearm"]["ns_above_bare_hairpin"] = {n: med(v) if v else None for n, v in above.items()}
+        if len(os.sched_getaffinity(0)) >= 2:
+            out["lb_core"] = lb_core(bench, [n for n in ONE_ARMED if n in rates], reps, core_packets, progress)
     return out

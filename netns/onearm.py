@@ -11,7 +11,12 @@ xdp_router) forwards it by destination address to a backend's kt0. There lb's de
 (tc_arrived) counts what reached the backend's stack, decapsulated or not, and drops it.
 
 Built inside an existing Lab (its LB and backend namespaces); `with OneArm.build(lab, vips) as arm:`
-removes it all again, and the Lab's own teardown covers a run that dies half way."""
+removes it all again, and the Lab's own teardown covers a run that dies half way.
+
+`arm.own_core()` gives the LB a core of its own, as a deployed LB has: the arm's receive (and with it
+the LB's XDP program and its XDP_TX) runs in a threaded-NAPI kthread alone on one CPU, the router's
+receive (the router, the backends' stacks) in another on the other CPU; `LbCore.runtime_ns()` is the
+CPU time the LB's kthread has run."""
 from __future__ import annotations
 
 import contextlib
@@ -19,6 +24,7 @@ import ctypes
 import ipaddress
 import os
 import socket
+import subprocess
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -46,6 +52,56 @@ def _v4(subnet: int, host: int) -> ipaddress.IPv4Address:
 
 def _v6(subnet: int, host: int) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(f"2001:2:0:{subnet:x}::{host}")
+
+
+def _napi_threads(ifname: str) -> set[int]:
+    """Pids of the threaded-NAPI kthreads of interfaces named ifname, in any namespace (napi/IFNAME-ID)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().startswith(f"napi/{ifname}-"):
+                        pids.add(int(entry))
+    return pids
+
+
+def _set_threaded(ns: str, ifname: str, on: bool) -> None:
+    # sysfs shows a namespace's devices to a mount made in it: ip netns exec makes one
+    subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", f"echo {int(on)} > /sys/class/net/{ifname}/threaded"],
+                   check=True, capture_output=True)
+
+
+@dataclass
+class LbCore:
+    """A veth's receive in a threaded-NAPI kthread of its own, pinned to one CPU at a real-time priority
+    (a dedicated core: nothing else on the machine takes its CPU from it while it has packets)."""
+    ns: str
+    ifname: str
+    cpu: int
+    pid: int = 0
+
+    def start(self) -> "LbCore":
+        before = _napi_threads(self.ifname)
+        _set_threaded(self.ns, self.ifname, True)
+        new = _napi_threads(self.ifname) - before
+        if len(new) != 1:  # another lab's interface of the same name went threaded at the same moment
+            raise RuntimeError(f"{self.ns}/{self.ifname}: expected one new NAPI kthread, found {sorted(new)}")
+        self.pid = new.pop()
+        os.sched_setaffinity(self.pid, {self.cpu})
+        os.sched_setscheduler(self.pid, os.SCHED_FIFO, os.sched_param(10))
+        return self
+
+    def stop(self) -> None:
+        if self.pid:
+            with contextlib.suppress(Exception):
+                _set_threaded(self.ns, self.ifname, False)
+            self.pid = 0
+
+    def runtime_ns(self) -> int:
+        """CPU time the kthread has run (its receive, the XDP program, its XDP_TX), in ns."""
+        with open(f"/proc/{self.pid}/schedstat") as f:
+            return int(f.read().split()[0])
 
 
 def _gro(ns: str, ifname: str) -> None:
@@ -143,6 +199,23 @@ class OneArm:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+    @contextlib.contextmanager
+    def own_core(self, lb_cpu: int = 1, rest_cpu: int = 0) -> Iterator[LbCore]:
+        """The LB's receive alone on lb_cpu; the router's receive (and the backends' stacks, which run in
+        it), and the caller's thread (the generator's test runs), on rest_cpu. Undone on leaving."""
+        _gro(self.ns, self.router_if)  # a veth's NAPI (and so its kthread) exists with GRO or XDP on
+        lb, rest = LbCore(self.lab.lb_ns, self.arm, lb_cpu), LbCore(self.ns, self.router_if, rest_cpu)
+        own = os.sched_getaffinity(0)
+        try:
+            lb.start()
+            rest.start()
+            os.sched_setaffinity(0, {rest_cpu})
+            yield lb
+        finally:
+            os.sched_setaffinity(0, own)
+            rest.stop()
+            lb.stop()
 
     def frame(self, vip: ipaddress.IPv4Address, port: int, payload: bytes = b"x" * 18) -> bytes:
         """A UDP frame from the client's address to vip:port, as the router hands it to the LB (checksum 0)."""
