@@ -35,6 +35,9 @@ from netns.topology import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = ("hit", "hit_100k", "new_flow", "not_vip", "reply_hit")
+# With --modes: the hit of a tunnel VIP, of an IPv6 NAT VIP and of an IPv6 tunnel VIP (as the side-by-side's)
+MODE_PATHS = {"hit_tunnel": ("vip", 4, perpacket.MODE_PORT, "fwd_tunnel"), "hit_v6": ("vip6", 1, 80, "fwd_nat"),
+              "hit_v6_tunnel": ("vip6", 4, perpacket.MODE_PORT, "fwd_tunnel")}
 
 
 def source_tree(rev: str, into: Path) -> Path:
@@ -60,9 +63,10 @@ def lbctl(tree: Path, ns: str, *args: str, check: bool = True) -> str:
 
 
 @contextlib.contextmanager
-def revision_lab(tree: Path) -> Iterator[tuple[Lab, str]]:
+def revision_lab(tree: Path, modes: bool = False) -> Iterator[tuple[Lab, str]]:
     """A lab with the revision's data plane attached (native XDP, as the bench times it), VIP 1 on
-    port 80/tcp over the lab's backends; yields the lab and the pin directory."""
+    port 80/tcp over the lab's backends (with `modes`, MODE_PATHS' VIPs too); yields the lab and the
+    pin directory."""
     with Lab.build(3, hosts_tx_checksum=False) as lab:
         try:
             lbctl(tree, lab.lb_ns, "attach", *lab.lb_interfaces, "--xdp-mode", "native")
@@ -70,6 +74,15 @@ def revision_lab(tree: Path) -> Iterator[tuple[Lab, str]]:
             lbctl(tree, lab.lb_ns, "add-vip", vip)
             for b in lab.backends:
                 lbctl(tree, lab.lb_ns, "add-backend", vip, f"{b.address}:8080")
+            if modes:
+                for kind, index, port, reason in MODE_PATHS.values():
+                    v6 = kind == "vip6"
+                    vip = f"[{lab.vip6(index)}]:{port}/tcp" if v6 else f"{lab.vip(index)}:{port}/tcp"
+                    tunnel = reason == "fwd_tunnel"
+                    lbctl(tree, lab.lb_ns, "add-vip", vip, *(("--mode", "tunnel") if tunnel else ()))
+                    for b in lab.backends:
+                        address = f"[{b.address6}]" if v6 else str(b.address)
+                        lbctl(tree, lab.lb_ns, "add-backend", vip, address if tunnel else f"{address}:8080")
             lab.resolve_neighbours()
             lbctl(tree, lab.lb_ns, "add-vip", f"{lab.vip(2)}:80/tcp")  # any change refreshes the route mirror
             yield lab, json.loads(lbctl(tree, lab.lb_ns, "list", "--json"))["dataplane"]["pin_dir"]
@@ -80,7 +93,18 @@ def revision_lab(tree: Path) -> Iterator[tuple[Lab, str]]:
                     os.remove(os.path.join(STATE_DIR, f"{lab.lb_ns}.db{suffix}"))
 
 
-def compare(revs: list[str], rounds: int, blocks: int, labs: int) -> dict:
+def mode_cases(lab: Lab, prog: int) -> list[perpacket.Case]:
+    """MODE_PATHS' hits in a lab of revision_lab(modes=True)."""
+    client_if = perpacket._client_ifindex(lab)
+    cases = []
+    for name, (kind, index, port, reason) in MODE_PATHS.items():
+        dst = str(lab.vip6(index) if kind == "vip6" else lab.vip(index))
+        cases.append(perpacket.Case(name, prog, perpacket._client_frame(lab, dst, 1000, port), client_if,
+                                    "XDP_REDIRECT", reason))
+    return cases
+
+
+def compare(revs: list[str], rounds: int, blocks: int, labs: int, modes: bool = False) -> dict:
     """{path@rev: {median_ns, min_ns, max_ns, labs_ns: [each lab's median]}} and the XDP_DROP floor."""
     baselines = perpacket.load_baselines()
     with tempfile.TemporaryDirectory(prefix="lb-compare-") as tmp, contextlib.ExitStack() as stack:
@@ -89,13 +113,15 @@ def compare(revs: list[str], rounds: int, blocks: int, labs: int) -> dict:
         for i in range(labs):
             for rev in revs:  # alternating, so that neither revision's labs all come first
                 print(f"{rev}: attaching its data plane in lab {i + 1}/{labs} (compiled by its own loader)", flush=True)
-                lab, pin_dir = stack.enter_context(revision_lab(trees[rev]))
+                lab, pin_dir = stack.enter_context(revision_lab(trees[rev], modes))
                 prog = loader.pinned_program(pin_dir)
                 progs.append(prog)
                 with in_netns(lab.lb_ns):
                     lab_cases, lab_drop = perpacket.lab_cases(lab, prog, baselines)
+                    if modes:
+                        lab_cases += mode_cases(lab, prog)
                 for case in lab_cases:
-                    if case.name in PATHS:
+                    if case.name in PATHS or case.name in MODE_PATHS:
                         case.name, case.netns = f"{case.name}@{rev}#{i}", lab.lb_ns
                         cases.append(case)
                 if drop is None:
@@ -109,7 +135,7 @@ def compare(revs: list[str], rounds: int, blocks: int, labs: int) -> dict:
                 os.close(fd)
     figures: dict = {"xdp_drop_floor": per_lab["xdp_drop_floor"]}
     for rev in revs:
-        for path in PATHS:
+        for path in (*PATHS, *MODE_PATHS):
             runs = [per_lab[f"{path}@{rev}#{i}"] for i in range(labs) if f"{path}@{rev}#{i}" in per_lab]
             if not runs:
                 continue
@@ -121,15 +147,15 @@ def compare(revs: list[str], rounds: int, blocks: int, labs: int) -> dict:
 
 def table(figures: dict, revs: list[str]) -> str:
     first, second = revs
-    lines = [f"{'path':<10} {first:>12} {'(labs)':>13} {second:>12} {'(labs)':>13} {'change':>8}",
+    lines = [f"{'path':<13} {first:>12} {'(labs)':>13} {second:>12} {'(labs)':>13} {'change':>8}",
              "           (ns per packet, net of XDP_DROP; median over rounds of the labs' mean; labs: min-max of their medians)"]
-    for path in PATHS:
+    for path in (*PATHS, *MODE_PATHS):
         a, b = figures.get(f"{path}@{first}"), figures.get(f"{path}@{second}")
         if a is None or b is None:
             continue
         change = (b["median_ns"] - a["median_ns"]) / a["median_ns"] * 100 if a["median_ns"] else float("nan")
         spread = [f"{min(x['labs_ns']):.0f}-{max(x['labs_ns']):.0f}" for x in (a, b)]
-        lines.append(f"{path:<10} {a['median_ns']:>12.1f} {spread[0]:>13} {b['median_ns']:>12.1f} {spread[1]:>13} "
+        lines.append(f"{path:<13} {a['median_ns']:>12.1f} {spread[0]:>13} {b['median_ns']:>12.1f} {spread[1]:>13} "
                      f"{change:>+7.1f}%")
     lines.append(f"XDP_DROP floor {figures['xdp_drop_floor']['median_ns']:.1f} ns")
     return "\n".join(lines)
@@ -142,6 +168,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--blocks", type=int, default=40, help="blocks of 1,000 calls per case and round")
     parser.add_argument("--labs", type=int, default=3, help="labs (program loads) per revision")
+    parser.add_argument("--modes", action="store_true",
+                        help="also the hits of a tunnel VIP, an IPv6 NAT VIP and an IPv6 tunnel VIP")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
     revs = [args.rev, args.rev2]
@@ -149,7 +177,7 @@ def main() -> None:
         parser.error("two different revisions, please")
     commits = {rev: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True,
                                    text=True).stdout.strip() for rev in revs}
-    figures = compare(revs, args.rounds, args.blocks, args.labs)
+    figures = compare(revs, args.rounds, args.blocks, args.labs, args.modes)
     print(" ".join(f"{rev} = {commit}" for rev, commit in commits.items() if commit != rev))
     print(table(figures, revs))
     if args.json:
