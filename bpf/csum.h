@@ -46,18 +46,6 @@ static __always_inline void lb_csum_replace2(__u16 *check, __u16 from, __u16 to)
 	*check = ~csum_fold32(sum) & 0xffff;
 }
 
-/* The full checksum of a new IPv4 header without options (its check field zero). */
-static __always_inline __u16 ipv4_header_csum(const void *ip)
-{
-	const __u16 *word = ip;
-	__u32 sum = 0;
-
-#pragma unroll
-	for (int i = 0; i < 10; i++)
-		sum += word[i];
-	return ~csum_fold32(sum) & 0xffff;
-}
-
 #ifndef LB_HOOK_TC
 
 /* The checksums a rewrite must keep right: the IPv4 header's (NULL: none, or

@@ -35,21 +35,30 @@ static __always_inline void encap_source6(const struct packet *pkt, struct in6_a
 	src->in6_u.u6_addr32[3] = bpf_htonl(bpf_ntohl(pkt->src.w[3]) ^ bpf_ntohs(pkt->sport));
 }
 
+/* The header's checksum is summed from the values written, not read back
+ * from the packet (16-bit words as they lie in memory: network order). */
 static __always_inline void encap_fill4(struct iphdr *outer, const struct iphdr *inner, const struct packet *pkt,
 					const struct backend *be)
 {
-	outer->version = 4;
-	outer->ihl = 5;
-	outer->tos = inner->tos;
-	outer->tot_len = bpf_htons(bpf_ntohs(inner->tot_len) + sizeof(struct iphdr));
+	__u8 tos = inner->tos;
+	__be16 tot_len = bpf_htons(bpf_ntohs(inner->tot_len) + sizeof(struct iphdr));
+	__be16 frag_off = inner->frag_off & bpf_htons(LB_IP_DF);
+	__be32 saddr = encap_source4(pkt), daddr = be->addr.w[3];
+	/* words 0 (version, IHL, TOS) and 4 (TTL, protocol); the id and the check field are zero */
+	__u32 sum = bpf_htons(0x4500 | tos) + tot_len + frag_off + bpf_htons((LB_ENCAP_TTL << 8) | IPPROTO_IPIP);
+
+	sum = csum_add_word32(sum, saddr);
+	sum = csum_add_word32(sum, daddr);
+	*(__u8 *)outer = 0x45; /* version 4, IHL 5: one store, where the bit-fields would read the byte first */
+	outer->tos = tos;
+	outer->tot_len = tot_len;
 	outer->id = 0;
-	outer->frag_off = inner->frag_off & bpf_htons(LB_IP_DF);
+	outer->frag_off = frag_off;
 	outer->ttl = LB_ENCAP_TTL;
 	outer->protocol = IPPROTO_IPIP;
-	outer->check = 0;
-	outer->saddr = encap_source4(pkt);
-	outer->daddr = be->addr.w[3];
-	outer->check = ipv4_header_csum(outer);
+	outer->check = ~csum_fold32(sum) & 0xffff;
+	outer->saddr = saddr;
+	outer->daddr = daddr;
 }
 
 /* Version, traffic class and flow label are the inner packet's. */
@@ -70,8 +79,8 @@ static __always_inline int tunnel_encap(lb_ctx *ctx, struct packet *pkt, const s
 {
 	int v6 = pkt->ip_version == 6;
 	int outer_len = v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
-	int tagged = pkt->eth->h_proto == bpf_htons(ETH_P_8021Q) || pkt->eth->h_proto == bpf_htons(ETH_P_8021AD);
-	int l2_len = sizeof(struct ethhdr) + (tagged ? sizeof(struct vlan_hdr) : 0);
+	int l2_len = pkt->l3_off == sizeof(struct ethhdr) ? sizeof(struct ethhdr)
+							   : sizeof(struct ethhdr) + sizeof(struct vlan_hdr); /* tagged */
 
 	if (encap_grow_head(ctx, outer_len, l2_len, v6))
 		return -1;
