@@ -178,25 +178,40 @@ def arm_received(bench: Bench) -> int:
     return sum(int(v) for k, v in (line.split(":") for line in out.splitlines()[1:]) if k.strip().endswith("xdp_packets"))
 
 
-def lb_core(bench: Bench, names: list[str], reps: int, packets: int, progress=print) -> dict:
+@contextlib.contextmanager
+def _batch(generator: Generator, batch: int) -> Iterator[None]:
+    own, generator.batch = generator.batch, batch
+    try:
+        yield
+    finally:
+        generator.batch = own
+
+
+def lb_core(bench: Bench, names: list[str], reps: int, packets: int, progress=print, sink: bool = True,
+            batch: int = 256) -> dict:
     """The one-armed configurations with the LB on a core of its own (module text): per repetition, in
-    random order, one full-speed send; the LB core's ns per packet, the rate it sustains (1/that),
-    and what the backends got (its core is not the bottleneck of the rest: their CPU is)."""
+    random order, one full-speed send; the LB core's ns per packet and the rate it sustains (1/that).
+    With `sink` the router counts and drops what the LB sends (delivery is what the shared-core rows
+    check): the rest of the path then costs less than the LB, the LB's core is saturated (its busy
+    share says so) and "delivered" is what the LB sent; without, what the backends got."""
     rng = random.Random(4)
     rows: dict[str, list[dict]] = {n: [] for n in names}
-    with bench.arm.own_core() as core:
+    router_sink = Sink(bench.arm.ns, bench.arm.router_if) if sink else None
+    with bench.arm.own_core(router_sink=router_sink) as core:
         for rep in range(reps):
             for name in rng.sample(names, len(names)):
-                with bench.config(name) as c:
+                with bench.config(name) as c, _batch(c.generator, batch):
+                    count = router_sink.count if router_sink else c.delivered
                     c.generator.send(20_000)  # warm-up
-                    seen, ran, delivered = arm_received(bench), core.runtime_ns(), c.delivered()
+                    seen, ran, woken, delivered = arm_received(bench), core.runtime_ns(), core.wakeups(), count()
                     start = time.monotonic()
                     c.generator.send(packets)
                     elapsed = time.monotonic() - start
-                    got = _settled(c.delivered, delivered)
-                    seen, ran = arm_received(bench) - seen, core.runtime_ns() - ran
+                    got = _settled(count, delivered)
+                    seen, ran, woken = arm_received(bench) - seen, core.runtime_ns() - ran, core.wakeups() - woken
                 rows[name].append({"ns_per_packet": ran / max(1, seen), "lb_packets": seen, "delivered": got,
-                                   "delivered_pps": got / elapsed, "lb_core_busy": ran / 1e9 / elapsed})
+                                   "delivered_pps": got / elapsed, "lb_core_busy": ran / 1e9 / elapsed,
+                                   "packets_per_wakeup": seen / max(1, woken)})
             progress(f"  LB on its own core, rep {rep + 1}/{reps}: " + ", ".join(
                 f"{n} {v[-1]['ns_per_packet']:.0f} ns" for n, v in rows.items()))
 
@@ -206,7 +221,9 @@ def lb_core(bench: Bench, names: list[str], reps: int, packets: int, progress=pr
     out: dict = {n: {"ns_per_packet": med([r["ns_per_packet"] for r in v]),
                      "mpps_per_core": statistics.median(1e3 / r["ns_per_packet"] for r in v),
                      "delivered_pps": statistics.median(r["delivered_pps"] for r in v),
-                     "lb_core_busy": statistics.median(r["lb_core_busy"] for r in v)} for n, v in rows.items()}
+                     "lb_core_busy": statistics.median(r["lb_core_busy"] for r in v),
+                     "packets_per_wakeup": statistics.median(r["packets_per_wakeup"] for r in v)}
+           for n, v in rows.items()}
     if "katran_tunnel" in rows:  # rate per core = 1/ns: lb's over Katran's is Katran's ns over lb's
         for name in ("lb_tunnel", "lb_nat_onearm"):
             if name in rows:

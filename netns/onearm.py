@@ -37,7 +37,7 @@ from lb import bpfsys
 from netns.lbctl import run_lbctl
 from netns.nsenter import in_netns, netlink_in
 from netns.topology import Lab, lab_mac, veth_pair
-from netns.xdptools import XDP_PASS, _compile, attach, detach
+from netns.xdptools import XDP_PASS, Sink, _compile, attach, detach
 
 ARM_SUBNET = 199  # router <-> LB's arm; 200 + i: router <-> backend i
 ARM, ROUTER_ARM, BACKEND_IF = "arm0", "to-lb", "kt0"
@@ -100,8 +100,17 @@ class LbCore:
 
     def runtime_ns(self) -> int:
         """CPU time the kthread has run (its receive, the XDP program, its XDP_TX), in ns."""
+        return self.schedstat()[0]
+
+    def wakeups(self) -> int:
+        """Times the kthread was scheduled in (a sleeping receiver is woken per flush of frames)."""
+        return self.schedstat()[2]
+
+    def schedstat(self) -> tuple[int, int, int]:
+        """(run time ns, wait time ns, times scheduled in) of the kthread (/proc/PID/schedstat)."""
         with open(f"/proc/{self.pid}/schedstat") as f:
-            return int(f.read().split()[0])
+            run, wait, slices = f.read().split()[:3]
+        return int(run), int(wait), int(slices)
 
 
 def _gro(ns: str, ifname: str) -> None:
@@ -201,13 +210,17 @@ class OneArm:
             self.bpf = None
 
     @contextlib.contextmanager
-    def own_core(self, lb_cpu: int = 1, rest_cpu: int = 0) -> Iterator[LbCore]:
+    def own_core(self, lb_cpu: int = 1, rest_cpu: int = 0, router_sink: Sink | None = None) -> Iterator[LbCore]:
         """The LB's receive alone on lb_cpu; the router's receive (and the backends' stacks, which run in
-        it), and the caller's thread (the generator's test runs), on rest_cpu. Undone on leaving."""
+        it), and the caller's thread (the generator's test runs), on rest_cpu. With router_sink, the
+        router counts and drops what the LB sends instead of forwarding it: the rest then costs less
+        than the LB, whose core becomes the bottleneck. Undone on leaving."""
         _gro(self.ns, self.router_if)  # a veth's NAPI (and so its kthread) exists with GRO or XDP on
         lb, rest = LbCore(self.lab.lb_ns, self.arm, lb_cpu), LbCore(self.ns, self.router_if, rest_cpu)
         own = os.sched_getaffinity(0)
         try:
+            if router_sink is not None:
+                router_sink.attach()
             lb.start()
             rest.start()
             os.sched_setaffinity(0, {rest_cpu})
@@ -216,6 +229,8 @@ class OneArm:
             os.sched_setaffinity(0, own)
             rest.stop()
             lb.stop()
+            if router_sink is not None:
+                attach(self.ns, self.router_if, self.bpf.load_func(b"xdp_router", self.bpf.XDP).fd)
 
     def frame(self, vip: ipaddress.IPv4Address, port: int, payload: bytes = b"x" * 18) -> bytes:
         """A UDP frame from the client's address to vip:port, as the router hands it to the LB (checksum 0)."""

@@ -103,6 +103,7 @@ class Generator:
     ifname: str
     template: bytes  # at most 60 bytes used; UDP checksum must be 0
     flows: int = 1024
+    batch: int = 64  # frames per flush (and so per wake-up of the receiver), at most 256
 
     def __post_init__(self) -> None:
         if len(self.template) < 60:
@@ -122,7 +123,7 @@ class Generator:
         ctx = XdpMd(data=0, data_end=len(self.template), ingress_ifindex=self.ifindex)
         attr = bpfsys.TestRunAttr(prog_fd=self.fn.fd, data_in=ctypes.addressof(frame),
                                   data_size_in=len(self.template), repeat=count, flags=LIVE_FRAMES,
-                                  ctx_in=ctypes.addressof(ctx), ctx_size_in=ctypes.sizeof(ctx), batch_size=64)
+                                  ctx_in=ctypes.addressof(ctx), ctx_size_in=ctypes.sizeof(ctx), batch_size=self.batch)
         with in_netns(self.ns):
             bpfsys.bpf(bpfsys.BPF_PROG_TEST_RUN, attr, "live-frames test run")
         return count
