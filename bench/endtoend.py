@@ -171,13 +171,6 @@ class Bench:
                 "busy_source": clock.source}
 
 
-def arm_received(bench: Bench) -> int:
-    """Frames the LB's arm took in (its XDP program saw each): the veth's own count."""
-    out = subprocess.run(["ip", "netns", "exec", bench.lab.lb_ns, "ethtool", "-S", bench.arm.arm],
-                         capture_output=True, text=True, check=True).stdout
-    return sum(int(v) for k, v in (line.split(":") for line in out.splitlines()[1:]) if k.strip().endswith("xdp_packets"))
-
-
 @contextlib.contextmanager
 def _batch(generator: Generator, batch: int) -> Iterator[None]:
     own, generator.batch = generator.batch, batch
@@ -203,12 +196,12 @@ def lb_core(bench: Bench, names: list[str], reps: int, packets: int, progress=pr
                 with bench.config(name) as c, _batch(c.generator, batch):
                     count = router_sink.count if router_sink else c.delivered
                     c.generator.send(20_000)  # warm-up
-                    seen, ran, woken, delivered = arm_received(bench), core.runtime_ns(), core.wakeups(), count()
+                    seen, ran, woken, delivered = bench.arm.lb_received(), core.runtime_ns(), core.wakeups(), count()
                     start = time.monotonic()
                     c.generator.send(packets)
                     elapsed = time.monotonic() - start
                     got = _settled(count, delivered)
-                    seen, ran, woken = arm_received(bench) - seen, core.runtime_ns() - ran, core.wakeups() - woken
+                    seen, ran, woken = bench.arm.lb_received() - seen, core.runtime_ns() - ran, core.wakeups() - woken
                 rows[name].append({"ns_per_packet": ran / max(1, seen), "lb_packets": seen, "delivered": got,
                                    "delivered_pps": got / elapsed, "lb_core_busy": ran / 1e9 / elapsed,
                                    "packets_per_wakeup": seen / max(1, woken)})

@@ -250,6 +250,13 @@ class OneArm:
         table[ctypes.c_int(0)] = header
         return self.bpf.load_func(b"xdp_hairpin_ipip", self.bpf.XDP).fd
 
+    def lb_received(self) -> int:
+        """Frames the LB's arm took in (its XDP program saw each one): the veth's own count."""
+        out = subprocess.run(["ip", "netns", "exec", self.lab.lb_ns, "ethtool", "-S", self.arm],
+                             capture_output=True, text=True, check=True).stdout
+        return sum(int(value) for name, value in (line.split(":") for line in out.splitlines()[1:])
+                   if name.strip().endswith("xdp_packets"))
+
     def arrived(self) -> tuple[int, int]:
         """(plain IPv4, still IPIP) packets that reached the backends' stacks, over all backends."""
         table = self.bpf["arrived"]
