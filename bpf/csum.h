@@ -82,6 +82,28 @@ static __always_inline int csum_addr_replace4(lb_ctx *ctx, const struct csum_tar
 	return 0;
 }
 
+/* The four words of an IPv6 address (IPv6 has no header checksum: the L4
+ * one's pseudo-header only), in one update: one's complement sums fold to the
+ * same value however they are grouped, so it equals four updates of a word
+ * each (csum_addr_replace4, as the reference model does them) -- exactly for
+ * TCP and ICMP, and for UDP too, whose zero is all ones either way. */
+static __always_inline int csum_addr6_replace(lb_ctx *ctx, const struct csum_target *t, const __be32 *from,
+					      const __be32 *to)
+{
+	if (!t->l4_check)
+		return 0;
+	__u32 sum = ~(__u32)*t->l4_check & 0xffff;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		sum = csum_add_word32(sum, ~from[i]);
+		sum = csum_add_word32(sum, to[i]);
+	}
+	*t->l4_check = ~csum_fold32(sum) & 0xffff; /* sum < 17 * 0xffff: two folds do */
+	csum_l4_fix_zero(t);
+	return 0;
+}
+
 /* A field of the L4 header or payload (a port, an ICMP type, a quoted address). */
 static __always_inline int csum_l4_replace4(lb_ctx *ctx, const struct csum_target *t, __be32 from, __be32 to)
 {
@@ -125,6 +147,18 @@ static __always_inline int csum_addr_replace4(lb_ctx *ctx, const struct csum_tar
 		err |= bpf_l3_csum_replace(ctx, t->l3_check, from, to, 4);
 	if (t->l4_check)
 		err |= bpf_l4_csum_replace(ctx, t->l4_check, from, to, t->l4_flags | BPF_F_PSEUDO_HDR | 4);
+	return err;
+}
+
+/* The helpers take a word at a time. */
+static __always_inline int csum_addr6_replace(lb_ctx *ctx, const struct csum_target *t, const __be32 *from,
+					      const __be32 *to)
+{
+	int err = 0;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		err |= csum_addr_replace4(ctx, t, from[i], to[i]);
 	return err;
 }
 

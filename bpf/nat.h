@@ -63,16 +63,9 @@ static __always_inline void nat_write_addr6(__be32 *addr, const union lb_addr *t
 static __always_inline int nat_addr_changed(lb_ctx *ctx, const struct csum_target *t, int ip_version,
 					    const union lb_addr *from, const union lb_addr *to)
 {
-	int err = 0;
-
-	if (ip_version == 6) {
-#pragma unroll
-		for (int i = 0; i < 4; i++)
-			err |= csum_addr_replace4(ctx, t, from->w[i], to->w[i]);
-	} else {
-		err |= csum_addr_replace4(ctx, t, from->w[3], to->w[3]);
-	}
-	return err;
+	if (ip_version == 6)
+		return csum_addr6_replace(ctx, t, from->w, to->w);
+	return csum_addr_replace4(ctx, t, from->w[3], to->w[3]);
 }
 
 /* client -> VIP becomes client -> backend (port 0: the backend takes the VIP's port).
