@@ -20,7 +20,16 @@ Checked, not assumed: each case's path once before timing (lb: its probe's actio
 reason, and a new-flow count; Katran: its action, the encapsulation to one of the reals with
 the original packet inside, and its miss counters), then over the whole timed run: lb's new
 flows per VIP equal the new-flow calls (so every hit was a hit), Katran counted no non-SYN
-miss and never fell back to its small shared table, and both programs' last new entries are in their tables."""
+miss and never fell back to its small shared table, and both programs' last new entries are in their tables.
+
+At steady state ("hit, 100,000 flows cycled, at steady state", path hit_100k_steady): hit_100k is
+each LRU hash's best case, its cycled flows being the newest entries (each at the head of its bucket's
+chain) when its timing starts. After the main timing, one table's worth of newer flows goes into both programs (each with its
+inserting packet, in chunks of FILL_CHUNK), every cycled flow being hit once after each chunk so that
+neither LRU evicts it; then the same cycled flows are timed again, beside Katran's, in a second pass of
+the same harness (no insert among its cases: the tables stay as the churn left them). Checked: a sample
+of the cycled flows is in both tables after each chunk (before the hits that keep them), and all of the
+sample after the timing; Katran counted no non-SYN miss over the timing."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +38,7 @@ import ipaddress
 import os
 import socket
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -48,11 +58,14 @@ from netns.nsenter import in_netns
 from netns.topology import Lab
 
 PATHS = ("hit", "hit_100k", "new_flow", "new_entry", "not_vip")
+STEADY = "hit_100k_steady"  # timed in a second pass, after a table's worth of newer flows
 FLOW_PATHS = PATHS[:4]
 FAMILIES = ("v4", "v6")
 MODES = {"nat": (1, 80, "fwd_nat"), "tunnel": (4, perpacket.MODE_PORT, "fwd_tunnel")}  # VIP index, port, reason
 CYCLED = 100_000
 FILL_BASE, CYCLE_BASE, NEW_BASE, ENTRY_BASE = 0x1000_0000, 0x2000_0000, 0x3000_0000, 0x5000_0000
+CHURN_BASE = 0x6000_0000  # the newer flows of the steady-state pass
+KEPT_SAMPLE = 97  # every 97th cycled flow is looked up in both tables
 PROBE_FLOWS = {"new_flow": 0x4000_ABCD, "new_entry": 0x4000_ABCE}
 FULL = 0.95  # the share of the table both fills must reach (an LRU may evict a little before its size)
 FILL_CHUNK = 100_000  # < Katran's 125k new flows per second and CPU: its table is written every time
@@ -131,9 +144,102 @@ def run(lab: Lab, lb_prog: int, pin_dir: str, drop: Case, katran_path: Path, qui
             timed = perpacket.measure(cases, drop, rounds=rounds, blocks=blocks, progress=progress)
             after = counters(pairs, katran, maps)
             checks = check_counters(pairs, katran, maps, before, after, rounds * blocks * perpacket.BLOCK)
+            steady = steady_state(lib, pairs, katran, maps, lab, drop, table, rounds, blocks, progress)
     return {"table_entries": table, "occupancy_after_fill": occupancy, "cpu": cpu,
             "calls_per_case": rounds * blocks * perpacket.BLOCK, "verified": verified, "checks": checks,
-            "cases": timed, "ratios": ratios(pairs, timed), "floor": floor_ratios(floors, timed)}
+            "cases": timed, "ratios": ratios(pairs, timed) | steady.pop("ratios"), "floor": floor_ratios(floors, timed),
+            "steady": steady}
+
+
+def steady_pairs(pairs: list[Pair]) -> list[Pair]:
+    """The hit_100k pairs again, as new cases (their own flow counters) over the same cycled flows."""
+    def again(c: Case) -> Case:
+        return Case(c.name.replace("hit_100k", STEADY), c.prog_fd, c.frame, c.ingress_ifindex, c.action,
+                    vary=True, flow_base=c.flow_base, flow_mod=c.flow_mod)
+    return [Pair(p.family, p.mode, STEADY, again(p.lb), again(p.katran), p.vip) for p in pairs if p.path == "hit_100k"]
+
+
+def cycled_kept(pairs: list[Pair], katran: Katran, maps: DataPlaneMaps) -> dict[str, list[int]]:
+    """How many of a sample of the cycled flows (every KEPT_SAMPLE-th of each VIP's) each table holds:
+    {"lb": [kept, sampled], "katran": [kept, sampled]}."""
+    kept = {"lb": [0, 0], "katran": [0, 0]}
+    for p in pairs:
+        if p.path != "hit_100k":
+            continue
+        for i in range(0, CYCLED, KEPT_SAMPLE):
+            pkt = with_flow(p.lb.frame, CYCLE_BASE + i)
+            src = ipaddress.ip_address(pkt[26:30] if p.family == "v4" else pkt[22:38])
+            kept["lb"][0] += lb_has_flow(maps, pkt)
+            kept["katran"][0] += katran.lru_has(str(src), p.vip[0], (CYCLE_BASE + i) & 0xFFFF, p.vip[1])
+            kept["lb"][1] += 1
+            kept["katran"][1] += 1
+    return kept
+
+
+def churn(lib: ctypes.CDLL, pairs: list[Pair], katran: Katran, maps: DataPlaneMaps, table: int) -> dict:
+    """One table's worth of newer flows into both programs (lb's ACKs of new tuples, Katran's SYNs), in
+    chunks; after each chunk, the cycled flows still held are counted (a sample), then each is hit once
+    (one that was evicted opens again: Katran counts it as a non-SYN miss, reported). Both kernels' LRU
+    lists see the same sequence of operations and lose the same few: 0.4% of the sample in the first
+    chunk (with or without a hit of every cycled flow before it), none in the later ones."""
+    first_new = next(p for p in pairs if p.path == "new_entry")
+    inserters = [Case(f"churn_{c.name}", c.prog_fd, c.frame, c.ingress_ifindex, c.action, vary=True,
+                      flow_base=CHURN_BASE, before_block=c.before_block) for c in (first_new.lb, first_new.katran)]
+    keepers = [Case(f"keep_{c.name}", c.prog_fd, c.frame, c.ingress_ifindex, c.action, vary=True,
+                    flow_base=CYCLE_BASE, flow_mod=CYCLED)
+               for p in pairs if p.path == "hit_100k" for c in (p.lb, p.katran)]
+    miss0 = katran.stat(LRU_MISS)
+    kept = {"lb": [0, 0], "katran": [0, 0]}
+    per_chunk: dict[str, list[int]] = {"lb": [], "katran": []}
+    remaining = table
+    while remaining > 0:
+        for case in inserters:
+            run_block(lib, case, min(FILL_CHUNK, remaining))
+        remaining -= FILL_CHUNK
+        for name, (k, n) in cycled_kept(pairs, katran, maps).items():
+            kept[name][0] += k
+            kept[name][1] += n
+            per_chunk[name].append(k)
+        for case in keepers:
+            run_block(lib, case, CYCLED)
+    miss1 = katran.stat(LRU_MISS)
+    last = inserters[0].flow_base + table - 1
+    return {"flows": table, "chunk": FILL_CHUNK, "cycled_kept_between_chunks": {k: f"{a}/{b}" for k, (a, b) in kept.items()},
+            "cycled_kept_share": {k: a / b for k, (a, b) in kept.items()}, "cycled_kept_per_chunk": per_chunk,
+            "katran_syns": miss1.v1 - miss0.v1, "katran_cycled_reopened": miss1.v2 - miss0.v2,
+            "lb_last_churned_in_table": lb_has_flow(maps, with_flow(first_new.lb.frame, last))}
+
+
+def steady_state(lib: ctypes.CDLL, pairs: list[Pair], katran: Katran, maps: DataPlaneMaps, lab: Lab, drop: Case,
+                 table: int, rounds: int, blocks: int, progress: Callable[[str], None]) -> dict:
+    """The cycled flows timed again after a table's worth of newer flows (see the module's doc)."""
+    progress(f"  steady state: {table:,} newer flows into both tables, in chunks of {FILL_CHUNK:,}, "
+             f"the cycled flows hit after each chunk; then their hits timed again")
+    started = time.monotonic()
+    fallback0 = katran.stat(FALLBACK_LRU).v1
+    churned = churn(lib, pairs, katran, maps, table)
+    churned["katran_fallback_used"] = katran.stat(FALLBACK_LRU).v1 - fallback0
+    churn_s = time.monotonic() - started
+    if churned["katran_syns"] != table or churned["katran_fallback_used"] or not churned["lb_last_churned_in_table"]:
+        raise AssertionError(f"the newer flows did not all go into both tables: {churned}")
+    steady = steady_pairs(pairs)
+    verified = {f"{p.family}_{p.mode}_{p.path}": verify(p, katran, maps, lab) for p in steady}
+    before_kept = cycled_kept(pairs, katran, maps)
+    miss0 = katran.stat(LRU_MISS)
+    started = time.monotonic()
+    timed = perpacket.measure([c for p in steady for c in (p.lb, p.katran)], drop, rounds=rounds, blocks=blocks,
+                              progress=progress)
+    timed_s = time.monotonic() - started
+    miss1 = katran.stat(LRU_MISS)
+    after_kept = cycled_kept(pairs, katran, maps)
+    checks = {"cycled_kept_before_timing": {k: f"{a}/{b}" for k, (a, b) in before_kept.items()},
+              "cycled_kept_after_timing": {k: f"{a}/{b}" for k, (a, b) in after_kept.items()},
+              "katran_nonsyn_misses": miss1.v2 - miss0.v2, "katran_syns": miss1.v1 - miss0.v1}
+    if (any(a != b for a, b in [*before_kept.values(), *after_kept.values()])
+            or checks["katran_nonsyn_misses"] or checks["katran_syns"]):
+        raise AssertionError(f"steady state: the cycled flows timed were not all hits in both tables: {checks}")
+    return {"churn": churned, "verified": verified, "checks": checks, "cases": timed, "ratios": ratios(steady, timed),
+            "churn_s": round(churn_s, 1), "timing_s": round(timed_s, 1)}
 
 
 def floor_cases(pairs: list[Pair], line_prog: int) -> list[tuple[Case, Pair]]:
@@ -221,7 +327,7 @@ def verify(p: Pair, katran: Katran, maps: DataPlaneMaps, lab: Lab) -> dict:
     pkt, k_pkt = p.lb.frame, p.katran.frame
     if p.path in PROBE_FLOWS:
         pkt, k_pkt = with_flow(pkt, PROBE_FLOWS[p.path]), with_flow(k_pkt, PROBE_FLOWS[p.path])
-    elif p.path == "hit_100k":
+    elif p.path in ("hit_100k", STEADY):
         pkt = k_pkt = with_flow(pkt, CYCLE_BASE + 12_345)
     lb_vip = vip_id(maps, *p.vip) if p.path != "not_vip" else None
     new0 = new_flows(maps, lb_vip, katran.cpu) if lb_vip is not None else 0
@@ -397,8 +503,14 @@ def print_table(result: dict, log: Callable[[str], None]) -> None:
             ratio = f"at the XDP_DROP floor, <= {r['ratio_bound']:.2f}"
         else:
             ratio = "within the floor's noise"
-        log(f"    {name:<22} Katran {r['katran_ns']:>7.0f}  lb {r['lb_ns']:>7.0f}  lb/Katran {ratio}")
+        log(f"    {name:<26} Katran {r['katran_ns']:>7.0f}  lb {r['lb_ns']:>7.0f}  lb/Katran {ratio}")
+    steady = result.get("steady")
+    if steady:
+        c = steady["churn"]
+        log(f"    ({STEADY}: after {c['flows']:,} newer flows, cycled flows kept between chunks: lb "
+            f"{c['cycled_kept_between_chunks']['lb']}, Katran {c['cycled_kept_between_chunks']['katran']}; "
+            f"churn {steady['churn_s']} s, timing {steady['timing_s']} s)")
     for name, r in result.get("floor", {}).items():
         if r["over_katran"] is not None:
-            log(f"    floor {name:<16} Katran {r['katran_ns']:>7.0f}  one line of 64 MiB {r['floor_ns']:>5.0f}  "
+            log(f"    floor {name:<20} Katran {r['katran_ns']:>7.0f}  one line of 64 MiB {r['floor_ns']:>5.0f}  "
                 f"floor/Katran {r['over_katran']:.2f} [{r['over_katran_min']:.2f}-{r['over_katran_max']:.2f}]")

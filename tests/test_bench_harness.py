@@ -258,3 +258,58 @@ def test_the_memory_floor_reads_a_line_and_drops_both_families():
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def test_the_steady_state_rows_time_the_cycled_flows_again_as_cases_of_their_own():
+    from bench.perpacket import Case
+    from bench.sidebyside import CYCLE_BASE, CYCLED, STEADY, Pair, steady_pairs
+    pairs = [Pair("v4", mode, path, Case(f"lb_v4_{mode}_{path}", 1, b"f", 2, "XDP_REDIRECT", vary=True,
+                                         flow_base=CYCLE_BASE, flow_mod=CYCLED),
+                  Case(f"katran_v4_{mode}_{path}", 3, b"f", 2, "XDP_TX", vary=True, flow_base=CYCLE_BASE,
+                       flow_mod=CYCLED), ("198.19.0.1", 80))
+             for mode in ("nat", "tunnel") for path in ("hit", "hit_100k")]
+    pairs[1].lb.flow_index.value = 5  # the first pass's cases have run
+    steady = steady_pairs(pairs)
+    assert [(p.mode, p.path, p.lb.name, p.katran.name) for p in steady] == [
+        ("nat", STEADY, "lb_v4_nat_hit_100k_steady", "katran_v4_nat_hit_100k_steady"),
+        ("tunnel", STEADY, "lb_v4_tunnel_hit_100k_steady", "katran_v4_tunnel_hit_100k_steady")]
+    for p in steady:  # the same flows, from the first, through the same programs
+        for c, prog in ((p.lb, 1), (p.katran, 3)):
+            assert (c.prog_fd, c.vary, c.flow_base, c.flow_mod, c.flow_index.value) == (prog, True, CYCLE_BASE, CYCLED, 0)
+
+
+def test_every_side_by_side_path_has_a_ratio_target():
+    from bench.sidebyside import PATHS, STEADY, verdicts
+    targets = json.loads((bench_main.ROOT / "bench" / "targets.json").read_text())["katran_ratio"]
+    assert set(targets) == {*PATHS, STEADY}
+    result = {"ratios": {"v6_tunnel_hit_100k_steady": {"ratio": 0.9, "path": STEADY}}}
+    assert verdicts(result, targets) == [("lb/Katran v6_tunnel_hit_100k_steady", 0.9, "<=", 0.6, False)]
+
+
+def test_the_churn_inserts_a_table_of_newer_flows_in_chunks_and_hits_every_cycled_flow_after_each(monkeypatch):
+    from bench import sidebyside
+    from bench.katran import Stat
+    from bench.perpacket import Case
+    pairs = [sidebyside.Pair("v4", "nat", path, Case(f"lb_{path}", 1, b"f", 2, "XDP_REDIRECT"),
+                             Case(f"katran_{path}", 3, b"f", 2, "XDP_TX"), ("198.19.0.1", 80))
+             for path in ("hit_100k", "new_entry")]
+    calls = []
+    monkeypatch.setattr(sidebyside, "run_block", lambda lib, case, n: calls.append((case.name, case.flow_base, n)))
+    monkeypatch.setattr(sidebyside, "cycled_kept", lambda *a: {"lb": [10, 10], "katran": [9, 10]})
+    monkeypatch.setattr(sidebyside, "lb_has_flow", lambda maps, frame: True)
+
+    class FakeKatran:
+        def stat(self, index):
+            return Stat()
+
+    out = sidebyside.churn(None, pairs, FakeKatran(), None, table=250_000)
+    inserts = [(n, b, k) for n, b, k in calls if n.startswith("churn_")]
+    keeps = [(n, b, k) for n, b, k in calls if n.startswith("keep_")]
+    assert [k for n, _, k in inserts if "lb" in n] == [100_000, 100_000, 50_000]  # one table's worth, both programs
+    assert [k for n, _, k in inserts if "katran" in n] == [100_000, 100_000, 50_000]
+    assert {b for _, b, _ in inserts} == {sidebyside.CHURN_BASE}
+    assert len(keeps) == 3 * 2 and {(b, k) for _, b, k in keeps} == {(sidebyside.CYCLE_BASE, sidebyside.CYCLED)}
+    assert [n for n, _, _ in calls[:4]] == ["churn_lb_new_entry", "churn_katran_new_entry",
+                                            "keep_lb_hit_100k", "keep_katran_hit_100k"]  # kept after each chunk
+    assert out["cycled_kept_between_chunks"] == {"lb": "30/30", "katran": "27/30"}
+    assert out["cycled_kept_per_chunk"] == {"lb": [10, 10, 10], "katran": [9, 9, 9]}
