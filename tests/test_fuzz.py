@@ -19,9 +19,6 @@ from scapy.packet import Raw
 from tests.harness import Harness, agree, configured_harness, disagreement
 
 EXAMPLES = int(os.environ.get("LB_FUZZ_EXAMPLES", "5000"))
-# CI draws the same examples every run (a red run can be reproduced, and the coverage check below
-# cannot fail by chance); `make fuzz` and local runs explore new ones.
-DERANDOMIZE = os.environ.get("CI") == "true"
 CONFIG = {"vips": [
     {"vip": "198.19.0.1:80/tcp", "backends": ["198.18.1.2:8080", "198.18.2.2:8080"]},
     {"vip": "198.19.0.1:53/udp", "backends": ["198.18.1.2:5353", "198.18.2.2:5353"]},
@@ -172,7 +169,7 @@ def too_big(draw, v6: bool, src: str, dst: str, sport: int, dport: int, quoted: 
     return ICMP(type=3, code=4, nexthopmtu=draw(st.integers(68, 1500))) / quote / l4
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(packets())
 def test_program_and_model_agree_on_any_packet(harness: Harness, packet):
@@ -264,7 +261,7 @@ def steps(draw) -> list[tuple]:
     return out
 
 
-@settings(max_examples=CHANGE_EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
+@settings(max_examples=CHANGE_EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(steps())
 def test_program_and_model_agree_across_changes_and_time(harness: Harness, sequence):
@@ -321,7 +318,7 @@ def many_flows(draw) -> list[tuple[bytes, str]]:
     return out
 
 
-@settings(max_examples=EVICTION_EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
+@settings(max_examples=EVICTION_EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(many_flows())
 def test_program_and_model_agree_when_the_table_evicts(small_harness: Harness, packets):
