@@ -12,7 +12,6 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -43,9 +42,9 @@ UNSERVED_ACTIONS = ("drop", "pass")  # what happens to traffic to a VIP's addres
 
 def _ifindex(name: str) -> int:
     try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        raise InputError(f"unknown interface {name!r} in this network namespace") from None
+        return loader.interface_index(name)
+    except loader.UnknownInterface as e:
+        raise InputError(str(e)) from None
 
 
 def choose_xdp_mode(iface: Interface, requested: str) -> str | None:

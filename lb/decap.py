@@ -143,7 +143,7 @@ def attach(ifname: str, hook: str = "xdp", vips: Sequence[IPAddress] | None = No
         raise DecapError(f"unknown hook {hook!r} (expected xdp or tc)")
     directory = pin_dir()
     with IPRoute() as ipr:
-        ifindex = interface_index(ipr, ifname)
+        ifindex = interface_index(ifname)
         current = attached_interfaces(directory).get(ifname)
         if current is not None and current != hook:
             raise DecapError(f"{ifname}: decapsulation is attached with {current}; detach it first to use {hook}")

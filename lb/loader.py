@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import socket
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -38,11 +39,11 @@ class UnknownInterface(LookupError):
     """No interface of that name in this network namespace (bad input, not a failure)."""
 
 
-def interface_index(ipr: IPRoute, name: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise UnknownInterface(f"unknown interface {name!r} in this network namespace")
-    return found[0]
+def interface_index(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise UnknownInterface(f"unknown interface {name!r} in this network namespace") from None
 
 
 @dataclass(frozen=True)
