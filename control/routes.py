@@ -185,7 +185,7 @@ class KernelChanges:
     """Netlink notifications of the kernel's links, neighbours and routes (IPv4 and IPv6), as a
     context manager: wait() says whether any came, after letting a burst settle."""
 
-    GROUPS = 0x1 | 0x4 | 0x40 | 0x400  # RTMGRP_LINK, _NEIGH, _IPV4_ROUTE, _IPV6_ROUTE
+    GROUPS = rtnl.RTMGRP_LINK | rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_ROUTE | rtnl.RTMGRP_IPV6_ROUTE
 
     def __enter__(self) -> "KernelChanges":
         from pyroute2 import IPRoute

@@ -23,6 +23,8 @@ RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
 RTM_NEWRULE, RTM_GETRULE = 32, 34
+# multicast groups of notifications (a listener binds to them; control/routes.py KernelChanges)
+RTMGRP_LINK, RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x1, 0x4, 0x40, 0x400
 
 # Fixed headers after nlmsghdr (their first byte is the family in every request)
 _HEADER_LEN = {RTM_NEWLINK: 16, RTM_NEWADDR: 8, RTM_NEWROUTE: 12, RTM_NEWNEIGH: 12, RTM_NEWRULE: 12}
