@@ -35,6 +35,7 @@ from bench.compare import ROOT, source_tree
 from control.apiclient import ApiClient, NoDaemon, default_socket_path
 from netns.lbctl import STATE_DIR
 from netns.topology import Lab
+from netns.traffic import stop_process
 
 SIZES = (10, 1000)
 BACKEND = "198.18.1.9:8080"  # added and removed again: no lab host answers there, none needs to
@@ -124,13 +125,7 @@ def start_daemon(rev: Revision, timeout: float = 120.0) -> None:
 
 
 def stop_daemon(rev: Revision) -> None:
-    if rev.daemon is not None and rev.daemon.poll() is None:
-        rev.daemon.terminate()
-        try:
-            rev.daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            rev.daemon.kill()
-            rev.daemon.wait(timeout=10)
+    stop_process(rev.daemon, timeout=30, kill_timeout=10)
     rev.daemon = rev.api = None
 
 

@@ -37,7 +37,7 @@ from lb.structs import FLOW_CLOSING, LbAddr
 from netns.lbctl import STATE_DIR, DaemonProcess, run_lbctl
 from netns.nsenter import in_netns, netlink_in, write_sysctl
 from netns.topology import Lab, lab_mac, run_prefix
-from netns.traffic import wait_for
+from netns.traffic import stop_process, wait_for
 
 ROUTER_AS, NODE_AS = 65000, 65001
 SERVICE_NET = 50  # 198.18.50.0/24: the bridge of nodes and backends
@@ -223,7 +223,7 @@ class Cluster:
             conn.close()
 
     def stop_etcd(self) -> None:
-        _stop(self.etcd)
+        stop_process(self.etcd)
         self.etcd = None
 
     def bird_config(self) -> str:
@@ -425,8 +425,8 @@ class Cluster:
                 for suffix in ("", "-wal", "-shm"):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(STATE_DIR, name + suffix))
-        _stop(self.bird)
-        _stop(self.etcd)
+        stop_process(self.bird)
+        stop_process(self.etcd)
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
         self.namespaces.clear()
@@ -443,14 +443,3 @@ def _descendants(pid: int) -> list[int]:
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo.extend(int(c) for c in f.read().split())
     return found
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)

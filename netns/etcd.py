@@ -12,7 +12,7 @@ import urllib.request
 from typing import Iterator
 
 from netns.nsenter import in_netns
-from netns.traffic import wait_for
+from netns.traffic import stop_process, wait_for
 
 CLIENT_PORT = 2379
 
@@ -47,13 +47,7 @@ class Etcd:
             return False
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
+        stop_process(self.proc)
         self.log.close()
 
     def restart(self) -> None:

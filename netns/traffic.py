@@ -11,6 +11,7 @@ import http.server
 import selectors
 import socket
 import socketserver
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -170,6 +171,18 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 15.0, kill_timeout: float = 15.0) -> None:
+    """SIGTERM a lab's child process and reap it; SIGKILL if it is not gone within `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=kill_timeout)
 
 
 class EchoServers:
