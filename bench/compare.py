@@ -12,6 +12,12 @@ medians is shown beside it. Figures of different runs do not compare (the machin
 
     python -m bench.compare d1b86fe            # the release before issue 12's work, against HEAD
 
+An experiment that is not a revision: --patch FILE applies a patch (as `patch -p1`) to REV2's tree,
+whose column is then named REV2+FILE's stem; e.g. lb with the cheapest connection table there is,
+beside lb as it was (bench/experiments/README.md; a patch applies to the revision it was made on):
+    python -m bench.compare 65e72f5 65e72f5 --patch bench/experiments/direct_mapped_table.patch \
+        --paths hit,hit_100k,new_flow
+
 The control plane's figures of two revisions: bench/compare_control.py.
     python -m bench.compare A B --labs 3 --rounds 5 --blocks 40 --json out.json"""
 from __future__ import annotations
@@ -36,18 +42,25 @@ from netns.topology import Lab
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = ("hit", "hit_100k", "new_flow", "not_vip", "reply_hit")
 # With --modes: the hit of a tunnel VIP, of an IPv6 NAT VIP and of an IPv6 tunnel VIP (as the side-by-side's)
+# bench/experiments' patches and the revision each was made on (and applies to)
+EXPERIMENT_REVISIONS = {"direct_mapped_table.patch": "65e72f5"}
 MODE_PATHS = {"hit_tunnel": ("vip", 4, perpacket.MODE_PORT, "fwd_tunnel"), "hit_v6": ("vip6", 1, 80, "fwd_nat"),
               "hit_v6_tunnel": ("vip6", 4, perpacket.MODE_PORT, "fwd_tunnel")}
 
 
-def source_tree(rev: str, into: Path) -> Path:
-    """The revision's files, from git, in a directory of their own."""
-    tree = into / rev.replace("/", "_")
+def source_tree(rev: str, into: Path, patch: Path | None = None) -> Path:
+    """The revision's files, from git, in a directory of their own (with `patch` applied)."""
+    tree = into / (rev.replace("/", "_") + (f"+{patch.stem}" if patch else ""))
     tree.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=False)
     if archive.returncode != 0:
         raise SystemExit(f"bench.compare: no revision {rev}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    if patch:
+        applied = subprocess.run(["patch", "-p1", "--batch", "-d", str(tree), "-i", str(patch.resolve())],
+                                 capture_output=True, text=True, check=False)
+        if applied.returncode != 0:
+            raise SystemExit(f"bench.compare: {patch} does not apply to {rev}: {applied.stdout.strip()}")
     return tree
 
 
@@ -104,11 +117,15 @@ def mode_cases(lab: Lab, prog: int) -> list[perpacket.Case]:
     return cases
 
 
-def compare(revs: list[str], rounds: int, blocks: int, labs: int, modes: bool = False) -> dict:
-    """{path@rev: {median_ns, min_ns, max_ns, labs_ns: [each lab's median]}} and the XDP_DROP floor."""
+def compare(revs: list[str], rounds: int, blocks: int, labs: int, modes: bool = False,
+            patch: Path | None = None, paths: tuple[str, ...] = PATHS) -> dict:
+    """{path@rev: {median_ns, min_ns, max_ns, labs_ns: [each lab's median]}} and the XDP_DROP floor.
+    With `patch`, the second of revs is a label (REV2+stem) for REV2's tree with the patch applied."""
     baselines = perpacket.load_baselines()
     with tempfile.TemporaryDirectory(prefix="lb-compare-") as tmp, contextlib.ExitStack() as stack:
-        trees = {rev: source_tree(rev, Path(tmp)) for rev in revs}
+        trees = {revs[0]: source_tree(revs[0], Path(tmp))}
+        trees[revs[1]] = source_tree(revs[1].split("+")[0], Path(tmp), patch) if patch else \
+            source_tree(revs[1], Path(tmp))
         cases, drop, progs = [], None, []
         for i in range(labs):
             for rev in revs:  # alternating, so that neither revision's labs all come first
@@ -121,7 +138,7 @@ def compare(revs: list[str], rounds: int, blocks: int, labs: int, modes: bool = 
                     if modes:
                         lab_cases += mode_cases(lab, prog)
                 for case in lab_cases:
-                    if case.name in PATHS or case.name in MODE_PATHS:
+                    if case.name in paths or case.name in MODE_PATHS:
                         case.name, case.netns = f"{case.name}@{rev}#{i}", lab.lb_ns
                         cases.append(case)
                 if drop is None:
@@ -170,15 +187,22 @@ def main() -> None:
     parser.add_argument("--labs", type=int, default=3, help="labs (program loads) per revision")
     parser.add_argument("--modes", action="store_true",
                         help="also the hits of a tunnel VIP, an IPv6 NAT VIP and an IPv6 tunnel VIP")
+    parser.add_argument("--patch", type=Path, help="apply this patch (patch -p1) to REV2's tree")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"which of {','.join(PATHS)} to time")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
-    revs = [args.rev, args.rev2]
-    if args.rev == args.rev2:
-        parser.error("two different revisions, please")
-    commits = {rev: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True,
-                                   text=True).stdout.strip() for rev in revs}
-    figures = compare(revs, args.rounds, args.blocks, args.labs, args.modes)
-    print(" ".join(f"{rev} = {commit}" for rev, commit in commits.items() if commit != rev))
+    paths = tuple(args.paths.split(","))
+    if set(paths) - set(PATHS):
+        parser.error(f"--paths: unknown {','.join(sorted(set(paths) - set(PATHS)))} (known: {','.join(PATHS)})")
+    if args.patch and not args.patch.is_file():
+        parser.error(f"--patch: no file {args.patch}")
+    revs = [args.rev, f"{args.rev2}+{args.patch.stem}" if args.patch else args.rev2]
+    if revs[0] == revs[1]:
+        parser.error("two different revisions (or --patch), please")
+    commits = {rev: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev.split("+")[0]],
+                                   capture_output=True, text=True).stdout.strip() for rev in revs}
+    figures = compare(revs, args.rounds, args.blocks, args.labs, args.modes, args.patch, paths)
+    print(" ".join(f"{rev} = {commit}" for rev, commit in commits.items() if commit != rev.split("+")[0]))
     print(table(figures, revs))
     if args.json:
         Path(args.json).write_text(json.dumps({"revisions": commits, "figures": figures}, indent=2) + "\n")

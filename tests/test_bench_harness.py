@@ -313,3 +313,16 @@ def test_the_churn_inserts_a_table_of_newer_flows_in_chunks_and_hits_every_cycle
                                             "keep_lb_hit_100k", "keep_katran_hit_100k"]  # kept after each chunk
     assert out["cycled_kept_between_chunks"] == {"lb": "30/30", "katran": "27/30"}
     assert out["cycled_kept_per_chunk"] == {"lb": [10, 10, 10], "katran": [9, 9, 9]}
+
+
+def test_an_experiments_patch_applies_to_the_revision_it_was_made_on(tmp_path):
+    from pathlib import Path
+
+    from bench import compare
+
+    patch = Path(__file__).resolve().parent.parent / "bench" / "experiments" / "direct_mapped_table.patch"
+    tree = compare.source_tree(compare.EXPERIMENT_REVISIONS[patch.name], tmp_path, patch)
+    assert tree.name.endswith("+direct_mapped_table")
+    assert "ct_slots.lookup" in (tree / "bpf" / "lb.c").read_text()
+    with pytest.raises(SystemExit, match="does not apply"):  # a patch that does not apply stops the run
+        compare.source_tree(compare.EXPERIMENT_REVISIONS[patch.name], tmp_path, Path(__file__))
