@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import ipaddress
 import logging
 import os
@@ -54,7 +55,7 @@ class BgpOptions:
     peer: IPAddress
     local_as: int
     peer_as: int
-    router_id: ipaddress.IPv4Address | None = None  # default: the local address if IPv4
+    router_id: ipaddress.IPv4Address | None = None  # default: default_router_id(the local address)
     local_address: IPAddress | None = None  # default: the source the kernel picks towards the peer
     hold_time: int = MIN_HOLD_TIME
     settle: float = 5.0
@@ -168,6 +169,16 @@ class Announcer:
         return added, removed
 
 
+def default_router_id(local: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address:
+    """A session's router id without --bgp-router-id: its IPv4 local address, else 32 bits hashed from
+    its IPv6 one (its last 32 bits would be the same on nodes that differ only in their subnet,
+    as fd00:18:11::2 and fd00:18:12::2 do), never 0.0.0.0 (peers refuse it)."""
+    if local.version == 4:
+        return local
+    digest = int.from_bytes(hashlib.sha256(local.packed).digest()[:4], "big")
+    return ipaddress.IPv4Address(digest or 1)
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the thread that started it ends (the daemon's BGP
     thread, which ends only with the daemon; kill -9 of the daemon ends it too)."""
@@ -180,10 +191,7 @@ class ExaBgp:
     def __init__(self, options: BgpOptions):
         self.options = options
         self.local = options.resolved_local_address()
-        router_id = options.router_id or (self.local if self.local.version == 4 else None)
-        if router_id is None:
-            raise InputError("--bgp-router-id is needed when the session runs over IPv6")
-        self.router_id = router_id
+        self.router_id = options.router_id or default_router_id(self.local)
         exabgp = shutil.which("exabgp") or ("/usr/sbin/exabgp" if os.path.exists("/usr/sbin/exabgp") else None)
         if exabgp is None:
             raise LbError("exabgp is not installed (make setup installs Debian's exabgp)")

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "announces the VIPs of its own IP version (an IPv4 and an IPv6 peer for both)")
     g.add_argument("--bgp-local-as", type=_weight_free_int, metavar="N", help="this node's AS number")
     g.add_argument("--bgp-peer-as", type=_weight_free_int, metavar="N", help="the router's AS number")
-    g.add_argument("--bgp-router-id", metavar="ADDR", help="default: the local address of the session (IPv4)")
+    g.add_argument("--bgp-router-id", metavar="ADDR", help="default: the session's local address (IPv4), or 32 bits hashed from it (IPv6)")
     g.add_argument("--bgp-local-address", metavar="ADDR",
                    help="the session's source (default: the address the routes pick towards the peer); "
                         "with several peers, for those of its IP version")

@@ -289,7 +289,7 @@ class Cluster:
     def start_daemon(self, node: Node, settle: float = 1.0, *extra: str) -> DaemonProcess:
         node.daemon = DaemonProcess(node.ns, os.path.join(self.workdir, f"{node.name}.log"),
                                     ("--store", node.store, "--bgp-peer", str(node.router_address),
-                                     "--bgp-peer", str(node.router_address6), "--bgp-router-id", str(node.up_address),
+                                     "--bgp-peer", str(node.router_address6),  # router ids: their default
                                      "--bgp-local-as", str(NODE_AS), "--bgp-peer-as", str(ROUTER_AS),
                                      "--bgp-settle", str(settle), *extra)).start()
         return node.daemon

@@ -133,3 +133,13 @@ def test_a_daemon_with_an_ipv4_and_an_ipv6_peer_runs_a_session_each():
     assert str(v6.router_id) == "198.18.11.2"
     with pytest.raises(InputError, match="^--bgp-peer: a peer is given twice$"):
         bgp_sessions(parse_args(["daemon", "--bgp-peer", "198.18.11.1", "--bgp-peer", "198.18.11.1"]), "lb1")
+
+
+def test_a_router_id_defaults_to_the_ipv4_local_address_or_a_hash_of_the_ipv6_one():
+    from control.bgp import default_router_id
+
+    assert str(default_router_id(ipaddress.ip_address("198.18.11.2"))) == "198.18.11.2"
+    # nodes whose IPv6 addresses differ only in their subnet get different ids, the same id every time
+    ids = {default_router_id(ipaddress.ip_address(f"fd00:18:{x}::2")) for x in (11, 12, 13)}
+    assert len(ids) == 3 and all(i.version == 4 and int(i) for i in ids)
+    assert default_router_id(ipaddress.ip_address("fd00:18:11::2")) in ids
