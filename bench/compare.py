@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PATHS = ("hit", "hit_100k", "new_flow", "not_vip", "reply_hit")
 # With --modes: the hit of a tunnel VIP, of an IPv6 NAT VIP and of an IPv6 tunnel VIP (as the side-by-side's)
 # bench/experiments' patches and the revision each was made on (and applies to)
-EXPERIMENT_REVISIONS = {"direct_mapped_table.patch": "65e72f5"}
+EXPERIMENT_REVISIONS = {"direct_mapped_table.patch": "65e72f5", "no_common_lru.patch": "65e72f5"}
 MODE_PATHS = {"hit_tunnel": ("vip", 4, perpacket.MODE_PORT, "fwd_tunnel"), "hit_v6": ("vip6", 1, 80, "fwd_nat"),
               "hit_v6_tunnel": ("vip6", 4, perpacket.MODE_PORT, "fwd_tunnel")}
 
@@ -56,8 +56,9 @@ def source_tree(rev: str, into: Path, patch: Path | None = None) -> Path:
     if archive.returncode != 0:
         raise SystemExit(f"bench.compare: no revision {rev}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-    if patch:
-        applied = subprocess.run(["patch", "-p1", "--batch", "-d", str(tree), "-i", str(patch.resolve())],
+    if patch:  # a hunk that does not apply stops the run (--forward: never applied reversed instead)
+        applied = subprocess.run(["patch", "-p1", "--forward", "--force", "--reject-file=-", "-d", str(tree), "-i",
+                                  str(patch.resolve())],
                                  capture_output=True, text=True, check=False)
         if applied.returncode != 0:
             raise SystemExit(f"bench.compare: {patch} does not apply to {rev}: {applied.stdout.strip()}")

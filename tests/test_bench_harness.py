@@ -315,14 +315,21 @@ def test_the_churn_inserts_a_table_of_newer_flows_in_chunks_and_hits_every_cycle
     assert out["cycled_kept_per_chunk"] == {"lb": [10, 10, 10], "katran": [9, 9, 9]}
 
 
-def test_an_experiments_patch_applies_to_the_revision_it_was_made_on(tmp_path):
+@pytest.mark.parametrize("name, marker", [("direct_mapped_table.patch", "struct ct_slot {"),
+                                          ("no_common_lru.patch", "BPF_F_NO_COMMON_LRU")])
+def test_an_experiments_patch_applies_to_the_revision_it_was_made_on(tmp_path, name, marker):
     from pathlib import Path
 
     from bench import compare
 
-    patch = Path(__file__).resolve().parent.parent / "bench" / "experiments" / "direct_mapped_table.patch"
-    tree = compare.source_tree(compare.EXPERIMENT_REVISIONS[patch.name], tmp_path, patch)
-    assert tree.name.endswith("+direct_mapped_table")
-    assert "ct_slots.lookup" in (tree / "bpf" / "lb.c").read_text()
-    with pytest.raises(SystemExit, match="does not apply"):  # a patch that does not apply stops the run
-        compare.source_tree(compare.EXPERIMENT_REVISIONS[patch.name], tmp_path, Path(__file__))
+    patch = Path(__file__).resolve().parent.parent / "bench" / "experiments" / name
+    tree = compare.source_tree(compare.EXPERIMENT_REVISIONS[name], tmp_path, patch)
+    assert tree.name.endswith("+" + patch.stem)
+    assert marker in (tree / "bpf" / "maps.h").read_text()
+    # a patch that does not apply, or only reversed, stops the run
+    reversed_patch = tmp_path / "reversed.patch"
+    reversed_patch.write_text("".join(("+" + line[1:] if line.startswith("-") and not line.startswith("---") else
+                                       "-" + line[1:] if line.startswith("+") and not line.startswith("+++") else line)
+                                      for line in patch.read_text().splitlines(keepends=True)))
+    with pytest.raises(SystemExit, match="does not apply"):
+        compare.source_tree(compare.EXPERIMENT_REVISIONS[name], tmp_path, reversed_patch)
