@@ -5,10 +5,11 @@ import copy
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TypeVar
 
 from control.errors import InputError
-from lb.structs import IPAddress, PROTOCOLS
+from lb.structs import IPAddress, PROTOCOLS, lb_addr_bytes
 
 T = TypeVar("T")
 
@@ -173,6 +174,12 @@ class VipAddress:
     def any_port(self) -> bool:
         return self.port == 0
 
+    @cached_property
+    def packed(self) -> bytes:
+        """The address as the data plane holds it (lb_addr), worked out once: copies of a State share
+        their addresses, and a daemon's change looks at every VIP's."""
+        return lb_addr_bytes(self.address)
+
     def sort_key(self) -> tuple[int, int, int, str]:
         """IPv4 before IPv6, then by address, port, protocol (addresses of two versions do not compare)."""
         return self.address.version, int(self.address), self.port, self.proto
@@ -201,6 +208,11 @@ class BackendAddress:
             raise InputError(f"{text!r}: VIP {vip} takes every port, so its backends keep the client's port; "
                              f"write the backend without a port")
         return cls(address, _parse_port(port, text))
+
+    @cached_property
+    def packed(self) -> bytes:
+        """The address as the data plane holds it (lb_addr), worked out once (VipAddress.packed)."""
+        return lb_addr_bytes(self.address)
 
     def __str__(self) -> str:
         return format_endpoint(self.address, self.port)
@@ -454,9 +466,9 @@ class State:
     def backends_that_are_vips(self) -> set[tuple[str, str]]:
         """(VIP, backend) pairs whose backend's address is a VIP's address: the LB would send the
         packet to an address it takes itself (and whose routes lead nowhere useful)."""
-        addresses = {v.vip.address: v.vip for v in self.vips}
+        addresses = {v.vip.packed for v in self.vips}  # (bytes: hashed once, unlike ipaddress's)
         return {(str(v.vip), str(b.address)) for v in self.vips for b in v.active_backends()
-                if b.address.address in addresses}
+                if b.address.packed in addresses}
 
     def new_backends(self, before: "State") -> list[tuple[VipAddress, BackendAddress]]:
         """(VIP, backend) of the active backends `before` did not have."""

@@ -129,15 +129,14 @@ def filter_addresses(state: State) -> tuple[list[bytes], list[bytes]]:
     """What the address filter must leave open (lb/addrfilter.py): every VIP's address (vips,
     vip_addrs) and every NAT or full-NAT backend's, retired ones too (reply_sources; a full-NAT
     backend's replies, to a source of the pool, are looked up by the data plane only from these)."""
-    vips = [bytes(LbAddr.of(v.vip.address)) for v in state.vips]
-    backends = [bytes(LbAddr.of(b.address.address)) for v in state.vips
-                if v.replies_through_lb or v.mode == "fullnat" for b in v.backends]
+    vips = [v.vip.packed for v in state.vips]
+    backends = [b.address.packed for v in state.vips if v.replies_through_lb or v.mode == "fullnat" for b in v.backends]
     return vips, backends
 
 
 def slot_vips(state: State) -> list[tuple[bytes, int, int, int]]:
     """The VIPs as lb/addrfilter.py sync_slots takes them: (address, be16 port, protocol, id)."""
-    return [(bytes(LbAddr.of(v.vip.address)), be16(v.vip.port), PROTOCOLS[v.vip.proto], v.id) for v in state.vips]
+    return [(v.vip.packed, be16(v.vip.port), PROTOCOLS[v.vip.proto], v.id) for v in state.vips]
 
 
 def snat_pool(state: State, v: VipState) -> SnatPool:
@@ -212,12 +211,12 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
     addresses: set = set()  # the changed VIPs' addresses, and their backend hosts whose VIPs change
     hosts: set[tuple] = set()
     for v in (v for vid in changed for v in (olds.get(vid), news.get(vid)) if v is not None):
-        addresses.add(v.vip.address)
+        addresses.add(v.vip.packed)
         if moved:
             hosts |= hosts_of(v) & moved
     ids = set(changed)
     for v in itertools.chain(old.vips, new.vips):  # one pass, no index of every VIP's links
-        if v.vip.address in addresses or (hosts and not hosts.isdisjoint(hosts_of(v))):
+        if v.vip.packed in addresses or (hosts and not hosts.isdisjoint(hosts_of(v))):
             ids.add(v.id)
     return (State(old.dataplane, [v for v in old.vips if v.id in ids], pass_unserved=old.pass_unserved,
                   snat=old.snat, snat_ports=old.snat_ports),

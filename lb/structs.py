@@ -10,6 +10,11 @@ import socket
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+def lb_addr_bytes(address: IPAddress) -> bytes:
+    """An address as struct lb_addr holds it: IPv6, or IPv4 mapped into IPv6 (::ffff:a.b.c.d)."""
+    return b"\0" * 10 + b"\xff\xff" + address.packed if address.version == 4 else address.packed
+
+
 class LbAddr(ctypes.Structure):
     """union lb_addr: 16 bytes, IPv4 stored IPv4-mapped (::ffff:a.b.c.d)."""
 
@@ -17,11 +22,7 @@ class LbAddr(ctypes.Structure):
 
     @classmethod
     def of(cls, address: IPAddress) -> "LbAddr":
-        if address.version == 4:
-            packed = b"\0" * 10 + b"\xff\xff" + address.packed
-        else:
-            packed = address.packed
-        return cls.from_buffer_copy(packed)
+        return cls.from_buffer_copy(lb_addr_bytes(address))
 
     def address(self) -> IPAddress:
         v6 = ipaddress.IPv6Address(bytes(self.b))
