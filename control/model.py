@@ -427,7 +427,7 @@ class State:
 
     def require_snat(self) -> None:
         """InputError unless every full-NAT VIP has source addresses of its IP version, and few enough."""
-        for v in self.vips:
+        for v in self._reading():
             if v.mode != "fullnat":
                 continue
             sources = self.snat_sources(v)
@@ -442,7 +442,7 @@ class State:
 
     def snat_addresses(self) -> set[IPAddress]:
         """Every source address the state names (the pool's and the VIPs' own)."""
-        return set(self.snat) | {a for v in self.vips for a in v.snat}
+        return set(self.snat) | {a for v in self._reading() for a in v.snat}
 
     def new_generation(self) -> int:
         self.generations += 1
@@ -451,29 +451,57 @@ class State:
     def copy(self) -> "State":
         """A deep copy (copy.deepcopy takes over half a second on 1,000 VIPs): addresses are frozen
         and shared, everything a change may edit is copied."""
-        return State(copy.deepcopy(self.dataplane), [v.copy() for v in self.vips], self.revision,
+        return State(copy.deepcopy(self.dataplane), [v.copy() for v in self._reading()], self.revision,
                      set(self.pass_unserved), self.generations, set(self.snat), self.snat_ports)
 
-    def vip(self, vip: VipAddress) -> VipState | None:
-        for v in self.vips:
-            if v.vip == vip:
-                return v
+    def _reading(self) -> list[VipState]:
+        """The VIPs, to read and never to edit (a DraftState's share theirs with the State it is over)."""
+        return self.vips
+
+    def _editable(self, index: int) -> VipState:
+        """The VIP at `index` of the list, to edit."""
+        return self.vips[index]
+
+    def unedited(self) -> "State | None":
+        """A State equal to this one that no one edits, when there is one at hand (DraftState)."""
         return None
 
+    def done_editing(self) -> None:
+        """The change is over: what reads the State from now on only reads it (DraftState)."""
+
+    def vip(self, vip: VipAddress) -> VipState | None:
+        for i, v in enumerate(self._reading()):
+            if v.vip == vip:
+                return self._editable(i)
+        return None
+
+    def vips_by_id(self, ids: set[int]) -> dict[int, VipState]:
+        """The VIPs of these ids that the State has, by id, to edit."""
+        return {v.id: self._editable(i) for i, v in enumerate(self._reading()) if v.id in ids}
+
+    def add_vip(self, v: VipState) -> None:
+        self.vips.append(v)
+
+    def remove_vip(self, v: VipState) -> None:
+        self.vips.remove(v)
+
     def backend_ids(self) -> set[int]:
-        return {b.id for v in self.vips for b in v.backends}
+        return {b.id for v in self._reading() for b in v.backends}
 
     def backends_that_are_vips(self) -> set[tuple[str, str]]:
         """(VIP, backend) pairs whose backend's address is a VIP's address: the LB would send the
         packet to an address it takes itself (and whose routes lead nowhere useful)."""
-        addresses = {v.vip.packed for v in self.vips}  # (bytes: hashed once, unlike ipaddress's)
-        return {(str(v.vip), str(b.address)) for v in self.vips for b in v.active_backends()
+        addresses = {v.vip.packed for v in self._reading()}  # (bytes: hashed once, unlike ipaddress's)
+        return {(str(v.vip), str(b.address)) for v in self._reading() for b in v.active_backends()
                 if b.address.packed in addresses}
 
     def new_backends(self, before: "State") -> list[tuple[VipAddress, BackendAddress]]:
         """(VIP, backend) of the active backends `before` did not have."""
-        had = {(v.vip, b.address) for v in before.vips for b in v.active_backends()}
-        return [(v.vip, b.address) for v in self.vips for b in v.active_backends() if (v.vip, b.address) not in had]
+        olds = {v.id: v for v in before._reading()}
+        fresh = [v for v in self._reading() if olds.get(v.id) is not v]  # (the same VIP object: none new)
+        addresses = {v.vip.packed for v in fresh}
+        had = {(v.vip, b.address) for v in before._reading() if v.vip.packed in addresses for b in v.active_backends()}
+        return [(v.vip, b.address) for v in fresh for b in v.active_backends() if (v.vip, b.address) not in had]
 
     def require_no_new_backend_vips(self, before: "State") -> None:
         """InputError if this state has a backend-that-is-a-VIP that `before` did not."""
@@ -492,7 +520,7 @@ class State:
     def allocate_vip_id(self, reserved: set[int] = frozenset()) -> int:
         """The lowest id neither used nor `reserved` (ids of VIPs removed in the same change)."""
         limit = self.dataplane.config["max_vips"]
-        used = {v.id for v in self.vips} | reserved
+        used = {v.id for v in self._reading()} | reserved
         free = next((i for i in range(limit) if i not in used), None)
         if free is None:
             raise InputError(f"VIP limit reached ({limit}); attach with a larger --max-vips")
@@ -506,9 +534,83 @@ class State:
         free = next((i for i in range(1, limit) if i not in used), None)
         if free is not None:
             return free
-        retired = [(b.retired_at, b.id, v) for v in self.vips for b in v.backends if not b.active]
+        retired = [(b.retired_at, b.id, i) for i, v in enumerate(self._reading()) for b in v.backends if not b.active]
         if not retired:
             raise InputError(f"backend limit reached ({limit - 1}); attach with a larger --max-backends")
-        _, bid, owner = min(retired, key=lambda r: r[0])
+        _, bid, place = min(retired, key=lambda r: r[0])
+        owner = self._editable(place)
         owner.backends = [b for b in owner.backends if b.id != bid]
         return bid
+
+
+class DraftState(State):
+    """A State to change, over one that no one edits (`base`: what a store holds), whose VIPs are
+    copied as a change reaches them (vip, vip_by_id, require_vip, allocate_backend_id's retired
+    backend), so that a change to one VIP copies one VIP, not the State. Anything that reads
+    `vips` itself gets every VIP copied first (it may edit them), as State.copy would have; so
+    does a DraftState made as a State is (by dataclasses.replace). Once the change is over,
+    done_editing() makes `vips` the list as it stands, its untouched VIPs `base`'s own: what
+    reads the State then (checks, the reconciler, the store's save) only reads it."""
+
+    _base: State | None = None
+    _own: set[int] | frozenset[int] = frozenset()  # id() of the VIPs of the list that are this draft's
+    _whole = True  # `vips` hands out the list as it is (every VIP the draft's, or the change over)
+
+    @classmethod
+    def over(cls, base: State) -> "DraftState":
+        draft = object.__new__(cls)
+        draft.__dict__.update(dataplane=copy.deepcopy(base.dataplane), revision=base.revision,
+                              pass_unserved=set(base.pass_unserved), generations=base.generations,
+                              snat=set(base.snat), snat_ports=base.snat_ports)
+        draft._base, draft._list, draft._own, draft._whole = base, list(base.vips), set(), False
+        return draft
+
+    @property  # type: ignore[override]
+    def vips(self) -> list[VipState]:
+        if not self._whole:
+            self._list = [v if id(v) in self._own else v.copy() for v in self._list]
+            self._whole = True
+        return self._list
+
+    @vips.setter
+    def vips(self, value: list[VipState]) -> None:
+        self._list, self._whole = value, True
+
+    def __eq__(self, other: object) -> bool:  # a State and a DraftState of the same contents are equal
+        if not isinstance(other, State):
+            return NotImplemented
+        fields = ("dataplane", "pass_unserved", "generations", "snat", "snat_ports")
+        return all(getattr(self, f) == getattr(other, f) for f in fields) and \
+            self._reading() == other._reading()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _reading(self) -> list[VipState]:
+        return self._list
+
+    def _editable(self, index: int) -> VipState:
+        v = self._list[index]
+        if not self._whole and id(v) not in self._own:
+            v = self._list[index] = v.copy()
+            self._own.add(id(v))
+        return v
+
+    def add_vip(self, v: VipState) -> None:
+        self._list.append(v)
+        if not self._whole:
+            self._own.add(id(v))
+
+    def remove_vip(self, v: VipState) -> None:
+        self._list.remove(v)
+
+    def unedited(self) -> State | None:
+        """`base`, while nothing of this draft has been reached for an edit or changed."""
+        b = self._base
+        if b is None or self._whole or self._own:
+            return None
+        same = (self.dataplane, self.revision, self.pass_unserved, self.generations, self.snat, self.snat_ports) == \
+            (b.dataplane, b.revision, b.pass_unserved, b.generations, b.snat, b.snat_ports)
+        return b if same and len(self._list) == len(b.vips) else None
+
+    def done_editing(self) -> None:
+        self._whole = True

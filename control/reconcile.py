@@ -196,7 +196,8 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
     the two parts differ exactly where those of the whole states do (lb_config excepted: it
     depends on every VIP, see lb_config_of)."""
     olds, news = {v.id: v for v in old.vips}, {v.id: v for v in new.vips}
-    changed = {vid for vid in olds.keys() | news.keys() if olds.get(vid) != news.get(vid)}
+    changed = {vid for vid in olds.keys() | news.keys()
+               if olds.get(vid) is not news.get(vid) and olds.get(vid) != news.get(vid)}  # is: shared, unchanged
     flipped = old.pass_unserved ^ new.pass_unserved  # an address's unserved traffic now passed, or dropped
     if flipped:
         changed |= {v.id for v in itertools.chain(old.vips, new.vips) if v.vip.address in flipped}

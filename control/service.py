@@ -248,14 +248,15 @@ class Controller:
             if state.vip(vip) is not None:
                 raise InputError(f"VIP {vip} already exists")
             free = state.allocate_vip_id()
-            state.vips.append(VipState(vip, free, mode, hash=hash_on, all_down=all_down, min_healthy=min_healthy,
-                                       replies_via=node if replies_via_this_node else None, snat=sources))
+            added = VipState(vip, free, mode, hash=hash_on, all_down=all_down, min_healthy=min_healthy,
+                             replies_via=node if replies_via_this_node else None, snat=sources)
+            state.add_vip(added)
             warning = None
             if vip.address.version == 6:  # attach checked IPv4's
                 warning = forwarding.describe([s for s in forwarding.missing_settings([], True) if "ipv6" in s])
             return {"vip": str(vip), "id": free, "mode": mode, "hash": hash_on, "all_down": all_down,
                     "min_healthy": min_healthy,
-                    "warning": warning, "snat": [str(a) for a in state.snat_sources(state.vips[-1])]
+                    "warning": warning, "snat": [str(a) for a in state.snat_sources(added)]
                     if mode == "fullnat" else []}
 
         return self._change(change)
@@ -264,7 +265,7 @@ class Controller:
         vip = VipAddress.parse(vip_text)
 
         def change(state: State) -> dict[str, Any]:
-            state.vips.remove(state.require_vip(vip))
+            state.remove_vip(state.require_vip(vip))
             return {"removed": str(vip)}
 
         return self._change(change)
@@ -418,7 +419,7 @@ class Controller:
         reconcile however many; returns how many changed the state. A backend removed or
         re-checked meanwhile is left alone."""
         def found(state: State) -> list[tuple[VipState, BackendState, bool]]:
-            vips = {v.id: v for v in state.vips}
+            vips = state.vips_by_id({vip_id for vip_id, _, _ in verdicts})
             out = []
             for vip_id, backend_id, healthy in verdicts:
                 v = vips.get(vip_id)
@@ -649,8 +650,11 @@ class Controller:
                 with DataPlaneMaps.open(dp.pin_dir) as maps:
                     if repair_if_interrupted(maps, state) is not None:
                         mark_applied(maps, state.revision)  # repaired: true as long as this change is not saved
-                    old = state.copy()
+                    old = state.unedited()  # the store's own copy, when it hands out a draft over it
+                    if old is None:
+                        old = state.copy()
                     result = change(state)
+                    state.done_editing()  # from here on the state is only read (its unchanged VIPs are old's)
                     state.require_no_new_backend_vips(old)
                     _refuse_local_backends(state.new_backends(old))
                     state.require_snat()

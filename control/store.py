@@ -18,7 +18,7 @@ from typing import Any, Iterator, Protocol
 
 from lb.pins import STATE_DIR
 from lb.private import private_dir, private_file, tighten_if_present
-from control.model import (BackendAddress, BackendState, DataPlaneState, HealthCheck, Interface, State,
+from control.model import (BackendAddress, BackendState, DataPlaneState, DraftState, HealthCheck, Interface, State,
                            VipAddress, VipState, address_sort_key, SNAT_PORTS)
 from lb import fault
 
@@ -161,7 +161,9 @@ class SqliteStore:
         conn.execute("CREATE TABLE IF NOT EXISTS vips (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, doc TEXT NOT NULL)")
         return conn
 
-    def _load(self, conn: sqlite3.Connection) -> tuple[State, int]:
+    def _load(self, conn: sqlite3.Connection, draft: bool = False) -> tuple[State, int]:
+        """The stored State, parsed only when another process wrote since; `draft`: for a change to
+        edit, a DraftState over the kept one (only the VIPs the change reaches are copied)."""
         row = conn.execute("SELECT revision FROM head WHERE id = 1").fetchone()
         if row is None:
             return self._load_older(conn)
@@ -174,7 +176,7 @@ class SqliteStore:
             self._head = head
             self._cached = (row[0], self._stored_state(state, [self._rows[v.id][0] for v in state.vips]))
         else:
-            state = self._cached[1].copy()
+            state = DraftState.over(self._cached[1]) if draft else self._cached[1].copy()
         state.revision = row[0]
         return state, row[0]
 
@@ -221,7 +223,7 @@ class SqliteStore:
         rows: dict[int, tuple[VipState, int]] = {}
         for v, place in zip(state.vips, self._places(state)):
             was = self._rows.get(v.id)
-            if was is None or was[1] != place or was[0] != v:
+            if was is None or was[1] != place or (was[0] is not v and was[0] != v):  # (is: a draft's untouched VIP)
                 was = (v.copy(), place)
                 conn.execute("INSERT OR REPLACE INTO vips (id, seq, doc) VALUES (?, ?, ?)",
                              (v.id, place, json.dumps(vip_to_doc(v), sort_keys=True)))
@@ -247,7 +249,7 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                state, _ = self._load(conn)
+                state, _ = self._load(conn, draft=True)
                 yield state
                 # state.revision + 1, not the row's: a store built on this one (etcdstore.py) may raise
                 # state.revision while the block runs, to tell the maps' mark that the state moved on.

@@ -4,9 +4,12 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from control.errors import InputError
-from control.model import BackendAddress, BackendState, State, VipAddress, VipState
+from control.model import (BackendAddress, BackendState, DataPlaneState, DraftState, Interface, State, VipAddress,
+                           VipState)
 from control.reconcile import maglev_table
 
 
@@ -127,3 +130,112 @@ def test_a_vip_whose_every_backend_is_down_fails_open_unless_told_to_fail_closed
     v.all_down = "closed"
     assert not v.failing_open and v.maglev_backends() == [] and not any(v.takes_new_flows(x) for x in b)
     assert not VipState(vip, 1).failing_open  # no backend at all: nothing to fail open to
+
+
+def _state(n: int) -> State:
+    """n VIPs on 10.0.x.y:80/tcp, each with one backend, one of them retired (ids and generations set)."""
+    vips = []
+    for i in range(n):
+        vip = VipAddress.parse(f"10.0.{i // 250}.{i % 250 + 1}:80/tcp")
+        vips.append(VipState(vip, i, backends=[BackendState(BackendAddress.parse("10.1.0.2:8080", vip), 2 * i + 1,
+                                                            generation=2 * i + 1),
+                                               BackendState(BackendAddress.parse("10.1.0.3:8080", vip), 2 * i + 2,
+                                                            retired_at=float(100 + i), generation=2 * i + 2)]))
+    dp = DataPlaneState([Interface("eth0", 2, "native")], "/sys/fs/bpf/x", 1,
+                        {"max_vips": n + 2, "max_backends": 2 * n + 1})
+    return State(dp, vips, revision=5, generations=2 * n)
+
+
+def test_a_draft_copies_the_vips_a_change_reaches_and_leaves_its_base_as_it_was():
+    base = _state(50)
+    kept = base.copy()
+    draft = DraftState.over(base)
+    assert draft.unedited() is base and draft == base
+    v = draft.require_vip(VipAddress.parse("10.0.0.8:80/tcp"))
+    v.backends[0].weight = 9
+    v.acl["192.0.2.0/24"] = "deny"
+    assert draft.unedited() is None  # a VIP was reached: base no longer stands for the draft
+    draft.add_vip(VipState(VipAddress.parse("10.9.0.1:80/tcp"), draft.allocate_vip_id()))
+    draft.remove_vip(draft.require_vip(VipAddress.parse("10.0.0.2:80/tcp")))
+    draft.done_editing()
+    assert base == kept  # nothing of base was edited
+    shared = {id(b) for b in base.vips}
+    assert [i for i, v in enumerate(draft.vips) if id(v) not in shared] == [6, 49]  # the edited VIP and the new one
+
+
+def test_reading_the_vips_of_a_draft_copies_them_all_first():
+    """What reaches the list itself may edit any VIP: it gets the draft's own copies (as State.copy
+    gave every change before), base's stay as they were."""
+    base = _state(5)
+    kept = base.copy()
+    draft = DraftState.over(base)
+    for v in draft.vips:
+        v.backends[0].weight = 7
+        v.mode = "dsr"
+    draft.vips.append(VipState(VipAddress.parse("10.9.0.1:80/tcp"), 9))
+    assert base == kept and draft != base and draft.unedited() is None
+    assert not {id(v) for v in draft.vips} & {id(v) for v in base.vips}
+
+
+def test_a_draft_takes_the_longest_retired_backend_on_a_copy():
+    base = _state(3)
+    base.dataplane.config["max_backends"] = 7  # ids 1-6 in use: the one retired longest ago is taken over
+    kept = base.copy()
+    draft = DraftState.over(base)
+    assert draft.allocate_backend_id() == 2 and base == kept
+    assert [b.id for b in draft.vips[0].backends] == [1] and [b.id for b in base.vips[0].backends] == [1, 2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["weight", "retire", "add", "acl", "add_vip", "remove_vip", "mode",
+                                           "health", "unserved"]),
+                          st.integers(0, 11)), max_size=8))
+def test_a_change_made_on_a_draft_equals_the_same_change_made_on_a_copy(edits):
+    """Property: whatever a change does through the State's methods, a draft over the state ends
+    equal to a whole copy that went through the same change, and the state under the draft is left
+    as it was."""
+    base = _state(12)
+    kept = base.copy()
+
+    def change(state: State) -> None:
+        for what, i in edits:
+            vip = VipAddress.parse(f"10.0.0.{i + 1}:80/tcp")
+            v = state.vip(vip)
+            if what == "add_vip" and v is None:
+                state.add_vip(VipState(vip, state.allocate_vip_id()))
+            elif v is None:
+                continue
+            elif what == "weight" and v.active_backends():
+                v.active_backends()[0].weight += 1
+            elif what == "retire" and v.active_backends():
+                v.active_backends()[0].retired_at = 1.0
+            elif what == "add":
+                address = BackendAddress.parse(f"10.2.0.{i + 1}:8080", vip)
+                if v.backend(address) is None and v.revive(address, 1) is None:
+                    v.backends.append(BackendState(address, state.allocate_backend_id(),
+                                                   generation=state.new_generation()))
+            elif what == "acl":
+                v.acl[f"192.0.2.{i}/32"] = "deny"
+            elif what == "remove_vip":
+                state.remove_vip(v)
+            elif what == "mode":
+                v.mode = "dsr"
+            elif what == "health":
+                for found in state.vips_by_id({v.id}).values():
+                    found.backends[0].healthy = False
+            elif what == "unserved":
+                state.pass_unserved.add(vip.address)
+
+    copied = base.copy()
+    draft = DraftState.over(base)
+    outcomes = []
+    for state in (copied, draft):
+        try:
+            change(state)
+            outcomes.append(None)
+        except InputError as e:  # (ids run out): the same refusal on both
+            outcomes.append(str(e))
+    draft.done_editing()
+    assert outcomes[0] == outcomes[1]
+    assert draft == copied and copied == draft and draft.generations == copied.generations
+    assert base == kept

@@ -212,3 +212,27 @@ def test_a_database_of_the_older_layout_is_read_and_then_written_in_rows(tmp_pat
         assert conn.execute("SELECT COUNT(*) FROM state").fetchone()[0] == 0
     finally:
         conn.close()
+
+
+def test_a_change_in_a_long_lived_store_copies_only_what_it_edits_and_an_error_leaves_the_state(tmp_path):
+    """The daemon's Store hands a change a draft over the State it keeps: the VIPs the change does
+    not reach are the kept ones (nothing copied or compared for them), and a change that raises
+    leaves the kept State as it was."""
+    path = str(tmp_path / "state.db")
+    store = SqliteStore(path)
+    with store.transaction() as state:
+        state.vips = [_vip(f"10.0.0.{i}:80/tcp", i) for i in range(1, 101)]
+    with store.transaction() as state:
+        kept = state.unedited()
+        assert kept is not None and kept.vips[0] is store._cached[1].vips[0]
+        state.require_vip(VipAddress.parse("10.0.0.5:80/tcp")).backends[0].weight = 9
+        state.done_editing()
+        assert [i for i, (v, k) in enumerate(zip(state.vips, kept.vips)) if v is not k] == [4]
+    with pytest.raises(RuntimeError):
+        with store.transaction() as state:
+            state.require_vip(VipAddress.parse("10.0.0.6:80/tcp")).backends[0].weight = 0
+            state.vips[7].mode = "dsr"
+            raise RuntimeError("refused")
+    for reader in (store, SqliteStore(path)):
+        again = reader.read()
+        assert [v.backends[0].weight for v in again.vips[3:6]] == [3, 9, 3] and again.vips[7].mode == "nat"
