@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import TypeVar
 
 from control.errors import InputError
-from lb.structs import IPAddress, PROTOCOLS, lb_addr_bytes
+from lb.structs import IPAddress, PROTOCOLS, be16, lb_addr_bytes
 
 T = TypeVar("T")
 
@@ -180,6 +180,23 @@ class VipAddress:
         their addresses, and a daemon's change looks at every VIP's."""
         return lb_addr_bytes(self.address)
 
+    @cached_property
+    def datapath(self) -> tuple[bytes, int, int]:
+        """The VIP as the data plane keys it: (lb_addr bytes, port as a __be16, protocol number)."""
+        return self.packed, be16(self.port), PROTOCOLS[self.proto]
+
+    @cached_property
+    def slot(self) -> int:
+        """The VIP's slot in the data plane's VIP slots (lb/addrfilter.py), worked out once."""
+        from lb.addrfilter import vip_slot
+        return vip_slot(*self.datapath)
+
+    @cached_property
+    def bucket(self) -> int:
+        """The address's bucket of the data plane's address filter (lb/addrfilter.py), worked out once."""
+        from lb.addrfilter import bucket
+        return bucket(self.packed)
+
     def sort_key(self) -> tuple[int, int, int, str]:
         """IPv4 before IPv6, then by address, port, protocol (addresses of two versions do not compare)."""
         return self.address.version, int(self.address), self.port, self.proto
@@ -213,6 +230,12 @@ class BackendAddress:
     def packed(self) -> bytes:
         """The address as the data plane holds it (lb_addr), worked out once (VipAddress.packed)."""
         return lb_addr_bytes(self.address)
+
+    @cached_property
+    def bucket(self) -> int:
+        """The address's bucket of the data plane's address filter, worked out once (VipAddress.bucket)."""
+        from lb.addrfilter import bucket
+        return bucket(self.packed)
 
     def __str__(self) -> str:
         return format_endpoint(self.address, self.port)
@@ -469,6 +492,11 @@ class State:
     def done_editing(self) -> None:
         """The change is over: what reads the State from now on only reads it (DraftState)."""
 
+    def edits(self, before: "State") -> "Edits | None":
+        """The VIPs that may differ from `before`'s, when this State knows them (a DraftState over
+        `before`, its change over); None: any of them may."""
+        return None
+
     def vip(self, vip: VipAddress) -> VipState | None:
         for i, v in enumerate(self._reading()):
             if v.vip == vip:
@@ -491,25 +519,79 @@ class State:
     def backends_that_are_vips(self) -> set[tuple[str, str]]:
         """(VIP, backend) pairs whose backend's address is a VIP's address: the LB would send the
         packet to an address it takes itself (and whose routes lead nowhere useful)."""
-        addresses = {v.vip.packed for v in self._reading()}  # (bytes: hashed once, unlike ipaddress's)
-        return {(str(v.vip), str(b.address)) for v in self._reading() for b in v.active_backends()
-                if b.address.packed in addresses}
+        return _backend_vip_pairs(self._reading(), {v.vip.packed for v in self._reading()})
 
     def new_backends(self, before: "State") -> list[tuple[VipAddress, BackendAddress]]:
         """(VIP, backend) of the active backends `before` did not have."""
-        olds = {v.id: v for v in before._reading()}
-        fresh = [v for v in self._reading() if olds.get(v.id) is not v]  # (the same VIP object: none new)
+        pairs = self._edited_in_place(before)
+        if pairs is not None:
+            had = {(o.vip, b.address) for o, _ in pairs for b in o.active_backends()}
+            return [(n.vip, b.address) for _, n in pairs for b in n.active_backends() if (n.vip, b.address) not in had]
+        fresh = self._fresh(before)
         addresses = {v.vip.packed for v in fresh}
         had = {(v.vip, b.address) for v in before._reading() if v.vip.packed in addresses for b in v.active_backends()}
         return [(v.vip, b.address) for v in fresh for b in v.active_backends() if (v.vip, b.address) not in had]
 
     def require_no_new_backend_vips(self, before: "State") -> None:
-        """InputError if this state has a backend-that-is-a-VIP that `before` did not."""
-        new = sorted(self.backends_that_are_vips() - before.backends_that_are_vips())
+        """InputError if this state has a backend-that-is-a-VIP that `before` did not. Only a VIP that
+        is not `before`'s own (edited or added: a draft's untouched VIPs are), or one with a backend
+        on an address that became a VIP's, can have one: the others are not looked at."""
+        pairs = self._edited_in_place(before)
+        if pairs is not None:  # the VIPs' addresses are before's: only the edited VIPs can have a new one
+            backends = {b.address.packed for _, n in pairs for b in n.active_backends()}
+            if not backends:
+                return
+            vip_addresses = {v.vip.packed for v in self._reading() if v.vip.packed in backends}
+            self._refuse_backend_vips(sorted(_backend_vip_pairs([n for _, n in pairs], vip_addresses) -
+                                             _backend_vip_pairs([o for o, _ in pairs], vip_addresses)))
+            return
+        had = {v.vip.packed for v in before._reading()}  # (bytes: hashed once, unlike ipaddress's)
+        now = {v.vip.packed for v in self._reading()}
+        appeared = now - had
+        mine = self._fresh(before)
+        if appeared:
+            mine += [v for v in self._reading() if any(b.address.packed in appeared for b in v.backends)]
+        if not mine:
+            return
+        named = {str(v.vip) for v in mine}
+        addresses = {v.vip.packed for v in mine}
+        theirs = [v for v in before._reading() if v.vip.packed in addresses and str(v.vip) in named]
+        self._refuse_backend_vips(sorted(_backend_vip_pairs(mine, now) - _backend_vip_pairs(theirs, had)))
+
+    @staticmethod
+    def _refuse_backend_vips(new: list[tuple[str, str]]) -> None:
         if new:
             vip, backend = new[0]
             raise InputError(f"backend {backend} of VIP {vip}: its address is a VIP's address; "
                              f"a backend must be another host")
+
+    def _edited_in_place(self, before: "State") -> list[tuple[VipState, VipState]] | None:
+        """The VIPs that differ from `before`'s (as it has them, as this State has them), when this
+        State knows them (edits()) and they were edited in place: none added, removed or given
+        another address, so the VIPs' addresses are `before`'s. None otherwise."""
+        edits = self.edits(before)
+        if edits is None:
+            return None
+        pairs = edits.changed()
+        if all(o is not None and n is not None and o.vip == n.vip for o, n in pairs):
+            return pairs  # type: ignore[return-value]
+        return None
+
+    def _fresh(self, before: "State") -> list[VipState]:
+        """This State's VIPs that are not `before`'s own objects (those are as they were), in list order."""
+        edits = self.edits(before)
+        if edits is not None:
+            return [n for _, n in edits.changed() if n is not None]
+        olds = {v.id: v for v in before._reading()}
+        return [v for v in self._reading() if olds.get(v.id) is not v]
+
+    def new_snat_addresses(self, before: "State") -> set[IPAddress]:
+        """The source addresses this State names and `before` did not."""
+        edits = self.edits(before)
+        if edits is None:
+            return self.snat_addresses() - before.snat_addresses()
+        named = (self.snat - before.snat) | {a for _, n in edits.changed() if n is not None for a in n.snat}
+        return named - before.snat_addresses() if named else set()
 
     def require_vip(self, vip: VipAddress) -> VipState:
         found = self.vip(vip)
@@ -543,18 +625,40 @@ class State:
         return bid
 
 
+def _backend_vip_pairs(vips: list[VipState], vip_addresses: set[bytes]) -> set[tuple[str, str]]:
+    """(VIP, backend) of these VIPs' active backends whose address is one of `vip_addresses` (packed)."""
+    return {(str(v.vip), str(b.address)) for v in vips for b in v.active_backends() if b.address.packed in vip_addresses}
+
+
+@dataclass
+class Edits:
+    """What a change on a DraftState did to the VIPs of the State under it: each VIP it reached, as
+    that State has it and as the draft has it (None: added, or removed), the draft's in its list
+    order, then the removed ones. Any VIP not here is the same object in both States."""
+
+    pairs: list[tuple[VipState | None, VipState | None]]
+
+    def changed(self) -> list[tuple[VipState | None, VipState | None]]:
+        """The pairs whose two sides differ (a VIP reached and left as it was is not)."""
+        return [(o, n) for o, n in self.pairs if o is None or n is None or o != n]
+
+
 class DraftState(State):
     """A State to change, over one that no one edits (`base`: what a store holds), whose VIPs are
-    copied as a change reaches them (vip, vip_by_id, require_vip, allocate_backend_id's retired
+    copied as a change reaches them (vip, vips_by_id, require_vip, allocate_backend_id's retired
     backend), so that a change to one VIP copies one VIP, not the State. Anything that reads
     `vips` itself gets every VIP copied first (it may edit them), as State.copy would have; so
     does a DraftState made as a State is (by dataclasses.replace). Once the change is over,
     done_editing() makes `vips` the list as it stands, its untouched VIPs `base`'s own: what
-    reads the State then (checks, the reconciler, the store's save) only reads it."""
+    reads the State then (checks, the reconciler, the store's save) only reads it, and may ask
+    edits() which VIPs differ from base's instead of comparing every VIP."""
 
     _base: State | None = None
-    _own: set[int] | frozenset[int] = frozenset()  # id() of the VIPs of the list that are this draft's
-    _whole = True  # `vips` hands out the list as it is (every VIP the draft's, or the change over)
+    _own: dict[int, VipState | None] = {}  # id() of the VIPs of the list that are the draft's -> base's
+    _removed: list[VipState] = []  # base's VIPs the change took out of the list
+    _reached = True  # the list itself was handed out (or replaced): any VIP may have been edited
+    _done = True  # the change is over: `vips` hands out the list as it stands
+    _edits: Edits | None = None  # edits(), once the change is over
 
     @classmethod
     def over(cls, base: State) -> "DraftState":
@@ -562,19 +666,20 @@ class DraftState(State):
         draft.__dict__.update(dataplane=copy.deepcopy(base.dataplane), revision=base.revision,
                               pass_unserved=set(base.pass_unserved), generations=base.generations,
                               snat=set(base.snat), snat_ports=base.snat_ports)
-        draft._base, draft._list, draft._own, draft._whole = base, list(base.vips), set(), False
+        draft._base, draft._list, draft._own, draft._removed = base, list(base.vips), {}, []
+        draft._reached = draft._done = False
         return draft
 
     @property  # type: ignore[override]
     def vips(self) -> list[VipState]:
-        if not self._whole:
+        if not self._reached and not self._done:
             self._list = [v if id(v) in self._own else v.copy() for v in self._list]
-            self._whole = True
+            self._reached = True
         return self._list
 
     @vips.setter
     def vips(self, value: list[VipState]) -> None:
-        self._list, self._whole = value, True
+        self._list, self._reached = value, True
 
     def __eq__(self, other: object) -> bool:  # a State and a DraftState of the same contents are equal
         if not isinstance(other, State):
@@ -590,27 +695,41 @@ class DraftState(State):
 
     def _editable(self, index: int) -> VipState:
         v = self._list[index]
-        if not self._whole and id(v) not in self._own:
-            v = self._list[index] = v.copy()
-            self._own.add(id(v))
+        if not self._reached and not self._done and id(v) not in self._own:
+            copied = self._list[index] = v.copy()
+            self._own[id(copied)] = v
+            return copied
         return v
 
     def add_vip(self, v: VipState) -> None:
         self._list.append(v)
-        if not self._whole:
-            self._own.add(id(v))
+        if not self._reached:
+            self._own[id(v)] = None
 
     def remove_vip(self, v: VipState) -> None:
         self._list.remove(v)
+        if not self._reached:
+            base_vip = self._own.pop(id(v), v)  # (v itself: one of base's, removed without a copy)
+            if base_vip is not None:
+                self._removed.append(base_vip)
 
     def unedited(self) -> State | None:
         """`base`, while nothing of this draft has been reached for an edit or changed."""
         b = self._base
-        if b is None or self._whole or self._own:
+        if b is None or self._reached or self._done or self._own or self._removed:
             return None
         same = (self.dataplane, self.revision, self.pass_unserved, self.generations, self.snat, self.snat_ports) == \
             (b.dataplane, b.revision, b.pass_unserved, b.generations, b.snat, b.snat_ports)
         return b if same and len(self._list) == len(b.vips) else None
 
     def done_editing(self) -> None:
-        self._whole = True
+        self._done = True
+
+    def edits(self, before: State) -> Edits | None:
+        if before is not self._base or self._reached or not self._done:
+            return None
+        if self._edits is None:  # (the list no longer changes)
+            own = self._own
+            self._edits = Edits([(own[id(v)], v) for v in self._list if id(v) in own] +
+                                [(o, None) for o in self._removed])
+        return self._edits

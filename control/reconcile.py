@@ -27,7 +27,7 @@ from control.model import BackendState, State, VipState
 from lb import addrfilter
 from lb.maglev import MaglevBackend, build_table, ring_size_for
 from lb.maps import U32, DataPlaneMaps
-from lb.structs import (CFG_FULLNAT, MODE_FULLNAT, SNAT_ADDRS, VIP_FULLNAT, SnatPool, ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_NO_NEW, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_VIPS,
+from lb.structs import (ADDR_FILTER_SIZE, CFG_FULLNAT, MODE_FULLNAT, SNAT_ADDRS, VIP_FULLNAT, SnatPool, ACL_ALLOW, ACL_DENY, VIP_ACL, VIP_ACL_ALLOWLIST, AclKey, AclRule, BACKEND_IN_USE, BACKEND_NO_NEW, BACKEND_SHARED, CFG_ANY_PORT, MODE_DSR, MODE_NAT, MODE_TUNNEL, NO_BACKEND, PROTOCOLS, REPLY_VIPS,
                         ADDR_PASS_UNSERVED, VIP_ACTIVE, VIP_META_HASH_SOURCE, VIP_DSR, VIP_HASH_SOURCE, VIP_TUNNEL, Backend, Endpoint, LbAddr, LbConfig, LbCounters, LbState, NextHop,
                         ReplySource, VipAddr, seconds_to_ticks, VipInfo, VipKey, VipMeta, be16)
 
@@ -130,13 +130,22 @@ def filter_addresses(state: State) -> tuple[list[bytes], list[bytes]]:
     vip_addrs) and every NAT or full-NAT backend's, retired ones too (reply_sources; a full-NAT
     backend's replies, to a source of the pool, are looked up by the data plane only from these)."""
     vips = [v.vip.packed for v in state.vips]
-    backends = [b.address.packed for v in state.vips if v.replies_through_lb or v.mode == "fullnat" for b in v.backends]
+    backends = [b.address.packed for v in state.vips if v.backends and (v.replies_through_lb or v.mode == "fullnat")
+                for b in v.backends]
+    return vips, backends
+
+
+def filter_buckets(state: State) -> tuple[list[int], list[int]]:
+    """filter_addresses() as the address filter's buckets (cached on the addresses)."""
+    vips = [v.vip.bucket for v in state.vips]
+    backends = [b.address.bucket for v in state.vips if v.backends and (v.replies_through_lb or v.mode == "fullnat")
+                for b in v.backends]
     return vips, backends
 
 
 def slot_vips(state: State) -> list[tuple[bytes, int, int, int]]:
     """The VIPs as lb/addrfilter.py sync_slots takes them: (address, be16 port, protocol, id)."""
-    return [(v.vip.packed, be16(v.vip.port), PROTOCOLS[v.vip.proto], v.id) for v in state.vips]
+    return [(*v.vip.datapath, v.id) for v in state.vips]
 
 
 def snat_pool(state: State, v: VipState) -> SnatPool:
@@ -171,7 +180,7 @@ def backend_hosts(state: State) -> BackendHosts:
     every port, port 0, overlaps with every port of its address)."""
     hosts: BackendHosts = {}
     for v in state.vips:
-        if v.replies_through_lb:
+        if v.backends and v.replies_through_lb:
             for b in v.backends:  # retired ones too: their established flows go on
                 hosts.setdefault((b.address.address, v.vip.proto), set()).add((b.address.port, v.id))
     return hosts
@@ -194,15 +203,26 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
     endpoints depend on them; with `hosts_*`, the whole states' backend_hosts, MapContents gets
     them right for the VIPs it sees). What is left out is the same on both sides, so MapContents of
     the two parts differ exactly where those of the whole states do (lb_config excepted: it
-    depends on every VIP, see lb_config_of)."""
-    olds, news = {v.id: v for v in old.vips}, {v.id: v for v in new.vips}
-    changed = {vid for vid in olds.keys() | news.keys()
-               if olds.get(vid) is not news.get(vid) and olds.get(vid) != news.get(vid)}  # is: shared, unchanged
+    depends on every VIP, see lb_config_of). A draft's change (new.edits(old)) names the VIPs
+    that may differ: the others are not compared."""
     flipped = old.pass_unserved ^ new.pass_unserved  # an address's unserved traffic now passed, or dropped
-    if flipped:
-        changed |= {v.id for v in itertools.chain(old.vips, new.vips) if v.vip.address in flipped}
-    if (old.snat, old.snat_ports) != (new.snat, new.snat_ports):  # every full-NAT VIP's pool may change
-        changed |= {v.id for v in itertools.chain(old.vips, new.vips) if v.mode == "fullnat"}
+    pools = (old.snat, old.snat_ports) != (new.snat, new.snat_ports)  # every full-NAT VIP's pool may change
+    edits = None if flipped or pools else new.edits(old)
+    if edits is not None:
+        pairs = edits.changed()
+        reached = [v for pair in pairs for v in pair if v is not None]
+        changed = {v.id for v in reached}
+        scanned = itertools.chain(new.vips, (o for o, _ in edits.pairs if o is not None))  # old's others are new's
+    else:
+        olds, news = {v.id: v for v in old.vips}, {v.id: v for v in new.vips}
+        changed = {vid for vid in olds.keys() | news.keys()
+                   if olds.get(vid) is not news.get(vid) and olds.get(vid) != news.get(vid)}  # is: shared, unchanged
+        if flipped:
+            changed |= {v.id for v in itertools.chain(old.vips, new.vips) if v.vip.address in flipped}
+        if pools:
+            changed |= {v.id for v in itertools.chain(old.vips, new.vips) if v.mode == "fullnat"}
+        reached = [v for vid in changed for v in (olds.get(vid), news.get(vid)) if v is not None]
+        scanned = itertools.chain(old.vips, new.vips)
 
     moved = {h for h in hosts_before.keys() | hosts_after.keys() if hosts_before.get(h) != hosts_after.get(h)}
 
@@ -211,12 +231,12 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
 
     addresses: set = set()  # the changed VIPs' addresses, and their backend hosts whose VIPs change
     hosts: set[tuple] = set()
-    for v in (v for vid in changed for v in (olds.get(vid), news.get(vid)) if v is not None):
+    for v in reached:
         addresses.add(v.vip.packed)
         if moved:
             hosts |= hosts_of(v) & moved
     ids = set(changed)
-    for v in itertools.chain(old.vips, new.vips):  # one pass, no index of every VIP's links
+    for v in scanned:  # one pass, no index of every VIP's links
         if v.vip.packed in addresses or (hosts and not hosts.isdisjoint(hosts_of(v))):
             ids.add(v.id)
     return (State(old.dataplane, [v for v in old.vips if v.id in ids], pass_unserved=old.pass_unserved,
@@ -225,10 +245,16 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
                   snat=new.snat, snat_ports=new.snat_ports))
 
 
-def lb_config_of(state: State) -> LbConfig:
-    """lb_config: the switches that depend on every VIP, and the data plane's idle timeouts."""
-    flags = (CFG_ANY_PORT if any(v.vip.any_port for v in state.vips) else 0) | \
-        (CFG_FULLNAT if any(v.mode == "fullnat" for v in state.vips) else 0)
+def lb_config_of(state: State, flags: int | None = None) -> LbConfig:
+    """lb_config: the switches that depend on every VIP, and the data plane's idle timeouts.
+    `flags`: the switches, when the caller knows them (a change that can have left them as they were)."""
+    if flags is None:
+        flags = 0
+        for v in state.vips:  # (one pass, no call per VIP)
+            if not v.vip.port:  # any_port
+                flags |= CFG_ANY_PORT
+            if v.mode == "fullnat":
+                flags |= CFG_FULLNAT
     config = LbConfig(flags=flags)
     dp_config = state.dataplane.config if state.dataplane is not None else {}
     for name in ("tcp_timeout", "tcp_closing_timeout", "udp_timeout"):  # absent: 0, the data plane's default
@@ -310,18 +336,25 @@ class Reconciler:
 
     def apply(self, old: State, new: State) -> ApplyReport:
         report = ApplyReport()
-        refuse_overshared(backend_hosts(new))  # what the maps cannot hold, before anything is written
+        hosts_after = backend_hosts(new)
+        refuse_overshared(hosts_after)  # what the maps cannot hold, before anything is written
         try:
-            self._apply(old, new, report)
+            self._apply(old, new, report, hosts_after)
         except BaseException:
             self.slot_keys, self.slot_values = array.array("I"), array.array("I")  # never made
             self._apply(new, old, ApplyReport())
             raise
         return report
 
-    def _apply(self, old: State, new: State, report: ApplyReport) -> None:
-        config_before, config_after = lb_config_of(old), lb_config_of(new)
-        hosts_before, hosts_after = backend_hosts(old), backend_hosts(new)
+    def _apply(self, old: State, new: State, report: ApplyReport, hosts_after: BackendHosts | None = None) -> None:
+        """`hosts_after`: backend_hosts(new), when the caller has it."""
+        config_before = lb_config_of(old)
+        edits = new.edits(old)  # a draft's change: the VIPs it did not reach cannot switch lb_config
+        unswitched = edits is not None and not any(v.vip.any_port or v.mode == "fullnat"
+                                                   for pair in edits.pairs for v in pair if v is not None)
+        config_after = lb_config_of(new, config_before.flags if unswitched else None)
+        hosts_before = backend_hosts(old)
+        hosts_after = backend_hosts(new) if hosts_after is None else hosts_after
         whole_new = new
         old, new = touched(old, new, hosts_before, hosts_after)  # what the change leaves alone is written by nobody
         before = MapContents.of(old, self.ring_size, hosts_before)
@@ -329,7 +362,8 @@ class Reconciler:
         before.config, after.config = config_before, config_after
         m = self.maps
         # addresses coming into use first: the filter must never claim "none here" for one the maps name
-        opened = addrfilter.open_buckets(m, *filter_addresses(new))
+        filter_words = m.addr_filter.read_range(0, ADDR_FILTER_SIZE)  # read once: open_buckets keeps it current
+        opened = addrfilter.open_buckets(m, *filter_addresses(new), have=filter_words)
 
         for k in before.vips.keys() - after.vips.keys():
             m.vips.delete(before.vips[k][0])
@@ -385,10 +419,12 @@ class Reconciler:
         for vid in before.vip_meta.keys() - after.vip_meta.keys():
             m.vip_meta.set(U32(vid), VipMeta())
             report.count("vip_meta")
-        closed = addrfilter.sync(m, *filter_addresses(whole_new))  # and those no longer in use, last
+        closed = addrfilter.write_words(m, addrfilter.bucket_words(*filter_buckets(whole_new)),
+                                        filter_words)  # and those no longer in use, last
         if opened + closed:
             report.count("addr_filter", opened + closed)
-        slotted = addrfilter.sync_slots(m, slot_vips(whole_new))
+        slotted = addrfilter.write_slots(m, addrfilter.slot_table((v.vip.slot, v.id) for v in whole_new.vips
+                                                                  if v.vip.port))
         if slotted:
             report.count("vip_slots", slotted)
         for vid in before.snat_pools.keys() - after.snat_pools.keys():

@@ -658,7 +658,7 @@ class Controller:
                     state.require_no_new_backend_vips(old)
                     _refuse_local_backends(state.new_backends(old))
                     state.require_snat()
-                    _refuse_foreign_sources(state, state.snat_addresses() - old.snat_addresses())
+                    _refuse_foreign_sources(state, state.new_snat_addresses(old))
                     mark_applied(maps, state.revision + 1)  # before the first write; the commit makes it true
                     sync_routes(maps, {i.ifindex for i in dp.interfaces})
                     Reconciler(maps, dp.config["ring_size"]).apply(old, state)

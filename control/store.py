@@ -220,16 +220,24 @@ class SqliteStore:
             if self._has_older_table(conn):
                 conn.execute("DELETE FROM state")
             conn.execute("DELETE FROM vips")
-        rows: dict[int, tuple[VipState, int]] = {}
-        for v, place in zip(state.vips, self._places(state)):
-            was = self._rows.get(v.id)
-            if was is None or was[1] != place or (was[0] is not v and was[0] != v):  # (is: a draft's untouched VIP)
-                was = (v.copy(), place)
+        edits = state.edits(self._cached[1]) if self._cached is not None and self._head else None
+        if edits is not None and all(o is not None and n is not None and o.id == n.id for o, n in edits.pairs):
+            rows = dict(self._rows)  # a draft's change that kept the list's VIPs and order: its rows alone
+            for _, v in edits.changed():
+                rows[v.id] = (v.copy(), self._rows[v.id][1])
                 conn.execute("INSERT OR REPLACE INTO vips (id, seq, doc) VALUES (?, ?, ?)",
-                             (v.id, place, json.dumps(vip_to_doc(v), sort_keys=True)))
-            rows[v.id] = was
-        for vid in self._rows.keys() - rows.keys():
-            conn.execute("DELETE FROM vips WHERE id = ?", (vid,))
+                             (v.id, rows[v.id][1], json.dumps(vip_to_doc(v), sort_keys=True)))
+        else:
+            rows = {}
+            for v, place in zip(state.vips, self._places(state)):
+                was = self._rows.get(v.id)
+                if was is None or was[1] != place or (was[0] is not v and was[0] != v):  # (is: a draft's untouched VIP)
+                    was = (v.copy(), place)
+                    conn.execute("INSERT OR REPLACE INTO vips (id, seq, doc) VALUES (?, ?, ?)",
+                                 (v.id, place, json.dumps(vip_to_doc(v), sort_keys=True)))
+                rows[v.id] = was
+            for vid in self._rows.keys() - rows.keys():
+                conn.execute("DELETE FROM vips WHERE id = ?", (vid,))
         head = json.dumps(head_to_doc(state), sort_keys=True)
         conn.execute("INSERT OR REPLACE INTO head (id, revision, doc) VALUES (1, ?, ?)", (revision, head))
         stored = self._stored_state(state, [rows[v.id][0] for v in state.vips])

@@ -45,12 +45,14 @@ def vip_slot(addr: bytes, port: int, proto: int) -> int:
 def slots(vips: Iterable[tuple[bytes, int, int, int]]) -> list[int]:
     """The whole slot table for VIPs given as (address, be16 port, protocol, id); a VIP of every
     port (port 0) has none, and a slot two VIPs fall in holds neither."""
+    return slot_table((vip_slot(addr, port, proto), vip_id) for addr, port, proto, vip_id in vips if port)
+
+
+def slot_table(placed: Iterable[tuple[int, int]]) -> list[int]:
+    """The whole slot table for VIPs given as (their slot, id), those of every port left out."""
     out = [0] * VIP_SLOTS
     crowded = set()
-    for addr, port, proto, vip_id in vips:
-        if not port:
-            continue
-        s = vip_slot(addr, port, proto)
+    for s, vip_id in placed:
         if out[s] or s in crowded:
             out[s] = 0
             crowded.add(s)
@@ -61,7 +63,11 @@ def slots(vips: Iterable[tuple[bytes, int, int, int]]) -> list[int]:
 
 def sync_slots(maps: DataPlaneMaps, vips: Iterable[tuple[bytes, int, int, int]]) -> int:
     """After a change (the VIPs' records written): the slots of these VIPs, the words that differ."""
-    want = slots(vips)
+    return write_slots(maps, slots(vips))
+
+
+def write_slots(maps: DataPlaneMaps, want: list[int]) -> int:
+    """Make the slot table `want` (slot_table's): the words that differ from what it holds."""
     have = maps.vip_slots.read_range(0, VIP_SLOTS)
     changed = {i: w for i, (w, h) in enumerate(zip(want, have)) if w != h}
     if changed:
@@ -71,11 +77,16 @@ def sync_slots(maps: DataPlaneMaps, vips: Iterable[tuple[bytes, int, int, int]])
 
 def words(vip_addrs: Iterable[bytes], backend_addrs: Iterable[bytes]) -> list[int]:
     """The whole filter for these addresses."""
+    return bucket_words(map(bucket, vip_addrs), map(bucket, backend_addrs))
+
+
+def bucket_words(vip_buckets: Iterable[int], backend_buckets: Iterable[int]) -> list[int]:
+    """The whole filter for addresses given as their buckets."""
     out = [_ALL] * ADDR_FILTER_SIZE
-    for addr in vip_addrs:
-        out[bucket(addr)] &= ~FILTER_NO_VIP
-    for addr in backend_addrs:
-        out[bucket(addr)] &= ~FILTER_NO_BACKEND
+    for b in vip_buckets:
+        out[b] &= ~FILTER_NO_VIP
+    for b in backend_buckets:
+        out[b] &= ~FILTER_NO_BACKEND
     return out
 
 
@@ -85,9 +96,13 @@ def _write(maps: DataPlaneMaps, changed: dict[int, int]) -> int:
     return len(changed)
 
 
-def open_buckets(maps: DataPlaneMaps, vip_addrs: Iterable[bytes], backend_addrs: Iterable[bytes]) -> int:
-    """Before the maps name these addresses: their buckets claim nothing of their kind."""
-    have = maps.addr_filter.read_range(0, ADDR_FILTER_SIZE)
+def open_buckets(maps: DataPlaneMaps, vip_addrs: Iterable[bytes], backend_addrs: Iterable[bytes],
+                 have: list[int] | None = None) -> int:
+    """Before the maps name these addresses: their buckets claim nothing of their kind. `have`: the
+    filter as read (read here when None); the words written go into it, so that a sync() after this
+    (the maps' lock held between: no one else writes the filter) need not read it again."""
+    if have is None:
+        have = maps.addr_filter.read_range(0, ADDR_FILTER_SIZE)
     changed: dict[int, int] = {}
     for kind, addrs in ((FILTER_NO_VIP, vip_addrs), (FILTER_NO_BACKEND, backend_addrs)):
         for addr in addrs:
@@ -95,12 +110,23 @@ def open_buckets(maps: DataPlaneMaps, vip_addrs: Iterable[bytes], backend_addrs:
             word = changed.get(b, have[b])
             if word & kind:
                 changed[b] = word & ~kind
-    return _write(maps, changed)
+    written = _write(maps, changed)
+    for b, word in changed.items():
+        have[b] = word
+    return written
 
 
-def sync(maps: DataPlaneMaps, vip_addrs: Iterable[bytes], backend_addrs: Iterable[bytes]) -> int:
+def sync(maps: DataPlaneMaps, vip_addrs: Iterable[bytes], backend_addrs: Iterable[bytes],
+         have: list[int] | None = None) -> int:
     """After a change: the filter of every address the maps now name (the words that differ are
-    written; buckets no address uses any more claim "none"). Returns how many were written."""
-    want = words(vip_addrs, backend_addrs)
-    have = maps.addr_filter.read_range(0, ADDR_FILTER_SIZE)
+    written; buckets no address uses any more claim "none"). Returns how many were written.
+    `have`: the filter as it stands (open_buckets'), read here when None."""
+    return write_words(maps, words(vip_addrs, backend_addrs), have)
+
+
+def write_words(maps: DataPlaneMaps, want: list[int], have: list[int] | None = None) -> int:
+    """Make the filter `want` (bucket_words'): the words that differ from `have`, the filter as it
+    stands (read here when None)."""
+    if have is None:
+        have = maps.addr_filter.read_range(0, ADDR_FILTER_SIZE)
     return _write(maps, {i: w for i, (w, h) in enumerate(zip(want, have)) if w != h})

@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import control.reconcile as reconcile
-from control.model import BackendAddress, BackendState, State, VipAddress, VipState
+from control.model import BackendAddress, BackendState, DraftState, State, VipAddress, VipState
 from control.reconcile import Reconciler, maglev_table, ring_base, slots_moved
 from lb.flowhash import flow_hash_raw
 from lb.maglev import DEFAULT_RING_SIZE, is_prime, ring_size_for
@@ -201,3 +203,80 @@ def test_a_change_writes_the_same_entries_whether_or_not_it_looks_at_untouched_v
         for name in FakeMaps.NAMES + ("maglev",):
             assert {k: bytes(v) if not isinstance(v, int) else v for k, v in whole.maps[name].items()} == \
                    {k: bytes(v) if not isinstance(v, int) else v for k, v in part.maps[name].items()}, name
+
+
+def _comparable(maps: FakeMaps, names: tuple[str, ...]) -> dict[str, dict]:
+    """The maps' entries as bytes, without those that hold nothing (an emptied entry = one never written)."""
+    out = {}
+    for name in names:
+        m = maps.maps[name]
+        empty = m.default if name in ("maglev", "addr_filter", "vip_slots") else None
+        out[name] = {k: v if isinstance(v, int) else bytes(v) for k, v in m.items()
+                     if v != empty and (isinstance(v, int) or any(bytes(v)))}
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["weight", "retire", "add", "revive", "acl", "add_vip", "remove_vip",
+                                           "mode", "health"]),
+                          st.integers(0, 7)), min_size=1, max_size=6))
+def test_a_change_on_a_draft_writes_what_a_change_of_the_whole_states_writes(edits):
+    """Property: a change made on a DraftState (whose edits() name the VIPs it reached: the
+    reconciler, the address filter and the VIP slots look only at those) leaves the maps a change
+    of two whole, compared States leaves, and the maps that State written from nothing holds;
+    the State under the draft is left as it was. VIPs share addresses and backend hosts."""
+    texts = ["198.19.0.1:80/tcp", "198.19.0.1:81/tcp", "198.19.0.2:80/tcp", "198.19.0.2:80/udp",
+             "198.19.0.3:80/tcp", "198.19.0.3/tcp", "198.19.0.4:80/tcp", "198.19.0.5:443/tcp"]
+    vips = []
+    for i, text in enumerate(texts[:6]):
+        v = VipAddress.parse(text)
+        vips.append(VipState(v, i, mode="dsr" if i == 4 else "nat", backends=[
+            BackendState(BackendAddress.parse(f"198.18.1.{2 + (i + j) % 3}" + ("" if v.any_port or i == 4 else ":8080"),
+                                              v), 10 * i + j + 1) for j in range(2)]))
+    base = State(vips=vips)
+    kept = base.copy()
+    draft = DraftState.over(base)
+    next_id = [100]
+
+    for what, i in edits:
+        vip = VipAddress.parse(texts[i])
+        v = draft.vip(vip)
+        if what == "add_vip" and v is None:
+            draft.add_vip(VipState(vip, max(x.id for x in draft._reading()) + 1))
+        elif v is None:
+            continue
+        elif what == "weight" and v.active_backends():
+            v.active_backends()[0].weight = 0 if v.active_backends()[0].weight else 2
+        elif what == "retire" and v.active_backends():
+            v.active_backends()[-1].retired_at = 1.0
+        elif what == "revive":
+            for b in v.backends:
+                b.retired_at = None
+        elif what == "add" and not vip.any_port and v.mode == "nat":
+            next_id[0] += 1
+            v.backends.append(BackendState(BackendAddress.parse(f"198.18.2.{i % 3 + 2}:9000", vip), next_id[0]))
+        elif what == "acl":
+            v.acl[f"192.0.2.{i}/32"] = "deny"
+        elif what == "remove_vip":
+            draft.remove_vip(v)
+        elif what == "mode" and v.mode == "nat" and all(b.address.port == vip.port for b in v.backends):
+            v.mode = "tunnel"
+        elif what == "health":
+            for found in draft.vips_by_id({v.id}).values():
+                for b in found.backends:
+                    b.healthy = not b.healthy
+    draft.done_editing()
+    assert draft.edits(base) is not None
+
+    names = FakeMaps.NAMES[:8] + ("maglev", "addr_filter", "vip_slots")
+    by_draft, by_whole, from_nothing = FakeMaps(), FakeMaps(), FakeMaps()
+    for maps in (by_draft, by_whole):
+        Reconciler(maps, MAX_RING).apply(State(), base)
+    Reconciler(by_draft, MAX_RING).apply(base, draft)
+    Reconciler(by_whole, MAX_RING).apply(kept, draft.copy())
+    Reconciler(from_nothing, MAX_RING).apply(State(), draft.copy())
+    assert base == kept
+    for name in names:
+        assert {k: v if isinstance(v, int) else bytes(v) for k, v in by_draft.maps[name].items()} == \
+               {k: v if isinstance(v, int) else bytes(v) for k, v in by_whole.maps[name].items()}, name
+    assert _comparable(by_draft, names) == _comparable(from_nothing, names)
