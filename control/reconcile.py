@@ -187,10 +187,18 @@ def backend_hosts(state: State) -> BackendHosts:
 
 
 def refuse_overshared(hosts: BackendHosts) -> None:
-    """A backend endpoint's replies find their flows through the VIPs it serves, REPLY_VIPS at most."""
+    """A backend endpoint's replies find their flows through the VIPs it serves, REPLY_VIPS at most.
+    Each host's VIPs are counted once per port, grouped by port (not once per port over all of its
+    ports: a host behind 1,000 VIPs on ports of their own took a million steps)."""
     for (address, proto), ports in hosts.items():
-        for port in {p for p, _ in ports}:
-            vip_ids = {vid for p, vid in ports if p == port or not p or not port}
+        if len(ports) <= REPLY_VIPS:
+            continue  # no endpoint of it can serve more VIPs than it has entries
+        by_port: dict[int, set[int]] = {}
+        for p, vid in ports:
+            by_port.setdefault(p, set()).add(vid)
+        every = by_port.get(0, set())  # a VIP of every port's backend overlaps with every port of its address
+        for port in {p for p, _ in ports}:  # (the order the check has always gone in: the same first refusal)
+            vip_ids = (by_port[port] | every) if port else {vid for _, vid in ports}
             if len(vip_ids) > REPLY_VIPS:
                 raise InputError(f"backend {address}:{port}/{proto} would serve "
                                  f"{len(vip_ids)} NAT VIPs; at most {REPLY_VIPS} may share one backend endpoint")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import control.reconcile as reconcile
+from control.errors import InputError
 from control.model import BackendAddress, BackendState, DraftState, State, VipAddress, VipState
 from control.reconcile import Reconciler, maglev_table, ring_base, slots_moved
 from lb.flowhash import flow_hash_raw
@@ -280,3 +281,33 @@ def test_a_change_on_a_draft_writes_what_a_change_of_the_whole_states_writes(edi
         assert {k: v if isinstance(v, int) else bytes(v) for k, v in by_draft.maps[name].items()} == \
                {k: v if isinstance(v, int) else bytes(v) for k, v in by_whole.maps[name].items()}, name
     assert _comparable(by_draft, names) == _comparable(from_nothing, names)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["198.18.1.2", "198.18.1.3"]), st.sampled_from(["tcp", "tcp", "udp"]),
+                          st.sampled_from([0, 80, 80, 81]), st.integers(0, 9)), min_size=6, max_size=40))
+@example([("198.18.1.2", "tcp", 80, vid) for vid in range(7)])  # 7 VIPs on one endpoint
+@example([("198.18.1.2", "tcp", 0, 1)] + [("198.18.1.2", "tcp", port, vid) for port, vid in
+                                          ((80, 2), (80, 3), (81, 4), (81, 5), (81, 6), (81, 7), (81, 8))])
+def test_refuse_overshared_refuses_what_counting_every_port_over_every_entry_refuses(entries):
+    """Property: the check groups a host's VIPs by port; it refuses the states (with the same first
+    message) that counting, for each port, the VIPs of every entry of its host refuses."""
+    hosts: reconcile.BackendHosts = {}
+    for address, proto, port, vid in entries:
+        hosts.setdefault((address, proto), set()).add((port, vid))
+
+    def counted_over_every_entry() -> str | None:
+        for (address, proto), ports in hosts.items():
+            for port in {p for p, _ in ports}:
+                vip_ids = {vid for p, vid in ports if p == port or not p or not port}
+                if len(vip_ids) > reconcile.REPLY_VIPS:
+                    return f"backend {address}:{port}/{proto} would serve {len(vip_ids)} NAT VIPs"
+        return None
+
+    expected = counted_over_every_entry()
+    if expected is None:
+        reconcile.refuse_overshared(hosts)
+    else:
+        with pytest.raises(InputError) as refused:
+            reconcile.refuse_overshared(hosts)
+        assert str(refused.value).startswith(expected)
