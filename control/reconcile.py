@@ -106,7 +106,7 @@ class MapContents:
                 ep = Endpoint(addr=LbAddr.of(b.address.address), port=be16(b.address.port), proto=key.proto)
                 c.backends[b.id] = backend_record(b, v.id, ep)
                 if v.replies_through_lb:  # (dsr and tunnel: the LB never sees the replies)
-                    members.append((b.id, ep, (b.address.address, v.vip.proto)))
+                    members.append((b.id, ep, (b.address.packed, v.vip.proto)))
         serving: dict[tuple, list[int]] = {}  # endpoint -> its VIPs, once per endpoint
         for bid, ep, host in members:
             port = socket.ntohs(ep.port)
@@ -174,16 +174,27 @@ def mark_applied(maps: DataPlaneMaps, revision: int) -> None:
 BackendHosts = dict[tuple, set[tuple[int, int]]]
 
 
-def backend_hosts(state: State) -> BackendHosts:
-    """(backend address, protocol) -> {(backend port, VIP id)}, over the VIPs whose replies come back
-    through the LB: which VIPs a backend endpoint's replies may belong to (a backend of a VIP of
-    every port, port 0, overlaps with every port of its address)."""
+def backend_hosts(state: State, only: set[bytes] | None = None) -> BackendHosts:
+    """(backend address (packed), protocol) -> {(backend port, VIP id)}, over the VIPs whose replies
+    come back through the LB: which VIPs a backend endpoint's replies may belong to (a backend of a
+    VIP of every port, port 0, overlaps with every port of its address). `only`: the hosts of these
+    addresses (packed) alone."""
     hosts: BackendHosts = {}
     for v in state.vips:
         if v.backends and v.replies_through_lb:
             for b in v.backends:  # retired ones too: their established flows go on
-                hosts.setdefault((b.address.address, v.vip.proto), set()).add((b.address.port, v.id))
+                if only is None or b.address.packed in only:
+                    hosts.setdefault((b.address.packed, v.vip.proto), set()).add((b.address.port, v.id))
     return hosts
+
+
+def reached_backends(old: State, new: State) -> set[bytes] | None:
+    """The backend addresses (packed) of the VIPs a draft's change reached (new.edits(old)): the
+    change can have moved the hosts of these alone. None when the change is not a draft's."""
+    edits = new.edits(old)
+    if edits is None:
+        return None
+    return {b.address.packed for pair in edits.pairs for v in pair if v is not None for b in v.backends}
 
 
 def refuse_overshared(hosts: BackendHosts) -> None:
@@ -200,7 +211,7 @@ def refuse_overshared(hosts: BackendHosts) -> None:
         for port in {p for p, _ in ports}:  # (the order the check has always gone in: the same first refusal)
             vip_ids = (by_port[port] | every) if port else {vid for _, vid in ports}
             if len(vip_ids) > REPLY_VIPS:
-                raise InputError(f"backend {address}:{port}/{proto} would serve "
+                raise InputError(f"backend {LbAddr.from_buffer_copy(address).address()}:{port}/{proto} would serve "
                                  f"{len(vip_ids)} NAT VIPs; at most {REPLY_VIPS} may share one backend endpoint")
 
 
@@ -208,8 +219,8 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
     """The part of `old` and `new` a change touches, so that a change costs what it changes: the VIPs
     that differ, every VIP on an address of one of them (a VIP address's count depends on them all),
     and every VIP on a backend host of one of them whose VIPs change (the shared flags of its
-    endpoints depend on them; with `hosts_*`, the whole states' backend_hosts, MapContents gets
-    them right for the VIPs it sees). What is left out is the same on both sides, so MapContents of
+    endpoints depend on them; with `hosts_*`, the whole states' backend_hosts, or those of the hosts
+    the change can have moved (reached_backends), MapContents gets them right for the VIPs it sees). What is left out is the same on both sides, so MapContents of
     the two parts differ exactly where those of the whole states do (lb_config excepted: it
     depends on every VIP, see lb_config_of). A draft's change (new.edits(old)) names the VIPs
     that may differ: the others are not compared."""
@@ -235,7 +246,7 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
     moved = {h for h in hosts_before.keys() | hosts_after.keys() if hosts_before.get(h) != hosts_after.get(h)}
 
     def hosts_of(v: VipState) -> set[tuple]:
-        return {(b.address.address, v.vip.proto) for b in v.backends}
+        return {(b.address.packed, v.vip.proto) for b in v.backends}
 
     addresses: set = set()  # the changed VIPs' addresses, and their backend hosts whose VIPs change
     hosts: set[tuple] = set()
@@ -344,27 +355,36 @@ class Reconciler:
 
     def apply(self, old: State, new: State) -> ApplyReport:
         report = ApplyReport()
-        hosts_after = backend_hosts(new)
-        refuse_overshared(hosts_after)  # what the maps cannot hold, before anything is written
+        reached = reached_backends(old, new)
+        hosts_after = backend_hosts(new, reached)
+        # What the maps cannot hold, before anything is written (a draft's change: the hosts it can have
+        # moved; the others are as in `old`, which passed this check when it was saved).
+        refuse_overshared(hosts_after)
         try:
-            self._apply(old, new, report, hosts_after)
+            self._apply(old, new, report, hosts_after, reached)
         except BaseException:
             self.slot_keys, self.slot_values = array.array("I"), array.array("I")  # never made
             self._apply(new, old, ApplyReport())
             raise
         return report
 
-    def _apply(self, old: State, new: State, report: ApplyReport, hosts_after: BackendHosts | None = None) -> None:
-        """`hosts_after`: backend_hosts(new), when the caller has it."""
+    def _apply(self, old: State, new: State, report: ApplyReport, hosts_after: BackendHosts | None = None,
+               reached: set[bytes] | None = None) -> None:
+        """`reached`: reached_backends(old, new) (None: the whole states' hosts are looked at);
+        `hosts_after`: backend_hosts(new, reached), when the caller has it."""
         config_before = lb_config_of(old)
         edits = new.edits(old)  # a draft's change: the VIPs it did not reach cannot switch lb_config
         unswitched = edits is not None and not any(v.vip.any_port or v.mode == "fullnat"
                                                    for pair in edits.pairs for v in pair if v is not None)
         config_after = lb_config_of(new, config_before.flags if unswitched else None)
-        hosts_before = backend_hosts(old)
-        hosts_after = backend_hosts(new) if hosts_after is None else hosts_after
-        whole_new = new
+        hosts_before = backend_hosts(old, reached)
+        hosts_after = backend_hosts(new, reached) if hosts_after is None else hosts_after
+        whole_old, whole_new = old, new
         old, new = touched(old, new, hosts_before, hosts_after)  # what the change leaves alone is written by nobody
+        if reached is not None:  # MapContents counts the VIPs of every host of the VIPs it sees
+            seen = {b.address.packed for part in (old, new) for v in part.vips for b in v.backends}
+            if not seen <= reached:
+                hosts_before, hosts_after = backend_hosts(whole_old, seen | reached), backend_hosts(whole_new, seen | reached)
         before = MapContents.of(old, self.ring_size, hosts_before)
         after = MapContents.of(new, self.ring_size, hosts_after)
         before.config, after.config = config_before, config_after

@@ -2,6 +2,7 @@
 dicts (no kernel needed), and what the plan says moves when a table changes size."""
 from __future__ import annotations
 
+import ipaddress
 import random
 
 import pytest
@@ -14,7 +15,7 @@ from control.model import BackendAddress, BackendState, DraftState, State, VipAd
 from control.reconcile import Reconciler, maglev_table, ring_base, slots_moved
 from lb.flowhash import flow_hash_raw
 from lb.maglev import DEFAULT_RING_SIZE, is_prime, ring_size_for
-from lb.structs import NO_BACKEND
+from lb.structs import NO_BACKEND, LbAddr, lb_addr_bytes
 
 MAX_RING = DEFAULT_RING_SIZE
 
@@ -294,14 +295,15 @@ def test_refuse_overshared_refuses_what_counting_every_port_over_every_entry_ref
     message) that counting, for each port, the VIPs of every entry of its host refuses."""
     hosts: reconcile.BackendHosts = {}
     for address, proto, port, vid in entries:
-        hosts.setdefault((address, proto), set()).add((port, vid))
+        hosts.setdefault((lb_addr_bytes(ipaddress.ip_address(address)), proto), set()).add((port, vid))
 
     def counted_over_every_entry() -> str | None:
         for (address, proto), ports in hosts.items():
             for port in {p for p, _ in ports}:
                 vip_ids = {vid for p, vid in ports if p == port or not p or not port}
                 if len(vip_ids) > reconcile.REPLY_VIPS:
-                    return f"backend {address}:{port}/{proto} would serve {len(vip_ids)} NAT VIPs"
+                    return (f"backend {LbAddr.from_buffer_copy(address).address()}:{port}/{proto} would serve "
+                            f"{len(vip_ids)} NAT VIPs")
         return None
 
     expected = counted_over_every_entry()
