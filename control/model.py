@@ -442,6 +442,7 @@ class State:
     # Full NAT's source addresses (the node's pool: addresses of this host) and their ports, first and last
     snat: set[IPAddress] = field(default_factory=set)
     snat_ports: tuple[int, int] = SNAT_PORTS
+    _derived = None  # derived(): not a field (neither compared nor copied)
 
     def snat_sources(self, v: VipState) -> list[IPAddress]:
         """The source addresses a full-NAT VIP's flows take: its own, or the pool's of its IP version."""
@@ -496,6 +497,11 @@ class State:
         """The VIPs that may differ from `before`'s, when this State knows them (a DraftState over
         `before`, its change over); None: any of them may."""
         return None
+
+    def derived(self) -> dict | None:
+        """Values worked out from this State's VIPs (the reconciler's), kept with it while no one
+        edits it: a store's own State, a DraftState whose change is over; None for another State."""
+        return self._derived
 
     def vip(self, vip: VipAddress) -> VipState | None:
         for i, v in enumerate(self._reading()):
@@ -724,6 +730,11 @@ class DraftState(State):
 
     def done_editing(self) -> None:
         self._done = True
+        if not self._reached:
+            self._derived = {}
+
+    def derived(self) -> dict | None:
+        return None if self._reached else self._derived
 
     def edits(self, before: State) -> Edits | None:
         if before is not self._base or self._reached or not self._done:

@@ -23,7 +23,7 @@ import socket
 from dataclasses import dataclass, field
 
 from control.errors import InputError
-from control.model import BackendState, State, VipState
+from control.model import BackendState, Edits, State, VipState
 from lb import addrfilter
 from lb.maglev import MaglevBackend, build_table, ring_size_for
 from lb.maps import U32, DataPlaneMaps
@@ -174,27 +174,55 @@ def mark_applied(maps: DataPlaneMaps, revision: int) -> None:
 BackendHosts = dict[tuple, set[tuple[int, int]]]
 
 
-def backend_hosts(state: State, only: set[bytes] | None = None) -> BackendHosts:
+def backend_hosts(state: State) -> BackendHosts:
     """(backend address (packed), protocol) -> {(backend port, VIP id)}, over the VIPs whose replies
     come back through the LB: which VIPs a backend endpoint's replies may belong to (a backend of a
-    VIP of every port, port 0, overlaps with every port of its address). `only`: the hosts of these
-    addresses (packed) alone."""
+    VIP of every port, port 0, overlaps with every port of its address)."""
     hosts: BackendHosts = {}
     for v in state.vips:
         if v.backends and v.replies_through_lb:
             for b in v.backends:  # retired ones too: their established flows go on
-                if only is None or b.address.packed in only:
-                    hosts.setdefault((b.address.packed, v.vip.proto), set()).add((b.address.port, v.id))
+                hosts.setdefault((b.address.packed, v.vip.proto), set()).add((b.address.port, v.id))
     return hosts
 
 
-def reached_backends(old: State, new: State) -> set[bytes] | None:
-    """The backend addresses (packed) of the VIPs a draft's change reached (new.edits(old)): the
-    change can have moved the hosts of these alone. None when the change is not a draft's."""
-    edits = new.edits(old)
-    if edits is None:
-        return None
-    return {b.address.packed for pair in edits.pairs for v in pair if v is not None for b in v.backends}
+def kept_backend_hosts(state: State) -> BackendHosts:
+    """backend_hosts(state), worked out once for a State no one edits (kept in State.derived). Never
+    to be changed: a change's State shares the sets of the hosts it leaves alone."""
+    derived = state.derived()
+    if derived is None:
+        return backend_hosts(state)
+    hosts = derived.get("backend_hosts")
+    if hosts is None:
+        hosts = derived["backend_hosts"] = backend_hosts(state)
+    return hosts
+
+
+def backend_hosts_after(before: BackendHosts, edits: Edits) -> tuple[BackendHosts, set[tuple]]:
+    """backend_hosts of a draft's State from those of the State under it (`before`, left as it is)
+    and its edits: the hosts of the VIPs it changed are copied and brought up to date, the others
+    shared. Returns them and the hosts whose VIPs changed."""
+    after = dict(before)
+    copied: set[tuple] = set()
+    pairs = edits.changed()
+    for side, adding in ((0, False), (1, True)):  # every VIP's entries out, then in (an id may be taken anew)
+        for pair in pairs:
+            v = pair[side]
+            if v is None or not v.backends or not v.replies_through_lb:
+                continue
+            for b in v.backends:  # retired ones too, as backend_hosts
+                key = (b.address.packed, v.vip.proto)
+                if key not in copied:
+                    after[key] = set(after.get(key, ()))
+                    copied.add(key)
+                if adding:
+                    after[key].add((b.address.port, v.id))
+                else:
+                    after[key].discard((b.address.port, v.id))
+    for key in copied:
+        if not after[key]:
+            del after[key]
+    return after, {key for key in copied if after.get(key) != before.get(key)}
 
 
 def refuse_overshared(hosts: BackendHosts) -> None:
@@ -219,8 +247,8 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
     """The part of `old` and `new` a change touches, so that a change costs what it changes: the VIPs
     that differ, every VIP on an address of one of them (a VIP address's count depends on them all),
     and every VIP on a backend host of one of them whose VIPs change (the shared flags of its
-    endpoints depend on them; with `hosts_*`, the whole states' backend_hosts, or those of the hosts
-    the change can have moved (reached_backends), MapContents gets them right for the VIPs it sees). What is left out is the same on both sides, so MapContents of
+    endpoints depend on them; with `hosts_*`, the whole states' backend_hosts, MapContents gets
+    them right for the VIPs it sees). What is left out is the same on both sides, so MapContents of
     the two parts differ exactly where those of the whole states do (lb_config excepted: it
     depends on every VIP, see lb_config_of). A draft's change (new.edits(old)) names the VIPs
     that may differ: the others are not compared."""
@@ -243,7 +271,8 @@ def touched(old: State, new: State, hosts_before: BackendHosts, hosts_after: Bac
         reached = [v for vid in changed for v in (olds.get(vid), news.get(vid)) if v is not None]
         scanned = itertools.chain(old.vips, new.vips)
 
-    moved = {h for h in hosts_before.keys() | hosts_after.keys() if hosts_before.get(h) != hosts_after.get(h)}
+    moved = {h for h in hosts_before.keys() | hosts_after.keys()
+             if hosts_before.get(h) is not hosts_after.get(h) and hosts_before.get(h) != hosts_after.get(h)}
 
     def hosts_of(v: VipState) -> set[tuple]:
         return {(b.address.packed, v.vip.proto) for b in v.backends}
@@ -355,36 +384,38 @@ class Reconciler:
 
     def apply(self, old: State, new: State) -> ApplyReport:
         report = ApplyReport()
-        reached = reached_backends(old, new)
-        hosts_after = backend_hosts(new, reached)
-        # What the maps cannot hold, before anything is written (a draft's change: the hosts it can have
-        # moved; the others are as in `old`, which passed this check when it was saved).
-        refuse_overshared(hosts_after)
+        edits = new.edits(old)
+        if edits is not None:  # a draft's change: the hosts of `old`, brought up to date for the VIPs it changed
+            hosts_before = kept_backend_hosts(old)
+            hosts_after, moved = backend_hosts_after(hosts_before, edits)
+            derived = new.derived()
+            if derived is not None:
+                derived["backend_hosts"] = hosts_after
+            checked = {h: hosts_after[h] for h in moved if h in hosts_after}  # (the others are as in `old`,
+        else:                                                                  # which passed this when saved)
+            hosts_before, hosts_after = None, backend_hosts(new)
+            checked = hosts_after
+        refuse_overshared(checked)  # what the maps cannot hold, before anything is written
         try:
-            self._apply(old, new, report, hosts_after, reached)
+            self._apply(old, new, report, hosts_before, hosts_after)
         except BaseException:
             self.slot_keys, self.slot_values = array.array("I"), array.array("I")  # never made
             self._apply(new, old, ApplyReport())
             raise
         return report
 
-    def _apply(self, old: State, new: State, report: ApplyReport, hosts_after: BackendHosts | None = None,
-               reached: set[bytes] | None = None) -> None:
-        """`reached`: reached_backends(old, new) (None: the whole states' hosts are looked at);
-        `hosts_after`: backend_hosts(new, reached), when the caller has it."""
+    def _apply(self, old: State, new: State, report: ApplyReport, hosts_before: BackendHosts | None = None,
+               hosts_after: BackendHosts | None = None) -> None:
+        """`hosts_before`, `hosts_after`: backend_hosts(old), backend_hosts(new), when the caller has them."""
         config_before = lb_config_of(old)
         edits = new.edits(old)  # a draft's change: the VIPs it did not reach cannot switch lb_config
         unswitched = edits is not None and not any(v.vip.any_port or v.mode == "fullnat"
                                                    for pair in edits.pairs for v in pair if v is not None)
         config_after = lb_config_of(new, config_before.flags if unswitched else None)
-        hosts_before = backend_hosts(old, reached)
-        hosts_after = backend_hosts(new, reached) if hosts_after is None else hosts_after
-        whole_old, whole_new = old, new
+        hosts_before = backend_hosts(old) if hosts_before is None else hosts_before
+        hosts_after = backend_hosts(new) if hosts_after is None else hosts_after
+        whole_new = new
         old, new = touched(old, new, hosts_before, hosts_after)  # what the change leaves alone is written by nobody
-        if reached is not None:  # MapContents counts the VIPs of every host of the VIPs it sees
-            seen = {b.address.packed for part in (old, new) for v in part.vips for b in v.backends}
-            if not seen <= reached:
-                hosts_before, hosts_after = backend_hosts(whole_old, seen | reached), backend_hosts(whole_new, seen | reached)
         before = MapContents.of(old, self.ring_size, hosts_before)
         after = MapContents.of(new, self.ring_size, hosts_after)
         before.config, after.config = config_before, config_after

@@ -198,9 +198,12 @@ class SqliteStore:
 
     @staticmethod
     def _stored_state(state: State, vips: list[VipState]) -> State:
-        """A State of these VIPs and `state`'s other parts, sharing nothing an edit of `state` changes."""
-        return State(copy.deepcopy(state.dataplane), vips, state.revision, set(state.pass_unserved),
+        """A State of these VIPs and `state`'s other parts, sharing nothing an edit of `state` changes;
+        what was derived from `state`'s VIPs (State.derived) goes with it: the VIPs are equal."""
+        kept = State(copy.deepcopy(state.dataplane), vips, state.revision, set(state.pass_unserved),
                      state.generations, set(state.snat), state.snat_ports)
+        kept._derived = dict(state.derived() or {})  # (a kept State is edited by no one)
+        return kept
 
     def _places(self, state: State) -> list[int]:
         """Each VIP's place (the rows' order is the State's list order): rows keep theirs while the
