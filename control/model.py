@@ -5,13 +5,28 @@ import copy
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from control.errors import InputError
 from lb.structs import IPAddress, PROTOCOLS, be16, lb_addr_bytes
 
 T = TypeVar("T")
+
+
+class _worked_out_once:
+    """A property worked out on first use and kept in the instance (a frozen dataclass's too): as
+    functools.cached_property, without its lock (which doubled the cost of a first use, paid once
+    per address of a State that a one-shot lbctl parses anew)."""
+
+    def __init__(self, work: Any) -> None:
+        self.work, self.name = work, work.__name__
+        self.__doc__ = work.__doc__
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.work(obj)
+        return value
 
 # nat: rewrite the destination to the backend, replies come back through the LB.
 # dsr: only the MACs change; the backend holds the VIP and answers the client itself.
@@ -174,24 +189,24 @@ class VipAddress:
     def any_port(self) -> bool:
         return self.port == 0
 
-    @cached_property
+    @_worked_out_once
     def packed(self) -> bytes:
         """The address as the data plane holds it (lb_addr), worked out once: copies of a State share
         their addresses, and a daemon's change looks at every VIP's."""
         return lb_addr_bytes(self.address)
 
-    @cached_property
+    @_worked_out_once
     def datapath(self) -> tuple[bytes, int, int]:
         """The VIP as the data plane keys it: (lb_addr bytes, port as a __be16, protocol number)."""
         return self.packed, be16(self.port), PROTOCOLS[self.proto]
 
-    @cached_property
+    @_worked_out_once
     def slot(self) -> int:
         """The VIP's slot in the data plane's VIP slots (lb/addrfilter.py), worked out once."""
         from lb.addrfilter import vip_slot
         return vip_slot(*self.datapath)
 
-    @cached_property
+    @_worked_out_once
     def bucket(self) -> int:
         """The address's bucket of the data plane's address filter (lb/addrfilter.py), worked out once."""
         from lb.addrfilter import bucket
@@ -226,12 +241,12 @@ class BackendAddress:
                              f"write the backend without a port")
         return cls(address, _parse_port(port, text))
 
-    @cached_property
+    @_worked_out_once
     def packed(self) -> bytes:
         """The address as the data plane holds it (lb_addr), worked out once (VipAddress.packed)."""
         return lb_addr_bytes(self.address)
 
-    @cached_property
+    @_worked_out_once
     def bucket(self) -> int:
         """The address's bucket of the data plane's address filter, worked out once (VipAddress.bucket)."""
         from lb.addrfilter import bucket
