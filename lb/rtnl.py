@@ -119,13 +119,13 @@ class DumpInterrupted(OSError):
     """The kernel's table changed during every try of a dump."""
 
 
-def dump(request: int, family: int = socket.AF_UNSPEC) -> list[tuple[int, memoryview]]:
-    """Every message of one rtnetlink dump: (type, message after its nlmsghdr)."""
+def dump(request: int, family: int = socket.AF_UNSPEC) -> list[memoryview]:
+    """The objects of one rtnetlink dump (RTM_GETx): each RTM_NEWx message, after its nlmsghdr."""
     header = bytes([family]) + bytes(_HEADER_LEN[request - 2] - 1)
     for _ in range(_DUMP_TRIES):
         got, interrupted = _dump_once(request, header)
         if not interrupted:
-            return got
+            return [body for kind, body in got if kind == request - 2]
     raise DumpInterrupted(f"rtnetlink dump {request}: interrupted {_DUMP_TRIES} times")
 
 
@@ -151,7 +151,7 @@ def _dump_once(request: int, header: bytes) -> tuple[list[tuple[int, memoryview]
 
 
 def links() -> list[Link]:
-    return [link_of(msg) for kind, msg in dump(RTM_GETLINK) if kind == RTM_NEWLINK]
+    return [link_of(msg) for msg in dump(RTM_GETLINK)]
 
 
 def link_of(msg: bytes | memoryview) -> Link:
@@ -174,17 +174,15 @@ def link_of(msg: bytes | memoryview) -> Link:
 def addresses() -> set[IPAddress]:
     """Every address of the host's interfaces (IFA_ADDRESS), IPv4 and IPv6."""
     out = set()
-    for kind, msg in dump(RTM_GETADDR):
-        if kind == RTM_NEWADDR and (address := _ip(parse_attrs(msg, 8).get(IFA_ADDRESS))) is not None:
+    for msg in dump(RTM_GETADDR):
+        if (address := _ip(parse_attrs(msg, 8).get(IFA_ADDRESS))) is not None:
             out.add(address)
     return out
 
 
 def neighbours(family: int) -> list[Neighbour]:
     out = []
-    for kind, msg in dump(RTM_GETNEIGH, family):
-        if kind != RTM_NEWNEIGH:
-            continue
+    for msg in dump(RTM_GETNEIGH, family):
         ifindex, state = struct.unpack_from("=iH", msg, 4)
         attrs = parse_attrs(msg, 12)
         lladdr = attrs.get(NDA_LLADDR)
@@ -196,9 +194,7 @@ def routes(family: int, table: int | None = None) -> list[Route]:
     """The routes of one family, of one table if given (RTA_TABLE, or the header's for tables below 256)."""
     out = []
     zero = ipaddress.ip_address(bytes(4 if family == socket.AF_INET else 16))
-    for kind, msg in dump(RTM_GETROUTE, family):
-        if kind != RTM_NEWROUTE:
-            continue
+    for msg in dump(RTM_GETROUTE, family):
         msg_family, dst_len, _, _, header_table, _, _, route_type = struct.unpack_from("=8B", msg)
         attrs = parse_attrs(msg, 12)
         route_table = _u32(attrs.get(RTA_TABLE)) or header_table
@@ -212,9 +208,7 @@ def routes(family: int, table: int | None = None) -> list[Route]:
 
 def rules(family: int) -> list[Rule]:
     out = []
-    for kind, msg in dump(RTM_GETRULE, family):
-        if kind != RTM_NEWRULE:
-            continue
+    for msg in dump(RTM_GETRULE, family):
         attrs = parse_attrs(msg, 12)
         out.append(Rule(msg[0], _u32(attrs.get(FRA_PRIORITY)) or 0, _u32(attrs.get(FRA_TABLE)) or msg[4]))
     return out
