@@ -48,6 +48,17 @@ MODE_PATHS = {"hit_tunnel": ("vip", 4, perpacket.MODE_PORT, "fwd_tunnel"), "hit_
               "hit_v6_tunnel": ("vip6", 4, perpacket.MODE_PORT, "fwd_tunnel")}
 
 
+def short_commits(names: list[str]) -> dict[str, str]:
+    """Each revision's short commit, by the name it was given (a patched tree's: REV+stem, REV's commit)."""
+    return {name: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", name.split("+")[0]],
+                                 capture_output=True, text=True).stdout.strip() for name in names}
+
+
+def named_commits(commits: dict[str, str]) -> str:
+    """The line that says which commit a revision given by another name is (HEAD = 830b749)."""
+    return " ".join(f"{name} = {commit}" for name, commit in commits.items() if commit != name.split("+")[0])
+
+
 def source_tree(rev: str, into: Path, patch: Path | None = None) -> Path:
     """The revision's files, from git, in a directory of their own (with `patch` applied)."""
     tree = into / (rev.replace("/", "_") + (f"+{patch.stem}" if patch else ""))
@@ -200,10 +211,9 @@ def main() -> None:
     revs = [args.rev, f"{args.rev2}+{args.patch.stem}" if args.patch else args.rev2]
     if revs[0] == revs[1]:
         parser.error("two different revisions (or --patch), please")
-    commits = {rev: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev.split("+")[0]],
-                                   capture_output=True, text=True).stdout.strip() for rev in revs}
+    commits = short_commits(revs)
     figures = compare(revs, args.rounds, args.blocks, args.labs, args.modes, args.patch, paths)
-    print(" ".join(f"{rev} = {commit}" for rev, commit in commits.items() if commit != rev.split("+")[0]))
+    print(named_commits(commits))
     print(table(figures, revs))
     if args.json:
         Path(args.json).write_text(json.dumps({"revisions": commits, "figures": figures}, indent=2) + "\n")

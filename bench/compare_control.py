@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from bench.compare import ROOT, source_tree
+from bench.compare import ROOT, named_commits, short_commits, source_tree
 from control.apiclient import ApiClient, NoDaemon, default_socket_path
 from netns.lbctl import STATE_DIR
 from netns.topology import Lab
@@ -193,15 +193,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.rev == args.rev2:
         parser.error("two different revisions, please")
-    commits = {rev: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True,
-                                   text=True).stdout.strip() for rev in (args.rev, args.rev2)}
+    commits = short_commits([args.rev, args.rev2])
     with tempfile.TemporaryDirectory(prefix="lb-compare-") as tmp, contextlib.ExitStack() as stack:
         revs = []
         for name in (args.rev, args.rev2):
             print(f"{name}: attaching its data plane (compiled by its own loader)", flush=True)
             revs.append(stack.enter_context(revision_lab(name, tree_with_fill_loop(name, Path(tmp)))))
         measure(revs, args.rounds)
-    print(" ".join(f"{rev} = {commit}" for rev, commit in commits.items() if commit != rev))
+    print(named_commits(commits))
     print(table(revs))
     if args.json:
         Path(args.json).write_text(json.dumps({"revisions": commits, "figures": {
