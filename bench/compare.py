@@ -48,6 +48,16 @@ MODE_PATHS = {"hit_tunnel": ("vip", 4, perpacket.MODE_PORT, "fwd_tunnel"), "hit_
               "hit_v6_tunnel": ("vip6", 4, perpacket.MODE_PORT, "fwd_tunnel")}
 
 
+def revision_parser(prog: str, description: str, rounds: int,
+                    rounds_help: str | None = None) -> argparse.ArgumentParser:
+    """The arguments both comparisons take: two revisions (the second HEAD by default) and rounds."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("rev")
+    parser.add_argument("rev2", nargs="?", default="HEAD")
+    parser.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+    return parser
+
+
 def short_commits(names: list[str]) -> dict[str, str]:
     """Each revision's short commit, by the name it was given (a patched tree's: REV+stem, REV's commit)."""
     return {name: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", name.split("+")[0]],
@@ -191,10 +201,7 @@ def table(figures: dict, revs: list[str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("rev")
-    parser.add_argument("rev2", nargs="?", default="HEAD")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = revision_parser("python -m bench.compare", __doc__.splitlines()[0], rounds=5)
     parser.add_argument("--blocks", type=int, default=40, help="blocks of 1,000 calls per case and round")
     parser.add_argument("--labs", type=int, default=3, help="labs (program loads) per revision")
     parser.add_argument("--modes", action="store_true",

@@ -16,7 +16,6 @@ Each add-backend is undone by a remove-backend, untimed. Figures of different ru
     python -m bench.compare_control A B --rounds 20 --json out.json"""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import filecmp
 import json
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from bench.compare import ROOT, named_commits, short_commits, source_tree
+from bench.compare import ROOT, named_commits, revision_parser, short_commits, source_tree
 from control.apiclient import ApiClient, NoDaemon, default_socket_path
 from netns.lbctl import STATE_DIR
 from netns.topology import Lab
@@ -184,11 +183,8 @@ def table(revs: list[Revision]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare_control", description=__doc__.splitlines()[0])
-    parser.add_argument("rev")
-    parser.add_argument("rev2", nargs="?", default="HEAD")
-    parser.add_argument("--rounds", type=int, default=15, help="one-shot lbctl runs per revision and size "
-                                                                "(twice as many API requests)")
+    parser = revision_parser("python -m bench.compare_control", __doc__.splitlines()[0], rounds=15,
+                             rounds_help="one-shot lbctl runs per revision and size (twice as many API requests)")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
     if args.rev == args.rev2:
