@@ -18,7 +18,6 @@ stale or empty one is merely slower."""
 from __future__ import annotations
 
 import array
-import functools
 import struct
 from typing import Iterable
 
@@ -28,14 +27,12 @@ from lb.structs import ADDR_FILTER_BITS, ADDR_FILTER_SIZE, FILTER_NO_BACKEND, FI
 _ALL = FILTER_NO_VIP | FILTER_NO_BACKEND
 
 
-@functools.lru_cache(maxsize=1 << 16)  # a change looks at every address the state holds
 def bucket(addr: bytes) -> int:
     """hash.h addr_bucket of a 16-byte lb_addr (words as the CPU loads them)."""
     w0, w1, w2, w3 = struct.unpack("=4I", addr)
     return (((w0 ^ w1 ^ w2 ^ w3) * 0x9E3779B1) & 0xFFFFFFFF) >> (32 - ADDR_FILTER_BITS)
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def vip_slot(addr: bytes, port: int, proto: int) -> int:
     """hash.h vip_slot: `port` as the C side stores it (be16), `addr` a 16-byte lb_addr."""
     w0, w1, w2, w3 = struct.unpack("=4I", addr)
