@@ -23,7 +23,7 @@ import socket
 from dataclasses import dataclass, field
 
 from control.errors import InputError
-from control.model import BackendState, Edits, State, VipState
+from control.model import BackendAddress, BackendState, Edits, State, VipAddress, VipState
 from lb import addrfilter
 from lb.maglev import MaglevBackend, build_table, ring_size_for
 from lb.maps import U32, DataPlaneMaps
@@ -125,22 +125,26 @@ class MapContents:
         return c
 
 
-def filter_addresses(state: State) -> tuple[list[bytes], list[bytes]]:
+def filter_members(state: State) -> tuple[list[VipAddress], list[BackendAddress]]:
     """What the address filter must leave open (lb/addrfilter.py): every VIP's address (vips,
     vip_addrs) and every NAT or full-NAT backend's, retired ones too (reply_sources; a full-NAT
     backend's replies, to a source of the pool, are looked up by the data plane only from these)."""
-    vips = [v.vip.packed for v in state.vips]
-    backends = [b.address.packed for v in state.vips if v.backends and (v.replies_through_lb or v.mode == "fullnat")
+    vips = [v.vip for v in state.vips]
+    backends = [b.address for v in state.vips if v.backends and (v.replies_through_lb or v.mode == "fullnat")
                 for b in v.backends]
     return vips, backends
+
+
+def filter_addresses(state: State) -> tuple[list[bytes], list[bytes]]:
+    """filter_members() as lb_addr bytes."""
+    vips, backends = filter_members(state)
+    return [a.packed for a in vips], [a.packed for a in backends]
 
 
 def filter_buckets(state: State) -> tuple[list[int], list[int]]:
-    """filter_addresses() as the address filter's buckets (cached on the addresses)."""
-    vips = [v.vip.bucket for v in state.vips]
-    backends = [b.address.bucket for v in state.vips if v.backends and (v.replies_through_lb or v.mode == "fullnat")
-                for b in v.backends]
-    return vips, backends
+    """filter_members() as the address filter's buckets (cached on the addresses)."""
+    vips, backends = filter_members(state)
+    return [a.bucket for a in vips], [a.bucket for a in backends]
 
 
 def slot_vips(state: State) -> list[tuple[bytes, int, int, int]]:
