@@ -147,9 +147,9 @@ def filter_buckets(state: State) -> tuple[list[int], list[int]]:
     return [a.bucket for a in vips], [a.bucket for a in backends]
 
 
-def slot_vips(state: State) -> list[tuple[bytes, int, int, int]]:
-    """The VIPs as lb/addrfilter.py sync_slots takes them: (address, be16 port, protocol, id)."""
-    return [(*v.vip.datapath, v.id) for v in state.vips]
+def vip_slot_table(state: State) -> list[int]:
+    """The VIP slots of the state's VIPs of one port (lb/addrfilter.py; slots cached on the addresses)."""
+    return addrfilter.slot_table((v.vip.slot, v.id) for v in state.vips if v.vip.port)
 
 
 def snat_pool(state: State, v: VipState) -> SnatPool:
@@ -486,8 +486,7 @@ class Reconciler:
                                         filter_words)  # and those no longer in use, last
         if opened + closed:
             report.count("addr_filter", opened + closed)
-        slotted = addrfilter.write_slots(m, addrfilter.slot_table((v.vip.slot, v.id) for v in whole_new.vips
-                                                                  if v.vip.port))
+        slotted = addrfilter.write_slots(m, vip_slot_table(whole_new))
         if slotted:
             report.count("vip_slots", slotted)
         for vid in before.snat_pools.keys() - after.snat_pools.keys():
@@ -537,7 +536,7 @@ class Reconciler:
         for map_name in ("vip_addrs", "acl", "reply_sources"):
             count(map_name, self._delete_extra(map_name, getattr(want, map_name)))
         count("addr_filter", addrfilter.sync(self.maps, *addresses))
-        count("vip_slots", addrfilter.sync_slots(self.maps, slot_vips(state)))
+        count("vip_slots", addrfilter.write_slots(self.maps, vip_slot_table(state)))
         return fixed
 
     def _write_missing(self, map_name: str, want: dict[bytes, tuple]) -> int:

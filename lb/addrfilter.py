@@ -13,7 +13,7 @@ merely slower, never wrong.
 The VIP slots (LB_VIP_SLOTS): the id + 1 of the one VIP of a port whose (address, port,
 protocol) falls in a slot, so that a packet to it finds it without a lookup in the vips map.
 The data plane trusts a slot only when the VIP's record (vip_meta) names the packet's
-address, port and protocol, so slots are written once a change is done (sync_slots), and a
+address, port and protocol, so slots are written once a change is done (write_slots), and a
 stale or empty one is merely slower."""
 from __future__ import annotations
 
@@ -58,13 +58,9 @@ def slot_table(placed: Iterable[tuple[int, int]]) -> list[int]:
     return out
 
 
-def sync_slots(maps: DataPlaneMaps, vips: Iterable[tuple[bytes, int, int, int]]) -> int:
-    """After a change (the VIPs' records written): the slots of these VIPs, the words that differ."""
-    return write_slots(maps, slots(vips))
-
-
 def write_slots(maps: DataPlaneMaps, want: list[int]) -> int:
-    """Make the slot table `want` (slot_table's): the words that differ from what it holds."""
+    """After a change (the VIPs' records written): make the slot table `want` (slot_table's), the
+    words that differ from what it holds."""
     have = maps.vip_slots.read_range(0, VIP_SLOTS)
     changed = {i: w for i, (w, h) in enumerate(zip(want, have)) if w != h}
     if changed:
