@@ -512,8 +512,7 @@ class Reconciler:
             if n:
                 fixed[map_name] = fixed.get(map_name, 0) + n
 
-        addresses = filter_addresses(state)
-        count("addr_filter", addrfilter.open_buckets(self.maps, *addresses))
+        count("addr_filter", addrfilter.open_buckets(self.maps, *filter_addresses(state)))
 
         count("vips", self._delete_extra("vips", want.vips))
         # A VIP's metadata is written before its table and emptied after it: ids that have metadata
@@ -535,7 +534,7 @@ class Reconciler:
         count("vips", self._write_missing("vips", want.vips))
         for map_name in ("vip_addrs", "acl", "reply_sources"):
             count(map_name, self._delete_extra(map_name, getattr(want, map_name)))
-        count("addr_filter", addrfilter.sync(self.maps, *addresses))
+        count("addr_filter", addrfilter.write_words(self.maps, addrfilter.bucket_words(*filter_buckets(state))))
         count("vip_slots", addrfilter.write_slots(self.maps, vip_slot_table(state)))
         return fixed
 

@@ -7,7 +7,7 @@ that is neither to a VIP nor from a backend without a hash lookup.
 
 A bucket's word may only claim "none here" while it is true: the control plane opens the
 buckets of addresses before they come into use (open_buckets) and closes what the maps no
-longer hold after a change (rebuild). A word of 0 claims nothing, so a new, empty filter is
+longer hold after a change (write_words). A word of 0 claims nothing, so a new, empty filter is
 merely slower, never wrong.
 
 The VIP slots (LB_VIP_SLOTS): the id + 1 of the one VIP of a port whose (address, port,
@@ -92,8 +92,8 @@ def _write(maps: DataPlaneMaps, changed: dict[int, int]) -> int:
 def open_buckets(maps: DataPlaneMaps, vip_addrs: Iterable[bytes], backend_addrs: Iterable[bytes],
                  have: list[int] | None = None) -> int:
     """Before the maps name these addresses: their buckets claim nothing of their kind. `have`: the
-    filter as read (read here when None); the words written go into it, so that a sync() after this
-    (the maps' lock held between: no one else writes the filter) need not read it again."""
+    filter as read (read here when None); the words written go into it, so that a write_words()
+    after this (the maps' lock held between: no one else writes the filter) need not read it again."""
     if have is None:
         have = maps.addr_filter.read_range(0, ADDR_FILTER_SIZE)
     changed: dict[int, int] = {}
@@ -109,17 +109,10 @@ def open_buckets(maps: DataPlaneMaps, vip_addrs: Iterable[bytes], backend_addrs:
     return written
 
 
-def sync(maps: DataPlaneMaps, vip_addrs: Iterable[bytes], backend_addrs: Iterable[bytes],
-         have: list[int] | None = None) -> int:
-    """After a change: the filter of every address the maps now name (the words that differ are
-    written; buckets no address uses any more claim "none"). Returns how many were written.
-    `have`: the filter as it stands (open_buckets'), read here when None."""
-    return write_words(maps, words(vip_addrs, backend_addrs), have)
-
-
 def write_words(maps: DataPlaneMaps, want: list[int], have: list[int] | None = None) -> int:
-    """Make the filter `want` (bucket_words'): the words that differ from `have`, the filter as it
-    stands (read here when None)."""
+    """After a change: make the filter `want` (bucket_words' of every address the maps now name;
+    buckets no address uses any more claim "none"), writing the words that differ from `have`, the
+    filter as it stands (open_buckets', read here when None). Returns how many were written."""
     if have is None:
         have = maps.addr_filter.read_range(0, ADDR_FILTER_SIZE)
     return _write(maps, {i: w for i, (w, h) in enumerate(zip(want, have)) if w != h})
